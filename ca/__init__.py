@@ -1,0 +1,1 @@
+"""The meshid certificate authority and control plane."""

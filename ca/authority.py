@@ -1,0 +1,576 @@
+"""The certificate authority: its state directory and every action it takes.
+
+State directory layout (created by `init`, never half-written):
+
+    authority.db      SQLite: settings, roots, tokens, allow-list, revocations,
+                      issued SVIDs, the audit chain
+    keys/root-N.key   root private keys, mode 0600 in a 0700 directory,
+                      optionally encrypted with a passphrase
+    bundle.pem        the trust bundle, rewritten whenever it changes
+
+`init` builds everything in a hidden sibling directory and moves it in with the
+database last, so a directory either holds a whole authority or none.
+Actions that change state run in one database transaction together with
+their audit row. The root key is read only by the actions that sign.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import ipaddress
+import json
+import os
+import re
+import secrets
+import shutil
+import sqlite3
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+from cryptography import x509
+
+from ca.issuer import csr_public_key, parse_csr
+from ca.store import DB_NAME, Store
+from meshid.bundle import TrustBundle
+from meshid.duration import format_duration
+from meshid.errors import (
+    IdentityRevoked,
+    InvalidInput,
+    InvalidSvid,
+    PolicyError,
+    StateError,
+    TokenRejected,
+)
+from meshid.policy import Decision, Policy
+from meshid.spiffeid import SpiffeId, TrustDomain
+from meshid.svid import (
+    IpAddress,
+    PrivateKey,
+    PublicKey,
+    build_root,
+    build_svid,
+    certs_from_pem,
+    certs_to_pem,
+    generate_key,
+    key_from_pem,
+    key_to_pem,
+    leaf_spiffe_id,
+)
+
+Clock = Callable[[], datetime]
+
+MIN_SVID_TTL = timedelta(seconds=30)
+DEFAULT_SVID_TTL = timedelta(hours=1)
+DEFAULT_ROOT_TTL = timedelta(days=365)
+DEFAULT_TOKEN_TTL = timedelta(minutes=15)
+TOKEN_PREFIX = "mjt_"  # noqa: S105 - a marker, not a secret
+BUNDLE_FILE = "bundle.pem"
+_DNS_LABEL = re.compile(r"^(?!-)[A-Za-z0-9-]{1,63}(?<!-)$")
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+def token_hash(token: str) -> str:
+    return hashlib.sha256(token.encode()).hexdigest()
+
+
+def check_dns_name(name: str) -> str:
+    labels = name.rstrip(".").split(".")
+    if len(name) > 253 or not all(_DNS_LABEL.match(label) for label in labels):
+        raise InvalidInput(f"{name[:80]!r}: not a DNS name", reason="invalid_dns_name")
+    return name.rstrip(".").lower()
+
+
+def check_ip(text: str) -> IpAddress:
+    try:
+        return ipaddress.ip_address(text)
+    except ValueError:
+        raise InvalidInput(f"{text[:80]!r}: not an IP address", reason="invalid_ip") from None
+
+
+def check_svid_ttl(ttl: timedelta) -> timedelta:
+    if ttl < MIN_SVID_TTL:
+        raise InvalidInput(
+            f"SVID lifetime {format_duration(ttl)} is shorter than the minimum 30s",
+            reason="invalid_duration",
+        )
+    return ttl
+
+
+@dataclass(frozen=True, slots=True)
+class IssuedSvid:
+    spiffe_id: SpiffeId
+    chain: tuple[x509.Certificate, ...]  # leaf first; the root is in the bundle
+    bundle: TrustBundle
+
+    @property
+    def leaf(self) -> x509.Certificate:
+        return self.chain[0]
+
+
+@dataclass(frozen=True, slots=True)
+class TokenGrant:
+    spiffe_id: SpiffeId
+    dns_names: tuple[str, ...]
+    ip_addresses: tuple[IpAddress, ...]
+
+
+def _write_private(path: Path, data: bytes) -> None:
+    """Create `path` with mode 0600 from the first byte on."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "wb") as handle:
+        handle.write(data)
+        handle.flush()
+        os.fsync(handle.fileno())
+
+
+def write_atomic(path: Path, data: bytes, mode: int = 0o644) -> None:
+    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+@contextmanager
+def _dir_lock(state_dir: Path) -> Iterator[None]:
+    with open(state_dir / ".lock", "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+class Authority:
+    def __init__(
+        self,
+        state_dir: Path,
+        store: Store,
+        *,
+        passphrase: bytes | None = None,
+        clock: Clock = utcnow,
+    ) -> None:
+        self.state_dir = state_dir
+        self.store = store
+        self._passphrase = passphrase
+        self._clock = clock
+        with store.read() as conn:
+            self.trust_domain = TrustDomain(Store.setting(conn, "trust_domain"))
+            self.svid_ttl = timedelta(seconds=int(Store.setting(conn, "svid_ttl")))
+            self.key_encrypted = Store.setting(conn, "key_encrypted") == "1"
+        self._signer_cache: tuple[int, x509.Certificate, PrivateKey] | None = None
+
+    # -- lifecycle --
+
+    @classmethod
+    def open(
+        cls, state_dir: Path, *, passphrase: bytes | None = None, clock: Clock = utcnow
+    ) -> Authority:
+        if not state_dir.is_dir():
+            raise StateError(f"{state_dir}: no such directory (run 'meshid ca init')")
+        return cls(state_dir, Store.open(state_dir / DB_NAME), passphrase=passphrase, clock=clock)
+
+    @classmethod
+    def init(
+        cls,
+        state_dir: Path,
+        trust_domain: TrustDomain,
+        *,
+        svid_ttl: timedelta = DEFAULT_SVID_TTL,
+        root_ttl: timedelta = DEFAULT_ROOT_TTL,
+        passphrase: bytes | None = None,
+        clock: Clock = utcnow,
+    ) -> Authority:
+        check_svid_ttl(svid_ttl)
+        if root_ttl <= svid_ttl:
+            raise InvalidInput("the root lifetime must be longer than the SVID lifetime")
+        if (state_dir / DB_NAME).exists():
+            raise StateError(f"{state_dir}: already holds an authority; nothing was changed")
+        if state_dir.exists() and not state_dir.is_dir():
+            raise StateError(f"{state_dir}: exists and is not a directory")
+        try:
+            state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        except OSError as exc:
+            raise StateError(f"{state_dir}: cannot create: {exc.strerror}") from None
+        with _dir_lock(state_dir):
+            if (state_dir / DB_NAME).exists():
+                raise StateError(f"{state_dir}: already holds an authority; nothing was changed")
+            staging = state_dir / f".init-{secrets.token_hex(4)}"
+            try:
+                staging.mkdir(mode=0o700)
+                cls._build(staging, trust_domain, svid_ttl, root_ttl, passphrase, clock())
+                keys = state_dir / "keys"
+                if keys.exists():  # left by an init that died before its database landed
+                    shutil.rmtree(keys)
+                os.replace(staging / "keys", keys)
+                os.replace(staging / BUNDLE_FILE, state_dir / BUNDLE_FILE)
+                os.replace(staging / DB_NAME, state_dir / DB_NAME)  # the commit point
+            except OSError as exc:
+                raise StateError(f"{state_dir}: cannot write: {exc.strerror}") from None
+            finally:
+                shutil.rmtree(staging, ignore_errors=True)
+        return cls.open(state_dir, passphrase=passphrase, clock=clock)
+
+    @staticmethod
+    def _build(
+        staging: Path,
+        trust_domain: TrustDomain,
+        svid_ttl: timedelta,
+        root_ttl: timedelta,
+        passphrase: bytes | None,
+        now: datetime,
+    ) -> None:
+        key = generate_key()
+        root = build_root(
+            trust_domain, key, not_before=now - timedelta(minutes=5), not_after=now + root_ttl
+        )
+        (staging / "keys").mkdir(mode=0o700)
+        _write_private(staging / "keys" / "root-1.key", key_to_pem(key, passphrase))
+        (staging / BUNDLE_FILE).write_bytes(certs_to_pem([root]))
+        store = Store.open(staging / DB_NAME, create=True)
+        try:
+            at = now.timestamp()
+            with store.write() as conn:
+                settings = {
+                    "schema_version": "1",
+                    "trust_domain": trust_domain.name,
+                    "svid_ttl": str(int(svid_ttl.total_seconds())),
+                    "root_ttl": str(int(root_ttl.total_seconds())),
+                    "key_encrypted": "1" if passphrase else "0",
+                }
+                conn.executemany("INSERT INTO settings VALUES (?, ?)", settings.items())
+                conn.executemany(
+                    "INSERT INTO counters VALUES (?, ?)",
+                    [("policy_version", 0), ("revocation_version", 0), ("bundle_sequence", 1)],
+                )
+                conn.execute(
+                    "INSERT INTO roots (generation, cert_pem, key_file, state, not_after, "
+                    "created_at) VALUES (1, ?, 'keys/root-1.key', 'active', ?, ?)",
+                    (certs_to_pem([root]).decode(), root.not_valid_after_utc.timestamp(), at),
+                )
+                Store.audit(
+                    conn,
+                    at,
+                    "init",
+                    trust_domain=trust_domain.name,
+                    svid_ttl=int(svid_ttl.total_seconds()),
+                    root_serial=f"{root.serial_number:x}",
+                    root_not_after=root.not_valid_after_utc.isoformat(),
+                    key_encrypted=bool(passphrase),
+                )
+        finally:
+            store.close()
+
+    def close(self) -> None:
+        self.store.close()
+
+    # -- identities --
+
+    def resolve(self, text: str) -> SpiffeId:
+        return SpiffeId.resolve(text, self.trust_domain).require_workload()
+
+    def _now(self) -> datetime:
+        return self._clock()
+
+    # -- roots and the bundle --
+
+    def bundle(self) -> TrustBundle:
+        with self.store.read() as conn:
+            rows = conn.execute(
+                "SELECT cert_pem FROM roots WHERE state IN ('next', 'active', 'retiring') "
+                "ORDER BY generation"
+            ).fetchall()
+            sequence = Store.counter(conn, "bundle_sequence")
+        roots = [c for (pem,) in rows for c in certs_from_pem(pem.encode(), "root")]
+        return TrustBundle(self.trust_domain, tuple(roots), sequence)
+
+    def signer(self) -> tuple[int, x509.Certificate, PrivateKey]:
+        """The active root and its key; the key file is read on first use."""
+        with self.store.read() as conn:
+            row = conn.execute(
+                "SELECT generation, cert_pem, key_file FROM roots WHERE state = 'active'"
+            ).fetchone()
+        if row is None:
+            raise StateError("the authority has no active root; its database is damaged")
+        generation, cert_pem, key_file = int(row[0]), str(row[1]), str(row[2])
+        if self._signer_cache is not None and self._signer_cache[0] == generation:
+            return self._signer_cache
+        cert = certs_from_pem(cert_pem.encode(), "root")[0]
+        key = self._load_key(self.state_dir / key_file)
+        self._signer_cache = (generation, cert, key)
+        return self._signer_cache
+
+    def _load_key(self, path: Path) -> PrivateKey:
+        if self.key_encrypted and self._passphrase is None:
+            raise StateError(
+                "the root key is encrypted: give its passphrase with --passphrase-file "
+                "or MESHID_CA_PASSPHRASE"
+            )
+        try:
+            data = path.read_bytes()
+        except OSError as exc:
+            raise StateError(f"cannot read root key {path}: {exc.strerror}") from None
+        try:
+            return key_from_pem(data, self._passphrase if self.key_encrypted else None, "root key")
+        except InvalidSvid as exc:
+            raise StateError(exc.message, reason=exc.reason) from None
+
+    # -- issuing --
+
+    def _check_not_revoked(self, conn: sqlite3.Connection, spiffe_id: SpiffeId) -> None:
+        row = conn.execute(
+            "SELECT revoked_at FROM revocations WHERE spiffe_id = ?", (str(spiffe_id),)
+        ).fetchone()
+        if row is not None:
+            raise IdentityRevoked(f"{spiffe_id} is revoked")
+
+    def _sign(
+        self,
+        spiffe_id: SpiffeId,
+        public_key: PublicKey,
+        ttl: timedelta | None,
+        dns_names: Sequence[str],
+        ip_addresses: Sequence[IpAddress],
+    ) -> tuple[int, x509.Certificate]:
+        generation, root, key = self.signer()
+        lifetime = check_svid_ttl(ttl) if ttl is not None else self.svid_ttl
+        leaf = build_svid(
+            subject_key=public_key,
+            spiffe_id=spiffe_id,
+            issuer=root,
+            issuer_key=key,
+            now=self._now(),
+            ttl=lifetime,
+            dns_names=dns_names,
+            ip_addresses=ip_addresses,
+        )
+        return generation, leaf
+
+    def _record(
+        self, conn: sqlite3.Connection, generation: int, leaf: x509.Certificate, how: str
+    ) -> None:
+        at = self._now().timestamp()
+        sid = str(leaf_spiffe_id(leaf))
+        conn.execute(
+            "INSERT INTO svids (serial, spiffe_id, generation, not_after, issued_at, how) "
+            "VALUES (?, ?, ?, ?, ?, ?)",
+            (
+                f"{leaf.serial_number:x}",
+                sid,
+                generation,
+                leaf.not_valid_after_utc.timestamp(),
+                at,
+                how,
+            ),
+        )
+        Store.audit(
+            conn,
+            at,
+            how,
+            spiffe_id=sid,
+            serial=f"{leaf.serial_number:x}",
+            not_after=leaf.not_valid_after_utc.isoformat(),
+            root_generation=generation,
+        )
+
+    def issue(
+        self,
+        spiffe_id: SpiffeId,
+        public_key: PublicKey,
+        *,
+        ttl: timedelta | None = None,
+        dns_names: Sequence[str] = (),
+        ip_addresses: Sequence[IpAddress] = (),
+        how: str = "issue",
+    ) -> IssuedSvid:
+        """Sign for an identity the caller has already authorised (offline issue, renewal)."""
+        spiffe_id.require_workload()
+        dns = [check_dns_name(n) for n in dns_names]
+        generation, leaf = self._sign(spiffe_id, public_key, ttl, dns, list(ip_addresses))
+        with self.store.write() as conn:
+            self._check_not_revoked(conn, spiffe_id)
+            self._record(conn, generation, leaf, how)
+        return IssuedSvid(spiffe_id, (leaf,), self.bundle())
+
+    # -- join tokens --
+
+    def create_token(
+        self,
+        spiffe_id: SpiffeId,
+        *,
+        ttl: timedelta = DEFAULT_TOKEN_TTL,
+        dns_names: Iterable[str] = (),
+        ip_addresses: Iterable[IpAddress] = (),
+    ) -> str:
+        spiffe_id.require_workload()
+        dns = [check_dns_name(n) for n in dns_names]
+        ips = [str(ip) for ip in ip_addresses]
+        token = TOKEN_PREFIX + secrets.token_urlsafe(32)
+        now = self._now()
+        expires = now + ttl
+        with self.store.write() as conn:
+            self._check_not_revoked(conn, spiffe_id)
+            conn.execute(
+                "INSERT INTO tokens (hash, spiffe_id, dns, ips, created_at, expires_at) "
+                "VALUES (?, ?, ?, ?, ?, ?)",
+                (
+                    token_hash(token),
+                    str(spiffe_id),
+                    json.dumps(dns),
+                    json.dumps(ips),
+                    now.timestamp(),
+                    expires.timestamp(),
+                ),
+            )
+            Store.audit(
+                conn,
+                now.timestamp(),
+                "token",
+                spiffe_id=str(spiffe_id),
+                token_sha256=token_hash(token)[:16],
+                expires_at=expires.isoformat(),
+                dns=dns,
+                ips=ips,
+            )
+        return token
+
+    def enroll(self, token: str, csr_data: bytes) -> IssuedSvid:
+        """Trade a one-time join token and a CSR for an SVID.
+
+        The CSR is checked before the token is touched, so a bad CSR does not
+        burn the token; the token is consumed in the same transaction that
+        records the SVID, so of two concurrent uses exactly one succeeds.
+        """
+        public_key = csr_public_key(parse_csr(csr_data))
+        digest = token_hash(token)
+        now = self._now()
+        with self.store.write() as conn:
+            row = conn.execute(
+                "SELECT spiffe_id, dns, ips, expires_at, used_at FROM tokens WHERE hash = ?",
+                (digest,),
+            ).fetchone()
+            if row is None:
+                raise TokenRejected("join token not recognised", reason="token_unknown")
+            spiffe_id = SpiffeId.parse(row[0])
+            if row[4] is not None:
+                raise TokenRejected(
+                    f"join token for {spiffe_id} was already used", reason="token_used"
+                )
+            if row[3] <= now.timestamp():
+                expired = datetime.fromtimestamp(row[3], UTC)
+                raise TokenRejected(
+                    f"join token for {spiffe_id} expired at {expired:%Y-%m-%dT%H:%M:%SZ}",
+                    reason="token_expired",
+                )
+            self._check_not_revoked(conn, spiffe_id)
+            dns = json.loads(row[1])
+            ips = [ipaddress.ip_address(ip) for ip in json.loads(row[2])]
+            generation, leaf = self._sign(spiffe_id, public_key, None, dns, ips)
+            conn.execute("UPDATE tokens SET used_at = ? WHERE hash = ?", (now.timestamp(), digest))
+            self._record(conn, generation, leaf, "enroll")
+        return IssuedSvid(spiffe_id, (leaf,), self.bundle())
+
+    def token_grant(self, token: str) -> TokenGrant | None:
+        """What an unused, unexpired token would grant (None otherwise). Reads only."""
+        with self.store.read() as conn:
+            row = conn.execute(
+                "SELECT spiffe_id, dns, ips, expires_at, used_at FROM tokens WHERE hash = ?",
+                (token_hash(token),),
+            ).fetchone()
+        if row is None or row[4] is not None or row[3] <= self._now().timestamp():
+            return None
+        return TokenGrant(
+            SpiffeId.parse(row[0]),
+            tuple(json.loads(row[1])),
+            tuple(ipaddress.ip_address(ip) for ip in json.loads(row[2])),
+        )
+
+    # -- revocation --
+
+    def revoke(self, spiffe_id: SpiffeId) -> int:
+        spiffe_id.require_workload()
+        now = self._now().timestamp()
+        with self.store.write() as conn:
+            try:
+                conn.execute(
+                    "INSERT INTO revocations (spiffe_id, revoked_at) VALUES (?, ?)",
+                    (str(spiffe_id), now),
+                )
+            except sqlite3.IntegrityError:
+                raise PolicyError(f"{spiffe_id} is already revoked") from None
+            conn.execute(
+                "UPDATE tokens SET used_at = ? WHERE spiffe_id = ? AND used_at IS NULL",
+                (now, str(spiffe_id)),
+            )
+            version = Store.bump(conn, "revocation_version")
+            Store.audit(conn, now, "revoke", spiffe_id=str(spiffe_id), revocation_version=version)
+        return version
+
+    # -- allow-list --
+
+    def policy(self) -> Policy:
+        with self.store.read() as conn:
+            pairs = conn.execute("SELECT source, target FROM policy").fetchall()
+            revoked = conn.execute("SELECT spiffe_id FROM revocations").fetchall()
+            version = Store.counter(conn, "policy_version")
+            rversion = Store.counter(conn, "revocation_version")
+        return Policy.build(
+            ((SpiffeId.parse(s), SpiffeId.parse(t)) for s, t in pairs),
+            version,
+            (SpiffeId.parse(r) for (r,) in revoked),
+            rversion,
+        )
+
+    def allow(self, source: SpiffeId, target: SpiffeId) -> int:
+        source.require_workload()
+        target.require_workload()
+        now = self._now().timestamp()
+        with self.store.write() as conn:
+            exists = conn.execute(
+                "SELECT 1 FROM policy WHERE source = ? AND target = ?", (str(source), str(target))
+            ).fetchone()
+            if exists:
+                raise PolicyError(
+                    f"{source} -> {target} is already allowed", reason="already_allowed"
+                )
+            conn.execute(
+                "INSERT INTO policy (source, target, created_at) VALUES (?, ?, ?)",
+                (str(source), str(target), now),
+            )
+            version = Store.bump(conn, "policy_version")
+            Store.audit(
+                conn, now, "policy_allow", source=str(source), target=str(target), version=version
+            )
+        return version
+
+    def deny(self, source: SpiffeId, target: SpiffeId) -> int:
+        now = self._now().timestamp()
+        with self.store.write() as conn:
+            cursor = conn.execute(
+                "DELETE FROM policy WHERE source = ? AND target = ?", (str(source), str(target))
+            )
+            if cursor.rowcount == 0:
+                raise PolicyError(
+                    f"{source} -> {target} is not on the allow-list", reason="unknown_pair"
+                )
+            version = Store.bump(conn, "policy_version")
+            Store.audit(
+                conn, now, "policy_deny", source=str(source), target=str(target), version=version
+            )
+        return version
+
+    def check(self, source: SpiffeId, target: SpiffeId) -> Decision:
+        return self.policy().decide(source, target)

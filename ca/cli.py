@@ -1,0 +1,285 @@
+"""`meshid ca …` and `meshid policy …`: the authority's command line.
+
+Thin: each command parses its arguments into kernel types, opens the
+authority, calls one method and prints the result. Passphrases come from a
+file or the MESHID_CA_PASSPHRASE environment variable, never from argv,
+where every user of the machine could read them.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import sys
+from collections.abc import Callable
+from datetime import timedelta
+from pathlib import Path
+from typing import Any, TypeVar
+
+import click
+
+from ca.authority import (
+    DEFAULT_ROOT_TTL,
+    DEFAULT_SVID_TTL,
+    DEFAULT_TOKEN_TTL,
+    Authority,
+    check_ip,
+    write_atomic,
+)
+from meshid.duration import format_duration, parse_duration
+from meshid.errors import InvalidInput, MeshIdError, StateError
+from meshid.spiffeid import SpiffeId, TrustDomain
+from meshid.svid import certs_to_pem, generate_key, key_to_pem
+
+PASSPHRASE_ENV = "MESHID_CA_PASSPHRASE"  # noqa: S105 - a variable name
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+class DurationType(click.ParamType[timedelta, Any]):
+    name = "duration"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        if isinstance(value, timedelta):
+            return value
+        try:
+            return parse_duration(value)
+        except MeshIdError as exc:
+            self.fail(exc.message, param, ctx)
+
+
+DURATION = DurationType()
+
+
+def state_option(func: F) -> F:
+    return click.option(
+        "--state",
+        "state",
+        required=True,
+        envvar="MESHID_CA_STATE",
+        type=click.Path(path_type=Path, file_okay=False),
+        help="The authority's state directory [env MESHID_CA_STATE].",
+    )(func)
+
+
+def passphrase_option(func: F) -> F:
+    return click.option(
+        "--passphrase-file",
+        type=click.Path(path_type=Path, dir_okay=False),
+        help=f"File holding the root key's passphrase (or set {PASSPHRASE_ENV}).",
+    )(func)
+
+
+def read_passphrase(path: Path | None) -> bytes | None:
+    if path is not None:
+        try:
+            data = path.read_bytes()
+        except OSError as exc:
+            raise StateError(f"cannot read passphrase file {path}: {exc.strerror}") from None
+        secret = data.rstrip(b"\r\n")
+        if not secret:
+            raise InvalidInput(f"passphrase file {path} is empty")
+        return secret
+    env = os.environ.get(PASSPHRASE_ENV)
+    return env.encode() if env else None
+
+
+def open_authority(state: Path, passphrase_file: Path | None = None) -> Authority:
+    return Authority.open(state, passphrase=read_passphrase(passphrase_file))
+
+
+def _ips(values: tuple[str, ...]) -> list[ipaddress.IPv4Address | ipaddress.IPv6Address]:
+    return [check_ip(v) for v in values]
+
+
+@click.group("ca")
+def ca_group() -> None:
+    """The certificate authority: bootstrap, issue, enroll, revoke, publish."""
+
+
+@ca_group.command("init")
+@state_option
+@click.option("--trust-domain", required=True, help="Lowercase DNS-like name, e.g. example.org.")
+@click.option(
+    "--svid-ttl",
+    type=DURATION,
+    default=format_duration(DEFAULT_SVID_TTL),
+    show_default=True,
+    help="Lifetime of workload certificates (at least 30s).",
+)
+@click.option(
+    "--root-ttl",
+    type=DURATION,
+    default=format_duration(DEFAULT_ROOT_TTL),
+    show_default=True,
+    help="Lifetime of the root certificate.",
+)
+@passphrase_option
+def init_cmd(
+    state: Path,
+    trust_domain: str,
+    svid_ttl: timedelta,
+    root_ttl: timedelta,
+    passphrase_file: Path | None,
+) -> None:
+    """Create a new authority in STATE: root key and certificate, bundle, database."""
+    td = TrustDomain.parse(trust_domain)
+    authority = Authority.init(
+        state,
+        td,
+        svid_ttl=svid_ttl,
+        root_ttl=root_ttl,
+        passphrase=read_passphrase(passphrase_file),
+    )
+    root = authority.bundle().roots[0]
+    click.echo(
+        f"initialised authority for {td.id} in {state}: root expires "
+        f"{root.not_valid_after_utc:%Y-%m-%d}, SVID lifetime {format_duration(svid_ttl)}"
+    )
+
+
+@ca_group.command("issue")
+@state_option
+@click.argument("spiffe_id", metavar="ID")
+@click.option(
+    "--out", required=True, type=click.Path(path_type=Path, file_okay=False), help="Output dir."
+)
+@click.option("--ttl", type=DURATION, help="Lifetime (default: the authority's SVID lifetime).")
+@click.option("--dns", multiple=True, help="Extra DNS SAN (repeatable).")
+@click.option("--ip", multiple=True, help="Extra IP SAN (repeatable).")
+@passphrase_option
+def issue_cmd(
+    state: Path,
+    spiffe_id: str,
+    out: Path,
+    ttl: timedelta | None,
+    dns: tuple[str, ...],
+    ip: tuple[str, ...],
+    passphrase_file: Path | None,
+) -> None:
+    """Issue an SVID offline into OUT: svid.pem, svid.key (0600), bundle.pem."""
+    authority = open_authority(state, passphrase_file)
+    sid = authority.resolve(spiffe_id)
+    ips = _ips(ip)
+    key = generate_key()
+    issued = authority.issue(
+        sid, key.public_key(), ttl=ttl, dns_names=dns, ip_addresses=ips, how="issue"
+    )
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        write_atomic(out / "svid.key", key_to_pem(key), mode=0o600)
+        write_atomic(out / "svid.pem", certs_to_pem(issued.chain))
+        write_atomic(out / "bundle.pem", issued.bundle.to_pem())
+    except OSError as exc:
+        raise StateError(f"cannot write to {out}: {exc.strerror}") from None
+    click.echo(
+        f"issued {sid} serial {issued.leaf.serial_number:x} valid until "
+        f"{issued.leaf.not_valid_after_utc:%Y-%m-%dT%H:%M:%SZ} into {out}"
+    )
+
+
+@ca_group.command("token")
+@state_option
+@click.argument("spiffe_id", metavar="ID")
+@click.option(
+    "--ttl",
+    type=DURATION,
+    default=format_duration(DEFAULT_TOKEN_TTL),
+    show_default=True,
+    help="How long the token may be used.",
+)
+@click.option("--dns", multiple=True, help="DNS SAN the enrolled SVIDs may carry (repeatable).")
+@click.option("--ip", multiple=True, help="IP SAN the enrolled SVIDs may carry (repeatable).")
+def token_cmd(
+    state: Path, spiffe_id: str, ttl: timedelta, dns: tuple[str, ...], ip: tuple[str, ...]
+) -> None:
+    """Print a one-time join token bound to ID (only the token, on stdout)."""
+    authority = open_authority(state)
+    sid = authority.resolve(spiffe_id)
+    token = authority.create_token(sid, ttl=ttl, dns_names=dns, ip_addresses=_ips(ip))
+    click.echo(token)
+
+
+@ca_group.command("revoke")
+@state_option
+@click.argument("spiffe_id", metavar="ID")
+def revoke_cmd(state: Path, spiffe_id: str) -> None:
+    """Revoke ID: no more enrollment or renewal; sidecars drop and refuse it."""
+    authority = open_authority(state)
+    sid = authority.resolve(spiffe_id)
+    version = authority.revoke(sid)
+    click.echo(f"revoked {sid} (revocation version {version})")
+
+
+@ca_group.command("bundle")
+@state_option
+@click.option(
+    "--format",
+    "fmt",
+    type=click.Choice(["pem", "spiffe"]),
+    default="pem",
+    show_default=True,
+    help="PEM certificates, or a SPIFFE bundle (JWK Set).",
+)
+def bundle_cmd(state: Path, fmt: str) -> None:
+    """Print the trust bundle."""
+    bundle = open_authority(state).bundle()
+    if fmt == "pem":
+        sys.stdout.buffer.write(bundle.to_pem())
+    else:
+        click.echo(bundle.to_spiffe_json(), nl=False)
+
+
+@click.group("policy")
+def policy_group() -> None:
+    """The allow-list of service pairs (default deny)."""
+
+
+def _pair(authority: Authority, source: str, target: str) -> tuple[SpiffeId, SpiffeId]:
+    return authority.resolve(source), authority.resolve(target)
+
+
+@policy_group.command("allow")
+@click.argument("source", metavar="FROM")
+@click.argument("target", metavar="TO")
+@state_option
+def allow_cmd(source: str, target: str, state: Path) -> None:
+    """Let FROM open connections to TO."""
+    authority = open_authority(state)
+    src, dst = _pair(authority, source, target)
+    version = authority.allow(src, dst)
+    click.echo(f"allowed {src} -> {dst} (policy version {version})")
+
+
+@policy_group.command("deny")
+@click.argument("source", metavar="FROM")
+@click.argument("target", metavar="TO")
+@state_option
+def deny_cmd(source: str, target: str, state: Path) -> None:
+    """Remove the pair FROM -> TO from the allow-list."""
+    authority = open_authority(state)
+    src, dst = _pair(authority, source, target)
+    version = authority.deny(src, dst)
+    click.echo(f"denied {src} -> {dst} (policy version {version})")
+
+
+@policy_group.command("list")
+@state_option
+def list_cmd(state: Path) -> None:
+    """Print the allow-list, one 'FROM -> TO' per line."""
+    policy = open_authority(state).policy()
+    for src, dst in sorted(policy.pairs):
+        click.echo(f"{src} -> {dst}")
+    click.echo(f"# policy version {policy.version}, {len(policy.pairs)} pair(s)", err=True)
+
+
+@policy_group.command("check")
+@click.argument("source", metavar="FROM")
+@click.argument("target", metavar="TO")
+@state_option
+def check_cmd(source: str, target: str, state: Path) -> None:
+    """Exit 0 if FROM may reach TO, 1 if not, with a one-line explanation."""
+    authority = open_authority(state)
+    src, dst = _pair(authority, source, target)
+    decision = authority.check(src, dst)
+    click.echo(f"{'allowed' if decision.allowed else 'denied'}: {decision.explanation}")
+    sys.exit(0 if decision.allowed else 1)

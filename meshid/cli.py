@@ -1,0 +1,65 @@
+"""The root `meshid` command group.
+
+Subcommand groups live with the package that owns them (`ca.cli`,
+`sidecar.cli`) and are imported only when named, so the kernel never depends
+on them and `meshid sidecar …` does not load the authority's code. This is
+also the one place where errors become a one-line message and an exit code.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import sys
+from typing import Any
+
+import click
+
+from meshid import __version__
+from meshid.errors import MeshIdError
+
+_SUBCOMMANDS = {
+    "ca": ("ca.cli", "ca_group"),
+    "policy": ("ca.cli", "policy_group"),
+    "sidecar": ("sidecar.cli", "sidecar_group"),
+}
+
+
+class _RootGroup(click.Group):
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted(_SUBCOMMANDS)
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        target = _SUBCOMMANDS.get(cmd_name)
+        if target is None:
+            return None
+        command = getattr(importlib.import_module(target[0]), target[1])
+        assert isinstance(command, click.Command)
+        return command
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except MeshIdError as exc:
+            raise click.ClickException(exc.message) from None
+
+
+@click.group(cls=_RootGroup)
+@click.version_option(__version__, prog_name="meshid")
+def cli() -> None:
+    """meshid: SPIFFE workload identity and mTLS for microservices."""
+
+
+def main() -> None:
+    try:
+        cli.main(prog_name="meshid")
+    except KeyboardInterrupt:
+        sys.exit(130)
+    except Exception as exc:  # the last guard: an operator sees one line, not a traceback
+        if os.environ.get("MESHID_DEBUG"):
+            raise
+        click.echo(
+            f"Error: internal error ({type(exc).__name__}); set MESHID_DEBUG=1 for details",
+            err=True,
+        )
+        sys.exit(70)

@@ -1,0 +1,62 @@
+"""Allow-list decisions: may FROM open a connection to TO?
+
+Pure and total: a decision is computed from an immutable snapshot of the
+allow-list and the revocation list, and always carries a reason and the
+policy version it was made under, so a log line or `policy check` can say
+exactly why. Default deny.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+from meshid.spiffeid import SpiffeId
+
+ALLOWED = "allowed"
+NOT_ALLOWED = "not_allowed"
+IDENTITY_REVOKED = "identity_revoked"
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    allowed: bool
+    reason: str
+    version: int
+    explanation: str
+
+
+@dataclass(frozen=True, slots=True)
+class Policy:
+    pairs: frozenset[tuple[SpiffeId, SpiffeId]]
+    version: int = 0
+    revoked: frozenset[SpiffeId] = frozenset()
+    revocation_version: int = 0
+
+    @classmethod
+    def build(
+        cls,
+        pairs: Iterable[tuple[SpiffeId, SpiffeId]],
+        version: int = 0,
+        revoked: Iterable[SpiffeId] = (),
+        revocation_version: int = 0,
+    ) -> Policy:
+        return cls(frozenset(pairs), version, frozenset(revoked), revocation_version)
+
+    def decide(self, source: SpiffeId, target: SpiffeId) -> Decision:
+        for who in (source, target):
+            if who in self.revoked:
+                return Decision(False, IDENTITY_REVOKED, self.version, f"{who} is revoked")
+        if (source, target) in self.pairs:
+            return Decision(
+                True,
+                ALLOWED,
+                self.version,
+                f"allowed by rule {source} -> {target} (policy version {self.version})",
+            )
+        return Decision(
+            False,
+            NOT_ALLOWED,
+            self.version,
+            f"no rule allows {source} -> {target} (policy version {self.version}, default deny)",
+        )
