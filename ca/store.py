@@ -141,8 +141,15 @@ class Store:
 
     @contextmanager
     def read(self) -> Iterator[sqlite3.Connection]:
-        """A consistent snapshot across several SELECTs."""
+        """A consistent snapshot across several SELECTs.
+
+        Inside a write() it joins that transaction, which already is one, rather
+        than starting a second (SQLite refuses nested BEGINs).
+        """
         conn = self._conn
+        if conn.in_transaction:
+            yield conn
+            return
         conn.execute("BEGIN")
         try:
             yield conn
