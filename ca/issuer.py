@@ -13,6 +13,7 @@ from collections.abc import Iterable
 from datetime import datetime, timedelta
 
 from cryptography import x509
+from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
 from meshid.errors import CsrRejected
@@ -30,7 +31,7 @@ def parse_csr(data: bytes) -> x509.CertificateSigningRequest:
         if data.lstrip().startswith(b"-----BEGIN"):
             return x509.load_pem_x509_csr(data)
         return x509.load_der_x509_csr(data)
-    except ValueError:
+    except (ValueError, x509.InvalidVersion):
         raise CsrRejected(
             "not a PKCS#10 certificate signing request", reason="invalid_csr"
         ) from None
@@ -40,7 +41,7 @@ def csr_public_key(csr: x509.CertificateSigningRequest) -> PublicKey:
     """The key to certify, once the CSR has proven possession of it."""
     try:
         key = csr.public_key()
-    except (ValueError, TypeError):
+    except (ValueError, TypeError, UnsupportedAlgorithm):  # e.g. an unknown key or curve OID
         raise CsrRejected("CSR public key is not supported", reason="unsupported_key") from None
     if isinstance(key, ec.EllipticCurvePublicKey):
         if key.curve.name not in _CURVES:
@@ -61,7 +62,7 @@ def csr_public_key(csr: x509.CertificateSigningRequest) -> PublicKey:
         )
     try:
         valid = csr.is_signature_valid
-    except (ValueError, TypeError):
+    except (ValueError, TypeError, UnsupportedAlgorithm):
         valid = False
     if not valid:
         raise CsrRejected("CSR signature does not verify", reason="bad_csr_signature")

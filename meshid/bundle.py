@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from cryptography import x509
+from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
@@ -68,7 +69,10 @@ def _jwk(cert: x509.Certificate) -> dict[str, Any]:
 
 
 def _key_matches(entry: dict[str, Any], cert: x509.Certificate) -> bool:
-    key = cert.public_key()
+    try:
+        key = cert.public_key()
+    except (ValueError, UnsupportedAlgorithm):
+        return False
     kty = entry.get("kty")
     if isinstance(key, ec.EllipticCurvePublicKey):
         numbers = key.public_numbers()
@@ -136,7 +140,7 @@ class TrustBundle:
     def from_spiffe_json(cls, trust_domain: TrustDomain, data: bytes | str) -> TrustBundle:
         try:
             doc = json.loads(data)
-        except (ValueError, UnicodeDecodeError):
+        except (ValueError, RecursionError):  # RecursionError: [[[[… nested past the stack
             raise InvalidSvid("bundle: not JSON", reason="invalid_bundle") from None
         if not isinstance(doc, dict) or not isinstance(doc.get("keys"), list):
             raise InvalidSvid("bundle: no 'keys' array", reason="invalid_bundle")
@@ -156,7 +160,7 @@ class TrustBundle:
                 )
             try:
                 cert = x509.load_der_x509_certificate(base64.b64decode(x5c[0], validate=True))
-            except (binascii.Error, ValueError):
+            except (binascii.Error, ValueError, x509.InvalidVersion):
                 raise InvalidSvid(
                     f"bundle: keys[{index}].x5c is not a DER certificate", reason="invalid_bundle"
                 ) from None

@@ -26,7 +26,7 @@ from datetime import datetime, timedelta
 from typing import TypeVar
 
 from cryptography import x509
-from cryptography.exceptions import InvalidSignature
+from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
@@ -183,12 +183,43 @@ def build_svid(
 
 # --- checking -----------------------------------------------------------------
 
+# cryptography parses a certificate's fields lazily, so a malformed one (a
+# peer's, say) raises from whichever accessor first touches the bad part, and
+# not always a ValueError.
+_MALFORMED = (
+    ValueError,
+    TypeError,
+    UnsupportedAlgorithm,
+    x509.DuplicateExtension,
+    x509.UnsupportedGeneralNameType,
+)
+
+
+def _malformed(what: str) -> InvalidSvid:
+    return InvalidSvid(f"{what} is malformed", reason="malformed_certificate")
+
+
+def _check_well_formed(cert: x509.Certificate, what: str) -> None:
+    """Parse every field the checks below read, so a defect is an InvalidSvid here."""
+    try:
+        _ = (
+            cert.extensions,
+            cert.issuer,
+            cert.subject,
+            cert.not_valid_before_utc,
+            cert.not_valid_after_utc,
+        )
+    except _MALFORMED:
+        raise _malformed(what) from None
+
 
 def _extension(cert: x509.Certificate, kind: type[_Ext]) -> _Ext | None:
     try:
         return cert.extensions.get_extension_for_class(kind).value
     except x509.ExtensionNotFound:
         return None
+    except _MALFORMED:
+        raise _malformed("certificate") from None
 
 
 def uri_sans(cert: x509.Certificate) -> list[str]:
@@ -257,7 +288,7 @@ def _signed_by(cert: x509.Certificate, issuer: x509.Certificate) -> bool:
         return False
     try:
         cert.verify_directly_issued_by(issuer)
-    except (InvalidSignature, ValueError, TypeError):
+    except (InvalidSignature, ValueError, TypeError, UnsupportedAlgorithm):
         return False
     return True
 
@@ -281,6 +312,8 @@ def verify_svid(
     """
     if not chain:
         raise InvalidSvid("no certificate presented", reason="no_certificate")
+    for index, cert in enumerate(chain):
+        _check_well_formed(cert, "certificate" if index == 0 else "intermediate certificate")
     leaf = chain[0]
     sid = check_leaf_profile(leaf)
     check_validity(leaf, now, f"{sid} certificate")
