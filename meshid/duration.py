@@ -12,7 +12,7 @@ from datetime import timedelta
 from meshid.errors import InvalidDuration
 
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
-_PART = re.compile(r"(\d{1,9})([smhd])")
+_PART = re.compile(r"([0-9]{1,9})([smhd])")  # not \d: that takes any Unicode digit
 _MAX = timedelta(days=36500)
 
 
@@ -35,10 +35,9 @@ def parse_duration(text: str) -> timedelta:
         pos = match.end()
     if total <= 0:
         raise InvalidDuration(f"{shown}: must be longer than zero")
-    result = timedelta(seconds=total)
-    if result > _MAX:
+    if total > _MAX.total_seconds():  # before timedelta(), which overflows on 999999999d…
         raise InvalidDuration(f"{shown}: longer than 100 years")
-    return result
+    return timedelta(seconds=total)
 
 
 def format_duration(value: timedelta) -> str:

@@ -31,7 +31,7 @@ def _shown(text: str) -> str:
 def _check_trust_domain(name: str, original: str) -> None:
     if not name:
         raise InvalidIdentity(f"{_shown(original)}: trust domain is empty")
-    if len(name.encode()) > MAX_TRUST_DOMAIN_BYTES:
+    if len(name.encode("utf-8", "surrogatepass")) > MAX_TRUST_DOMAIN_BYTES:
         raise InvalidIdentity(f"{_shown(original)}: trust domain is longer than 255 bytes")
     for ch in name:
         if ch in _TD_CHARS:
