@@ -83,8 +83,14 @@ def read_passphrase(path: Path | None) -> bytes | None:
     return env.encode() if env else None
 
 
+def _closed_with_command(authority: Authority) -> Authority:
+    """Close the database when the command ends, not whenever the GC gets to it."""
+    click.get_current_context().call_on_close(authority.close)
+    return authority
+
+
 def open_authority(state: Path, passphrase_file: Path | None = None) -> Authority:
-    return Authority.open(state, passphrase=read_passphrase(passphrase_file))
+    return _closed_with_command(Authority.open(state, passphrase=read_passphrase(passphrase_file)))
 
 
 def _ips(values: tuple[str, ...]) -> list[ipaddress.IPv4Address | ipaddress.IPv6Address]:
@@ -123,12 +129,14 @@ def init_cmd(
 ) -> None:
     """Create a new authority in STATE: root key and certificate, bundle, database."""
     td = TrustDomain.parse(trust_domain)
-    authority = Authority.init(
-        state,
-        td,
-        svid_ttl=svid_ttl,
-        root_ttl=root_ttl,
-        passphrase=read_passphrase(passphrase_file),
+    authority = _closed_with_command(
+        Authority.init(
+            state,
+            td,
+            svid_ttl=svid_ttl,
+            root_ttl=root_ttl,
+            passphrase=read_passphrase(passphrase_file),
+        )
     )
     root = authority.bundle().roots[0]
     click.echo(

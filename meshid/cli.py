@@ -3,7 +3,9 @@
 Subcommand groups live with the package that owns them (`ca.cli`,
 `sidecar.cli`) and are imported only when named, so the kernel never depends
 on them and `meshid sidecar …` does not load the authority's code. This is
-also the one place where errors become a one-line message and an exit code.
+also the one place where errors become a one-line message and an exit code:
+a MeshIdError exits 1, a usage error exits 2 (click's convention), and both
+print exactly one line on stderr.
 """
 
 from __future__ import annotations
@@ -11,6 +13,8 @@ from __future__ import annotations
 import importlib
 import os
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import click
@@ -25,6 +29,25 @@ _SUBCOMMANDS = {
 }
 
 
+@contextmanager
+def _one_line_usage_errors() -> Iterator[None]:
+    """Fold click's usage block and help hint into the error line itself.
+
+    click prints a usage error as four lines (usage, hint, blank, error); we
+    promise operators and scripts one. Help shown for a bare group is not an
+    error and is left alone.
+    """
+    try:
+        yield
+    except click.exceptions.NoArgsIsHelpError:
+        raise
+    except click.UsageError as exc:
+        if exc.ctx is None:
+            raise
+        hint = f" (see '{exc.ctx.command_path} --help')"
+        raise click.UsageError(exc.format_message() + hint) from None
+
+
 class _RootGroup(click.Group):
     def list_commands(self, ctx: click.Context) -> list[str]:
         return sorted(_SUBCOMMANDS)
@@ -37,9 +60,20 @@ class _RootGroup(click.Group):
         assert isinstance(command, click.Command)
         return command
 
+    def make_context(
+        self,
+        info_name: str | None,
+        args: list[str],
+        parent: click.Context | None = None,
+        **extra: Any,
+    ) -> click.Context:
+        with _one_line_usage_errors():
+            return super().make_context(info_name, args, parent, **extra)
+
     def invoke(self, ctx: click.Context) -> Any:
         try:
-            return super().invoke(ctx)
+            with _one_line_usage_errors():
+                return super().invoke(ctx)
         except MeshIdError as exc:
             raise click.ClickException(exc.message) from None
 
