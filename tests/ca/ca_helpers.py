@@ -1,0 +1,102 @@
+"""Plain helpers shared by the authority's tests (fixtures live in conftest.py)."""
+
+from __future__ import annotations
+
+import hashlib
+import sqlite3
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from pathlib import Path
+
+from click.testing import CliRunner, Result
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.x509.oid import NameOID
+
+from ca.store import DB_NAME
+from meshid.cli import cli
+from meshid.spiffeid import TrustDomain
+from meshid.svid import PrivateKey, generate_key
+
+TD = TrustDomain("example.org")
+MESHID = Path(sys.executable).with_name("meshid")  # the installed console script
+
+
+@dataclass
+class Clock:
+    """A wall clock that moves only when the test says so."""
+
+    now: datetime
+
+    def __call__(self) -> datetime:
+        return self.now
+
+    def advance(self, delta: timedelta) -> None:
+        self.now += delta
+
+
+def make_csr(
+    key: PrivateKey | None = None,
+    *,
+    sans: Sequence[x509.GeneralName] = (),
+    ca: bool = False,
+) -> tuple[PrivateKey, bytes]:
+    """A DER CSR; `sans` and `ca` are what a hostile requester might ask for."""
+    key = key or generate_key()
+    builder = x509.CertificateSigningRequestBuilder().subject_name(
+        x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "requested-by-workload")])
+    )
+    if sans:
+        builder = builder.add_extension(x509.SubjectAlternativeName(list(sans)), critical=False)
+    if ca:
+        builder = builder.add_extension(x509.BasicConstraints(ca=True, path_length=None), True)
+    csr = builder.sign(key, hashes.SHA256())
+    return key, csr.public_bytes(serialization.Encoding.DER)
+
+
+def run(*args: str, env: dict[str, str] | None = None) -> Result:
+    """`meshid ARGS` in-process."""
+    return CliRunner().invoke(cli, list(args), prog_name="meshid", env=env)
+
+
+def snapshot(state: Path) -> dict[str, str]:
+    """What the authority holds: file hashes, and the database's logical content.
+
+    The database is compared by its SQL dump, not its bytes: merely opening it
+    in WAL mode may create and remove side files without changing anything.
+    """
+    out: dict[str, str] = {}
+    for path in sorted(state.rglob("*")):
+        if path.is_file() and not path.name.startswith(DB_NAME) and path.name != ".lock":
+            out[str(path.relative_to(state))] = hashlib.sha256(path.read_bytes()).hexdigest()
+    db = state / DB_NAME
+    if db.exists():
+        conn = sqlite3.connect(db)
+        try:
+            dump = "\n".join(conn.iterdump())
+        finally:
+            conn.close()
+        out[DB_NAME] = hashlib.sha256(dump.encode()).hexdigest()
+    return out
+
+
+def raw_files(state: Path) -> dict[str, tuple[str, int]]:
+    """Every file's hash and mtime, byte for byte."""
+    return {
+        str(p.relative_to(state)): (
+            hashlib.sha256(p.read_bytes()).hexdigest(),
+            p.stat().st_mtime_ns,
+        )
+        for p in sorted(state.rglob("*"))
+        if p.is_file()
+    }
+
+
+def query(state: Path, sql: str) -> list[tuple[object, ...]]:
+    conn = sqlite3.connect(state / DB_NAME)
+    try:
+        return conn.execute(sql).fetchall()
+    finally:
+        conn.close()

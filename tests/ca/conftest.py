@@ -1,0 +1,33 @@
+"""Fixtures for the authority's tests: a hand-moved wall clock and a fresh authority."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from datetime import UTC, datetime
+from pathlib import Path
+
+import pytest
+from ca_helpers import TD, Clock
+
+from ca.authority import Authority
+
+
+@pytest.fixture
+def clock() -> Clock:
+    # real time, so that openssl and py-spiffe, which read the real clock, agree
+    return Clock(datetime.now(UTC).replace(microsecond=0))
+
+
+@pytest.fixture
+def state(tmp_path: Path, clock: Clock) -> Path:
+    """An initialised authority's state directory (no connection left open)."""
+    path = tmp_path / "state"
+    Authority.init(path, TD, clock=clock).close()
+    return path
+
+
+@pytest.fixture
+def authority(state: Path, clock: Clock) -> Iterator[Authority]:
+    opened = Authority.open(state, clock=clock)
+    yield opened
+    opened.close()
