@@ -1,0 +1,1 @@
+"""The meshid sidecar: an mTLS proxy that admits only allowed SPIFFE peers."""

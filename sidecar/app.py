@@ -1,0 +1,676 @@
+"""The sidecar process: the composition root that wires config, credentials, listeners and admin.
+
+Theory of operation. `Sidecar.run` loads credentials, binds every listener,
+and only then reports started (and /readyz turns 200). Each accepted socket
+gets a task that registers the connection, authenticates the peer inside the
+TLS handshake (our verify callback judges the SVID and the allow-list; a
+resumed session, which skips the callback, is judged right after), logs the
+decision, and pumps bytes until both directions end. New credentials and a
+new allow-list are swapped in by reference; a policy change re-checks every
+live connection and closes exactly those that became denied. SIGTERM drains:
+stop accepting, let live connections finish up to `drain_timeout`, then cut.
+"""
+
+from __future__ import annotations
+
+import errno
+import ipaddress
+import json
+import socket
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+
+import trio
+from OpenSSL import SSL, crypto
+
+from meshid.errors import MeshIdError
+from meshid.policy import IDENTITY_REVOKED, Policy
+from meshid.spiffeid import SpiffeId
+from sidecar.admin import Response, serve_admin
+from sidecar.config import Address, Inbound, Outbound, SidecarConfig, StaticSource
+from sidecar.credentials import Generation, Svid
+from sidecar.events import EventLog
+from sidecar.metrics import Gauges, Metrics
+from sidecar.peer import (
+    INBOUND,
+    OUTBOUND,
+    X509_CERT_NOT_YET_VALID,
+    Verdict,
+    chain_error_verdict,
+    judge_peer,
+)
+from sidecar.proxyproto import encode_v2
+from sidecar.pump import BufferPool, StreamAborted, pump, reset
+from sidecar.registry import LiveConnection, Registry
+from sidecar.static import load_policy, load_svid, stamp
+from sidecar.tlsio import TlsStream, handshake_failure_reason
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+def _fmt_addr(addr: tuple[str, int] | tuple[str, int, int, int]) -> str:
+    host, port = addr[0], addr[1]
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def _is_ip(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True
+
+
+@dataclass(slots=True)
+class Handshake:
+    """Per-connection state the verify callback reads and fills in."""
+
+    direction: str
+    expected: SpiffeId | None
+    verdict: Verdict | None = None
+
+
+class Sidecar:
+    def __init__(
+        self,
+        config: SidecarConfig,
+        *,
+        events: EventLog | None = None,
+        wall: Callable[[], datetime] = utcnow,
+        reload_interval: float = 1.0,
+        sweep_interval: float = 1.0,
+    ) -> None:
+        self.config = config
+        self.identity = config.identity
+        self.limits = config.limits
+        self.events = events if events is not None else EventLog()
+        self.wall = wall
+        self.reload_interval = reload_interval
+        self.sweep_interval = sweep_interval
+        self.registry = Registry()
+        self.pool = BufferPool()
+        self.generation: Generation | None = None
+        self._generation_number = 0
+        self.policy = Policy.build([], 0)
+        self.skew = timedelta(seconds=config.limits.clock_skew)
+        self.ready = False
+        self.draining = False
+        self.bound: dict[str, tuple[str, int]] = {}
+        self._drain = trio.Event()
+        self.stopped = trio.Event()
+        self._accept_scopes: list[trio.CancelScope] = []
+        self.metrics = Metrics(
+            Gauges(
+                registry=self.registry,
+                svid_seconds_left=self.svid_seconds_left,
+                policy_version=lambda: self.policy.version,
+                bundle_sequence=lambda: (
+                    self.generation.svid.bundle.sequence if self.generation else 0
+                ),
+                quarantined=lambda: 0,
+            )
+        )
+
+    # -- credentials and policy ------------------------------------------------
+
+    def svid_seconds_left(self) -> float | None:
+        if self.generation is None:
+            return None
+        return (self.generation.svid.not_after - self.wall()).total_seconds()
+
+    def install_svid(self, svid: Svid, how: str) -> None:
+        """Swap in new credentials; live connections keep the generation they started with."""
+        self._generation_number += 1
+        self.generation = Generation.build(self._generation_number, svid, self._verify)
+        self.metrics.renewals.labels(result="ok").inc()
+        self.events.emit(
+            "credentials",
+            how=how,
+            spiffe_id=str(svid.spiffe_id),
+            serial=f"{svid.serial:x}",
+            not_after=svid.not_after.isoformat(),
+            generation=self._generation_number,
+        )
+
+    def install_policy(self, policy: Policy) -> int:
+        """Swap in a new allow-list and close exactly the live connections it denies."""
+        self.policy = policy
+        self.metrics.policy_updates.inc()
+
+        def now_denied(entry: LiveConnection) -> str | None:
+            if entry.peer_id is None:
+                return None
+            if entry.direction == INBOUND:
+                decision = policy.decide(entry.peer_id, self.identity)
+            else:
+                decision = policy.decide(self.identity, entry.peer_id)
+            if decision.allowed:
+                return None
+            return "identity_revoked" if decision.reason == IDENTITY_REVOKED else "policy_revoked"
+
+        closed = self.registry.close_where(now_denied)
+        self.events.emit(
+            "policy", version=policy.version, pairs=len(policy.pairs), closed_connections=closed
+        )
+        return closed
+
+    def _verify(
+        self, conn: SSL.Connection, cert: crypto.X509, errnum: int, depth: int, ok: int
+    ) -> bool:
+        """OpenSSL's per-certificate callback: the place a peer is refused with an alert."""
+        hs = conn.get_app_data()
+        if not isinstance(hs, Handshake):
+            return False
+        try:
+            td = self.identity.trust_domain
+            if not ok:
+                leaf = cert.to_cryptography() if depth == 0 else None
+                if (
+                    errnum == X509_CERT_NOT_YET_VALID
+                    and leaf is not None
+                    and leaf.not_valid_before_utc - self.wall() <= self.skew
+                ):
+                    return True  # within the clock skew we tolerate
+                if hs.verdict is None:
+                    hs.verdict = chain_error_verdict(leaf, errnum, td)
+                return False
+            if depth > 0:
+                return True
+            hs.verdict = judge_peer(
+                cert.to_cryptography(),
+                direction=hs.direction,
+                local_id=self.identity,
+                expected=hs.expected,
+                policy=self.policy,
+                now=self.wall(),
+                skew=self.skew,
+            )
+            return hs.verdict.allowed
+        except Exception as exc:  # never let a hostile certificate escape as a crash
+            hs.verdict = Verdict(False, "invalid_certificate", f"certificate rejected: {exc}")
+            return False
+
+    # -- decisions -------------------------------------------------------------
+
+    def _deny(self, entry: LiveConnection, verdict: Verdict, handshake: bool = True) -> None:
+        self.metrics.connections.labels(entry.direction, "deny", verdict.reason).inc()
+        if handshake:
+            self.metrics.handshake_failures.labels(entry.direction, verdict.reason).inc()
+        self.events.emit(
+            "decision",
+            direction=entry.direction,
+            decision="deny",
+            reason=verdict.reason,
+            detail=verdict.detail,
+            local_id=str(self.identity),
+            peer_id=str(verdict.peer_id) if verdict.peer_id else None,
+            peer_addr=entry.peer_addr,
+            conn_id=entry.id,
+        )
+
+    def _allow(self, entry: LiveConnection, verdict: Verdict, **extra: object) -> None:
+        entry.peer_id = verdict.peer_id
+        entry.peer_serial = verdict.serial
+        entry.peer_not_after = verdict.not_after
+        entry.established = True
+        self.metrics.connections.labels(entry.direction, "allow", verdict.reason).inc()
+        self.events.emit(
+            "decision",
+            direction=entry.direction,
+            decision="allow",
+            reason=verdict.reason,
+            local_id=str(self.identity),
+            peer_id=str(verdict.peer_id),
+            peer_serial=f"{verdict.serial:x}" if verdict.serial is not None else None,
+            peer_addr=entry.peer_addr,
+            conn_id=entry.id,
+            policy_version=self.policy.version,
+            **extra,
+        )
+
+    # -- connection handling ---------------------------------------------------
+
+    async def _connect(self, addr: Address) -> socket.socket:
+        """A non-blocking TCP connection to `addr`, within connect_timeout. Raises OSError."""
+        if _is_ip(addr.host):
+            family = socket.AF_INET6 if ":" in addr.host else socket.AF_INET
+            targets: list[tuple[socket.AddressFamily, tuple[str, int]]] = [
+                (family, (addr.host, addr.port))
+            ]
+        else:
+            infos = await trio.socket.getaddrinfo(addr.host, addr.port, type=socket.SOCK_STREAM)
+            targets = [(info[0], info[4][:2]) for info in infos]  # type: ignore[misc]
+        last: OSError = OSError(errno.EHOSTUNREACH, "no address")
+        with trio.move_on_after(self.limits.connect_timeout):
+            for family, sockaddr in targets:
+                try:
+                    return await _connect_one(family, sockaddr)
+                except OSError as exc:
+                    last = exc
+            raise last
+        raise OSError(errno.ETIMEDOUT, "connect timed out")
+
+    async def _handshake(
+        self, tls: TlsStream, hs: Handshake, entry: LiveConnection
+    ) -> Verdict | None:
+        """Run the handshake; on refusal log it and return None."""
+        with trio.move_on_after(self.limits.handshake_timeout) as timer:
+            try:
+                await tls.handshake()
+            except SSL.Error as exc:
+                verdict = hs.verdict
+                if verdict is None or verdict.allowed:
+                    reason = handshake_failure_reason(exc)
+                    verdict = Verdict(False, reason, f"TLS handshake failed: {reason}")
+                self._deny(entry, verdict)
+                return None
+        if timer.cancelled_caught:
+            self._deny(entry, Verdict(False, "handshake_timeout", "TLS handshake took too long"))
+            return None
+        verdict = hs.verdict
+        if verdict is None:  # a resumed session: OpenSSL did not call us, so judge now
+            leaf = tls.conn.get_peer_certificate(as_cryptography=True)
+            if leaf is None:
+                verdict = Verdict(False, "no_client_certificate", "peer sent no certificate")
+            else:
+                verdict = judge_peer(
+                    leaf,
+                    direction=hs.direction,
+                    local_id=self.identity,
+                    expected=hs.expected,
+                    policy=self.policy,
+                    now=self.wall(),
+                    skew=self.skew,
+                )
+        if not verdict.allowed:
+            self._deny(entry, verdict)
+            return None
+        return verdict
+
+    async def _inbound(
+        self, sock: socket.socket, entry: LiveConnection, listener: Inbound
+    ) -> tuple[socket.socket | None, TlsStream | None]:
+        gen = self.generation
+        assert gen is not None
+        hs = Handshake(INBOUND, None)
+        conn = SSL.Connection(gen.server, sock)
+        conn.set_app_data(hs)
+        conn.set_accept_state()
+        tls = TlsStream(conn, sock)
+        verdict = await self._handshake(tls, hs, entry)
+        if verdict is None:
+            return None, tls
+        self._allow(entry, verdict)
+        try:
+            app = await self._connect(listener.forward)
+        except OSError:
+            entry.close_reason = "app_unreachable"
+            return None, tls
+        if listener.proxy_protocol:
+            header = encode_v2(sock.getpeername()[:2], sock.getsockname()[:2], str(verdict.peer_id))
+            await _send_plain(app, header)
+        return app, tls
+
+    async def _outbound(
+        self, app: socket.socket, entry: LiveConnection, route: Outbound
+    ) -> tuple[socket.socket | None, TlsStream | None]:
+        decision = self.policy.decide(self.identity, route.identity)
+        if not decision.allowed:
+            self._deny(
+                entry,
+                Verdict(False, decision.reason, decision.explanation, route.identity),
+                handshake=False,
+            )
+            return None, None
+        gen = self.generation
+        assert gen is not None
+        try:
+            up = await self._connect(route.upstream)
+        except OSError as exc:
+            self._deny(
+                entry,
+                Verdict(
+                    False,
+                    "upstream_unreachable",
+                    f"cannot reach {route.upstream}: {exc.strerror or exc}",
+                    route.identity,
+                ),
+                handshake=False,
+            )
+            return None, None
+        hs = Handshake(OUTBOUND, route.identity)
+        conn = SSL.Connection(gen.client, up)
+        conn.set_app_data(hs)
+        conn.set_connect_state()
+        name = route.server_name or (None if _is_ip(route.upstream.host) else route.upstream.host)
+        if name:
+            conn.set_tlsext_host_name(name.encode("idna"))
+        key = str(route.upstream)
+        session = gen.sessions.get(key)
+        if session is not None:
+            conn.set_session(session)
+        tls = TlsStream(conn, up, sessions=gen.sessions, session_key=key)
+        verdict = await self._handshake(tls, hs, entry)
+        if verdict is None:
+            return None, tls
+        self._allow(entry, verdict, upstream=str(route.upstream))
+        return up, tls
+
+    async def _serve_connection(
+        self,
+        sock: socket.socket,
+        peer: tuple[str, int],
+        direction: str,
+        setup: Callable[
+            [socket.socket, LiveConnection],
+            Awaitable[tuple[socket.socket | None, TlsStream | None]],
+        ],
+    ) -> None:
+        peer_addr = _fmt_addr(peer)
+        if len(self.registry) >= self.limits.max_connections:
+            self.metrics.connections.labels(direction, "deny", "connection_limit").inc()
+            self.events.emit(
+                "decision",
+                direction=direction,
+                decision="deny",
+                reason="connection_limit",
+                local_id=str(self.identity),
+                peer_addr=peer_addr,
+            )
+            reset(sock)
+            return
+        other: socket.socket | None = None
+        tls: TlsStream | None = None
+        aborted: str | None = None
+        scope = trio.CancelScope()
+        entry = self.registry.open(direction, self.identity, peer_addr, scope, self.wall())
+        try:
+            with scope:
+                other, tls = await setup(sock, entry)
+                if other is not None and tls is not None:
+                    plain = sock if direction == OUTBOUND else other
+                    await pump(plain, tls, entry, self.pool)
+                    tls.keep_session()
+        except StreamAborted as exc:
+            aborted = exc.reason
+        finally:
+            self.registry.remove(entry)
+            reason = aborted or entry.close_reason or "closed"
+            cut = aborted is not None or entry.close_reason is not None
+            for s in (sock, other):
+                if s is None:
+                    continue
+                if cut and (s is not (tls.sock if tls else None)):
+                    reset(s)
+                else:
+                    s.close()
+            if entry.established:
+                duration = trio.current_time() - entry.started
+                self.metrics.closes.labels(direction, reason).inc()
+                self.events.emit(
+                    "close",
+                    direction=direction,
+                    reason=reason,
+                    local_id=str(self.identity),
+                    peer_id=str(entry.peer_id),
+                    peer_addr=peer_addr,
+                    conn_id=entry.id,
+                    bytes_in=entry.bytes_in,
+                    bytes_out=entry.bytes_out,
+                    duration_ms=round(duration * 1000, 1),
+                )
+
+    # -- listeners -------------------------------------------------------------
+
+    @staticmethod
+    def _bind(addr: Address) -> socket.socket:
+        family = socket.AF_INET6 if ":" in addr.host else socket.AF_INET
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.bind((addr.host, addr.port))
+            sock.listen(4096)
+        except OSError as exc:
+            sock.close()
+            raise MeshIdError(
+                f"cannot listen on {addr}: {exc.strerror}", reason="listen_failed"
+            ) from None
+        sock.setblocking(False)
+        return sock
+
+    async def _accept_loop(
+        self,
+        lsock: socket.socket,
+        scope: trio.CancelScope,
+        nursery: trio.Nursery,
+        handler: Callable[[socket.socket, tuple[str, int]], Awaitable[None]],
+    ) -> None:
+        with scope:
+            while True:
+                try:
+                    sock, peer = lsock.accept()
+                except BlockingIOError:
+                    await trio.lowlevel.wait_readable(lsock)
+                    continue
+                except OSError as exc:
+                    if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
+                        self.events.emit("accept_failed", reason="resource_exhausted")
+                        await trio.sleep(0.1)  # let connections close before accepting more
+                        continue
+                    raise
+                sock.setblocking(False)
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                nursery.start_soon(handler, sock, peer)
+
+    # -- background duties -----------------------------------------------------
+
+    async def _sweep(self) -> None:
+        """Idle timeout and peer-certificate expiry for live connections."""
+        while True:
+            await trio.sleep(self.sweep_interval)
+            self.registry.close_where(self._overdue(trio.current_time(), self.wall()))
+
+    def _overdue(self, now: float, wall: datetime) -> Callable[[LiveConnection], str | None]:
+        idle = self.limits.idle_timeout
+        expiry = self.limits.close_on_peer_expiry
+
+        def overdue(entry: LiveConnection) -> str | None:
+            if now - entry.last_activity > idle:
+                return "idle_timeout"
+            if expiry and entry.peer_not_after is not None and wall > entry.peer_not_after:
+                return "peer_certificate_expired"
+            return None
+
+        return overdue
+
+    def _load_static(self, source: StaticSource) -> None:
+        svid = load_svid(source, self.identity, self.identity.trust_domain, self.wall(), self.skew)
+        self.install_svid(svid, "static")
+
+    async def _watch_static(self, source: StaticSource) -> None:
+        svid_files = (source.cert, source.key, source.bundle)
+        seen_svid = tuple(stamp(p) for p in svid_files)
+        seen_policy = stamp(source.policy) if source.policy else None
+        version = self.policy.version
+        while True:
+            await trio.sleep(self.reload_interval)
+            now_svid = tuple(stamp(p) for p in svid_files)
+            if now_svid != seen_svid:
+                seen_svid = now_svid
+                try:
+                    self._load_static(source)
+                except MeshIdError as exc:
+                    self.metrics.renewals.labels(result="error").inc()
+                    self.events.emit(
+                        "reload_failed",
+                        reason=exc.reason,
+                        detail=exc.message,
+                        keeping_serial=(
+                            f"{self.generation.svid.serial:x}" if self.generation else None
+                        ),
+                    )
+            if source.policy is not None:
+                now_policy = stamp(source.policy)
+                if now_policy != seen_policy:
+                    seen_policy = now_policy
+                    try:
+                        version += 1
+                        self.install_policy(
+                            load_policy(source.policy, self.identity.trust_domain, version)
+                        )
+                    except MeshIdError as exc:
+                        self.events.emit("reload_failed", reason=exc.reason, detail=exc.message)
+
+    # -- admin -----------------------------------------------------------------
+
+    def route(self, method: str, path: str) -> Response:
+        if method not in ("GET", "HEAD"):
+            return Response(405, b"method not allowed\n")
+        if path == "/healthz":
+            return Response(200, b"ok\n")
+        if path == "/readyz":
+            return Response(200, b"ready\n") if self.ready else Response(503, b"not ready\n")
+        if path == "/metrics":
+            return Response(
+                200, self.metrics.exposition(), "text/plain; version=0.0.4; charset=utf-8"
+            )
+        if path == "/svid":
+            if self.generation is None:
+                return Response(503, b'{"error":"no credentials yet"}\n', "application/json")
+            svid = self.generation.svid
+            body = {
+                "spiffe_id": str(svid.spiffe_id),
+                "serial": f"{svid.serial:x}",
+                "not_before": svid.leaf.not_valid_before_utc.isoformat(),
+                "not_after": svid.not_after.isoformat(),
+                "seconds_left": round(self.svid_seconds_left() or 0.0, 1),
+                "bundle_sequence": svid.bundle.sequence,
+                "policy_version": self.policy.version,
+            }
+            return Response(200, json.dumps(body).encode() + b"\n", "application/json")
+        return Response(404, b"not found\n")
+
+    # -- lifecycle -------------------------------------------------------------
+
+    def request_drain(self) -> None:
+        self._drain.set()
+
+    async def run(
+        self, *, task_status: trio.TaskStatus[Sidecar] = trio.TASK_STATUS_IGNORED
+    ) -> None:
+        source = self.config.source
+        if isinstance(source, StaticSource):
+            self._load_static(source)
+            if source.policy is not None:
+                self.install_policy(load_policy(source.policy, self.identity.trust_domain, 1))
+        else:
+            raise MeshIdError("[authority] mode needs the control plane client", reason="config")
+        listeners: list[tuple[socket.socket, Callable[..., Awaitable[None]]]] = []
+        try:
+            for i, ib in enumerate(self.config.inbound):
+                lsock = self._bind(ib.listen)
+                self.bound[f"inbound[{i}]"] = lsock.getsockname()[:2]
+                listeners.append((lsock, self._inbound_handler(ib)))
+            for i, ob in enumerate(self.config.outbound):
+                lsock = self._bind(ob.listen)
+                self.bound[f"outbound[{i}]"] = lsock.getsockname()[:2]
+                listeners.append((lsock, self._outbound_handler(ob)))
+            async with trio.open_nursery() as nursery:
+                if self.config.admin is not None:
+                    admin = await nursery.start(serve_admin, self.config.admin, self.route)
+                    self.bound["admin"] = admin[0].socket.getsockname()[:2]
+                for lsock, handler in listeners:
+                    scope = trio.CancelScope()
+                    self._accept_scopes.append(scope)
+                    nursery.start_soon(self._accept_loop, lsock, scope, nursery, handler)
+                nursery.start_soon(self._sweep)
+                if isinstance(source, StaticSource):
+                    nursery.start_soon(self._watch_static, source)
+                self.ready = True
+                self.events.emit(
+                    "started",
+                    spiffe_id=str(self.identity),
+                    listeners={k: _fmt_addr(v) for k, v in self.bound.items()},
+                )
+                task_status.started(self)
+                await self._drain.wait()
+                await self._shutdown(listeners, nursery)
+        finally:
+            for lsock, _ in listeners:
+                lsock.close()
+            self.ready = False
+            self.stopped.set()
+
+    async def _shutdown(
+        self,
+        listeners: list[tuple[socket.socket, Callable[..., Awaitable[None]]]],
+        nursery: trio.Nursery,
+    ) -> None:
+        self.ready = False
+        self.draining = True
+        for scope in self._accept_scopes:
+            scope.cancel()
+        for lsock, _ in listeners:
+            trio.lowlevel.notify_closing(lsock)
+            lsock.close()
+        live = len(self.registry)
+        self.events.emit("draining", live_connections=live, timeout_s=self.limits.drain_timeout)
+        with trio.move_on_after(self.limits.drain_timeout):
+            await self.registry.wait_empty()
+        left = len(self.registry)
+        if left:
+            self.registry.close_all("drain_timeout")
+            with trio.move_on_after(5):
+                await self.registry.wait_empty()
+        self.events.emit("stopped", drained=live - left, cut=left)
+        nursery.cancel_scope.cancel()
+
+    def _inbound_handler(
+        self, listener: Inbound
+    ) -> Callable[[socket.socket, tuple[str, int]], Awaitable[None]]:
+        async def handle(sock: socket.socket, peer: tuple[str, int]) -> None:
+            await self._serve_connection(
+                sock, peer, INBOUND, lambda s, e: self._inbound(s, e, listener)
+            )
+
+        return handle
+
+    def _outbound_handler(
+        self, route: Outbound
+    ) -> Callable[[socket.socket, tuple[str, int]], Awaitable[None]]:
+        async def handle(sock: socket.socket, peer: tuple[str, int]) -> None:
+            await self._serve_connection(
+                sock, peer, OUTBOUND, lambda s, e: self._outbound(s, e, route)
+            )
+
+        return handle
+
+
+async def _connect_one(family: socket.AddressFamily, sockaddr: tuple[str, int]) -> socket.socket:
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setblocking(False)
+    try:
+        err = sock.connect_ex(sockaddr)
+        if err == errno.EINPROGRESS:
+            await trio.lowlevel.wait_writable(sock)
+            err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+    except BaseException:
+        sock.close()
+        raise
+    if err:
+        sock.close()
+        raise OSError(err, errno.errorcode.get(err, "connect failed"))
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    return sock
+
+
+async def _send_plain(sock: socket.socket, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        try:
+            view = view[sock.send(view) :]
+        except BlockingIOError:
+            await trio.lowlevel.wait_writable(sock)

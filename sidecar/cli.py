@@ -1,0 +1,72 @@
+"""`meshid sidecar run`: load the config, run the sidecar, drain on SIGTERM."""
+
+from __future__ import annotations
+
+import signal
+import sys
+from pathlib import Path
+from typing import TextIO
+
+import click
+import trio
+
+from meshid.errors import ConfigError, MeshIdError
+from sidecar.app import Sidecar
+from sidecar.config import load_config
+from sidecar.events import EventLog
+
+
+@click.group("sidecar")
+def sidecar_group() -> None:
+    """The per-service mTLS proxy."""
+
+
+async def _run(sidecar: Sidecar) -> None:
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(sidecar.run)
+
+            async def on_signal() -> None:
+                async for signum in signals:
+                    sidecar.events.emit("signal", signal=signal.Signals(signum).name)
+                    sidecar.request_drain()
+
+            nursery.start_soon(on_signal)
+            # run() returns after a drain; then stop listening for signals
+            await _wait_stopped(sidecar)
+            nursery.cancel_scope.cancel()
+
+
+async def _wait_stopped(sidecar: Sidecar) -> None:
+    await sidecar.stopped.wait()
+
+
+@sidecar_group.command("run")
+@click.option(
+    "--config",
+    "config_path",
+    required=True,
+    type=click.Path(path_type=Path, dir_okay=False),
+    help="Sidecar configuration (TOML).",
+)
+def run_cmd(config_path: Path) -> None:
+    """Run a sidecar until SIGTERM, then drain live connections."""
+    config = load_config(config_path)
+    stream: TextIO = sys.stderr
+    if config.log_file is not None:
+        try:
+            stream = open(config.log_file, "a", buffering=1, encoding="utf-8")  # noqa: SIM115
+        except OSError as exc:
+            raise ConfigError(f"log.file: cannot open {config.log_file}: {exc.strerror}") from None
+    sidecar = Sidecar(config, events=EventLog(stream))
+    try:
+        trio.run(_run, sidecar)
+    except BaseExceptionGroup as group:
+        # Surface our own error (bad credentials, a port in use) as the one-line message.
+        matched, _rest = group.split(MeshIdError)
+        if matched is not None:
+            first = matched.exceptions[0]
+            while isinstance(first, BaseExceptionGroup):
+                first = first.exceptions[0]
+            raise first from None
+        raise

@@ -1,0 +1,311 @@
+"""Sidecar configuration: one pure, total parse from a TOML document to frozen dataclasses.
+
+Every error names the key that is wrong (``outbound[0].identity: not a
+SPIFFE ID``). Loading a file is `tomllib` plus `parse_config`; nothing here
+touches a socket or reads a certificate.
+"""
+
+from __future__ import annotations
+
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from meshid.duration import parse_duration
+from meshid.errors import ConfigError, MeshIdError
+from meshid.spiffeid import SpiffeId, TrustDomain
+
+
+@dataclass(frozen=True, slots=True)
+class Address:
+    host: str
+    port: int
+
+    def __str__(self) -> str:
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+
+@dataclass(frozen=True, slots=True)
+class StaticSource:
+    cert: Path
+    key: Path
+    bundle: Path
+    policy: Path | None
+
+
+@dataclass(frozen=True, slots=True)
+class AuthoritySource:
+    server: Address
+    bundle: Path
+    token_file: Path | None
+    state_dir: Path
+
+
+@dataclass(frozen=True, slots=True)
+class Inbound:
+    listen: Address
+    forward: Address
+    proxy_protocol: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class Outbound:
+    listen: Address
+    upstream: Address
+    identity: SpiffeId
+    server_name: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Limits:
+    handshake_timeout: float = 10.0
+    idle_timeout: float = 3600.0
+    connect_timeout: float = 5.0
+    drain_timeout: float = 30.0
+    max_connections: int = 10000
+    close_on_peer_expiry: bool = True
+    clock_skew: float = 60.0
+
+
+@dataclass(frozen=True, slots=True)
+class SidecarConfig:
+    identity: SpiffeId
+    trust_domain: TrustDomain
+    source: StaticSource | AuthoritySource
+    inbound: tuple[Inbound, ...]
+    outbound: tuple[Outbound, ...]
+    admin: Address | None
+    limits: Limits
+    log_file: Path | None = None
+
+
+def parse_address(text: Any, key: str) -> Address:
+    if not isinstance(text, str):
+        raise ConfigError(f'{key}: expected "HOST:PORT"')
+    if text.startswith("["):
+        host, sep, port_text = text[1:].partition("]:")
+    else:
+        host, sep, port_text = text.rpartition(":")
+    if not sep or not host or (":" in host and not text.startswith("[")):
+        raise ConfigError(f"{key}: {text[:80]!r} is not HOST:PORT (IPv6 as [::1]:PORT)")
+    if not port_text.isdigit() or not 0 <= int(port_text) <= 65535:
+        raise ConfigError(f"{key}: {port_text[:10]!r} is not a port number")
+    return Address(host, int(port_text))
+
+
+class _Table:
+    """A TOML table that remembers its own key path and which keys were read."""
+
+    def __init__(self, data: Any, key: str) -> None:
+        if not isinstance(data, Mapping):
+            raise ConfigError(f"{key or 'config'}: expected a table")
+        self.data = data
+        self.key = key
+        self.seen: set[str] = set()
+
+    def path(self, name: str) -> str:
+        return f"{self.key}.{name}" if self.key else name
+
+    def get(self, name: str, default: Any = None) -> Any:
+        self.seen.add(name)
+        return self.data.get(name, default)
+
+    def required(self, name: str) -> Any:
+        self.seen.add(name)
+        if name not in self.data:
+            raise ConfigError(f"{self.path(name)}: missing")
+        return self.data[name]
+
+    def string(self, name: str, default: str | None = None) -> str:
+        value = self.get(name, default) if default is not None else self.required(name)
+        if not isinstance(value, str) or not value:
+            raise ConfigError(f"{self.path(name)}: expected a non-empty string")
+        return value
+
+    def path_value(self, name: str, base: Path, *, optional: bool = False) -> Path | None:
+        if optional and name not in self.data:
+            self.seen.add(name)
+            return None
+        return base / self.string(name)
+
+    def seconds(self, name: str, default: float) -> float:
+        value = self.get(name)
+        if value is None:
+            return default
+        if isinstance(value, bool):
+            raise ConfigError(f'{self.path(name)}: expected a duration such as "30s"')
+        if isinstance(value, int | float):
+            if value <= 0:
+                raise ConfigError(f"{self.path(name)}: must be positive")
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return parse_duration(value).total_seconds()
+            except MeshIdError as exc:
+                raise ConfigError(f"{self.path(name)}: {exc.message}") from None
+        raise ConfigError(f'{self.path(name)}: expected a duration such as "30s"')
+
+    def integer(self, name: str, default: int, minimum: int = 1) -> int:
+        value = self.get(name, default)
+        if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
+            raise ConfigError(f"{self.path(name)}: expected a whole number >= {minimum}")
+        return value
+
+    def boolean(self, name: str, default: bool) -> bool:
+        value = self.get(name, default)
+        if not isinstance(value, bool):
+            raise ConfigError(f"{self.path(name)}: expected true or false")
+        return value
+
+    def table(self, name: str) -> _Table | None:
+        value = self.get(name)
+        return None if value is None else _Table(value, self.path(name))
+
+    def done(self) -> None:
+        unknown = sorted(set(self.data) - self.seen)
+        if unknown:
+            raise ConfigError(f"{self.path(unknown[0])}: unknown key")
+
+
+def _id(table: _Table, name: str, td: TrustDomain) -> SpiffeId:
+    text = table.string(name)
+    try:
+        return SpiffeId.resolve(text, td).require_workload()
+    except MeshIdError as exc:
+        raise ConfigError(f"{table.path(name)}: {exc.message}") from None
+
+
+def _tables(value: Any, key: str) -> list[_Table]:
+    if value is None:
+        return []
+    if isinstance(value, Mapping):
+        return [_Table(value, key)]
+    if isinstance(value, list):
+        return [_Table(item, f"{key}[{i}]") for i, item in enumerate(value)]
+    raise ConfigError(f"{key}: expected a table or an array of tables")
+
+
+def parse_config(doc: Mapping[str, Any], base: Path = Path()) -> SidecarConfig:
+    """Build the config from a parsed TOML document; relative paths are taken from `base`."""
+    top = _Table(doc, "")
+    try:
+        td = TrustDomain.parse(top.string("trust_domain"))
+    except MeshIdError as exc:
+        if isinstance(exc, ConfigError):
+            raise
+        raise ConfigError(f"trust_domain: {exc.message}") from None
+    identity = _id(top, "identity", td)
+
+    static = top.table("static")
+    authority = top.table("authority")
+    source: StaticSource | AuthoritySource
+    if (static is None) == (authority is None):
+        raise ConfigError("config: give exactly one of [static] or [authority]")
+    if static is not None:
+        source = StaticSource(
+            cert=base / static.string("cert"),
+            key=base / static.string("key"),
+            bundle=base / static.string("bundle"),
+            policy=static.path_value("policy", base, optional=True),
+        )
+        static.done()
+    else:
+        assert authority is not None
+        source = AuthoritySource(
+            server=parse_address(authority.required("server"), authority.path("server")),
+            bundle=base / authority.string("bundle"),
+            token_file=authority.path_value("token_file", base, optional=True),
+            state_dir=base / authority.string("state_dir"),
+        )
+        authority.done()
+
+    inbound = []
+    for table in _tables(top.get("inbound"), "inbound"):
+        inbound.append(
+            Inbound(
+                listen=parse_address(table.required("listen"), table.path("listen")),
+                forward=parse_address(table.required("forward"), table.path("forward")),
+                proxy_protocol=table.boolean("proxy_protocol", False),
+            )
+        )
+        table.done()
+    outbound = []
+    for table in _tables(top.get("outbound"), "outbound"):
+        upstream = parse_address(table.required("upstream"), table.path("upstream"))
+        outbound.append(
+            Outbound(
+                listen=parse_address(table.required("listen"), table.path("listen")),
+                upstream=upstream,
+                identity=_id(table, "identity", td),
+                server_name=table.get("server_name"),
+            )
+        )
+        if outbound[-1].server_name is not None and not isinstance(outbound[-1].server_name, str):
+            raise ConfigError(f"{table.path('server_name')}: expected a string")
+        table.done()
+    if not inbound and not outbound:
+        raise ConfigError("config: no [inbound] or [[outbound]] listener")
+
+    admin_table = top.table("admin")
+    admin = None
+    if admin_table is not None:
+        admin = parse_address(admin_table.required("listen"), admin_table.path("listen"))
+        admin_table.done()
+
+    limits = Limits()
+    limits_table = top.table("limits")
+    if limits_table is not None:
+        limits = Limits(
+            handshake_timeout=limits_table.seconds("handshake_timeout", limits.handshake_timeout),
+            idle_timeout=limits_table.seconds("idle_timeout", limits.idle_timeout),
+            connect_timeout=limits_table.seconds("connect_timeout", limits.connect_timeout),
+            drain_timeout=limits_table.seconds("drain_timeout", limits.drain_timeout),
+            max_connections=limits_table.integer("max_connections", limits.max_connections),
+            close_on_peer_expiry=limits_table.boolean(
+                "close_on_peer_expiry", limits.close_on_peer_expiry
+            ),
+            clock_skew=limits_table.seconds("clock_skew", limits.clock_skew),
+        )
+        limits_table.done()
+
+    log_table = top.table("log")
+    log_file = None
+    if log_table is not None:
+        log_file = log_table.path_value("file", base, optional=True)
+        log_table.done()
+    top.done()
+    return SidecarConfig(
+        identity=identity,
+        trust_domain=td,
+        source=source,
+        inbound=tuple(inbound),
+        outbound=tuple(outbound),
+        admin=admin,
+        limits=limits,
+        log_file=log_file,
+    )
+
+
+def load_config(path: Path) -> SidecarConfig:
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read: {exc.strerror}") from None
+    try:
+        doc = tomllib.loads(data.decode("utf-8"))
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{path}: not valid TOML: {exc}") from None
+    return parse_config(doc, path.parent)
+
+
+def parse_policy_file(doc: Mapping[str, Any], td: TrustDomain) -> list[tuple[SpiffeId, SpiffeId]]:
+    """The static allow-list: ``[[allow]] from = "web" to = "api"``."""
+    top = _Table(doc, "")
+    pairs = []
+    for table in _tables(top.get("allow"), "allow"):
+        pairs.append((_id(table, "from", td), _id(table, "to", td)))
+        table.done()
+    top.done()
+    return pairs

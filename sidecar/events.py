@@ -1,0 +1,36 @@
+"""The decision log: one JSON line per connection decision, per close, and per notable event.
+
+Field names are stable; `reason` is the same snake_case string as in the
+metric labels. Nothing secret is ever passed here: peer IDs, addresses,
+serials and counts only.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Callable
+from datetime import UTC, datetime
+from typing import Any, TextIO
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+class EventLog:
+    def __init__(self, stream: TextIO | None = None, clock: Callable[[], datetime] = utcnow):
+        self._stream = stream if stream is not None else sys.stderr
+        self._clock = clock
+
+    def emit(self, event: str, **fields: Any) -> None:
+        record: dict[str, Any] = {
+            "time": self._clock().isoformat(timespec="milliseconds").replace("+00:00", "Z"),
+            "event": event,
+        }
+        record.update((k, v) for k, v in fields.items() if v is not None)
+        try:
+            self._stream.write(json.dumps(record, default=str, separators=(",", ":")) + "\n")
+            self._stream.flush()
+        except (OSError, ValueError):
+            pass  # a full disk or closed stderr must not take connections down with it

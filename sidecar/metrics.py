@@ -1,0 +1,109 @@
+"""Prometheus metrics for one sidecar, in a registry of its own (no globals).
+
+Counters for decisions and failures are bumped where they happen. Values
+that already live elsewhere (live connections and bytes in the registry,
+SVID expiry, policy version) are read at scrape time by a collector, so the
+data path never touches a metric object.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+from prometheus_client import CollectorRegistry, Counter, disable_created_metrics, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+from sidecar.peer import INBOUND, OUTBOUND
+from sidecar.registry import Registry
+
+
+@dataclass(frozen=True, slots=True)
+class Gauges:
+    """What the scrape-time collector reads."""
+
+    registry: Registry
+    svid_seconds_left: Callable[[], float | None]
+    policy_version: Callable[[], int]
+    bundle_sequence: Callable[[], int]
+    quarantined: Callable[[], int]
+
+
+class _LiveCollector(Collector):
+    def __init__(self, gauges: Gauges) -> None:
+        self._gauges = gauges
+
+    def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
+        g = self._gauges
+        live = GaugeMetricFamily(
+            "meshid_live_connections", "Connections open now", labels=["direction"]
+        )
+        traffic = CounterMetricFamily(
+            "meshid_bytes",
+            "Bytes proxied (in: from the peer, out: to the peer)",
+            labels=["direction", "flow"],
+        )
+        for direction in (INBOUND, OUTBOUND):
+            live.add_metric([direction], g.registry.count(direction))
+            bytes_in, bytes_out = g.registry.bytes_total(direction)
+            traffic.add_metric([direction, "in"], bytes_in)
+            traffic.add_metric([direction, "out"], bytes_out)
+        yield live
+        yield traffic
+        left = g.svid_seconds_left()
+        if left is not None:
+            yield GaugeMetricFamily(
+                "meshid_svid_expiry_seconds", "Seconds until the current SVID expires", value=left
+            )
+        yield GaugeMetricFamily(
+            "meshid_policy_version", "Version of the allow-list in force", value=g.policy_version()
+        )
+        yield GaugeMetricFamily(
+            "meshid_bundle_sequence",
+            "Sequence of the trust bundle in force",
+            value=g.bundle_sequence(),
+        )
+        yield GaugeMetricFamily(
+            "meshid_quarantined_peers",
+            "Peers blocked after repeated failures",
+            value=g.quarantined(),
+        )
+
+
+class Metrics:
+    def __init__(self, gauges: Gauges) -> None:
+        # `*_created` series double the output and no dashboard of ours reads them.
+        disable_created_metrics()
+        self.registry = CollectorRegistry(auto_describe=False)
+        self.connections = Counter(
+            "meshid_connections",
+            "Connection decisions",
+            ["direction", "decision", "reason"],
+            registry=self.registry,
+        )
+        self.handshake_failures = Counter(
+            "meshid_handshake_failures",
+            "TLS handshakes that failed or were refused",
+            ["direction", "reason"],
+            registry=self.registry,
+        )
+        self.closes = Counter(
+            "meshid_connections_closed",
+            "Connections closed, by reason",
+            ["direction", "reason"],
+            registry=self.registry,
+        )
+        self.renewals = Counter(
+            "meshid_svid_renewals",
+            "SVID renewals and reloads",
+            ["result"],
+            registry=self.registry,
+        )
+        self.policy_updates = Counter(
+            "meshid_policy_updates", "Allow-list updates applied", registry=self.registry
+        )
+        self.registry.register(_LiveCollector(gauges))
+
+    def exposition(self) -> bytes:
+        return generate_latest(self.registry)

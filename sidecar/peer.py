@@ -1,0 +1,142 @@
+"""Judging a peer: is this certificate a valid SVID, and may this pair talk?
+
+Pure. OpenSSL has already done path validation against the bundle by the
+time we are asked; it hands us its verdict as an X509_V_ERR code, which we
+turn into a stable reason. Then the SPIFFE profile of the leaf, the time
+(resumed sessions skip OpenSSL's checks, so validity is re-checked here on
+every connection), the expected upstream identity, and the allow-list.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+
+from cryptography import x509
+
+from meshid.errors import InvalidSvid
+from meshid.policy import Policy
+from meshid.spiffeid import SpiffeId, TrustDomain
+from meshid.svid import check_leaf_profile, uri_sans
+
+INBOUND = "inbound"
+OUTBOUND = "outbound"
+
+# OpenSSL X509_V_ERR_* codes we name.
+X509_OK = 0
+X509_UNABLE_TO_GET_ISSUER_CERT = 2
+X509_CERT_SIGNATURE_FAILURE = 7
+X509_CERT_NOT_YET_VALID = 9
+X509_CERT_HAS_EXPIRED = 10
+X509_DEPTH_ZERO_SELF_SIGNED_CERT = 18
+X509_SELF_SIGNED_CERT_IN_CHAIN = 19
+X509_UNABLE_TO_GET_ISSUER_CERT_LOCALLY = 20
+X509_UNABLE_TO_VERIFY_LEAF_SIGNATURE = 21
+X509_INVALID_CA = 24
+X509_INVALID_PURPOSE = 26
+
+_UNTRUSTED = frozenset(
+    {
+        X509_UNABLE_TO_GET_ISSUER_CERT,
+        X509_CERT_SIGNATURE_FAILURE,
+        X509_DEPTH_ZERO_SELF_SIGNED_CERT,
+        X509_SELF_SIGNED_CERT_IN_CHAIN,
+        X509_UNABLE_TO_GET_ISSUER_CERT_LOCALLY,
+        X509_UNABLE_TO_VERIFY_LEAF_SIGNATURE,
+    }
+)
+
+
+@dataclass(frozen=True, slots=True)
+class Verdict:
+    allowed: bool
+    reason: str
+    detail: str
+    peer_id: SpiffeId | None = None
+    serial: int | None = None
+    not_after: datetime | None = None
+
+
+def _claimed_id(leaf: x509.Certificate) -> SpiffeId | None:
+    """The ID a certificate claims, for messages only: it is not yet trusted."""
+    try:
+        uris = uri_sans(leaf)
+        return SpiffeId.parse(uris[0]) if len(uris) == 1 else None
+    except Exception:  # a hostile certificate may break any parser; we only want a label
+        return None
+
+
+def chain_error_verdict(
+    leaf: x509.Certificate | None, code: int, trust_domain: TrustDomain
+) -> Verdict:
+    """Name what OpenSSL's path validation found wrong."""
+    claimed = _claimed_id(leaf) if leaf is not None else None
+    who = str(claimed) if claimed else "peer certificate"
+    if code == X509_CERT_HAS_EXPIRED:
+        return Verdict(False, "expired", f"{who} has expired", claimed)
+    if code == X509_CERT_NOT_YET_VALID:
+        return Verdict(False, "not_yet_valid", f"{who} is not valid yet", claimed)
+    if code in _UNTRUSTED:
+        if claimed is not None and claimed.trust_domain != trust_domain:
+            return Verdict(
+                False,
+                "untrusted_trust_domain",
+                f"{who} is from trust domain {claimed.trust_domain}, which we do not trust",
+                claimed,
+            )
+        return Verdict(
+            False, "untrusted_certificate", f"{who} does not chain to our trust bundle", claimed
+        )
+    if code in (X509_INVALID_PURPOSE, X509_INVALID_CA):
+        return Verdict(False, "invalid_svid", f"{who}: not usable for mTLS (code {code})", claimed)
+    return Verdict(
+        False, "invalid_certificate", f"{who}: certificate rejected (code {code})", claimed
+    )
+
+
+def judge_peer(
+    leaf: x509.Certificate,
+    *,
+    direction: str,
+    local_id: SpiffeId,
+    expected: SpiffeId | None,
+    policy: Policy,
+    now: datetime,
+    skew: timedelta = timedelta(0),
+) -> Verdict:
+    """The verdict on a peer whose chain OpenSSL accepted (or who resumed a session)."""
+    try:
+        peer = check_leaf_profile(leaf)
+    except InvalidSvid as exc:
+        return Verdict(False, "invalid_svid", exc.message, _claimed_id(leaf))
+    serial = leaf.serial_number
+    not_after = leaf.not_valid_after_utc
+    if peer.trust_domain != local_id.trust_domain:
+        return Verdict(
+            False,
+            "untrusted_trust_domain",
+            f"{peer} is not in trust domain {local_id.trust_domain}",
+            peer,
+            serial,
+            not_after,
+        )
+    if now > not_after:
+        return Verdict(False, "expired", f"{peer} certificate has expired", peer, serial, not_after)
+    if now + skew < leaf.not_valid_before_utc:
+        return Verdict(
+            False, "not_yet_valid", f"{peer} certificate is not valid yet", peer, serial, not_after
+        )
+    if direction == OUTBOUND:
+        if expected is not None and peer != expected:
+            return Verdict(
+                False,
+                "wrong_identity",
+                f"upstream presented {peer}, expected {expected}",
+                peer,
+                serial,
+                not_after,
+            )
+        decision = policy.decide(local_id, peer)
+    else:
+        decision = policy.decide(peer, local_id)
+    return Verdict(decision.allowed, decision.reason, decision.explanation, peer, serial, not_after)
