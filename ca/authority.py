@@ -16,6 +16,7 @@ their audit row. The root key is read only by the actions that sign.
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import hashlib
 import ipaddress
@@ -33,7 +34,7 @@ from pathlib import Path
 
 from cryptography import x509
 
-from ca.issuer import csr_public_key, parse_csr
+from ca.issuer import check_csr_identity, csr_public_key, parse_csr
 from ca.store import DB_NAME, Store
 from meshid.bundle import TrustBundle
 from meshid.duration import format_duration
@@ -59,6 +60,7 @@ from meshid.svid import (
     key_from_pem,
     key_to_pem,
     leaf_spiffe_id,
+    verify_svid,
 )
 
 Clock = Callable[[], datetime]
@@ -172,6 +174,7 @@ class Authority:
             self.svid_ttl = timedelta(seconds=int(Store.setting(conn, "svid_ttl")))
             self.key_encrypted = Store.setting(conn, "key_encrypted") == "1"
         self._signer_cache: tuple[int, x509.Certificate, PrivateKey] | None = None
+        self._bundle_cache: TrustBundle | None = None
 
     # -- lifecycle --
 
@@ -288,17 +291,22 @@ class Authority:
     # -- roots and the bundle --
 
     def bundle(self) -> TrustBundle:
+        """The published roots; parsed again only when the sequence moves."""
         with self.store.read() as conn:
+            sequence = Store.counter(conn, "bundle_sequence")
+            if self._bundle_cache is not None and self._bundle_cache.sequence == sequence:
+                return self._bundle_cache
             rows = conn.execute(
                 "SELECT cert_pem FROM roots WHERE state IN ('next', 'active', 'retiring') "
                 "ORDER BY generation"
             ).fetchall()
-            sequence = Store.counter(conn, "bundle_sequence")
         roots = [c for (pem,) in rows for c in certs_from_pem(pem.encode(), "root")]
-        return TrustBundle(self.trust_domain, tuple(roots), sequence)
+        self._bundle_cache = TrustBundle(self.trust_domain, tuple(roots), sequence)
+        return self._bundle_cache
 
     def signer(self) -> tuple[int, x509.Certificate, PrivateKey]:
         """The active root and its key; the key file is read on first use."""
+        self.advance_roots()
         with self.store.read() as conn:
             row = conn.execute(
                 "SELECT generation, cert_pem, key_file FROM roots WHERE state = 'active'"
@@ -454,7 +462,8 @@ class Authority:
         burn the token; the token is consumed in the same transaction that
         records the SVID, so of two concurrent uses exactly one succeeds.
         """
-        public_key = csr_public_key(parse_csr(csr_data))
+        csr = parse_csr(csr_data)
+        public_key = csr_public_key(csr)
         digest = token_hash(token)
         now = self._now()
         with self.store.write() as conn:
@@ -476,6 +485,7 @@ class Authority:
                     reason="token_expired",
                 )
             self._check_not_revoked(conn, spiffe_id)
+            check_csr_identity(csr, spiffe_id)
             dns = json.loads(row[1])
             ips = [ipaddress.ip_address(ip) for ip in json.loads(row[2])]
             generation, leaf = self._sign(spiffe_id, public_key, None, dns, ips)
@@ -574,3 +584,186 @@ class Authority:
 
     def check(self, source: SpiffeId, target: SpiffeId) -> Decision:
         return self.policy().decide(source, target)
+
+    # -- renewal and the feed --
+
+    def renew(self, caller: x509.Certificate, csr_data: bytes) -> IssuedSvid:
+        """A fresh SVID for the holder of a current one; same identity, same granted SANs.
+
+        The caller's certificate was verified by TLS; it is checked again here
+        (profile, time, chain to our bundle) and must be one this authority
+        recorded issuing, so a certificate minted with a stolen root key
+        elsewhere does not renew.
+        """
+        verified = verify_svid([caller], self.bundle().roots, self._now())
+        sid = verified.spiffe_id
+        csr = parse_csr(csr_data)
+        check_csr_identity(csr, sid)
+        public_key = csr_public_key(csr)
+        with self.store.read() as conn:
+            known = conn.execute(
+                "SELECT 1 FROM svids WHERE serial = ?", (f"{caller.serial_number:x}",)
+            ).fetchone()
+        if known is None:
+            raise TokenRejected(
+                f"{sid}: the presented certificate was not issued by this authority",
+                reason="unknown_certificate",
+            )
+        try:
+            san = caller.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+            dns = list(san.get_values_for_type(x509.DNSName))
+            ips = [
+                ip
+                for ip in san.get_values_for_type(x509.IPAddress)
+                if isinstance(ip, ipaddress.IPv4Address | ipaddress.IPv6Address)
+            ]
+        except x509.ExtensionNotFound:
+            dns, ips = [], []
+        return self.issue(sid, public_key, dns_names=dns, ip_addresses=ips, how="renew")
+
+    def versions(self) -> tuple[int, int, int]:
+        """(policy version, revocation version, bundle sequence): what a watcher compares."""
+        with self.store.read() as conn:
+            return (
+                Store.counter(conn, "policy_version"),
+                Store.counter(conn, "revocation_version"),
+                Store.counter(conn, "bundle_sequence"),
+            )
+
+    def feed(self, spiffe_id: SpiffeId) -> dict[str, object]:
+        """What one sidecar needs to enforce: its own pairs, the revocations, the bundle."""
+        me = str(spiffe_id)
+        with self.store.read() as conn:
+            pairs = conn.execute(
+                "SELECT source, target FROM policy WHERE source = ? OR target = ? "
+                "ORDER BY source, target",
+                (me, me),
+            ).fetchall()
+            revoked = conn.execute("SELECT spiffe_id FROM revocations ORDER BY 1").fetchall()
+            policy_version = Store.counter(conn, "policy_version")
+            revocation_version = Store.counter(conn, "revocation_version")
+        bundle = self.bundle()
+        return {
+            "policy_version": policy_version,
+            "revocation_version": revocation_version,
+            "bundle_sequence": bundle.sequence,
+            "pairs": [[src, dst] for src, dst in pairs],
+            "revoked": [r for (r,) in revoked],
+            "bundle": bundle.to_pem().decode(),
+        }
+
+    # -- root rollover --
+
+    def rotate(self, propagation: timedelta) -> tuple[int, datetime]:
+        """Publish a next root now; it starts signing after `propagation`.
+
+        Sidecars learn the new root from the bundle feed before any SVID it
+        signs exists, so no peer ever sees a certificate it cannot verify.
+        """
+        now = self._now()
+        with self.store.read() as conn:
+            pending = conn.execute("SELECT generation FROM roots WHERE state = 'next'").fetchone()
+            root_ttl = timedelta(seconds=int(Store.setting(conn, "root_ttl")))
+            last = conn.execute("SELECT MAX(generation) FROM roots").fetchone()
+        if pending is not None:
+            raise PolicyError(
+                f"root {pending[0]} is already waiting to take over; a rollover is in progress",
+                reason="rotation_in_progress",
+            )
+        generation = int(last[0]) + 1
+        key = generate_key()
+        root = build_root(
+            self.trust_domain,
+            key,
+            not_before=now - timedelta(minutes=5),
+            not_after=now + root_ttl,
+            generation=generation,
+        )
+        key_file = f"keys/root-{generation}.key"
+        path = self.state_dir / key_file
+        path.unlink(missing_ok=True)  # an orphan of a rotation whose commit failed
+        _write_private(path, key_to_pem(key, self._passphrase if self.key_encrypted else None))
+        activate_at = now + propagation
+        with self.store.write() as conn:
+            conn.execute(
+                "INSERT INTO roots (generation, cert_pem, key_file, state, not_after, created_at, "
+                "activate_at) VALUES (?, ?, ?, 'next', ?, ?, ?)",
+                (
+                    generation,
+                    certs_to_pem([root]).decode(),
+                    key_file,
+                    root.not_valid_after_utc.timestamp(),
+                    now.timestamp(),
+                    activate_at.timestamp(),
+                ),
+            )
+            sequence = Store.bump(conn, "bundle_sequence")
+            Store.audit(
+                conn,
+                now.timestamp(),
+                "root_published",
+                generation=generation,
+                root_serial=f"{root.serial_number:x}",
+                activate_at=activate_at.isoformat(),
+                bundle_sequence=sequence,
+            )
+        self.write_bundle_file()
+        return generation, activate_at
+
+    def advance_roots(self) -> bool:
+        """Activate a next root whose time has come; retire roots whose last SVID expired.
+
+        Returns True when the bundle changed. Cheap when there is nothing to do.
+        """
+        now = self._now().timestamp()
+        with self.store.read() as conn:
+            due = conn.execute(
+                "SELECT generation FROM roots WHERE state = 'next' AND activate_at <= ?", (now,)
+            ).fetchone()
+            retiring = conn.execute(
+                "SELECT r.generation FROM roots r WHERE r.state = 'retiring' AND "
+                "COALESCE((SELECT MAX(not_after) FROM svids s WHERE s.generation = r.generation),"
+                " 0) <= ?",
+                (now,),
+            ).fetchall()
+        if due is None and not retiring:
+            return False
+        changed = False
+        with self.store.write() as conn:
+            if due is not None:
+                old = conn.execute("SELECT generation FROM roots WHERE state = 'active'").fetchone()
+                conn.execute(
+                    "UPDATE roots SET state = 'retiring' WHERE state = 'active'",
+                )
+                updated = conn.execute(
+                    "UPDATE roots SET state = 'active' WHERE generation = ? AND state = 'next'",
+                    (due[0],),
+                ).rowcount
+                if updated:
+                    Store.audit(
+                        conn,
+                        now,
+                        "root_activated",
+                        generation=int(due[0]),
+                        previous=int(old[0]) if old else None,
+                    )
+            for (generation,) in retiring:
+                updated = conn.execute(
+                    "UPDATE roots SET state = 'retired' WHERE generation = ? "
+                    "AND state = 'retiring' AND COALESCE("
+                    "(SELECT MAX(not_after) FROM svids WHERE generation = ?), 0) <= ?",
+                    (generation, generation, now),
+                ).rowcount
+                if updated:
+                    sequence = Store.bump(conn, "bundle_sequence")
+                    Store.audit(
+                        conn, now, "root_retired", generation=generation, bundle_sequence=sequence
+                    )
+                    changed = True
+        if changed:
+            self.write_bundle_file()
+        return changed
+
+    def write_bundle_file(self) -> None:
+        with contextlib.suppress(OSError):
+            write_atomic(self.state_dir / BUNDLE_FILE, self.bundle().to_pem())

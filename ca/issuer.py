@@ -90,3 +90,24 @@ def sign_csr(
         dns_names=dns_names,
         ip_addresses=ip_addresses,
     )
+
+
+def check_csr_identity(csr: x509.CertificateSigningRequest, spiffe_id: SpiffeId) -> None:
+    """Refuse a CSR that names an identity other than the one the caller may have.
+
+    Names are otherwise ignored (the authority decides them), but a CSR that
+    asks for another ID is a mistake or an attack and deserves a clear no.
+    """
+    try:
+        san = csr.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    except x509.ExtensionNotFound:
+        return
+    except ValueError:
+        raise CsrRejected("CSR extensions are malformed", reason="invalid_csr") from None
+    for uri in san.get_values_for_type(x509.UniformResourceIdentifier):
+        if uri != str(spiffe_id):
+            shown = uri if len(uri) <= 80 else uri[:77] + "..."
+            raise CsrRejected(
+                f"CSR asks for {shown!r}, but the caller may only have {spiffe_id}",
+                reason="csr_identity_mismatch",
+            )

@@ -32,6 +32,8 @@ HOSTILE_SANS: list[x509.GeneralName] = [
     x509.UniformResourceIdentifier("spiffe://other.org/web"),
     x509.IPAddress(ipaddress.ip_address("10.6.6.6")),
 ]
+# Names the authority ignores: a CSR may ask, the certificate will not carry them.
+IGNORED_SANS = [san for san in HOSTILE_SANS if not isinstance(san, x509.UniformResourceIdentifier)]
 
 
 def _sans(cert: x509.Certificate) -> x509.SubjectAlternativeName:
@@ -43,7 +45,7 @@ def test_enroll_ignores_everything_the_csr_asks_for(authority: Authority, clock:
     token = authority.create_token(
         web, dns_names=["web.internal"], ip_addresses=[ipaddress.ip_address("10.0.0.1")]
     )
-    key, csr = make_csr(sans=HOSTILE_SANS, ca=True)
+    key, csr = make_csr(sans=[*IGNORED_SANS, x509.UniformResourceIdentifier(str(web))], ca=True)
     leaf = authority.enroll(token, csr).leaf
     sans = _sans(leaf)
     assert sans.get_values_for_type(x509.UniformResourceIdentifier) == ["spiffe://example.org/web"]
@@ -54,6 +56,21 @@ def test_enroll_ignores_everything_the_csr_asks_for(authority: Authority, clock:
     assert "requested-by-workload" not in leaf.subject.rfc4514_string()
     assert leaf.public_key() == key.public_key()
     assert verify_svid([leaf], authority.bundle().roots, clock()).spiffe_id == web
+
+
+@pytest.mark.parametrize("asked", ["spiffe://example.org/admin", "spiffe://other.org/web"])
+def test_enroll_refuses_a_csr_for_another_id_and_keeps_the_token(
+    authority: Authority, asked: str
+) -> None:
+    web = authority.resolve("web")
+    token = authority.create_token(web)
+    _, csr = make_csr(sans=[x509.UniformResourceIdentifier(asked)])
+    with pytest.raises(CsrRejected) as refused:
+        authority.enroll(token, csr)
+    assert refused.value.reason == "csr_identity_mismatch"
+    assert asked in refused.value.message
+    _, good = make_csr()
+    assert authority.enroll(token, good).spiffe_id == web
 
 
 def test_sign_csr_with_no_grant_carries_only_the_spiffe_id(
