@@ -1,0 +1,51 @@
+"""Failure-based rate limiting: a source that keeps failing is refused for a while.
+
+Pure: time is passed in. Used by the control plane to slow down token
+guessing (join tokens carry 256 bits, so this protects the database and the
+logs more than the tokens).
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+
+
+@dataclass(slots=True)
+class FailureLimiter:
+    max_failures: int = 5
+    window: float = 60.0
+    block: float = 60.0
+    max_sources: int = 10000
+    _failures: dict[str, deque[float]] = field(default_factory=dict)
+    _blocked_until: dict[str, float] = field(default_factory=dict)
+
+    def blocked(self, source: str, now: float) -> float:
+        """Seconds `source` must still wait (0 when it may try)."""
+        until = self._blocked_until.get(source)
+        if until is None:
+            return 0.0
+        if now >= until:
+            del self._blocked_until[source]
+            return 0.0
+        return until - now
+
+    def failed(self, source: str, now: float) -> bool:
+        """Record a failure; True when it tips `source` into being blocked."""
+        if len(self._failures) >= self.max_sources and source not in self._failures:
+            self._prune(now)
+        times = self._failures.setdefault(source, deque())
+        times.append(now)
+        while times and times[0] <= now - self.window:
+            times.popleft()
+        if len(times) >= self.max_failures:
+            self._blocked_until[source] = now + self.block
+            times.clear()
+            return True
+        return False
+
+    def _prune(self, now: float) -> None:
+        for source in list(self._failures):
+            times = self._failures[source]
+            if not times or times[-1] <= now - self.window:
+                del self._failures[source]
