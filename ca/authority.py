@@ -33,12 +33,14 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 from cryptography import x509
+from cryptography.hazmat.primitives import serialization
 
 from ca.issuer import check_csr_identity, csr_public_key, parse_csr
 from ca.store import DB_NAME, Store
 from meshid.bundle import TrustBundle
 from meshid.duration import format_duration
 from meshid.errors import (
+    CsrRejected,
     IdentityRevoked,
     InvalidInput,
     InvalidSvid,
@@ -46,6 +48,7 @@ from meshid.errors import (
     StateError,
     TokenRejected,
 )
+from meshid.files import write_atomic
 from meshid.policy import Decision, Policy
 from meshid.spiffeid import SpiffeId, TrustDomain
 from meshid.svid import (
@@ -71,6 +74,8 @@ DEFAULT_ROOT_TTL = timedelta(days=365)
 DEFAULT_TOKEN_TTL = timedelta(minutes=15)
 TOKEN_PREFIX = "mjt_"  # noqa: S105 - a marker, not a secret
 BUNDLE_FILE = "bundle.pem"
+_SPKI = (serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+RESERVED_PATH = "/meshid"  # the authority's own identities live under here
 _DNS_LABEL = re.compile(r"^(?!-)[A-Za-z0-9-]{1,63}(?<!-)$")
 
 
@@ -94,6 +99,16 @@ def check_ip(text: str) -> IpAddress:
         return ipaddress.ip_address(text)
     except ValueError:
         raise InvalidInput(f"{text[:80]!r}: not an IP address", reason="invalid_ip") from None
+
+
+def check_not_reserved(spiffe_id: SpiffeId) -> SpiffeId:
+    """Workloads may not hold the control plane's identities."""
+    if spiffe_id.path == RESERVED_PATH or spiffe_id.path.startswith(RESERVED_PATH + "/"):
+        raise InvalidInput(
+            f"{spiffe_id}: paths under {RESERVED_PATH}/ are reserved for the authority",
+            reason="reserved_id",
+        )
+    return spiffe_id
 
 
 def check_svid_ttl(ttl: timedelta) -> timedelta:
@@ -130,20 +145,6 @@ def _write_private(path: Path, data: bytes) -> None:
         handle.write(data)
         handle.flush()
         os.fsync(handle.fileno())
-
-
-def write_atomic(path: Path, data: bytes, mode: int = 0o644) -> None:
-    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
 
 
 @contextmanager
@@ -403,9 +404,12 @@ class Authority:
         dns_names: Sequence[str] = (),
         ip_addresses: Sequence[IpAddress] = (),
         how: str = "issue",
+        internal: bool = False,
     ) -> IssuedSvid:
         """Sign for an identity the caller has already authorised (offline issue, renewal)."""
         spiffe_id.require_workload()
+        if not internal:
+            check_not_reserved(spiffe_id)
         dns = [check_dns_name(n) for n in dns_names]
         generation, leaf = self._sign(spiffe_id, public_key, ttl, dns, list(ip_addresses))
         with self.store.write() as conn:
@@ -423,7 +427,7 @@ class Authority:
         dns_names: Iterable[str] = (),
         ip_addresses: Iterable[IpAddress] = (),
     ) -> str:
-        spiffe_id.require_workload()
+        check_not_reserved(spiffe_id.require_workload())
         dns = [check_dns_name(n) for n in dns_names]
         ips = [str(ip) for ip in ip_addresses]
         token = TOKEN_PREFIX + secrets.token_urlsafe(32)
@@ -545,8 +549,8 @@ class Authority:
         )
 
     def allow(self, source: SpiffeId, target: SpiffeId) -> int:
-        source.require_workload()
-        target.require_workload()
+        check_not_reserved(source.require_workload())
+        check_not_reserved(target.require_workload())
         now = self._now().timestamp()
         with self.store.write() as conn:
             exists = conn.execute(
@@ -600,6 +604,11 @@ class Authority:
         csr = parse_csr(csr_data)
         check_csr_identity(csr, sid)
         public_key = csr_public_key(csr)
+        if public_key.public_bytes(*_SPKI) == caller.public_key().public_bytes(*_SPKI):
+            raise CsrRejected(
+                "renewal must come with a new key; this CSR reuses the current one",
+                reason="key_reused",
+            )
         with self.store.read() as conn:
             known = conn.execute(
                 "SELECT 1 FROM svids WHERE serial = ?", (f"{caller.serial_number:x}",)

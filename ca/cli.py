@@ -24,10 +24,10 @@ from ca.authority import (
     DEFAULT_TOKEN_TTL,
     Authority,
     check_ip,
-    write_atomic,
 )
 from meshid.duration import format_duration, parse_duration
 from meshid.errors import InvalidInput, MeshIdError, StateError
+from meshid.files import write_atomic
 from meshid.spiffeid import SpiffeId, TrustDomain
 from meshid.svid import certs_to_pem, generate_key, key_to_pem
 
@@ -291,3 +291,122 @@ def check_cmd(source: str, target: str, state: Path) -> None:
     decision = authority.check(src, dst)
     click.echo(f"{'allowed' if decision.allowed else 'denied'}: {decision.explanation}")
     sys.exit(0 if decision.allowed else 1)
+
+
+@ca_group.command("serve")
+@state_option
+@click.option("--listen", required=True, help="HOST:PORT to serve the control plane on (TLS).")
+@click.option("--dns", multiple=True, help="DNS name clients reach the server by (repeatable).")
+@click.option("--ip", multiple=True, help="IP address clients reach the server by (repeatable).")
+@passphrase_option
+def serve_cmd(
+    state: Path,
+    listen: str,
+    dns: tuple[str, ...],
+    ip: tuple[str, ...],
+    passphrase_file: Path | None,
+) -> None:
+    """Run the control plane: enrollment, renewal, bundle, policy and revocation feed."""
+    import signal
+
+    import trio
+
+    from ca.server import ControlPlane, ServerOptions, default_names, parse_listen
+    from meshid.events import EventLog
+
+    host, port = parse_listen(listen)
+    names, ips = (tuple(dns), tuple(_ips(ip))) if dns or ip else default_names(host)
+    authority = open_authority(state, passphrase_file)
+    authority.signer()  # fail now, with a clear message, on a missing key or wrong passphrase
+    events = EventLog()
+    plane = ControlPlane(
+        authority,
+        ServerOptions(host=host, port=port, dns_names=names, ip_addresses=ips),
+        log=events.emit,
+    )
+
+    async def main() -> None:
+        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+            async with trio.open_nursery() as nursery:
+                await nursery.start(plane.serve)
+                async for signum in signals:
+                    events.emit("stopping", signal=signal.Signals(signum).name)
+                    nursery.cancel_scope.cancel()
+                    break
+
+    try:
+        trio.run(main)
+    except BaseExceptionGroup as group:
+        matched, _ = group.split(MeshIdError)
+        if matched is None:
+            os_errors, _ = group.split(OSError)
+            if os_errors is None:
+                raise
+            first_os: BaseException = os_errors.exceptions[0]
+            while isinstance(first_os, BaseExceptionGroup):
+                first_os = first_os.exceptions[0]
+            raise StateError(f"cannot serve on {listen}: {first_os}") from None
+        first = matched.exceptions[0]
+        while isinstance(first, BaseExceptionGroup):
+            first = first.exceptions[0]
+        raise first from None
+    except OSError as exc:
+        raise StateError(f"cannot serve on {listen}: {exc.strerror or exc}") from None
+
+
+@ca_group.command("rotate")
+@state_option
+@click.option(
+    "--propagation",
+    type=DURATION,
+    help="How long the next root is only published before it signs "
+    "(default: half the SVID lifetime, between 10s and 5m).",
+)
+@passphrase_option
+def rotate_cmd(state: Path, propagation: timedelta | None, passphrase_file: Path | None) -> None:
+    """Roll the root: publish the next root now, let it sign after the propagation delay."""
+    from ca.server import propagation_default
+
+    authority = open_authority(state, passphrase_file)
+    delay = propagation if propagation is not None else propagation_default(authority.svid_ttl)
+    generation, activate_at = authority.rotate(delay)
+    click.echo(
+        f"published root {generation}; it signs from {activate_at:%Y-%m-%dT%H:%M:%SZ} "
+        f"(in {format_duration(delay)}); the old root stays in the bundle until its last "
+        "SVID expires"
+    )
+
+
+@ca_group.group("audit")
+def audit_group() -> None:
+    """The authority's hash-chained audit log."""
+
+
+@audit_group.command("verify")
+@state_option
+def audit_verify_cmd(state: Path) -> None:
+    """Check the audit log's hash chain; exit 1 at the first broken entry."""
+    authority = open_authority(state)
+    checked, broken = authority.store.verify_audit()
+    if broken is not None:
+        raise StateError(f"audit log tampered: {broken}", reason="audit_broken")
+    click.echo(f"audit log intact: {checked} entries")
+
+
+@audit_group.command("export")
+@state_option
+def audit_export_cmd(state: Path) -> None:
+    """Print the audit log as JSON lines (oldest first)."""
+    import json
+    from datetime import UTC, datetime
+
+    for entry in open_authority(state).store.audit_entries():
+        record = {
+            "seq": entry.seq,
+            "time": datetime.fromtimestamp(entry.at, UTC).isoformat(),
+            "action": entry.action,
+            "details": entry.details,
+            "prev_hash": entry.prev_hash,
+            "hash": entry.hash,
+        }
+        click.echo(json.dumps(record, separators=(",", ":")))

@@ -94,7 +94,7 @@ class AuditEntry:
 
 
 class Store:
-    """A connection to the authority database. Not shared between threads."""
+    """A connection to the authority database, used by one thread at a time."""
 
     def __init__(self, conn: sqlite3.Connection) -> None:
         self._conn = conn
@@ -104,7 +104,9 @@ class Store:
         if not create and not path.is_file():
             raise StateError(f"{path.parent}: no authority here (run 'meshid ca init')")
         try:
-            conn = sqlite3.connect(path, isolation_level=None, timeout=30.0)
+            conn = sqlite3.connect(
+                path, isolation_level=None, timeout=30.0, check_same_thread=False
+            )
             conn.execute("PRAGMA busy_timeout = 30000")
             conn.execute("PRAGMA journal_mode = WAL")
             conn.execute("PRAGMA synchronous = FULL")

@@ -1,4 +1,4 @@
-"""The decision log: one JSON line per connection decision, per close, and per notable event.
+"""JSON-lines event log: one line per connection decision, per close, per notable event.
 
 Field names are stable; `reason` is the same snake_case string as in the
 metric labels. Nothing secret is ever passed here: peer IDs, addresses,

@@ -1,0 +1,238 @@
+"""The control plane's HTTP API as plain functions: a request in, a JSON reply out.
+
+No sockets here. The trio shell (`ca.server`) parses HTTP with h11, does TLS,
+and calls `ControlApi.handle` in a worker thread (the authority talks to
+SQLite, which may wait on a lock held by a CLI command). The long poll of
+`/v1/watch` is split: `watch_check` here decides whether to answer now,
+the shell does the waiting.
+
+Endpoints (all JSON; errors are ``{"error": reason, "message": text}``):
+
+    POST /v1/enroll   {"token", "csr"}  -> SVID chain + bundle   (no client cert)
+    POST /v1/renew    {"csr"}           -> SVID chain + bundle   (mTLS, current SVID)
+    GET  /v1/bundle                     -> SPIFFE bundle (JWKS)
+    GET  /v1/watch?policy_version=&revocation_version=&bundle_sequence=
+                                        -> the caller's feed     (mTLS)
+    GET  /healthz
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+from cryptography import x509
+
+from ca.authority import Authority, IssuedSvid
+from ca.ratelimit import FailureLimiter
+from meshid.errors import (
+    AuthorityError,
+    CsrRejected,
+    IdentityRevoked,
+    InvalidInput,
+    InvalidSvid,
+    MeshIdError,
+    StateError,
+    TokenRejected,
+)
+from meshid.spiffeid import SpiffeId
+from meshid.svid import certs_to_pem, verify_svid
+
+MAX_BODY = 64 * 1024
+WATCH_KEYS = ("policy_version", "revocation_version", "bundle_sequence")
+
+
+@dataclass(frozen=True, slots=True)
+class Request:
+    method: str
+    path: str
+    query: dict[str, str]
+    body: bytes
+    source: str  # the client's IP address, for rate limiting and the audit
+    peer_cert: x509.Certificate | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Reply:
+    status: int
+    body: dict[str, Any]
+    headers: tuple[tuple[str, str], ...] = ()
+
+    def encode(self) -> bytes:
+        return json.dumps(self.body, separators=(",", ":")).encode() + b"\n"
+
+
+def error(status: int, reason: str, message: str, **headers: str) -> Reply:
+    return Reply(
+        status,
+        {"error": reason, "message": message},
+        tuple((k.replace("_", "-"), v) for k, v in headers.items()),
+    )
+
+
+def _status_for(exc: MeshIdError) -> int:
+    if isinstance(exc, TokenRejected):
+        return 401
+    if isinstance(exc, IdentityRevoked):
+        return 403
+    if isinstance(exc, CsrRejected):
+        return 403 if exc.reason == "csr_identity_mismatch" else 400
+    if isinstance(exc, InvalidInput | InvalidSvid):
+        return 400
+    if isinstance(exc, StateError):
+        return 503
+    if isinstance(exc, AuthorityError):
+        return 403
+    return 400
+
+
+def _json_body(body: bytes, required: tuple[str, ...]) -> dict[str, str]:
+    try:
+        doc = json.loads(body.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        raise InvalidInput("request body is not valid JSON", reason="invalid_json") from None
+    if not isinstance(doc, dict):
+        raise InvalidInput("request body must be a JSON object", reason="invalid_json")
+    out: dict[str, str] = {}
+    for key in required:
+        value = doc.get(key)
+        if not isinstance(value, str) or not value:
+            raise InvalidInput(f"field {key!r} must be a non-empty string", reason="invalid_json")
+        out[key] = value
+    return out
+
+
+def svid_reply(issued: IssuedSvid) -> Reply:
+    leaf = issued.leaf
+    return Reply(
+        200,
+        {
+            "spiffe_id": str(issued.spiffe_id),
+            "svid": certs_to_pem(issued.chain).decode(),
+            "serial": f"{leaf.serial_number:x}",
+            "not_after": leaf.not_valid_after_utc.isoformat(),
+            "bundle": issued.bundle.to_pem().decode(),
+            "bundle_sequence": issued.bundle.sequence,
+        },
+    )
+
+
+@dataclass(slots=True)
+class ControlApi:
+    authority: Authority
+    clock: Callable[[], datetime]
+    monotonic: Callable[[], float]
+    limiter: FailureLimiter = field(default_factory=FailureLimiter)
+
+    def handle(self, req: Request) -> Reply:
+        """Answer one request; never raises for anything a client can send."""
+        routes: dict[tuple[str, str], Callable[[Request], Reply]] = {
+            ("POST", "/v1/enroll"): self._enroll,
+            ("POST", "/v1/renew"): self._renew,
+            ("GET", "/v1/bundle"): self._bundle,
+            ("GET", "/v1/watch"): self._watch_now,
+            ("GET", "/healthz"): self._health,
+        }
+        handler = routes.get((req.method, req.path))
+        if handler is None:
+            if any(path == req.path for _, path in routes):
+                return error(405, "method_not_allowed", f"{req.method} is not allowed here")
+            return error(404, "not_found", "no such endpoint")
+        try:
+            return handler(req)
+        except MeshIdError as exc:
+            return error(_status_for(exc), exc.reason, exc.message)
+
+    # -- endpoints --
+
+    def _enroll(self, req: Request) -> Reply:
+        now = self.monotonic()
+        wait = self.limiter.blocked(req.source, now)
+        if wait:
+            return error(
+                429,
+                "rate_limited",
+                f"too many failed enrollments from {req.source}; retry in {wait:.0f}s",
+                retry_after=str(max(1, round(wait))),
+            )
+        try:
+            fields = _json_body(req.body, ("token", "csr"))
+            issued = self.authority.enroll(fields["token"], fields["csr"].encode())
+        except (TokenRejected, CsrRejected, InvalidInput) as exc:
+            self.limiter.failed(req.source, now)
+            raise exc from None
+        return svid_reply(issued)
+
+    def _renew(self, req: Request) -> Reply:
+        caller = self._caller(req)
+        fields = _json_body(req.body, ("csr",))
+        assert req.peer_cert is not None
+        issued = self.authority.renew(req.peer_cert, fields["csr"].encode())
+        if issued.spiffe_id != caller:  # renew() derives the ID from the same cert
+            return error(500, "internal_error", "renewal changed the identity")
+        return svid_reply(issued)
+
+    def _bundle(self, req: Request) -> Reply:
+        self.authority.advance_roots()
+        return Reply(200, self.authority.bundle().to_spiffe())
+
+    def _health(self, req: Request) -> Reply:
+        policy, revocation, sequence = self.authority.versions()
+        return Reply(
+            200,
+            {
+                "status": "ok",
+                "trust_domain": self.authority.trust_domain.name,
+                "policy_version": policy,
+                "revocation_version": revocation,
+                "bundle_sequence": sequence,
+            },
+        )
+
+    def _watch_now(self, req: Request) -> Reply:
+        """The feed, answered at once (the shell waits first when nothing changed)."""
+        caller = self._caller(req)
+        return Reply(200, self.authority.feed(caller))
+
+    # -- helpers the shell uses --
+
+    def _caller(self, req: Request) -> SpiffeId:
+        """The authenticated caller: a current SVID of ours, not revoked."""
+        if req.peer_cert is None:
+            raise TokenRejected(
+                "this endpoint needs a client certificate (the caller's SVID)",
+                reason="no_client_certificate",
+            )
+        try:
+            verified = verify_svid([req.peer_cert], self.authority.bundle().roots, self.clock())
+        except InvalidSvid as exc:
+            raise TokenRejected(
+                f"client certificate refused: {exc.message}", reason=exc.reason
+            ) from None
+        if verified.spiffe_id.trust_domain != self.authority.trust_domain:
+            raise TokenRejected(
+                "caller is of another trust domain", reason="untrusted_trust_domain"
+            )
+        if verified.spiffe_id in self.authority.policy().revoked:
+            raise IdentityRevoked(f"{verified.spiffe_id} is revoked")
+        return verified.spiffe_id
+
+    def watch_check(self, req: Request) -> tuple[Reply | None, tuple[int, int, int]]:
+        """Authenticate a watch; answer now (a Reply) if the caller is behind or wrong.
+
+        Returns the current versions so the shell can wait for them to move.
+        """
+        try:
+            self._caller(req)
+            seen = tuple(int(req.query.get(k, "-1")) for k in WATCH_KEYS)
+        except MeshIdError as exc:
+            return error(_status_for(exc), exc.reason, exc.message), (0, 0, 0)
+        except ValueError:
+            return error(400, "invalid_query", "watch versions must be integers"), (0, 0, 0)
+        current = self.authority.versions()
+        if seen != current:
+            return self.handle(req), current
+        return None, current
