@@ -29,7 +29,9 @@ from meshid.policy import IDENTITY_REVOKED, Policy
 from meshid.spiffeid import SpiffeId
 from sidecar.admin import Response, serve_admin
 from sidecar.config import Address, Inbound, Outbound, SidecarConfig, StaticSource
+from sidecar.control import ControlClient
 from sidecar.credentials import Generation, Svid
+from sidecar.dynamic import DynamicIdentity
 from sidecar.events import EventLog
 from sidecar.metrics import Gauges, Metrics
 from sidecar.peer import (
@@ -102,6 +104,7 @@ class Sidecar:
         self._drain = trio.Event()
         self.stopped = trio.Event()
         self._accept_scopes: list[trio.CancelScope] = []
+        self.dynamic: DynamicIdentity | None = None
         self.metrics = Metrics(
             Gauges(
                 registry=self.registry,
@@ -125,7 +128,6 @@ class Sidecar:
         """Swap in new credentials; live connections keep the generation they started with."""
         self._generation_number += 1
         self.generation = Generation.build(self._generation_number, svid, self._verify)
-        self.metrics.renewals.labels(result="ok").inc()
         self.events.emit(
             "credentials",
             how=how,
@@ -134,6 +136,15 @@ class Sidecar:
             not_after=svid.not_after.isoformat(),
             generation=self._generation_number,
         )
+
+    def wall_now(self) -> datetime:
+        return self.wall()
+
+    def current_svid(self) -> Svid | None:
+        return self.generation.svid if self.generation is not None else None
+
+    def count_renewal(self, result: str) -> None:
+        self.metrics.renewals.labels(result=result).inc()
 
     def install_policy(self, policy: Policy) -> int:
         """Swap in a new allow-list and close exactly the live connections it denies."""
@@ -489,6 +500,7 @@ class Sidecar:
     def _load_static(self, source: StaticSource) -> None:
         svid = load_svid(source, self.identity, self.identity.trust_domain, self.wall(), self.skew)
         self.install_svid(svid, "static")
+        self.count_renewal("ok")
 
     async def _watch_static(self, source: StaticSource) -> None:
         svid_files = (source.cert, source.key, source.bundle)
@@ -532,7 +544,9 @@ class Sidecar:
         if path == "/healthz":
             return Response(200, b"ok\n")
         if path == "/readyz":
-            return Response(200, b"ready\n") if self.ready else Response(503, b"not ready\n")
+            if self.ready and (self.svid_seconds_left() or 0.0) > 0:
+                return Response(200, b"ready\n")
+            return Response(503, b"not ready\n")
         if path == "/metrics":
             return Response(
                 200, self.metrics.exposition(), "text/plain; version=0.0.4; charset=utf-8"
@@ -567,7 +581,17 @@ class Sidecar:
             if source.policy is not None:
                 self.install_policy(load_policy(source.policy, self.identity.trust_domain, 1))
         else:
-            raise MeshIdError("[authority] mode needs the control plane client", reason="config")
+            self.dynamic = DynamicIdentity(
+                self,
+                source,
+                client=ControlClient(
+                    source.server.host,
+                    source.server.port,
+                    self.identity.trust_domain,
+                    skew=self.skew,
+                ),
+            )
+            await self.dynamic.start()
         listeners: list[tuple[socket.socket, Callable[..., Awaitable[None]]]] = []
         try:
             for i, ib in enumerate(self.config.inbound):
@@ -589,6 +613,8 @@ class Sidecar:
                 nursery.start_soon(self._sweep)
                 if isinstance(source, StaticSource):
                     nursery.start_soon(self._watch_static, source)
+                elif self.dynamic is not None:
+                    nursery.start_soon(self.dynamic.run)
                 self.ready = True
                 self.events.emit(
                     "started",

@@ -1,0 +1,209 @@
+"""The sidecar's client for the control plane (`meshid ca serve`): enroll, renew, watch.
+
+One HTTPS request per connection (h11 over trio's SSLStream, stdlib ssl):
+the calls are rare (a renewal every half-lifetime, a long poll every ~25 s),
+so keeping connections alive would buy nothing but state.
+
+The control plane is authenticated by its SPIFFE ID,
+``spiffe://TD/meshid/authority``, against the current trust bundle, not by
+host name: the sidecar may reach it through any address. Certificate times
+are checked by us with the configured clock-skew allowance rather than by
+OpenSSL, so a sidecar whose clock is a minute off still talks to it.
+"""
+
+from __future__ import annotations
+
+import json
+import ssl
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import h11
+import trio
+from cryptography import x509
+
+from meshid.errors import AuthorityError, MeshIdError
+from meshid.spiffeid import SpiffeId, TrustDomain
+from meshid.svid import leaf_spiffe_id
+
+AUTHORITY_PATH = "/meshid/authority"
+MAX_RESPONSE = 1024 * 1024
+_X509_V_FLAG_NO_CHECK_TIME = 0x200000  # times are checked below, with skew allowance
+
+UNREACHABLE = "authority_unreachable"
+
+
+class ControlPlaneError(AuthorityError):
+    """The control plane could not be reached, or it refused; `status` is its HTTP status."""
+
+    def __init__(self, message: str, *, reason: str, status: int = 0) -> None:
+        super().__init__(message, reason=reason)
+        self.status = status
+
+    @property
+    def refused(self) -> bool:
+        """True when the control plane answered no (retrying the same request is futile)."""
+        return 400 <= self.status < 500 and self.status not in (408, 429)
+
+
+@dataclass(frozen=True, slots=True)
+class ClientIdentity:
+    cert: Path
+    key: Path
+
+
+class ControlClient:
+    def __init__(
+        self,
+        host: str,
+        port: int,
+        trust_domain: TrustDomain,
+        *,
+        timeout: float = 15.0,
+        skew: timedelta = timedelta(seconds=60),
+    ) -> None:
+        self.host = host
+        self.port = port
+        self.expected = SpiffeId(trust_domain, AUTHORITY_PATH)
+        self.timeout = timeout
+        self.skew = skew
+
+    def _context(self, bundle_pem: bytes, identity: ClientIdentity | None) -> ssl.SSLContext:
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+        ctx.minimum_version = ssl.TLSVersion.TLSv1_3
+        ctx.check_hostname = False  # the SPIFFE ID is checked instead
+        ctx.verify_mode = ssl.CERT_REQUIRED
+        ctx.verify_flags |= _X509_V_FLAG_NO_CHECK_TIME
+        try:
+            ctx.load_verify_locations(cadata=bundle_pem.decode("ascii"))
+            if identity is not None:
+                ctx.load_cert_chain(identity.cert, identity.key)
+        except (ssl.SSLError, OSError, UnicodeDecodeError, ValueError) as exc:
+            raise ControlPlaneError(
+                f"cannot load credentials for the control plane: {exc}", reason="local_credentials"
+            ) from None
+        return ctx
+
+    def _check_server(self, der: bytes | None, now: datetime) -> None:
+        if not der:
+            raise ControlPlaneError("control plane sent no certificate", reason="authority_tls")
+        cert = x509.load_der_x509_certificate(der)
+        try:
+            sid = leaf_spiffe_id(cert)
+        except MeshIdError as exc:
+            raise ControlPlaneError(
+                f"control plane certificate: {exc.message}", reason="authority_identity"
+            ) from None
+        if sid != self.expected:
+            raise ControlPlaneError(
+                f"the server presented {sid}, not {self.expected}", reason="authority_identity"
+            )
+        if not (
+            cert.not_valid_before_utc - self.skew <= now <= cert.not_valid_after_utc + self.skew
+        ):
+            raise ControlPlaneError(
+                f"control plane certificate is not valid now (valid "
+                f"{cert.not_valid_before_utc:%H:%M:%S} to {cert.not_valid_after_utc:%H:%M:%S}Z)",
+                reason="authority_tls",
+            )
+
+    async def request(
+        self,
+        method: str,
+        target: str,
+        body: dict[str, Any] | None,
+        *,
+        bundle_pem: bytes,
+        now: datetime,
+        identity: ClientIdentity | None = None,
+        wait: float | None = None,
+    ) -> dict[str, Any]:
+        """One request; `wait` overrides the deadline (a long poll needs more)."""
+        ctx = self._context(bundle_pem, identity)
+        where = f"{self.host}:{self.port}"
+        with trio.move_on_after(wait if wait is not None else self.timeout) as scope:
+            try:
+                tcp = await trio.open_tcp_stream(self.host, self.port)
+            except OSError as exc:
+                raise ControlPlaneError(
+                    f"control plane {where} unreachable: {exc.strerror or exc}", reason=UNREACHABLE
+                ) from None
+            stream = trio.SSLStream(tcp, ctx, server_hostname=None)
+            try:
+                try:
+                    await stream.do_handshake()
+                except (trio.BrokenResourceError, ssl.SSLError) as exc:
+                    cause = exc.__cause__ if isinstance(exc, trio.BrokenResourceError) else exc
+                    detail = getattr(cause, "reason", None) or str(cause or exc)
+                    raise ControlPlaneError(
+                        f"TLS with control plane {where} failed: {detail}", reason="authority_tls"
+                    ) from None
+                self._check_server(stream.getpeercert(binary_form=True), now)
+                return await self._exchange(stream, method, target, body)
+            except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
+                raise ControlPlaneError(
+                    f"control plane {where} closed the connection: {exc}", reason=UNREACHABLE
+                ) from None
+            finally:
+                await trio.aclose_forcefully(stream)
+        assert scope.cancelled_caught
+        raise ControlPlaneError(f"control plane {where} did not answer in time", reason=UNREACHABLE)
+
+    async def _exchange(
+        self,
+        stream: trio.SSLStream[trio.SocketStream],
+        method: str,
+        target: str,
+        body: dict[str, Any] | None,
+    ) -> dict[str, Any]:
+        conn = h11.Connection(h11.CLIENT)
+        payload = json.dumps(body).encode() if body is not None else b""
+        headers = [("host", self.host), ("connection", "close"), ("accept", "application/json")]
+        if body is not None:
+            headers += [("content-type", "application/json"), ("content-length", str(len(payload)))]
+        data = conn.send(h11.Request(method=method, target=target, headers=headers)) or b""
+        if payload:
+            data += conn.send(h11.Data(data=payload)) or b""
+        data += conn.send(h11.EndOfMessage()) or b""
+        await stream.send_all(data)
+        status = 0
+        received = bytearray()
+        while True:
+            try:
+                event = conn.next_event()
+            except h11.RemoteProtocolError as exc:
+                raise ControlPlaneError(
+                    f"control plane sent a malformed response: {exc}", reason="authority_protocol"
+                ) from None
+            if event is h11.NEED_DATA:
+                chunk = await stream.receive_some(65536)
+                conn.receive_data(bytes(chunk))
+            elif isinstance(event, h11.Response):
+                status = event.status_code
+            elif isinstance(event, h11.Data):
+                received += event.data
+                if len(received) > MAX_RESPONSE:
+                    raise ControlPlaneError(
+                        "control plane response too large", reason="authority_protocol"
+                    )
+            elif isinstance(event, h11.EndOfMessage | h11.ConnectionClosed):
+                break
+        try:
+            doc = json.loads(bytes(received))
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            doc = None
+        if not isinstance(doc, dict):
+            raise ControlPlaneError(
+                f"control plane answered {status} without a JSON object",
+                reason="authority_protocol",
+                status=status,
+            )
+        if status != 200:
+            raise ControlPlaneError(
+                str(doc.get("message", f"HTTP {status}"))[:300],
+                reason=str(doc.get("error", "authority_refused"))[:64],
+                status=status,
+            )
+        return doc

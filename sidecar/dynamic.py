@@ -1,0 +1,432 @@
+"""Dynamic identity: enroll once with a join token, then renew and follow the feed forever.
+
+Theory of operation:
+
+- `state_dir` holds what survives a restart: ``svid.key`` (0600), ``svid.pem``,
+  ``bundle.pem`` (the newest bundle heard, which may hold roots the
+  configured bootstrap bundle lacks) and ``feed.json`` (the last allow-list
+  and revocations). A restart with a valid SVID needs neither a token nor
+  the control plane; it serves with the last policy it knew.
+- The renewer sleeps until half the SVID's lifetime (±10 %), then sends a
+  CSR for a brand-new key over mTLS with the current SVID. A failure is
+  retried with capped exponential backoff while the current SVID keeps
+  serving; every failure is logged with the seconds left, and an expired SVID
+  is called out with what the operator must do.
+- The watcher long-polls the feed with the versions it holds; the control
+  plane answers when one moves. A new allow-list or revocation is installed
+  at once (live connections it now denies are closed); a new bundle becomes
+  a new credential generation with the same SVID, so rolled-in roots are
+  trusted before anything is signed by them.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from collections.abc import Awaitable, Callable
+from datetime import datetime, timedelta
+from pathlib import Path
+from typing import Any, Protocol
+
+import trio
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+
+from meshid.bundle import TrustBundle
+from meshid.errors import ConfigError, InvalidSvid, MeshIdError
+from meshid.events import EventLog
+from meshid.files import write_atomic, write_private
+from meshid.policy import Policy
+from meshid.spiffeid import SpiffeId
+from meshid.svid import certs_from_pem, generate_key, key_from_pem, key_to_pem
+from sidecar.config import AuthoritySource
+from sidecar.control import ClientIdentity, ControlClient, ControlPlaneError
+from sidecar.credentials import Svid
+from sidecar.schedule import EXPIRED, Schedule
+
+SVID_FILE = "svid.pem"
+KEY_FILE = "svid.key"
+BUNDLE_FILE = "bundle.pem"
+FEED_FILE = "feed.json"
+WATCH_WAIT = 25.0
+
+
+class Host(Protocol):
+    """What the identity needs from the sidecar it serves."""
+
+    identity: SpiffeId
+    events: EventLog
+
+    def wall_now(self) -> datetime: ...
+    def current_svid(self) -> Svid | None: ...
+    def install_svid(self, svid: Svid, how: str) -> None: ...
+    def install_policy(self, policy: Policy) -> int: ...
+    def count_renewal(self, result: str) -> None: ...
+
+
+def build_csr(key: Any, spiffe_id: SpiffeId) -> bytes:
+    csr = (
+        x509.CertificateSigningRequestBuilder()
+        .subject_name(x509.Name([]))
+        .add_extension(
+            x509.SubjectAlternativeName([x509.UniformResourceIdentifier(str(spiffe_id))]),
+            critical=False,
+        )
+        .sign(key, hashes.SHA256())
+    )
+    return csr.public_bytes(serialization.Encoding.PEM)
+
+
+async def renewal_loop(
+    schedule: Schedule,
+    current: Callable[[], Svid | None],
+    renew: Callable[[], Awaitable[None]],
+    wall: Callable[[], datetime],
+    on_failure: Callable[[MeshIdError, int, float, float], None],
+    rand: Callable[[], float] = random.random,
+) -> None:
+    """Renew `current()` on schedule forever; `on_failure(exc, failures, left, retry_in)`."""
+    failures = 0
+    while True:
+        svid = current()
+        if svid is None:
+            raise ConfigError("no SVID to renew")
+        not_before, not_after = svid.leaf.not_valid_before_utc, svid.not_after
+        left = (not_after - wall()).total_seconds()
+        if failures == 0:
+            delay = schedule.renew_delay(not_before, not_after, wall(), rand())
+        else:
+            delay = schedule.retry_delay(failures, left, rand())
+        await trio.sleep(delay)
+        try:
+            await renew()
+        except MeshIdError as exc:
+            failures += 1
+            left = (not_after - wall()).total_seconds()
+            on_failure(exc, failures, left, schedule.retry_delay(failures, left, 0.5))
+        else:
+            failures = 0
+
+
+class DynamicIdentity:
+    def __init__(
+        self,
+        host: Host,
+        source: AuthoritySource,
+        *,
+        client: ControlClient,
+        schedule: Schedule | None = None,
+        rand: Callable[[], float] = random.random,
+    ) -> None:
+        self.host = host
+        self.source = source
+        self.client = client
+        self.schedule = schedule or Schedule()
+        self.rand = rand
+        self.dir = source.state_dir
+        self.versions: tuple[int, int, int] = (-1, -1, -1)
+
+    # -- files --
+
+    def _path(self, name: str) -> Path:
+        return self.dir / name
+
+    def _identity_files(self) -> ClientIdentity:
+        return ClientIdentity(self._path(SVID_FILE), self._path(KEY_FILE))
+
+    def _trust_pem(self) -> bytes:
+        """The newest bundle known: the current credentials', the persisted one, the configured."""
+        svid = self.host.current_svid()
+        if svid is not None:
+            return svid.bundle.to_pem()
+        for path in (self._path(BUNDLE_FILE), self.source.bundle):
+            try:
+                return path.read_bytes()
+            except OSError:
+                continue
+        raise ConfigError(
+            f"authority.bundle: cannot read {self.source.bundle}", reason="missing_file"
+        )
+
+    def _prepare_dir(self) -> None:
+        try:
+            self.dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+            self.dir.chmod(0o700)
+        except OSError as exc:
+            raise ConfigError(
+                f"authority.state_dir: cannot use {self.dir}: {exc.strerror}", reason="state_dir"
+            ) from None
+
+    def _persist(self, svid: Svid) -> None:
+        # The key goes first: a crash in between leaves a key without its
+        # certificate, which the next start detects (key_mismatch) and recovers from.
+        write_private(self._path(KEY_FILE), key_to_pem(svid.key))
+        write_atomic(self._path(SVID_FILE), b"".join(_pem(c) for c in svid.chain))
+        write_atomic(self._path(BUNDLE_FILE), svid.bundle.to_pem())
+
+    def _restore(self) -> Svid | None:
+        """The persisted SVID if it is still good; why not, in the log, otherwise."""
+        if not self._path(SVID_FILE).exists():
+            return None
+        try:
+            chain = certs_from_pem(self._path(SVID_FILE).read_bytes(), "persisted SVID")
+            key = key_from_pem(self._path(KEY_FILE).read_bytes(), None, "persisted key")
+            bundle = TrustBundle.from_pem(
+                self.host.identity.trust_domain,
+                self._path(BUNDLE_FILE).read_bytes(),
+                what="persisted bundle",
+            )
+            return Svid.check(
+                chain, key, bundle, self.host.identity, self.host.wall_now(), self._skew()
+            )
+        except OSError as exc:
+            self.host.events.emit("restore_failed", reason="unreadable", detail=str(exc.strerror))
+        except MeshIdError as exc:
+            self.host.events.emit("restore_failed", reason=exc.reason, detail=exc.message)
+        return None
+
+    def _skew(self) -> timedelta:
+        return self.client.skew
+
+    def _restore_feed(self) -> None:
+        try:
+            doc = json.loads(self._path(FEED_FILE).read_text())
+            self._apply_policy(doc)
+        except (OSError, ValueError, KeyError, TypeError, MeshIdError):
+            return
+
+    # -- enroll and renew --
+
+    async def start(self) -> None:
+        """Have an SVID installed when this returns, or raise saying what the operator must do."""
+        self._prepare_dir()
+        svid = self._restore()
+        if svid is not None:
+            self.host.install_svid(svid, "restored")
+            self._restore_feed()
+            return
+        await self._enroll_with_retries()
+
+    def _read_token(self) -> str:
+        sid = self.host.identity
+        token_file = self.source.token_file
+        advice = (
+            f"create one with 'meshid ca token {sid}' on the authority, write it to "
+            f"{token_file or 'the file named by authority.token_file'} and start again"
+        )
+        if token_file is None:
+            raise ConfigError(f"no valid SVID in {self.dir} and no join token: {advice}")
+        try:
+            token = token_file.read_text().strip()
+        except OSError as exc:
+            raise ConfigError(
+                f"no valid SVID in {self.dir} and the join token {token_file} is unreadable "
+                f"({exc.strerror}): {advice}",
+                reason="missing_token",
+            ) from None
+        if not token:
+            raise ConfigError(f"join token file {token_file} is empty: {advice}")
+        return token
+
+    async def _enroll_with_retries(self) -> None:
+        token = self._read_token()
+        failures = 0
+        while True:
+            try:
+                await self._enroll(token)
+                return
+            except ControlPlaneError as exc:
+                if exc.refused:
+                    raise ControlPlaneError(
+                        f"enrollment refused: {exc.message}; create a new token with "
+                        f"'meshid ca token {self.host.identity}', write it to "
+                        f"{self.source.token_file} and start again",
+                        reason=exc.reason,
+                        status=exc.status,
+                    ) from None
+                failures += 1
+                delay = self.schedule.retry_delay(failures, 0.0, self.rand())
+                self.host.events.emit(
+                    "enroll_failed",
+                    reason=exc.reason,
+                    detail=exc.message,
+                    attempt=failures,
+                    retry_in_s=round(delay, 1),
+                )
+                await trio.sleep(delay)
+
+    async def _enroll(self, token: str) -> None:
+        key = generate_key()
+        reply = await self.client.request(
+            "POST",
+            "/v1/enroll",
+            {"token": token, "csr": build_csr(key, self.host.identity).decode()},
+            bundle_pem=self._trust_pem(),
+            now=self.host.wall_now(),
+        )
+        svid = self._svid_from(reply, key)
+        self._persist(svid)
+        self.host.install_svid(svid, "enrolled")
+        self.host.count_renewal("ok")
+
+    async def renew(self) -> None:
+        key = generate_key()
+        reply = await self.client.request(
+            "POST",
+            "/v1/renew",
+            {"csr": build_csr(key, self.host.identity).decode()},
+            bundle_pem=self._trust_pem(),
+            now=self.host.wall_now(),
+            identity=self._identity_files(),
+        )
+        svid = self._svid_from(reply, key)
+        self._persist(svid)
+        self.host.install_svid(svid, "renewed")
+        self.host.count_renewal("ok")
+
+    def _svid_from(self, reply: dict[str, Any], key: Any) -> Svid:
+        try:
+            chain = certs_from_pem(str(reply["svid"]).encode(), "SVID from the control plane")
+            bundle = TrustBundle.from_pem(
+                self.host.identity.trust_domain,
+                str(reply["bundle"]).encode(),
+                sequence=int(reply.get("bundle_sequence", 0)),
+                what="bundle from the control plane",
+            )
+        except (KeyError, ValueError) as exc:
+            raise ControlPlaneError(
+                f"control plane reply is missing {exc}", reason="authority_protocol"
+            ) from None
+        return Svid.check(
+            chain, key, bundle, self.host.identity, self.host.wall_now(), self._skew()
+        )
+
+    def _on_renewal_failure(
+        self, exc: MeshIdError, failures: int, left: float, retry_in: float
+    ) -> None:
+        self.host.count_renewal("error")
+        svid = self.host.current_svid()
+        state = (
+            self.schedule.state(
+                svid.leaf.not_valid_before_utc, svid.not_after, self.host.wall_now()
+            )
+            if svid
+            else EXPIRED
+        )
+        self.host.events.emit(
+            "renewal_failed",
+            reason=exc.reason,
+            detail=exc.message,
+            attempt=failures,
+            seconds_left=round(left, 1),
+            svid_state=state,
+            retry_in_s=round(retry_in, 1),
+        )
+        if state == EXPIRED:
+            self.host.events.emit(
+                "svid_expired",
+                reason="svid_expired",
+                detail=(
+                    f"the SVID of {self.host.identity} has expired and the control plane at "
+                    f"{self.client.host}:{self.client.port} could not renew it ({exc.message}); "
+                    "peers refuse this sidecar until the control plane is back and renewal "
+                    f"succeeds, or until a new join token ('meshid ca token "
+                    f"{self.host.identity}') is written to {self.source.token_file} and the "
+                    "sidecar restarted"
+                ),
+            )
+
+    # -- the feed --
+
+    def _apply_policy(self, doc: dict[str, Any]) -> None:
+        td = self.host.identity.trust_domain
+        pairs = [(SpiffeId.parse(a), SpiffeId.parse(b)) for a, b in doc["pairs"]]
+        revoked = [SpiffeId.parse(r) for r in doc["revoked"]]
+        for sid in [*revoked, *(x for pair in pairs for x in pair)]:
+            if sid.trust_domain != td:
+                raise InvalidSvid(f"feed names {sid} of another trust domain", reason="bad_feed")
+        self.host.install_policy(
+            Policy.build(pairs, int(doc["policy_version"]), revoked, int(doc["revocation_version"]))
+        )
+        self.versions = (
+            int(doc["policy_version"]),
+            int(doc["revocation_version"]),
+            int(doc.get("bundle_sequence", -1)),
+        )
+
+    def _apply_bundle(self, doc: dict[str, Any]) -> None:
+        svid = self.host.current_svid()
+        if svid is None:
+            return
+        bundle = TrustBundle.from_pem(
+            self.host.identity.trust_domain,
+            str(doc["bundle"]).encode(),
+            sequence=int(doc["bundle_sequence"]),
+            what="bundle from the feed",
+        )
+        if bundle.same_roots(svid.bundle) and bundle.sequence == svid.bundle.sequence:
+            return
+        updated = Svid.check(
+            list(svid.chain),
+            svid.key,
+            bundle,
+            self.host.identity,
+            self.host.wall_now(),
+            self._skew(),
+        )
+        write_atomic(self._path(BUNDLE_FILE), bundle.to_pem())
+        self.host.install_svid(updated, "bundle_updated")
+
+    async def watch(self) -> None:
+        """Follow the allow-list, revocations and bundle; never returns."""
+        failures = 0
+        while True:
+            pv, rv, bs = self.versions
+            target = (
+                f"/v1/watch?policy_version={pv}&revocation_version={rv}"
+                f"&bundle_sequence={bs}&wait={WATCH_WAIT:g}"
+            )
+            try:
+                doc = await self.client.request(
+                    "GET",
+                    target,
+                    None,
+                    bundle_pem=self._trust_pem(),
+                    now=self.host.wall_now(),
+                    identity=self._identity_files(),
+                    wait=WATCH_WAIT + 10,
+                )
+                changed = (int(doc["policy_version"]), int(doc["revocation_version"])) != (pv, rv)
+                self._apply_bundle(doc)
+                if changed:
+                    self._apply_policy(doc)
+                    write_atomic(self._path(FEED_FILE), json.dumps(doc).encode())
+                else:
+                    self.versions = (pv, rv, int(doc["bundle_sequence"]))
+                failures = 0
+            except (MeshIdError, KeyError, ValueError, TypeError) as exc:
+                failures += 1
+                reason = exc.reason if isinstance(exc, MeshIdError) else "authority_protocol"
+                detail = exc.message if isinstance(exc, MeshIdError) else f"bad feed: {exc}"
+                delay = min(10.0, self.schedule.retry_delay(failures, 0.0, self.rand()))
+                self.host.events.emit(
+                    "watch_failed", reason=reason, detail=detail, retry_in_s=round(delay, 1)
+                )
+                await trio.sleep(delay)
+
+    async def run(self) -> None:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(
+                renewal_loop,
+                self.schedule,
+                self.host.current_svid,
+                self.renew,
+                self.host.wall_now,
+                self._on_renewal_failure,
+                self.rand,
+            )
+            nursery.start_soon(self.watch)
+
+
+def _pem(cert: x509.Certificate) -> bytes:
+    return cert.public_bytes(serialization.Encoding.PEM)
