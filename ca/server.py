@@ -177,10 +177,14 @@ class ControlPlane:
             except MeshIdError as exc:
                 self.log("poll_failed", reason=exc.reason, detail=exc.message)
                 continue
-            if versions != self._versions:
-                self._versions = versions
-                self._changed.set()
-                self._changed = trio.Event()
+            self._observe(versions)
+
+    def _observe(self, versions: tuple[int, int, int]) -> None:
+        """Record the newest versions seen; wake every parked watcher when they move."""
+        if versions != self._versions:
+            self._versions = versions
+            self._changed.set()
+            self._changed = trio.Event()
 
     # -- connections --
 
@@ -284,6 +288,7 @@ class ControlPlane:
             reply, seen = await self._db_call(self.api.watch_check, req)
             if reply is not None:
                 return reply
+            self._observe(seen)  # the database may be ahead of the poller
             try:
                 wait = min(float(req.query.get("wait", self.options.watch_timeout)), 60.0)
             except ValueError:
