@@ -173,6 +173,19 @@ async def pump(
     plain: socket.socket, tls: TlsStream, entry: LiveConnection, pool: BufferPool
 ) -> None:
     """Copy both ways until both directions have ended. Raises StreamAborted on failure."""
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(plain_to_tls, plain, tls, entry, pool)
-        nursery.start_soon(tls_to_plain, tls, plain, entry, pool)
+    try:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(plain_to_tls, plain, tls, entry, pool)
+            nursery.start_soon(tls_to_plain, tls, plain, entry, pool)
+    except BaseExceptionGroup as group:
+        # The nursery wraps a direction's StreamAborted in a group (both directions
+        # may fail at once); the caller handles a bare StreamAborted, and anything
+        # that escapes the connection's task would take the whole sidecar down.
+        aborted, rest = group.split(StreamAborted)
+        if rest is not None:
+            raise rest from None  # Cancelled (or a bug) must keep propagating
+        assert aborted is not None
+        first: BaseException = aborted
+        while isinstance(first, BaseExceptionGroup):
+            first = first.exceptions[0]
+        raise first from None
