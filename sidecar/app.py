@@ -411,7 +411,9 @@ class Sidecar:
             self.registry.remove(entry)
             reason = aborted or entry.close_reason or "closed"
             cut = aborted is not None or entry.close_reason is not None
-            for s in (sock, other):
+            # A refused outbound handshake returns no `other`; its upstream socket is tls.sock.
+            upstream = tls.sock if tls is not None and tls.sock is not sock else None
+            for s in (sock, other) if other is not None else (sock, upstream):
                 if s is None:
                     continue
                 if cut and (s is not (tls.sock if tls else None)):
