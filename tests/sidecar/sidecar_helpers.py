@@ -363,8 +363,10 @@ class TlsUpstream:
             try:
                 await stream.do_handshake()
                 self.completed += 1
-                await stream.send_all(b"impostor says hi")
-                await wait_cut(stream)
+                await stream.send_all(b"upstream says hi")
+                # close_notify both ways: the proxied stream ends cleanly
+                transport, _ = await stream.unwrap()
+                await transport.aclose()
             except trio.BrokenResourceError:
                 pass
             finally:
