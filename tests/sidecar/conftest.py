@@ -129,6 +129,7 @@ class Mesh:
         allow: Iterable[tuple[str, str]] = (),
         limits: Mapping[str, Any] | None = None,
         creds: Creds | None = None,
+        listen: Addr = ("127.0.0.1", 0),
         reload_interval: float = 0.05,
         sweep_interval: float = 0.05,
     ) -> Running:
@@ -152,7 +153,7 @@ class Mesh:
         }
         if forward is not None:
             doc["inbound"] = {
-                "listen": "127.0.0.1:0",
+                "listen": f"{listen[0]}:{listen[1]}",
                 "forward": f"{forward[0]}:{forward[1]}",
                 "proxy_protocol": proxy_protocol,
             }

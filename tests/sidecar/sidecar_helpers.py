@@ -257,6 +257,32 @@ class Backend:
         self.addr = listeners[0].socket.getsockname()[:2]
         await trio.serve_listeners(handle, listeners, task_status=task_status)
 
+    async def serve_on(
+        self, sock: trio.socket.SocketType, *, task_status: trio.TaskStatus[Addr]
+    ) -> None:
+        """Start listening on a socket that was bound (and refusing connections) until now."""
+        sock.listen()
+        self.addr = sock.getsockname()[:2]
+
+        async def handle(stream: trio.SocketStream) -> None:
+            self.accepted += 1
+            try:
+                await self.handler(stream)
+            finally:
+                await stream.aclose()
+
+        await trio.serve_listeners(handle, [trio.SocketListener(sock)], task_status=task_status)
+
+
+async def closed_port() -> trio.socket.SocketType:
+    """A socket bound on 127.0.0.1 but not listening: connections to it are refused.
+
+    Holding it (rather than closing it) keeps the port ours for the whole test.
+    """
+    sock = trio.socket.socket()
+    await sock.bind(("127.0.0.1", 0))
+    return sock
+
 
 async def connect(addr: Addr) -> trio.SocketStream:
     return await trio.open_tcp_stream(addr[0], addr[1])
