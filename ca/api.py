@@ -146,6 +146,17 @@ class ControlApi:
         except MeshIdError as exc:
             return error(_status_for(exc), exc.reason, exc.message)
 
+    def handle_batch(self, requests: list[Request]) -> list[Reply]:
+        """Several signing requests in one database transaction (see `Store.batch`)."""
+        replies: list[Reply] = []
+        with self.authority.store.batch():
+            for req in requests:
+                try:
+                    replies.append(self.handle(req))
+                except Exception as exc:  # a bug must cost one request, not the batch
+                    replies.append(error(500, "internal_error", type(exc).__name__))
+        return replies
+
     # -- endpoints --
 
     def _enroll(self, req: Request) -> Reply:
@@ -167,12 +178,18 @@ class ControlApi:
         return svid_reply(issued)
 
     def _renew(self, req: Request) -> Reply:
-        caller = self._caller(req)
+        if req.peer_cert is None:
+            raise TokenRejected(
+                "this endpoint needs a client certificate (the caller's SVID)",
+                reason="no_client_certificate",
+            )
         fields = _json_body(req.body, ("csr",))
-        assert req.peer_cert is not None
-        issued = self.authority.renew(req.peer_cert, fields["csr"].encode())
-        if issued.spiffe_id != caller:  # renew() derives the ID from the same cert
-            return error(500, "internal_error", "renewal changed the identity")
+        try:  # renew() verifies the caller's SVID and refuses a revoked identity
+            issued = self.authority.renew(req.peer_cert, fields["csr"].encode())
+        except InvalidSvid as exc:
+            raise TokenRejected(
+                f"client certificate refused: {exc.message}", reason=exc.reason
+            ) from None
         return svid_reply(issued)
 
     def _bundle(self, req: Request) -> Reply:

@@ -33,7 +33,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 from cryptography import x509
-from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives import hashes, serialization
 
 from ca.issuer import check_csr_identity, csr_public_key, parse_csr
 from ca.store import DB_NAME, Store
@@ -59,6 +59,7 @@ from meshid.svid import (
     build_svid,
     certs_from_pem,
     certs_to_pem,
+    check_validity,
     generate_key,
     key_from_pem,
     key_to_pem,
@@ -75,6 +76,7 @@ DEFAULT_TOKEN_TTL = timedelta(minutes=15)
 TOKEN_PREFIX = "mjt_"  # noqa: S105 - a marker, not a secret
 BUNDLE_FILE = "bundle.pem"
 _SPKI = (serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+SIGNER_RECHECK = timedelta(seconds=1)
 RESERVED_PATH = "/meshid"  # the authority's own identities live under here
 _DNS_LABEL = re.compile(r"^(?!-)[A-Za-z0-9-]{1,63}(?<!-)$")
 
@@ -175,6 +177,8 @@ class Authority:
             self.svid_ttl = timedelta(seconds=int(Store.setting(conn, "svid_ttl")))
             self.key_encrypted = Store.setting(conn, "key_encrypted") == "1"
         self._signer_cache: tuple[int, x509.Certificate, PrivateKey] | None = None
+        self._signer_checked: datetime | None = None
+        self._verified: dict[bytes, tuple[SpiffeId, int]] = {}
         self._bundle_cache: TrustBundle | None = None
 
     # -- lifecycle --
@@ -306,8 +310,21 @@ class Authority:
         return self._bundle_cache
 
     def signer(self) -> tuple[int, x509.Certificate, PrivateKey]:
-        """The active root and its key; the key file is read on first use."""
+        """The active root and its key; the key file is read on first use.
+
+        The roots are looked at again at most once a second of the authority's
+        clock: a root changes state on a schedule of minutes, and a busy
+        control plane signs hundreds of SVIDs a second.
+        """
+        now = self._now()
+        if (
+            self._signer_cache is not None
+            and self._signer_checked is not None
+            and self._signer_checked <= now < self._signer_checked + SIGNER_RECHECK
+        ):
+            return self._signer_cache
         self.advance_roots()
+        self._signer_checked = now
         with self.store.read() as conn:
             row = conn.execute(
                 "SELECT generation, cert_pem, key_file FROM roots WHERE state = 'active'"
@@ -599,8 +616,7 @@ class Authority:
         recorded issuing, so a certificate minted with a stolen root key
         elsewhere does not renew.
         """
-        verified = verify_svid([caller], self.bundle().roots, self._now())
-        sid = verified.spiffe_id
+        sid = self._verified_caller(caller)
         csr = parse_csr(csr_data)
         check_csr_identity(csr, sid)
         public_key = csr_public_key(csr)
@@ -629,6 +645,22 @@ class Authority:
         except x509.ExtensionNotFound:
             dns, ips = [], []
         return self.issue(sid, public_key, dns_names=dns, ip_addresses=ips, how="renew")
+
+    def _verified_caller(self, caller: x509.Certificate) -> SpiffeId:
+        """verify_svid, remembered per certificate and bundle: a sidecar renewing over
+        a kept-alive connection presents the same certificate every time."""
+        bundle = self.bundle()
+        now = self._now()
+        fingerprint = caller.fingerprint(hashes.SHA256())
+        known = self._verified.get(fingerprint)
+        if known is not None and known[1] == bundle.sequence:
+            check_validity(caller, now, f"{known[0]} certificate")
+            return known[0]
+        sid = verify_svid([caller], bundle.roots, now).spiffe_id
+        if len(self._verified) >= 4096:
+            self._verified.clear()
+        self._verified[fingerprint] = (sid, bundle.sequence)
+        return sid
 
     def versions(self) -> tuple[int, int, int]:
         """(policy version, revocation version, bundle sequence): what a watcher compares."""
@@ -716,6 +748,7 @@ class Authority:
                 activate_at=activate_at.isoformat(),
                 bundle_sequence=sequence,
             )
+        self._signer_checked = None  # a zero propagation delay takes effect at once
         self.write_bundle_file()
         return generation, activate_at
 
@@ -737,6 +770,7 @@ class Authority:
             ).fetchall()
         if due is None and not retiring:
             return False
+        self._signer_checked = None  # the active root may change here
         changed = False
         with self.store.write() as conn:
             if due is not None:

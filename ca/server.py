@@ -48,6 +48,8 @@ from meshid.spiffeid import SpiffeId
 from meshid.svid import IpAddress, certs_to_pem, generate_key, key_to_pem
 
 AUTHORITY_PATH = "/meshid/authority"
+SIGNING_PATHS = ("/v1/enroll", "/v1/renew")
+MAX_BATCH = 128
 SERVER_DIR = "server"
 T = TypeVar("T")
 
@@ -88,6 +90,8 @@ class ControlPlane:
     _changed: trio.Event = field(default_factory=trio.Event)
     _versions: tuple[int, int, int] = (0, 0, 0)
     _connections: int = 0
+    _queue: list[_Slot] = field(default_factory=list)
+    _queued: trio.Event = field(default_factory=trio.Event)
 
     def __post_init__(self) -> None:
         self.api = ControlApi(
@@ -196,6 +200,7 @@ class ControlPlane:
         self.bound = (str(sockname[0]), int(sockname[1]))
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self._poll)
+            nursery.start_soon(self._batcher)
             self.log(
                 "serving",
                 listen=f"{self.bound[0]}:{self.bound[1]}",
@@ -298,7 +303,35 @@ class ControlPlane:
             with trio.move_on_after(wait):
                 while self._versions == seen:
                     await self._changed.wait()
+        if req.method == "POST" and req.path in SIGNING_PATHS:
+            return await self._signed(req)
         return await self._db_call(self.api.handle, req)
+
+    async def _signed(self, req: Request) -> Reply:
+        """Queue a signing request; the batcher signs everything queued in one transaction."""
+        slot = _Slot(req)
+        self._queue.append(slot)
+        self._queued.set()
+        await slot.done.wait()
+        assert slot.reply is not None
+        return slot.reply
+
+    async def _batcher(self) -> None:
+        while True:
+            await self._queued.wait()
+            self._queued = trio.Event()
+            while self._queue:
+                batch, self._queue = self._queue[:MAX_BATCH], self._queue[MAX_BATCH:]
+                with trio.CancelScope(shield=True):  # callers are waiting on every slot
+                    try:
+                        replies = await self._db_call(
+                            self.api.handle_batch, [slot.request for slot in batch]
+                        )
+                    except MeshIdError as exc:
+                        replies = [error(503, exc.reason, exc.message)] * len(batch)
+                for slot, reply in zip(batch, replies, strict=True):
+                    slot.reply = reply
+                    slot.done.set()
 
     async def _read_request(
         self, stream: trio.SSLStream[trio.SocketStream], conn: h11.Connection
@@ -349,6 +382,13 @@ class ControlPlane:
         data = (data or b"") + (conn.send(h11.Data(data=payload)) or b"")
         data += conn.send(h11.EndOfMessage()) or b""
         await stream.send_all(data)
+
+
+@dataclass(eq=False, slots=True)
+class _Slot:
+    request: Request
+    reply: Reply | None = None
+    done: trio.Event = field(default_factory=trio.Event)
 
 
 class _BodyTooLarge(Exception):

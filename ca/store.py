@@ -127,8 +127,23 @@ class Store:
 
     @contextmanager
     def write(self) -> Iterator[sqlite3.Connection]:
-        """One IMMEDIATE transaction: all of it lands, or none of it."""
+        """One IMMEDIATE transaction: all of it lands, or none of it.
+
+        Inside a `batch()` it is a savepoint instead: a failing request rolls
+        back its own changes and leaves the batch's other requests alone.
+        """
         conn = self._conn
+        if conn.in_transaction:
+            conn.execute("SAVEPOINT request")
+            try:
+                yield conn
+            except BaseException:
+                conn.execute("ROLLBACK TO request")
+                conn.execute("RELEASE request")
+                raise
+            else:
+                conn.execute("RELEASE request")
+            return
         try:
             conn.execute("BEGIN IMMEDIATE")
         except sqlite3.OperationalError as exc:
@@ -140,6 +155,17 @@ class Store:
             raise
         else:
             conn.execute("COMMIT")
+
+    @contextmanager
+    def batch(self) -> Iterator[None]:
+        """Group commit: many writes, one transaction, one fsync.
+
+        The control plane signs concurrent requests together; durability is
+        kept (synchronous=FULL) at the cost of one disk flush per batch
+        rather than per certificate.
+        """
+        with self.write():
+            yield
 
     @contextmanager
     def read(self) -> Iterator[sqlite3.Connection]:

@@ -63,17 +63,22 @@ class Plane:
 
 @pytest.fixture
 async def plane(state: Path, clock: Clock, nursery: trio.Nursery) -> AsyncIterator[Plane]:
+    # The server and the test each hold their own connection, as two processes would.
+    served = Authority.open(state, clock=clock)
     authority = Authority.open(state, clock=clock)
     log: list[dict[str, Any]] = []
     server = ControlPlane(
-        authority,
+        served,
         ServerOptions(host="127.0.0.1", port=0, request_timeout=1.0, poll_interval=0.05),
         log=lambda event, **f: log.append({"event": event, **f}),
         clock=clock,
     )
-    _host, port = await nursery.start(server.serve)
-    yield Plane(server, authority, state, port, authority.bundle().to_pem(), clock, log)
+    async with trio.open_nursery() as own:  # pytest-trio lets a fixture yield in here
+        _host, port = await own.start(server.serve)
+        yield Plane(server, authority, state, port, authority.bundle().to_pem(), clock, log)
+        own.cancel_scope.cancel()
     authority.close()
+    served.close()
 
 
 def write_identity(tmp: Path, authority: Authority, sid: SpiffeId) -> ClientIdentity:
