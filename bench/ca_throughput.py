@@ -1,0 +1,209 @@
+"""The control plane's signing throughput: SVIDs issued per second over the API.
+
+A real `meshid ca serve` process; concurrent clients, each on its own
+keep-alive mTLS connection with its own SVID, renew in a loop with CSRs for
+fresh keys generated before the clock starts (key generation is the
+workload's cost, not the authority's). Every request is a full renewal:
+client certificate verified, CSR parsed and its signature checked, a
+certificate signed, the issuance recorded in the database and the audit
+chain. Client CPU is reported beside the server's, to show which side limits.
+
+    python -m bench.ca_throughput [--clients 16] [--requests 3000] [--repetitions 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import shutil
+import ssl
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import h11
+import trio
+
+from bench.procs import Supervisor, free_ports, wait_listening
+from ca.authority import Authority
+from meshid.spiffeid import SpiffeId, TrustDomain
+from meshid.svid import certs_to_pem, generate_key, key_to_pem
+from sidecar.dynamic import build_csr
+
+TD = TrustDomain("bench.example")
+MESHID = str(Path(sys.executable).with_name("meshid"))
+
+
+@dataclass
+class Result:
+    svids_per_s: float
+    requests: int
+    wall_s: float
+    server_cpu_s: float
+    client_cpu_s: float
+    errors: int
+
+
+def _self_cpu() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+async def _client(
+    port: int,
+    ctx: ssl.SSLContext,
+    csrs: list[str],
+    counts: list[int],
+    index: int,
+) -> None:
+    tcp = await trio.open_tcp_stream("127.0.0.1", port)
+    stream = trio.SSLStream(tcp, ctx, server_hostname=None)
+    conn = h11.Connection(h11.CLIENT)
+    try:
+        for csr in csrs:
+            body = json.dumps({"csr": csr}).encode()
+            data = conn.send(
+                h11.Request(
+                    method="POST",
+                    target="/v1/renew",
+                    headers=[
+                        ("host", "ca"),
+                        ("content-type", "application/json"),
+                        ("content-length", str(len(body))),
+                    ],
+                )
+            )
+            data = (data or b"") + (conn.send(h11.Data(data=body)) or b"")
+            data += conn.send(h11.EndOfMessage()) or b""
+            await stream.send_all(data)
+            status = 0
+            while True:
+                event = conn.next_event()
+                if event is h11.NEED_DATA:
+                    conn.receive_data(bytes(await stream.receive_some(65536)))
+                elif isinstance(event, h11.Response):
+                    status = event.status_code
+                elif isinstance(event, h11.EndOfMessage):
+                    break
+            counts[index if status == 200 else -1] += 1
+            conn.start_next_cycle()
+    finally:
+        await trio.aclose_forcefully(stream)
+
+
+def _client_contexts(state: Path, workdir: Path, clients: int) -> list[ssl.SSLContext]:
+    authority = Authority.open(state)
+    contexts = []
+    try:
+        for i in range(clients):
+            key = generate_key()
+            issued = authority.issue(SpiffeId(TD, f"/bench/client-{i}"), key.public_key())
+            cert, keyfile = workdir / f"client-{i}.pem", workdir / f"client-{i}.key"
+            cert.write_bytes(certs_to_pem(issued.chain))
+            keyfile.write_bytes(key_to_pem(key))
+            keyfile.chmod(0o600)
+            ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+            ctx.minimum_version = ssl.TLSVersion.TLSv1_3
+            ctx.check_hostname = False
+            ctx.load_verify_locations(cadata=authority.bundle().to_pem().decode())
+            ctx.load_cert_chain(cert, keyfile)
+            contexts.append(ctx)
+    finally:
+        authority.close()
+    return contexts
+
+
+def _csrs(clients: int, per_client: int) -> list[list[str]]:
+    return [
+        [
+            build_csr(generate_key(), SpiffeId(TD, f"/bench/client-{i}")).decode()
+            for _ in range(per_client)
+        ]
+        for i in range(clients)
+    ]
+
+
+def measure(workdir: Path, clients: int, requests: int, repetitions: int) -> list[Result]:
+    state = workdir / "ca"
+    subprocess.run(
+        [MESHID, "ca", "init", "--state", str(state), "--trust-domain", TD.name],
+        check=True,
+        capture_output=True,
+    )
+    (port,) = free_ports(1)
+    results = []
+    with Supervisor(workdir) as sup:
+        server = sup.start(
+            "ca-serve",
+            [MESHID, "ca", "serve", "--state", str(state), "--listen", f"127.0.0.1:{port}"],
+        )
+        wait_listening([server], [port])
+        contexts = _client_contexts(state, workdir, clients)
+        per_client = max(1, requests // clients)
+        for _ in range(repetitions):
+            csrs = _csrs(clients, per_client)
+            counts = [0] * (clients + 1)
+            server_cpu, client_cpu = server.cpu_seconds(), _self_cpu()
+            start = time.perf_counter()
+
+            async def main(csrs: list[list[str]] = csrs, counts: list[int] = counts) -> None:
+                with trio.fail_after(300):
+                    async with trio.open_nursery() as nursery:
+                        for i in range(clients):
+                            nursery.start_soon(_client, port, contexts[i], csrs[i], counts, i)
+
+            trio.run(main)
+            wall = time.perf_counter() - start
+            ok = sum(counts[:-1])
+            results.append(
+                Result(
+                    svids_per_s=ok / wall,
+                    requests=ok,
+                    wall_s=wall,
+                    server_cpu_s=server.cpu_seconds() - server_cpu,
+                    client_cpu_s=_self_cpu() - client_cpu,
+                    errors=counts[-1],
+                )
+            )
+            server.check_alive()
+    return results
+
+
+def summarise(results: list[Result]) -> dict[str, Any]:
+    med = statistics.median(r.svids_per_s for r in results)
+    return {
+        "svids_per_s_median": round(med, 1),
+        "runs": [round(r.svids_per_s, 1) for r in results],
+        "errors": sum(r.errors for r in results),
+        "server_cpu_per_svid_ms": round(
+            1000 * statistics.median(r.server_cpu_s / max(r.requests, 1) for r in results), 3
+        ),
+        "client_cpu_per_svid_ms": round(
+            1000 * statistics.median(r.client_cpu_s / max(r.requests, 1) for r in results), 3
+        ),
+        "server_cpu_share": round(statistics.median(r.server_cpu_s / r.wall_s for r in results), 2),
+    }
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--clients", type=int, default=16)
+    parser.add_argument("--requests", type=int, default=3000)
+    parser.add_argument("--repetitions", type=int, default=3)
+    args = parser.parse_args(argv)
+    workdir = Path(tempfile.mkdtemp(prefix="meshid-ca-bench-"))
+    try:
+        results = measure(workdir, args.clients, args.requests, args.repetitions)
+        print(json.dumps(summarise(results), indent=2))
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
