@@ -1,0 +1,98 @@
+"""`python -m bench.run`: run every workload on every topology, profile, write RESULTS.md.
+
+Bounded: each load generator has a timeout, each repetition a fixed size or
+duration, and every process started here is stopped by pid when the run
+ends, whichever way it ends.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from bench import report
+from bench.procs import BenchError, Supervisor, raise_nofile
+from bench.profiling import py_spy_path, record, summarise
+from bench.topology import TOPOLOGIES, Env, make_certs, start_backends
+from bench.workloads import WORKLOADS, Workload
+
+
+def _log(msg: str) -> None:
+    print(f"[bench {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+def run_workload(
+    w: Workload, env: Env, reps: int, profile: bool, outdir: Path
+) -> report.WorkloadResult:
+    result = report.WorkloadResult(w)
+    for topo in w.topologies:
+        start = TOPOLOGIES[topo]
+        samples = result.samples.setdefault(topo, [])
+        try:
+            if w.fresh_per_rep:
+                for rep in range(reps):
+                    with start(env) as chain:
+                        result.commands.setdefault(topo, w.commands(chain))
+                        result.chain_commands.setdefault(topo, chain.commands)
+                        samples.append(w.measure(chain, env))
+                        _log(f"{w.name} {topo} rep {rep + 1}: {samples[-1].values}")
+            with start(env) as chain:
+                result.commands.setdefault(topo, w.commands(chain))
+                result.chain_commands.setdefault(topo, chain.commands)
+                w.warmup(chain, env)
+                if not w.fresh_per_rep:
+                    for rep in range(reps):
+                        samples.append(w.measure(chain, env))
+                        _log(f"{w.name} {topo} rep {rep + 1}: {samples[-1].values}")
+                if profile and chain.python:
+                    with record(chain, outdir, w.name) as files:
+                        profiled = w.measure(chain, env)
+                    _log(f"{w.name} {topo} profiled run: {profiled.values}")
+                    result.profiled[topo] = profiled
+                    for role, path in files.items():
+                        if path.exists():
+                            result.profiles.setdefault(topo, []).append(summarise(role, path))
+        except BenchError as exc:
+            _log(f"{w.name} {topo} FAILED: {exc}")
+            result.errors[topo] = str(exc).splitlines()[0]
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.run", description=__doc__)
+    parser.add_argument("--reps", type=int, default=3, help="repetitions per figure (median)")
+    parser.add_argument("--only", nargs="*", help="workload names to run (default: all)")
+    parser.add_argument("--no-profile", action="store_true", help="skip the py-spy runs")
+    parser.add_argument("--out", type=Path, default=Path("bench/RESULTS.md"))
+    parser.add_argument("--workdir", type=Path, help="keep logs and profiles here")
+    args = parser.parse_args(argv)
+
+    nofile = raise_nofile()
+    workdir = args.workdir or Path(tempfile.mkdtemp(prefix="meshid-bench-"))
+    workdir.mkdir(parents=True, exist_ok=True)
+    venv_bin = Path(sys.executable).parent
+    profile = not args.no_profile and py_spy_path() is not None
+    if not args.no_profile and not profile:
+        _log("py-spy not found: figures without profiles")
+    selected = [w for w in WORKLOADS if not args.only or w.name in args.only]
+    run = report.RunResult(reps=args.reps, nofile=nofile, workdir=workdir)
+    started = time.monotonic()
+    _log(f"work directory {workdir}, RLIMIT_NOFILE {nofile}")
+    with Supervisor(workdir) as sup:
+        env = Env(workdir, venv_bin / "meshid", Path(sys.executable), sup)
+        run.setup_commands = make_certs(env)
+        run.backend_commands = start_backends(env)
+        for w in selected:
+            _log(f"workload {w.name}: {w.title}")
+            run.workloads.append(run_workload(w, env, args.reps, profile, workdir))
+    run.seconds = time.monotonic() - started
+    args.out.write_text(report.render(run))
+    _log(f"wrote {args.out} after {run.seconds:.0f}s")
+    return 1 if any(r.errors for r in run.workloads) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
