@@ -208,13 +208,14 @@ class LogCapture(io.StringIO):
 
 
 def metric(sidecar: Sidecar, name: str, **labels: str) -> float:
-    """One sample from the sidecar's Prometheus exposition (0.0 when the series is absent)."""
+    """The sum of the samples of `name` whose labels include `labels` (0.0 if none)."""
     text = sidecar.metrics.exposition().decode()
+    total = 0.0
     for family in text_string_to_metric_families(text):
         for sample in family.samples:
             if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):
-                return float(sample.value)
-    return 0.0
+                total += float(sample.value)
+    return total
 
 
 # -- plain endpoints -----------------------------------------------------------
