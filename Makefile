@@ -34,7 +34,8 @@ demo: install system-packages
 	$(BIN)/python -m tools.demo
 
 bench: install
-	tools/ensure-debs openssl:openssl stunnel4:stunnel4 wrk:wrk
+	tools/ensure-debs openssl:openssl stunnel4:stunnel4 wrk:wrk iperf3:iperf3 nginx:nginx-light
+	$(BIN)/python -m pip install --quiet py-spy || echo "bench: py-spy unavailable, no profiles" >&2
 	$(BIN)/python -m bench.run
 
 clean:

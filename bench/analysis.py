@@ -1,12 +1,176 @@
-"""What limits each figure: prose per workload, with this run's numbers filled in."""
+"""What limits each figure, and what would move it: prose with this run's numbers filled in.
+
+The reasoning uses three kinds of evidence from the run: CPU seconds of every
+process per unit of work (from /proc and wait4), how busy the load generator
+was, and where the sidecars spent their samples (py-spy). Statements that
+depend on the numbers are computed, not assumed.
+"""
 
 from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from bench.report import RunResult
+    from bench.profiling import Profile
+    from bench.report import RunResult, WorkloadResult
+
+
+def _share(profiles: list[Profile], *needles: str) -> float:
+    """Mean share (%) over the sidecars of the categories whose name contains a needle."""
+    if not profiles:
+        return 0.0
+    total = 0.0
+    for p in profiles:
+        total += sum(pct for name, pct in p.categories if any(n in name for n in needles))
+    return total / len(profiles)
+
+
+def _v(x: float | None, digits: int = 0) -> str:
+    return "n/a" if x is None else f"{x:,.{digits}f}"
+
+
+def _ratio(r: WorkloadResult, key: str) -> float | None:
+    m, s = r.median("meshid", key), r.median("stunnel", key)
+    return None if m is None or not s else m / s
+
+
+def _cost(r: WorkloadResult, topo: str, proc: str, unit: str, prefix: str = "") -> float | None:
+    return r.detail(topo, f"{prefix}{proc}: {unit}")
+
+
+def _busy(r: WorkloadResult, topo: str, procs: tuple[str, ...], prefix: str = "") -> str:
+    parts = []
+    for p in procs:
+        v = r.detail(topo, f"{prefix}{p}: CPU % of one core")
+        parts.append(f"{p} {_v(v)} %")
+    return ", ".join(parts)
+
+
+MESHID = ("meshid-web", "meshid-api")
+STUNNEL = ("stunnel-client", "stunnel-server")
+
+
+def _bulk(r: WorkloadResult) -> list[str]:
+    unit = "CPU s per GiB"
+    prof = r.profiles.get("meshid", [])
+    up, down = _ratio(r, "up"), _ratio(r, "down")
+
+    def cost(topo: str, proc: str) -> str:
+        return _v(_cost(r, topo, proc, unit, "up: "), 2)
+
+    lines = [
+        f"**Bulk** (meshid/stunnel {_v(up, 2)}x up, {_v(down, 2)}x down; direct TCP "
+        f"{_v(r.median('direct', 'up'))} MiB/s, so neither iperf3 nor the kernel limits the "
+        "proxied figures).",
+        f"CPU per GiB moved, client→server: web sidecar {cost('meshid', 'meshid-web')} s, "
+        f"api sidecar {cost('meshid', 'meshid-api')} s; stunnel "
+        f"{cost('stunnel', 'stunnel-client')} s and {cost('stunnel', 'stunnel-server')} s. "
+        f"Busy: {_busy(r, 'meshid', MESHID, 'up: ')} "
+        f"(stunnel: {_busy(r, 'stunnel', STUNNEL, 'up: ')}).",
+        f"Profile: {_v(_share(prof, 'pyOpenSSL'), 0)} % of the sidecars' samples are inside "
+        f"pyOpenSSL calls (OpenSSL's AES-GCM and record layer), {_v(_share(prof, 'trio'), 0)} % "
+        f"in trio's scheduler and epoll, {_v(_share(prof, 'copy loop', 'TLS shell'), 0)} % in "
+        "the copy loop itself. Each sidecar is one thread, so a stream is bounded by one core "
+        "per hop, shared here with iperf3 and the other hop on two vCPUs. What would move it: "
+        "fewer user-space passes per byte (kernel TLS via OpenSSL's `SSL_OP_ENABLE_KTLS`, "
+        "which also allows `splice` on the plain side), reading several records per wakeup "
+        "(already done: 64 KiB per pass), and worker processes with `SO_REUSEPORT` for more "
+        "than one stream; none of these is a small change.",
+    ]
+    return lines
+
+
+def _small(r: WorkloadResult) -> list[str]:
+    unit = "CPU µs per request"
+    prof = r.profiles.get("meshid", [])
+    return [
+        f"**Small requests** (meshid/stunnel {_v(_ratio(r, 'rps'), 2)}x; direct TCP "
+        f"{_v(r.median('direct', 'rps'))} req/s with wrk at "
+        f"{_v(r.detail('direct', 'wrk CPU % of its one thread'))} % of its thread, against "
+        f"{_v(r.detail('meshid', 'wrk CPU % of its one thread'))} % through meshid: wrk is "
+        "not the limit).",
+        f"CPU per request: web sidecar {_v(_cost(r, 'meshid', 'meshid-web', unit))} µs, api "
+        f"sidecar {_v(_cost(r, 'meshid', 'meshid-api', unit))} µs; stunnel "
+        f"{_v(_cost(r, 'stunnel', 'stunnel-client', unit))} and "
+        f"{_v(_cost(r, 'stunnel', 'stunnel-server', unit))} µs. Busy: "
+        f"{_busy(r, 'meshid', MESHID)}. Each request crosses each sidecar twice (request "
+        "and response), each crossing being an epoll wakeup, a trio task switch, one TLS "
+        "call that returns data, one that raises `WantReadError`, and a plain `send`.",
+        f"Profile: pyOpenSSL {_v(_share(prof, 'pyOpenSSL'))} %, trio scheduler and epoll "
+        f"{_v(_share(prof, 'trio'))} %, copy loop {_v(_share(prof, 'copy loop', 'TLS shell'))} % "
+        "(its self time is mostly the `send`/`recv_into` system calls). The figure is set "
+        "by per-message Python and scheduler overhead, not by cryptography: the two "
+        "sidecars together use well over one of the two cores. What would move it: fewer "
+        "calls per message (skip the `WantReadError` probe when `pending()` is 0 and "
+        "read-ahead is off; skip the checkpoint after a direction already waited — tried in "
+        "this session, no difference measurable above this machine's noise), and worker "
+        "processes; only the latter gives more than tens of percent.",
+    ]
+
+
+def _newconn(r: WorkloadResult) -> list[str]:
+    unit = "CPU ms per connection"
+    prof = r.profiles.get("meshid", [])
+    hs = 0.0
+    if prof:
+        hs = sum(dict(p.inclusive).get("handshake", 0.0) for p in prof) / len(prof)
+    return [
+        f"**New connections** (meshid/stunnel {_v(_ratio(r, 'cps'), 2)}x; direct TCP "
+        f"{_v(r.median('direct', 'cps'))} conn/s, so wrk and nginx are far from the limit).",
+        f"CPU per connection: web sidecar {_v(_cost(r, 'meshid', 'meshid-web', unit), 2)} ms, "
+        f"api sidecar {_v(_cost(r, 'meshid', 'meshid-api', unit), 2)} ms; stunnel "
+        f"{_v(_cost(r, 'stunnel', 'stunnel-client', unit), 2)} and "
+        f"{_v(_cost(r, 'stunnel', 'stunnel-server', unit), 2)} ms. Busy: "
+        f"{_busy(r, 'meshid', MESHID)} (stunnel: {_busy(r, 'stunnel', STUNNEL)}).",
+        f"Profile: `handshake` is on the stack in {_v(hs)} % of the sidecars' samples "
+        f"(pyOpenSSL {_v(_share(prof, 'pyOpenSSL'))} % overall, most of it `do_handshake`: "
+        "OpenSSL's C handshake, ~1 ms per side per the data-path notes); the rest is the "
+        "per-connection Python: accept, connect, certificate-to-cryptography conversion "
+        "for the SPIFFE check, two JSON decision-log lines, metrics, registry, three trio "
+        "tasks. The outbound sidecar offers the previous session (TLS 1.3 resumption), "
+        "which skips certificate verification on the resumed side. What would move it: "
+        "worker processes sharing ticket keys (the handshake is C and parallelises), "
+        "keeping more than one cached session per upstream (the cache keeps one, stored "
+        "only when a connection ends), and trimming per-connection Python work.",
+    ]
+
+
+def _idle(r: WorkloadResult) -> list[str]:
+    m5 = [r.median("meshid", f"5000:{p}") for p in ("front", "back")]
+    s5 = [r.median("stunnel", f"5000:{p}") for p in ("front", "back")]
+    threads = r.detail("stunnel", "stunnel-client: threads @5000")
+    return [
+        f"**Idle connections**: meshid {_v(m5[0], 1)} KiB (web, outbound) and "
+        f"{_v(m5[1], 1)} KiB (api, inbound) per connection at 5,000; stunnel "
+        f"{_v(s5[0], 1)} and {_v(s5[1], 1)} KiB, with one thread per connection "
+        f"({_v(threads)} threads in the client stunnel at 5,000: stack and per-thread "
+        "buffers). A meshid connection idles holding no copy buffer (the pool lends one "
+        "only while bytes move; `SSL_MODE_RELEASE_BUFFERS` frees OpenSSL's record buffers), "
+        "so what remains is OpenSSL's SSL object and session (the inbound side also keeps "
+        "the peer's certificate chain), the pyOpenSSL wrappers, three trio tasks with their "
+        "coroutine frames and a nursery, the registry entry and two sockets' objects. "
+        "py-spy does not see memory; its profile of this workload shows the connection "
+        "ramp. What would move it: one task per connection instead of three (a single "
+        "task that waits on both directions), dropping the peer certificate after the "
+        "decision, `__slots__` on the per-connection objects; each is a few KiB.",
+    ]
+
+
+ANALYSES = {"bulk": _bulk, "small": _small, "newconn": _newconn, "idle": _idle}
 
 
 def analyse(run: RunResult) -> list[str]:
-    return ["## What limits each figure", "", "(analysis pending)"]
+    lines = ["## What limits each figure, and what would move it", ""]
+    for r in run.workloads:
+        write = ANALYSES.get(r.workload.name)
+        if write is None:
+            continue
+        lines += [" ".join(write(r)), ""]
+    lines.append(
+        "**The load generators**: wrk and iperf3 reach the direct-TCP figures above, "
+        "several times the proxied ones, with the same command, so through a proxy they "
+        "wait on the proxies. On two vCPUs every process competes for the same cores; "
+        f"the load average was {run.load_before} before the run and {run.load_after} after "
+        "(other sessions share this machine), which is why raw rates swing between runs."
+    )
+    return lines

@@ -57,6 +57,8 @@ class RunResult:
     setup_commands: list[str] = field(default_factory=list)
     backend_commands: list[str] = field(default_factory=list)
     seconds: float = 0.0
+    load_before: str = ""
+    load_after: str = ""
 
 
 # -- versions -------------------------------------------------------------------

@@ -24,6 +24,11 @@ def _log(msg: str) -> None:
     print(f"[bench {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
 
 
+def _loadavg() -> str:
+    with open("/proc/loadavg", encoding="ascii") as f:
+        return " / ".join(f.read().split()[:3])
+
+
 def run_workload(
     w: Workload, env: Env, reps: int, profile: bool, outdir: Path
 ) -> report.WorkloadResult:
@@ -71,8 +76,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     nofile = raise_nofile()
-    workdir = args.workdir or Path(tempfile.mkdtemp(prefix="meshid-bench-"))
-    workdir.mkdir(parents=True, exist_ok=True)
+    if args.workdir is not None:
+        args.workdir.mkdir(parents=True, exist_ok=True)
+    workdir = Path(tempfile.mkdtemp(prefix="meshid-bench-", dir=args.workdir))
     venv_bin = Path(sys.executable).parent
     profile = not args.no_profile and py_spy_path() is not None
     if not args.no_profile and not profile:
@@ -80,6 +86,7 @@ def main(argv: list[str] | None = None) -> int:
     selected = [w for w in WORKLOADS if not args.only or w.name in args.only]
     run = report.RunResult(reps=args.reps, nofile=nofile, workdir=workdir)
     started = time.monotonic()
+    run.load_before = _loadavg()
     _log(f"work directory {workdir}, RLIMIT_NOFILE {nofile}")
     with Supervisor(workdir) as sup:
         env = Env(workdir, venv_bin / "meshid", Path(sys.executable), sup)
@@ -89,6 +96,7 @@ def main(argv: list[str] | None = None) -> int:
             _log(f"workload {w.name}: {w.title}")
             run.workloads.append(run_workload(w, env, args.reps, profile, workdir))
     run.seconds = time.monotonic() - started
+    run.load_after = _loadavg()
     args.out.write_text(report.render(run))
     _log(f"wrote {args.out} after {run.seconds:.0f}s")
     return 1 if any(r.errors for r in run.workloads) else 0
