@@ -10,6 +10,7 @@ Endpoints (all JSON; errors are ``{"error": reason, "message": text}``):
 
     POST /v1/enroll   {"token", "csr"}  -> SVID chain + bundle   (no client cert)
     POST /v1/renew    {"csr"}           -> SVID chain + bundle   (mTLS, current SVID)
+    POST /v1/report   {"instance", ...} -> recorded               (mTLS): sidecar status
     GET  /v1/bundle                     -> SPIFFE bundle (JWKS)
     GET  /v1/watch?policy_version=&revocation_version=&bundle_sequence=
                                         -> the caller's feed     (mTLS)
@@ -19,6 +20,7 @@ Endpoints (all JSON; errors are ``{"error": reason, "message": text}``):
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -27,7 +29,6 @@ from typing import Any
 from cryptography import x509
 
 from ca.authority import Authority, IssuedSvid
-from ca.ratelimit import FailureLimiter
 from meshid.errors import (
     AuthorityError,
     CsrRejected,
@@ -38,10 +39,12 @@ from meshid.errors import (
     StateError,
     TokenRejected,
 )
+from meshid.ratelimit import FailureLimiter
 from meshid.spiffeid import SpiffeId
 from meshid.svid import certs_to_pem, verify_svid
 
 MAX_BODY = 64 * 1024
+_INSTANCE = re.compile(r"[A-Za-z0-9_.-]{1,64}")
 WATCH_KEYS = ("policy_version", "revocation_version", "bundle_sequence")
 
 
@@ -134,6 +137,7 @@ class ControlApi:
             ("POST", "/v1/renew"): self._renew,
             ("GET", "/v1/bundle"): self._bundle,
             ("GET", "/v1/watch"): self._watch_now,
+            ("POST", "/v1/report"): self._report,
             ("GET", "/healthz"): self._health,
         }
         handler = routes.get((req.method, req.path))
@@ -191,6 +195,25 @@ class ControlApi:
                 f"client certificate refused: {exc.message}", reason=exc.reason
             ) from None
         return svid_reply(issued)
+
+    def _report(self, req: Request) -> Reply:
+        """A sidecar's status: what `meshid ca status`, `--dry-run` and rollovers rely on."""
+        caller = self._caller(req)
+        try:
+            doc = json.loads(req.body.decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            raise InvalidInput("report is not valid JSON", reason="invalid_json") from None
+        if not isinstance(doc, dict):
+            raise InvalidInput("report must be a JSON object", reason="invalid_json")
+        instance = doc.get("instance")
+        if not isinstance(instance, str) or not _INSTANCE.fullmatch(instance):
+            raise InvalidInput(
+                "report needs an instance of 1-64 [A-Za-z0-9_.-]", reason="invalid_json"
+            )
+        if not isinstance(doc.get("bundle_sequence", 0), int):
+            raise InvalidInput("'bundle_sequence' must be an integer", reason="invalid_json")
+        self.authority.record_report(caller, instance, doc)
+        return Reply(200, {"recorded": True})
 
     def _bundle(self, req: Request) -> Reply:
         self.authority.advance_roots()

@@ -31,6 +31,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
@@ -77,6 +78,8 @@ TOKEN_PREFIX = "mjt_"  # noqa: S105 - a marker, not a secret
 BUNDLE_FILE = "bundle.pem"
 _SPKI = (serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
 SIGNER_RECHECK = timedelta(seconds=1)
+REPORT_FRESH = timedelta(seconds=30)  # a sidecar silent for longer is not waited for
+REPORT_FORGET = timedelta(days=1)
 RESERVED_PATH = "/meshid"  # the authority's own identities live under here
 _DNS_LABEL = re.compile(r"^(?!-)[A-Za-z0-9-]{1,63}(?<!-)$")
 
@@ -291,6 +294,9 @@ class Authority:
         return SpiffeId.resolve(text, self.trust_domain).require_workload()
 
     def _now(self) -> datetime:
+        return self._clock()
+
+    def clock_now(self) -> datetime:
         return self._clock()
 
     # -- roots and the bundle --
@@ -695,7 +701,7 @@ class Authority:
 
     # -- root rollover --
 
-    def rotate(self, propagation: timedelta) -> tuple[int, datetime]:
+    def rotate(self, propagation: timedelta, *, wait_for_acks: bool = True) -> tuple[int, datetime]:
         """Publish a next root now; it starts signing after `propagation`.
 
         Sidecars learn the new root from the bundle feed before any SVID it
@@ -726,9 +732,11 @@ class Authority:
         _write_private(path, key_to_pem(key, self._passphrase if self.key_encrypted else None))
         activate_at = now + propagation
         with self.store.write() as conn:
+            sequence = Store.bump(conn, "bundle_sequence")
             conn.execute(
                 "INSERT INTO roots (generation, cert_pem, key_file, state, not_after, created_at, "
-                "activate_at) VALUES (?, ?, ?, 'next', ?, ?, ?)",
+                "activate_at, published_sequence, wait_for_acks) "
+                "VALUES (?, ?, ?, 'next', ?, ?, ?, ?, ?)",
                 (
                     generation,
                     certs_to_pem([root]).decode(),
@@ -736,9 +744,10 @@ class Authority:
                     root.not_valid_after_utc.timestamp(),
                     now.timestamp(),
                     activate_at.timestamp(),
+                    sequence,
+                    1 if wait_for_acks else 0,
                 ),
             )
-            sequence = Store.bump(conn, "bundle_sequence")
             Store.audit(
                 conn,
                 now.timestamp(),
@@ -760,8 +769,12 @@ class Authority:
         now = self._now().timestamp()
         with self.store.read() as conn:
             due = conn.execute(
-                "SELECT generation FROM roots WHERE state = 'next' AND activate_at <= ?", (now,)
+                "SELECT generation, published_sequence, wait_for_acks FROM roots "
+                "WHERE state = 'next' AND activate_at <= ?",
+                (now,),
             ).fetchone()
+            if due is not None and due[2] and self._lagging(conn, int(due[1] or 0), now):
+                due = None  # a live sidecar has not confirmed the new bundle yet
             retiring = conn.execute(
                 "SELECT r.generation FROM roots r WHERE r.state = 'retiring' AND "
                 "COALESCE((SELECT MAX(not_after) FROM svids s WHERE s.generation = r.generation),"
@@ -806,6 +819,70 @@ class Authority:
         if changed:
             self.write_bundle_file()
         return changed
+
+    # -- what sidecars report --
+
+    @staticmethod
+    def _lagging(conn: sqlite3.Connection, sequence: int, now: float) -> list[str]:
+        """Live sidecars whose last report holds a bundle older than `sequence`."""
+        rows = conn.execute(
+            "SELECT instance, spiffe_id, report FROM reports WHERE seen_at >= ?",
+            (now - REPORT_FRESH.total_seconds(),),
+        ).fetchall()
+        return [
+            f"{sid} ({instance})"
+            for instance, sid, report in rows
+            if int(json.loads(report).get("bundle_sequence", 0)) < sequence
+        ]
+
+    def rotation_status(self) -> tuple[int, list[str]] | None:
+        """(generation, sidecars not yet holding it) for a root waiting to activate."""
+        with self.store.read() as conn:
+            row = conn.execute(
+                "SELECT generation, published_sequence FROM roots WHERE state = 'next'"
+            ).fetchone()
+            if row is None:
+                return None
+            return int(row[0]), self._lagging(conn, int(row[1] or 0), self._now().timestamp())
+
+    def record_report(self, spiffe_id: SpiffeId, instance: str, report: dict[str, Any]) -> None:
+        """Keep a sidecar's latest report (not audited: it arrives every few seconds)."""
+        now = self._now().timestamp()
+        with self.store.write() as conn:
+            conn.execute(
+                "INSERT INTO reports (instance, spiffe_id, seen_at, report) VALUES (?, ?, ?, ?) "
+                "ON CONFLICT (instance) DO UPDATE SET spiffe_id = excluded.spiffe_id, "
+                "seen_at = excluded.seen_at, report = excluded.report",
+                (instance, str(spiffe_id), now, json.dumps(report, separators=(",", ":"))),
+            )
+            conn.execute(
+                "DELETE FROM reports WHERE seen_at < ?", (now - REPORT_FORGET.total_seconds(),)
+            )
+
+    def reports(self) -> list[tuple[str, SpiffeId, datetime, dict[str, Any]]]:
+        """(instance, ID, last seen, report) of every sidecar heard from lately."""
+        with self.store.read() as conn:
+            rows = conn.execute(
+                "SELECT instance, spiffe_id, seen_at, report FROM reports ORDER BY spiffe_id"
+            ).fetchall()
+        return [
+            (str(i), SpiffeId.parse(s), datetime.fromtimestamp(t, UTC), json.loads(r))
+            for i, s, t, r in rows
+        ]
+
+    def workloads(self) -> list[tuple[SpiffeId, datetime, int, bool]]:
+        """(ID, latest SVID expiry, SVIDs issued, revoked) for every identity ever issued."""
+        with self.store.read() as conn:
+            rows = conn.execute(
+                "SELECT s.spiffe_id, MAX(s.not_after), COUNT(*), "
+                "EXISTS (SELECT 1 FROM revocations r WHERE r.spiffe_id = s.spiffe_id) "
+                "FROM svids s WHERE s.spiffe_id NOT LIKE ? GROUP BY s.spiffe_id ORDER BY 1",
+                (f"spiffe://{self.trust_domain.name}{RESERVED_PATH}/%",),
+            ).fetchall()
+        return [
+            (SpiffeId.parse(s), datetime.fromtimestamp(t, UTC), int(n), bool(r))
+            for s, t, n, r in rows
+        ]
 
     def write_bundle_file(self) -> None:
         with contextlib.suppress(OSError):

@@ -26,7 +26,7 @@ from ca.authority import (
     check_ip,
 )
 from meshid.duration import format_duration, parse_duration
-from meshid.errors import InvalidInput, MeshIdError, StateError
+from meshid.errors import InvalidInput, MeshIdError, PolicyError, StateError
 from meshid.files import write_atomic
 from meshid.spiffeid import SpiffeId, TrustDomain
 from meshid.svid import certs_to_pem, generate_key, key_to_pem
@@ -262,10 +262,18 @@ def allow_cmd(source: str, target: str, state: Path) -> None:
 @click.argument("source", metavar="FROM")
 @click.argument("target", metavar="TO")
 @state_option
-def deny_cmd(source: str, target: str, state: Path) -> None:
+@click.option(
+    "--dry-run",
+    is_flag=True,
+    help="Change nothing; list the live connections the change would cut, as sidecars report.",
+)
+def deny_cmd(source: str, target: str, state: Path, dry_run: bool) -> None:
     """Remove the pair FROM -> TO from the allow-list."""
     authority = open_authority(state)
     src, dst = _pair(authority, source, target)
+    if dry_run:
+        _deny_dry_run(authority, src, dst)
+        return
     version = authority.deny(src, dst)
     click.echo(f"denied {src} -> {dst} (policy version {version})")
 
@@ -362,14 +370,25 @@ def serve_cmd(
     help="How long the next root is only published before it signs "
     "(default: half the SVID lifetime, between 10s and 5m).",
 )
+@click.option(
+    "--force",
+    is_flag=True,
+    help="Activate after the delay even if a live sidecar has not confirmed the new bundle.",
+)
 @passphrase_option
-def rotate_cmd(state: Path, propagation: timedelta | None, passphrase_file: Path | None) -> None:
-    """Roll the root: publish the next root now, let it sign after the propagation delay."""
+def rotate_cmd(
+    state: Path, propagation: timedelta | None, force: bool, passphrase_file: Path | None
+) -> None:
+    """Roll the root: publish the next root now, let it sign after the propagation delay.
+
+    Activation also waits until every live sidecar reports holding the new
+    bundle (unless --force); `meshid ca status` shows who it waits for.
+    """
     from ca.server import propagation_default
 
     authority = open_authority(state, passphrase_file)
     delay = propagation if propagation is not None else propagation_default(authority.svid_ttl)
-    generation, activate_at = authority.rotate(delay)
+    generation, activate_at = authority.rotate(delay, wait_for_acks=not force)
     click.echo(
         f"published root {generation}; it signs from {activate_at:%Y-%m-%dT%H:%M:%SZ} "
         f"(in {format_duration(delay)}); the old root stays in the bundle until its last "
@@ -410,3 +429,29 @@ def audit_export_cmd(state: Path) -> None:
             "hash": entry.hash,
         }
         click.echo(json.dumps(record, separators=(",", ":")))
+
+
+def _deny_dry_run(authority: Authority, src: SpiffeId, dst: SpiffeId) -> None:
+    from ca.status import connections_of_pair
+
+    policy = authority.policy()
+    if (src, dst) not in policy.pairs:
+        raise PolicyError(f"{src} -> {dst} is not on the allow-list", reason="unknown_pair")
+    lines, total = connections_of_pair(authority.reports(), src, dst, authority.clock_now())
+    click.echo(
+        f"dry run: denying {src} -> {dst} (policy version {policy.version}) would cut "
+        f"{total} live connection(s) reported by sidecars; nothing was changed"
+    )
+    for line in lines:
+        click.echo(f"  {line}")
+
+
+@ca_group.command("status")
+@state_option
+def status_cmd(state: Path) -> None:
+    """Enrolled workloads, running sidecars, SVID expiry, bundle held; warnings first."""
+    from ca.status import render_status
+
+    authority = open_authority(state)
+    for line in render_status(authority):
+        click.echo(line)

@@ -41,14 +41,14 @@ from cryptography import x509
 
 from ca.api import MAX_BODY, ControlApi, Reply, Request, error
 from ca.authority import Authority, utcnow
-from ca.ratelimit import FailureLimiter
 from meshid.errors import MeshIdError, StateError
 from meshid.files import write_atomic
+from meshid.ratelimit import FailureLimiter
 from meshid.spiffeid import SpiffeId
 from meshid.svid import IpAddress, certs_to_pem, generate_key, key_to_pem
 
 AUTHORITY_PATH = "/meshid/authority"
-SIGNING_PATHS = ("/v1/enroll", "/v1/renew")
+BATCHED_PATHS = ("/v1/enroll", "/v1/renew", "/v1/report")  # writes: group-committed
 MAX_BATCH = 128
 SERVER_DIR = "server"
 T = TypeVar("T")
@@ -274,7 +274,7 @@ class ControlPlane:
                 peer_cert=cert,
             )
             reply = await self._dispatch(req)
-            if reply.status >= 400 or req.path != "/healthz":
+            if reply.status >= 400 or req.path in ("/v1/enroll", "/v1/renew"):
                 self.log(
                     "request",
                     method=req.method,
@@ -303,7 +303,7 @@ class ControlPlane:
             with trio.move_on_after(wait):
                 while self._versions == seen:
                     await self._changed.wait()
-        if req.method == "POST" and req.path in SIGNING_PATHS:
+        if req.method == "POST" and req.path in BATCHED_PATHS:
             return await self._signed(req)
         return await self._db_call(self.api.handle, req)
 

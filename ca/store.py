@@ -38,7 +38,9 @@ CREATE TABLE roots (
     state TEXT NOT NULL CHECK (state IN ('next', 'active', 'retiring', 'retired')),
     not_after REAL NOT NULL,
     created_at REAL NOT NULL,
-    activate_at REAL
+    activate_at REAL,
+    published_sequence INTEGER,                -- the bundle sequence that first held it
+    wait_for_acks INTEGER NOT NULL DEFAULT 1   -- activate only once live sidecars hold it
 );
 CREATE TABLE tokens (
     hash TEXT PRIMARY KEY,
@@ -65,6 +67,12 @@ CREATE TABLE svids (
     how TEXT NOT NULL
 );
 CREATE INDEX svids_by_generation ON svids (generation, not_after);
+CREATE TABLE reports (
+    instance TEXT PRIMARY KEY,                 -- one running sidecar
+    spiffe_id TEXT NOT NULL,
+    seen_at REAL NOT NULL,
+    report TEXT NOT NULL
+);
 CREATE TABLE audit (
     seq INTEGER PRIMARY KEY,
     at REAL NOT NULL,

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import json
 import random
+import secrets
 from collections.abc import Awaitable, Callable
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -49,6 +50,8 @@ KEY_FILE = "svid.key"
 BUNDLE_FILE = "bundle.pem"
 FEED_FILE = "feed.json"
 WATCH_WAIT = 25.0
+REPORT_INTERVAL = 10.0
+REPORT_MIN_INTERVAL = 1.0
 
 
 class Host(Protocol):
@@ -62,6 +65,7 @@ class Host(Protocol):
     def install_svid(self, svid: Svid, how: str) -> None: ...
     def install_policy(self, policy: Policy) -> int: ...
     def count_renewal(self, result: str) -> None: ...
+    def status_report(self) -> dict[str, Any]: ...
 
 
 def build_csr(key: Any, spiffe_id: SpiffeId) -> bytes:
@@ -125,6 +129,8 @@ class DynamicIdentity:
         self.rand = rand
         self.dir = source.state_dir
         self.versions: tuple[int, int, int] = (-1, -1, -1)
+        self.instance = secrets.token_hex(6)  # this run of the sidecar, as `ca status` lists it
+        self._report_now = trio.Event()
 
     # -- files --
 
@@ -376,6 +382,7 @@ class DynamicIdentity:
         )
         write_atomic(self._path(BUNDLE_FILE), bundle.to_pem())
         self.host.install_svid(updated, "bundle_updated")
+        self._report_now.set()  # a root rollover waits for this acknowledgement
 
     async def watch(self) -> None:
         """Follow the allow-list, revocations and bundle; never returns."""
@@ -414,8 +421,37 @@ class DynamicIdentity:
                 )
                 await trio.sleep(delay)
 
+    async def report(self) -> None:
+        """Tell the control plane how this sidecar is doing, every few seconds."""
+        failing = False
+        while True:
+            body = {"instance": self.instance, **self.host.status_report()}
+            try:
+                await self.client.request(
+                    "POST",
+                    "/v1/report",
+                    body,
+                    bundle_pem=self._trust_pem(),
+                    now=self.host.wall_now(),
+                    identity=self._identity_files(),
+                )
+                failing = False
+            except MeshIdError as exc:
+                if not failing:  # once per outage: renewal_failed already says it loudly
+                    self.host.events.emit("report_failed", reason=exc.reason, detail=exc.message)
+                failing = True
+            await trio.sleep(REPORT_MIN_INTERVAL)  # a burst of changes makes one report
+            with trio.move_on_after(REPORT_INTERVAL - REPORT_MIN_INTERVAL):
+                await self._report_now.wait()
+            self._report_now = trio.Event()
+
+    def poke(self) -> None:
+        """Something an operator may ask about changed: report it soon."""
+        self._report_now.set()
+
     async def run(self) -> None:
         async with trio.open_nursery() as nursery:
+            nursery.start_soon(self.report)
             nursery.start_soon(
                 renewal_loop,
                 self.schedule,
