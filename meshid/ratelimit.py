@@ -1,8 +1,9 @@
 """Failure-based rate limiting: a source that keeps failing is refused for a while.
 
-Pure: time is passed in. Used by the control plane to slow down token
+Pure: time is passed in. The control plane uses it to slow down token
 guessing (join tokens carry 256 bits, so this protects the database and the
-logs more than the tokens).
+logs more than the tokens); the sidecar uses it to quarantine a peer that
+keeps failing authentication or authorisation.
 """
 
 from __future__ import annotations
@@ -43,6 +44,10 @@ class FailureLimiter:
             times.clear()
             return True
         return False
+
+    def active(self, now: float) -> dict[str, float]:
+        """Every source blocked at `now`, with the seconds it has left."""
+        return {s: until - now for s, until in self._blocked_until.items() if until > now}
 
     def _prune(self, now: float) -> None:
         for source in list(self._failures):

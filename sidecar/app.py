@@ -26,6 +26,7 @@ from OpenSSL import SSL, crypto
 
 from meshid.errors import MeshIdError
 from meshid.policy import IDENTITY_REVOKED, Policy
+from meshid.ratelimit import FailureLimiter
 from meshid.spiffeid import SpiffeId
 from sidecar.admin import Response, serve_admin
 from sidecar.config import Address, Inbound, Outbound, SidecarConfig, StaticSource
@@ -51,6 +52,17 @@ from sidecar.tlsio import TlsStream, handshake_failure_reason
 
 def utcnow() -> datetime:
     return datetime.now(UTC)
+
+
+QUARANTINED = "peer_quarantined"
+REPORT_MAX_LISTED = 200  # live connections listed one by one in a report (all are counted)
+# refusals of a peer that proved its identity: counted against the ID, not the address
+AUTHENTICATED_REFUSALS = frozenset({"not_allowed", "identity_revoked", "wrong_identity"})
+
+
+def _host_of(peer_addr: str) -> str:
+    host = peer_addr.rsplit(":", 1)[0]
+    return host[1:-1] if host.startswith("[") else host
 
 
 def _fmt_addr(addr: tuple[str, int] | tuple[str, int, int, int]) -> str:
@@ -97,6 +109,15 @@ class Sidecar:
         self.generation: Generation | None = None
         self._generation_number = 0
         self.policy = Policy.build([], 0)
+        self.quarantine = (
+            FailureLimiter(
+                max_failures=config.limits.quarantine_failures,
+                window=config.limits.quarantine_window,
+                block=config.limits.quarantine_period,
+            )
+            if config.limits.quarantine_failures > 0
+            else None
+        )
         self.skew = timedelta(seconds=config.limits.clock_skew)
         self.ready = False
         self.draining = False
@@ -105,6 +126,7 @@ class Sidecar:
         self.stopped = trio.Event()
         self._accept_scopes: list[trio.CancelScope] = []
         self.dynamic: DynamicIdentity | None = None
+        self.changed: Callable[[], None] = lambda: None  # live connections or policy moved
         self.metrics = Metrics(
             Gauges(
                 registry=self.registry,
@@ -113,7 +135,7 @@ class Sidecar:
                 bundle_sequence=lambda: (
                     self.generation.svid.bundle.sequence if self.generation else 0
                 ),
-                quarantined=lambda: 0,
+                quarantined=lambda: len(self.quarantined()),
             )
         )
 
@@ -163,6 +185,7 @@ class Sidecar:
             return "identity_revoked" if decision.reason == IDENTITY_REVOKED else "policy_revoked"
 
         closed = self.registry.close_where(now_denied)
+        self.changed()
         self.events.emit(
             "policy", version=policy.version, pairs=len(policy.pairs), closed_connections=closed
         )
@@ -199,6 +222,11 @@ class Sidecar:
                 now=self.wall(),
                 skew=self.skew,
             )
+            peer = hs.verdict.peer_id
+            if hs.direction == INBOUND and peer is not None and self._blocked(str(peer)):
+                hs.verdict = Verdict(
+                    False, QUARANTINED, f"{peer} is quarantined after repeated refusals", peer
+                )
             return hs.verdict.allowed
         except Exception as exc:  # never let a hostile certificate escape as a crash
             hs.verdict = Verdict(False, "invalid_certificate", f"certificate rejected: {exc}")
@@ -206,7 +234,83 @@ class Sidecar:
 
     # -- decisions -------------------------------------------------------------
 
+    def status_report(self) -> dict[str, object]:
+        """What the control plane hears every few seconds (see `meshid ca status`)."""
+        svid = self.current_svid()
+        pairs: dict[tuple[str, str], int] = {}
+        listed: list[dict[str, object]] = []
+        for entry in self.registry.live():
+            if entry.peer_id is None or not entry.established:
+                continue
+            key = (entry.direction, str(entry.peer_id))
+            pairs[key] = pairs.get(key, 0) + 1
+            if len(listed) < REPORT_MAX_LISTED:
+                listed.append(
+                    {
+                        "id": entry.id,
+                        "direction": entry.direction,
+                        "peer_id": str(entry.peer_id),
+                        "peer_addr": entry.peer_addr,
+                        "started": entry.started_wall.isoformat(),
+                        "bytes_in": entry.bytes_in,
+                        "bytes_out": entry.bytes_out,
+                    }
+                )
+        return {
+            "svid_serial": f"{svid.serial:x}" if svid else None,
+            "svid_not_after": svid.not_after.isoformat() if svid else None,
+            "bundle_sequence": svid.bundle.sequence if svid else 0,
+            "policy_version": self.policy.version,
+            "revocation_version": self.policy.revocation_version,
+            "live_connections": len(self.registry),
+            "pairs": [
+                {"direction": d, "peer_id": p, "count": n} for (d, p), n in sorted(pairs.items())
+            ],
+            "connections": listed,
+            "quarantined": [
+                {"peer": peer, "seconds_left": round(left)}
+                for peer, left in sorted(self.quarantined().items())
+            ],
+        }
+
+    # -- quarantine ------------------------------------------------------------
+
+    def quarantined(self) -> dict[str, float]:
+        """Blocked peers (SPIFFE IDs or source addresses) and the seconds they have left."""
+        if self.quarantine is None:
+            return {}
+        return self.quarantine.active(trio.current_time())
+
+    def _blocked(self, key: str) -> bool:
+        return self.quarantine is not None and bool(
+            self.quarantine.blocked(key, trio.current_time())
+        )
+
+    def _count_refusal(self, entry: LiveConnection, verdict: Verdict) -> None:
+        """An inbound peer refused: by its ID when it proved one, else by its address."""
+        if self.quarantine is None or entry.direction != INBOUND:
+            return
+        if verdict.reason in (QUARANTINED, "connection_limit"):
+            return
+        if verdict.peer_id is not None and verdict.reason in AUTHENTICATED_REFUSALS:
+            key, kind = str(verdict.peer_id), "spiffe_id"
+        else:
+            key, kind = _host_of(entry.peer_addr), "address"
+        if self.quarantine.failed(key, trio.current_time()):
+            self.metrics.quarantines.labels(kind).inc()
+            self.events.emit(
+                "peer_quarantined",
+                reason=QUARANTINED,
+                peer=key,
+                kind=kind,
+                last_reason=verdict.reason,
+                failures=self.quarantine.max_failures,
+                window_s=self.quarantine.window,
+                blocked_s=self.quarantine.block,
+            )
+
     def _deny(self, entry: LiveConnection, verdict: Verdict, handshake: bool = True) -> None:
+        self._count_refusal(entry, verdict)
         self.metrics.connections.labels(entry.direction, "deny", verdict.reason).inc()
         if handshake:
             self.metrics.handshake_failures.labels(entry.direction, verdict.reason).inc()
@@ -227,6 +331,7 @@ class Sidecar:
         entry.peer_serial = verdict.serial
         entry.peer_not_after = verdict.not_after
         entry.established = True
+        self.changed()
         self.metrics.connections.labels(entry.direction, "allow", verdict.reason).inc()
         self.events.emit(
             "decision",
@@ -381,6 +486,19 @@ class Sidecar:
         ],
     ) -> None:
         peer_addr = _fmt_addr(peer)
+        if direction == INBOUND and self._blocked(peer[0]):
+            self.metrics.connections.labels(direction, "deny", QUARANTINED).inc()
+            self.events.emit(
+                "decision",
+                direction=direction,
+                decision="deny",
+                reason=QUARANTINED,
+                detail=f"{peer[0]} is quarantined after repeated refusals",
+                local_id=str(self.identity),
+                peer_addr=peer_addr,
+            )
+            reset(sock)
+            return
         if len(self.registry) >= self.limits.max_connections:
             self.metrics.connections.labels(direction, "deny", "connection_limit").inc()
             self.events.emit(
@@ -421,6 +539,7 @@ class Sidecar:
                 else:
                     s.close()
             if entry.established:
+                self.changed()
                 duration = trio.current_time() - entry.started
                 self.metrics.closes.labels(direction, reason).inc()
                 self.events.emit(
@@ -593,6 +712,7 @@ class Sidecar:
                     skew=self.skew,
                 ),
             )
+            self.changed = self.dynamic.poke
             await self.dynamic.start()
         listeners: list[tuple[socket.socket, Callable[..., Awaitable[None]]]] = []
         try:

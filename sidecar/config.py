@@ -67,6 +67,10 @@ class Limits:
     max_connections: int = 10000
     close_on_peer_expiry: bool = True
     clock_skew: float = 60.0
+    # a peer refused this many times within the window is blocked for the period (0: never)
+    quarantine_failures: int = 20
+    quarantine_window: float = 60.0
+    quarantine_period: float = 300.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -267,6 +271,11 @@ def parse_config(doc: Mapping[str, Any], base: Path = Path()) -> SidecarConfig:
                 "close_on_peer_expiry", limits.close_on_peer_expiry
             ),
             clock_skew=limits_table.seconds("clock_skew", limits.clock_skew),
+            quarantine_failures=limits_table.integer(
+                "quarantine_failures", limits.quarantine_failures, minimum=0
+            ),
+            quarantine_window=limits_table.seconds("quarantine_window", limits.quarantine_window),
+            quarantine_period=limits_table.seconds("quarantine_period", limits.quarantine_period),
         )
         limits_table.done()
 

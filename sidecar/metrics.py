@@ -103,6 +103,12 @@ class Metrics:
         self.policy_updates = Counter(
             "meshid_policy_updates", "Allow-list updates applied", registry=self.registry
         )
+        self.quarantines = Counter(
+            "meshid_peer_quarantines",
+            "Peers blocked after repeated refusals, by what identified them",
+            ["kind"],
+            registry=self.registry,
+        )
         self.registry.register(_LiveCollector(gauges))
 
     def exposition(self) -> bytes:
