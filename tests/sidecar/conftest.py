@@ -20,7 +20,17 @@ from typing import Any
 import pytest
 import trio
 from cryptography import x509
-from sidecar_helpers import TD, Addr, Backend, Creds, LogCapture, forge, policy_toml, utcnow
+from sidecar_helpers import (
+    TD,
+    Addr,
+    Backend,
+    Creds,
+    LogCapture,
+    fmt,
+    forge,
+    policy_toml,
+    utcnow,
+)
 
 from ca.authority import Authority
 from meshid.events import EventLog
@@ -129,7 +139,8 @@ class Mesh:
         allow: Iterable[tuple[str, str]] = (),
         limits: Mapping[str, Any] | None = None,
         creds: Creds | None = None,
-        listen: Addr = ("127.0.0.1", 0),
+        host: str = "127.0.0.1",
+        listen: Addr | None = None,
         reload_interval: float = 0.05,
         sweep_interval: float = 0.05,
     ) -> Running:
@@ -149,17 +160,16 @@ class Mesh:
                 "bundle": "bundle.pem",
                 "policy": "policy.toml",
             },
-            "admin": {"listen": "127.0.0.1:0"},
+            "admin": {"listen": fmt((host, 0))},
         }
         if forward is not None:
             doc["inbound"] = {
-                "listen": f"{listen[0]}:{listen[1]}",
-                "forward": f"{forward[0]}:{forward[1]}",
+                "listen": fmt(listen or (host, 0)),
+                "forward": fmt(forward),
                 "proxy_protocol": proxy_protocol,
             }
         doc["outbound"] = [
-            {"listen": "127.0.0.1:0", "upstream": f"{a[0]}:{a[1]}", "identity": who}
-            for who, a in outbound
+            {"listen": fmt((host, 0)), "upstream": fmt(a), "identity": who} for who, a in outbound
         ]
         if limits:
             doc["limits"] = dict(limits)
@@ -208,6 +218,7 @@ async def start_pair(
     web_limits: Mapping[str, Any] | None = None,
     api_limits: Mapping[str, Any] | None = None,
     proxy_protocol: bool = False,
+    host: str = "127.0.0.1",
 ) -> Pair:
     api = await mesh.start(
         "api",
@@ -215,9 +226,10 @@ async def start_pair(
         allow=api_allows,
         limits=api_limits,
         proxy_protocol=proxy_protocol,
+        host=host,
     )
     web = await mesh.start(
-        "web", outbound=[("api", api.inbound)], allow=web_allows, limits=web_limits
+        "web", outbound=[("api", api.inbound)], allow=web_allows, limits=web_limits, host=host
     )
     return Pair(web, api, backend)
 

@@ -35,6 +35,12 @@ MESHID = Path(sys.executable).with_name("meshid")  # the installed console scrip
 Addr = tuple[str, int]
 
 
+def fmt(addr: Addr) -> str:
+    """HOST:PORT as the config and the log write it ([::1]:PORT for IPv6)."""
+    host, port = addr[0], addr[1]
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
 def sid(name: str) -> str:
     return str(SpiffeId.resolve(name, TD))
 

@@ -105,3 +105,18 @@ async def test_upstream_presenting_the_wrong_id_is_refused(mesh: Mesh, backend: 
     assert backend.accepted == 0
     assert not web.log.find("decision", decision="allow")
     assert metric(web.sidecar, "meshid_handshake_failures_total", reason="wrong_identity") == 1
+
+
+async def test_allowed_pair_over_ipv6_loopback(mesh: Mesh, backend: Backend) -> None:
+    api = await mesh.start("api", forward=backend.addr, allow=[("web", "api")], host="::1")
+    web = await mesh.start(
+        "web", outbound=[("api", api.inbound)], allow=[("web", "api")], host="::1"
+    )
+    assert api.inbound[0] == web.outbound()[0] == "::1"
+    with trio.fail_after(20):
+        assert await roundtrip(web.outbound(), b"over v6") == b"over v6"
+        [allow] = await api.log.wait_for("decision", decision="allow")
+        [close] = await web.log.wait_for("close")
+    assert allow["peer_id"] == WEB
+    assert allow["peer_addr"].startswith("[::1]:")
+    assert (close["reason"], close["bytes_in"], close["bytes_out"]) == ("closed", 7, 7)

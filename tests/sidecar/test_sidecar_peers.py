@@ -9,6 +9,7 @@ and leave the sidecar serving the next good connection.
 
 from __future__ import annotations
 
+import ssl
 from collections.abc import Callable
 from datetime import timedelta
 from pathlib import Path
@@ -145,3 +146,48 @@ async def test_outbound_refuses_hostile_upstream(
     sc = web.sidecar
     assert metric(sc, "meshid_connections_total", decision="deny", reason=reason) == 1
     assert metric(sc, "meshid_handshake_failures_total", direction="outbound", reason=reason) == 1
+
+
+async def test_clock_skew_tolerance_is_the_twin_of_not_yet_valid(
+    mesh: Mesh, backend: Backend, pki: Pki, nursery: trio.Nursery, tmp_path: Path
+) -> None:
+    """A leaf that starts 20 s from now is within the default 60 s skew: accepted both ways."""
+    now = utcnow()
+    soon = {"not_before": now + timedelta(seconds=20), "not_after": now + timedelta(hours=1)}
+    upstream = TlsUpstream(server_context(tmp_path, pki.forge(sid("api"), **soon)))
+    await nursery.start(upstream.serve)
+    api = await mesh.start("api", forward=backend.addr, allow=[("web", "api")])
+    web = await mesh.start("web", outbound=[("api", upstream.addr)], allow=[("web", "api")])
+    client = client_context(tmp_path, pki.bundle_pem, pki.forge(sid("web"), **soon))
+    with trio.fail_after(20):
+        stream = await tls_connect(api.inbound, client)
+        async with stream:
+            await stream.send_all(b"early")
+            assert await stream.receive_some(100) == b"early"
+        stream_out = await connect(web.outbound())
+        async with stream_out:
+            assert await receive_all(stream_out) == b"upstream says hi"
+        [inbound] = await api.log.wait_for("decision")
+        [outbound] = await web.log.wait_for("decision")
+    assert (inbound["decision"], inbound["reason"]) == ("allow", "allowed")
+    assert (outbound["decision"], outbound["reason"]) == ("allow", "allowed")
+
+
+async def test_tls_below_1_3_and_an_abrupt_client_are_refused(
+    mesh: Mesh, backend: Backend, pki: Pki, tmp_path: Path
+) -> None:
+    api = await mesh.start("api", forward=backend.addr, allow=[("web", "api")])
+    old = client_context(tmp_path, pki.bundle_pem, pki.issue("web"))
+    old.maximum_version = ssl.TLSVersion.TLSv1_2
+    with trio.fail_after(20):
+        await expect_refused(await tls_connect(api.inbound, old))
+        abrupt = await connect(api.inbound)
+        await abrupt.aclose()  # connects and hangs up before saying anything
+        denies = await api.log.wait_for("decision", decision="deny", count=2)
+        good = client_context(tmp_path, pki.bundle_pem, pki.issue("web"))
+        stream = await tls_connect(api.inbound, good)
+        async with stream:
+            await stream.send_all(b"ping")
+            assert await stream.receive_some(100) == b"ping"
+    assert [d["reason"] for d in denies] == ["tls_version", "connection_closed"]
+    assert backend.accepted == 1
