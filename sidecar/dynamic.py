@@ -212,6 +212,13 @@ class DynamicIdentity:
             self._restore_feed()
             return
         await self._enroll_with_retries()
+        # Serve with the allow-list from the start, not with an empty one until the
+        # first long poll returns (which would refuse everything for a moment).
+        try:
+            await self._poll_feed("/v1/watch?wait=0", self.client.timeout)
+        except (MeshIdError, KeyError, ValueError, TypeError) as exc:
+            reason = exc.reason if isinstance(exc, MeshIdError) else "authority_protocol"
+            self.host.events.emit("watch_failed", reason=reason, detail=str(exc))
 
     def _read_token(self) -> str:
         sid = self.host.identity
@@ -384,6 +391,25 @@ class DynamicIdentity:
         self.host.install_svid(updated, "bundle_updated")
         self._report_now.set()  # a root rollover waits for this acknowledgement
 
+    async def _poll_feed(self, target: str, wait: float) -> None:
+        pv, rv, _ = self.versions
+        doc = await self.client.request(
+            "GET",
+            target,
+            None,
+            bundle_pem=self._trust_pem(),
+            now=self.host.wall_now(),
+            identity=self._identity_files(),
+            wait=wait,
+        )
+        changed = (int(doc["policy_version"]), int(doc["revocation_version"])) != (pv, rv)
+        self._apply_bundle(doc)
+        if changed:
+            self._apply_policy(doc)
+            write_atomic(self._path(FEED_FILE), json.dumps(doc).encode())
+        else:
+            self.versions = (pv, rv, int(doc["bundle_sequence"]))
+
     async def watch(self) -> None:
         """Follow the allow-list, revocations and bundle; never returns."""
         failures = 0
@@ -394,22 +420,7 @@ class DynamicIdentity:
                 f"&bundle_sequence={bs}&wait={WATCH_WAIT:g}"
             )
             try:
-                doc = await self.client.request(
-                    "GET",
-                    target,
-                    None,
-                    bundle_pem=self._trust_pem(),
-                    now=self.host.wall_now(),
-                    identity=self._identity_files(),
-                    wait=WATCH_WAIT + 10,
-                )
-                changed = (int(doc["policy_version"]), int(doc["revocation_version"])) != (pv, rv)
-                self._apply_bundle(doc)
-                if changed:
-                    self._apply_policy(doc)
-                    write_atomic(self._path(FEED_FILE), json.dumps(doc).encode())
-                else:
-                    self.versions = (pv, rv, int(doc["bundle_sequence"]))
+                await self._poll_feed(target, WATCH_WAIT + 10)
                 failures = 0
             except (MeshIdError, KeyError, ValueError, TypeError) as exc:
                 failures += 1
