@@ -34,6 +34,12 @@ async def test_allowed_pair_passes_bytes_both_ways(pair: Pair) -> None:
     assert [(r["bytes_in"], r["bytes_out"]) for r in web_closes] == [(9, 9), (5, 5)]
     assert not pair.api.log.find("decision", decision="deny")
     assert not pair.web.log.find("decision", decision="deny")
+    # What the spec promises on every decision and close line.
+    common = {"time", "direction", "peer_id", "local_id", "peer_addr", "reason"}
+    for record in allowed_in + allowed_out:
+        assert common | {"decision"} <= record.keys()
+    for record in api_closes + web_closes:
+        assert common | {"bytes_in", "bytes_out", "duration_ms"} <= record.keys()
 
     api, web = pair.api.sidecar, pair.web.sidecar
     assert metric(api, "meshid_connections_total", direction="inbound", decision="allow") == 2

@@ -191,3 +191,33 @@ async def test_tls_below_1_3_and_an_abrupt_client_are_refused(
             assert await stream.receive_some(100) == b"ping"
     assert [d["reason"] for d in denies] == ["tls_version", "connection_closed"]
     assert backend.accepted == 1
+
+
+async def test_peer_certificate_expiring_mid_connection_is_cut(
+    mesh: Mesh, backend: Backend, pki: Pki, tmp_path: Path
+) -> None:
+    api = await mesh.start("api", forward=backend.addr, allow=[("web", "api")])
+    now = utcnow()
+    short = pki.forge(sid("web"), not_after=now + timedelta(seconds=3))
+    expiring = client_context(tmp_path, pki.bundle_pem, short)
+    lasting = client_context(tmp_path, pki.bundle_pem, pki.issue("web"))
+    with trio.fail_after(20):
+        doomed = await tls_connect(api.inbound, expiring)
+        steady = await tls_connect(api.inbound, lasting)
+        async with steady:
+            for stream in (doomed, steady):
+                await stream.send_all(b"hi")
+                assert await stream.receive_some(100) == b"hi"
+            try:
+                assert await wait_cut(doomed) == b""  # cut once its certificate expires
+            finally:
+                await trio.aclose_forcefully(doomed)
+            [close] = await api.log.wait_for("close")
+            await steady.send_all(b"still")
+            assert await steady.receive_some(100) == b"still"
+    [doomed_allow] = api.log.find("decision", peer_serial=short.serial)
+    assert close["reason"] == "peer_certificate_expired"
+    assert close["conn_id"] == doomed_allow["conn_id"]
+    assert utcnow() > short.chain[0].not_valid_after_utc
+    reason = "peer_certificate_expired"
+    assert metric(api.sidecar, "meshid_connections_closed_total", reason=reason) == 1
