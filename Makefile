@@ -22,16 +22,17 @@ test: install system-packages
 	$(BIN)/python -m pytest -q
 
 lint: install
-	$(BIN)/ruff check meshid ca sidecar tests bench
-	$(BIN)/ruff format --check meshid ca sidecar tests bench
+	$(BIN)/ruff check meshid ca sidecar tests bench tools
+	$(BIN)/ruff format --check meshid ca sidecar tests bench tools
 
 typecheck: install
 	$(BIN)/mypy
+	$(BIN)/mypy tools/demo.py
 
 check: lint typecheck test
 
 demo: install system-packages
-	$(BIN)/python -m tools.demo
+	$(BIN)/python tools/demo.py
 
 bench: install
 	tools/ensure-debs openssl:openssl stunnel4:stunnel4 wrk:wrk iperf3:iperf3 nginx:nginx-light
