@@ -250,35 +250,35 @@ class Backend:
     errors: list[BaseException] = field(default_factory=list)
     addr: Addr = ("127.0.0.1", 0)
 
-    async def serve(self, *, task_status: trio.TaskStatus[Addr] = trio.TASK_STATUS_IGNORED) -> None:
-        async def handle(stream: trio.SocketStream) -> None:
-            self.accepted += 1
-            try:
-                await self.handler(stream)
-            except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
-                self.errors.append(exc)
-            finally:
-                await stream.aclose()
+    async def _handle(self, stream: trio.SocketStream) -> None:
+        self.accepted += 1
+        try:
+            await self.handler(stream)
+        except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+            self.errors.append(exc)
+        finally:
+            await stream.aclose()
 
+    async def serve(
+        self,
+        *,
+        task_status: trio.TaskStatus[list[trio.SocketListener]] = trio.TASK_STATUS_IGNORED,
+    ) -> None:
         listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
         self.addr = listeners[0].socket.getsockname()[:2]
-        await trio.serve_listeners(handle, listeners, task_status=task_status)
+        await trio.serve_listeners(self._handle, listeners, task_status=task_status)
 
     async def serve_on(
-        self, sock: trio.socket.SocketType, *, task_status: trio.TaskStatus[Addr]
+        self,
+        sock: trio.socket.SocketType,
+        *,
+        task_status: trio.TaskStatus[list[trio.SocketListener]] = trio.TASK_STATUS_IGNORED,
     ) -> None:
         """Start listening on a socket that was bound (and refusing connections) until now."""
         sock.listen()
         self.addr = sock.getsockname()[:2]
-
-        async def handle(stream: trio.SocketStream) -> None:
-            self.accepted += 1
-            try:
-                await self.handler(stream)
-            finally:
-                await stream.aclose()
-
-        await trio.serve_listeners(handle, [trio.SocketListener(sock)], task_status=task_status)
+        listeners = [trio.SocketListener(sock)]
+        await trio.serve_listeners(self._handle, listeners, task_status=task_status)
 
 
 async def closed_port() -> trio.socket.SocketType:
@@ -390,7 +390,13 @@ class TlsUpstream:
     completed: int = 0
     addr: Addr = ("127.0.0.1", 0)
 
-    async def serve(self, *, task_status: trio.TaskStatus[Addr] = trio.TASK_STATUS_IGNORED) -> None:
+    async def serve(
+        self,
+        *,
+        task_status: trio.TaskStatus[
+            list[trio.SSLListener[trio.SocketStream]]
+        ] = trio.TASK_STATUS_IGNORED,
+    ) -> None:
         async def handle(stream: trio.SSLStream[trio.SocketStream]) -> None:
             self.accepted += 1
             try:
@@ -406,7 +412,9 @@ class TlsUpstream:
                 await trio.aclose_forcefully(stream)
 
         listeners = await trio.open_ssl_over_tcp_listeners(0, self.ctx, host="127.0.0.1")
-        self.addr = listeners[0].transport_listener.socket.getsockname()[:2]
+        transport = listeners[0].transport_listener
+        assert isinstance(transport, trio.SocketListener)
+        self.addr = transport.socket.getsockname()[:2]
         await trio.serve_listeners(handle, listeners, task_status=task_status)
 
 

@@ -153,12 +153,14 @@ async def test_clock_skew_tolerance_is_the_twin_of_not_yet_valid(
 ) -> None:
     """A leaf that starts 20 s from now is within the default 60 s skew: accepted both ways."""
     now = utcnow()
-    soon = {"not_before": now + timedelta(seconds=20), "not_after": now + timedelta(hours=1)}
-    upstream = TlsUpstream(server_context(tmp_path, pki.forge(sid("api"), **soon)))
+    start, end = now + timedelta(seconds=20), now + timedelta(hours=1)
+    early_api = pki.forge(sid("api"), not_before=start, not_after=end)
+    early_web = pki.forge(sid("web"), not_before=start, not_after=end)
+    upstream = TlsUpstream(server_context(tmp_path, early_api))
     await nursery.start(upstream.serve)
     api = await mesh.start("api", forward=backend.addr, allow=[("web", "api")])
     web = await mesh.start("web", outbound=[("api", upstream.addr)], allow=[("web", "api")])
-    client = client_context(tmp_path, pki.bundle_pem, pki.forge(sid("web"), **soon))
+    client = client_context(tmp_path, pki.bundle_pem, early_web)
     with trio.fail_after(20):
         stream = await tls_connect(api.inbound, client)
         async with stream:
