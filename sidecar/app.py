@@ -401,6 +401,24 @@ class Sidecar:
                     now=self.wall(),
                     skew=self.skew,
                 )
+        elif verdict.allowed and verdict.peer_id is not None:
+            # The callback judged under the policy of that moment; install_policy skips
+            # connections still in their handshake, so judge the pair again under today's.
+            pair = (
+                (verdict.peer_id, self.identity)
+                if hs.direction == INBOUND
+                else (self.identity, verdict.peer_id)
+            )
+            decision = self.policy.decide(*pair)
+            if not decision.allowed:
+                verdict = Verdict(
+                    False,
+                    decision.reason,
+                    decision.explanation,
+                    verdict.peer_id,
+                    verdict.serial,
+                    verdict.not_after,
+                )
         if not verdict.allowed:
             self._deny(entry, verdict)
             return None

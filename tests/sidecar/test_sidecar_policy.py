@@ -2,12 +2,30 @@
 
 from __future__ import annotations
 
+import ssl
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
 import trio
-from conftest import Mesh
-from sidecar_helpers import API, WEB, Backend, connect, metric, receive_exactly, sid, wait_cut
+from conftest import Mesh, Pki
+from OpenSSL import SSL
+from sidecar_helpers import (
+    API,
+    WEB,
+    Backend,
+    client_context,
+    connect,
+    metric,
+    receive_exactly,
+    sid,
+    wait_cut,
+)
 
 from meshid.policy import Policy
 from meshid.spiffeid import SpiffeId
+from sidecar.app import Sidecar
 
 DB = sid("db")
 
@@ -89,3 +107,97 @@ async def test_rewritten_policy_file_closes_exactly_the_denied_connections(
     sc = web.sidecar
     assert metric(sc, "meshid_connections_closed_total", reason="policy_revoked") == 1
     assert metric(sc, "meshid_policy_version") == 3
+
+
+def _tls_records(data: bytes) -> list[bytes]:
+    records, pos = [], 0
+    for _ in range(len(data)):
+        if pos >= len(data):
+            break
+        length = int.from_bytes(data[pos + 3 : pos + 5], "big")
+        records.append(data[pos : pos + 5 + length])
+        pos += 5 + length
+    return records
+
+
+async def _client_with_a_pause(
+    addr: tuple[str, int], ctx: ssl.SSLContext, pause: Callable[[], Awaitable[None]]
+) -> bytes:
+    """A TLS 1.3 client that stops before the last record of its final flight.
+
+    The server has judged our certificate (Certificate comes first) but cannot
+    finish its handshake until the last record arrives; `pause` runs in between.
+    Returns what an echo behind the server sends back for b"hello" (b"" if refused).
+    """
+    incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+    tls = ctx.wrap_bio(incoming, outgoing, server_side=False)
+    stream = await connect(addr)
+    async with stream:
+        for _ in range(50):
+            try:
+                tls.do_handshake()
+                break
+            except ssl.SSLWantReadError:
+                if outgoing.pending:
+                    await stream.send_all(outgoing.read())
+                incoming.write(await stream.receive_some(65536))
+        flight = _tls_records(outgoing.read())
+        assert len(flight) >= 2
+        await stream.send_all(b"".join(flight[:-1]))
+        await pause()
+        await stream.send_all(flight[-1])
+        tls.write(b"hello")
+        try:
+            await stream.send_all(outgoing.read())
+            for _ in range(50):
+                data = await stream.receive_some(65536)
+                if not data:
+                    return b""
+                incoming.write(data)
+                try:
+                    return tls.read(100)
+                except ssl.SSLWantReadError:
+                    continue
+        except (trio.BrokenResourceError, ssl.SSLError):
+            return b""
+    raise AssertionError("no answer")
+
+
+@pytest.mark.parametrize("revoke", [True, False])
+async def test_policy_change_during_a_handshake_is_not_missed(
+    revoke: bool,
+    mesh: Mesh,
+    backend: Backend,
+    pki: Pki,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """install_policy skips connections still in their handshake: they must be judged again."""
+    judged = trio.Event()
+    verify = Sidecar._verify
+
+    def spy(self: Sidecar, conn: SSL.Connection, cert: Any, err: int, depth: int, ok: int) -> bool:
+        result = verify(self, conn, cert, err, depth, ok)
+        if depth == 0:
+            judged.set()
+        return result
+
+    monkeypatch.setattr(Sidecar, "_verify", spy)
+    api = await mesh.start("api", forward=backend.addr, allow=[("web", "api")])
+
+    async def pause() -> None:
+        await judged.wait()  # the certificate was judged under the old policy...
+        if revoke:
+            assert api.sidecar.install_policy(Policy.build([], version=2)) == 0
+
+    ctx = client_context(tmp_path, pki.bundle_pem, pki.issue("web"))
+    with trio.fail_after(20):
+        reply = await _client_with_a_pause(api.inbound, ctx, pause)
+        [decision] = await api.log.wait_for("decision")
+    if revoke:
+        assert reply == b""
+        assert (decision["decision"], decision["reason"]) == ("deny", "not_allowed")
+        assert backend.accepted == 0
+    else:
+        assert reply == b"hello"
+        assert (decision["decision"], decision["reason"]) == ("allow", "allowed")
