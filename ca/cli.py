@@ -306,60 +306,40 @@ def check_cmd(source: str, target: str, state: Path) -> None:
 @click.option("--listen", required=True, help="HOST:PORT to serve the control plane on (TLS).")
 @click.option("--dns", multiple=True, help="DNS name clients reach the server by (repeatable).")
 @click.option("--ip", multiple=True, help="IP address clients reach the server by (repeatable).")
+@click.option(
+    "--workers",
+    type=click.IntRange(1, 64),
+    default=1,
+    show_default=True,
+    help="Server processes sharing the port; one per core for the most signatures per second.",
+)
 @passphrase_option
 def serve_cmd(
     state: Path,
     listen: str,
     dns: tuple[str, ...],
     ip: tuple[str, ...],
+    workers: int,
     passphrase_file: Path | None,
 ) -> None:
     """Run the control plane: enrollment, renewal, bundle, policy and revocation feed."""
-    import signal
-
-    import trio
-
-    from ca.server import ControlPlane, ServerOptions, default_names, parse_listen
+    from ca.server import ServerOptions, default_names, parse_listen, run_server
     from meshid.events import EventLog
 
     host, port = parse_listen(listen)
     names, ips = (tuple(dns), tuple(_ips(ip))) if dns or ip else default_names(host)
-    authority = open_authority(state, passphrase_file)
-    authority.signer()  # fail now, with a clear message, on a missing key or wrong passphrase
-    events = EventLog()
-    plane = ControlPlane(
-        authority,
-        ServerOptions(host=host, port=port, dns_names=names, ip_addresses=ips),
-        log=events.emit,
-    )
-
-    async def main() -> None:
-        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
-            async with trio.open_nursery() as nursery:
-                await nursery.start(plane.serve)
-                async for signum in signals:
-                    events.emit("stopping", signal=signal.Signals(signum).name)
-                    nursery.cancel_scope.cancel()
-                    break
-
+    passphrase = read_passphrase(passphrase_file)
+    probe = Authority.open(state, passphrase=passphrase)
     try:
-        trio.run(main)
-    except BaseExceptionGroup as group:
-        matched, _ = group.split(MeshIdError)
-        if matched is None:
-            os_errors, _ = group.split(OSError)
-            if os_errors is None:
-                raise
-            first_os: BaseException = os_errors.exceptions[0]
-            while isinstance(first_os, BaseExceptionGroup):
-                first_os = first_os.exceptions[0]
-            raise StateError(f"cannot serve on {listen}: {first_os}") from None
-        first = matched.exceptions[0]
-        while isinstance(first, BaseExceptionGroup):
-            first = first.exceptions[0]
-        raise first from None
-    except OSError as exc:
-        raise StateError(f"cannot serve on {listen}: {exc.strerror or exc}") from None
+        probe.signer()  # fail now, with a clear message, on a missing key or wrong passphrase
+    finally:
+        probe.close()  # each worker opens its own connection
+    events = EventLog()
+    options = ServerOptions(host=host, port=port, dns_names=names, ip_addresses=ips)
+    status = run_server(
+        lambda: Authority.open(state, passphrase=passphrase), options, events.emit, workers
+    )
+    sys.exit(status)
 
 
 @ca_group.command("rotate")

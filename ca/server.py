@@ -23,15 +23,19 @@ Theory of operation:
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import math
 import os
+import secrets
+import signal
+import socket
 import ssl
 import time
+import traceback
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
-from pathlib import Path
 from typing import Any, TypeVar
 from urllib.parse import parse_qsl, urlsplit
 
@@ -122,12 +126,19 @@ class ControlPlane:
         generation, _, _ = self.authority.signer()
         directory = self.authority.state_dir / SERVER_DIR
         directory.mkdir(mode=0o700, exist_ok=True)
-        cert_path, key_path = directory / "server.pem", directory / "server.key"
-        write_atomic(key_path, key_to_pem(key), mode=0o600)
-        write_atomic(cert_path, certs_to_pem(issued.chain))
-        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-        context.minimum_version = ssl.TLSVersion.TLSv1_3
-        context.load_cert_chain(cert_path, key_path)
+        # The stdlib loads a key only from a file. Each worker writes its own pair,
+        # loads it, and removes it: the key lives on in memory only.
+        stem = f".{os.getpid()}-{secrets.token_hex(4)}"
+        cert_path, key_path = directory / f"{stem}.pem", directory / f"{stem}.key"
+        try:
+            write_atomic(key_path, key_to_pem(key), mode=0o600)
+            write_atomic(cert_path, certs_to_pem(issued.chain))
+            context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+            context.minimum_version = ssl.TLSVersion.TLSv1_3
+            context.load_cert_chain(cert_path, key_path)
+        finally:
+            key_path.unlink(missing_ok=True)
+            cert_path.unlink(missing_ok=True)
         context.load_verify_locations(cadata=issued.bundle.to_pem().decode())
         context.verify_mode = ssl.CERT_OPTIONAL
         leaf = issued.leaf
@@ -192,11 +203,19 @@ class ControlPlane:
 
     # -- connections --
 
-    async def serve(self, *, task_status: trio.TaskStatus[tuple[str, int]]) -> None:
+    async def serve(
+        self,
+        sock: socket.socket | None = None,
+        *,
+        task_status: trio.TaskStatus[tuple[str, int]],
+    ) -> None:
+        """Serve on `sock` (bound and listening, perhaps shared with other workers)."""
         await self._refresh_credentials()
         self._versions = await self._db_call(self.authority.versions)
-        listeners = await trio.open_tcp_listeners(self.options.port, host=self.options.host)
-        sockname = listeners[0].socket.getsockname()
+        if sock is None:
+            sock = bind_listener(self.options.host, self.options.port)
+        listeners = [trio.SocketListener(trio.socket.from_stdlib_socket(sock))]
+        sockname = sock.getsockname()
         self.bound = (str(sockname[0]), int(sockname[1]))
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self._poll)
@@ -405,6 +424,120 @@ def _content_length(headers: Sequence[tuple[bytes, bytes]]) -> int | None:
     return None
 
 
+def bind_listener(host: str, port: int) -> socket.socket:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, port))
+        sock.listen(4096)
+    except OSError as exc:
+        sock.close()
+        raise StateError(
+            f"cannot listen on {host}:{port}: {exc.strerror}", reason="listen_failed"
+        ) from None
+    return sock
+
+
+def _serve_one(
+    open_authority: Callable[[], Authority],
+    options: ServerOptions,
+    sock: socket.socket,
+    log: Callable[..., None],
+) -> None:
+    """One worker: its own database connection, its own event loop, the shared socket."""
+    authority = open_authority()
+    plane = ControlPlane(authority, options, log=log)
+
+    async def main() -> None:
+        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+            async with trio.open_nursery() as nursery:
+                await nursery.start(plane.serve, sock)
+                async for signum in signals:
+                    log("stopping", signal=signal.Signals(signum).name)
+                    nursery.cancel_scope.cancel()
+                    break
+
+    try:
+        trio.run(main)
+    except BaseExceptionGroup as group:
+        matched, _ = group.split(MeshIdError)
+        if matched is None:
+            raise
+        first: BaseException = matched.exceptions[0]
+        while isinstance(first, BaseExceptionGroup):
+            first = first.exceptions[0]
+        raise first from None
+    finally:
+        authority.close()
+
+
+def run_server(
+    open_authority: Callable[[], Authority],
+    options: ServerOptions,
+    log: Callable[..., None],
+    workers: int = 1,
+) -> int:
+    """Serve until SIGTERM/SIGINT; returns the exit status.
+
+    With several workers, the port is bound once and each worker is a forked
+    process with its own database connection and event loop (Python runs one
+    thread at a time, so processes are how the control plane uses more than
+    one core). The parent only forwards signals and watches: if a worker
+    dies, the others are stopped and the parent exits non-zero, for the
+    service manager to restart the whole set.
+    """
+    sock = bind_listener(options.host, options.port)
+    if workers <= 1:
+        _serve_one(open_authority, options, sock, log)
+        return 0
+    children: dict[int, int] = {}
+    for index in range(workers):
+        pid = os.fork()
+        if pid == 0:  # pragma: no cover - runs in the child, which never returns
+            status = 1
+            try:
+                _serve_one(
+                    open_authority,
+                    options,
+                    sock,
+                    lambda event, i=index, **f: log(event, worker=i, **f),
+                )
+                status = 0
+            except MeshIdError as exc:
+                log("worker_failed", worker=index, reason=exc.reason, detail=exc.message)
+            except BaseException:
+                traceback.print_exc()  # a bug: show it; the parent stops the set
+            finally:
+                os._exit(status)
+        children[pid] = index
+    sock.close()
+    stopping = False
+    status = 0
+
+    def stop_all(signum: int = signal.SIGTERM, _frame: object = None) -> None:
+        nonlocal stopping
+        stopping = True
+        for child in children:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(child, signal.SIGTERM)
+
+    signal.signal(signal.SIGTERM, stop_all)
+    signal.signal(signal.SIGINT, stop_all)
+    while children:
+        try:
+            pid, wait_status = os.wait()
+        except ChildProcessError:
+            break
+        index = children.pop(pid)
+        code = os.waitstatus_to_exitcode(wait_status)
+        if not stopping:
+            log("worker_died", worker=index, exit_code=code)
+            status = 1
+            stop_all()
+    return status
+
+
 def parse_listen(text: str) -> tuple[str, int]:
     """HOST:PORT or [V6]:PORT."""
     host, sep, port = text.rpartition(":")
@@ -427,15 +560,6 @@ def default_names(host: str) -> tuple[tuple[str, ...], tuple[IpAddress, ...]]:
     return (), (ip,)
 
 
-def server_key_path(state_dir: Path) -> Path:
-    return state_dir / SERVER_DIR / "server.key"
-
-
 def propagation_default(svid_ttl: timedelta) -> timedelta:
     """Long enough for every watcher to hear of the new root a few times over."""
     return max(timedelta(seconds=10), min(svid_ttl / 2, timedelta(minutes=5)))
-
-
-def ensure_private_dir(path: Path) -> None:
-    path.mkdir(mode=0o700, exist_ok=True)
-    os.chmod(path, 0o700)

@@ -1,0 +1,154 @@
+"""`meshid ca serve` as an operator runs it: a real process, its workers, its errors."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import ssl
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+from ca_helpers import MESHID
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _health(port: int, bundle: Path) -> dict[str, object]:
+    ctx = ssl.create_default_context(cafile=str(bundle))
+    ctx.check_hostname = False
+    with (
+        socket.create_connection(("127.0.0.1", port), timeout=10) as raw,
+        ctx.wrap_socket(raw) as tls,
+    ):
+        tls.sendall(b"GET /healthz HTTP/1.1\r\nhost: ca\r\nconnection: close\r\n\r\n")
+        data = b""
+        while chunk := tls.recv(65536):
+            data += chunk
+    head, _, body = data.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200")
+    doc = json.loads(body)
+    assert isinstance(doc, dict)
+    return doc
+
+
+def _wait_lines(log: Path, needle: str, count: int, proc: subprocess.Popen[bytes]) -> list[str]:
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        lines = [line for line in log.read_text().splitlines() if needle in line]
+        if len(lines) >= count:
+            return lines
+        assert proc.poll() is None, log.read_text()
+        time.sleep(0.05)
+    raise AssertionError(f"{count} x {needle!r} not logged in time:\n{log.read_text()}")
+
+
+def _children(pid: int) -> list[int]:
+    return [int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+
+
+def test_workers_share_the_port_and_stop_together(state: Path, tmp_path: Path) -> None:
+    port = _free_port()
+    log = tmp_path / "ca.log"
+    with log.open("wb") as out:
+        proc = subprocess.Popen(
+            [
+                MESHID,
+                "ca",
+                "serve",
+                "--state",
+                str(state),
+                "--listen",
+                f"127.0.0.1:{port}",
+                "--workers",
+                "2",
+            ],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
+    try:
+        serving = _wait_lines(log, '"serving"', 2, proc)
+        assert {json.loads(line)["worker"] for line in serving} == {0, 1}
+        workers = _children(proc.pid)
+        assert len(workers) == 2
+        for _ in range(6):
+            assert _health(port, state / "bundle.pem")["status"] == "ok"
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=30) == 0
+        for pid in workers:  # no worker left behind
+            assert (
+                not Path(f"/proc/{pid}").exists()
+                or "Z" in Path(f"/proc/{pid}/stat").read_text().split()[2]
+            )
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def test_a_dead_worker_takes_the_set_down_for_the_supervisor(state: Path, tmp_path: Path) -> None:
+    port = _free_port()
+    log = tmp_path / "ca.log"
+    with log.open("wb") as out:
+        proc = subprocess.Popen(
+            [
+                MESHID,
+                "ca",
+                "serve",
+                "--state",
+                str(state),
+                "--listen",
+                f"127.0.0.1:{port}",
+                "--workers",
+                "2",
+            ],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
+    try:
+        _wait_lines(log, '"serving"', 2, proc)
+        os.kill(_children(proc.pid)[0], signal.SIGKILL)
+        assert proc.wait(timeout=30) == 1
+        assert '"worker_died"' in log.read_text()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+@pytest.mark.parametrize(
+    ("listen", "message"),
+    [("nonsense", "--listen 'nonsense': expected HOST:PORT"), ("127.0.0.1:99999", "expected")],
+)
+def test_bad_listen_address_is_one_line(state: Path, listen: str, message: str) -> None:
+    done = subprocess.run(
+        [MESHID, "ca", "serve", "--state", str(state), "--listen", listen],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 1
+    assert message in done.stderr and len(done.stderr.strip().splitlines()) == 1
+
+
+def test_port_in_use_is_one_line(state: Path) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        done = subprocess.run(
+            [MESHID, "ca", "serve", "--state", str(state), "--listen", f"127.0.0.1:{port}"],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+    assert done.returncode == 1
+    assert f"cannot listen on 127.0.0.1:{port}" in done.stderr
+    assert len(done.stderr.strip().splitlines()) == 1
