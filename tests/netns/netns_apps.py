@@ -1,0 +1,113 @@
+"""The apps of the multi-host test, run inside a network namespace with `ip netns exec`.
+
+python netns_apps.py backend HOST:PORT
+    The api app: for each connection, read the PROXY v2 header from api's
+    sidecar, then answer one HTTP request with the caller's SPIFFE ID and
+    address ("caller=spiffe://... src=198.18.0.2:40000"). Prints
+    "listening" once bound and "served ..." per answer (flushed).
+
+python netns_apps.py get HOST:PORT [--cert C --key K --bundle B]
+    A client: one GET, plain TCP or (with --cert) TLS with that SVID.
+    Prints the response body and exits 0 on HTTP 200; prints
+    "refused: ..." and exits 3 when the connection is refused or cut.
+"""
+
+from __future__ import annotations
+
+import argparse
+import socket
+import socketserver
+import ssl
+import sys
+
+from sidecar.proxyproto import PP2_TYPE_SPIFFE_ID, decode_v2
+
+REFUSED = 3
+
+
+def split_addr(text: str) -> tuple[str, int]:
+    host, _, port = text.rpartition(":")
+    return host, int(port)
+
+
+class Backend(socketserver.BaseRequestHandler):
+    def handle(self) -> None:
+        sock: socket.socket = self.request
+        sock.settimeout(10)
+        data = b""
+        try:
+            while len(data) < 16 or len(data) < 16 + int.from_bytes(data[14:16], "big"):
+                chunk = sock.recv(4096)
+                if not chunk:
+                    return
+                data += chunk
+            src, _dst, tlvs, end = decode_v2(data)
+            rest = data[end:]
+            while b"\r\n\r\n" not in rest:
+                chunk = sock.recv(4096)
+                if not chunk:
+                    return
+                rest += chunk
+            caller = tlvs.get(PP2_TYPE_SPIFFE_ID, b"").decode()
+            body = f"caller={caller} src={src[0]}:{src[1]}\n"
+            sock.sendall(f"HTTP/1.0 200 OK\r\nContent-Length: {len(body)}\r\n\r\n{body}".encode())
+            print(f"served {body.strip()}", flush=True)
+        except (OSError, ValueError) as exc:
+            print(f"failed {exc}", flush=True)
+
+
+class Server(socketserver.ThreadingTCPServer):
+    daemon_threads = True
+    allow_reuse_address = True
+
+
+def backend(listen: str) -> int:
+    with Server(split_addr(listen), Backend) as server:
+        print("listening", flush=True)
+        server.serve_forever()
+    return 0
+
+
+def get(target: str, cert: str | None, key: str | None, bundle: str | None) -> int:
+    addr = split_addr(target)
+    try:
+        with socket.create_connection(addr, timeout=10) as raw:
+            sock: socket.socket = raw
+            if cert is not None:
+                ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+                ctx.check_hostname = False  # an SVID names a SPIFFE ID; the CA is still checked
+                ctx.load_verify_locations(bundle)
+                ctx.load_cert_chain(cert, key)
+                sock = ctx.wrap_socket(raw)
+            sock.sendall(b"GET / HTTP/1.0\r\nHost: api\r\n\r\n")
+            data = b""
+            while chunk := sock.recv(4096):
+                data += chunk
+    except (OSError, ssl.SSLError) as exc:
+        print(f"refused: {exc}")
+        return REFUSED
+    head, _, body = data.partition(b"\r\n\r\n")
+    if not head.startswith(b"HTTP/1.0 200"):
+        print(f"refused: {'connection closed without an answer' if not data else head!r}")
+        return REFUSED
+    print(body.decode().strip())
+    return 0
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser()
+    sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("backend").add_argument("listen")
+    client = sub.add_parser("get")
+    client.add_argument("target")
+    client.add_argument("--cert")
+    client.add_argument("--key")
+    client.add_argument("--bundle")
+    args = parser.parse_args()
+    if args.command == "backend":
+        return backend(args.listen)
+    return get(args.target, args.cert, args.key, args.bundle)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
