@@ -46,6 +46,24 @@ def _busy(r: WorkloadResult, topo: str, procs: tuple[str, ...], prefix: str = ""
     return ", ".join(parts)
 
 
+def _bound(r: WorkloadResult, prefix: str = "") -> str:
+    """Say whether a sidecar saturated its one thread, or the machine was the limit."""
+    busy = [r.detail("meshid", f"{prefix}{p}: CPU % of one core") for p in MESHID]
+    known = [b for b in busy if b is not None]
+    if not known:
+        return ""
+    if max(known) >= 85:
+        return (
+            f"A sidecar is one thread and the busier one ran at {max(known):.0f} % of a core: "
+            "it is CPU-bound on its own thread."
+        )
+    return (
+        f"Neither sidecar filled its thread (at most {max(known):.0f} % of a core): they "
+        "competed for the two vCPUs with the load generator, the backend, each other and "
+        "other work on this machine, so the CPU cost per unit is the comparable figure."
+    )
+
+
 MESHID = ("meshid-web", "meshid-api")
 STUNNEL = ("stunnel-client", "stunnel-server")
 
@@ -70,8 +88,7 @@ def _bulk(r: WorkloadResult) -> list[str]:
         f"Profile: {_v(_share(prof, 'pyOpenSSL'), 0)} % of the sidecars' samples are inside "
         f"pyOpenSSL calls (OpenSSL's AES-GCM and record layer), {_v(_share(prof, 'trio'), 0)} % "
         f"in trio's scheduler and epoll, {_v(_share(prof, 'copy loop', 'TLS shell'), 0)} % in "
-        "the copy loop itself. Each sidecar is one thread, so a stream is bounded by one core "
-        "per hop, shared here with iperf3 and the other hop on two vCPUs. What would move it: "
+        f"the copy loop itself. {_bound(r, 'up: ')} What would move it: "
         "fewer user-space passes per byte (kernel TLS via OpenSSL's `SSL_OP_ENABLE_KTLS`, "
         "which also allows `splice` on the plain side), reading several records per wakeup "
         "(already done: 64 KiB per pass), and worker processes with `SO_REUSEPORT` for more "
@@ -93,14 +110,15 @@ def _small(r: WorkloadResult) -> list[str]:
         f"sidecar {_v(_cost(r, 'meshid', 'meshid-api', unit))} µs; stunnel "
         f"{_v(_cost(r, 'stunnel', 'stunnel-client', unit))} and "
         f"{_v(_cost(r, 'stunnel', 'stunnel-server', unit))} µs. Busy: "
-        f"{_busy(r, 'meshid', MESHID)}. Each request crosses each sidecar twice (request "
-        "and response), each crossing being an epoll wakeup, a trio task switch, one TLS "
-        "call that returns data, one that raises `WantReadError`, and a plain `send`.",
+        f"{_busy(r, 'meshid', MESHID)}. {_bound(r)} Each request crosses each sidecar "
+        "twice (request and response), each crossing being an epoll wakeup, a trio task "
+        "switch, one TLS call that returns data, one that raises `WantReadError`, "
+        "and a plain `send`.",
         f"Profile: pyOpenSSL {_v(_share(prof, 'pyOpenSSL'))} %, trio scheduler and epoll "
         f"{_v(_share(prof, 'trio'))} %, copy loop {_v(_share(prof, 'copy loop', 'TLS shell'))} % "
         "(its self time is mostly the `send`/`recv_into` system calls). The figure is set "
-        "by per-message Python and scheduler overhead, not by cryptography: the two "
-        "sidecars together use well over one of the two cores. What would move it: fewer "
+        "by per-message Python and scheduler overhead, not by cryptography. "
+        "What would move it: fewer "
         "calls per message (skip the `WantReadError` probe when `pending()` is 0 and "
         "read-ahead is off; skip the checkpoint after a direction already waited — tried in "
         "this session, no difference measurable above this machine's noise), and worker "
@@ -121,7 +139,7 @@ def _newconn(r: WorkloadResult) -> list[str]:
         f"api sidecar {_v(_cost(r, 'meshid', 'meshid-api', unit), 2)} ms; stunnel "
         f"{_v(_cost(r, 'stunnel', 'stunnel-client', unit), 2)} and "
         f"{_v(_cost(r, 'stunnel', 'stunnel-server', unit), 2)} ms. Busy: "
-        f"{_busy(r, 'meshid', MESHID)} (stunnel: {_busy(r, 'stunnel', STUNNEL)}).",
+        f"{_busy(r, 'meshid', MESHID)} (stunnel: {_busy(r, 'stunnel', STUNNEL)}). {_bound(r)}",
         f"Profile: `handshake` is on the stack in {_v(hs)} % of the sidecars' samples "
         f"(pyOpenSSL {_v(_share(prof, 'pyOpenSSL'))} % overall, most of it `do_handshake`: "
         "OpenSSL's C handshake, ~1 ms per side per the data-path notes); the rest is the "

@@ -109,7 +109,7 @@ def summarise(role: str, raw: Path, top: int = 8) -> Profile:
         func, file = frames[-1]
         leaf[f"{func} ({_short(file)})"] += count
         cats[next((name for key, name in CATEGORIES if key in "/" + file), "other Python")] += count
-        for name in {f for f, _ in frames if f in INCLUSIVE}:
+        for name in {f.rsplit(".", 1)[-1] for f, _ in frames} & set(INCLUSIVE):
             incl[name] += count
     if total == 0:
         return Profile(role, 0, raw=raw)

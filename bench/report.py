@@ -73,6 +73,15 @@ def _first_line(argv: list[str]) -> str:
     return text.splitlines()[0].strip() if text else "unavailable"
 
 
+def _stunnel_version() -> str:
+    try:
+        done = subprocess.run(["stunnel4", "-version"], capture_output=True, text=True, timeout=20)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        return f"unavailable ({exc})"
+    lines = (done.stdout + done.stderr).splitlines()
+    return "; ".join(line.strip() for line in lines if line.startswith(("stunnel ", "Compiled")))
+
+
 def versions() -> list[tuple[str, str]]:
     from importlib.metadata import version
 
@@ -102,7 +111,7 @@ def versions() -> list[tuple[str, str]]:
             "pyOpenSSL / cryptography / trio",
             " / ".join(version(p) for p in ("pyOpenSSL", "cryptography", "trio")),
         ),
-        ("stunnel", _first_line(["stunnel4", "-version"])),
+        ("stunnel", _stunnel_version()),
         ("wrk", _first_line(["wrk", "-v"])),
         ("nginx", _first_line(["nginx", "-v"])),
         ("iperf3", _first_line(["iperf3", "--version"])),
