@@ -651,6 +651,7 @@ class LiveConnection:
         self.stream = stream
         self.exchanges = 0
         self.cut_at: float | None = None
+        self.cut_wall: datetime | None = None
 
     @classmethod
     async def open(cls, addr: Addr) -> LiveConnection:
@@ -666,17 +667,27 @@ class LiveConnection:
         self.exchanges += 1
 
     async def wait_cut(self, within: float) -> float:
-        """Read until the connection ends (EOF or reset); return when it did."""
-        with trio.fail_after(within):
-            for _ in range(1 << 16):
-                try:
-                    data = await self.stream.receive_some(65536)
-                except (trio.BrokenResourceError, trio.ClosedResourceError):
-                    break
-                if not data:
-                    break
-            self.cut_at = now()
+        """Read until the connection ends (EOF or reset); return when it did. Closes it."""
+        try:
+            with trio.fail_after(within):
+                for _ in range(1 << 16):
+                    try:
+                        data = await self.stream.receive_some(65536)
+                    except (trio.BrokenResourceError, trio.ClosedResourceError):
+                        break
+                    if not data:
+                        break
+                self.cut_at, self.cut_wall = now(), utcnow()
+        finally:
+            await self.aclose()
         return self.cut_at
+
+    async def still_works(self, payload: bytes = b"still here") -> bool:
+        try:
+            await self.exchange(payload)
+        except (trio.BrokenResourceError, trio.ClosedResourceError, trio.TooSlowError, EOFError):
+            return False
+        return True
 
     async def aclose(self) -> None:
         await trio.aclose_forcefully(self.stream)
@@ -773,11 +784,14 @@ class Probe:
     root the authority published then.
     """
 
-    def __init__(self, name: str, directory: Path, authority: Authority) -> None:
+    def __init__(
+        self, name: str, directory: Path, authority: Authority, *, svid_dir: Path | None = None
+    ) -> None:
         self.name = name
         self.dir = directory
         self.authority = authority
         self.issued = 0
+        self.svid_dir = svid_dir  # a fixed SVID to present; by default the latest issued
 
     async def issue(self, ttl: str | None = None) -> None:
         out = self.dir / f"svid-{self.issued + 1}"
@@ -786,7 +800,7 @@ class Probe:
 
     @property
     def current(self) -> Path:
-        return self.dir / f"svid-{self.issued}"
+        return self.svid_dir or self.dir / f"svid-{self.issued}"
 
     def leaf(self) -> x509.Certificate:
         return certs_from_pem((self.current / "svid.pem").read_bytes())[0]
@@ -834,6 +848,13 @@ class Probe:
         finally:
             await trio.aclose_forcefully(stream)
         return presented
+
+    async def open_live(self, addr: Addr, expect: str) -> LiveConnection:
+        """A long-lived connection to `addr` that has echoed once."""
+        stream, _ = await self.connect(addr, expect)
+        live = LiveConnection(stream)
+        await live.exchange(b"hello")
+        return live
 
     async def roundtrip_ok(self, addr: Addr, expect: str, payload: bytes = b"probe") -> bool:
         """True if a connection got through and echoed; False if it was refused or cut."""
