@@ -295,7 +295,6 @@ class Demo:
     def __init__(self, root: Path, report: Report) -> None:
         self.root = root
         self.report = report
-        self.state = root / "ca"
         self.procs: list[Proc] = []
         self.sockets: list[socket.socket] = []
         self.api_app: ApiServer | None = None
@@ -558,10 +557,11 @@ class Demo:
         ctx.check_hostname = False  # an SVID names a SPIFFE ID, not a host; the CA is checked
         ctx.load_verify_locations(self.root / "bundle.pem")
         ctx.load_cert_chain(state / "svid.pem", state / "svid.key")
-        with connect(addr) as raw, ctx.wrap_socket(raw) as tls:
+        with connect(addr) as raw:
             try:
-                status, _, _ = http_get(tls, "/steal")
-            except (OSError, ssl.SSLError) as exc:
+                with ctx.wrap_socket(raw) as tls:
+                    status, _, _ = http_get(tls, "/steal")
+            except OSError as exc:  # ssl.SSLError included: the handshake or the alert after it
                 self.report.ok(f"batch's TLS connection was refused by api's sidecar ({exc})")
             else:
                 raise StepFailed(f"api's sidecar let batch through (HTTP {status})")
@@ -612,6 +612,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         except Exception as exc:
             report.fail(f"unexpected {type(exc).__name__}: {exc}")
         finally:
+            # A second Ctrl-C must not leave processes behind; stopping them is bounded.
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)
             print(f"\n[{report.elapsed()}] Cleaning up")
             for line in demo.cleanup():
                 print(f"    {line}")
