@@ -382,6 +382,8 @@ class Sidecar:
                     reason = handshake_failure_reason(exc)
                     verdict = Verdict(False, reason, f"TLS handshake failed: {reason}")
                 self._deny(entry, verdict)
+                if hs.direction == INBOUND:
+                    await _linger(tls.sock)
                 return None
         if timer.cancelled_caught:
             self._deny(entry, Verdict(False, "handshake_timeout", "TLS handshake took too long"))
@@ -813,6 +815,33 @@ class Sidecar:
             )
 
         return handle
+
+
+async def _linger(sock: socket.socket, seconds: float = 1.0, limit: int = 65536) -> None:
+    """Let the alert we just sent reach the peer before the socket closes.
+
+    Closing a socket with unread bytes (the client's Finished, its first
+    request) makes the kernel send a reset, which can overtake the alert: the
+    refused client would see "connection reset" instead of why. So: FIN after
+    the alert, then read and discard what is in flight, briefly and boundedly.
+    """
+    try:
+        sock.shutdown(socket.SHUT_WR)
+    except OSError:
+        return
+    seen = 0
+    with trio.move_on_after(seconds):
+        while seen < limit:
+            try:
+                data = sock.recv(16384)
+            except BlockingIOError:
+                await trio.lowlevel.wait_readable(sock)
+                continue
+            except OSError:
+                return
+            if not data:
+                return
+            seen += len(data)
 
 
 async def _connect_one(family: socket.AddressFamily, sockaddr: tuple[str, int]) -> socket.socket:

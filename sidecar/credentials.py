@@ -20,6 +20,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
+from typing import Any
 
 from cryptography import x509
 from OpenSSL import SSL, crypto
@@ -104,9 +105,39 @@ def _base_context(method: int, svid: Svid, verify: VerifyCallback) -> SSL.Contex
     assert store is not None
     for root in svid.bundle.roots:
         store.add_cert(crypto.X509.from_cryptography(root))
-    ctx.set_verify(SSL.VERIFY_PEER | SSL.VERIFY_FAIL_IF_NO_PEER_CERT, verify)
+    _set_verify(ctx, SSL.VERIFY_PEER | SSL.VERIFY_FAIL_IF_NO_PEER_CERT, verify)
     ctx.set_verify_depth(4)
     return ctx
+
+
+def _set_verify(ctx: SSL.Context, mode: int, verify: VerifyCallback) -> None:
+    """set_verify, but a refusal by our callback reaches the peer as `bad_certificate`.
+
+    pyOpenSSL leaves the verification error at X509_V_OK when a callback says
+    no, and OpenSSL then sends the peer an `internal_error` alert: the refused
+    side would read it as our fault, not as a refusal. Wrapping pyOpenSSL's
+    callback to set X509_V_ERR_CERT_REJECTED makes the alert `bad_certificate`.
+    This reaches into pyOpenSSL's private binding; if that ever moves, the
+    plain set_verify (and the vaguer alert) is kept.
+    """
+    ctx.set_verify(mode, verify)
+    try:
+        from OpenSSL._util import ffi, lib
+
+        inner: Any = getattr(ctx, "_verify_callback")  # noqa: B009 - private, may move
+        raw_ctx: Any = getattr(ctx, "_context")  # noqa: B009
+
+        def refuse_as_bad_certificate(ok: int, store_ctx: Any) -> int:
+            result = int(inner(ok, store_ctx))
+            if not result and lib.X509_STORE_CTX_get_error(store_ctx) == lib.X509_V_OK:
+                lib.X509_STORE_CTX_set_error(store_ctx, lib.X509_V_ERR_CERT_REJECTED)
+            return result
+
+        wrapped: Any = ffi.callback("int (*)(int, X509_STORE_CTX *)", refuse_as_bad_certificate)
+        lib.SSL_CTX_set_verify(raw_ctx, mode, wrapped)
+        setattr(ctx, "_meshid_verify", wrapped)  # noqa: B010 - keeps the C callback alive
+    except (ImportError, AttributeError):
+        return
 
 
 @dataclass(eq=False, slots=True)

@@ -311,3 +311,30 @@ def test_audit_chain_verifies_and_an_edited_row_is_caught(state: Path) -> None:
     bad = run("ca", "audit", "verify", "--state", str(state))
     assert bad.exit_code == 1
     assert "audit log tampered: entry 1 was modified" in bad.output
+
+
+async def test_a_refused_peer_is_told_bad_certificate_not_internal_error(
+    mesh: Mesh, tmp_path: Path
+) -> None:
+    """TLS 1.3: the refusal arrives on the client's first read, as an alert it can name."""
+    key = generate_key()
+    issued = mesh.authority.issue(SpiffeId(TD, "/batch"), key.public_key())
+    (tmp_path / "batch.pem").write_bytes(certs_to_pem(issued.chain))
+    (tmp_path / "batch.key").write_bytes(key_to_pem(key))
+    ctx = ssl.create_default_context(cadata=mesh.authority.bundle().to_pem().decode())
+    ctx.check_hostname = False
+    ctx.load_cert_chain(tmp_path / "batch.pem", tmp_path / "batch.key")
+    stream = trio.SSLStream(
+        await trio.open_tcp_stream(*mesh.api.bound["inbound[0]"]), ctx, server_hostname=None
+    )
+    with trio.fail_after(10), pytest.raises(trio.BrokenResourceError) as info:
+        await stream.do_handshake()
+        await stream.send_all(b"hello")
+        await stream.receive_some(10)
+    assert isinstance(info.value.__cause__, ssl.SSLError)
+    assert "BAD_CERTIFICATE" in str(info.value.__cause__).upper()
+    await trio.aclose_forcefully(stream)
+    refusal = await wait_for(
+        lambda: [e for e in mesh.api_log.events("decision") if e.get("peer_id") == f"{TD.id}/batch"]
+    )
+    assert refusal[0]["reason"] == "not_allowed"
