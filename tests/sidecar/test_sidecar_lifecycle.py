@@ -10,7 +10,6 @@ from typing import Any
 
 import pytest
 import trio
-from conftest import Mesh, Pair, Pki, start_pair
 from sidecar_helpers import (
     API,
     MESHID,
@@ -27,6 +26,7 @@ from sidecar_helpers import (
     tls_connect,
     wait_cut,
 )
+from sidecar_mesh import Mesh, Pair, Pki, start_pair
 
 
 async def http(addr: Addr, method: str, path: str) -> tuple[int, bytes]:

@@ -11,8 +11,8 @@ import struct
 
 import pytest
 import trio
-from conftest import Mesh, start_pair
 from sidecar_helpers import Backend, connect, metric, receive_exactly, roundtrip, wait_cut
+from sidecar_mesh import Mesh, start_pair
 
 CONCURRENT = 500
 

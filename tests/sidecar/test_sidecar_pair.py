@@ -8,8 +8,8 @@ allowed to, even when that TO has a perfectly valid certificate.
 from __future__ import annotations
 
 import trio
-from conftest import Mesh, Pair, start_pair
 from sidecar_helpers import API, WEB, Backend, connect, metric, roundtrip, sid, wait_cut
+from sidecar_mesh import Mesh, Pair, start_pair
 
 
 async def test_allowed_pair_passes_bytes_both_ways(pair: Pair) -> None:

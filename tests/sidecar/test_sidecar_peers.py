@@ -16,7 +16,6 @@ from pathlib import Path
 
 import pytest
 import trio
-from conftest import Mesh, Pki
 from sidecar_helpers import (
     API,
     TD,
@@ -36,6 +35,7 @@ from sidecar_helpers import (
     utcnow,
     wait_cut,
 )
+from sidecar_mesh import Mesh, Pki
 
 from meshid.spiffeid import TrustDomain
 

@@ -9,7 +9,6 @@ from typing import Any
 
 import pytest
 import trio
-from conftest import Mesh, Pki
 from OpenSSL import SSL
 from sidecar_helpers import (
     API,
@@ -22,6 +21,7 @@ from sidecar_helpers import (
     sid,
     wait_cut,
 )
+from sidecar_mesh import Mesh, Pki
 
 from meshid.policy import Policy
 from meshid.spiffeid import SpiffeId

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 import trio
-from conftest import Mesh, start_pair
 from sidecar_helpers import WEB, Backend, fmt, receive_all, roundtrip
+from sidecar_mesh import Mesh, start_pair
 
 from sidecar.proxyproto import PP2_TYPE_SPIFFE_ID, PP2_TYPE_SSL, SIGNATURE, decode_v2
 

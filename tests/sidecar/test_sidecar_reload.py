@@ -13,8 +13,8 @@ from datetime import timedelta
 
 import pytest
 import trio
-from conftest import Pair, Pki, Running
 from sidecar_helpers import metric, receive_exactly, roundtrip, sid, utcnow
+from sidecar_mesh import Pair, Pki, Running
 
 
 def _svid_serial(side: Running) -> str:

@@ -13,7 +13,6 @@ import random
 
 import pytest
 import trio
-from conftest import Mesh, Pair, start_pair
 from sidecar_helpers import (
     API,
     Backend,
@@ -24,6 +23,7 @@ from sidecar_helpers import (
     roundtrip,
     wait_cut,
 )
+from sidecar_mesh import Mesh, Pair, start_pair
 
 MiB = 1 << 20
 
