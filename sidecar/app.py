@@ -126,6 +126,7 @@ class Sidecar:
         self.stopped = trio.Event()
         self._accept_scopes: list[trio.CancelScope] = []
         self.dynamic: DynamicIdentity | None = None
+        self.clock_offset = timedelta(0)  # ours minus the authority's (dynamic mode measures it)
         self.changed: Callable[[], None] = lambda: None  # live connections or policy moved
         self.metrics = Metrics(
             Gauges(
@@ -144,7 +145,8 @@ class Sidecar:
     def svid_seconds_left(self) -> float | None:
         if self.generation is None:
             return None
-        return (self.generation.svid.not_after - self.wall()).total_seconds()
+        expiry = self.generation.svid.not_after + self.clock_offset
+        return (expiry - self.wall()).total_seconds()
 
     def install_svid(self, svid: Svid, how: str) -> None:
         """Swap in new credentials; live connections keep the generation they started with."""

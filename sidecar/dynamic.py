@@ -59,6 +59,7 @@ class Host(Protocol):
 
     identity: SpiffeId
     events: EventLog
+    clock_offset: timedelta  # our clock minus the authority's, as last measured
 
     def wall_now(self) -> datetime: ...
     def current_svid(self) -> Svid | None: ...
@@ -83,19 +84,22 @@ def build_csr(key: Any, spiffe_id: SpiffeId) -> bytes:
 
 async def renewal_loop(
     schedule: Schedule,
-    current: Callable[[], Svid | None],
+    current: Callable[[], tuple[datetime, datetime] | None],
     renew: Callable[[], Awaitable[None]],
     wall: Callable[[], datetime],
     on_failure: Callable[[MeshIdError, int, float, float], None],
     rand: Callable[[], float] = random.random,
 ) -> None:
-    """Renew `current()` on schedule forever; `on_failure(exc, failures, left, retry_in)`."""
+    """Renew on schedule forever; `on_failure(exc, failures, left, retry_in)`.
+
+    `current()` is the SVID's validity (NotBefore, NotAfter) on the local clock.
+    """
     failures = 0
     while True:
-        svid = current()
-        if svid is None:
+        validity = current()
+        if validity is None:
             raise ConfigError("no SVID to renew")
-        not_before, not_after = svid.leaf.not_valid_before_utc, svid.not_after
+        not_before, not_after = validity
         left = (not_after - wall()).total_seconds()
         if failures == 0:
             delay = schedule.renew_delay(not_before, not_after, wall(), rand())
@@ -278,6 +282,7 @@ class DynamicIdentity:
             now=self.host.wall_now(),
         )
         svid = self._svid_from(reply, key)
+        self._learn_offset(svid)
         self._persist(svid)
         self.host.install_svid(svid, "enrolled")
         self.host.count_renewal("ok")
@@ -293,6 +298,7 @@ class DynamicIdentity:
             identity=self._identity_files(),
         )
         svid = self._svid_from(reply, key)
+        self._learn_offset(svid)
         self._persist(svid)
         self.host.install_svid(svid, "renewed")
         self.host.count_renewal("ok")
@@ -314,16 +320,35 @@ class DynamicIdentity:
             chain, key, bundle, self.host.identity, self.host.wall_now(), self._skew()
         )
 
+    def _learn_offset(self, svid: Svid) -> None:
+        """How far our clock is from the authority's, from an SVID it just issued.
+
+        The authority issued it moments ago, at NotBefore + backdate on its
+        clock; the schedule and expiry use the SVID's times shifted into ours,
+        so a sidecar whose clock is off renews on time rather than early or late.
+        Bounded by the clock-skew allowance: beyond it, nothing else would work.
+        """
+        issued = svid.leaf.not_valid_before_utc + self.schedule.backdate
+        offset = self.host.wall_now() - issued
+        limit = self._skew()
+        self.host.clock_offset = max(-limit, min(limit, offset))
+
+    def validity(self) -> tuple[datetime, datetime] | None:
+        """The current SVID's NotBefore and NotAfter, on our clock."""
+        svid = self.host.current_svid()
+        if svid is None:
+            return None
+        shift = self.host.clock_offset
+        return svid.leaf.not_valid_before_utc + shift, svid.not_after + shift
+
     def _on_renewal_failure(
         self, exc: MeshIdError, failures: int, left: float, retry_in: float
     ) -> None:
         self.host.count_renewal("error")
-        svid = self.host.current_svid()
+        validity = self.validity()
         state = (
-            self.schedule.state(
-                svid.leaf.not_valid_before_utc, svid.not_after, self.host.wall_now()
-            )
-            if svid
+            self.schedule.state(validity[0], validity[1], self.host.wall_now())
+            if validity
             else EXPIRED
         )
         self.host.events.emit(
@@ -466,7 +491,7 @@ class DynamicIdentity:
             nursery.start_soon(
                 renewal_loop,
                 self.schedule,
-                self.host.current_svid,
+                self.validity,
                 self.renew,
                 self.host.wall_now,
                 self._on_renewal_failure,

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from typing import Any
 
 import pytest
 import trio
@@ -95,8 +94,8 @@ class World:
     def wall(self) -> datetime:
         return T0 + timedelta(seconds=trio.current_time())
 
-    def current(self) -> Any:
-        return self.svid
+    def current(self) -> tuple[datetime, datetime]:
+        return self.svid.leaf.not_valid_before_utc, self.svid.not_after
 
     async def renew(self) -> None:
         if self.fail_next:
