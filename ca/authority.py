@@ -137,6 +137,18 @@ class IssuedSvid:
 
 
 @dataclass(frozen=True, slots=True)
+class Prepared:
+    """A signed certificate not yet recorded: `Authority.commit` makes it count."""
+
+    spiffe_id: SpiffeId
+    generation: int
+    leaf: x509.Certificate
+    how: str
+    token_digest: str | None = None  # an enrollment consumes this token
+    caller_serial: str | None = None  # a renewal needs this SVID to be one of ours
+
+
+@dataclass(frozen=True, slots=True)
 class TokenGrant:
     spiffe_id: SpiffeId
     dns_names: tuple[str, ...]
@@ -489,36 +501,69 @@ class Authority:
         burn the token; the token is consumed in the same transaction that
         records the SVID, so of two concurrent uses exactly one succeeds.
         """
+        return self.commit(self.prepare_enroll(token, csr_data))
+
+    def prepare_enroll(self, token: str, csr_data: bytes) -> Prepared:
+        """Everything an enrollment needs but the write: checks, and the signature."""
         csr = parse_csr(csr_data)
         public_key = csr_public_key(csr)
         digest = token_hash(token)
-        now = self._now()
+        with self.store.read() as conn:
+            row = self._usable_token(conn, digest)
+            self._check_not_revoked(conn, SpiffeId.parse(row[0]))
+        spiffe_id = SpiffeId.parse(row[0])
+        check_csr_identity(csr, spiffe_id)
+        dns = json.loads(row[1])
+        ips = [ipaddress.ip_address(ip) for ip in json.loads(row[2])]
+        generation, leaf = self._sign(spiffe_id, public_key, None, dns, ips)
+        return Prepared(spiffe_id, generation, leaf, "enroll", token_digest=digest)
+
+    def _usable_token(self, conn: sqlite3.Connection, digest: str) -> tuple[str, str, str]:
+        row = conn.execute(
+            "SELECT spiffe_id, dns, ips, expires_at, used_at FROM tokens WHERE hash = ?",
+            (digest,),
+        ).fetchone()
+        if row is None:
+            raise TokenRejected("join token not recognised", reason="token_unknown")
+        spiffe_id = SpiffeId.parse(row[0])
+        if row[4] is not None:
+            raise TokenRejected(f"join token for {spiffe_id} was already used", reason="token_used")
+        if row[3] <= self._now().timestamp():
+            expired = datetime.fromtimestamp(row[3], UTC)
+            raise TokenRejected(
+                f"join token for {spiffe_id} expired at {expired:%Y-%m-%dT%H:%M:%SZ}",
+                reason="token_expired",
+            )
+        return str(row[0]), str(row[1]), str(row[2])
+
+    def commit(self, prepared: Prepared) -> IssuedSvid:
+        """Record a prepared issuance, checking again what may have changed meanwhile.
+
+        Signing happens before, outside the transaction, so that concurrent
+        workers do not hold the database's one write lock while they compute.
+        """
+        now = self._now().timestamp()
         with self.store.write() as conn:
-            row = conn.execute(
-                "SELECT spiffe_id, dns, ips, expires_at, used_at FROM tokens WHERE hash = ?",
-                (digest,),
-            ).fetchone()
-            if row is None:
-                raise TokenRejected("join token not recognised", reason="token_unknown")
-            spiffe_id = SpiffeId.parse(row[0])
-            if row[4] is not None:
-                raise TokenRejected(
-                    f"join token for {spiffe_id} was already used", reason="token_used"
+            if prepared.token_digest is not None:
+                row = self._usable_token(conn, prepared.token_digest)
+                if row[0] != str(prepared.spiffe_id):  # pragma: no cover - hashes do not move
+                    raise TokenRejected("join token changed", reason="token_unknown")
+                conn.execute(
+                    "UPDATE tokens SET used_at = ? WHERE hash = ?", (now, prepared.token_digest)
                 )
-            if row[3] <= now.timestamp():
-                expired = datetime.fromtimestamp(row[3], UTC)
-                raise TokenRejected(
-                    f"join token for {spiffe_id} expired at {expired:%Y-%m-%dT%H:%M:%SZ}",
-                    reason="token_expired",
-                )
-            self._check_not_revoked(conn, spiffe_id)
-            check_csr_identity(csr, spiffe_id)
-            dns = json.loads(row[1])
-            ips = [ipaddress.ip_address(ip) for ip in json.loads(row[2])]
-            generation, leaf = self._sign(spiffe_id, public_key, None, dns, ips)
-            conn.execute("UPDATE tokens SET used_at = ? WHERE hash = ?", (now.timestamp(), digest))
-            self._record(conn, generation, leaf, "enroll")
-        return IssuedSvid(spiffe_id, (leaf,), self.bundle())
+            if prepared.caller_serial is not None:
+                known = conn.execute(
+                    "SELECT 1 FROM svids WHERE serial = ?", (prepared.caller_serial,)
+                ).fetchone()
+                if known is None:
+                    raise TokenRejected(
+                        f"{prepared.spiffe_id}: the presented certificate was not issued by "
+                        "this authority",
+                        reason="unknown_certificate",
+                    )
+            self._check_not_revoked(conn, prepared.spiffe_id)
+            self._record(conn, prepared.generation, prepared.leaf, prepared.how)
+        return IssuedSvid(prepared.spiffe_id, (prepared.leaf,), self.bundle())
 
     def token_grant(self, token: str) -> TokenGrant | None:
         """What an unused, unexpired token would grant (None otherwise). Reads only."""
@@ -622,6 +667,9 @@ class Authority:
         recorded issuing, so a certificate minted with a stolen root key
         elsewhere does not renew.
         """
+        return self.commit(self.prepare_renew(caller, csr_data))
+
+    def prepare_renew(self, caller: x509.Certificate, csr_data: bytes) -> Prepared:
         sid = self._verified_caller(caller)
         csr = parse_csr(csr_data)
         check_csr_identity(csr, sid)
@@ -630,15 +678,6 @@ class Authority:
             raise CsrRejected(
                 "renewal must come with a new key; this CSR reuses the current one",
                 reason="key_reused",
-            )
-        with self.store.read() as conn:
-            known = conn.execute(
-                "SELECT 1 FROM svids WHERE serial = ?", (f"{caller.serial_number:x}",)
-            ).fetchone()
-        if known is None:
-            raise TokenRejected(
-                f"{sid}: the presented certificate was not issued by this authority",
-                reason="unknown_certificate",
             )
         try:
             san = caller.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
@@ -650,7 +689,9 @@ class Authority:
             ]
         except x509.ExtensionNotFound:
             dns, ips = [], []
-        return self.issue(sid, public_key, dns_names=dns, ip_addresses=ips, how="renew")
+        check_not_reserved(sid)
+        generation, leaf = self._sign(sid, public_key, None, dns, ips)
+        return Prepared(sid, generation, leaf, "renew", caller_serial=f"{caller.serial_number:x}")
 
     def _verified_caller(self, caller: x509.Certificate) -> SpiffeId:
         """verify_svid, remembered per certificate and bundle: a sidecar renewing over

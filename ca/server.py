@@ -54,6 +54,7 @@ from meshid.svid import IpAddress, certs_to_pem, generate_key, key_to_pem
 AUTHORITY_PATH = "/meshid/authority"
 BATCHED_PATHS = ("/v1/enroll", "/v1/renew", "/v1/report")  # writes: group-committed
 MAX_BATCH = 128
+WATCH_EXPIRY_MARGIN = 1.0  # seconds: a long poll ends this long before the caller's SVID
 SERVER_DIR = "server"
 T = TypeVar("T")
 
@@ -293,7 +294,7 @@ class ControlPlane:
                 peer_cert=cert,
             )
             reply = await self._dispatch(req)
-            if reply.status >= 400 or req.path in ("/v1/enroll", "/v1/renew"):
+            if reply.status >= 400 or req.path == "/v1/enroll":  # renewals: see the audit log
                 self.log(
                     "request",
                     method=req.method,
@@ -319,6 +320,12 @@ class ControlPlane:
                 wait = self.options.watch_timeout
             if not math.isfinite(wait) or wait < 0:
                 wait = self.options.watch_timeout
+            if req.peer_cert is not None:
+                # Answer while the caller's certificate is still good: the reply checks the
+                # caller again, and a watch parked past that expiry would end in an error
+                # the sidecar backs off from, missing changes meanwhile.
+                left = (req.peer_cert.not_valid_after_utc - self.clock()).total_seconds()
+                wait = min(wait, max(0.0, left - WATCH_EXPIRY_MARGIN))
             with trio.move_on_after(wait):
                 while self._versions == seen:
                     await self._changed.wait()

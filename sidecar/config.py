@@ -7,6 +7,8 @@ touches a socket or reads a certificate.
 
 from __future__ import annotations
 
+import json
+import re
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -99,6 +101,9 @@ def parse_address(text: Any, key: str) -> Address:
     return Address(host, int(port_text))
 
 
+_BARE_KEY = re.compile(r"[A-Za-z0-9_-]+")
+
+
 class _Table:
     """A TOML table that remembers its own key path and which keys were read."""
 
@@ -110,7 +115,8 @@ class _Table:
         self.seen: set[str] = set()
 
     def path(self, name: str) -> str:
-        return f"{self.key}.{name}" if self.key else name
+        shown = name if _BARE_KEY.fullmatch(name) else json.dumps(name)[:64]  # as TOML quotes it
+        return f"{self.key}.{shown}" if self.key else shown
 
     def get(self, name: str, default: Any = None) -> Any:
         self.seen.add(name)

@@ -69,7 +69,7 @@ def snapshot(state: Path) -> dict[str, str]:
     """
     out: dict[str, str] = {}
     for path in sorted(state.rglob("*")):
-        if path.is_file() and not path.name.startswith(DB_NAME) and path.name != ".lock":
+        if path.is_file() and not path.name.startswith(DB_NAME) and not path.name.endswith(".lock"):
             out[str(path.relative_to(state))] = hashlib.sha256(path.read_bytes()).hexdigest()
     db = state / DB_NAME
     if db.exists():
