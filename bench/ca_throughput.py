@@ -111,7 +111,7 @@ async def _client(
         await trio.aclose_forcefully(stream)
 
 
-def _client_contexts(state: Path, workdir: Path, clients: int) -> list[ssl.SSLContext]:
+def client_contexts(state: Path, workdir: Path, clients: int) -> list[ssl.SSLContext]:
     authority = Authority.open(state)
     contexts = []
     try:
@@ -160,35 +160,38 @@ def measure(
             [MESHID, "ca", "serve", "--state", str(state), "--listen", f"127.0.0.1:{port}"],
         )
         wait_listening([server], [port])
-        contexts = _client_contexts(state, workdir, clients)
-        per_client = max(1, requests // clients)
+        contexts = client_contexts(state, workdir, clients)
         for _ in range(repetitions):
-            csrs = _csrs(clients, per_client)
-            counts = [0] * (clients + 1)
-            server_cpu, client_cpu = _tree_cpu(server.pid), _self_cpu()
-            start = time.perf_counter()
-
-            async def main(csrs: list[list[str]] = csrs, counts: list[int] = counts) -> None:
-                with trio.fail_after(300):
-                    async with trio.open_nursery() as nursery:
-                        for i in range(clients):
-                            nursery.start_soon(_client, port, contexts[i], csrs[i], counts, i)
-
-            trio.run(main)
-            wall = time.perf_counter() - start
-            ok = sum(counts[:-1])
-            results.append(
-                Result(
-                    svids_per_s=ok / wall,
-                    requests=ok,
-                    wall_s=wall,
-                    server_cpu_s=_tree_cpu(server.pid) - server_cpu,
-                    client_cpu_s=_self_cpu() - client_cpu,
-                    errors=counts[-1],
-                )
-            )
+            results.append(run_once(port, contexts, requests, server.pid))
             server.check_alive()
     return results
+
+
+def run_once(port: int, contexts: list[ssl.SSLContext], requests: int, server_pid: int) -> Result:
+    """One repetition: every client renews its share of `requests`, concurrently."""
+    clients = len(contexts)
+    csrs = _csrs(clients, max(1, requests // clients))
+    counts = [0] * (clients + 1)
+    server_cpu, client_cpu = _tree_cpu(server_pid), _self_cpu()
+    start = time.perf_counter()
+
+    async def main() -> None:
+        with trio.fail_after(300):
+            async with trio.open_nursery() as nursery:
+                for i in range(clients):
+                    nursery.start_soon(_client, port, contexts[i], csrs[i], counts, i)
+
+    trio.run(main)
+    wall = time.perf_counter() - start
+    ok = sum(counts[:-1])
+    return Result(
+        svids_per_s=ok / wall,
+        requests=ok,
+        wall_s=wall,
+        server_cpu_s=_tree_cpu(server_pid) - server_cpu,
+        client_cpu_s=_self_cpu() - client_cpu,
+        errors=counts[-1],
+    )
 
 
 def summarise(results: list[Result]) -> dict[str, Any]:

@@ -136,13 +136,22 @@ def _ratio(a: float | None, b: float | None) -> str:
     return f"{a / b:.2f}x"
 
 
+def primary(r: WorkloadResult) -> str:
+    """The topology a workload's figures belong to: meshid's sidecars, or what it alone runs."""
+    topologies = r.workload.topologies
+    return "meshid" if "meshid" in topologies else topologies[0]
+
+
 def target_status(r: WorkloadResult, fig: Figure) -> str:
     t = fig.target
     if t is None:
         return ""
-    mine = r.median("meshid", fig.key)
+    mine = r.median(primary(r), fig.key)
     if mine is None:
         return "not measured"
+    if t.kind == "min":
+        ok = mine >= t.value
+        return f"{'met' if ok else '**missed**'} ({mine:,.0f} {fig.unit})"
     if t.kind == "vs_stunnel":
         theirs = r.median("stunnel", fig.key)
         if theirs is None:
@@ -160,7 +169,7 @@ def headline(run: RunResult) -> list[str]:
     ]
     for r in run.workloads:
         for fig in r.workload.figures:
-            m, s, d = (r.median(t, fig.key) for t in ("meshid", "stunnel", "direct"))
+            m, s, d = (r.median(t, fig.key) for t in (primary(r), "stunnel", "direct"))
             target = f"{fig.target.text}: {target_status(r, fig)}" if fig.target else ""
             rows.append(
                 f"| {fig.title} ({fig.unit}) | {_fmt(m, fig.digits)} | {_fmt(s, fig.digits)} | "

@@ -219,7 +219,47 @@ def stunnel(env: Env) -> Iterator[Chain]:
             env.sup.stop(p)
 
 
+@contextlib.contextmanager
+def authority(env: Env) -> Iterator[Chain]:
+    """`meshid ca serve` with one worker per core, on a fresh authority."""
+    state = env.workdir / "ca-bench" / "ca"
+    if not state.exists():
+        init = [
+            str(env.meshid),
+            "ca",
+            "init",
+            "--state",
+            str(state),
+            "--trust-domain",
+            "bench.example",
+        ]
+        subprocess.run(init, check=True, capture_output=True)
+    (port,) = free_ports(1)
+    cmd = [
+        str(env.meshid),
+        "ca",
+        "serve",
+        "--state",
+        str(state),
+        "--listen",
+        f"127.0.0.1:{port}",
+        "--workers",
+        str(CA_WORKERS),
+    ]
+    proc = env.sup.start("meshid-ca", cmd)
+    try:
+        wait_listening([proc], [port])
+        yield Chain(
+            "ca", {"ca": port}, {"authority": proc}, python=("authority",), commands=[" ".join(cmd)]
+        )
+    finally:
+        env.sup.stop(proc)
+
+
+CA_WORKERS = 2  # one per core on the benchmark machine
+
 TOPOLOGIES: dict[str, Callable[[Env], contextlib.AbstractContextManager[Chain]]] = {
+    "ca": authority,
     "direct": direct,
     "meshid": meshid,
     "stunnel": stunnel,
