@@ -9,6 +9,8 @@ import socket
 import ssl
 import subprocess
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -54,26 +56,24 @@ def _children(pid: int) -> list[int]:
     return [int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
 
 
-def test_workers_share_the_port_and_stop_together(state: Path, tmp_path: Path) -> None:
+@contextmanager
+def serving_two_workers(state: Path, log: Path) -> Iterator[tuple[subprocess.Popen[bytes], int]]:
+    """`meshid ca serve --workers 2`, up and logging; killed (by pid) if a test leaves it."""
     port = _free_port()
-    log = tmp_path / "ca.log"
+    argv = [MESHID, "ca", "serve", "--state", str(state), "--listen", f"127.0.0.1:{port}"]
     with log.open("wb") as out:
-        proc = subprocess.Popen(
-            [
-                MESHID,
-                "ca",
-                "serve",
-                "--state",
-                str(state),
-                "--listen",
-                f"127.0.0.1:{port}",
-                "--workers",
-                "2",
-            ],
-            stdout=out,
-            stderr=subprocess.STDOUT,
-        )
+        proc = subprocess.Popen([*argv, "--workers", "2"], stdout=out, stderr=subprocess.STDOUT)
     try:
+        yield proc, port
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def test_workers_share_the_port_and_stop_together(state: Path, tmp_path: Path) -> None:
+    log = tmp_path / "ca.log"
+    with serving_two_workers(state, log) as (proc, port):
         serving = _wait_lines(log, '"serving"', 2, proc)
         assert {json.loads(line)["worker"] for line in serving} == {0, 1}
         workers = _children(proc.pid)
@@ -87,40 +87,15 @@ def test_workers_share_the_port_and_stop_together(state: Path, tmp_path: Path) -
                 not Path(f"/proc/{pid}").exists()
                 or "Z" in Path(f"/proc/{pid}/stat").read_text().split()[2]
             )
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
 
 
 def test_a_dead_worker_takes_the_set_down_for_the_supervisor(state: Path, tmp_path: Path) -> None:
-    port = _free_port()
     log = tmp_path / "ca.log"
-    with log.open("wb") as out:
-        proc = subprocess.Popen(
-            [
-                MESHID,
-                "ca",
-                "serve",
-                "--state",
-                str(state),
-                "--listen",
-                f"127.0.0.1:{port}",
-                "--workers",
-                "2",
-            ],
-            stdout=out,
-            stderr=subprocess.STDOUT,
-        )
-    try:
+    with serving_two_workers(state, log) as (proc, _port):
         _wait_lines(log, '"serving"', 2, proc)
         os.kill(_children(proc.pid)[0], signal.SIGKILL)
         assert proc.wait(timeout=30) == 1
         assert '"worker_died"' in log.read_text()
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
 
 
 @pytest.mark.parametrize(
