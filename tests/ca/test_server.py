@@ -392,6 +392,28 @@ async def test_watch_answers_at_once_when_behind_and_waits_when_current(
     assert got[0]["policy_version"] == versions[0] + 1 and got[0]["pairs"] == []
 
 
+async def test_watch_answers_before_the_callers_certificate_expires(
+    plane: Plane, clock: Clock, tmp_path: Path
+) -> None:
+    """A quiet feed is answered (unchanged) while the caller's SVID is still valid, not
+    parked past its expiry and then refused as expired."""
+    key = generate_key()
+    issued = plane.authority.issue(WEB, key.public_key(), ttl=timedelta(seconds=30))
+    (tmp_path / "svid.key").write_bytes(key_to_pem(key))
+    (tmp_path / "svid.pem").write_bytes(certs_to_pem(issued.chain))
+    ident = ClientIdentity(tmp_path / "svid.pem", tmp_path / "svid.key")
+    feed = await plane.call("GET", "/v1/watch", identity=ident)
+    clock.advance(issued.leaf.not_valid_after_utc - clock() - timedelta(seconds=2))
+    target = "/v1/watch?policy_version={}&revocation_version={}&bundle_sequence={}&wait=20".format(
+        feed["policy_version"], feed["revocation_version"], feed["bundle_sequence"]
+    )
+    start = trio.current_time()
+    with trio.fail_after(10):
+        again = await plane.call("GET", target, identity=ident)
+    assert 0.5 < trio.current_time() - start < 5
+    assert again["policy_version"] == feed["policy_version"]
+
+
 async def test_watch_refused_for_a_revoked_identity(plane: Plane, tmp_path: Path) -> None:
     ident = write_identity(tmp_path / "web", plane.authority, WEB)
     plane.authority.revoke(WEB)
