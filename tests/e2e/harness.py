@@ -844,7 +844,10 @@ class Probe:
             with trio.fail_after(5):
                 await stream.send_all(payload)
                 got = await receive_exactly(stream, len(payload))
-            assert got == payload
+                assert got == payload
+                # close_notify both ways, so the sidecar logs a clean close, not a truncation
+                transport, _ = await stream.unwrap()
+                await transport.aclose()
         finally:
             await trio.aclose_forcefully(stream)
         return presented

@@ -106,7 +106,7 @@ async def test_connection_closed_when_peer_certificate_expires(mesh: Mesh, app: 
         assert probe_live.cut_wall is not None
         late = (probe_live.cut_wall - probe_expires).total_seconds()
         assert -0.5 < late < 2.5, late
-        [close] = api.log.find("close", peer_id=sid("probe"))
+        [close] = await api.log.wait_for("close", peer_id=sid("probe"), within=5)
         assert close["reason"] == "peer_certificate_expired"
 
         # Between the sidecars, the first of the two enrolled SVIDs to expire ends it.
@@ -117,11 +117,15 @@ async def test_connection_closed_when_peer_certificate_expires(mesh: Mesh, app: 
         assert web_live.cut_wall is not None
         late = (web_live.cut_wall - expiry).total_seconds()
         assert -0.5 < late < 2.5, late
-        closes = [
-            *api.log.find("close", peer_id=sid("web"), conn_id=first["conn_id"]),
-            *web.log.find("close", peer_id=sid("api")),
-        ]
-        assert "peer_certificate_expired" in {c["reason"] for c in closes}, closes
+
+        async def closed_for_expiry() -> bool:
+            closes = [
+                *api.log.find("close", peer_id=sid("web"), conn_id=first["conn_id"]),
+                *web.log.find("close", peer_id=sid("api")),
+            ]
+            return "peer_certificate_expired" in {c["reason"] for c in closes}
+
+        await wait_until(closed_for_expiry, within=5, what="a close for peer_certificate_expired")
         assert web_live.exchanges >= 1
 
         # Both sidecars renewed meanwhile; new connections carry the renewed SVIDs.
