@@ -439,6 +439,7 @@ class Sidecar:
         conn.set_accept_state()
         tls = TlsStream(conn, sock)
         verdict = await self._handshake(tls, hs, entry)
+        conn.set_app_data(None)  # judged: an idle connection need not keep the verdict
         if verdict is None:
             return None, tls
         self._allow(entry, verdict)
@@ -492,6 +493,7 @@ class Sidecar:
             conn.set_session(session)
         tls = TlsStream(conn, up, sessions=gen.sessions, session_key=key)
         verdict = await self._handshake(tls, hs, entry)
+        conn.set_app_data(None)
         if verdict is None:
             return None, tls
         self._allow(entry, verdict, upstream=str(route.upstream))
