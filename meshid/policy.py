@@ -46,7 +46,13 @@ class Policy:
     def decide(self, source: SpiffeId, target: SpiffeId) -> Decision:
         for who in (source, target):
             if who in self.revoked:
-                return Decision(False, IDENTITY_REVOKED, self.version, f"{who} is revoked")
+                return Decision(
+                    False,
+                    IDENTITY_REVOKED,
+                    self.version,
+                    f"{who} is revoked (revocation version {self.revocation_version}, "
+                    f"policy version {self.version})",
+                )
         if (source, target) in self.pairs:
             return Decision(
                 True,
