@@ -167,6 +167,9 @@ class Sidecar:
     def current_svid(self) -> Svid | None:
         return self.generation.svid if self.generation is not None else None
 
+    def current_policy(self) -> Policy:
+        return self.policy
+
     def count_renewal(self, result: str) -> None:
         self.metrics.renewals.labels(result=result).inc()
 

@@ -67,6 +67,7 @@ class Host(Protocol):
     def install_policy(self, policy: Policy) -> int: ...
     def count_renewal(self, result: str) -> None: ...
     def status_report(self) -> dict[str, Any]: ...
+    def current_policy(self) -> Policy: ...
 
 
 def build_csr(key: Any, spiffe_id: SpiffeId) -> bytes:
@@ -455,7 +456,30 @@ class DynamicIdentity:
                 self.host.events.emit(
                     "watch_failed", reason=reason, detail=detail, retry_in_s=round(delay, 1)
                 )
+                if reason == "identity_revoked":
+                    self._revoked_self()
                 await trio.sleep(delay)
+
+    def _revoked_self(self) -> None:
+        """The authority revoked this very workload: stop using the identity, say so once."""
+        me = self.host.identity
+        policy = self.host.current_policy()
+        if me in policy.revoked:
+            return
+        self.host.install_policy(
+            Policy.build(
+                policy.pairs, policy.version, {*policy.revoked, me}, policy.revocation_version
+            )
+        )
+        self.host.events.emit(
+            "identity_revoked",
+            reason="identity_revoked",
+            detail=(
+                f"the authority revoked {me}: this sidecar closed its connections and refuses "
+                "new ones, as every peer does; to bring the workload back, enroll it under a "
+                "new identity (meshid ca token NEW-ID) and change `identity` in this config"
+            ),
+        )
 
     async def report(self) -> None:
         """Tell the control plane how this sidecar is doing, every few seconds."""

@@ -106,11 +106,21 @@ async def test_policy_changes_and_revocation_reach_sidecars_within_2s(
         assert (
             await wait_until(web_refused, what="revoked web refused") - revoked.exited_at < DEADLINE
         )
-        # api refuses the revoked peer; the control plane refuses web itself, loudly.
-        assert await web_refused()
-        [deny, *_] = await api.log.wait_for("decision", decision="deny", since=api_mark)
-        assert (deny["reason"], deny["peer_id"]) == ("identity_revoked", sid("web"))
+        # The control plane refuses web's own feed, and web stops using its identity, loudly;
+        # until it has heard, api refuses it (either side's refusal is a refusal).
         await web.log.wait_for("watch_failed", since=web_mark, reason="identity_revoked")
+        await web.log.wait_for("identity_revoked", since=web_mark)
+        assert await web_refused()
+        denials = [
+            (e["direction"], e["reason"])
+            for e in [
+                *web.log.find("decision", since=web_mark),
+                *api.log.find("decision", since=api_mark),
+            ]
+            if e["decision"] == "deny"
+        ]
+        assert ("outbound", "identity_revoked") in denials
+        assert {reason for _, reason in denials} == {"identity_revoked"}
         check = await ca.check("web", "api")
         assert check.returncode == 1
         assert check.stdout.startswith(f"denied: {sid('web')} is revoked (revocation version 1, ")
