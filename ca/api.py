@@ -32,6 +32,7 @@ from typing import Any
 from cryptography import x509
 
 from ca.authority import Authority, IssuedSvid, Prepared
+from meshid.bundle import TrustBundle
 from meshid.errors import (
     AuthorityError,
     CsrRejected,
@@ -95,6 +96,15 @@ def _status_for(exc: MeshIdError) -> int:
     return 400
 
 
+def _held_sequence(body: bytes) -> int | None:
+    """The bundle sequence a renewing caller says it holds (optional)."""
+    try:
+        value = json.loads(body).get("bundle_sequence")
+    except (ValueError, AttributeError):
+        return None
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
+
+
 def _json_body(body: bytes, required: tuple[str, ...]) -> dict[str, str]:
     try:
         doc = json.loads(body.decode("utf-8"))
@@ -111,19 +121,21 @@ def _json_body(body: bytes, required: tuple[str, ...]) -> dict[str, str]:
     return out
 
 
-def svid_reply(issued: IssuedSvid) -> Reply:
+def svid_reply(
+    issued: IssuedSvid, held_sequence: int | None = None, bundle_pem: str | None = None
+) -> Reply:
+    """The new SVID; the bundle too unless the caller says it holds this very sequence."""
     leaf = issued.leaf
-    return Reply(
-        200,
-        {
-            "spiffe_id": str(issued.spiffe_id),
-            "svid": certs_to_pem(issued.chain).decode(),
-            "serial": f"{leaf.serial_number:x}",
-            "not_after": leaf.not_valid_after_utc.isoformat(),
-            "bundle": issued.bundle.to_pem().decode(),
-            "bundle_sequence": issued.bundle.sequence,
-        },
-    )
+    body: dict[str, Any] = {
+        "spiffe_id": str(issued.spiffe_id),
+        "svid": certs_to_pem(issued.chain).decode(),
+        "serial": f"{leaf.serial_number:x}",
+        "not_after": leaf.not_valid_after_utc.isoformat(),
+        "bundle_sequence": issued.bundle.sequence,
+    }
+    if held_sequence != issued.bundle.sequence:
+        body["bundle"] = bundle_pem or issued.bundle.to_pem().decode()
+    return Reply(200, body)
 
 
 @dataclass(slots=True)
@@ -133,6 +145,7 @@ class ControlApi:
     monotonic: Callable[[], float]
     limiter: FailureLimiter = field(default_factory=FailureLimiter)
     _lock_fd: int | None = None
+    _pem: tuple[TrustBundle, str] | None = None  # the bundle last encoded, and its PEM
 
     def handle(self, req: Request) -> Reply:
         """Answer one request; never raises for anything a client can send."""
@@ -168,6 +181,11 @@ class ControlApi:
                 item if isinstance(item, Reply) else self._guarded(self._finish, item)
                 for item in staged
             ]
+
+    def _bundle_pem(self, bundle: TrustBundle) -> str:
+        if self._pem is None or self._pem[0] is not bundle:
+            self._pem = (bundle, bundle.to_pem().decode())
+        return self._pem[1]
 
     @contextmanager
     def _writer_turn(self) -> Iterator[None]:
@@ -209,7 +227,8 @@ class ControlApi:
         if prepared is None:
             return self.handle(req)
         try:
-            return svid_reply(self.authority.commit(prepared))
+            issued = self.authority.commit(prepared)
+            return svid_reply(issued, _held_sequence(req.body), self._bundle_pem(issued.bundle))
         except TokenRejected:
             if prepared.token_digest is not None:
                 self.limiter.failed(req.source, self.monotonic())

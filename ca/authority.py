@@ -26,6 +26,7 @@ import re
 import secrets
 import shutil
 import sqlite3
+import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -78,6 +79,7 @@ TOKEN_PREFIX = "mjt_"  # noqa: S105 - a marker, not a secret
 BUNDLE_FILE = "bundle.pem"
 _SPKI = (serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
 SIGNER_RECHECK = timedelta(seconds=1)
+BUNDLE_RECHECK = 0.2  # seconds of monotonic time
 REPORT_FRESH = timedelta(seconds=30)  # a sidecar silent for longer is not waited for
 REPORT_FORGET = timedelta(days=1)
 RESERVED_PATH = "/meshid"  # the authority's own identities live under here
@@ -194,6 +196,7 @@ class Authority:
         self._signer_cache: tuple[int, x509.Certificate, PrivateKey] | None = None
         self._signer_checked: datetime | None = None
         self._verified: dict[bytes, tuple[SpiffeId, int]] = {}
+        self._bundle_checked = 0.0
         self._bundle_cache: TrustBundle | None = None
 
     # -- lifecycle --
@@ -314,7 +317,20 @@ class Authority:
     # -- roots and the bundle --
 
     def bundle(self) -> TrustBundle:
-        """The published roots; parsed again only when the sequence moves."""
+        """The published roots; parsed again only when the sequence moves.
+
+        Outside a transaction, the sequence itself is looked at again at most
+        every BUNDLE_RECHECK seconds: a busy control plane asks for it several
+        times per signature, and roots change on a scale of minutes.
+        """
+        now = time.monotonic()
+        if (
+            self._bundle_cache is not None
+            and not self.store.in_transaction
+            and now - self._bundle_checked < BUNDLE_RECHECK
+        ):
+            return self._bundle_cache
+        self._bundle_checked = now
         with self.store.read() as conn:
             sequence = Store.counter(conn, "bundle_sequence")
             if self._bundle_cache is not None and self._bundle_cache.sequence == sequence:
@@ -730,7 +746,7 @@ class Authority:
             revoked = conn.execute("SELECT spiffe_id FROM revocations ORDER BY 1").fetchall()
             policy_version = Store.counter(conn, "policy_version")
             revocation_version = Store.counter(conn, "revocation_version")
-        bundle = self.bundle()
+            bundle = self.bundle()  # inside the snapshot: fresh, and consistent with the rest
         return {
             "policy_version": policy_version,
             "revocation_version": revocation_version,
@@ -799,6 +815,7 @@ class Authority:
                 bundle_sequence=sequence,
             )
         self._signer_checked = None  # a zero propagation delay takes effect at once
+        self._bundle_checked = 0.0
         self.write_bundle_file()
         return generation, activate_at
 
@@ -825,6 +842,7 @@ class Authority:
         if due is None and not retiring:
             return False
         self._signer_checked = None  # the active root may change here
+        self._bundle_checked = 0.0
         changed = False
         with self.store.write() as conn:
             if due is not None:

@@ -431,11 +431,13 @@ def _content_length(headers: Sequence[tuple[bytes, bytes]]) -> int | None:
     return None
 
 
-def bind_listener(host: str, port: int) -> socket.socket:
+def bind_listener(host: str, port: int, *, reuse_port: bool = False) -> socket.socket:
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if reuse_port:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         sock.bind((host, port))
         sock.listen(4096)
     except OSError as exc:
@@ -494,20 +496,33 @@ def run_server(
     dies, the others are stopped and the parent exits non-zero, for the
     service manager to restart the whole set.
     """
-    sock = bind_listener(options.host, options.port)
     if workers <= 1:
-        _serve_one(open_authority, options, sock, log)
+        _serve_one(open_authority, options, bind_listener(options.host, options.port), log)
         return 0
+    # One listening socket per worker in a SO_REUSEPORT group: the kernel spreads new
+    # connections across them evenly (one shared socket let one worker take most).
+    first = bind_listener(options.host, options.port, reuse_port=True)
+    port = int(first.getsockname()[1])
+    socks = [first]
+    try:
+        socks += [bind_listener(options.host, port, reuse_port=True) for _ in range(workers - 1)]
+    except MeshIdError:
+        for sock in socks:
+            sock.close()
+        raise
     children: dict[int, int] = {}
     for index in range(workers):
         pid = os.fork()
         if pid == 0:  # pragma: no cover - runs in the child, which never returns
             status = 1
             try:
+                for other, sock in enumerate(socks):
+                    if other != index:
+                        sock.close()
                 _serve_one(
                     open_authority,
                     options,
-                    sock,
+                    socks[index],
                     lambda event, i=index, **f: log(event, worker=i, **f),
                 )
                 status = 0
@@ -518,7 +533,8 @@ def run_server(
             finally:
                 os._exit(status)
         children[pid] = index
-    sock.close()
+    for sock in socks:
+        sock.close()
     stopping = False
     status = 0
 

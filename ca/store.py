@@ -133,6 +133,10 @@ class Store:
     def close(self) -> None:
         self._conn.close()
 
+    @property
+    def in_transaction(self) -> bool:
+        return self._conn.in_transaction
+
     @contextmanager
     def write(self) -> Iterator[sqlite3.Connection]:
         """One IMMEDIATE transaction: all of it lands, or none of it.

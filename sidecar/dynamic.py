@@ -293,7 +293,7 @@ class DynamicIdentity:
         reply = await self.client.request(
             "POST",
             "/v1/renew",
-            {"csr": build_csr(key, self.host.identity).decode()},
+            {"csr": build_csr(key, self.host.identity).decode(), **self._held()},
             bundle_pem=self._trust_pem(),
             now=self.host.wall_now(),
             identity=self._identity_files(),
@@ -304,15 +304,25 @@ class DynamicIdentity:
         self.host.install_svid(svid, "renewed")
         self.host.count_renewal("ok")
 
+    def _held(self) -> dict[str, int]:
+        """The bundle sequence we hold, so a renewal reply can leave the bundle out."""
+        svid = self.host.current_svid()
+        return {"bundle_sequence": svid.bundle.sequence} if svid and svid.bundle.sequence else {}
+
     def _svid_from(self, reply: dict[str, Any], key: Any) -> Svid:
         try:
             chain = certs_from_pem(str(reply["svid"]).encode(), "SVID from the control plane")
-            bundle = TrustBundle.from_pem(
-                self.host.identity.trust_domain,
-                str(reply["bundle"]).encode(),
-                sequence=int(reply.get("bundle_sequence", 0)),
-                what="bundle from the control plane",
-            )
+            current = self.host.current_svid()
+            sequence = int(reply.get("bundle_sequence", 0))
+            if "bundle" not in reply and current and current.bundle.sequence == sequence:
+                bundle = current.bundle  # unchanged: the reply left it out
+            else:
+                bundle = TrustBundle.from_pem(
+                    self.host.identity.trust_domain,
+                    str(reply["bundle"]).encode(),
+                    sequence=sequence,
+                    what="bundle from the control plane",
+                )
         except (KeyError, ValueError) as exc:
             raise ControlPlaneError(
                 f"control plane reply is missing {exc}", reason="authority_protocol"

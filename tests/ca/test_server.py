@@ -447,3 +447,17 @@ def test_reserved_identities_cannot_be_granted(authority: Authority) -> None:
         authority.create_token(SpiffeId(TD, "/meshid/authority"))
     with pytest.raises(InvalidInput, match="reserved"):
         authority.issue(SpiffeId(TD, "/meshid/x"), generate_key().public_key())
+
+
+async def test_renewal_leaves_out_a_bundle_the_caller_already_holds(
+    plane: Plane, tmp_path: Path
+) -> None:
+    ident = write_identity(tmp_path / "web", plane.authority, WEB)
+    held = await plane.call(
+        "POST", "/v1/renew", {"csr": csr_pem(), "bundle_sequence": 1}, identity=ident
+    )
+    assert "bundle" not in held and held["bundle_sequence"] == 1
+    stale = await plane.call(
+        "POST", "/v1/renew", {"csr": csr_pem(), "bundle_sequence": 0}, identity=ident
+    )
+    assert stale["bundle"] == plane.authority.bundle().to_pem().decode()
