@@ -380,8 +380,9 @@ class CaSigning(Workload):
     def commands(self, chain: Chain) -> list[str]:
         return [
             f"python (bench.ca_throughput): {self.clients} clients, each on one kept-alive mTLS "
-            f"connection with its own SVID, {self.requests} POST /v1/renew in all, each with "
-            f"a CSR for a fresh key made before the clock starts, to 127.0.0.1:{chain.ports['ca']}"
+            f"connection with its own SVID, 4 renewals pipelined, {self.requests} POST /v1/renew "
+            "in all, each with a CSR for a fresh key made before the clock starts, to "
+            f"127.0.0.1:{chain.ports['ca']}"
         ]
 
     def warmup(self, chain: Chain, env: Env) -> None:
