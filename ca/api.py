@@ -72,6 +72,10 @@ class Reply:
         return json.dumps(self.body, separators=(",", ":")).encode() + b"\n"
 
 
+# a request on its way to phase two: what it signed (if anything), the bundle it holds
+_Staged = tuple[Request, Prepared | None, int | None]
+
+
 def error(status: int, reason: str, message: str, **headers: str) -> Reply:
     return Reply(
         status,
@@ -96,29 +100,25 @@ def _status_for(exc: MeshIdError) -> int:
     return 400
 
 
-def _held_sequence(body: bytes) -> int | None:
+def _held_sequence(doc: dict[str, Any]) -> int | None:
     """The bundle sequence a renewing caller says it holds (optional)."""
-    try:
-        value = json.loads(body).get("bundle_sequence")
-    except (ValueError, AttributeError):
-        return None
+    value = doc.get("bundle_sequence")
     return value if isinstance(value, int) and not isinstance(value, bool) else None
 
 
-def _json_body(body: bytes, required: tuple[str, ...]) -> dict[str, str]:
+def _json_body(body: bytes, required: tuple[str, ...]) -> dict[str, Any]:
+    """The request's JSON object, its `required` fields checked to be non-empty strings."""
     try:
         doc = json.loads(body.decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError):
         raise InvalidInput("request body is not valid JSON", reason="invalid_json") from None
     if not isinstance(doc, dict):
         raise InvalidInput("request body must be a JSON object", reason="invalid_json")
-    out: dict[str, str] = {}
     for key in required:
         value = doc.get(key)
         if not isinstance(value, str) or not value:
             raise InvalidInput(f"field {key!r} must be a non-empty string", reason="invalid_json")
-        out[key] = value
-    return out
+    return doc
 
 
 def svid_reply(
@@ -214,21 +214,21 @@ class ControlApi:
         except Exception as exc:  # a bug must cost one request, not the batch
             return error(500, "internal_error", type(exc).__name__)
 
-    def _stage(self, req: Request) -> Reply | tuple[Request, Prepared | None]:
+    def _stage(self, req: Request) -> Reply | _Staged:
         """Phase one: a reply already, or what phase two must record."""
         if req.method == "POST" and req.path == "/v1/enroll":
             return self._stage_enroll(req)
         if req.method == "POST" and req.path == "/v1/renew":
-            return req, self._prepare_renew(req)
-        return req, None  # not a signature: handled whole in phase two
+            return self._prepare_renew(req)
+        return req, None, None  # not a signature: handled whole in phase two
 
-    def _finish(self, staged: tuple[Request, Prepared | None]) -> Reply:
-        req, prepared = staged
+    def _finish(self, staged: _Staged) -> Reply:
+        req, prepared, held = staged
         if prepared is None:
             return self.handle(req)
         try:
             issued = self.authority.commit(prepared)
-            return svid_reply(issued, _held_sequence(req.body), self._bundle_pem(issued.bundle))
+            return svid_reply(issued, held, self._bundle_pem(issued.bundle))
         except TokenRejected:
             if prepared.token_digest is not None:
                 self.limiter.failed(req.source, self.monotonic())
@@ -236,7 +236,7 @@ class ControlApi:
 
     # -- endpoints --
 
-    def _stage_enroll(self, req: Request) -> Reply | tuple[Request, Prepared]:
+    def _stage_enroll(self, req: Request) -> Reply | _Staged:
         now = self.monotonic()
         wait = self.limiter.blocked(req.source, now)
         if wait:
@@ -248,7 +248,8 @@ class ControlApi:
             )
         try:
             fields = _json_body(req.body, ("token", "csr"))
-            return req, self.authority.prepare_enroll(fields["token"], fields["csr"].encode())
+            prepared = self.authority.prepare_enroll(fields["token"], fields["csr"].encode())
+            return req, prepared, None
         except (TokenRejected, CsrRejected, InvalidInput) as exc:
             self.limiter.failed(req.source, now)
             raise exc from None
@@ -257,7 +258,7 @@ class ControlApi:
         staged = self._stage_enroll(req)
         return staged if isinstance(staged, Reply) else self._finish(staged)
 
-    def _prepare_renew(self, req: Request) -> Prepared:
+    def _prepare_renew(self, req: Request) -> _Staged:
         if req.peer_cert is None:
             raise TokenRejected(
                 "this endpoint needs a client certificate (the caller's SVID)",
@@ -265,14 +266,15 @@ class ControlApi:
             )
         fields = _json_body(req.body, ("csr",))
         try:  # this verifies the caller's SVID and refuses a revoked identity
-            return self.authority.prepare_renew(req.peer_cert, fields["csr"].encode())
+            prepared = self.authority.prepare_renew(req.peer_cert, fields["csr"].encode())
         except InvalidSvid as exc:
             raise TokenRejected(
                 f"client certificate refused: {exc.message}", reason=exc.reason
             ) from None
+        return req, prepared, _held_sequence(fields)
 
     def _renew(self, req: Request) -> Reply:
-        return self._finish((req, self._prepare_renew(req)))
+        return self._finish(self._prepare_renew(req))
 
     def _report(self, req: Request) -> Reply:
         """A sidecar's status: what `meshid ca status`, `--dry-run` and rollovers rely on."""
