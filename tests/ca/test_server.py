@@ -382,7 +382,10 @@ async def test_watch_answers_at_once_when_behind_and_waits_when_current(
 
     async with trio.open_nursery() as nursery:
         nursery.start_soon(watch)
-        await trio.sleep(0.5)  # let the watch park (what we test is that it returns *after* this)
+        # wait until the watch is parked on the server's change event, then change policy
+        with trio.fail_after(10):
+            while plane.server._changed.statistics().tasks_waiting == 0:  # noqa: ASYNC110
+                await trio.sleep(0.01)
         assert got == []
         other = plane.other()
         other.deny(WEB, API)
