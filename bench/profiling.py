@@ -84,8 +84,11 @@ def _frame(text: str) -> tuple[str, str]:
     return m.group("func"), m.group("file")
 
 
+ROOT = str(Path(__file__).resolve().parents[1])  # the project, wherever it is checked out
+
+
 def _short(path: str) -> str:
-    for marker in ("site-packages/", "python3.11/", "/work/main/"):
+    for marker in ("site-packages/", "python3.11/", f"{ROOT}/"):
         if marker in path:
             return path.split(marker, 1)[1]
     return path

@@ -97,7 +97,9 @@ def main(argv: list[str] | None = None) -> int:
             run.workloads.append(run_workload(w, env, args.reps, profile, workdir))
     run.seconds = time.monotonic() - started
     run.load_after = _loadavg()
-    args.out.write_text(report.render(run))
+    # Commands name the venv by its path from the project root, as `make bench` runs them.
+    text = report.render(run).replace(f"{Path.cwd().resolve()}/", "")
+    args.out.write_text(text)
     _log(f"wrote {args.out} after {run.seconds:.0f}s")
     return 1 if any(r.errors for r in run.workloads) else 0
 
