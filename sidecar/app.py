@@ -44,7 +44,7 @@ from sidecar.peer import (
     judge_peer,
 )
 from sidecar.proxyproto import encode_v2
-from sidecar.pump import BufferPool, StreamAborted, pump, reset
+from sidecar.pump import Pump, StreamAborted, reset
 from sidecar.registry import LiveConnection, Registry
 from sidecar.static import load_policy, load_svid, stamp
 from sidecar.tlsio import TlsStream, handshake_failure_reason
@@ -105,7 +105,7 @@ class Sidecar:
         self.reload_interval = reload_interval
         self.sweep_interval = sweep_interval
         self.registry = Registry()
-        self.pool = BufferPool()
+        self.pump = Pump()
         self.generation: Generation | None = None
         self._generation_number = 0
         self.policy = Policy.build([], 0)
@@ -548,7 +548,7 @@ class Sidecar:
                 other, tls = await setup(sock, entry)
                 if other is not None and tls is not None:
                     plain = sock if direction == OUTBOUND else other
-                    await pump(plain, tls, entry, self.pool)
+                    await self.pump.copy(plain, tls, entry)
                     tls.keep_session()
         except StreamAborted as exc:
             aborted = exc.reason
@@ -752,6 +752,7 @@ class Sidecar:
                 self.bound[f"outbound[{i}]"] = lsock.getsockname()[:2]
                 listeners.append((lsock, self._outbound_handler(ob)))
             async with trio.open_nursery() as nursery:
+                await nursery.start(self.pump.run)
                 if self.config.admin is not None:
                     admin = await nursery.start(serve_admin, self.config.admin, self.route)
                     self.bound["admin"] = admin[0].socket.getsockname()[:2]

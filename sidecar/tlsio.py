@@ -1,17 +1,13 @@
 """The trio shell around pyOpenSSL on non-blocking sockets.
 
 Theory of operation. Each proxied connection is a plain socket and a TLS
-connection, both non-blocking, driven by `trio.lowlevel.wait_readable` /
-`wait_writable` on the file descriptors. Two tasks pump the two directions.
-OpenSSL keeps decrypted bytes that epoll cannot see, so every TLS operation
-is tried first and waited on only when OpenSSL says it would block.
+connection, both non-blocking. The handshake runs in the connection's task,
+driven by `trio.lowlevel.wait_readable` / `wait_writable` on the file
+descriptor; OpenSSL may hold bytes epoll cannot see, so every operation is
+tried first and waited on only when OpenSSL says it would block. After the
+handshake the bytes are moved by `sidecar.pump`, which uses the non-blocking
+calls here.
 
-Both tasks share one TLS object. A read may need to write (and, rarely, a
-write may need to read); trio allows only one waiter per fd and direction,
-so every wait on the TLS socket goes through a per-direction lock.
-
-Half-close: `shutdown_write` sends close_notify once (one SSL_shutdown, no
-read) and then a TCP FIN; reading goes on until the peer's close_notify.
 A TCP FIN without close_notify is a truncation, reported as `TruncatedError`.
 """
 
@@ -35,7 +31,7 @@ class PeerResetError(Exception):
 
 
 class TlsStream:
-    __slots__ = ("_rlock", "_wlock", "conn", "fd", "sent_close", "session_key", "sessions", "sock")
+    __slots__ = ("conn", "fd", "sent_close", "session_key", "sessions", "sock")
 
     def __init__(
         self,
@@ -50,21 +46,7 @@ class TlsStream:
         self.session_key = session_key
         self.sock = sock
         self.fd = sock.fileno()
-        self._rlock: trio.Lock | None = None
-        self._wlock: trio.Lock | None = None
         self.sent_close = False
-
-    async def wait_readable(self) -> None:
-        if self._rlock is None:
-            self._rlock = trio.Lock()
-        async with self._rlock:
-            await trio.lowlevel.wait_readable(self.fd)
-
-    async def wait_writable(self) -> None:
-        if self._wlock is None:
-            self._wlock = trio.Lock()
-        async with self._wlock:
-            await trio.lowlevel.wait_writable(self.fd)
 
     def keep_session(self) -> None:
         """Remember a client session for resumption by the next connection to the same upstream."""
@@ -81,9 +63,9 @@ class TlsStream:
                 self.conn.do_handshake()
                 return
             except SSL.WantReadError:
-                await self.wait_readable()
+                await trio.lowlevel.wait_readable(self.fd)
             except SSL.WantWriteError:
-                await self.wait_writable()
+                await trio.lowlevel.wait_writable(self.fd)
 
     def recv_into_nowait(self, view: memoryview) -> int:
         """Decrypt into `view`. -1 when it would block, 0 at close_notify."""
@@ -97,49 +79,6 @@ class TlsStream:
             if exc.args and exc.args[0] == -1:
                 raise TruncatedError("peer closed the connection without close_notify") from None
             raise PeerResetError(str(exc.args[1] if len(exc.args) > 1 else exc)) from None
-
-    async def recv_into(self, view: memoryview) -> int:
-        while True:
-            try:
-                n = self.recv_into_nowait(view)
-            except SSL.WantWriteError:
-                await self.wait_writable()
-                continue
-            if n >= 0:
-                return n
-            await self.wait_readable()
-
-    async def send_all(self, data: memoryview) -> None:
-        while data:
-            try:
-                sent = self.conn.send(data)
-            except SSL.WantWriteError:
-                await self.wait_writable()
-                continue
-            except SSL.WantReadError:
-                await self.wait_readable()
-                continue
-            except SSL.SysCallError as exc:
-                raise PeerResetError(str(exc)) from None
-            data = data[sent:]
-
-    async def shutdown_write(self) -> None:
-        """Send close_notify (once) and a TCP FIN; the read side stays open."""
-        if self.sent_close:
-            return
-        while True:
-            try:
-                self.conn.shutdown()
-                break
-            except SSL.WantWriteError:
-                await self.wait_writable()
-            except SSL.WantReadError:
-                break  # close_notify is out; the read half is not ours to wait on here
-            except (SSL.SysCallError, SSL.Error):
-                break
-        self.sent_close = True
-        with contextlib.suppress(OSError):
-            self.sock.shutdown(socket.SHUT_WR)
 
 
 def _openssl_reasons(exc: SSL.Error) -> str:
