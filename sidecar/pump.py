@@ -171,7 +171,7 @@ class Flow:
                 return
             entry = self.entry
             entry.bytes_out += n
-            entry.last_activity = trio.current_time()
+            entry.last_activity = self.pump.now
             self.up_buf = buf
             self.up = view[:n]
             if not self._send_tls() or n < CHUNK:
@@ -275,7 +275,7 @@ class Flow:
         if filled:
             entry = self.entry
             entry.bytes_in += filled
-            entry.last_activity = trio.current_time()
+            entry.last_activity = self.pump.now
             self.down_buf = buf
             self.down = view[:filled]
             if not self._send_plain():
@@ -356,6 +356,11 @@ class Pump:
         self._epoll = select.epoll()
         self._flows: dict[int, Flow] = {}
         self.running = False
+        self.now = 0.0  # trio's clock when the current batch began: activity times for idle cuts
+
+    def __len__(self) -> int:
+        """Connections the pump is moving bytes for."""
+        return len({id(flow) for flow in self._flows.values()})
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         epoll = self._epoll
@@ -365,6 +370,7 @@ class Pump:
         try:
             while True:
                 await trio.lowlevel.wait_readable(epoll.fileno())
+                self.now = trio.current_time()
                 # Under load more sockets become ready while a batch is handled;
                 # taking them now is cheaper than a trip through trio's loop.
                 for _ in range(PASSES):
@@ -385,6 +391,7 @@ class Pump:
         if not self.running:
             raise StreamAborted("shutdown")
         flow = Flow(self, plain, tls, entry)
+        self.now = trio.current_time()
         self._flows[flow.pfd] = flow
         self._flows[flow.tfd] = flow
         # OpenSSL may already hold bytes that arrived with the handshake, and the

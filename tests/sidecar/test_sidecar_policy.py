@@ -61,7 +61,9 @@ async def test_install_policy_closes_exactly_the_denied_connections(
                 assert await wait_cut(again) == b""
             [deny] = await api.log.wait_for("decision", decision="deny")
             live = metric(api.sidecar, "meshid_live_connections")
+            pumped = len(api.sidecar.pump)
     assert live == 1  # db's
+    assert pumped == 1  # the cut connection left the pump; db's is still moving
     assert closed == 1
     assert revoked["reason"] == "policy_revoked"
     assert revoked["peer_id"] == WEB

@@ -18,8 +18,10 @@ from sidecar_helpers import (
     Backend,
     closed_port,
     connect,
+    echo,
     metric,
     receive_all,
+    receive_exactly,
     roundtrip,
     wait_cut,
 )
@@ -251,3 +253,58 @@ async def test_upstream_down_closes_the_app_connection_then_recovers(
         )
         assert await roundtrip(web.outbound(), b"now?") == b"now?"
     assert api.inbound == (host, port)
+
+
+async def test_a_busy_stream_does_not_starve_a_small_one(mesh: Mesh) -> None:
+    """One pump task moves every connection: a stream that always has bytes must share it."""
+    bulk_received = 0
+    flowing = trio.Event()
+
+    async def app(stream: trio.SocketStream) -> None:
+        nonlocal bulk_received
+        first = await stream.receive_some(65536)
+        if not first.startswith(b"BULK"):
+            await stream.send_all(first)
+            await echo(stream)
+            return
+        bulk_received += len(first)
+        for _ in range(100_000):
+            data = await stream.receive_some(256 * 1024)
+            if not data:
+                return
+            bulk_received += len(data)
+            if bulk_received >= 8 * MiB:
+                flowing.set()
+
+    backend = Backend(app)
+    await mesh.nursery.start(backend.serve)
+    pair = await start_pair(mesh, backend)
+    stop = trio.Event()
+    chunk = b"BULK" + os.urandom(256 * 1024 - 4)
+
+    async def bulk() -> None:
+        stream = await connect(pair.app)
+        async with stream:
+            for _ in range(20_000):  # at most 5 GiB; stopped long before
+                if stop.is_set():
+                    break
+                await stream.send_all(chunk)
+
+    with trio.fail_after(30):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(bulk)
+            await flowing.wait()
+            start = bulk_received
+            stream = await connect(pair.app)
+            async with stream:
+                for i in range(50):
+                    message = f"ping {i}".encode()
+                    await stream.send_all(message)
+                    assert await receive_exactly(stream, len(message)) == message
+            # The bulk stream kept moving while the small one took its 50 turns.
+            assert bulk_received > start
+            stop.set()
+        # Both connections leave the pump when they close.
+        for running in (pair.web, pair.api):
+            await running.sidecar.registry.wait_empty()
+            assert len(running.sidecar.pump) == 0
