@@ -85,14 +85,16 @@ def _bulk(r: WorkloadResult) -> list[str]:
         f"{cost('stunnel', 'stunnel-client')} s and {cost('stunnel', 'stunnel-server')} s. "
         f"Busy: {_busy(r, 'meshid', MESHID, 'up: ')} "
         f"(stunnel: {_busy(r, 'stunnel', STUNNEL, 'up: ')}).",
-        f"Profile: {_v(_share(prof, 'pyOpenSSL'), 0)} % of the sidecars' samples are inside "
-        f"pyOpenSSL calls (OpenSSL's AES-GCM and record layer), {_v(_share(prof, 'trio'), 0)} % "
-        f"in trio's scheduler and epoll, {_v(_share(prof, 'copy loop', 'TLS shell'), 0)} % in "
-        f"the copy loop itself. {_bound(r, 'up: ')} What would move it: "
-        "fewer user-space passes per byte (kernel TLS via OpenSSL's `SSL_OP_ENABLE_KTLS`, "
-        "which also allows `splice` on the plain side), reading several records per wakeup "
-        "(already done: 64 KiB per pass), and worker processes with `SO_REUSEPORT` for more "
-        "than one stream; none of these is a small change.",
+        f"Profile: {_v(_share(prof, 'pyOpenSSL', 'TLS records'), 0)} % of the sidecars' samples "
+        "are in OpenSSL's record layer and AES-GCM (native frames show up in the Python "
+        "function that called them: the pump's `SSL_read`/`SSL_write` in tlsio.py, the "
+        f"handshake in pyOpenSSL), {_v(_share(prof, 'trio'), 0)} % in trio's scheduler and "
+        f"epoll, {_v(_share(prof, 'copy loop'), 0)} % in the pump itself (mostly its plain "
+        f"`send`/`recv_into` system calls). {_bound(r, 'up: ')} Each pass moves up to four "
+        "64 KiB chunks per direction before the pump serves other sockets. What would move "
+        "it: fewer user-space passes per byte (kernel TLS via OpenSSL's `SSL_OP_ENABLE_KTLS`, "
+        "which also allows `splice` on the plain side) and worker processes with "
+        "`SO_REUSEPORT` for more than one stream; neither is a small change.",
     ]
     return lines
 
@@ -111,18 +113,17 @@ def _small(r: WorkloadResult) -> list[str]:
         f"{_v(_cost(r, 'stunnel', 'stunnel-client', unit))} and "
         f"{_v(_cost(r, 'stunnel', 'stunnel-server', unit))} µs. Busy: "
         f"{_busy(r, 'meshid', MESHID)}. {_bound(r)} Each request crosses each sidecar "
-        "twice (request and response), each crossing being an epoll wakeup, a trio task "
-        "switch, one TLS call that returns data, one that raises `WantReadError`, "
-        "and a plain `send`.",
-        f"Profile: pyOpenSSL {_v(_share(prof, 'pyOpenSSL'))} %, trio scheduler and epoll "
-        f"{_v(_share(prof, 'trio'))} %, copy loop {_v(_share(prof, 'copy loop', 'TLS shell'))} % "
-        "(its self time is mostly the `send`/`recv_into` system calls). The figure is set "
-        "by per-message Python and scheduler overhead, not by cryptography. "
-        "What would move it: fewer "
-        "calls per message (skip the `WantReadError` probe when `pending()` is 0 and "
-        "read-ahead is off; skip the checkpoint after a direction already waited — tried in "
-        "this session, no difference measurable above this machine's noise), and worker "
-        "processes; only the latter gives more than tens of percent.",
+        "twice (request and response). A crossing is one readiness event, handled inside the "
+        "pump's batch with no task switch: one `SSL_read` (or plain `recv_into`) that returns "
+        "the message and one plain `send` (or `SSL_write`). A lone short TLS record ends the "
+        "read, so there is no probing read that fails, and registrations are level-triggered, "
+        "so no `epoll_ctl` is made while bytes flow.",
+        f"Profile: OpenSSL {_v(_share(prof, 'pyOpenSSL', 'TLS records'))} %, trio scheduler "
+        f"and epoll {_v(_share(prof, 'trio'))} %, pump {_v(_share(prof, 'copy loop'))} % (its "
+        "self time is mostly the `send`/`recv_into` system calls). What is left is the "
+        "kernel's loopback TCP path, which stunnel pays too, and the Python of one event "
+        "(about ten attribute reads and calls). What would move it: worker processes (one "
+        "pump per core), or a C extension for the pump's inner loop.",
     ]
 
 
@@ -144,8 +145,9 @@ def _newconn(r: WorkloadResult) -> list[str]:
         f"(pyOpenSSL {_v(_share(prof, 'pyOpenSSL'))} % overall, most of it `do_handshake`: "
         "OpenSSL's C handshake, ~1 ms per side per the data-path notes); the rest is the "
         "per-connection Python: accept, connect, certificate-to-cryptography conversion "
-        "for the SPIFFE check, two JSON decision-log lines, metrics, registry, three trio "
-        "tasks. The outbound sidecar offers the previous session (TLS 1.3 resumption), "
+        "for the SPIFFE check, two JSON decision-log lines, metrics, registry, and one trio "
+        "task (the pump moves the connection's bytes). The outbound sidecar offers the "
+        "previous session (TLS 1.3 resumption), "
         "which skips certificate verification on the resumed side. What would move it: "
         "worker processes sharing ticket keys (the handshake is C and parallelises), "
         "keeping more than one cached session per upstream (the cache keeps one, stored "
@@ -165,12 +167,12 @@ def _idle(r: WorkloadResult) -> list[str]:
         "buffers). A meshid connection idles holding no copy buffer (the pool lends one "
         "only while bytes move; `SSL_MODE_RELEASE_BUFFERS` frees OpenSSL's record buffers), "
         "so what remains is OpenSSL's SSL object and session (the inbound side also keeps "
-        "the peer's certificate chain), the pyOpenSSL wrappers, three trio tasks with their "
-        "coroutine frames and a nursery, the registry entry and two sockets' objects. "
+        "the peer's certificate chain), the pyOpenSSL wrappers, one trio task waiting for "
+        "the pump to finish the connection (with its coroutine frames and cancel scope), the "
+        "pump's state for it, the registry entry and two sockets' objects. "
         "py-spy does not see memory; its profile of this workload shows the connection "
-        "ramp. What would move it: one task per connection instead of three (a single "
-        "task that waits on both directions), dropping the peer certificate after the "
-        "decision, `__slots__` on the per-connection objects; each is a few KiB.",
+        "ramp. What would move it: dropping the peer certificate after the decision, and "
+        "`__slots__` on the registry entry; each is a few KiB.",
     ]
 
 

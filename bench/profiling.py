@@ -52,7 +52,7 @@ CATEGORIES = (
     ("cryptography/", "cryptography (certificate parsing)"),
     ("/trio/", "trio scheduler and I/O waits"),
     ("sidecar/pump.py", "sidecar copy loop (pump.py)"),
-    ("sidecar/tlsio.py", "sidecar TLS shell (tlsio.py)"),
+    ("sidecar/tlsio.py", "TLS records and crypto (tlsio.py: OpenSSL's SSL_read/SSL_write)"),
     ("sidecar/", "sidecar connection setup, policy, metrics"),
     ("meshid/events.py", "decision log (JSON lines)"),
     ("json/", "decision log (JSON lines)"),

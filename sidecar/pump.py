@@ -179,10 +179,10 @@ class Flow:
 
     def _send_tls(self) -> bool:
         data = self.up
-        conn = self.tls.conn
+        tls = self.tls
         while data:
             try:
-                sent = conn.send(data)
+                sent = tls.send_nowait(data)
             except SSL.WantWriteError:
                 self.up, self.up_wants = data, OUT
                 return False

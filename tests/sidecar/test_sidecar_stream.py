@@ -308,3 +308,19 @@ async def test_a_busy_stream_does_not_starve_a_small_one(mesh: Mesh) -> None:
         for running in (pair.web, pair.api):
             await running.sidecar.registry.wait_empty()
             assert len(running.sidecar.pump) == 0
+
+
+async def test_without_the_direct_binding_the_public_wrappers_carry_the_stream(
+    mesh: Mesh, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The copy loop calls SSL_read/SSL_write directly; if pyOpenSSL moves them, it falls back."""
+    monkeypatch.setattr("sidecar.tlsio._SSL_read", None)
+    backend = Backend()
+    await mesh.nursery.start(backend.serve)
+    pair = await start_pair(mesh, backend)
+    payload = os.urandom(3 * MiB + 7)
+    with trio.fail_after(30):
+        assert await roundtrip(pair.app, payload) == payload
+        [api_close] = await pair.api.log.wait_for("close")
+    assert api_close["reason"] == "closed"
+    assert api_close["bytes_in"] == api_close["bytes_out"] == len(payload)
