@@ -121,9 +121,9 @@ def _small(r: WorkloadResult) -> list[str]:
         f"Profile: OpenSSL {_v(_share(prof, 'pyOpenSSL', 'TLS records'))} %, trio scheduler "
         f"and epoll {_v(_share(prof, 'trio'))} %, pump {_v(_share(prof, 'copy loop'))} % (its "
         "self time is mostly the `send`/`recv_into` system calls). What is left is the "
-        "kernel's loopback TCP path, which stunnel pays too, and the Python of one event "
-        "(about ten attribute reads and calls). What would move it: worker processes (one "
-        "pump per core), or a C extension for the pump's inner loop.",
+        "kernel's loopback TCP path, which stunnel pays too, and the Python that handles "
+        "one event. What would move it: worker processes (one pump per core), or a C "
+        "extension for the pump's inner loop.",
     ]
 
 

@@ -385,6 +385,8 @@ class Pump:
             self.running = False
             for flow in list(flows.values()):
                 self._finish(flow, outcome.Error(StreamAborted("shutdown")))
+            trio.lowlevel.notify_closing(epoll.fileno())
+            epoll.close()
 
     async def copy(self, plain: socket.socket, tls: TlsStream, entry: LiveConnection) -> None:
         """Copy both ways until both directions have ended. Raises StreamAborted on failure."""

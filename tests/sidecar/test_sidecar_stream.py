@@ -324,3 +324,75 @@ async def test_without_the_direct_binding_the_public_wrappers_carry_the_stream(
         [api_close] = await pair.api.log.wait_for("close")
     assert api_close["reason"] == "closed"
     assert api_close["bytes_in"] == api_close["bytes_out"] == len(payload)
+
+
+async def _random_writer(stream: trio.SocketStream, rng: random.Random, total: int) -> str:
+    """Write `total` random bytes in random pieces (one byte to 200 KiB), then half-close."""
+    digest = hashlib.sha256()
+    left = total
+    while left:
+        size = min(left, rng.choice((1, 7, 1400, 16384, 16385, 65536, 200_000)))
+        data = rng.randbytes(size)
+        digest.update(data)
+        await stream.send_all(data)
+        left -= size
+        if rng.random() < 0.3:
+            await trio.lowlevel.checkpoint()
+    await stream.send_eof()
+    return digest.hexdigest()
+
+
+async def _random_reader(stream: trio.SocketStream, rng: random.Random, limit: int) -> str:
+    """Read until EOF in random sizes; small reads now and then make the sender wait."""
+    digest = hashlib.sha256()
+    total = 0
+    for _ in range(limit):  # at least one byte per read, so EOF comes within `limit` reads
+        data = await stream.receive_some(rng.choice((1, 100, 4096, 65536, 262144)))
+        if not data:
+            return digest.hexdigest()
+        digest.update(data)
+        total += len(data)
+        assert total <= limit
+    raise AssertionError("no EOF")
+
+
+@pytest.mark.parametrize("seed", range(8))
+async def test_random_traffic_arrives_intact_both_ways(seed: int, mesh: Mesh) -> None:
+    """Random write sizes, read sizes and half-close order, checked by hash both ways."""
+    rng = random.Random(seed)
+    up_size, down_size = rng.randrange(1, 3 * MiB), rng.randrange(0, 3 * MiB)
+    backend_seed, client_seed = rng.random(), rng.random()
+    results: dict[str, str] = {}
+    app_done = trio.Event()
+
+    async def app(stream: trio.SocketStream) -> None:
+        brng = random.Random(backend_seed)
+        async with trio.open_nursery() as nursery:
+
+            async def write() -> None:
+                results["down_sent"] = await _random_writer(stream, brng, down_size)
+
+            nursery.start_soon(write)
+            results["up_received"] = await _random_reader(stream, brng, up_size + 1)
+        app_done.set()
+
+    backend = Backend(app)
+    await mesh.nursery.start(backend.serve)
+    pair = await start_pair(mesh, backend)
+    crng = random.Random(client_seed)
+    with trio.fail_after(60):
+        stream = await connect(pair.app)
+        async with stream, trio.open_nursery() as nursery:
+
+            async def write() -> None:
+                results["up_sent"] = await _random_writer(stream, crng, up_size)
+
+            nursery.start_soon(write)
+            results["down_received"] = await _random_reader(stream, crng, down_size + 1)
+        [api_close] = await pair.api.log.wait_for("close")
+        await app_done.wait()
+    assert not backend.errors
+    assert results["up_received"] == results["up_sent"]
+    assert results["down_received"] == results["down_sent"]
+    assert (api_close["bytes_in"], api_close["bytes_out"]) == (up_size, down_size)
+    assert api_close["reason"] == "closed"
