@@ -8,6 +8,7 @@ ends, whichever way it ends.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 import tempfile
 import time
@@ -16,7 +17,7 @@ from pathlib import Path
 from bench import report
 from bench.procs import BenchError, Supervisor, raise_nofile
 from bench.profiling import py_spy_path, record, summarise
-from bench.topology import TOPOLOGIES, Env, make_certs, start_backends
+from bench.topology import TOPOLOGIES, Chain, Env, make_certs, start_backends
 from bench.workloads import WORKLOADS, Workload
 
 
@@ -32,43 +33,70 @@ def _loadavg() -> str:
 def run_workload(
     w: Workload, env: Env, reps: int, profile: bool, outdir: Path
 ) -> report.WorkloadResult:
+    """Every repetition of every topology. Repetitions are interleaved (A B C, then B C A,
+    ...) with all chains up at once, so load from other work on the machine, which drifts
+    over minutes, falls on every topology alike rather than on whichever ran last."""
     result = report.WorkloadResult(w)
-    for topo in w.topologies:
-        start = TOPOLOGIES[topo]
-        samples = result.samples.setdefault(topo, [])
-        try:
-            if w.fresh_per_rep:
+    if w.fresh_per_rep:
+        for topo in w.topologies:
+            samples = result.samples.setdefault(topo, [])
+            try:
                 for rep in range(reps):
-                    with start(env) as chain:
+                    with TOPOLOGIES[topo](env) as chain:
                         result.commands.setdefault(topo, w.commands(chain))
                         result.chain_commands.setdefault(topo, chain.commands)
                         samples.append(w.measure(chain, env))
                         _log(f"{w.name} {topo} rep {rep + 1}: {samples[-1].values}")
-            with start(env) as chain:
+            except BenchError as exc:
+                _log(f"{w.name} {topo} FAILED: {exc}")
+                result.errors[topo] = str(exc).splitlines()[0]
+        return result
+    with contextlib.ExitStack() as stack:
+        chains: dict[str, Chain] = {}
+        for topo in w.topologies:
+            try:
+                chain = stack.enter_context(TOPOLOGIES[topo](env))
                 result.commands.setdefault(topo, w.commands(chain))
                 result.chain_commands.setdefault(topo, chain.commands)
                 w.warmup(chain, env)
-                if not w.fresh_per_rep:
-                    for rep in range(reps):
-                        samples.append(w.measure(chain, env))
-                        _log(f"{w.name} {topo} rep {rep + 1}: {samples[-1].values}")
-                if profile and chain.python:
+                chains[topo] = chain
+            except BenchError as exc:
+                _log(f"{w.name} {topo} FAILED: {exc}")
+                result.errors[topo] = str(exc).splitlines()[0]
+        for rep in range(reps):
+            order = list(chains)
+            order = order[rep % len(order) :] + order[: rep % len(order)] if order else order
+            for topo in order:
+                try:
+                    sample = w.measure(chains[topo], env)
+                except BenchError as exc:
+                    _log(f"{w.name} {topo} FAILED: {exc}")
+                    result.errors[topo] = str(exc).splitlines()[0]
+                    del chains[topo]
+                    continue
+                result.samples.setdefault(topo, []).append(sample)
+                _log(f"{w.name} {topo} rep {rep + 1}: {sample.values}")
+        if profile:
+            for topo, chain in chains.items():
+                if not chain.python:
+                    continue
+                try:
                     with record(chain, outdir, w.name) as files:
                         profiled = w.measure(chain, env)
-                    _log(f"{w.name} {topo} profiled run: {profiled.values}")
-                    result.profiled[topo] = profiled
-                    for role, path in files.items():
-                        if path.exists():
-                            result.profiles.setdefault(topo, []).append(summarise(role, path))
-        except BenchError as exc:
-            _log(f"{w.name} {topo} FAILED: {exc}")
-            result.errors[topo] = str(exc).splitlines()[0]
+                except BenchError as exc:
+                    _log(f"{w.name} {topo} profiled run FAILED: {exc}")
+                    continue
+                _log(f"{w.name} {topo} profiled run: {profiled.values}")
+                result.profiled[topo] = profiled
+                for role, path in files.items():
+                    if path.exists():
+                        result.profiles.setdefault(topo, []).append(summarise(role, path))
     return result
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.run", description=__doc__)
-    parser.add_argument("--reps", type=int, default=3, help="repetitions per figure (median)")
+    parser.add_argument("--reps", type=int, default=5, help="repetitions per figure (median)")
     parser.add_argument("--only", nargs="*", help="workload names to run (default: all)")
     parser.add_argument("--no-profile", action="store_true", help="skip the py-spy runs")
     parser.add_argument("--out", type=Path, default=Path("bench/RESULTS.md"))
