@@ -14,6 +14,7 @@ stop accepting, let live connections finish up to `drain_timeout`, then cut.
 from __future__ import annotations
 
 import errno
+import functools
 import ipaddress
 import json
 import socket
@@ -39,9 +40,11 @@ from sidecar.peer import (
     INBOUND,
     OUTBOUND,
     X509_CERT_NOT_YET_VALID,
+    LeafFacts,
     Verdict,
     chain_error_verdict,
-    judge_peer,
+    judge_facts,
+    leaf_facts,
 )
 from sidecar.proxyproto import encode_v2
 from sidecar.pump import Pump, StreamAborted, reset
@@ -56,6 +59,7 @@ def utcnow() -> datetime:
 
 QUARANTINED = "peer_quarantined"
 REPORT_MAX_LISTED = 200  # live connections listed one by one in a report (all are counted)
+FACTS_CACHE = 4096  # peer certificates whose facts are remembered (a few hundred bytes each)
 # refusals of a peer that proved its identity: counted against the ID, not the address
 AUTHENTICATED_REFUSALS = frozenset({"not_allowed", "identity_revoked", "wrong_identity"})
 
@@ -70,6 +74,7 @@ def _fmt_addr(addr: tuple[str, int] | tuple[str, int, int, int]) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
+@functools.lru_cache(maxsize=256)  # hosts come from the config: a handful, asked per connection
 def _is_ip(host: str) -> bool:
     try:
         ipaddress.ip_address(host)
@@ -106,6 +111,10 @@ class Sidecar:
         self.sweep_interval = sweep_interval
         self.registry = Registry()
         self.pump = Pump()
+        # What each peer certificate says about itself, by its digest: resumed sessions
+        # present the same SVID again and again, and parsing it was a tenth of the
+        # Python a new connection cost. Pure facts only; time and policy are per use.
+        self._facts: dict[bytes, LeafFacts] = {}
         self.generation: Generation | None = None
         self._generation_number = 0
         self.policy = Policy.build([], 0)
@@ -196,6 +205,15 @@ class Sidecar:
         )
         return closed
 
+    def _leaf_facts(self, cert: crypto.X509) -> LeafFacts:
+        key = cert.digest("sha256")
+        facts = self._facts.get(key)
+        if facts is None:
+            if len(self._facts) >= FACTS_CACHE:
+                self._facts.clear()  # SVIDs rotate: old entries simply age out this way
+            facts = self._facts[key] = leaf_facts(cert.to_cryptography())
+        return facts
+
     def _verify(
         self, conn: SSL.Connection, cert: crypto.X509, errnum: int, depth: int, ok: int
     ) -> bool:
@@ -218,8 +236,8 @@ class Sidecar:
                 return False
             if depth > 0:
                 return True
-            hs.verdict = judge_peer(
-                cert.to_cryptography(),
+            hs.verdict = judge_facts(
+                self._leaf_facts(cert),
                 direction=hs.direction,
                 local_id=self.identity,
                 expected=hs.expected,
@@ -395,12 +413,12 @@ class Sidecar:
             return None
         verdict = hs.verdict
         if verdict is None:  # a resumed session: OpenSSL did not call us, so judge now
-            leaf = tls.conn.get_peer_certificate(as_cryptography=True)
-            if leaf is None:
+            cert = tls.conn.get_peer_certificate()
+            if cert is None:
                 verdict = Verdict(False, "no_client_certificate", "peer sent no certificate")
             else:
-                verdict = judge_peer(
-                    leaf,
+                verdict = judge_facts(
+                    self._leaf_facts(cert),
                     direction=hs.direction,
                     local_id=self.identity,
                     expected=hs.expected,

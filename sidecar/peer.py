@@ -94,6 +94,39 @@ def chain_error_verdict(
     )
 
 
+@dataclass(frozen=True, slots=True)
+class LeafFacts:
+    """What judging needs from a leaf that cannot change: a pure function of its bytes.
+
+    Time, the expected identity and the allow-list are applied per connection
+    by `judge_facts`; these facts can therefore be remembered per certificate
+    and reused when the same SVID resumes its session again and again.
+    """
+
+    peer: SpiffeId | None  # None when the leaf fails the X509-SVID profile
+    problem: str  # why it fails, when it does
+    claimed: SpiffeId | None
+    serial: int
+    not_before: datetime
+    not_after: datetime
+
+
+def leaf_facts(leaf: x509.Certificate) -> LeafFacts:
+    try:
+        peer: SpiffeId | None = check_leaf_profile(leaf)
+        problem = ""
+    except InvalidSvid as exc:
+        peer, problem = None, exc.message
+    return LeafFacts(
+        peer,
+        problem,
+        peer if peer is not None else _claimed_id(leaf),
+        leaf.serial_number,
+        leaf.not_valid_before_utc,
+        leaf.not_valid_after_utc,
+    )
+
+
 def judge_peer(
     leaf: x509.Certificate,
     *,
@@ -105,12 +138,32 @@ def judge_peer(
     skew: timedelta = timedelta(0),
 ) -> Verdict:
     """The verdict on a peer whose chain OpenSSL accepted (or who resumed a session)."""
-    try:
-        peer = check_leaf_profile(leaf)
-    except InvalidSvid as exc:
-        return Verdict(False, "invalid_svid", exc.message, _claimed_id(leaf))
-    serial = leaf.serial_number
-    not_after = leaf.not_valid_after_utc
+    return judge_facts(
+        leaf_facts(leaf),
+        direction=direction,
+        local_id=local_id,
+        expected=expected,
+        policy=policy,
+        now=now,
+        skew=skew,
+    )
+
+
+def judge_facts(
+    facts: LeafFacts,
+    *,
+    direction: str,
+    local_id: SpiffeId,
+    expected: SpiffeId | None,
+    policy: Policy,
+    now: datetime,
+    skew: timedelta = timedelta(0),
+) -> Verdict:
+    peer = facts.peer
+    if peer is None:
+        return Verdict(False, "invalid_svid", facts.problem, facts.claimed)
+    serial = facts.serial
+    not_after = facts.not_after
     if peer.trust_domain != local_id.trust_domain:
         return Verdict(
             False,
@@ -122,7 +175,7 @@ def judge_peer(
         )
     if now > not_after:
         return Verdict(False, "expired", f"{peer} certificate has expired", peer, serial, not_after)
-    if now + skew < leaf.not_valid_before_utc:
+    if now + skew < facts.not_before:
         return Verdict(
             False, "not_yet_valid", f"{peer} certificate is not valid yet", peer, serial, not_after
         )
