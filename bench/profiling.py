@@ -64,7 +64,7 @@ CATEGORIES = (
 INCLUSIVE = (
     "handshake",
     "_verify",
-    "judge_peer",
+    "judge_facts",
     "step_up",
     "step_down",
     "on_event",

@@ -127,28 +127,6 @@ def leaf_facts(leaf: x509.Certificate) -> LeafFacts:
     )
 
 
-def judge_peer(
-    leaf: x509.Certificate,
-    *,
-    direction: str,
-    local_id: SpiffeId,
-    expected: SpiffeId | None,
-    policy: Policy,
-    now: datetime,
-    skew: timedelta = timedelta(0),
-) -> Verdict:
-    """The verdict on a peer whose chain OpenSSL accepted (or who resumed a session)."""
-    return judge_facts(
-        leaf_facts(leaf),
-        direction=direction,
-        local_id=local_id,
-        expected=expected,
-        policy=policy,
-        now=now,
-        skew=skew,
-    )
-
-
 def judge_facts(
     facts: LeafFacts,
     *,
@@ -159,6 +137,7 @@ def judge_facts(
     now: datetime,
     skew: timedelta = timedelta(0),
 ) -> Verdict:
+    """The verdict on a peer whose chain OpenSSL accepted (or who resumed a session)."""
     peer = facts.peer
     if peer is None:
         return Verdict(False, "invalid_svid", facts.problem, facts.claimed)
