@@ -419,10 +419,9 @@ class Pump:
     def _drive(self, flow: Flow, fd: int, events: int) -> None:
         try:
             flow.on_event(fd, events)
-        except Exception as exc:  # the connection's task raises it
+            self._update(flow)
+        except Exception as exc:  # one connection's failure, raised in its own task
             self._finish(flow, outcome.Error(exc))
-            return
-        self._update(flow)
 
     def _update(self, flow: Flow) -> None:
         if flow.up_state == DONE and flow.down_state == DONE:
