@@ -30,6 +30,11 @@ def _loadavg() -> str:
         return " / ".join(f.read().split()[:3])
 
 
+def _failed(result: report.WorkloadResult, what: str, topo: str, exc: BenchError) -> None:
+    _log(f"{what} {topo} FAILED: {exc}")
+    result.errors[topo] = str(exc).splitlines()[0]
+
+
 def run_workload(
     w: Workload, env: Env, reps: int, profile: bool, outdir: Path
 ) -> report.WorkloadResult:
@@ -48,8 +53,7 @@ def run_workload(
                         samples.append(w.measure(chain, env))
                         _log(f"{w.name} {topo} rep {rep + 1}: {samples[-1].values}")
             except BenchError as exc:
-                _log(f"{w.name} {topo} FAILED: {exc}")
-                result.errors[topo] = str(exc).splitlines()[0]
+                _failed(result, w.name, topo, exc)
         return result
     with contextlib.ExitStack() as stack:
         chains: dict[str, Chain] = {}
@@ -61,17 +65,15 @@ def run_workload(
                 w.warmup(chain, env)
                 chains[topo] = chain
             except BenchError as exc:
-                _log(f"{w.name} {topo} FAILED: {exc}")
-                result.errors[topo] = str(exc).splitlines()[0]
+                _failed(result, w.name, topo, exc)
         for rep in range(reps):
             order = list(chains)
-            order = order[rep % len(order) :] + order[: rep % len(order)] if order else order
-            for topo in order:
+            turn = rep % len(order) if order else 0
+            for topo in order[turn:] + order[:turn]:
                 try:
                     sample = w.measure(chains[topo], env)
                 except BenchError as exc:
-                    _log(f"{w.name} {topo} FAILED: {exc}")
-                    result.errors[topo] = str(exc).splitlines()[0]
+                    _failed(result, w.name, topo, exc)
                     del chains[topo]
                     continue
                 result.samples.setdefault(topo, []).append(sample)

@@ -263,15 +263,15 @@ class Flow:
                     break
                 else:
                     break
-        except TruncatedError:
+        except (TruncatedError, PeerResetError, SSL.Error) as exc:
             pool.put(buf)
-            raise StreamAborted("peer_truncated") from None
-        except PeerResetError:
-            pool.put(buf)
-            raise StreamAborted("peer_reset") from None
-        except SSL.Error as exc:
-            pool.put(buf)
-            raise StreamAborted(stream_failure_reason(exc)) from None
+            if isinstance(exc, TruncatedError):
+                reason = "peer_truncated"
+            elif isinstance(exc, PeerResetError):
+                reason = "peer_reset"
+            else:
+                reason = stream_failure_reason(exc)
+            raise StreamAborted(reason) from None
         if filled:
             entry = self.entry
             entry.bytes_in += filled
