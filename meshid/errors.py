@@ -15,7 +15,9 @@ never a secret.
     │   ├── TokenRejected       join token unknown, used or expired
     │   ├── IdentityRevoked
     │   ├── CsrRejected         a CSR that may not be signed
-    │   └── PolicyError         an allow-list change that makes no sense
+    │   ├── PolicyError         an allow-list change that makes no sense
+    │   └── StorageUnavailable  the database or a state file cannot be written (disk full,
+    │                           read-only filesystem): transient, retried, nothing half-written
     ├── PeerRejected            a connection's peer failed authentication or authorisation
     └── TlsFailure
 """
@@ -80,6 +82,17 @@ class CsrRejected(AuthorityError):
 
 class PolicyError(AuthorityError):
     reason = "policy_error"
+
+
+class StorageUnavailable(AuthorityError):
+    """A write to durable state failed for a reason of the host, not of the request.
+
+    Disk full and read-only filesystems are faults an operator fixes while the
+    process keeps running; callers log this, answer "try again later" and keep
+    the state they had, rather than ending.
+    """
+
+    reason = "storage_unavailable"
 
 
 class PeerRejected(MeshIdError):
