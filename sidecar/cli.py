@@ -22,16 +22,34 @@ def sidecar_group() -> None:
 
 
 async def _run(sidecar: Sidecar) -> None:
+    """Run the sidecar and honour SIGTERM/SIGINT in every state.
+
+    The signal receiver is live before the sidecar starts, because starting can
+    take as long as the authority is unreachable (enrollment retries with
+    backoff). A signal before the sidecar serves stops it at once: there is
+    nothing to drain. Once it serves, the first signal drains live connections
+    for up to `drain_timeout`; a second one stops at once, cutting them.
+    """
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
         async with trio.open_nursery() as nursery:
-            await nursery.start(sidecar.run)
+            serving = trio.Event()
 
             async def on_signal() -> None:
+                received = 0
                 async for signum in signals:
-                    sidecar.events.emit("signal", signal=signal.Signals(signum).name)
-                    sidecar.request_drain()
+                    received += 1
+                    name = signal.Signals(signum).name
+                    if serving.is_set() and received == 1:
+                        sidecar.events.emit("signal", signal=name, action="drain")
+                        sidecar.request_drain()
+                        continue
+                    sidecar.events.emit("signal", signal=name, action="stop")
+                    nursery.cancel_scope.cancel()
+                    return
 
             nursery.start_soon(on_signal)
+            await nursery.start(sidecar.run)
+            serving.set()
             # run() returns after a drain; then stop listening for signals
             await _wait_stopped(sidecar)
             nursery.cancel_scope.cancel()

@@ -13,8 +13,9 @@ import io
 import ipaddress
 import json
 import ssl
+import subprocess
 import sys
-from collections.abc import Awaitable, Callable, Iterable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -424,3 +425,40 @@ def policy_toml(pairs: Iterable[tuple[str, str]]) -> str:
 
 def ip(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
     return ipaddress.ip_address(text)
+
+
+def read_events(path: Path) -> list[dict[str, Any]]:
+    """The complete JSON lines another process has written to its log file so far."""
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        return []
+    return [json.loads(line) for line in text.splitlines() if line.endswith("}")]
+
+
+async def wait_event(path: Path, event: str) -> dict[str, Any]:
+    """Poll another process's log file until `event` appears (bounded by the caller's deadline)."""
+    while True:
+        found = [e for e in read_events(path) if e["event"] == event]
+        if found:
+            return found[0]
+        await trio.sleep(0.02)
+
+
+@contextlib.asynccontextmanager
+async def running_cli(config: Path, stderr_path: Path) -> AsyncIterator[trio.Process]:
+    """`meshid sidecar run --config CONFIG` as our own child, killed by its handle on exit."""
+    with stderr_path.open("wb") as stderr:
+        proc = await trio.lowlevel.open_process(
+            [str(MESHID), "sidecar", "run", "--config", str(config)],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=stderr,
+        )
+        try:
+            yield proc
+        finally:
+            if proc.returncode is None:
+                proc.kill()
+                with trio.move_on_after(10):
+                    await proc.wait()

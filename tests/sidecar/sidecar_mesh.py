@@ -203,3 +203,22 @@ async def start_pair(
         "web", outbound=[("api", api.inbound)], allow=web_allows, limits=web_limits, host=host
     )
     return Pair(web, api, backend)
+
+
+def write_static_config(directory: Path, pki: Pki, forward: Addr, *, extra: str = "") -> Path:
+    """A static-mode `api` sidecar config for the real CLI: inbound to FORWARD, events to a file."""
+    creds = pki.issue("api")
+    (directory / "svid.pem").write_bytes(creds.cert_pem())
+    (directory / "svid.key").write_bytes(creds.key_pem())
+    (directory / "bundle.pem").write_bytes(pki.bundle_pem)
+    (directory / "policy.toml").write_text(policy_toml([("web", "api")]))
+    config = directory / "sidecar.toml"
+    config.write_text(
+        f'identity = "api"\ntrust_domain = "{TD}"\n'
+        '[static]\ncert = "svid.pem"\nkey = "svid.key"\nbundle = "bundle.pem"\n'
+        'policy = "policy.toml"\n'
+        f'[inbound]\nlisten = "127.0.0.1:0"\nforward = "{forward[0]}:{forward[1]}"\n'
+        '[admin]\nlisten = "127.0.0.1:0"\n'
+        '[log]\nfile = "events.jsonl"\n' + extra
+    )
+    return config

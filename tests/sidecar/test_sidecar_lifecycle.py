@@ -4,29 +4,27 @@ from __future__ import annotations
 
 import json
 import signal
-import subprocess
 from pathlib import Path
-from typing import Any
 
 import pytest
 import trio
 from sidecar_helpers import (
     API,
-    MESHID,
-    TD,
     WEB,
     Addr,
     Backend,
     client_context,
     connect,
-    policy_toml,
+    read_events,
     receive_all,
     receive_exactly,
     roundtrip,
+    running_cli,
     tls_connect,
     wait_cut,
+    wait_event,
 )
-from sidecar_mesh import Mesh, Pair, Pki, start_pair
+from sidecar_mesh import Mesh, Pair, Pki, start_pair, write_static_config
 
 
 async def http(addr: Addr, method: str, path: str) -> tuple[int, bytes]:
@@ -110,57 +108,14 @@ async def test_drain_timeout_cuts_what_is_left(mesh: Mesh, backend: Backend) -> 
     assert close["reason"] == "drain_timeout"
 
 
-def _write_config(directory: Path, pki: Pki, forward: Addr) -> Path:
-    creds = pki.issue("api")
-    (directory / "svid.pem").write_bytes(creds.cert_pem())
-    (directory / "svid.key").write_bytes(creds.key_pem())
-    (directory / "bundle.pem").write_bytes(pki.bundle_pem)
-    (directory / "policy.toml").write_text(policy_toml([("web", "api")]))
-    config = directory / "sidecar.toml"
-    config.write_text(
-        f'identity = "api"\ntrust_domain = "{TD}"\n'
-        '[static]\ncert = "svid.pem"\nkey = "svid.key"\nbundle = "bundle.pem"\n'
-        'policy = "policy.toml"\n'
-        f'[inbound]\nlisten = "127.0.0.1:0"\nforward = "{forward[0]}:{forward[1]}"\n'
-        '[admin]\nlisten = "127.0.0.1:0"\n'
-        '[log]\nfile = "events.jsonl"\n'
-    )
-    return config
-
-
-def _events(path: Path) -> list[dict[str, Any]]:
-    try:
-        text = path.read_text()
-    except FileNotFoundError:
-        return []
-    return [json.loads(line) for line in text.splitlines() if line.endswith("}")]
-
-
-async def _wait_event(path: Path, event: str) -> dict[str, Any]:
-    """Poll another process's log file until `event` appears (bounded by the caller's deadline)."""
-    for _ in range(10_000):
-        found = [e for e in _events(path) if e["event"] == event]
-        if found:
-            return found[0]
-        await trio.sleep(0.02)
-    raise AssertionError(f"no {event} event")
-
-
 async def test_cli_drains_on_sigterm_and_exits_0(
     backend: Backend, pki: Pki, tmp_path: Path
 ) -> None:
-    config = _write_config(tmp_path, pki, backend.addr)
+    config = write_static_config(tmp_path, pki, backend.addr)
     log = tmp_path / "events.jsonl"
-    stderr = (tmp_path / "stderr.txt").open("wb")
-    proc = await trio.lowlevel.open_process(
-        [str(MESHID), "sidecar", "run", "--config", str(config)],
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.DEVNULL,
-        stderr=stderr,
-    )
-    try:
+    async with running_cli(config, tmp_path / "stderr.txt") as proc:
         with trio.fail_after(60):
-            started = await _wait_event(log, "started")
+            started = await wait_event(log, "started")
             host, port = started["listeners"]["inbound[0]"].rsplit(":", 1)
             inbound = (host, int(port))
             ctx = client_context(tmp_path, pki.bundle_pem, pki.issue("web"))
@@ -169,21 +124,15 @@ async def test_cli_drains_on_sigterm_and_exits_0(
                 await live.send_all(b"before")
                 assert await live.receive_some(100) == b"before"
                 proc.send_signal(signal.SIGTERM)
-                await _wait_event(log, "draining")
+                await wait_event(log, "draining")
                 with pytest.raises(OSError):
                     await connect(inbound)  # no longer accepting
                 await live.send_all(b"after")
                 assert await live.receive_some(100) == b"after"
                 assert proc.poll() is None  # still serving the live connection
             returncode = await proc.wait()
-    finally:
-        if proc.returncode is None:
-            proc.kill()  # our own child, by its handle
-            with trio.move_on_after(10):
-                await proc.wait()
-        stderr.close()
     assert returncode == 0, (tmp_path / "stderr.txt").read_text()
-    events = _events(log)
+    events = read_events(log)
     names = [e["event"] for e in events]
     assert names.index("started") < names.index("signal") < names.index("stopped")
     [sig] = [e for e in events if e["event"] == "signal"]
