@@ -78,7 +78,11 @@ class _RootGroup(click.Group):
             raise click.ClickException(exc.message) from None
 
 
-@click.group(cls=_RootGroup)
+# Every command and group inherits these from the root context: `-h` works everywhere.
+HELP_OPTIONS = {"help_option_names": ["-h", "--help"]}
+
+
+@click.group(cls=_RootGroup, context_settings=HELP_OPTIONS)
 @click.version_option(__version__, prog_name="meshid")
 def cli() -> None:
     """meshid: SPIFFE workload identity and mTLS for microservices."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import click
 import pytest
 from click.testing import CliRunner
 
@@ -43,3 +44,27 @@ def test_help_still_prints_usage() -> None:
     assert result.exit_code == 0
     assert "Usage:" in result.stdout
     assert "--trust-domain" in result.stdout
+
+
+def _leaf_commands(group: click.Group, ctx: click.Context) -> list[list[str]]:
+    paths: list[list[str]] = []
+    for name in group.list_commands(ctx):
+        command = group.get_command(ctx, name)
+        assert command is not None
+        if isinstance(command, click.Group):
+            sub = click.Context(command, info_name=name, parent=ctx)
+            paths.append([name])
+            paths += [[name, *rest] for rest in _leaf_commands(command, sub)]
+        else:
+            paths.append([name])
+    return paths
+
+
+def test_dash_h_is_help_for_every_command() -> None:
+    commands = _leaf_commands(cli, click.Context(cli, info_name="meshid"))
+    assert ["ca", "init"] in commands and ["sidecar", "run"] in commands
+    for path in [[], *commands]:
+        result = CliRunner().invoke(cli, [*path, "-h"])
+        assert result.exit_code == 0, (path, result.output)
+        assert result.stdout.startswith("Usage: "), path
+        assert result.stdout == CliRunner().invoke(cli, [*path, "--help"]).stdout
