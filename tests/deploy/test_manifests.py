@@ -44,7 +44,7 @@ import yaml
 from ca.store import DB_NAME
 from meshid.cli import cli
 from meshid.duration import parse_duration
-from sidecar.config import AuthoritySource, SidecarConfig, parse_config
+from sidecar.config import AuthoritySource, Limits, SidecarConfig, parse_config
 
 ROOT = Path(__file__).resolve().parents[2]
 DEPLOY = ROOT / "deploy"
@@ -980,6 +980,110 @@ def test_compose_checks_negative_twin() -> None:
     assert not written_by_join("no-such-volume", PurePosixPath("token"))
     with pytest.raises(AssertionError, match="nothing mounted"):
         compose_mount_for(compose_services()["ca"], PurePosixPath("/nowhere/x"))
+
+
+# == memory ===================================================================
+
+KiB = 1024
+MiB = 1024 * KiB
+
+# A sidecar's memory is a base (interpreter, TLS contexts, config, metrics)
+# plus a share per live connection (two sockets' buffers, the TLS state, the
+# copy tasks): about 44 MiB + 40 KiB each as measured. The bound keeps some
+# headroom over that, so a container limit must hold max_connections at
+# this cost or the kernel kills the sidecar before the sidecar refuses.
+SIDECAR_BASE = 48 * MiB
+SIDECAR_PER_CONNECTION = 48 * KiB
+
+_K8S_UNITS = {
+    "": 1,
+    "k": 10**3,
+    "M": 10**6,
+    "G": 10**9,
+    "T": 10**12,
+    "Ki": KiB,
+    "Mi": MiB,
+    "Gi": 1024 * MiB,
+    "Ti": 1024 * 1024 * MiB,
+}
+_DOCKER_UNITS = {"": 1, "b": 1, "k": KiB, "m": MiB, "g": 1024 * MiB}
+
+
+def k8s_bytes(quantity: str | int) -> int:
+    """A Kubernetes memory quantity (`256Mi`, `1G`, `268435456`) in bytes."""
+    match = re.fullmatch(r"(\d+(?:\.\d+)?)(Ki|Mi|Gi|Ti|k|M|G|T)?", str(quantity))
+    assert match is not None, f"not a memory quantity: {quantity!r}"
+    return int(float(match[1]) * _K8S_UNITS[match[2] or ""])
+
+
+def docker_bytes(quantity: str | int) -> int:
+    """A Compose memory size (`256m`, `1g`, `256mb`, bytes) in bytes."""
+    match = re.fullmatch(r"(\d+(?:\.\d+)?)\s*([bkmg])?b?", str(quantity).lower())
+    assert match is not None, f"not a memory size: {quantity!r}"
+    return int(float(match[1]) * _DOCKER_UNITS[match[2] or ""])
+
+
+def memory_needed(config: SidecarConfig) -> int:
+    return SIDECAR_BASE + SIDECAR_PER_CONNECTION * config.limits.max_connections
+
+
+def memory_problem(where: str, limit: int | None, config: SidecarConfig) -> str | None:
+    """Why a sidecar with this memory limit would be OOM-killed under load, or None."""
+    if limit is None:
+        return f"{where}: no memory limit"
+    need = memory_needed(config)
+    if limit < need:
+        return (
+            f"{where}: memory limit {limit / MiB:.1f} MiB is below the "
+            f"{need / MiB:.1f} MiB that max_connections = {config.limits.max_connections} needs"
+        )
+    return None
+
+
+def compose_memory_limit(service: dict[str, Any]) -> int | None:
+    limits = [service.get("mem_limit")]
+    limits.append(service.get("deploy", {}).get("resources", {}).get("limits", {}).get("memory"))
+    found = [docker_bytes(limit) for limit in limits if limit is not None]
+    return min(found) if found else None
+
+
+def test_k8s_sidecar_memory_limits_hold_max_connections() -> None:
+    sidecars = k8s_sidecars()
+    assert sidecars
+    for pod, container, config in sidecars:
+        limit = container.get("resources", {}).get("limits", {}).get("memory")
+        problem = memory_problem(
+            f"{pod.name}/{container['name']}", None if limit is None else k8s_bytes(limit), config
+        )
+        assert problem is None, problem
+
+
+def test_compose_sidecar_memory_limits_hold_max_connections() -> None:
+    sidecars = compose_sidecars()
+    assert sidecars
+    for name, service, config in sidecars:
+        problem = memory_problem(name, compose_memory_limit(service), config)
+        assert problem is None, problem
+
+
+def test_memory_checks_negative_twin() -> None:
+    # A config that leaves max_connections out gets the code's default.
+    [text] = [t for n, t in sidecar_configs() if n == "ConfigMap api-sidecar/sidecar.toml"]
+    unset = toml_config(re.sub(r"(?m)^\s*max_connections\s*=.*$", "", text))
+    assert unset.limits.max_connections == Limits().max_connections
+    need = memory_needed(unset)
+    assert memory_problem("x", None, unset) == "x: no memory limit"
+    assert memory_problem("x", need - 1, unset) is not None
+    assert memory_problem("x", need, unset) is None
+    assert k8s_bytes("256Mi") == 256 * MiB
+    assert k8s_bytes("1G") == 10**9
+    assert k8s_bytes(268435456) == 256 * MiB
+    assert docker_bytes("256m") == docker_bytes("256MB") == 256 * MiB
+    deploy_limit = {"deploy": {"resources": {"limits": {"memory": "1g"}}}}
+    assert compose_memory_limit(deploy_limit) == 1024 * MiB
+    assert compose_memory_limit({}) is None
+    with pytest.raises(AssertionError, match="not a memory quantity"):
+        k8s_bytes("lots")
 
 
 # == systemd =================================================================
