@@ -692,10 +692,6 @@ def test_k8s_authority() -> None:
     assert init_mount["name"] == mount["name"]
     assert re.search(rf"\[ !? ?-e {re.escape(str(state / DB_NAME))} \]", script), script
 
-    for c in (container, init):
-        env = {e["name"]: e for e in c.get("env", [])}
-        assert "secretKeyRef" in env["MESHID_CA_PASSPHRASE"]["valueFrom"], c["name"]
-
     # Probes and the Service reach the TLS listener; clients may name it by --dns.
     port = int(str(serve.params["listen"]).rpartition(":")[2])
     for probe in ("readinessProbe", "livenessProbe"):
@@ -980,6 +976,182 @@ def test_compose_checks_negative_twin() -> None:
     assert not written_by_join("no-such-volume", PurePosixPath("token"))
     with pytest.raises(AssertionError, match="nothing mounted"):
         compose_mount_for(compose_services()["ca"], PurePosixPath("/nowhere/x"))
+
+
+# == the root key's passphrase =================================================
+
+
+def _commands(
+    command: click.Command, ctx: click.Context, path: tuple[str, ...]
+) -> Iterator[tuple[tuple[str, ...], click.Command]]:
+    if isinstance(command, click.Group):
+        for name in command.list_commands(ctx):
+            sub = command.get_command(ctx, name)
+            assert sub is not None
+            yield from _commands(sub, click.Context(sub, info_name=name, parent=ctx), (*path, name))
+    else:
+        yield path, command
+
+
+@functools.cache
+def passphrase_commands() -> frozenset[tuple[str, ...]]:
+    """Every meshid command that reads the root key's passphrase (it has --passphrase-file)."""
+    root = click.Context(cli, info_name="meshid")
+    return frozenset(
+        path
+        for path, command in _commands(cli, root, ())
+        if any(param.name == "passphrase_file" for param in command.params)
+    )
+
+
+def passphrase_in_env(names_and_refs: list[tuple[str, str | None]]) -> list[str]:
+    """Environment entries (name, referenced Secret) that carry a passphrase."""
+    return [
+        name
+        for name, ref in names_and_refs
+        if "passphrase" in name.lower() or (ref is not None and "passphrase" in ref.lower())
+    ]
+
+
+def k8s_env(container: dict[str, Any]) -> list[tuple[str, str | None]]:
+    found: list[tuple[str, str | None]] = []
+    for env in container.get("env", []):
+        source = env.get("valueFrom", {})
+        ref = source.get("secretKeyRef") or source.get("configMapKeyRef") or {}
+        found.append((str(env["name"]), ref.get("name")))
+    for env_from in container.get("envFrom", []):
+        ref = env_from.get("secretRef") or env_from.get("configMapRef") or {}
+        found.append((str(env_from.get("prefix", "")), ref.get("name")))
+    return found
+
+
+def compose_env(service: dict[str, Any]) -> list[tuple[str, str | None]]:
+    environment = service.get("environment", {})
+    if isinstance(environment, list):
+        names = [str(item).partition("=")[0] for item in environment]
+    else:
+        names = [str(name) for name in environment]
+    env_files = service.get("env_file", [])
+    env_files = [env_files] if isinstance(env_files, str | dict) else env_files
+    refs = [str(f.get("path") if isinstance(f, dict) else f) for f in env_files]
+    return [(name, None) for name in names] + [("", ref) for ref in refs]
+
+
+def test_k8s_passphrase_never_in_the_environment() -> None:
+    for pod, spec in pod_specs():
+        for container in all_containers(spec):
+            found = passphrase_in_env(k8s_env(container))
+            assert not found, f"{pod}/{container['name']}: passphrase in env {found}"
+
+
+def test_compose_passphrase_never_in_the_environment() -> None:
+    for name, service in compose_services().items():
+        found = passphrase_in_env(compose_env(service))
+        assert not found, f"{name}: passphrase in environment {found}"
+
+
+def test_passphrase_env_checks_negative_twin() -> None:
+    assert passphrase_commands() >= {("ca", "init"), ("ca", "serve"), ("ca", "rotate")}
+    as_env = {
+        "name": "MESHID_CA_PASSPHRASE",
+        "valueFrom": {"secretKeyRef": {"name": "meshid-ca-passphrase", "key": "passphrase"}},
+    }
+    assert passphrase_in_env(k8s_env({"env": [as_env]})) == ["MESHID_CA_PASSPHRASE"]
+    by_ref = {"envFrom": [{"secretRef": {"name": "meshid-ca-passphrase"}}]}
+    assert passphrase_in_env(k8s_env(by_ref)) == [""]
+    listed = {"environment": ["MESHID_CA_PASSPHRASE=x"]}
+    assert passphrase_in_env(compose_env(listed)) == ["MESHID_CA_PASSPHRASE"]
+    assert passphrase_in_env(compose_env({"env_file": "ca-passphrase.env"})) == [""]
+    assert passphrase_in_env(compose_env({"environment": {"TZ": "UTC"}})) == []
+
+
+def k8s_passphrase_files() -> list[tuple[Pod, dict[str, Any], Resolved]]:
+    """(pod, container, command) for each container running a passphrase command."""
+    found = []
+    for pod in k8s_pods():
+        for container in all_containers(pod.spec):
+            for argv in meshid_in_argv(container_argv(container)):
+                run = resolve(argv)
+                if run.path in passphrase_commands():
+                    found.append((pod, container, run))
+    return found
+
+
+def test_k8s_passphrase_comes_from_a_read_only_secret_file() -> None:
+    runs = k8s_passphrase_files()
+    assert {run.path for _, _, run in runs} >= {("ca", "init"), ("ca", "serve")}
+    files = set()
+    for pod, container, run in runs:
+        where = f"{pod.name}/{container['name']}: meshid {' '.join(run.path)}"
+        assert run.params["passphrase_file"] is not None, f"{where} without --passphrase-file"
+        path = PurePosixPath(str(run.params["passphrase_file"]))
+        files.add(path)
+        secret = pod.file_key(container, path, "Secret")  # a key, mounted read-only
+        mount, _ = pod.mount_for(container, path)
+        source = pod.volumes[mount["name"]]["secret"]
+        items = source.get("items") or [{}]
+        modes = {item.get("mode", source.get("defaultMode")) for item in items}
+        assert modes == {0o400}, f"{where}: {secret} is mounted with modes {modes}, not 0400"
+        # Mounted only where a command reads it.
+        for other in all_containers(pod.spec):
+            if any(m["name"] == mount["name"] for m in other.get("volumeMounts", [])):
+                assert any(
+                    resolve(a).path in passphrase_commands()
+                    for a in meshid_in_argv(container_argv(other))
+                ), f"{pod.name}/{other['name']} mounts {secret} and reads no passphrase"
+    # Commands run by hand in the authority's container read the same file.
+    for inv in k8s_invocations():
+        run = resolve(inv.argv)
+        if inv.source.endswith("README.md") and run.path in passphrase_commands():
+            given = run.params["passphrase_file"]
+            assert given is not None and PurePosixPath(str(given)) in files, str(inv)
+
+
+def compose_secret_targets(service: dict[str, Any]) -> dict[PurePosixPath, str]:
+    """Where each of a service's secrets appears in its containers."""
+    targets = {}
+    for item in service.get("secrets", []):
+        source = item if isinstance(item, str) else item["source"]
+        target = source if isinstance(item, str) else item.get("target", source)
+        targets[PurePosixPath("/run/secrets") / target] = source  # an absolute target wins
+    return targets
+
+
+def test_compose_passphrase_comes_from_a_secret_file() -> None:
+    secrets = compose().get("secrets", {})
+    runs = []
+    for name, service in compose_services().items():
+        for argv in meshid_in_argv(service_argv(service)):
+            run = resolve(argv)
+            if run.path in passphrase_commands():
+                runs.append((name, service, run))
+    assert {run.path for _, _, run in runs} >= {("ca", "init"), ("ca", "serve")}
+    files = set()
+    for name, service, run in runs:
+        where = f"{name}: meshid {' '.join(run.path)}"
+        assert run.params["passphrase_file"] is not None, f"{where} without --passphrase-file"
+        path = PurePosixPath(str(run.params["passphrase_file"]))
+        files.add(path)
+        source = compose_secret_targets(service).get(path)
+        assert source is not None, f"{where}: {path} is not one of the service's secrets"
+        assert set(secrets[source]) == {"file"}, f"{where}: secret {source} is not a file"
+    for name, service in compose_services().items():
+        if name not in {n for n, _, _ in runs}:
+            assert not service.get("secrets"), f"{name} mounts a secret it does not read"
+    for inv in compose_invocations():
+        run = resolve(inv.argv)
+        if inv.source.endswith("README.md") and run.path in passphrase_commands():
+            given = run.params["passphrase_file"]
+            assert given is not None and PurePosixPath(str(given)) in files, str(inv)
+
+
+def test_compose_secret_targets() -> None:
+    service = {"secrets": ["a", {"source": "b", "target": "bee"}, {"source": "c", "target": "/c"}]}
+    assert compose_secret_targets(service) == {
+        PurePosixPath("/run/secrets/a"): "a",
+        PurePosixPath("/run/secrets/bee"): "b",
+        PurePosixPath("/c"): "c",
+    }
 
 
 # == memory ===================================================================
