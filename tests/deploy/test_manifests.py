@@ -793,6 +793,206 @@ def test_k8s_readme_allows_and_enrolls_what_the_manifests_need() -> None:
         assert f"kubectl apply -f deploy/kubernetes/{manifest.name}" in readme, manifest.name
 
 
+# -- network policies ----------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Source:
+    """Where a connection comes from: a pod's namespace and labels."""
+
+    namespace: str
+    labels: dict[str, str]
+
+    @property
+    def namespace_labels(self) -> dict[str, str]:
+        return {"kubernetes.io/metadata.name": self.namespace}
+
+
+def selects(selector: dict[str, Any], labels: dict[str, str]) -> bool:
+    """A Kubernetes label selector; `{}` selects everything."""
+    if not all(labels.get(k) == str(v) for k, v in selector.get("matchLabels", {}).items()):
+        return False
+    for expr in selector.get("matchExpressions", []):
+        key, op, values = expr["key"], expr["operator"], set(expr.get("values", []))
+        ok = {
+            "In": key in labels and labels[key] in values,
+            "NotIn": key not in labels or labels[key] not in values,
+            "Exists": key in labels,
+            "DoesNotExist": key not in labels,
+        }[op]
+        if not ok:
+            return False
+    return True
+
+
+def pod_labels(pod: Pod) -> dict[str, str]:
+    for obj in k8s_objects():
+        if obj["kind"] == "Deployment" and obj["metadata"]["name"] == pod.name:
+            return {k: str(v) for k, v in obj["spec"]["template"]["metadata"]["labels"].items()}
+    raise AssertionError(f"no Deployment {pod.name}")
+
+
+def pod_source(pod: Pod) -> Source:
+    return Source("meshid", pod_labels(pod))
+
+
+def named_port(pod: Pod, name: str) -> int | None:
+    for container in all_containers(pod.spec):
+        for port in container.get("ports", []):
+            if port.get("name") == name and port.get("protocol", "TCP") == "TCP":
+                return int(port["containerPort"])
+    return None
+
+
+def port_matches(rule_ports: list[dict[str, Any]], pod: Pod, port: int) -> bool:
+    if not rule_ports:
+        return True
+    for spec in rule_ports:
+        if spec.get("protocol", "TCP") != "TCP":
+            continue
+        want = spec.get("port")
+        if want is None:
+            return True
+        if isinstance(want, str):
+            if named_port(pod, want) == port:
+                return True
+        elif want <= port <= spec.get("endPort", want):
+            return True
+    return False
+
+
+def peer_matches(peer: dict[str, Any], source: Source, policy_namespace: str) -> bool:
+    if "ipBlock" in peer:
+        return False  # addresses outside the cluster's pods, not modelled here
+    namespaces = peer.get("namespaceSelector")
+    if namespaces is None:
+        in_namespace = source.namespace == policy_namespace
+    else:
+        in_namespace = selects(namespaces, source.namespace_labels)
+    pods = peer.get("podSelector")
+    return in_namespace and (pods is None or selects(pods, source.labels))
+
+
+def ingress_allowed(
+    policies: list[dict[str, Any]], source: Source, pod: Pod, port: int, namespace: str = "meshid"
+) -> bool:
+    """NetworkPolicy ingress semantics for a TCP connection from `source` to `pod`:`port`."""
+    labels = pod_labels(pod)
+    isolating = [
+        p
+        for p in policies
+        if p["metadata"]["namespace"] == namespace
+        and "Ingress" in p["spec"].get("policyTypes", ["Ingress"])
+        and selects(p["spec"]["podSelector"], labels)
+    ]
+    if not isolating:
+        return True
+    for policy in isolating:
+        for rule in policy["spec"].get("ingress", []):
+            peers = rule.get("from", [])
+            if (not peers or any(peer_matches(p, source, namespace) for p in peers)) and (
+                port_matches(rule.get("ports", []), pod, port)
+            ):
+                return True
+    return False
+
+
+def network_policies() -> list[dict[str, Any]]:
+    return [obj for obj in k8s_objects() if obj["kind"] == "NetworkPolicy"]
+
+
+MONITORING = Source("monitoring", {"app.kubernetes.io/name": "prometheus"})
+STRANGER = Source("meshid", {"app.kubernetes.io/name": "debug-shell"})
+ELSEWHERE = Source("default", {"app.kubernetes.io/name": "anything"})
+
+
+def test_network_policies_isolate_every_pod() -> None:
+    policies = network_policies()
+    assert policies
+    for pod in k8s_pods():
+        for container in all_containers(pod.spec):
+            for port in container.get("ports", []):
+                number = int(port["containerPort"])
+                assert not ingress_allowed(policies, STRANGER, pod, number), (pod.name, number)
+                assert not ingress_allowed(policies, ELSEWHERE, pod, number), (pod.name, number)
+
+
+def test_network_policies_let_only_workloads_reach_the_authority() -> None:
+    policies = network_policies()
+    [ca_pod] = [p for p in k8s_pods() if meshid_container(p, ("ca", "serve"))]
+    found = meshid_container(ca_pod, ("ca", "serve"))
+    assert found is not None
+    port = int(str(found[1].params["listen"]).rpartition(":")[2])
+    workloads = [pod for pod, _, _ in k8s_sidecars()]
+    assert workloads
+    for pod in workloads:
+        assert ingress_allowed(policies, pod_source(pod), ca_pod, port), pod.name
+        assert not ingress_allowed(policies, pod_source(pod), ca_pod, port + 1), pod.name
+        # A pod elsewhere that copies the workloads' labels gets nowhere.
+        impostor = Source("default", pod_labels(pod))
+        assert not ingress_allowed(policies, impostor, ca_pod, port), pod.name
+    for source in (pod_source(ca_pod), MONITORING, STRANGER, ELSEWHERE):
+        assert not ingress_allowed(policies, source, ca_pod, port), source
+
+
+def test_network_policies_guard_the_sidecars_ports() -> None:
+    policies = network_policies()
+    [ca_pod] = [p for p in k8s_pods() if meshid_container(p, ("ca", "serve"))]
+    sidecars = k8s_sidecars()
+    by_service = {service_for(pod)["metadata"]["name"]: (pod, c) for pod, _, c in sidecars}
+    for pod, _, config in sidecars:
+        assert config.admin is not None
+        [inbound] = config.inbound
+        mesh, admin, app = inbound.listen.port, config.admin.port, inbound.forward.port
+        others = [p for p, _, _ in sidecars if p is not pod]
+        assert others, "two workloads call each other"
+        for caller in others:
+            assert ingress_allowed(policies, pod_source(caller), pod, mesh), (caller.name, pod.name)
+            assert not ingress_allowed(policies, pod_source(caller), pod, admin), pod.name
+        for source in (pod_source(ca_pod), STRANGER, ELSEWHERE, MONITORING):
+            assert not ingress_allowed(policies, source, pod, mesh), (source, pod.name)
+        # Metrics for the monitoring namespace only; the app for nobody.
+        assert ingress_allowed(policies, MONITORING, pod, admin), pod.name
+        for source in (pod_source(ca_pod), STRANGER, ELSEWHERE):
+            assert not ingress_allowed(policies, source, pod, admin), (source, pod.name)
+        for source in (*(pod_source(p) for p, _, _ in sidecars), MONITORING, STRANGER):
+            assert not ingress_allowed(policies, source, pod, app), (source, pod.name)
+        # Every outbound upstream is a mesh port the caller may reach.
+        for outbound in config.outbound:
+            upstream, upstream_config = by_service[outbound.upstream.host.split(".")[0]]
+            port = upstream_config.inbound[0].listen.port
+            assert ingress_allowed(policies, pod_source(pod), upstream, port), pod.name
+
+
+def test_network_policy_checks_negative_twin() -> None:
+    [pod] = [p for p in k8s_pods() if p.name == "api"]
+    assert ingress_allowed([], STRANGER, pod, 15090)  # no policy: open
+    deny_all = {
+        "metadata": {"namespace": "meshid"},
+        "spec": {"podSelector": {}, "policyTypes": ["Ingress"]},
+    }
+    assert not ingress_allowed([deny_all], pod_source(pod), pod, 15001)
+    assert ingress_allowed([deny_all], STRANGER, pod, 15001, namespace="other")
+    by_name = {
+        "metadata": {"namespace": "meshid"},
+        "spec": {
+            "podSelector": {
+                "matchExpressions": [{"key": "app.kubernetes.io/name", "operator": "Exists"}]
+            },
+            "ingress": [{"from": [{"podSelector": {}}], "ports": [{"port": "admin"}]}],
+        },
+    }
+    assert ingress_allowed([by_name], STRANGER, pod, 15090)
+    assert not ingress_allowed([by_name], STRANGER, pod, 15001)
+    assert not ingress_allowed([by_name], ELSEWHERE, pod, 15090)
+    everywhere = {"namespaceSelector": {}, "podSelector": {"matchLabels": {"x": "1"}}}
+    assert peer_matches(everywhere, Source("default", {"x": "1"}), "meshid")
+    assert not peer_matches(everywhere, Source("default", {"x": "2"}), "meshid")
+    assert not selects(
+        {"matchExpressions": [{"key": "x", "operator": "In", "values": ["2"]}]}, {"x": "1"}
+    )
+
+
 # == Docker Compose ===========================================================
 
 
