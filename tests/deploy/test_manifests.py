@@ -18,7 +18,12 @@ so every check here ties a manifest to the code or to another manifest:
   created by the README's steps, with the keys used), trust domains match the
   `ca init`, every outbound pair is allowed and every identity gets a token;
 - hardening is in place: non-root, read-only root file system, no
-  capabilities; the systemd units pass `systemd-analyze verify`.
+  capabilities; the systemd units pass `systemd-analyze verify`;
+- every sidecar's memory limit holds the connections its config allows;
+- the root key's passphrase reaches the authority as a mounted file, never
+  through the environment;
+- the NetworkPolicies let only the workloads reach the authority and each
+  other's mTLS port, only monitoring reach the admin port, nobody the rest.
 
 Each checker has a negative twin showing that it can fail.
 """
