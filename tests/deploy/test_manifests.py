@@ -18,7 +18,12 @@ so every check here ties a manifest to the code or to another manifest:
   created by the README's steps, with the keys used), trust domains match the
   `ca init`, every outbound pair is allowed and every identity gets a token;
 - hardening is in place: non-root, read-only root file system, no
-  capabilities; the systemd units pass `systemd-analyze verify`.
+  capabilities; the systemd units pass `systemd-analyze verify`;
+- every sidecar's memory limit holds the connections its config allows;
+- the root key's passphrase reaches the authority as a mounted file, never
+  through the environment;
+- the NetworkPolicies let only the workloads reach the authority and each
+  other's mTLS port, only monitoring reach the admin port, nobody the rest.
 
 Each checker has a negative twin showing that it can fail.
 """
@@ -44,7 +49,7 @@ import yaml
 from ca.store import DB_NAME
 from meshid.cli import cli
 from meshid.duration import parse_duration
-from sidecar.config import AuthoritySource, SidecarConfig, parse_config
+from sidecar.config import AuthoritySource, Limits, SidecarConfig, parse_config
 
 ROOT = Path(__file__).resolve().parents[2]
 DEPLOY = ROOT / "deploy"
@@ -692,10 +697,6 @@ def test_k8s_authority() -> None:
     assert init_mount["name"] == mount["name"]
     assert re.search(rf"\[ !? ?-e {re.escape(str(state / DB_NAME))} \]", script), script
 
-    for c in (container, init):
-        env = {e["name"]: e for e in c.get("env", [])}
-        assert "secretKeyRef" in env["MESHID_CA_PASSPHRASE"]["valueFrom"], c["name"]
-
     # Probes and the Service reach the TLS listener; clients may name it by --dns.
     port = int(str(serve.params["listen"]).rpartition(":")[2])
     for probe in ("readinessProbe", "livenessProbe"):
@@ -795,6 +796,206 @@ def test_k8s_readme_allows_and_enrolls_what_the_manifests_need() -> None:
     readme = (K8S / "README.md").read_text()
     for manifest in sorted(K8S.glob("*.yaml")):
         assert f"kubectl apply -f deploy/kubernetes/{manifest.name}" in readme, manifest.name
+
+
+# -- network policies ----------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Source:
+    """Where a connection comes from: a pod's namespace and labels."""
+
+    namespace: str
+    labels: dict[str, str]
+
+    @property
+    def namespace_labels(self) -> dict[str, str]:
+        return {"kubernetes.io/metadata.name": self.namespace}
+
+
+def selects(selector: dict[str, Any], labels: dict[str, str]) -> bool:
+    """A Kubernetes label selector; `{}` selects everything."""
+    if not all(labels.get(k) == str(v) for k, v in selector.get("matchLabels", {}).items()):
+        return False
+    for expr in selector.get("matchExpressions", []):
+        key, op, values = expr["key"], expr["operator"], set(expr.get("values", []))
+        ok = {
+            "In": key in labels and labels[key] in values,
+            "NotIn": key not in labels or labels[key] not in values,
+            "Exists": key in labels,
+            "DoesNotExist": key not in labels,
+        }[op]
+        if not ok:
+            return False
+    return True
+
+
+def pod_labels(pod: Pod) -> dict[str, str]:
+    for obj in k8s_objects():
+        if obj["kind"] == "Deployment" and obj["metadata"]["name"] == pod.name:
+            return {k: str(v) for k, v in obj["spec"]["template"]["metadata"]["labels"].items()}
+    raise AssertionError(f"no Deployment {pod.name}")
+
+
+def pod_source(pod: Pod) -> Source:
+    return Source("meshid", pod_labels(pod))
+
+
+def named_port(pod: Pod, name: str) -> int | None:
+    for container in all_containers(pod.spec):
+        for port in container.get("ports", []):
+            if port.get("name") == name and port.get("protocol", "TCP") == "TCP":
+                return int(port["containerPort"])
+    return None
+
+
+def port_matches(rule_ports: list[dict[str, Any]], pod: Pod, port: int) -> bool:
+    if not rule_ports:
+        return True
+    for spec in rule_ports:
+        if spec.get("protocol", "TCP") != "TCP":
+            continue
+        want = spec.get("port")
+        if want is None:
+            return True
+        if isinstance(want, str):
+            if named_port(pod, want) == port:
+                return True
+        elif want <= port <= spec.get("endPort", want):
+            return True
+    return False
+
+
+def peer_matches(peer: dict[str, Any], source: Source, policy_namespace: str) -> bool:
+    if "ipBlock" in peer:
+        return False  # addresses outside the cluster's pods, not modelled here
+    namespaces = peer.get("namespaceSelector")
+    if namespaces is None:
+        in_namespace = source.namespace == policy_namespace
+    else:
+        in_namespace = selects(namespaces, source.namespace_labels)
+    pods = peer.get("podSelector")
+    return in_namespace and (pods is None or selects(pods, source.labels))
+
+
+def ingress_allowed(
+    policies: list[dict[str, Any]], source: Source, pod: Pod, port: int, namespace: str = "meshid"
+) -> bool:
+    """NetworkPolicy ingress semantics for a TCP connection from `source` to `pod`:`port`."""
+    labels = pod_labels(pod)
+    isolating = [
+        p
+        for p in policies
+        if p["metadata"]["namespace"] == namespace
+        and "Ingress" in p["spec"].get("policyTypes", ["Ingress"])
+        and selects(p["spec"]["podSelector"], labels)
+    ]
+    if not isolating:
+        return True
+    for policy in isolating:
+        for rule in policy["spec"].get("ingress", []):
+            peers = rule.get("from", [])
+            if (not peers or any(peer_matches(p, source, namespace) for p in peers)) and (
+                port_matches(rule.get("ports", []), pod, port)
+            ):
+                return True
+    return False
+
+
+def network_policies() -> list[dict[str, Any]]:
+    return [obj for obj in k8s_objects() if obj["kind"] == "NetworkPolicy"]
+
+
+MONITORING = Source("monitoring", {"app.kubernetes.io/name": "prometheus"})
+STRANGER = Source("meshid", {"app.kubernetes.io/name": "debug-shell"})
+ELSEWHERE = Source("default", {"app.kubernetes.io/name": "anything"})
+
+
+def test_network_policies_isolate_every_pod() -> None:
+    policies = network_policies()
+    assert policies
+    for pod in k8s_pods():
+        for container in all_containers(pod.spec):
+            for port in container.get("ports", []):
+                number = int(port["containerPort"])
+                assert not ingress_allowed(policies, STRANGER, pod, number), (pod.name, number)
+                assert not ingress_allowed(policies, ELSEWHERE, pod, number), (pod.name, number)
+
+
+def test_network_policies_let_only_workloads_reach_the_authority() -> None:
+    policies = network_policies()
+    [ca_pod] = [p for p in k8s_pods() if meshid_container(p, ("ca", "serve"))]
+    found = meshid_container(ca_pod, ("ca", "serve"))
+    assert found is not None
+    port = int(str(found[1].params["listen"]).rpartition(":")[2])
+    workloads = [pod for pod, _, _ in k8s_sidecars()]
+    assert workloads
+    for pod in workloads:
+        assert ingress_allowed(policies, pod_source(pod), ca_pod, port), pod.name
+        assert not ingress_allowed(policies, pod_source(pod), ca_pod, port + 1), pod.name
+        # A pod elsewhere that copies the workloads' labels gets nowhere.
+        impostor = Source("default", pod_labels(pod))
+        assert not ingress_allowed(policies, impostor, ca_pod, port), pod.name
+    for source in (pod_source(ca_pod), MONITORING, STRANGER, ELSEWHERE):
+        assert not ingress_allowed(policies, source, ca_pod, port), source
+
+
+def test_network_policies_guard_the_sidecars_ports() -> None:
+    policies = network_policies()
+    [ca_pod] = [p for p in k8s_pods() if meshid_container(p, ("ca", "serve"))]
+    sidecars = k8s_sidecars()
+    by_service = {service_for(pod)["metadata"]["name"]: (pod, c) for pod, _, c in sidecars}
+    for pod, _, config in sidecars:
+        assert config.admin is not None
+        [inbound] = config.inbound
+        mesh, admin, app = inbound.listen.port, config.admin.port, inbound.forward.port
+        others = [p for p, _, _ in sidecars if p is not pod]
+        assert others, "two workloads call each other"
+        for caller in others:
+            assert ingress_allowed(policies, pod_source(caller), pod, mesh), (caller.name, pod.name)
+            assert not ingress_allowed(policies, pod_source(caller), pod, admin), pod.name
+        for source in (pod_source(ca_pod), STRANGER, ELSEWHERE, MONITORING):
+            assert not ingress_allowed(policies, source, pod, mesh), (source, pod.name)
+        # Metrics for the monitoring namespace only; the app for nobody.
+        assert ingress_allowed(policies, MONITORING, pod, admin), pod.name
+        for source in (pod_source(ca_pod), STRANGER, ELSEWHERE):
+            assert not ingress_allowed(policies, source, pod, admin), (source, pod.name)
+        for source in (*(pod_source(p) for p, _, _ in sidecars), MONITORING, STRANGER):
+            assert not ingress_allowed(policies, source, pod, app), (source, pod.name)
+        # Every outbound upstream is a mesh port the caller may reach.
+        for outbound in config.outbound:
+            upstream, upstream_config = by_service[outbound.upstream.host.split(".")[0]]
+            port = upstream_config.inbound[0].listen.port
+            assert ingress_allowed(policies, pod_source(pod), upstream, port), pod.name
+
+
+def test_network_policy_checks_negative_twin() -> None:
+    [pod] = [p for p in k8s_pods() if p.name == "api"]
+    assert ingress_allowed([], STRANGER, pod, 15090)  # no policy: open
+    deny_all = {
+        "metadata": {"namespace": "meshid"},
+        "spec": {"podSelector": {}, "policyTypes": ["Ingress"]},
+    }
+    assert not ingress_allowed([deny_all], pod_source(pod), pod, 15001)
+    assert ingress_allowed([deny_all], STRANGER, pod, 15001, namespace="other")
+    by_name = {
+        "metadata": {"namespace": "meshid"},
+        "spec": {
+            "podSelector": {
+                "matchExpressions": [{"key": "app.kubernetes.io/name", "operator": "Exists"}]
+            },
+            "ingress": [{"from": [{"podSelector": {}}], "ports": [{"port": "admin"}]}],
+        },
+    }
+    assert ingress_allowed([by_name], STRANGER, pod, 15090)
+    assert not ingress_allowed([by_name], STRANGER, pod, 15001)
+    assert not ingress_allowed([by_name], ELSEWHERE, pod, 15090)
+    everywhere = {"namespaceSelector": {}, "podSelector": {"matchLabels": {"x": "1"}}}
+    assert peer_matches(everywhere, Source("default", {"x": "1"}), "meshid")
+    assert not peer_matches(everywhere, Source("default", {"x": "2"}), "meshid")
+    assert not selects(
+        {"matchExpressions": [{"key": "x", "operator": "In", "values": ["2"]}]}, {"x": "1"}
+    )
 
 
 # == Docker Compose ===========================================================
@@ -980,6 +1181,286 @@ def test_compose_checks_negative_twin() -> None:
     assert not written_by_join("no-such-volume", PurePosixPath("token"))
     with pytest.raises(AssertionError, match="nothing mounted"):
         compose_mount_for(compose_services()["ca"], PurePosixPath("/nowhere/x"))
+
+
+# == the root key's passphrase =================================================
+
+
+def _commands(
+    command: click.Command, ctx: click.Context, path: tuple[str, ...]
+) -> Iterator[tuple[tuple[str, ...], click.Command]]:
+    if isinstance(command, click.Group):
+        for name in command.list_commands(ctx):
+            sub = command.get_command(ctx, name)
+            assert sub is not None
+            yield from _commands(sub, click.Context(sub, info_name=name, parent=ctx), (*path, name))
+    else:
+        yield path, command
+
+
+@functools.cache
+def passphrase_commands() -> frozenset[tuple[str, ...]]:
+    """Every meshid command that reads the root key's passphrase (it has --passphrase-file)."""
+    root = click.Context(cli, info_name="meshid")
+    return frozenset(
+        path
+        for path, command in _commands(cli, root, ())
+        if any(param.name == "passphrase_file" for param in command.params)
+    )
+
+
+def passphrase_in_env(names_and_refs: list[tuple[str, str | None]]) -> list[str]:
+    """Environment entries (name, referenced Secret) that carry a passphrase."""
+    return [
+        name
+        for name, ref in names_and_refs
+        if "passphrase" in name.lower() or (ref is not None and "passphrase" in ref.lower())
+    ]
+
+
+def k8s_env(container: dict[str, Any]) -> list[tuple[str, str | None]]:
+    found: list[tuple[str, str | None]] = []
+    for env in container.get("env", []):
+        source = env.get("valueFrom", {})
+        ref = source.get("secretKeyRef") or source.get("configMapKeyRef") or {}
+        found.append((str(env["name"]), ref.get("name")))
+    for env_from in container.get("envFrom", []):
+        ref = env_from.get("secretRef") or env_from.get("configMapRef") or {}
+        found.append((str(env_from.get("prefix", "")), ref.get("name")))
+    return found
+
+
+def compose_env(service: dict[str, Any]) -> list[tuple[str, str | None]]:
+    environment = service.get("environment", {})
+    if isinstance(environment, list):
+        names = [str(item).partition("=")[0] for item in environment]
+    else:
+        names = [str(name) for name in environment]
+    env_files = service.get("env_file", [])
+    env_files = [env_files] if isinstance(env_files, str | dict) else env_files
+    refs = [str(f.get("path") if isinstance(f, dict) else f) for f in env_files]
+    return [(name, None) for name in names] + [("", ref) for ref in refs]
+
+
+def test_k8s_passphrase_never_in_the_environment() -> None:
+    for pod, spec in pod_specs():
+        for container in all_containers(spec):
+            found = passphrase_in_env(k8s_env(container))
+            assert not found, f"{pod}/{container['name']}: passphrase in env {found}"
+
+
+def test_compose_passphrase_never_in_the_environment() -> None:
+    for name, service in compose_services().items():
+        found = passphrase_in_env(compose_env(service))
+        assert not found, f"{name}: passphrase in environment {found}"
+
+
+def test_passphrase_env_checks_negative_twin() -> None:
+    assert passphrase_commands() >= {("ca", "init"), ("ca", "serve"), ("ca", "rotate")}
+    as_env = {
+        "name": "MESHID_CA_PASSPHRASE",
+        "valueFrom": {"secretKeyRef": {"name": "meshid-ca-passphrase", "key": "passphrase"}},
+    }
+    assert passphrase_in_env(k8s_env({"env": [as_env]})) == ["MESHID_CA_PASSPHRASE"]
+    by_ref = {"envFrom": [{"secretRef": {"name": "meshid-ca-passphrase"}}]}
+    assert passphrase_in_env(k8s_env(by_ref)) == [""]
+    listed = {"environment": ["MESHID_CA_PASSPHRASE=x"]}
+    assert passphrase_in_env(compose_env(listed)) == ["MESHID_CA_PASSPHRASE"]
+    assert passphrase_in_env(compose_env({"env_file": "ca-passphrase.env"})) == [""]
+    assert passphrase_in_env(compose_env({"environment": {"TZ": "UTC"}})) == []
+
+
+def k8s_passphrase_files() -> list[tuple[Pod, dict[str, Any], Resolved]]:
+    """(pod, container, command) for each container running a passphrase command."""
+    found = []
+    for pod in k8s_pods():
+        for container in all_containers(pod.spec):
+            for argv in meshid_in_argv(container_argv(container)):
+                run = resolve(argv)
+                if run.path in passphrase_commands():
+                    found.append((pod, container, run))
+    return found
+
+
+def test_k8s_passphrase_comes_from_a_read_only_secret_file() -> None:
+    runs = k8s_passphrase_files()
+    assert {run.path for _, _, run in runs} >= {("ca", "init"), ("ca", "serve")}
+    files = set()
+    for pod, container, run in runs:
+        where = f"{pod.name}/{container['name']}: meshid {' '.join(run.path)}"
+        assert run.params["passphrase_file"] is not None, f"{where} without --passphrase-file"
+        path = PurePosixPath(str(run.params["passphrase_file"]))
+        files.add(path)
+        secret = pod.file_key(container, path, "Secret")  # a key, mounted read-only
+        mount, _ = pod.mount_for(container, path)
+        source = pod.volumes[mount["name"]]["secret"]
+        items = source.get("items") or [{}]
+        modes = {item.get("mode", source.get("defaultMode")) for item in items}
+        assert modes == {0o400}, f"{where}: {secret} is mounted with modes {modes}, not 0400"
+        # Mounted only where a command reads it.
+        for other in all_containers(pod.spec):
+            if any(m["name"] == mount["name"] for m in other.get("volumeMounts", [])):
+                assert any(
+                    resolve(a).path in passphrase_commands()
+                    for a in meshid_in_argv(container_argv(other))
+                ), f"{pod.name}/{other['name']} mounts {secret} and reads no passphrase"
+    # Commands run by hand in the authority's container read the same file.
+    for inv in k8s_invocations():
+        run = resolve(inv.argv)
+        if inv.source.endswith("README.md") and run.path in passphrase_commands():
+            given = run.params["passphrase_file"]
+            assert given is not None and PurePosixPath(str(given)) in files, str(inv)
+
+
+def compose_secret_targets(service: dict[str, Any]) -> dict[PurePosixPath, str]:
+    """Where each of a service's secrets appears in its containers."""
+    targets = {}
+    for item in service.get("secrets", []):
+        source = item if isinstance(item, str) else item["source"]
+        target = source if isinstance(item, str) else item.get("target", source)
+        targets[PurePosixPath("/run/secrets") / target] = source  # an absolute target wins
+    return targets
+
+
+def test_compose_passphrase_comes_from_a_secret_file() -> None:
+    secrets = compose().get("secrets", {})
+    runs = []
+    for name, service in compose_services().items():
+        for argv in meshid_in_argv(service_argv(service)):
+            run = resolve(argv)
+            if run.path in passphrase_commands():
+                runs.append((name, service, run))
+    assert {run.path for _, _, run in runs} >= {("ca", "init"), ("ca", "serve")}
+    files = set()
+    for name, service, run in runs:
+        where = f"{name}: meshid {' '.join(run.path)}"
+        assert run.params["passphrase_file"] is not None, f"{where} without --passphrase-file"
+        path = PurePosixPath(str(run.params["passphrase_file"]))
+        files.add(path)
+        source = compose_secret_targets(service).get(path)
+        assert source is not None, f"{where}: {path} is not one of the service's secrets"
+        assert set(secrets[source]) == {"file"}, f"{where}: secret {source} is not a file"
+    for name, service in compose_services().items():
+        if name not in {n for n, _, _ in runs}:
+            assert not service.get("secrets"), f"{name} mounts a secret it does not read"
+    for inv in compose_invocations():
+        run = resolve(inv.argv)
+        if inv.source.endswith("README.md") and run.path in passphrase_commands():
+            given = run.params["passphrase_file"]
+            assert given is not None and PurePosixPath(str(given)) in files, str(inv)
+
+
+def test_compose_secret_targets() -> None:
+    service = {"secrets": ["a", {"source": "b", "target": "bee"}, {"source": "c", "target": "/c"}]}
+    assert compose_secret_targets(service) == {
+        PurePosixPath("/run/secrets/a"): "a",
+        PurePosixPath("/run/secrets/bee"): "b",
+        PurePosixPath("/c"): "c",
+    }
+
+
+# == memory ===================================================================
+
+KiB = 1024
+MiB = 1024 * KiB
+
+# A sidecar's memory is a base (interpreter, TLS contexts, config, metrics)
+# plus a share per live connection (two sockets' buffers, the TLS state, the
+# copy tasks): about 44 MiB + 40 KiB each as measured. The bound keeps some
+# headroom over that, so a container limit must hold max_connections at
+# this cost or the kernel kills the sidecar before the sidecar refuses.
+SIDECAR_BASE = 48 * MiB
+SIDECAR_PER_CONNECTION = 48 * KiB
+
+_K8S_UNITS = {
+    "": 1,
+    "k": 10**3,
+    "M": 10**6,
+    "G": 10**9,
+    "T": 10**12,
+    "Ki": KiB,
+    "Mi": MiB,
+    "Gi": 1024 * MiB,
+    "Ti": 1024 * 1024 * MiB,
+}
+_DOCKER_UNITS = {"": 1, "b": 1, "k": KiB, "m": MiB, "g": 1024 * MiB}
+
+
+def k8s_bytes(quantity: str | int) -> int:
+    """A Kubernetes memory quantity (`256Mi`, `1G`, `268435456`) in bytes."""
+    match = re.fullmatch(r"(\d+(?:\.\d+)?)(Ki|Mi|Gi|Ti|k|M|G|T)?", str(quantity))
+    assert match is not None, f"not a memory quantity: {quantity!r}"
+    return int(float(match[1]) * _K8S_UNITS[match[2] or ""])
+
+
+def docker_bytes(quantity: str | int) -> int:
+    """A Compose memory size (`256m`, `1g`, `256mb`, bytes) in bytes."""
+    match = re.fullmatch(r"(\d+(?:\.\d+)?)\s*([bkmg])?b?", str(quantity).lower())
+    assert match is not None, f"not a memory size: {quantity!r}"
+    return int(float(match[1]) * _DOCKER_UNITS[match[2] or ""])
+
+
+def memory_needed(config: SidecarConfig) -> int:
+    return SIDECAR_BASE + SIDECAR_PER_CONNECTION * config.limits.max_connections
+
+
+def memory_problem(where: str, limit: int | None, config: SidecarConfig) -> str | None:
+    """Why a sidecar with this memory limit would be OOM-killed under load, or None."""
+    if limit is None:
+        return f"{where}: no memory limit"
+    need = memory_needed(config)
+    if limit < need:
+        return (
+            f"{where}: memory limit {limit / MiB:.1f} MiB is below the "
+            f"{need / MiB:.1f} MiB that max_connections = {config.limits.max_connections} needs"
+        )
+    return None
+
+
+def compose_memory_limit(service: dict[str, Any]) -> int | None:
+    limits = [service.get("mem_limit")]
+    limits.append(service.get("deploy", {}).get("resources", {}).get("limits", {}).get("memory"))
+    found = [docker_bytes(limit) for limit in limits if limit is not None]
+    return min(found) if found else None
+
+
+def test_k8s_sidecar_memory_limits_hold_max_connections() -> None:
+    sidecars = k8s_sidecars()
+    assert sidecars
+    for pod, container, config in sidecars:
+        limit = container.get("resources", {}).get("limits", {}).get("memory")
+        problem = memory_problem(
+            f"{pod.name}/{container['name']}", None if limit is None else k8s_bytes(limit), config
+        )
+        assert problem is None, problem
+
+
+def test_compose_sidecar_memory_limits_hold_max_connections() -> None:
+    sidecars = compose_sidecars()
+    assert sidecars
+    for name, service, config in sidecars:
+        problem = memory_problem(name, compose_memory_limit(service), config)
+        assert problem is None, problem
+
+
+def test_memory_checks_negative_twin() -> None:
+    # A config that leaves max_connections out gets the code's default.
+    [text] = [t for n, t in sidecar_configs() if n == "ConfigMap api-sidecar/sidecar.toml"]
+    unset = toml_config(re.sub(r"(?m)^\s*max_connections\s*=.*$", "", text))
+    assert unset.limits.max_connections == Limits().max_connections
+    need = memory_needed(unset)
+    assert memory_problem("x", None, unset) == "x: no memory limit"
+    assert memory_problem("x", need - 1, unset) is not None
+    assert memory_problem("x", need, unset) is None
+    assert k8s_bytes("256Mi") == 256 * MiB
+    assert k8s_bytes("1G") == 10**9
+    assert k8s_bytes(268435456) == 256 * MiB
+    assert docker_bytes("256m") == docker_bytes("256MB") == 256 * MiB
+    deploy_limit = {"deploy": {"resources": {"limits": {"memory": "1g"}}}}
+    assert compose_memory_limit(deploy_limit) == 1024 * MiB
+    assert compose_memory_limit({}) is None
+    with pytest.raises(AssertionError, match="not a memory quantity"):
+        k8s_bytes("lots")
 
 
 # == systemd =================================================================
