@@ -198,6 +198,51 @@ class _Closed(Exception):
     """The peer is gone; nothing more to read or send on this connection."""
 
 
+class _Client:
+    """One admin connection: the socket, its h11 state, and what the current request asked."""
+
+    def __init__(self, stream: trio.SocketStream, limits: AdminLimits) -> None:
+        self.stream = stream
+        self.last_words = limits.request_timeout
+        self.conn = h11.Connection(h11.SERVER, max_incomplete_event_size=limits.max_request_head)
+        self.head = False  # a response to HEAD carries no body, whatever it is
+
+    async def next_event(self) -> object:
+        while True:
+            event = self.conn.next_event()
+            if event is not h11.NEED_DATA:
+                return event
+            self.conn.receive_data(await self.stream.receive_some(RECEIVE_SIZE))
+
+    async def send(self, reply: Reply) -> None:
+        conn = self.conn
+        status = reply.status
+        out = bytearray(
+            conn.send(
+                h11.Response(
+                    status_code=status, headers=list(reply.headers), reason=_phrase(status)
+                )
+            )
+            or b""
+        )
+        if reply.send_body and reply.body and not self.head:
+            out += conn.send(h11.Data(data=reply.body)) or b""
+        out += conn.send(h11.EndOfMessage()) or b""
+        await self.stream.send_all(bytes(out))
+
+    async def send_last(self, reply: Reply) -> None:
+        """Best effort, bounded: tell the client why we are closing, if it can still be told."""
+        if self.conn.our_state not in (h11.IDLE, h11.SEND_RESPONSE):
+            return
+        with (
+            trio.move_on_after(self.last_words),
+            contextlib.suppress(
+                h11.LocalProtocolError, trio.BrokenResourceError, trio.ClosedResourceError
+            ),
+        ):
+            await self.send(reply)
+
+
 class AdminServer:
     """Accepts admin connections and serves each in its own failure boundary."""
 
@@ -239,98 +284,72 @@ class AdminServer:
 
     async def _connection(self, stream: trio.SocketStream, source: str) -> None:
         """One connection's failure boundary: nothing but Cancelled gets out of here."""
-        conn = h11.Connection(h11.SERVER, max_incomplete_event_size=self.limits.max_request_head)
+        client = _Client(stream, self.limits)
         try:
-            await self._serve(stream, conn)
+            await self._serve(client)
         except h11.RemoteProtocolError as exc:
-            await self._send_last(stream, conn, plain(exc.error_status_hint, "bad request"))
+            await client.send_last(plain(exc.error_status_hint, "bad request"))
         except (_Closed, trio.BrokenResourceError, trio.ClosedResourceError):
             pass
         except Exception as exc:  # a bug, or a router that raised: this connection only
             self.events.emit(
                 "admin_error", reason="internal_error", detail=type(exc).__name__, peer_addr=source
             )
-            await self._send_last(stream, conn, plain(500, "internal error", close=True))
+            await client.send_last(plain(500, "internal error", close=True))
         finally:
             self.gate.release(source)
             await trio.aclose_forcefully(stream)
 
-    async def _serve(self, stream: trio.SocketStream, conn: h11.Connection) -> None:
+    async def _serve(self, client: _Client) -> None:
         limits = self.limits
         first = True
         while True:
-            if not first and conn.trailing_data == (b"", False):
+            if not first and client.conn.trailing_data == (b"", False):
                 with trio.move_on_after(limits.idle_timeout) as idle:
-                    conn.receive_data(await stream.receive_some(RECEIVE_SIZE))
+                    client.conn.receive_data(await client.stream.receive_some(RECEIVE_SIZE))
                 if idle.cancelled_caught:
                     return  # kept alive, but idle too long
             first = False
             again = False
             with trio.move_on_after(limits.request_timeout):
-                again = await self._one_request(stream, conn)
+                again = await self._one_request(client)
             if not again:
                 return  # answered with close, or out of time for this request
-            conn.start_next_cycle()
+            client.conn.start_next_cycle()
 
-    async def _next_event(self, stream: trio.SocketStream, conn: h11.Connection) -> object:
-        while True:
-            event = conn.next_event()
-            if event is not h11.NEED_DATA:
-                return event
-            conn.receive_data(await stream.receive_some(RECEIVE_SIZE))
-
-    async def _one_request(self, stream: trio.SocketStream, conn: h11.Connection) -> bool:
+    async def _one_request(self, client: _Client) -> bool:
         """Read one request, answer it; True if the connection may carry another."""
-        request = await self._next_event(stream, conn)
+        client.head = False
+        request = await client.next_event()
         if not isinstance(request, h11.Request):
             raise _Closed  # ConnectionClosed: the only other event possible between requests
+        client.head = request.method == b"HEAD"
         if not request.http_version.startswith(b"1."):
-            await self._send(stream, conn, plain(505, "http version not supported", close=True))
+            await client.send(plain(505, "http version not supported", close=True))
             return False
         declared = declared_length(request)
         if declared is not None and declared > self.limits.max_request_body:
-            await self._send(stream, conn, plain(413, "request too large", close=True))
+            await client.send(plain(413, "request too large", close=True))
             return False
+        conn = client.conn
         if conn.they_are_waiting_for_100_continue:
-            await stream.send_all(
-                conn.send(h11.InformationalResponse(status_code=100, headers=[])) or b""
-            )
+            continue_ = h11.InformationalResponse(status_code=100, headers=[])
+            await client.stream.send_all(conn.send(continue_) or b"")
         received = 0
         while True:
-            event = await self._next_event(stream, conn)
+            event = await client.next_event()
             if isinstance(event, h11.EndOfMessage):
                 break
             if not isinstance(event, h11.Data):
                 raise TypeError(f"h11 gave {type(event).__name__} inside a request body")
             received += len(event.data)
             if received > self.limits.max_request_body:
-                await self._send(stream, conn, plain(413, "request too large", close=True))
+                await client.send(plain(413, "request too large", close=True))
                 return False
         method = request.method.decode("ascii", "replace")
         target = request.target.decode("ascii", "replace")
-        await self._send(stream, conn, answer(method, target, self.route))
+        await client.send(answer(method, target, self.route))
         return conn.our_state is h11.DONE and conn.their_state is h11.DONE
-
-    async def _send(self, stream: trio.SocketStream, conn: h11.Connection, reply: Reply) -> None:
-        phrase = _phrase(reply.status)
-        head = h11.Response(status_code=reply.status, headers=list(reply.headers), reason=phrase)
-        out = bytearray(conn.send(head) or b"")
-        if reply.send_body and reply.body:
-            out += conn.send(h11.Data(data=reply.body)) or b""
-        out += conn.send(h11.EndOfMessage()) or b""
-        await stream.send_all(bytes(out))
-
-    async def _send_last(
-        self, stream: trio.SocketStream, conn: h11.Connection, reply: Reply
-    ) -> None:
-        """Best effort, bounded: tell the client why we are closing, if it can still be told."""
-        if conn.our_state not in (h11.IDLE, h11.SEND_RESPONSE):
-            return
-        with trio.move_on_after(self.limits.request_timeout):
-            with contextlib.suppress(
-                h11.LocalProtocolError, trio.BrokenResourceError, trio.ClosedResourceError
-            ):
-                await self._send(stream, conn, reply)
 
 
 def _phrase(status: int) -> bytes:
