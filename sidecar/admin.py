@@ -333,7 +333,7 @@ class AdminServer:
             return False
         conn = client.conn
         if conn.they_are_waiting_for_100_continue:
-            continue_ = h11.InformationalResponse(status_code=100, headers=[])
+            continue_ = h11.InformationalResponse(status_code=100, headers=[], reason=b"Continue")
             await client.stream.send_all(conn.send(continue_) or b"")
         received = 0
         while True:

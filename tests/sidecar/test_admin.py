@@ -365,6 +365,45 @@ async def test_a_failing_router_costs_one_connection_and_one_log_line(
     assert "hunter2" not in json.dumps(log.records)
 
 
+async def test_a_failing_router_on_head_gets_500_without_a_body(nursery: trio.Nursery) -> None:
+    addr, log = await start_admin(nursery, route=router(raise_on="/metrics"))
+    with trio.fail_after(10):
+        raw = await exchange(addr, b"HEAD /metrics HTTP/1.1\r\nHost: a\r\n\r\n")
+    status, headers, body = parse(raw)
+    assert (status, headers["connection"], body) == (500, "close", b"")
+    assert len(log.find("admin_error", reason="internal_error")) == 1
+
+
+async def test_a_client_that_expects_100_continue_gets_it(nursery: trio.Nursery) -> None:
+    addr, _ = await start_admin(nursery)
+    with trio.fail_after(10):
+        stream = await connect(addr)
+        async with stream:
+            await stream.send_all(
+                b"GET /healthz HTTP/1.1\r\nHost: a\r\nExpect: 100-continue\r\n"
+                b"Content-Length: 4\r\nConnection: close\r\n\r\n"
+            )
+            interim = await receive_exactly(stream, len(b"HTTP/1.1 100 Continue\r\n\r\n"))
+            assert interim == b"HTTP/1.1 100 Continue\r\n\r\n"
+            await stream.send_all(b"body")
+            assert parse(await receive_all(stream))[::2] == (200, b"ok\n")
+
+
+async def test_stopping_the_listener_is_not_held_up_by_its_clients() -> None:
+    """Cancellation goes straight through a connection in the middle of a request."""
+    with trio.fail_after(5):
+        async with trio.open_nursery() as nursery:
+            addr, _ = await start_admin(nursery)  # the default, 10 s request deadline
+            slow = await connect(addr)
+            await slow.send_all(b"GET /healthz HTTP/1.1\r\nHo")
+            idle = await connect(addr)
+            await healthz(addr)
+            nursery.cancel_scope.cancel()
+        async with slow, idle:
+            assert await wait_cut(slow) == b""
+            assert await wait_cut(idle) == b""
+
+
 class _Exhausted(trio.abc.Listener[trio.SocketStream]):
     """A real listener whose first few accepts fail as if the process had no descriptors left."""
 
