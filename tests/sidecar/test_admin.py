@@ -225,6 +225,28 @@ async def test_one_source_cannot_take_every_admin_connection(pair: Pair) -> None
         assert refused["reason"] == "source_limit"
 
 
+async def test_a_metrics_render_that_raises_costs_one_request(
+    pair: Pair, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def broken() -> bytes:
+        raise RuntimeError("collector failed")
+
+    monkeypatch.setattr(pair.api.sidecar.metrics, "exposition", broken)
+    with trio.fail_after(10):
+        live = await connect(pair.app)
+        async with live:
+            status, headers, body = parse(
+                await exchange(pair.api.admin, b"GET /metrics HTTP/1.1\r\nHost: a\r\n\r\n")
+            )
+            assert (status, headers["connection"], body) == (500, "close", b"internal error\n")
+            await healthz(pair.api.admin)
+            await live.send_all(b"still")
+            assert await receive_exactly(live, 5) == b"still"
+    [error] = pair.api.log.find("admin_error")
+    assert (error["reason"], error["detail"]) == ("internal_error", "RuntimeError")
+    assert "collector failed" not in json.dumps(pair.api.log.records)
+
+
 # -- the listener on its own, with short limits --------------------------------
 
 SHORT = AdminLimits(request_timeout=0.3, idle_timeout=0.3)
