@@ -772,7 +772,11 @@ class Sidecar:
             async with trio.open_nursery() as nursery:
                 await nursery.start(self.pump.run)
                 if self.config.admin is not None:
-                    admin = await nursery.start(serve_admin, self.config.admin, self.route)
+                    admin = await nursery.start(
+                        functools.partial(serve_admin, events=self.events),
+                        self.config.admin,
+                        self.route,
+                    )
                     self.bound["admin"] = admin[0].socket.getsockname()[:2]
                 for lsock, handler in listeners:
                     scope = trio.CancelScope()
