@@ -48,6 +48,7 @@ from meshid.errors import (
     InvalidSvid,
     PolicyError,
     StateError,
+    StorageUnavailable,
     TokenRejected,
 )
 from meshid.files import write_atomic
@@ -374,19 +375,48 @@ class Authority:
         return self._signer_cache
 
     def _load_key(self, path: Path) -> PrivateKey:
-        if self.key_encrypted and self._passphrase is None:
-            raise StateError(
-                "the root key is encrypted: give its passphrase with --passphrase-file "
-                "or MESHID_CA_PASSPHRASE"
-            )
+        """One root key, held to the protection the authority's first key set.
+
+        The file itself says whether it is encrypted; on an authority whose
+        keys are encrypted, a plaintext one (written by hand, or by a rotation
+        of an older version) is refused rather than signed with.
+        """
         try:
             data = path.read_bytes()
         except OSError as exc:
             raise StateError(f"cannot read root key {path}: {exc.strerror}") from None
+        encrypted = b"ENCRYPTED" in data.split(b"\n", 1)[0]
+        if self.key_encrypted and not encrypted:
+            raise StateError(
+                f"root key {path.name} is not encrypted though this authority's keys are; "
+                "encrypt it with the passphrase before it signs",
+                reason="key_unprotected",
+            )
+        if encrypted and self._passphrase is None:
+            raise StateError(
+                "the root key is encrypted: give its passphrase with --passphrase-file "
+                "or MESHID_CA_PASSPHRASE",
+                reason="passphrase_required",
+            )
         try:
-            return key_from_pem(data, self._passphrase if self.key_encrypted else None, "root key")
+            return key_from_pem(data, self._passphrase if encrypted else None, "root key")
         except InvalidSvid as exc:
             raise StateError(exc.message, reason=exc.reason) from None
+
+    def _new_key_protection(self, conn: sqlite3.Connection) -> bytes | None:
+        """The passphrase a new root key is written under: the one the active key opens with.
+
+        A new key is never less protected than the existing ones: on an
+        encrypted authority a missing or wrong passphrase refuses the action
+        before any file is written.
+        """
+        if not self.key_encrypted:
+            return None
+        row = conn.execute("SELECT key_file FROM roots WHERE state = 'active'").fetchone()
+        if row is None:
+            raise StateError("the authority has no active root; its database is damaged")
+        self._load_key(self.state_dir / str(row[0]))  # proves the passphrase, or refuses
+        return self._passphrase
 
     # -- issuing --
 
@@ -769,6 +799,7 @@ class Authority:
             pending = conn.execute("SELECT generation FROM roots WHERE state = 'next'").fetchone()
             root_ttl = timedelta(seconds=int(Store.setting(conn, "root_ttl")))
             last = conn.execute("SELECT MAX(generation) FROM roots").fetchone()
+            protection = self._new_key_protection(conn)
         if pending is not None:
             raise PolicyError(
                 f"root {pending[0]} is already waiting to take over; a rollover is in progress",
@@ -785,9 +816,32 @@ class Authority:
         )
         key_file = f"keys/root-{generation}.key"
         path = self.state_dir / key_file
-        path.unlink(missing_ok=True)  # an orphan of a rotation whose commit failed
-        _write_private(path, key_to_pem(key, self._passphrase if self.key_encrypted else None))
+        try:
+            path.unlink(missing_ok=True)  # an orphan of a rotation whose commit failed
+            _write_private(path, key_to_pem(key, protection))
+        except OSError as exc:
+            path.unlink(missing_ok=True)
+            raise StorageUnavailable(f"cannot write root key {key_file}: {exc.strerror}") from None
         activate_at = now + propagation
+        try:
+            self._publish_root(generation, root, key_file, now, activate_at, wait_for_acks)
+        except BaseException:
+            path.unlink(missing_ok=True)  # the database does not know this key: drop it
+            raise
+        self._signer_checked = None  # a zero propagation delay takes effect at once
+        self._bundle_checked = 0.0
+        self.write_bundle_file()
+        return generation, activate_at
+
+    def _publish_root(
+        self,
+        generation: int,
+        root: x509.Certificate,
+        key_file: str,
+        now: datetime,
+        activate_at: datetime,
+        wait_for_acks: bool,
+    ) -> None:
         with self.store.write() as conn:
             sequence = Store.bump(conn, "bundle_sequence")
             conn.execute(
@@ -814,10 +868,6 @@ class Authority:
                 activate_at=activate_at.isoformat(),
                 bundle_sequence=sequence,
             )
-        self._signer_checked = None  # a zero propagation delay takes effect at once
-        self._bundle_checked = 0.0
-        self.write_bundle_file()
-        return generation, activate_at
 
     def advance_roots(self) -> bool:
         """Activate a next root whose time has come; retire roots whose last SVID expired.
