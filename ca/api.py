@@ -22,7 +22,6 @@ from __future__ import annotations
 import fcntl
 import json
 import os
-import re
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -41,14 +40,15 @@ from meshid.errors import (
     InvalidSvid,
     MeshIdError,
     StateError,
+    StorageUnavailable,
     TokenRejected,
 )
 from meshid.ratelimit import FailureLimiter
+from meshid.report import TOO_LARGE, decode_report
 from meshid.spiffeid import SpiffeId
 from meshid.svid import certs_to_pem, verify_svid
 
 MAX_BODY = 64 * 1024
-_INSTANCE = re.compile(r"[A-Za-z0-9_.-]{1,64}")
 WATCH_KEYS = ("policy_version", "revocation_version", "bundle_sequence")
 
 
@@ -85,6 +85,10 @@ def error(status: int, reason: str, message: str, **headers: str) -> Reply:
 
 
 def _status_for(exc: MeshIdError) -> int:
+    if isinstance(exc, StorageUnavailable):
+        return 503
+    if exc.reason == TOO_LARGE:
+        return 413
     if isinstance(exc, TokenRejected):
         return 401
     if isinstance(exc, IdentityRevoked):
@@ -277,22 +281,14 @@ class ControlApi:
         return self._finish(self._prepare_renew(req))
 
     def _report(self, req: Request) -> Reply:
-        """A sidecar's status: what `meshid ca status`, `--dry-run` and rollovers rely on."""
+        """A sidecar's status: what `meshid ca status`, `--dry-run` and rollovers rely on.
+
+        The whole document is checked here (`meshid.report`), before anything
+        is stored; the identity it is kept under is the client certificate's.
+        """
         caller = self._caller(req)
-        try:
-            doc = json.loads(req.body.decode("utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError):
-            raise InvalidInput("report is not valid JSON", reason="invalid_json") from None
-        if not isinstance(doc, dict):
-            raise InvalidInput("report must be a JSON object", reason="invalid_json")
-        instance = doc.get("instance")
-        if not isinstance(instance, str) or not _INSTANCE.fullmatch(instance):
-            raise InvalidInput(
-                "report needs an instance of 1-64 [A-Za-z0-9_.-]", reason="invalid_json"
-            )
-        if not isinstance(doc.get("bundle_sequence", 0), int):
-            raise InvalidInput("'bundle_sequence' must be an integer", reason="invalid_json")
-        self.authority.record_report(caller, instance, doc)
+        report = decode_report(req.body)
+        self.authority.record_report(caller, report)
         return Reply(200, {"recorded": True})
 
     def _bundle(self, req: Request) -> Reply:

@@ -32,13 +32,12 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 
 from ca.issuer import check_csr_identity, csr_public_key, parse_csr
-from ca.store import DB_NAME, Store
+from ca.store import DB_NAME, SCHEMA_VERSION, Store
 from meshid.bundle import TrustBundle
 from meshid.duration import format_duration
 from meshid.errors import (
@@ -46,6 +45,7 @@ from meshid.errors import (
     IdentityRevoked,
     InvalidInput,
     InvalidSvid,
+    MeshIdError,
     PolicyError,
     StateError,
     StorageUnavailable,
@@ -53,6 +53,7 @@ from meshid.errors import (
 )
 from meshid.files import write_atomic
 from meshid.policy import Decision, Policy
+from meshid.report import StatusReport, parse_report
 from meshid.spiffeid import SpiffeId, TrustDomain
 from meshid.svid import (
     IpAddress,
@@ -82,7 +83,8 @@ _SPKI = (serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKey
 SIGNER_RECHECK = timedelta(seconds=1)
 BUNDLE_RECHECK = 0.2  # seconds of monotonic time
 REPORT_FRESH = timedelta(seconds=30)  # a sidecar silent for longer is not waited for
-REPORT_FORGET = timedelta(days=1)
+REPORT_FORGET = timedelta(minutes=10)  # reports older than this are deleted
+MAX_INSTANCES = 8  # reports kept per identity; a new instance replaces the least recent
 RESERVED_PATH = "/meshid"  # the authority's own identities live under here
 _DNS_LABEL = re.compile(r"^(?!-)[A-Za-z0-9-]{1,63}(?<!-)$")
 
@@ -149,6 +151,29 @@ class Prepared:
     how: str
     token_digest: str | None = None  # an enrollment consumes this token
     caller_serial: str | None = None  # a renewal needs this SVID to be one of ours
+
+
+@dataclass(frozen=True, slots=True)
+class SidecarReport:
+    """A sidecar's latest report, as kept: the identity is the one its certificate proved."""
+
+    instance: str
+    spiffe_id: SpiffeId
+    seen: datetime
+    report: StatusReport
+
+
+def printable(text: str, limit: int = 256) -> str:
+    """`text` safe for a terminal or a log line: every non-printable character escaped.
+
+    Newlines, carriage returns, escape sequences and non-ASCII become
+    backslash escapes, so a value from a workload can neither forge a line
+    nor drive the terminal; long values are cut.
+    """
+    shown = text if len(text) <= limit else text[:limit] + "..."
+    if shown.isascii() and shown.isprintable():
+        return shown
+    return shown.encode("unicode_escape").decode("ascii")
 
 
 @dataclass(frozen=True, slots=True)
@@ -272,7 +297,7 @@ class Authority:
             at = now.timestamp()
             with store.write() as conn:
                 settings = {
-                    "schema_version": "1",
+                    "schema_version": str(SCHEMA_VERSION),
                     "trust_domain": trust_domain.name,
                     "svid_ttl": str(int(svid_ttl.total_seconds())),
                     "root_ttl": str(int(root_ttl.total_seconds())),
@@ -933,16 +958,25 @@ class Authority:
 
     @staticmethod
     def _lagging(conn: sqlite3.Connection, sequence: int, now: float) -> list[str]:
-        """Live sidecars whose last report holds a bundle older than `sequence`."""
+        """Live sidecars whose last report holds a bundle older than `sequence`.
+
+        A stored report that no longer parses counts as lagging: a rollover
+        waits rather than assume what it cannot read.
+        """
         rows = conn.execute(
-            "SELECT instance, spiffe_id, report FROM reports WHERE seen_at >= ?",
+            "SELECT instance, spiffe_id, report FROM reports WHERE seen_at >= ? "
+            "ORDER BY spiffe_id, instance",
             (now - REPORT_FRESH.total_seconds(),),
         ).fetchall()
-        return [
-            f"{sid} ({instance})"
-            for instance, sid, report in rows
-            if int(json.loads(report).get("bundle_sequence", 0)) < sequence
-        ]
+        lagging = []
+        for instance, sid, text in rows:
+            try:
+                held = parse_report(json.loads(text)).bundle_sequence
+            except (MeshIdError, ValueError, TypeError, RecursionError):
+                held = -1
+            if held < sequence:
+                lagging.append(f"{printable(str(sid))} ({printable(str(instance))})")
+        return lagging
 
     def rotation_status(self) -> tuple[int, list[str]] | None:
         """(generation, sidecars not yet holding it) for a root waiting to activate."""
@@ -954,30 +988,67 @@ class Authority:
                 return None
             return int(row[0]), self._lagging(conn, int(row[1] or 0), self._now().timestamp())
 
-    def record_report(self, spiffe_id: SpiffeId, instance: str, report: dict[str, Any]) -> None:
-        """Keep a sidecar's latest report (not audited: it arrives every few seconds)."""
+    def record_report(self, spiffe_id: SpiffeId, report: StatusReport) -> None:
+        """Keep a sidecar's latest report (not audited: it arrives every few seconds).
+
+        Reports are keyed by the caller's authenticated identity and the
+        instance it names, so no workload can replace another's. Each identity
+        keeps at most MAX_INSTANCES: a new instance past that replaces the one
+        heard from least recently (a restarting pod is never locked out; only
+        its own stale entries go). Reports older than REPORT_FORGET are deleted.
+        """
         now = self._now().timestamp()
+        sid = str(spiffe_id)
         with self.store.write() as conn:
             conn.execute(
-                "INSERT INTO reports (instance, spiffe_id, seen_at, report) VALUES (?, ?, ?, ?) "
-                "ON CONFLICT (instance) DO UPDATE SET spiffe_id = excluded.spiffe_id, "
+                "INSERT INTO reports (spiffe_id, instance, seen_at, report) VALUES (?, ?, ?, ?) "
+                "ON CONFLICT (spiffe_id, instance) DO UPDATE SET "
                 "seen_at = excluded.seen_at, report = excluded.report",
-                (instance, str(spiffe_id), now, json.dumps(report, separators=(",", ":"))),
+                (sid, report.instance, now, report.encode()),
+            )
+            conn.execute(
+                "DELETE FROM reports WHERE spiffe_id = ? AND instance NOT IN ("
+                "SELECT instance FROM reports WHERE spiffe_id = ? "
+                "ORDER BY instance = ? DESC, seen_at DESC, rowid DESC LIMIT ?)",
+                (sid, sid, report.instance, MAX_INSTANCES),
             )
             conn.execute(
                 "DELETE FROM reports WHERE seen_at < ?", (now - REPORT_FORGET.total_seconds(),)
             )
 
-    def reports(self) -> list[tuple[str, SpiffeId, datetime, dict[str, Any]]]:
-        """(instance, ID, last seen, report) of every sidecar heard from lately."""
+    def reports(self) -> tuple[list[SidecarReport], list[str]]:
+        """Every sidecar heard from lately, and a note for each stored row that does not parse.
+
+        A damaged row is skipped, never trusted and never fatal: what is
+        shown from it is escaped (see `printable`).
+        """
         with self.store.read() as conn:
             rows = conn.execute(
-                "SELECT instance, spiffe_id, seen_at, report FROM reports ORDER BY spiffe_id"
+                "SELECT instance, spiffe_id, seen_at, report FROM reports "
+                "ORDER BY spiffe_id, instance"
             ).fetchall()
-        return [
-            (str(i), SpiffeId.parse(s), datetime.fromtimestamp(t, UTC), json.loads(r))
-            for i, s, t, r in rows
-        ]
+        good: list[SidecarReport] = []
+        skipped: list[str] = []
+        for instance, sid, seen, text in rows:
+            try:
+                report = parse_report(json.loads(text))
+                if report.instance != instance:
+                    raise InvalidInput("instance does not match its row", reason="invalid_report")
+                good.append(
+                    SidecarReport(
+                        report.instance,
+                        SpiffeId.parse(sid),
+                        datetime.fromtimestamp(float(seen), UTC),
+                        report,
+                    )
+                )
+            except (MeshIdError, ValueError, TypeError, OverflowError, RecursionError) as exc:
+                detail = exc.message if isinstance(exc, MeshIdError) else type(exc).__name__
+                skipped.append(
+                    f"report of {printable(str(sid))} [{printable(str(instance))}] is "
+                    f"malformed and was skipped: {printable(detail)}"
+                )
+        return good, skipped
 
     def workloads(self) -> list[tuple[SpiffeId, datetime, int, bool]]:
         """(ID, latest SVID expiry, SVIDs issued, revoked) for every identity ever issued."""

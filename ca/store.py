@@ -13,6 +13,7 @@ the chain from that row on.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import sqlite3
@@ -22,10 +23,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from meshid.errors import StateError
+from meshid.errors import StateError, StorageUnavailable
 
 DB_NAME = "authority.db"
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # kept in PRAGMA user_version; 0 there is a version-1 database
 GENESIS_HASH = "0" * 64
 
 _SCHEMA = """
@@ -68,11 +69,13 @@ CREATE TABLE svids (
 );
 CREATE INDEX svids_by_generation ON svids (generation, not_after);
 CREATE TABLE reports (
-    instance TEXT PRIMARY KEY,                 -- one running sidecar
-    spiffe_id TEXT NOT NULL,
+    spiffe_id TEXT NOT NULL,                   -- from the client certificate, never the body
+    instance TEXT NOT NULL,                    -- one running sidecar of that identity
     seen_at REAL NOT NULL,
-    report TEXT NOT NULL
+    report TEXT NOT NULL,
+    PRIMARY KEY (spiffe_id, instance)
 );
+CREATE INDEX reports_by_seen ON reports (seen_at);
 CREATE TABLE audit (
     seq INTEGER PRIMARY KEY,
     at REAL NOT NULL,
@@ -83,7 +86,57 @@ CREATE TABLE audit (
 );
 """
 
+# Each step takes a database from the version before it to its own version, in
+# the same transaction that records the new version.
+_MIGRATIONS: dict[int, tuple[str, ...]] = {
+    2: (  # reports keyed by (identity, instance): one identity cannot replace another's
+        """CREATE TABLE reports_v2 (
+            spiffe_id TEXT NOT NULL,
+            instance TEXT NOT NULL,
+            seen_at REAL NOT NULL,
+            report TEXT NOT NULL,
+            PRIMARY KEY (spiffe_id, instance)
+        )""",
+        "INSERT INTO reports_v2 (spiffe_id, instance, seen_at, report) "
+        "SELECT spiffe_id, instance, seen_at, report FROM reports",
+        "DROP TABLE reports",
+        "ALTER TABLE reports_v2 RENAME TO reports",
+        "CREATE INDEX reports_by_seen ON reports (seen_at)",
+        "UPDATE settings SET value = '2' WHERE name = 'schema_version'",
+    ),
+}
+
 COUNTERS = ("policy_version", "revocation_version", "bundle_sequence")
+
+
+# SQLite's primary result codes for faults of the host rather than of the request
+_HOST_FAILURES = {
+    sqlite3.SQLITE_FULL: "the disk is full",
+    sqlite3.SQLITE_READONLY: "the database is read-only",
+    sqlite3.SQLITE_IOERR: "an I/O error",
+    sqlite3.SQLITE_CANTOPEN: "a journal file cannot be opened",
+    sqlite3.SQLITE_PERM: "permission denied",
+}
+
+
+_UNAVAILABLE = "cannot write the authority database; nothing was changed"
+
+
+def _host_failure(exc: BaseException) -> str | None:
+    """What went wrong, when `exc` is a sqlite3 error that the host caused."""
+    if not isinstance(exc, sqlite3.Error):
+        return None
+    code = getattr(exc, "sqlite_errorcode", None)
+    return _HOST_FAILURES.get(code & 0xFF) if isinstance(code, int) else None
+
+
+def _raise_host_failure(exc: BaseException) -> None:
+    """Raise StorageUnavailable in place of a sqlite3 error that the host caused."""
+    what = _host_failure(exc)
+    if what is not None:
+        raise StorageUnavailable(
+            f"cannot write the authority database: {what}; nothing was changed"
+        ) from None
 
 
 def _row_hash(prev_hash: str, seq: int, at: float, action: str, details: str) -> str:
@@ -106,6 +159,8 @@ class Store:
 
     def __init__(self, conn: sqlite3.Connection) -> None:
         self._conn = conn
+        self._writing = False  # inside write(): a nested write() is a savepoint
+        self._broken = False  # the open transaction was lost to a host failure
 
     @classmethod
     def open(cls, path: Path, *, create: bool = False) -> Store:
@@ -120,22 +175,52 @@ class Store:
             conn.execute("PRAGMA synchronous = FULL")
             conn.execute("PRAGMA foreign_keys = ON")
         except sqlite3.Error as exc:
-            raise StateError(f"{path}: cannot open the authority database: {exc}") from None
+            conn_error = f"{path}: cannot open the authority database: {exc}"
+            if _host_failure(exc) is not None:
+                raise StorageUnavailable(conn_error) from None
+            raise StateError(conn_error) from None
         store = cls(conn)
-        if create:
-            with store.write():
-                # statement by statement: executescript() would COMMIT our transaction
-                for statement in _SCHEMA.split(";"):
-                    if statement.strip():
-                        conn.execute(statement)
+        try:
+            if create:
+                with store.write():
+                    # statement by statement: executescript() would COMMIT our transaction
+                    for statement in _SCHEMA.split(";"):
+                        if statement.strip():
+                            conn.execute(statement)
+                    conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+            else:
+                store._migrate(path)
+        except BaseException:
+            conn.close()
+            raise
         return store
+
+    def _version(self) -> int:
+        return int(self._conn.execute("PRAGMA user_version").fetchone()[0]) or 1
+
+    def _migrate(self, path: Path) -> None:
+        """Bring an older database up to SCHEMA_VERSION, once, under the write lock."""
+        if self._version() == SCHEMA_VERSION:
+            return
+        with self.write() as conn:
+            version = self._version()  # again: another process may have migrated meanwhile
+            if version > SCHEMA_VERSION:
+                raise StateError(
+                    f"{path}: made by a newer meshid (schema {version}, this one knows "
+                    f"{SCHEMA_VERSION}); nothing was changed",
+                    reason="schema_too_new",
+                )
+            for step in range(version + 1, SCHEMA_VERSION + 1):
+                for statement in _MIGRATIONS[step]:
+                    conn.execute(statement)
+                conn.execute(f"PRAGMA user_version = {step}")
 
     def close(self) -> None:
         self._conn.close()
 
     @property
     def in_transaction(self) -> bool:
-        return self._conn.in_transaction
+        return self._conn.in_transaction or self._writing
 
     @contextmanager
     def write(self) -> Iterator[sqlite3.Connection]:
@@ -143,30 +228,72 @@ class Store:
 
         Inside a `batch()` it is a savepoint instead: a failing request rolls
         back its own changes and leaves the batch's other requests alone.
+
+        A failure of the host (disk full, read-only filesystem, I/O error),
+        whether in a statement or at COMMIT, rolls the transaction back and
+        raises `StorageUnavailable`: the caller keeps running, nothing is
+        half-written.
         """
         conn = self._conn
-        if conn.in_transaction:
-            conn.execute("SAVEPOINT request")
-            try:
-                yield conn
-            except BaseException:
-                conn.execute("ROLLBACK TO request")
-                conn.execute("RELEASE request")
-                raise
-            else:
-                conn.execute("RELEASE request")
+        if self._writing:
+            yield from self._savepoint(conn)
             return
         try:
             conn.execute("BEGIN IMMEDIATE")
         except sqlite3.OperationalError as exc:
+            _raise_host_failure(exc)
             raise StateError(f"authority database is busy or unwritable: {exc}") from None
+        self._writing, self._broken = True, False
         try:
             yield conn
-        except BaseException:
-            conn.execute("ROLLBACK")
+        except BaseException as exc:
+            self._rollback()
+            _raise_host_failure(exc)
             raise
         else:
-            conn.execute("COMMIT")
+            if self._broken:  # SQLite gave up the whole transaction under a savepoint
+                self._rollback()
+                raise StorageUnavailable(_UNAVAILABLE)
+            self._guarded(conn, "COMMIT")
+        finally:
+            self._writing = False
+
+    def _savepoint(self, conn: sqlite3.Connection) -> Iterator[sqlite3.Connection]:
+        if self._broken or not conn.in_transaction:
+            self._broken = True
+            raise StorageUnavailable(_UNAVAILABLE)
+        conn.execute("SAVEPOINT request")
+        try:
+            yield conn
+        except BaseException as exc:
+            if conn.in_transaction:
+                with contextlib.suppress(sqlite3.Error):
+                    conn.execute("ROLLBACK TO request")
+                    conn.execute("RELEASE request")
+            if not conn.in_transaction:  # on a full disk SQLite may roll back everything
+                self._broken = True
+            _raise_host_failure(exc)
+            raise
+        else:
+            try:
+                conn.execute("RELEASE request")
+            except sqlite3.Error as exc:
+                self._broken = True
+                _raise_host_failure(exc)
+                raise
+
+    def _rollback(self) -> None:
+        if self._conn.in_transaction:
+            with contextlib.suppress(sqlite3.Error):
+                self._conn.execute("ROLLBACK")
+
+    def _guarded(self, conn: sqlite3.Connection, statement: str) -> None:
+        try:
+            conn.execute(statement)
+        except sqlite3.Error as exc:
+            self._rollback()
+            _raise_host_failure(exc)
+            raise
 
     @contextmanager
     def batch(self) -> Iterator[None]:
