@@ -37,7 +37,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 
 from ca.issuer import check_csr_identity, csr_public_key, parse_csr
-from ca.store import DB_NAME, SCHEMA_VERSION, Store
+from ca.store import AUDIT_HEAD, AUDIT_KEY, DB_NAME, SCHEMA_VERSION, Store
 from meshid.bundle import TrustBundle
 from meshid.duration import format_duration
 from meshid.errors import (
@@ -269,6 +269,8 @@ class Authority:
                     shutil.rmtree(keys)
                 os.replace(staging / "keys", keys)
                 os.replace(staging / BUNDLE_FILE, state_dir / BUNDLE_FILE)
+                for name in (AUDIT_KEY, AUDIT_HEAD):
+                    os.replace(staging / name, state_dir / name)
                 os.replace(staging / DB_NAME, state_dir / DB_NAME)  # the commit point
             except OSError as exc:
                 raise StateError(f"{state_dir}: cannot write: {exc.strerror}") from None
@@ -313,7 +315,7 @@ class Authority:
                     "created_at) VALUES (1, ?, 'keys/root-1.key', 'active', ?, ?)",
                     (certs_to_pem([root]).decode(), root.not_valid_after_utc.timestamp(), at),
                 )
-                Store.audit(
+                store.audit(
                     conn,
                     at,
                     "init",
@@ -491,7 +493,7 @@ class Authority:
                 how,
             ),
         )
-        Store.audit(
+        self.store.audit(
             conn,
             at,
             how,
@@ -553,7 +555,7 @@ class Authority:
                     expires.timestamp(),
                 ),
             )
-            Store.audit(
+            self.store.audit(
                 conn,
                 now.timestamp(),
                 "token",
@@ -669,7 +671,9 @@ class Authority:
                 (now, str(spiffe_id)),
             )
             version = Store.bump(conn, "revocation_version")
-            Store.audit(conn, now, "revoke", spiffe_id=str(spiffe_id), revocation_version=version)
+            self.store.audit(
+                conn, now, "revoke", spiffe_id=str(spiffe_id), revocation_version=version
+            )
         return version
 
     # -- allow-list --
@@ -704,7 +708,7 @@ class Authority:
                 (str(source), str(target), now),
             )
             version = Store.bump(conn, "policy_version")
-            Store.audit(
+            self.store.audit(
                 conn, now, "policy_allow", source=str(source), target=str(target), version=version
             )
         return version
@@ -720,7 +724,7 @@ class Authority:
                     f"{source} -> {target} is not on the allow-list", reason="unknown_pair"
                 )
             version = Store.bump(conn, "policy_version")
-            Store.audit(
+            self.store.audit(
                 conn, now, "policy_deny", source=str(source), target=str(target), version=version
             )
         return version
@@ -884,7 +888,7 @@ class Authority:
                     1 if wait_for_acks else 0,
                 ),
             )
-            Store.audit(
+            self.store.audit(
                 conn,
                 now.timestamp(),
                 "root_published",
@@ -930,7 +934,7 @@ class Authority:
                     (due[0],),
                 ).rowcount
                 if updated:
-                    Store.audit(
+                    self.store.audit(
                         conn,
                         now,
                         "root_activated",
@@ -946,7 +950,7 @@ class Authority:
                 ).rowcount
                 if updated:
                     sequence = Store.bump(conn, "bundle_sequence")
-                    Store.audit(
+                    self.store.audit(
                         conn, now, "root_retired", generation=generation, bundle_sequence=sequence
                     )
                     changed = True
