@@ -202,7 +202,10 @@ class ControlApi:
         """
         if self._lock_fd is None:
             path = self.authority.state_dir / ".writer.lock"
-            self._lock_fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+            try:
+                self._lock_fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+            except OSError as exc:  # a read-only or full state directory
+                raise StorageUnavailable(f"cannot open {path.name}: {exc.strerror}") from None
         fcntl.flock(self._lock_fd, fcntl.LOCK_EX)
         try:
             yield

@@ -430,6 +430,30 @@ class Authority:
         except InvalidSvid as exc:
             raise StateError(exc.message, reason=exc.reason) from None
 
+    def _key_problem(self, conn: sqlite3.Connection, generation: int) -> str | None:
+        """Why root `generation`'s key could not sign, as far as can be told without
+        decrypting it: missing, unreadable, or less protected than the authority's keys."""
+        row = conn.execute(
+            "SELECT key_file FROM roots WHERE generation = ?", (generation,)
+        ).fetchone()
+        if row is None:
+            return f"root {generation} is not in the database"
+        path = self.state_dir / str(row[0])
+        try:
+            with open(path, "rb") as handle:
+                first = handle.readline(100)
+        except OSError as exc:
+            return f"cannot read root key {path.name}: {exc.strerror}"
+        if self.key_encrypted and b"ENCRYPTED" not in first:
+            return f"root key {path.name} is not encrypted though this authority's keys are"
+        return None
+
+    def next_root_problem(self) -> str | None:
+        """Why a root waiting to activate could not take over, if its key is unusable."""
+        with self.store.read() as conn:
+            row = conn.execute("SELECT generation FROM roots WHERE state = 'next'").fetchone()
+            return None if row is None else self._key_problem(conn, int(row[0]))
+
     def _new_key_protection(self, conn: sqlite3.Connection) -> bytes | None:
         """The passphrase a new root key is written under: the one the active key opens with.
 
@@ -912,6 +936,8 @@ class Authority:
             ).fetchone()
             if due is not None and due[2] and self._lagging(conn, int(due[1] or 0), now):
                 due = None  # a live sidecar has not confirmed the new bundle yet
+            if due is not None and self._key_problem(conn, int(due[0])) is not None:
+                due = None  # the old root keeps signing; `meshid ca status` says why
             retiring = conn.execute(
                 "SELECT r.generation FROM roots r WHERE r.state = 'retiring' AND "
                 "COALESCE((SELECT MAX(not_after) FROM svids s WHERE s.generation = r.generation),"

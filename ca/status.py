@@ -87,7 +87,13 @@ def render_status(authority: Authority) -> list[str]:
     rotation = authority.rotation_status()
     if rotation is not None:
         generation, lagging = rotation
-        if lagging:
+        problem = authority.next_root_problem()
+        if problem is not None:
+            warnings.append(
+                f"root {generation} cannot activate: {printable(problem)}; "
+                "the current root keeps signing"
+            )
+        elif lagging:
             warnings.append(
                 f"root {generation} waits to activate until these sidecars hold bundle "
                 f"{sequence}: {', '.join(lagging)} (or rotate with --force)"

@@ -254,9 +254,17 @@ def test_a_plaintext_root_key_on_an_encrypted_authority_is_refused(places: Place
     assert run("ca", "rotate", "--state", s, "--propagation", "1s", "--force",
                "--passphrase-file", right).exit_code == 0  # fmt: skip
     (places.sealed / "keys" / "root-2.key").write_bytes(key_to_pem(generate_key()))
-    with pytest.raises(StateError, match="is not encrypted") as caught:
-        _signing_generation(places.sealed, PASSPHRASE.encode())
-    assert caught.value.reason == "key_unprotected"
+    assert _signing_generation(places.sealed, PASSPHRASE.encode()) == 1  # root 1 keeps signing
+    status = run("ca", "status", "--state", s)
+    assert "WARNING root 2 cannot activate: root key root-2.key is not encrypted" in status.stdout
+    # and a key file of an active root that lost its protection is not signed with
+    authority = Authority.open(places.sealed, passphrase=PASSPHRASE.encode())
+    try:
+        with pytest.raises(StateError, match="is not encrypted") as caught:
+            authority._load_key(places.sealed / "keys" / "root-2.key")
+        assert caught.value.reason == "key_unprotected"
+    finally:
+        authority.close()
 
 
 def test_a_broken_root_key_does_not_stop_actions_that_do_not_sign(places: Places) -> None:
