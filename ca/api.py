@@ -49,6 +49,7 @@ from meshid.spiffeid import SpiffeId
 from meshid.svid import certs_to_pem, verify_svid
 
 MAX_BODY = 64 * 1024
+STORAGE_RETRY_AFTER = 5  # seconds a client waits after a full or read-only disk
 WATCH_KEYS = ("policy_version", "revocation_version", "bundle_sequence")
 
 
@@ -102,6 +103,13 @@ def _status_for(exc: MeshIdError) -> int:
     if isinstance(exc, AuthorityError):
         return 403
     return 400
+
+
+def error_for(exc: MeshIdError) -> Reply:
+    """The reply for one of our errors; a storage fault says when to try again."""
+    if isinstance(exc, StorageUnavailable):
+        return error(503, exc.reason, exc.message, retry_after=str(STORAGE_RETRY_AFTER))
+    return error(_status_for(exc), exc.reason, exc.message)
 
 
 def _held_sequence(doc: dict[str, Any]) -> int | None:
@@ -169,7 +177,7 @@ class ControlApi:
         try:
             return handler(req)
         except MeshIdError as exc:
-            return error(_status_for(exc), exc.reason, exc.message)
+            return error_for(exc)
 
     def handle_batch(self, requests: list[Request]) -> list[Reply]:
         """Several writing requests, their writes in one database transaction.
@@ -178,13 +186,20 @@ class ControlApi:
         first, outside any transaction, so that several workers sign in
         parallel; then one transaction records them all with one fsync (see
         `Store.batch`), each request in its own savepoint.
+
+        When the host cannot write (disk full, read-only), the whole batch is
+        rolled back and every request that reached phase two is answered 503
+        with Retry-After: none of their writes landed, whatever phase two said.
         """
         staged = [self._guarded(self._stage, req) for req in requests]
-        with self._writer_turn(), self.authority.store.batch():
-            return [
-                item if isinstance(item, Reply) else self._guarded(self._finish, item)
-                for item in staged
-            ]
+        try:
+            with self._writer_turn(), self.authority.store.batch():
+                return [
+                    item if isinstance(item, Reply) else self._guarded(self._finish, item)
+                    for item in staged
+                ]
+        except StorageUnavailable as exc:
+            return [item if isinstance(item, Reply) else error_for(exc) for item in staged]
 
     def _bundle_pem(self, bundle: TrustBundle) -> str:
         if self._pem is None or self._pem[0] is not bundle:
@@ -217,7 +232,7 @@ class ControlApi:
         try:
             return step(arg)
         except MeshIdError as exc:
-            return error(_status_for(exc), exc.reason, exc.message)
+            return error_for(exc)
         except Exception as exc:  # a bug must cost one request, not the batch
             return error(500, "internal_error", type(exc).__name__)
 
@@ -348,7 +363,7 @@ class ControlApi:
             self._caller(req)
             seen = tuple(int(req.query.get(k, "-1")) for k in WATCH_KEYS)
         except MeshIdError as exc:
-            return error(_status_for(exc), exc.reason, exc.message), (0, 0, 0)
+            return error_for(exc), (0, 0, 0)
         except ValueError:
             return error(400, "invalid_query", "watch versions must be integers"), (0, 0, 0)
         current = self.authority.versions()

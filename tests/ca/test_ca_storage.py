@@ -161,3 +161,36 @@ def test_cli_on_a_full_disk_prints_one_line(disk: Path, clock: Clock) -> None:
     assert "authority database" in result.stderr
     assert len(result.stderr.splitlines()) == 1
     assert snapshot(state) == before
+
+
+def test_the_api_answers_503_with_retry_after_on_a_full_disk(disk: Path, clock: Clock) -> None:
+    import json
+    import time
+
+    from ca.api import ControlApi, Request
+    from meshid.ratelimit import FailureLimiter
+
+    state = disk / "state"
+    Authority.init(state, TD, clock=clock).close()
+    authority = Authority.open(state, clock=clock)
+    try:
+        cert = authority.issue(WEB, make_csr()[0].public_key()).leaf
+        api = ControlApi(authority, clock, time.monotonic, FailureLimiter())
+        api.handle_batch([])  # the writer lock exists before the disk fills
+        before = snapshot(state)
+        filler = _fill(disk)
+        replies = []
+        for i in range(64):  # bounded: a few small writes may still fit in allocated pages
+            body = json.dumps(_report(f"w{i % 8}").to_json()).encode()
+            (reply,) = api.handle_batch([Request("POST", "/v1/report", {}, body, "x", cert)])
+            replies.append(reply)
+            if reply.status != 200:
+                break
+        filler.unlink()
+        assert replies[-1].status == 503, replies[-1].body
+        assert replies[-1].body["error"] == "storage_unavailable"
+        assert ("retry-after", "5") in replies[-1].headers
+        if len(replies) == 1:
+            assert snapshot(state) == before
+    finally:
+        authority.close()
