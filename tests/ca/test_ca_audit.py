@@ -8,10 +8,10 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from ca_helpers import make_csr, query, run
+from ca_helpers import make_csr, query, rechain, run
 
 from ca.authority import Authority
-from ca.store import AUDIT_HEAD, AUDIT_KEY, DB_NAME, GENESIS_HASH, Store, _row_hash
+from ca.store import AUDIT_HEAD, AUDIT_KEY, DB_NAME, Store
 from meshid.errors import PolicyError
 from meshid.svid import generate_key
 
@@ -113,28 +113,6 @@ def test_cli_actions_are_audited_too(state: Path, tmp_path: Path) -> None:
 # -- the keyed chain: what someone who can write the database but not the key can do --
 
 
-def _rechain(state: Path, edit: str | None = None, upto: int | None = None) -> None:
-    """Edit the database as an attacker would: change rows, then recompute every later link
-    with the unkeyed hash (all one can do without the key file)."""
-    conn = sqlite3.connect(state / DB_NAME)
-    try:
-        if edit is not None:
-            conn.execute(edit)
-        rows = conn.execute("SELECT seq, at, action, details FROM audit ORDER BY seq").fetchall()
-        prev = GENESIS_HASH
-        for seq, at, action, details in rows:
-            if upto is not None and seq > upto:
-                break
-            digest = _row_hash(prev, seq, at, action, details)
-            conn.execute(
-                "UPDATE audit SET prev_hash = ?, hash = ? WHERE seq = ?", (prev, digest, seq)
-            )
-            prev = digest
-        conn.commit()
-    finally:
-        conn.close()
-
-
 def _three_rows(state: Path) -> None:
     authority = Authority.open(state)
     try:
@@ -155,7 +133,7 @@ def _verify(state: Path) -> tuple[int, str | None]:
 
 def test_an_edit_with_every_later_hash_recomputed_is_caught(state: Path) -> None:
     _three_rows(state)
-    _rechain(state, "UPDATE audit SET details = replace(details, 'web', 'evil') WHERE seq = 2")
+    rechain(state, "UPDATE audit SET details = replace(details, 'web', 'evil') WHERE seq = 2")
     seq, problem = _verify(state)
     assert seq == 1 and problem == "entry 1 was modified"  # the first row re-linked is caught
     result = run("ca", "audit", "verify", "--state", str(state))
@@ -187,7 +165,7 @@ def test_key_and_head_are_private_files_outside_the_database(state: Path) -> Non
 
 def _make_unkeyed(state: Path) -> None:
     """What a database from before the audit key looked like: plain SHA-256 links, no files."""
-    _rechain(state)
+    rechain(state)
     (state / AUDIT_KEY).unlink()
     (state / AUDIT_HEAD).unlink()
     _tamper(state, "PRAGMA user_version = 2")
@@ -206,13 +184,13 @@ def test_an_unkeyed_chain_is_migrated_and_pinned(state: Path) -> None:
         authority.close()
     assert json.loads((state / AUDIT_KEY).read_text())["keyed_from"] == 4
     # an edit of an old, unkeyed row with its links recomputed is caught at the first MAC
-    _rechain(state, "UPDATE audit SET details = replace(details, 'web', 'evil') WHERE seq = 2", 3)
+    rechain(state, "UPDATE audit SET details = replace(details, 'web', 'evil') WHERE seq = 2", 3)
     assert _verify(state) == (4, "entry 4 does not follow entry 3")
 
 
 def test_rolling_the_schema_back_does_not_unkey_the_chain(state: Path) -> None:
     _three_rows(state)
-    _rechain(state, "UPDATE audit SET details = replace(details, 'web', 'evil') WHERE seq = 2")
+    rechain(state, "UPDATE audit SET details = replace(details, 'web', 'evil') WHERE seq = 2")
     _tamper(state, "PRAGMA user_version = 2")  # pretend the key never existed
     Store.open(state / DB_NAME).close()  # "migrates" again: the key file is kept
     assert _verify(state)[1] == "entry 1 was modified"

@@ -14,13 +14,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from ca_helpers import TD, Clock, query, run, snapshot
+from ca_helpers import TD, Clock, query, rechain, run, snapshot
 from cryptography import x509
 
 from ca.api import ControlApi, Reply, Request
 from ca.authority import MAX_INSTANCES, REPORT_FORGET, Authority, printable
 from ca.status import connections_of_pair, render_status
-from ca.store import DB_NAME, SCHEMA_VERSION, Store
+from ca.store import AUDIT_HEAD, AUDIT_KEY, DB_NAME, SCHEMA_VERSION, Store
 from meshid.ratelimit import FailureLimiter
 from meshid.report import (
     MAX_CONNECTIONS,
@@ -291,7 +291,11 @@ V1_REPORTS = """CREATE TABLE reports (
 
 
 def _make_version_1(state: Path, rows: list[tuple[str, str, float, str]]) -> None:
-    """Turn a fresh database into what the version-1 schema made."""
+    """Turn a fresh authority into what version 1 made: its reports table, an unkeyed
+    audit chain, no audit key or head files, and no schema version stored."""
+    rechain(state)
+    (state / AUDIT_KEY).unlink()
+    (state / AUDIT_HEAD).unlink()
     conn = sqlite3.connect(state / DB_NAME)
     try:
         conn.execute("DROP TABLE reports")
@@ -323,8 +327,14 @@ def test_a_version_1_database_is_migrated_at_open(tmp_path: Path, clock: Clock) 
             (str(WEB), "shared"),
         ]
         assert authority.store.verify_audit()[1] is None
+        assert [e.action for e in authority.store.audit_entries()] == [
+            "init",
+            "audit_keyed",
+            "issue",
+        ]
     finally:
         authority.close()
+    assert json.loads((state / AUDIT_KEY).read_text())["keyed_from"] == 2
     Store.open(state / DB_NAME).close()  # opening again changes nothing
 
 
