@@ -192,6 +192,15 @@ def _write_private(path: Path, data: bytes) -> None:
         os.fsync(handle.fileno())
 
 
+_PEM_HEAD = 200  # enough for the BEGIN line and a legacy Proc-Type header
+
+
+def _is_encrypted(pem: bytes) -> bool:
+    """Whether a PEM private key is passphrase-protected (PKCS#8 or legacy OpenSSL)."""
+    head = pem[:_PEM_HEAD]
+    return b"BEGIN ENCRYPTED PRIVATE KEY" in head or b"Proc-Type: 4,ENCRYPTED" in head
+
+
 @contextmanager
 def _dir_lock(state_dir: Path) -> Iterator[None]:
     with open(state_dir / ".lock", "a") as handle:
@@ -412,7 +421,7 @@ class Authority:
             data = path.read_bytes()
         except OSError as exc:
             raise StateError(f"cannot read root key {path}: {exc.strerror}") from None
-        encrypted = b"ENCRYPTED" in data.split(b"\n", 1)[0]
+        encrypted = _is_encrypted(data)
         if self.key_encrypted and not encrypted:
             raise StateError(
                 f"root key {path.name} is not encrypted though this authority's keys are; "
@@ -441,10 +450,10 @@ class Authority:
         path = self.state_dir / str(row[0])
         try:
             with open(path, "rb") as handle:
-                first = handle.readline(100)
+                head = handle.read(_PEM_HEAD)
         except OSError as exc:
             return f"cannot read root key {path.name}: {exc.strerror}"
-        if self.key_encrypted and b"ENCRYPTED" not in first:
+        if self.key_encrypted and not _is_encrypted(head):
             return f"root key {path.name} is not encrypted though this authority's keys are"
         return None
 
