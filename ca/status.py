@@ -70,6 +70,11 @@ def connections_of_pair(
                     f"    #{conn.id} peer {printable(conn.peer_addr)} since "
                     f"{printable(started)} bytes in/out {conn.bytes_in}/{conn.bytes_out}"
                 )
+        if entry.report.connections_omitted:
+            lines.append(
+                f"    ({entry.report.connections_omitted} more connection(s) of {_who(entry)} "
+                "not listed one by one)"
+            )
     total = by_side["outbound"] or by_side["inbound"]
     return lines, total
 
@@ -129,6 +134,10 @@ def render_status(authority: Authority) -> list[str]:
             warnings.append(f"{who}: holds bundle {held}, current is {sequence}")
         for q in report.quarantined:
             warnings.append(f"{who}: peer_quarantined {printable(q.peer)} ({q.seconds_left}s left)")
+        if report.quarantined_omitted:
+            warnings.append(
+                f"{who}: peer_quarantined {report.quarantined_omitted} more peer(s) not listed"
+            )
     if not running:
         body.append("  (none)")
 

@@ -10,12 +10,20 @@ printable ASCII (no newline, no terminal escape can reach an operator's
 screen). What the authority reads back from its database goes through the
 same parse, so a row damaged on disk is skipped, never trusted.
 
-Limits (each one refuses the report whole; the sidecar's previous report stays):
+Limits:
 
-    MAX_REPORT_BYTES   16 KiB of JSON                        reason report_too_large
-    MAX_PAIRS          64 (direction, peer) counts          reason report_too_large
-    MAX_CONNECTIONS    16 connections listed one by one      reason report_too_large
-    MAX_QUARANTINED    16 quarantined peers                  reason report_too_large
+    MAX_REPORT_BYTES   16 KiB of JSON           past it: refused whole, 413 report_too_large
+    MAX_PAIRS          64 (direction, peer)     past it: refused whole, 413 report_too_large
+                       connection counts        (a count left out would make --dry-run lie)
+    MAX_CONNECTIONS    16 connections listed    past it: the first 16 are kept, the rest
+                       one by one               counted in `connections_omitted`
+    MAX_QUARANTINED    16 quarantined peers     past it: the first 16 are kept, the rest
+                                                counted in `quarantined_omitted`
+
+The two lists kept in part are samples shown to an operator; every
+connection is still counted in `pairs` and `live_connections`, and a sidecar
+under attack (many quarantined sources) keeps reporting. A refused report
+leaves the sidecar's previous one in place.
 
 Anything else malformed is refused with reason ``invalid_report``. Fields
 this version does not know are dropped, so older authorities accept reports
@@ -83,6 +91,8 @@ class StatusReport:
     pairs: tuple[PairCount, ...] = ()
     connections: tuple[ConnectionInfo, ...] = ()
     quarantined: tuple[QuarantinedPeer, ...] = ()
+    connections_omitted: int = 0  # listed by the sidecar past MAX_CONNECTIONS
+    quarantined_omitted: int = 0  # listed by the sidecar past MAX_QUARANTINED
 
     def to_json(self) -> dict[str, Any]:
         """The wire and storage form; `parse_report(r.to_json()) == r`."""
@@ -113,6 +123,8 @@ class StatusReport:
             "quarantined": [
                 {"peer": q.peer, "seconds_left": q.seconds_left} for q in self.quarantined
             ],
+            "connections_omitted": self.connections_omitted,
+            "quarantined_omitted": self.quarantined_omitted,
         }
 
     def encode(self) -> str:
@@ -143,6 +155,8 @@ def parse_report(doc: object) -> StatusReport:
     instance = fields.get("instance")
     if not isinstance(instance, str) or not INSTANCE.fullmatch(instance):
         raise InvalidInput("instance: needs 1-64 of [A-Za-z0-9_.-]", reason=INVALID)
+    connections, connections_omitted = _sample(fields, "connections", MAX_CONNECTIONS)
+    quarantined, quarantined_omitted = _sample(fields, "quarantined", MAX_QUARANTINED)
     return StatusReport(
         instance=instance,
         bundle_sequence=_int(fields, "bundle_sequence", 0),
@@ -169,14 +183,20 @@ def parse_report(doc: object) -> StatusReport:
                 bytes_in=_int(item, "bytes_in", 0, where),
                 bytes_out=_int(item, "bytes_out", 0, where),
             )
-            for item, where in _list(fields, "connections", MAX_CONNECTIONS)
+            for item, where in connections
         ),
         quarantined=tuple(
             QuarantinedPeer(
                 _opt_text(item, "peer", MAX_TEXT, where) or "",
                 _int(item, "seconds_left", 0, where),
             )
-            for item, where in _list(fields, "quarantined", MAX_QUARANTINED)
+            for item, where in quarantined
+        ),
+        connections_omitted=min(
+            MAX_INT, connections_omitted + _int(fields, "connections_omitted", 0)
+        ),
+        quarantined_omitted=min(
+            MAX_INT, quarantined_omitted + _int(fields, "quarantined_omitted", 0)
         ),
     )
 
@@ -202,6 +222,16 @@ def _list(fields: dict[str, Any], key: str, limit: int) -> list[tuple[dict[str, 
             f"{key}: {len(value)} entries, over the limit of {limit}", reason=TOO_LARGE
         )
     return [(_object(item, f"{key}[{i}]"), f"{key}[{i}]") for i, item in enumerate(value)]
+
+
+def _sample(
+    fields: dict[str, Any], key: str, limit: int
+) -> tuple[list[tuple[dict[str, Any], str]], int]:
+    """The first `limit` entries of a list, checked, and how many more there were."""
+    value = fields.get(key, [])
+    if isinstance(value, list) and len(value) > limit:
+        return _list({key: value[:limit]}, key, limit), len(value) - limit
+    return _list(fields, key, limit), 0
 
 
 def _int(fields: dict[str, Any], key: str, default: int | None, where: str = "") -> int:

@@ -124,13 +124,36 @@ def test_an_oversized_report_is_refused_and_the_previous_one_stays(
     big = _good("w1", padding="x" * MAX_REPORT_BYTES)
     reply = _post(authority, clock, web, big)
     assert (reply.status, reply.body["error"]) == (413, "report_too_large")
-    many = _good("w1", connections=[_good("w1")["connections"][0]] * (MAX_CONNECTIONS + 1))
-    reply = _post(authority, clock, web, many)
-    assert (reply.status, reply.body["error"]) == (413, "report_too_large")
-    assert "connections" in reply.body["message"]
     pairs = _good("w1", pairs=[_good("w1")["pairs"][0]] * (MAX_PAIRS + 1))
-    assert _post(authority, clock, web, pairs).status == 413
+    reply = _post(authority, clock, web, pairs)
+    assert (reply.status, reply.body["error"]) == (413, "report_too_large")
+    assert "pairs" in reply.body["message"]
     assert snapshot(state) == before
+
+
+def test_long_sample_lists_are_cut_to_their_limit_and_counted(
+    state: Path, authority: Authority, clock: Clock
+) -> None:
+    """Connections and quarantined peers are samples: a busy or attacked sidecar keeps reporting."""
+    web = _cert(authority, WEB)
+    connection = _good("w1")["connections"][0]
+    doc = _good(
+        "w1",
+        connections=[connection] * (MAX_CONNECTIONS + 5) + ["not even checked"],
+        quarantined=[{"peer": f"10.0.0.{i}", "seconds_left": 9} for i in range(100)],
+    )
+    assert _post(authority, clock, web, doc).status == 200
+    (entry,), skipped = authority.reports()
+    assert skipped == []
+    assert len(entry.report.connections) == MAX_CONNECTIONS
+    assert entry.report.connections_omitted == 6
+    assert (len(entry.report.quarantined), entry.report.quarantined_omitted) == (16, 84)
+    stored = json.loads(str(_stored(state)[0][2]))
+    assert len(stored["connections"]) == MAX_CONNECTIONS  # what is kept is bounded too
+    text = "\n".join(render_status(authority))
+    assert "peer_quarantined 84 more peer(s) not listed" in text
+    lines, total = connections_of_pair(authority.reports()[0], WEB, API, clock())
+    assert total == 1 and lines[-1].strip().startswith("(6 more connection(s)")
 
 
 # -- identity ---------------------------------------------------------------------
