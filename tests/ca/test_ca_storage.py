@@ -12,6 +12,7 @@ import errno
 import os
 import subprocess
 from collections.abc import Callable, Iterator
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
@@ -74,7 +75,9 @@ WRITES: dict[str, Callable[[Authority], object]] = {
     "allow": lambda a: a.allow(WEB, API),
     "revoke": lambda a: a.revoke(API),
     "issue": lambda a: a.issue(WEB, make_csr()[0].public_key()),
+    "rotate": lambda a: a.rotate(timedelta(minutes=1)),
 }
+SINGLE = ("allow", "revoke", "rotate")  # one call is one write: all of it or none
 
 
 @pytest.mark.parametrize("name", list(WRITES))
@@ -92,7 +95,7 @@ def test_disk_full_write_raises_storage_unavailable_and_changes_nothing(
         with pytest.raises(StorageUnavailable) as caught:
             for _ in range(64):  # bounded: a few writes may still fit in allocated pages
                 WRITES[name](authority)
-                if name in ("allow", "revoke"):
+                if name in SINGLE:
                     break
             else:
                 pytest.fail("the writes never hit the full disk")
@@ -100,7 +103,7 @@ def test_disk_full_write_raises_storage_unavailable_and_changes_nothing(
         assert "\n" not in caught.value.message
         assert not authority.store.in_transaction
         filler.unlink()
-        if name in ("allow", "revoke"):  # a single write: nothing of it landed
+        if name in SINGLE:  # nothing of it landed, no orphan key file either
             assert snapshot(state) == before
         WRITES["token"](authority)  # room again: writes work, no restart needed
         assert authority.store.verify_audit()[1] is None
