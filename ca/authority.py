@@ -7,11 +7,16 @@ State directory layout (created by `init`, never half-written):
     keys/root-N.key   root private keys, mode 0600 in a 0700 directory,
                       optionally encrypted with a passphrase
     bundle.pem        the trust bundle, rewritten whenever it changes
+    audit.key         the audit chain's MAC key, mode 0600 (see ca.store)
+    audit.head        the audit chain's newest (seq, MAC), rewritten after each commit
 
 `init` builds everything in a hidden sibling directory and moves it in with the
 database last, so a directory either holds a whole authority or none.
 Actions that change state run in one database transaction together with
-their audit row. The root key is read only by the actions that sign.
+their audit row. The root key is read only by the actions that sign. Every
+root generation is protected like the first: on an encrypted authority a new
+root key is written only under the passphrase the active key opens with, and
+a plaintext key is neither written nor activated.
 """
 
 from __future__ import annotations
