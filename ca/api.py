@@ -22,7 +22,6 @@ from __future__ import annotations
 import fcntl
 import json
 import os
-import re
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -41,14 +40,16 @@ from meshid.errors import (
     InvalidSvid,
     MeshIdError,
     StateError,
+    StorageUnavailable,
     TokenRejected,
 )
 from meshid.ratelimit import FailureLimiter
+from meshid.report import TOO_LARGE, decode_report
 from meshid.spiffeid import SpiffeId
 from meshid.svid import certs_to_pem, verify_svid
 
 MAX_BODY = 64 * 1024
-_INSTANCE = re.compile(r"[A-Za-z0-9_.-]{1,64}")
+STORAGE_RETRY_AFTER = 5  # seconds a client waits after a full or read-only disk
 WATCH_KEYS = ("policy_version", "revocation_version", "bundle_sequence")
 
 
@@ -85,6 +86,10 @@ def error(status: int, reason: str, message: str, **headers: str) -> Reply:
 
 
 def _status_for(exc: MeshIdError) -> int:
+    if isinstance(exc, StorageUnavailable):
+        return 503
+    if exc.reason == TOO_LARGE:
+        return 413
     if isinstance(exc, TokenRejected):
         return 401
     if isinstance(exc, IdentityRevoked):
@@ -98,6 +103,13 @@ def _status_for(exc: MeshIdError) -> int:
     if isinstance(exc, AuthorityError):
         return 403
     return 400
+
+
+def error_for(exc: MeshIdError) -> Reply:
+    """The reply for one of our errors; a storage fault says when to try again."""
+    if isinstance(exc, StorageUnavailable):
+        return error(503, exc.reason, exc.message, retry_after=str(STORAGE_RETRY_AFTER))
+    return error(_status_for(exc), exc.reason, exc.message)
 
 
 def _held_sequence(doc: dict[str, Any]) -> int | None:
@@ -165,7 +177,7 @@ class ControlApi:
         try:
             return handler(req)
         except MeshIdError as exc:
-            return error(_status_for(exc), exc.reason, exc.message)
+            return error_for(exc)
 
     def handle_batch(self, requests: list[Request]) -> list[Reply]:
         """Several writing requests, their writes in one database transaction.
@@ -174,13 +186,20 @@ class ControlApi:
         first, outside any transaction, so that several workers sign in
         parallel; then one transaction records them all with one fsync (see
         `Store.batch`), each request in its own savepoint.
+
+        When the host cannot write (disk full, read-only), the whole batch is
+        rolled back and every request that reached phase two is answered 503
+        with Retry-After: none of their writes landed, whatever phase two said.
         """
         staged = [self._guarded(self._stage, req) for req in requests]
-        with self._writer_turn(), self.authority.store.batch():
-            return [
-                item if isinstance(item, Reply) else self._guarded(self._finish, item)
-                for item in staged
-            ]
+        try:
+            with self._writer_turn(), self.authority.store.batch():
+                return [
+                    item if isinstance(item, Reply) else self._guarded(self._finish, item)
+                    for item in staged
+                ]
+        except StorageUnavailable as exc:
+            return [item if isinstance(item, Reply) else error_for(exc) for item in staged]
 
     def _bundle_pem(self, bundle: TrustBundle) -> str:
         if self._pem is None or self._pem[0] is not bundle:
@@ -198,7 +217,10 @@ class ControlApi:
         """
         if self._lock_fd is None:
             path = self.authority.state_dir / ".writer.lock"
-            self._lock_fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+            try:
+                self._lock_fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+            except OSError as exc:  # a read-only or full state directory
+                raise StorageUnavailable(f"cannot open {path.name}: {exc.strerror}") from None
         fcntl.flock(self._lock_fd, fcntl.LOCK_EX)
         try:
             yield
@@ -210,7 +232,7 @@ class ControlApi:
         try:
             return step(arg)
         except MeshIdError as exc:
-            return error(_status_for(exc), exc.reason, exc.message)
+            return error_for(exc)
         except Exception as exc:  # a bug must cost one request, not the batch
             return error(500, "internal_error", type(exc).__name__)
 
@@ -277,22 +299,14 @@ class ControlApi:
         return self._finish(self._prepare_renew(req))
 
     def _report(self, req: Request) -> Reply:
-        """A sidecar's status: what `meshid ca status`, `--dry-run` and rollovers rely on."""
+        """A sidecar's status: what `meshid ca status`, `--dry-run` and rollovers rely on.
+
+        The whole document is checked here (`meshid.report`), before anything
+        is stored; the identity it is kept under is the client certificate's.
+        """
         caller = self._caller(req)
-        try:
-            doc = json.loads(req.body.decode("utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError):
-            raise InvalidInput("report is not valid JSON", reason="invalid_json") from None
-        if not isinstance(doc, dict):
-            raise InvalidInput("report must be a JSON object", reason="invalid_json")
-        instance = doc.get("instance")
-        if not isinstance(instance, str) or not _INSTANCE.fullmatch(instance):
-            raise InvalidInput(
-                "report needs an instance of 1-64 [A-Za-z0-9_.-]", reason="invalid_json"
-            )
-        if not isinstance(doc.get("bundle_sequence", 0), int):
-            raise InvalidInput("'bundle_sequence' must be an integer", reason="invalid_json")
-        self.authority.record_report(caller, instance, doc)
+        report = decode_report(req.body)
+        self.authority.record_report(caller, report)
         return Reply(200, {"recorded": True})
 
     def _bundle(self, req: Request) -> Reply:
@@ -349,7 +363,7 @@ class ControlApi:
             self._caller(req)
             seen = tuple(int(req.query.get(k, "-1")) for k in WATCH_KEYS)
         except MeshIdError as exc:
-            return error(_status_for(exc), exc.reason, exc.message), (0, 0, 0)
+            return error_for(exc), (0, 0, 0)
         except ValueError:
             return error(400, "invalid_query", "watch versions must be integers"), (0, 0, 0)
         current = self.authority.versions()

@@ -7,11 +7,16 @@ State directory layout (created by `init`, never half-written):
     keys/root-N.key   root private keys, mode 0600 in a 0700 directory,
                       optionally encrypted with a passphrase
     bundle.pem        the trust bundle, rewritten whenever it changes
+    audit.key         the audit chain's MAC key, mode 0600 (see ca.store)
+    audit.head        the audit chain's newest (seq, MAC), rewritten after each commit
 
 `init` builds everything in a hidden sibling directory and moves it in with the
 database last, so a directory either holds a whole authority or none.
 Actions that change state run in one database transaction together with
-their audit row. The root key is read only by the actions that sign.
+their audit row. The root key is read only by the actions that sign. Every
+root generation is protected like the first: on an encrypted authority a new
+root key is written only under the passphrase the active key opens with, and
+a plaintext key is neither written nor activated.
 """
 
 from __future__ import annotations
@@ -32,13 +37,12 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 
 from ca.issuer import check_csr_identity, csr_public_key, parse_csr
-from ca.store import DB_NAME, Store
+from ca.store import AUDIT_HEAD, AUDIT_KEY, DB_NAME, SCHEMA_VERSION, Store
 from meshid.bundle import TrustBundle
 from meshid.duration import format_duration
 from meshid.errors import (
@@ -46,12 +50,15 @@ from meshid.errors import (
     IdentityRevoked,
     InvalidInput,
     InvalidSvid,
+    MeshIdError,
     PolicyError,
     StateError,
+    StorageUnavailable,
     TokenRejected,
 )
 from meshid.files import write_atomic
 from meshid.policy import Decision, Policy
+from meshid.report import StatusReport, parse_report
 from meshid.spiffeid import SpiffeId, TrustDomain
 from meshid.svid import (
     IpAddress,
@@ -81,7 +88,8 @@ _SPKI = (serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKey
 SIGNER_RECHECK = timedelta(seconds=1)
 BUNDLE_RECHECK = 0.2  # seconds of monotonic time
 REPORT_FRESH = timedelta(seconds=30)  # a sidecar silent for longer is not waited for
-REPORT_FORGET = timedelta(days=1)
+REPORT_FORGET = timedelta(minutes=10)  # reports older than this are deleted
+MAX_INSTANCES = 8  # reports kept per identity; a new instance replaces the least recent
 RESERVED_PATH = "/meshid"  # the authority's own identities live under here
 _DNS_LABEL = re.compile(r"^(?!-)[A-Za-z0-9-]{1,63}(?<!-)$")
 
@@ -151,6 +159,29 @@ class Prepared:
 
 
 @dataclass(frozen=True, slots=True)
+class SidecarReport:
+    """A sidecar's latest report, as kept: the identity is the one its certificate proved."""
+
+    instance: str
+    spiffe_id: SpiffeId
+    seen: datetime
+    report: StatusReport
+
+
+def printable(text: str, limit: int = 256) -> str:
+    """`text` safe for a terminal or a log line: every non-printable character escaped.
+
+    Newlines, carriage returns, escape sequences and non-ASCII become
+    backslash escapes, so a value from a workload can neither forge a line
+    nor drive the terminal; long values are cut.
+    """
+    shown = text if len(text) <= limit else text[:limit] + "..."
+    if shown.isascii() and shown.isprintable():
+        return shown
+    return shown.encode("unicode_escape").decode("ascii")
+
+
+@dataclass(frozen=True, slots=True)
 class TokenGrant:
     spiffe_id: SpiffeId
     dns_names: tuple[str, ...]
@@ -164,6 +195,15 @@ def _write_private(path: Path, data: bytes) -> None:
         handle.write(data)
         handle.flush()
         os.fsync(handle.fileno())
+
+
+_PEM_HEAD = 200  # enough for the BEGIN line and a legacy Proc-Type header
+
+
+def _is_encrypted(pem: bytes) -> bool:
+    """Whether a PEM private key is passphrase-protected (PKCS#8 or legacy OpenSSL)."""
+    head = pem[:_PEM_HEAD]
+    return b"BEGIN ENCRYPTED PRIVATE KEY" in head or b"Proc-Type: 4,ENCRYPTED" in head
 
 
 @contextmanager
@@ -243,6 +283,8 @@ class Authority:
                     shutil.rmtree(keys)
                 os.replace(staging / "keys", keys)
                 os.replace(staging / BUNDLE_FILE, state_dir / BUNDLE_FILE)
+                for name in (AUDIT_KEY, AUDIT_HEAD):
+                    os.replace(staging / name, state_dir / name)
                 os.replace(staging / DB_NAME, state_dir / DB_NAME)  # the commit point
             except OSError as exc:
                 raise StateError(f"{state_dir}: cannot write: {exc.strerror}") from None
@@ -271,7 +313,7 @@ class Authority:
             at = now.timestamp()
             with store.write() as conn:
                 settings = {
-                    "schema_version": "1",
+                    "schema_version": str(SCHEMA_VERSION),
                     "trust_domain": trust_domain.name,
                     "svid_ttl": str(int(svid_ttl.total_seconds())),
                     "root_ttl": str(int(root_ttl.total_seconds())),
@@ -287,7 +329,7 @@ class Authority:
                     "created_at) VALUES (1, ?, 'keys/root-1.key', 'active', ?, ?)",
                     (certs_to_pem([root]).decode(), root.not_valid_after_utc.timestamp(), at),
                 )
-                Store.audit(
+                store.audit(
                     conn,
                     at,
                     "init",
@@ -374,19 +416,72 @@ class Authority:
         return self._signer_cache
 
     def _load_key(self, path: Path) -> PrivateKey:
-        if self.key_encrypted and self._passphrase is None:
-            raise StateError(
-                "the root key is encrypted: give its passphrase with --passphrase-file "
-                "or MESHID_CA_PASSPHRASE"
-            )
+        """One root key, held to the protection the authority's first key set.
+
+        The file itself says whether it is encrypted; on an authority whose
+        keys are encrypted, a plaintext one (written by hand, or by a rotation
+        of an older version) is refused rather than signed with.
+        """
         try:
             data = path.read_bytes()
         except OSError as exc:
             raise StateError(f"cannot read root key {path}: {exc.strerror}") from None
+        encrypted = _is_encrypted(data)
+        if self.key_encrypted and not encrypted:
+            raise StateError(
+                f"root key {path.name} is not encrypted though this authority's keys are; "
+                "encrypt it with the passphrase before it signs",
+                reason="key_unprotected",
+            )
+        if encrypted and self._passphrase is None:
+            raise StateError(
+                "the root key is encrypted: give its passphrase with --passphrase-file "
+                "or MESHID_CA_PASSPHRASE",
+                reason="passphrase_required",
+            )
         try:
-            return key_from_pem(data, self._passphrase if self.key_encrypted else None, "root key")
+            return key_from_pem(data, self._passphrase if encrypted else None, "root key")
         except InvalidSvid as exc:
             raise StateError(exc.message, reason=exc.reason) from None
+
+    def _key_problem(self, conn: sqlite3.Connection, generation: int) -> str | None:
+        """Why root `generation`'s key could not sign, as far as can be told without
+        decrypting it: missing, unreadable, or less protected than the authority's keys."""
+        row = conn.execute(
+            "SELECT key_file FROM roots WHERE generation = ?", (generation,)
+        ).fetchone()
+        if row is None:
+            return f"root {generation} is not in the database"
+        path = self.state_dir / str(row[0])
+        try:
+            with open(path, "rb") as handle:
+                head = handle.read(_PEM_HEAD)
+        except OSError as exc:
+            return f"cannot read root key {path.name}: {exc.strerror}"
+        if self.key_encrypted and not _is_encrypted(head):
+            return f"root key {path.name} is not encrypted though this authority's keys are"
+        return None
+
+    def next_root_problem(self) -> str | None:
+        """Why a root waiting to activate could not take over, if its key is unusable."""
+        with self.store.read() as conn:
+            row = conn.execute("SELECT generation FROM roots WHERE state = 'next'").fetchone()
+            return None if row is None else self._key_problem(conn, int(row[0]))
+
+    def _new_key_protection(self, conn: sqlite3.Connection) -> bytes | None:
+        """The passphrase a new root key is written under: the one the active key opens with.
+
+        A new key is never less protected than the existing ones: on an
+        encrypted authority a missing or wrong passphrase refuses the action
+        before any file is written.
+        """
+        if not self.key_encrypted:
+            return None
+        row = conn.execute("SELECT key_file FROM roots WHERE state = 'active'").fetchone()
+        if row is None:
+            raise StateError("the authority has no active root; its database is damaged")
+        self._load_key(self.state_dir / str(row[0]))  # proves the passphrase, or refuses
+        return self._passphrase
 
     # -- issuing --
 
@@ -436,7 +531,7 @@ class Authority:
                 how,
             ),
         )
-        Store.audit(
+        self.store.audit(
             conn,
             at,
             how,
@@ -498,7 +593,7 @@ class Authority:
                     expires.timestamp(),
                 ),
             )
-            Store.audit(
+            self.store.audit(
                 conn,
                 now.timestamp(),
                 "token",
@@ -614,7 +709,9 @@ class Authority:
                 (now, str(spiffe_id)),
             )
             version = Store.bump(conn, "revocation_version")
-            Store.audit(conn, now, "revoke", spiffe_id=str(spiffe_id), revocation_version=version)
+            self.store.audit(
+                conn, now, "revoke", spiffe_id=str(spiffe_id), revocation_version=version
+            )
         return version
 
     # -- allow-list --
@@ -649,7 +746,7 @@ class Authority:
                 (str(source), str(target), now),
             )
             version = Store.bump(conn, "policy_version")
-            Store.audit(
+            self.store.audit(
                 conn, now, "policy_allow", source=str(source), target=str(target), version=version
             )
         return version
@@ -665,7 +762,7 @@ class Authority:
                     f"{source} -> {target} is not on the allow-list", reason="unknown_pair"
                 )
             version = Store.bump(conn, "policy_version")
-            Store.audit(
+            self.store.audit(
                 conn, now, "policy_deny", source=str(source), target=str(target), version=version
             )
         return version
@@ -769,6 +866,7 @@ class Authority:
             pending = conn.execute("SELECT generation FROM roots WHERE state = 'next'").fetchone()
             root_ttl = timedelta(seconds=int(Store.setting(conn, "root_ttl")))
             last = conn.execute("SELECT MAX(generation) FROM roots").fetchone()
+            protection = self._new_key_protection(conn)
         if pending is not None:
             raise PolicyError(
                 f"root {pending[0]} is already waiting to take over; a rollover is in progress",
@@ -785,9 +883,32 @@ class Authority:
         )
         key_file = f"keys/root-{generation}.key"
         path = self.state_dir / key_file
-        path.unlink(missing_ok=True)  # an orphan of a rotation whose commit failed
-        _write_private(path, key_to_pem(key, self._passphrase if self.key_encrypted else None))
+        try:
+            path.unlink(missing_ok=True)  # an orphan of a rotation whose commit failed
+            _write_private(path, key_to_pem(key, protection))
+        except OSError as exc:
+            path.unlink(missing_ok=True)
+            raise StorageUnavailable(f"cannot write root key {key_file}: {exc.strerror}") from None
         activate_at = now + propagation
+        try:
+            self._publish_root(generation, root, key_file, now, activate_at, wait_for_acks)
+        except BaseException:
+            path.unlink(missing_ok=True)  # the database does not know this key: drop it
+            raise
+        self._signer_checked = None  # a zero propagation delay takes effect at once
+        self._bundle_checked = 0.0
+        self.write_bundle_file()
+        return generation, activate_at
+
+    def _publish_root(
+        self,
+        generation: int,
+        root: x509.Certificate,
+        key_file: str,
+        now: datetime,
+        activate_at: datetime,
+        wait_for_acks: bool,
+    ) -> None:
         with self.store.write() as conn:
             sequence = Store.bump(conn, "bundle_sequence")
             conn.execute(
@@ -805,7 +926,7 @@ class Authority:
                     1 if wait_for_acks else 0,
                 ),
             )
-            Store.audit(
+            self.store.audit(
                 conn,
                 now.timestamp(),
                 "root_published",
@@ -814,10 +935,6 @@ class Authority:
                 activate_at=activate_at.isoformat(),
                 bundle_sequence=sequence,
             )
-        self._signer_checked = None  # a zero propagation delay takes effect at once
-        self._bundle_checked = 0.0
-        self.write_bundle_file()
-        return generation, activate_at
 
     def advance_roots(self) -> bool:
         """Activate a next root whose time has come; retire roots whose last SVID expired.
@@ -833,6 +950,8 @@ class Authority:
             ).fetchone()
             if due is not None and due[2] and self._lagging(conn, int(due[1] or 0), now):
                 due = None  # a live sidecar has not confirmed the new bundle yet
+            if due is not None and self._key_problem(conn, int(due[0])) is not None:
+                due = None  # the old root keeps signing; `meshid ca status` says why
             retiring = conn.execute(
                 "SELECT r.generation FROM roots r WHERE r.state = 'retiring' AND "
                 "COALESCE((SELECT MAX(not_after) FROM svids s WHERE s.generation = r.generation),"
@@ -855,7 +974,7 @@ class Authority:
                     (due[0],),
                 ).rowcount
                 if updated:
-                    Store.audit(
+                    self.store.audit(
                         conn,
                         now,
                         "root_activated",
@@ -871,7 +990,7 @@ class Authority:
                 ).rowcount
                 if updated:
                     sequence = Store.bump(conn, "bundle_sequence")
-                    Store.audit(
+                    self.store.audit(
                         conn, now, "root_retired", generation=generation, bundle_sequence=sequence
                     )
                     changed = True
@@ -883,16 +1002,25 @@ class Authority:
 
     @staticmethod
     def _lagging(conn: sqlite3.Connection, sequence: int, now: float) -> list[str]:
-        """Live sidecars whose last report holds a bundle older than `sequence`."""
+        """Live sidecars whose last report holds a bundle older than `sequence`.
+
+        A stored report that no longer parses counts as lagging: a rollover
+        waits rather than assume what it cannot read.
+        """
         rows = conn.execute(
-            "SELECT instance, spiffe_id, report FROM reports WHERE seen_at >= ?",
+            "SELECT instance, spiffe_id, report FROM reports WHERE seen_at >= ? "
+            "ORDER BY spiffe_id, instance",
             (now - REPORT_FRESH.total_seconds(),),
         ).fetchall()
-        return [
-            f"{sid} ({instance})"
-            for instance, sid, report in rows
-            if int(json.loads(report).get("bundle_sequence", 0)) < sequence
-        ]
+        lagging = []
+        for instance, sid, text in rows:
+            try:
+                held = parse_report(json.loads(text)).bundle_sequence
+            except (MeshIdError, ValueError, TypeError, RecursionError):
+                held = -1
+            if held < sequence:
+                lagging.append(f"{printable(str(sid))} ({printable(str(instance))})")
+        return lagging
 
     def rotation_status(self) -> tuple[int, list[str]] | None:
         """(generation, sidecars not yet holding it) for a root waiting to activate."""
@@ -904,30 +1032,67 @@ class Authority:
                 return None
             return int(row[0]), self._lagging(conn, int(row[1] or 0), self._now().timestamp())
 
-    def record_report(self, spiffe_id: SpiffeId, instance: str, report: dict[str, Any]) -> None:
-        """Keep a sidecar's latest report (not audited: it arrives every few seconds)."""
+    def record_report(self, spiffe_id: SpiffeId, report: StatusReport) -> None:
+        """Keep a sidecar's latest report (not audited: it arrives every few seconds).
+
+        Reports are keyed by the caller's authenticated identity and the
+        instance it names, so no workload can replace another's. Each identity
+        keeps at most MAX_INSTANCES: a new instance past that replaces the one
+        heard from least recently (a restarting pod is never locked out; only
+        its own stale entries go). Reports older than REPORT_FORGET are deleted.
+        """
         now = self._now().timestamp()
+        sid = str(spiffe_id)
         with self.store.write() as conn:
             conn.execute(
-                "INSERT INTO reports (instance, spiffe_id, seen_at, report) VALUES (?, ?, ?, ?) "
-                "ON CONFLICT (instance) DO UPDATE SET spiffe_id = excluded.spiffe_id, "
+                "INSERT INTO reports (spiffe_id, instance, seen_at, report) VALUES (?, ?, ?, ?) "
+                "ON CONFLICT (spiffe_id, instance) DO UPDATE SET "
                 "seen_at = excluded.seen_at, report = excluded.report",
-                (instance, str(spiffe_id), now, json.dumps(report, separators=(",", ":"))),
+                (sid, report.instance, now, report.encode()),
+            )
+            conn.execute(
+                "DELETE FROM reports WHERE spiffe_id = ? AND instance NOT IN ("
+                "SELECT instance FROM reports WHERE spiffe_id = ? "
+                "ORDER BY instance = ? DESC, seen_at DESC, rowid DESC LIMIT ?)",
+                (sid, sid, report.instance, MAX_INSTANCES),
             )
             conn.execute(
                 "DELETE FROM reports WHERE seen_at < ?", (now - REPORT_FORGET.total_seconds(),)
             )
 
-    def reports(self) -> list[tuple[str, SpiffeId, datetime, dict[str, Any]]]:
-        """(instance, ID, last seen, report) of every sidecar heard from lately."""
+    def reports(self) -> tuple[list[SidecarReport], list[str]]:
+        """Every sidecar heard from lately, and a note for each stored row that does not parse.
+
+        A damaged row is skipped, never trusted and never fatal: what is
+        shown from it is escaped (see `printable`).
+        """
         with self.store.read() as conn:
             rows = conn.execute(
-                "SELECT instance, spiffe_id, seen_at, report FROM reports ORDER BY spiffe_id"
+                "SELECT instance, spiffe_id, seen_at, report FROM reports "
+                "ORDER BY spiffe_id, instance"
             ).fetchall()
-        return [
-            (str(i), SpiffeId.parse(s), datetime.fromtimestamp(t, UTC), json.loads(r))
-            for i, s, t, r in rows
-        ]
+        good: list[SidecarReport] = []
+        skipped: list[str] = []
+        for instance, sid, seen, text in rows:
+            try:
+                report = parse_report(json.loads(text))
+                if report.instance != instance:
+                    raise InvalidInput("instance does not match its row", reason="invalid_report")
+                good.append(
+                    SidecarReport(
+                        report.instance,
+                        SpiffeId.parse(sid),
+                        datetime.fromtimestamp(float(seen), UTC),
+                        report,
+                    )
+                )
+            except (MeshIdError, ValueError, TypeError, OverflowError, RecursionError) as exc:
+                detail = exc.message if isinstance(exc, MeshIdError) else type(exc).__name__
+                skipped.append(
+                    f"report of {printable(str(sid))} [{printable(str(instance))}] is "
+                    f"malformed and was skipped: {printable(detail)}"
+                )
+        return good, skipped
 
     def workloads(self) -> list[tuple[SpiffeId, datetime, int, bool]]:
         """(ID, latest SVID expiry, SVIDs issued, revoked) for every identity ever issued."""

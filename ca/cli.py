@@ -417,7 +417,10 @@ def _deny_dry_run(authority: Authority, src: SpiffeId, dst: SpiffeId) -> None:
     policy = authority.policy()
     if (src, dst) not in policy.pairs:
         raise PolicyError(f"{src} -> {dst} is not on the allow-list", reason="unknown_pair")
-    lines, total = connections_of_pair(authority.reports(), src, dst, authority.clock_now())
+    reports, skipped = authority.reports()
+    lines, total = connections_of_pair(reports, src, dst, authority.clock_now())
+    for note in skipped:
+        click.echo(f"note: {note}", err=True)
     click.echo(
         f"dry run: denying {src} -> {dst} (policy version {policy.version}) would cut "
         f"{total} live connection(s) reported by sidecars; nothing was changed"

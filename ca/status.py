@@ -7,12 +7,10 @@ an operator reads this when something is wrong.
 from __future__ import annotations
 
 from datetime import datetime, timedelta
-from typing import Any
 
-from ca.authority import REPORT_FRESH, Authority
+from ca.authority import REPORT_FRESH, Authority, SidecarReport, printable
 from meshid.spiffeid import SpiffeId
 
-Report = tuple[str, SpiffeId, datetime, dict[str, Any]]
 WARN_SHARE = 0.25  # warn when less than this share of the SVID lifetime is left
 
 
@@ -33,48 +31,50 @@ def _span(seconds: int) -> str:
     return f"{seconds // 86400}d"
 
 
-def _parse_time(text: Any) -> datetime | None:
-    try:
-        return datetime.fromisoformat(str(text))
-    except ValueError:
-        return None
+def _who(entry: SidecarReport) -> str:
+    return f"{printable(str(entry.spiffe_id))} [{printable(entry.instance)}]"
 
 
 def connections_of_pair(
-    reports: list[Report], src: SpiffeId, dst: SpiffeId, now: datetime
+    reports: list[SidecarReport], src: SpiffeId, dst: SpiffeId, now: datetime
 ) -> tuple[list[str], int]:
     """Lines describing the live src -> dst connections, and how many there are in all.
 
     Both ends report the same connection (src's outbound, dst's inbound);
-    the count is of src's side when it reports, else of dst's.
+    the count is of src's side when it reports, else of dst's. Every field
+    that came from a workload is shown through `printable`.
     """
     lines: list[str] = []
     by_side = {"outbound": 0, "inbound": 0}
-    for instance, sid, seen, report in reports:
-        if now - seen > REPORT_FRESH:
+    for entry in reports:
+        if now - entry.seen > REPORT_FRESH:
             continue
-        if sid == src:
+        if entry.spiffe_id == src:
             direction, peer = "outbound", dst
-        elif sid == dst:
+        elif entry.spiffe_id == dst:
             direction, peer = "inbound", src
         else:
             continue
-        for pair in report.get("pairs", []):
-            if pair.get("direction") == direction and pair.get("peer_id") == str(peer):
-                count = int(pair.get("count", 0))
-                by_side[direction] += count
+        for pair in entry.report.pairs:
+            if pair.direction == direction and pair.peer_id == peer:
+                by_side[direction] += pair.count
                 arrow = "->" if direction == "outbound" else "<-"
                 lines.append(
-                    f"{sid} [{instance}] {direction} {arrow} {peer}: {count} connection(s), "
-                    f"reported {_ago(now - seen)}"
+                    f"{_who(entry)} {direction} {arrow} {printable(str(peer))}: "
+                    f"{pair.count} connection(s), reported {_ago(now - entry.seen)}"
                 )
-        for conn in report.get("connections", []):
-            if conn.get("direction") == direction and conn.get("peer_id") == str(peer):
+        for conn in entry.report.connections:
+            if conn.direction == direction and conn.peer_id == peer:
+                started = conn.started.isoformat() if conn.started else "?"
                 lines.append(
-                    f"    #{conn.get('id')} peer {conn.get('peer_addr')} since "
-                    f"{conn.get('started')} bytes in/out {conn.get('bytes_in')}/"
-                    f"{conn.get('bytes_out')}"
+                    f"    #{conn.id} peer {printable(conn.peer_addr)} since "
+                    f"{printable(started)} bytes in/out {conn.bytes_in}/{conn.bytes_out}"
                 )
+        if entry.report.connections_omitted:
+            lines.append(
+                f"    ({entry.report.connections_omitted} more connection(s) of {_who(entry)} "
+                "not listed one by one)"
+            )
     total = by_side["outbound"] or by_side["inbound"]
     return lines, total
 
@@ -82,9 +82,9 @@ def connections_of_pair(
 def render_status(authority: Authority) -> list[str]:
     now = authority.clock_now()
     policy_version, revocation_version, sequence = authority.versions()
-    reports = authority.reports()
+    reports, skipped = authority.reports()
     ttl = authority.svid_ttl
-    warnings: list[str] = []
+    warnings: list[str] = [*skipped]
     body: list[str] = [
         f"trust domain {authority.trust_domain.name}: bundle sequence {sequence}, "
         f"policy version {policy_version}, revocation version {revocation_version}",
@@ -92,7 +92,13 @@ def render_status(authority: Authority) -> list[str]:
     rotation = authority.rotation_status()
     if rotation is not None:
         generation, lagging = rotation
-        if lagging:
+        problem = authority.next_root_problem()
+        if problem is not None:
+            warnings.append(
+                f"root {generation} cannot activate: {printable(problem)}; "
+                "the current root keeps signing"
+            )
+        elif lagging:
             warnings.append(
                 f"root {generation} waits to activate until these sidecars hold bundle "
                 f"{sequence}: {', '.join(lagging)} (or rotate with --force)"
@@ -103,33 +109,34 @@ def render_status(authority: Authority) -> list[str]:
     body.append("")
     body.append("running sidecars (reports from the last 30s):")
     running: set[SpiffeId] = set()
-    for instance, sid, seen, report in reports:
-        if now - seen > REPORT_FRESH:
+    for entry in reports:
+        if now - entry.seen > REPORT_FRESH:
             continue
-        running.add(sid)
-        not_after = _parse_time(report.get("svid_not_after"))
-        held = int(report.get("bundle_sequence", 0))
+        running.add(entry.spiffe_id)
+        report, who = entry.report, _who(entry)
+        not_after = report.svid_not_after
+        held = report.bundle_sequence
         body.append(
-            f"  {sid} [{instance}] seen {_ago(now - seen)}, SVID {report.get('svid_serial')} "
+            f"  {who} seen {_ago(now - entry.seen)}, SVID {printable(str(report.svid_serial))} "
             f"expires {_ago(now - not_after) if not_after else '?'}, bundle {held}, "
-            f"policy {report.get('policy_version')}, live connections "
-            f"{report.get('live_connections', 0)}"
+            f"policy {report.policy_version}, live connections {report.live_connections}"
         )
         if not_after is not None:
             left = not_after - now
             if left <= timedelta(0):
-                warnings.append(f"{sid} [{instance}]: SVID expired {_ago(-left)}")
+                warnings.append(f"{who}: SVID expired {_ago(-left)}")
             elif left < ttl * WARN_SHARE:
                 warnings.append(
-                    f"{sid} [{instance}]: SVID expires {_ago(-left)}, less than a quarter of "
+                    f"{who}: SVID expires {_ago(-left)}, less than a quarter of "
                     "its lifetime left (is renewal failing?)"
                 )
         if held < sequence:
-            warnings.append(f"{sid} [{instance}]: holds bundle {held}, current is {sequence}")
-        for q in report.get("quarantined", []):
+            warnings.append(f"{who}: holds bundle {held}, current is {sequence}")
+        for q in report.quarantined:
+            warnings.append(f"{who}: peer_quarantined {printable(q.peer)} ({q.seconds_left}s left)")
+        if report.quarantined_omitted:
             warnings.append(
-                f"{sid} [{instance}]: peer_quarantined {q.get('peer')} "
-                f"({q.get('seconds_left')}s left)"
+                f"{who}: peer_quarantined {report.quarantined_omitted} more peer(s) not listed"
             )
     if not running:
         body.append("  (none)")

@@ -15,7 +15,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.x509.oid import NameOID
 
-from ca.store import DB_NAME
+from ca.store import DB_NAME, GENESIS_HASH, _row_hash
 from meshid.cli import cli
 from meshid.spiffeid import TrustDomain
 from meshid.svid import PrivateKey, generate_key
@@ -98,5 +98,27 @@ def query(state: Path, sql: str) -> list[tuple[object, ...]]:
     conn = sqlite3.connect(state / DB_NAME)
     try:
         return conn.execute(sql).fetchall()
+    finally:
+        conn.close()
+
+
+def rechain(state: Path, edit: str | None = None, upto: int | None = None) -> None:
+    """Edit the database as an attacker would: change rows, then recompute every later link
+    with the unkeyed hash (all one can do without the key file)."""
+    conn = sqlite3.connect(state / DB_NAME)
+    try:
+        if edit is not None:
+            conn.execute(edit)
+        rows = conn.execute("SELECT seq, at, action, details FROM audit ORDER BY seq").fetchall()
+        prev = GENESIS_HASH
+        for seq, at, action, details in rows:
+            if upto is not None and seq > upto:
+                break
+            digest = _row_hash(prev, seq, at, action, details)
+            conn.execute(
+                "UPDATE audit SET prev_hash = ?, hash = ? WHERE seq = ?", (prev, digest, seq)
+            )
+            prev = digest
+        conn.commit()
     finally:
         conn.close()

@@ -12,12 +12,14 @@ import shlex
 import subprocess
 from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
-from ca_helpers import MESHID, TD, raw_files, run, snapshot
+from ca_helpers import MESHID, TD, Clock, raw_files, run, snapshot
 
 from ca.authority import Authority
+from meshid.errors import StateError
 
 PASSPHRASE = "right horse battery"
 
@@ -137,6 +139,11 @@ CASES = [
     Case("missing passphrase file",
          "ca issue --state {sealed} web --out {tmp}/out --passphrase-file {tmp}/nope",
          "cannot read passphrase file", watch="{sealed}"),
+    Case("rotate an encrypted authority without its passphrase", "ca rotate --state {sealed}",
+         "root key is encrypted", watch="{sealed}", real=True),
+    Case("rotate an encrypted authority with a wrong passphrase",
+         "ca rotate --state {sealed} --passphrase-file {tmp}/wrong",
+         "wrong passphrase", watch="{sealed}"),
     # the allow-list and revocation
     Case("deny of an unknown pair", "policy deny web api --state {state}",
          "not on the allow-list", real=True),
@@ -217,6 +224,47 @@ def test_right_passphrase_from_file_or_environment(places: Places) -> None:
                  env={"MESHID_CA_PASSPHRASE": PASSPHRASE})  # fmt: skip
     assert by_env.exit_code == 0, by_env.stderr
     assert (out / "2" / "svid.pem").exists()
+
+
+def test_rotate_keeps_every_root_key_encrypted(places: Places) -> None:
+    s, right = str(places.sealed), str(places.tmp / "right")
+    rotated = run("ca", "rotate", "--state", s, "--propagation", "1s", "--force",
+                  "--passphrase-file", right)  # fmt: skip
+    assert rotated.exit_code == 0, rotated.stderr
+    new_key = places.sealed / "keys" / "root-2.key"
+    assert new_key.read_bytes().startswith(b"-----BEGIN ENCRYPTED PRIVATE KEY-----")
+    assert new_key.stat().st_mode & 0o777 == 0o600
+    assert _signing_generation(places.sealed, PASSPHRASE.encode()) == 2  # signs once active
+
+
+def _signing_generation(state: Path, passphrase: bytes) -> int:
+    later = Clock(datetime.now(UTC) + timedelta(minutes=1))
+    authority = Authority.open(state, passphrase=passphrase, clock=later)
+    try:
+        return authority.signer()[0]
+    finally:
+        authority.close()
+
+
+def test_a_plaintext_root_key_on_an_encrypted_authority_is_refused(places: Places) -> None:
+    """A key written unprotected (by hand, or by an older version) is not signed with."""
+    from meshid.svid import generate_key, key_to_pem
+
+    s, right = str(places.sealed), str(places.tmp / "right")
+    assert run("ca", "rotate", "--state", s, "--propagation", "1s", "--force",
+               "--passphrase-file", right).exit_code == 0  # fmt: skip
+    (places.sealed / "keys" / "root-2.key").write_bytes(key_to_pem(generate_key()))
+    assert _signing_generation(places.sealed, PASSPHRASE.encode()) == 1  # root 1 keeps signing
+    status = run("ca", "status", "--state", s)
+    assert "WARNING root 2 cannot activate: root key root-2.key is not encrypted" in status.stdout
+    # and a key file of an active root that lost its protection is not signed with
+    authority = Authority.open(places.sealed, passphrase=PASSPHRASE.encode())
+    try:
+        with pytest.raises(StateError, match="is not encrypted") as caught:
+            authority._load_key(places.sealed / "keys" / "root-2.key")
+        assert caught.value.reason == "key_unprotected"
+    finally:
+        authority.close()
 
 
 def test_a_broken_root_key_does_not_stop_actions_that_do_not_sign(places: Places) -> None:

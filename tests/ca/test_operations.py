@@ -24,6 +24,7 @@ from click.testing import Result
 
 from ca.authority import Authority
 from ca.server import ControlPlane, ServerOptions
+from meshid.report import StatusReport
 from meshid.spiffeid import SpiffeId
 from meshid.svid import certs_to_pem, generate_key, key_to_pem
 from sidecar.app import Sidecar
@@ -154,10 +155,10 @@ async def open_through(mesh: Mesh) -> trio.SocketStream:
 
 
 def reported(mesh: Mesh, sid: SpiffeId, direction: str, peer: SpiffeId) -> bool:
-    for _, who, _, report in mesh.authority.reports():
-        if who == sid:
-            for pair in report.get("pairs", []):
-                if pair["direction"] == direction and pair["peer_id"] == str(peer):
+    for entry in mesh.authority.reports()[0]:
+        if entry.spiffe_id == sid:
+            for pair in entry.report.pairs:
+                if pair.direction == direction and pair.peer_id == peer:
                     return True
     return False
 
@@ -195,7 +196,7 @@ async def test_policy_check_explains_against_the_live_state(mesh: Mesh) -> None:
 
 
 async def test_status_shows_running_sidecars_and_warns_on_a_lagging_bundle(mesh: Mesh) -> None:
-    await wait_for(lambda: len(mesh.authority.reports()) == 2)
+    await wait_for(lambda: len(mesh.authority.reports()[0]) == 2)
     result = await mesh.cli("ca", "status")
     assert result.exit_code == 0, result.output
     assert "WARNING" not in result.output
@@ -204,24 +205,28 @@ async def test_status_shows_running_sidecars_and_warns_on_a_lagging_bundle(mesh:
     assert "bundle 1" in result.output
 
     # a sidecar reporting an old bundle is named, and a rollover waits for it
-    mesh.authority.record_report(SpiffeId(TD, "/batch"), "stale0", {"bundle_sequence": 0})
+    mesh.authority.record_report(SpiffeId(TD, "/batch"), _seq("stale0", 0))
     result = await mesh.cli("ca", "status")
     assert "WARNING spiffe://example.org/batch [stale0]: holds bundle 0, current is 1" in (
         result.output
     )
 
 
+def _seq(instance: str, bundle_sequence: int) -> StatusReport:
+    return StatusReport(instance, bundle_sequence=bundle_sequence)
+
+
 def test_rollover_waits_for_every_live_sidecar_unless_forced(
     state: Path, authority: Authority, clock: Clock
 ) -> None:
-    authority.record_report(WEB, "w1", {"bundle_sequence": 1})
+    authority.record_report(WEB, _seq("w1", 1))
     generation, _ = authority.rotate(timedelta(0))
     authority.advance_roots()
     assert authority.signer()[0] == 1  # not yet: w1 has not confirmed bundle 2
     status = authority.rotation_status()
     assert status == (generation, [f"{WEB} (w1)"])
 
-    authority.record_report(WEB, "w1", {"bundle_sequence": 2})
+    authority.record_report(WEB, _seq("w1", 2))
     authority.advance_roots()
     assert authority.signer()[0] == generation
     assert authority.rotation_status() is None
@@ -232,7 +237,7 @@ def test_rollover_waits_for_every_live_sidecar_unless_forced(
     assert authority.signer()[0] == forced
 
     # a sidecar silent for longer than 30 s is not waited for either
-    authority.record_report(API, "a1", {"bundle_sequence": 0})
+    authority.record_report(API, _seq("a1", 0))
     later, _ = authority.rotate(timedelta(0))
     clock.advance(timedelta(seconds=31))
     authority.advance_roots()
@@ -291,7 +296,7 @@ async def test_quarantine_blocks_a_hammering_peer_and_spares_the_rest(
     await stream.aclose()
     # and the control plane hears of it
     await wait_for(
-        lambda: any(r[3].get("quarantined") for r in mesh.authority.reports() if r[1] == API)
+        lambda: any(r.report.quarantined for r in mesh.authority.reports()[0] if r.spiffe_id == API)
     )
     status = await mesh.cli("ca", "status")
     assert "peer_quarantined 127.0.0.2" in status.output
