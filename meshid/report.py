@@ -12,8 +12,8 @@ same parse, so a row damaged on disk is skipped, never trusted.
 
 Limits:
 
-    MAX_REPORT_BYTES   16 KiB of JSON           past it: refused whole, 413 report_too_large
-    MAX_PAIRS          64 (direction, peer)     past it: refused whole, 413 report_too_large
+    MAX_REPORT_BYTES   48 KiB of JSON           past it: refused whole, 413 report_too_large
+    MAX_PAIRS          256 (direction, peer)    past it: refused whole, 413 report_too_large
                        connection counts        (a count left out would make --dry-run lie)
     MAX_CONNECTIONS    16 connections listed    past it: the first 16 are kept, the rest
                        one by one               counted in `connections_omitted`
@@ -41,8 +41,10 @@ from typing import Any, Literal
 from meshid.errors import InvalidInput, MeshIdError
 from meshid.spiffeid import SpiffeId
 
-MAX_REPORT_BYTES = 16 * 1024
-MAX_PAIRS = 64
+# Room for a shared service with a few hundred distinct callers; eight instances
+# per identity keep one identity's stored reports under half a MiB.
+MAX_REPORT_BYTES = 48 * 1024
+MAX_PAIRS = 256
 MAX_CONNECTIONS = 16
 MAX_QUARANTINED = 16
 MAX_TEXT = 256  # an address, a serial, a timestamp, a quarantined peer
