@@ -313,6 +313,14 @@ def check_cmd(source: str, target: str, state: Path) -> None:
     show_default=True,
     help="Server processes sharing the port; one per core for the most signatures per second.",
 )
+@click.option(
+    "--auto-rotate/--no-auto-rotate",
+    default=True,
+    show_default=True,
+    help="Publish the next root at half the active root's life and let it sign from three "
+    "quarters (once live sidecars hold it), so the root never expires. Turn off only if "
+    "you run 'meshid ca rotate' yourself.",
+)
 @passphrase_option
 def serve_cmd(
     state: Path,
@@ -320,6 +328,7 @@ def serve_cmd(
     dns: tuple[str, ...],
     ip: tuple[str, ...],
     workers: int,
+    auto_rotate: bool,
     passphrase_file: Path | None,
 ) -> None:
     """Run the control plane: enrollment, renewal, bundle, policy and revocation feed."""
@@ -335,7 +344,9 @@ def serve_cmd(
     finally:
         probe.close()  # each worker opens its own connection
     events = EventLog()
-    options = ServerOptions(host=host, port=port, dns_names=names, ip_addresses=ips)
+    options = ServerOptions(
+        host=host, port=port, dns_names=names, ip_addresses=ips, auto_rotate=auto_rotate
+    )
     status = run_server(
         lambda: Authority.open(state, passphrase=passphrase), options, events.emit, workers
     )
