@@ -183,6 +183,12 @@ def issue_cmd(
         f"issued {sid} serial {issued.leaf.serial_number:x} valid until "
         f"{issued.leaf.not_valid_after_utc:%Y-%m-%dT%H:%M:%SZ} into {out}"
     )
+    if authority.capped_svids:
+        click.echo(
+            "warning: svid_capped_by_root: cut short to the root's own expiry; "
+            "rotate the root ('meshid ca rotate', or run 'meshid ca serve')",
+            err=True,
+        )
 
 
 @ca_group.command("token")

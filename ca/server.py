@@ -19,6 +19,9 @@ Theory of operation:
   wakes every long-polling watcher when one moves; changes made by other
   processes (`meshid policy deny`, `meshid ca revoke`) reach sidecars within
   that interval plus one round trip.
+- Once a second the poller also lets `ca.rootkeeper` look at the root: it
+  publishes the next root at half the active one's life and lets it activate
+  (gated on sidecars) well before expiry; `--no-auto-rotate` turns that off.
 """
 
 from __future__ import annotations

@@ -50,7 +50,7 @@ def _wait_event(
 
 @contextmanager
 def _serving(state: Path, log: Path, *extra: str) -> Iterator[subprocess.Popen[bytes]]:
-    argv = [MESHID, "ca", "serve", "--state", str(state), "--listen", "127.0.0.1:0", *extra]
+    argv = [str(MESHID), "ca", "serve", "--state", str(state), "--listen", "127.0.0.1:0", *extra]
     with log.open("wb") as out:
         proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT)
     try:
