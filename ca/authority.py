@@ -938,17 +938,24 @@ class Authority:
     ) -> tuple[int, datetime] | None:
         """`rotate`, unless a next root is already published (then None).
 
-        Several server workers may decide to rotate in the same second: a lock
-        file of its own makes one of them do it and the others see it done.
+        Several server workers may decide to rotate in the same second: under
+        `rotation_lock` one of them does it and the others see it done.
         """
+        with self.rotation_lock():
+            with self.store.read() as conn:
+                pending = conn.execute("SELECT 1 FROM roots WHERE state = 'next'").fetchone()
+            if pending is not None:
+                return None
+            return self.rotate(propagation, wait_for_acks=wait_for_acks)
+
+    @contextmanager
+    def rotation_lock(self) -> Iterator[None]:
+        """Held around `rotate`: two rotations at once would pick the same generation
+        and one would overwrite the other's key file."""
         with open(self.state_dir / ".rotate.lock", "a") as handle:
             fcntl.flock(handle, fcntl.LOCK_EX)
             try:
-                with self.store.read() as conn:
-                    pending = conn.execute("SELECT 1 FROM roots WHERE state = 'next'").fetchone()
-                if pending is not None:
-                    return None
-                return self.rotate(propagation, wait_for_acks=wait_for_acks)
+                yield
             finally:
                 fcntl.flock(handle, fcntl.LOCK_UN)
 

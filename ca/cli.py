@@ -385,7 +385,8 @@ def rotate_cmd(
 
     authority = open_authority(state, passphrase_file)
     delay = propagation if propagation is not None else propagation_default(authority.svid_ttl)
-    generation, activate_at = authority.rotate(delay, wait_for_acks=not force)
+    with authority.rotation_lock():  # `ca serve` may be rotating by itself
+        generation, activate_at = authority.rotate(delay, wait_for_acks=not force)
     click.echo(
         f"published root {generation}; it signs from {activate_at:%Y-%m-%dT%H:%M:%SZ} "
         f"(in {format_duration(delay)}); the old root stays in the bundle until its last "

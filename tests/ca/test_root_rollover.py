@@ -8,6 +8,7 @@ every sidecar's SVID through the authority.
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
@@ -284,3 +285,29 @@ def test_offline_issue_says_when_the_root_cuts_an_svid_short(tmp_path: Path) -> 
     )
     assert cut.exit_code == 0
     assert "warning: svid_capped_by_root: cut short to the root's own expiry" in cut.output
+
+
+def test_concurrent_rotations_make_one_root_whose_key_matches(tmp_path: Path, clock: Clock) -> None:
+    """Workers (and an operator's `ca rotate`) racing to rotate: one wins, nothing clobbered."""
+    first = _open(tmp_path, clock, timedelta(minutes=3), timedelta(minutes=1))
+    racers = [Authority.open(first.state_dir, clock=clock) for _ in range(4)]
+    barrier = threading.Barrier(len(racers))
+    results: list[object] = []
+
+    def race(authority: Authority) -> None:
+        barrier.wait(timeout=10)
+        results.append(authority.rotate_unless_pending(timedelta(0), wait_for_acks=False))
+
+    threads = [threading.Thread(target=race, args=(a,)) for a in racers]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=30)
+    assert len(results) == len(racers)
+    assert sum(r is not None for r in results) == 1
+    first.advance_roots()
+    generation, root, key = first.signer()
+    assert generation == 2
+    assert root.public_key() == key.public_key()
+    for authority in (first, *racers):
+        authority.close()
