@@ -42,6 +42,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 
 from ca.issuer import check_csr_identity, csr_public_key, parse_csr
+from ca.rootlife import ActiveRoot, PendingRoot
 from ca.store import AUDIT_HEAD, AUDIT_KEY, DB_NAME, SCHEMA_VERSION, Store
 from meshid.bundle import TrustBundle
 from meshid.duration import format_duration
@@ -238,6 +239,8 @@ class Authority:
         self._verified: dict[bytes, tuple[SpiffeId, int]] = {}
         self._bundle_checked = 0.0
         self._bundle_cache: TrustBundle | None = None
+        self.capped_svids = 0  # SVIDs cut short by the root's expiry, for the server to log
+        self.last_capped: tuple[SpiffeId, datetime] | None = None
 
     # -- lifecycle --
 
@@ -502,16 +505,20 @@ class Authority:
     ) -> tuple[int, x509.Certificate]:
         generation, root, key = self.signer()
         lifetime = check_svid_ttl(ttl) if ttl is not None else self.svid_ttl
+        now = self._now()
         leaf = build_svid(
             subject_key=public_key,
             spiffe_id=spiffe_id,
             issuer=root,
             issuer_key=key,
-            now=self._now(),
+            now=now,
             ttl=lifetime,
             dns_names=dns_names,
             ip_addresses=ip_addresses,
         )
+        if leaf.not_valid_after_utc < now + lifetime - timedelta(seconds=1):  # NotAfter: whole s
+            self.capped_svids += 1
+            self.last_capped = (spiffe_id, leaf.not_valid_after_utc)
         return generation, leaf
 
     def _record(
@@ -1031,6 +1038,74 @@ class Authority:
             if row is None:
                 return None
             return int(row[0]), self._lagging(conn, int(row[1] or 0), self._now().timestamp())
+
+    # -- the root's own lifetime (the schedule is ca/rootlife.py) --
+
+    def root_lifecycle(self) -> tuple[ActiveRoot, PendingRoot | None]:
+        """The active root's life, and the root waiting to take over, if any."""
+        with self.store.read() as conn:
+            row = conn.execute(
+                "SELECT generation, created_at, not_after FROM roots WHERE state = 'active'"
+            ).fetchone()
+            nxt = conn.execute(
+                "SELECT generation, activate_at, created_at, wait_for_acks FROM roots "
+                "WHERE state = 'next'"
+            ).fetchone()
+        if row is None:
+            raise StateError("the authority has no active root; its database is damaged")
+        active = ActiveRoot(
+            int(row[0]), datetime.fromtimestamp(row[1], UTC), datetime.fromtimestamp(row[2], UTC)
+        )
+        if nxt is None:
+            return active, None
+        at = nxt[1] if nxt[1] is not None else nxt[2]
+        return active, PendingRoot(int(nxt[0]), datetime.fromtimestamp(at, UTC), bool(nxt[3]))
+
+    def rotate_unless_pending(
+        self, propagation: timedelta, *, wait_for_acks: bool
+    ) -> tuple[int, datetime] | None:
+        """`rotate`, unless a next root is already published (then None).
+
+        Several server workers may decide to rotate in the same second: under
+        `rotation_lock` one of them does it and the others see it done.
+        """
+        with self.rotation_lock():
+            with self.store.read() as conn:
+                pending = conn.execute("SELECT 1 FROM roots WHERE state = 'next'").fetchone()
+            if pending is not None:
+                return None
+            return self.rotate(propagation, wait_for_acks=wait_for_acks)
+
+    @contextmanager
+    def rotation_lock(self) -> Iterator[None]:
+        """Held around `rotate`: two rotations at once would pick the same generation
+        and one would overwrite the other's key file."""
+        with open(self.state_dir / ".rotate.lock", "a") as handle:
+            fcntl.flock(handle, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(handle, fcntl.LOCK_UN)
+
+    def release_next_root(self, reason: str) -> int | None:
+        """Let the waiting root activate now, whether or not every sidecar confirmed it.
+
+        For when the active root is about to expire: past that, no SVID it
+        signed verifies anywhere, so waiting for a laggard helps nobody.
+        """
+        now = self._now().timestamp()
+        with self.store.write() as conn:
+            row = conn.execute("SELECT generation FROM roots WHERE state = 'next'").fetchone()
+            if row is None:
+                return None
+            conn.execute(
+                "UPDATE roots SET wait_for_acks = 0, "
+                "activate_at = MIN(COALESCE(activate_at, ?), ?) WHERE state = 'next'",
+                (now, now),
+            )
+            self.store.audit(conn, now, "root_released", generation=int(row[0]), reason=reason)
+        self._signer_checked = None
+        return int(row[0])
 
     def record_report(self, spiffe_id: SpiffeId, report: StatusReport) -> None:
         """Keep a sidecar's latest report (not audited: it arrives every few seconds).

@@ -183,6 +183,12 @@ def issue_cmd(
         f"issued {sid} serial {issued.leaf.serial_number:x} valid until "
         f"{issued.leaf.not_valid_after_utc:%Y-%m-%dT%H:%M:%SZ} into {out}"
     )
+    if authority.capped_svids:
+        click.echo(
+            "warning: svid_capped_by_root: cut short to the root's own expiry; "
+            "rotate the root ('meshid ca rotate', or run 'meshid ca serve')",
+            err=True,
+        )
 
 
 @ca_group.command("token")
@@ -313,6 +319,14 @@ def check_cmd(source: str, target: str, state: Path) -> None:
     show_default=True,
     help="Server processes sharing the port; one per core for the most signatures per second.",
 )
+@click.option(
+    "--auto-rotate/--no-auto-rotate",
+    default=True,
+    show_default=True,
+    help="Publish the next root at half the active root's life and let it sign from three "
+    "quarters (once live sidecars hold it), so the root never expires. Turn off only if "
+    "you run 'meshid ca rotate' yourself.",
+)
 @passphrase_option
 def serve_cmd(
     state: Path,
@@ -320,6 +334,7 @@ def serve_cmd(
     dns: tuple[str, ...],
     ip: tuple[str, ...],
     workers: int,
+    auto_rotate: bool,
     passphrase_file: Path | None,
 ) -> None:
     """Run the control plane: enrollment, renewal, bundle, policy and revocation feed."""
@@ -335,7 +350,9 @@ def serve_cmd(
     finally:
         probe.close()  # each worker opens its own connection
     events = EventLog()
-    options = ServerOptions(host=host, port=port, dns_names=names, ip_addresses=ips)
+    options = ServerOptions(
+        host=host, port=port, dns_names=names, ip_addresses=ips, auto_rotate=auto_rotate
+    )
     status = run_server(
         lambda: Authority.open(state, passphrase=passphrase), options, events.emit, workers
     )
@@ -368,7 +385,8 @@ def rotate_cmd(
 
     authority = open_authority(state, passphrase_file)
     delay = propagation if propagation is not None else propagation_default(authority.svid_ttl)
-    generation, activate_at = authority.rotate(delay, wait_for_acks=not force)
+    with authority.rotation_lock():  # `ca serve` may be rotating by itself
+        generation, activate_at = authority.rotate(delay, wait_for_acks=not force)
     click.echo(
         f"published root {generation}; it signs from {activate_at:%Y-%m-%dT%H:%M:%SZ} "
         f"(in {format_duration(delay)}); the old root stays in the bundle until its last "

@@ -19,6 +19,9 @@ Theory of operation:
   wakes every long-polling watcher when one moves; changes made by other
   processes (`meshid policy deny`, `meshid ca revoke`) reach sidecars within
   that interval plus one round trip.
+- Once a second the poller also lets `ca.rootkeeper` look at the root: it
+  publishes the next root at half the active one's life and lets it activate
+  (gated on sidecars) well before expiry; `--no-auto-rotate` turns that off.
 """
 
 from __future__ import annotations
@@ -45,6 +48,7 @@ from cryptography import x509
 
 from ca.api import MAX_BODY, ControlApi, Reply, Request, error
 from ca.authority import Authority, utcnow
+from ca.rootkeeper import RootKeeper
 from meshid.errors import MeshIdError, StateError
 from meshid.files import write_atomic
 from meshid.ratelimit import FailureLimiter
@@ -71,6 +75,7 @@ class ServerOptions:
     request_timeout: float = 10.0
     idle_timeout: float = 60.0
     max_connections: int = 4096
+    auto_rotate: bool = True  # prepare and activate the next root by itself (ca.rootlife)
 
 
 @dataclass(slots=True)
@@ -97,10 +102,17 @@ class ControlPlane:
     _connections: int = 0
     _queue: list[_Slot] = field(default_factory=list)
     _queued: trio.Event = field(default_factory=trio.Event)
+    root_keeper: RootKeeper = field(init=False)
 
     def __post_init__(self) -> None:
         self.api = ControlApi(
             self.authority, self.clock, time.monotonic, FailureLimiter(max_failures=5)
+        )
+        self.root_keeper = RootKeeper(
+            self.authority,
+            self.log,
+            propagation_default(self.authority.svid_ttl),
+            auto=self.options.auto_rotate,
         )
 
     @property
@@ -187,6 +199,7 @@ class ControlPlane:
             ticks += 1
             try:
                 if ticks % max(1, round(1 / self.options.poll_interval)) == 0:
+                    await self._db_call(self.root_keeper.tick)  # logs its own failures
                     await self._db_call(self.authority.advance_roots)
                     await self._refresh_credentials()
                 versions = await self._db_call(self.authority.versions)

@@ -9,6 +9,7 @@ from __future__ import annotations
 from datetime import datetime, timedelta
 
 from ca.authority import REPORT_FRESH, Authority, SidecarReport, printable
+from ca.rootlife import warning_text
 from meshid.spiffeid import SpiffeId
 
 WARN_SHARE = 0.25  # warn when less than this share of the SVID lifetime is left
@@ -89,6 +90,11 @@ def render_status(authority: Authority) -> list[str]:
         f"trust domain {authority.trust_domain.name}: bundle sequence {sequence}, "
         f"policy version {policy_version}, revocation version {revocation_version}",
     ]
+    active, pending = authority.root_lifecycle()
+    root_warning = warning_text(now, active, pending)  # thirty days, or 1/6 of a short life
+    if root_warning is not None:
+        warnings.append(root_warning)
+    body.append(f"active root {active.generation} expires {_ago(now - active.not_after)}")
     rotation = authority.rotation_status()
     if rotation is not None:
         generation, lagging = rotation
