@@ -11,7 +11,24 @@ Theory of operation:
   has none) and required by the endpoints that need them.
 - HTTP/1.1 with h11, keep-alive, one request at a time per connection. A
   request must arrive whole within `request_timeout` (a slow client gets
-  408) and its body may not exceed 64 KiB (413).
+  408) and its body may not exceed 64 KiB (413); a reply must be taken
+  within `request_timeout` too. Every method is answered: HEAD as GET
+  without the body, a method the path does not take 405 with ``Allow``, a
+  method this server does not know 501.
+- Failure boundaries: each connection is one unit of work. Whatever its
+  peer sends, and whatever the authority raises while answering it (a full
+  disk, a bug), ends that request or that connection only: the request gets
+  503 with ``Retry-After`` when the authority failed, the connection is
+  closed and ``internal_error`` logged with the exception's type for
+  anything else. The poller and the batcher log and carry on likewise.
+- Admission: a connection that has not shown a client certificate is
+  *anonymous*. Anonymous connections are capped per source address
+  (`max_per_source`) and in all (`max_connections`), and may idle only
+  `anonymous_idle_timeout`. A connection whose handshake carried a
+  certificate of this trust domain moves to a separate pool
+  (`max_authenticated`), and long-poll watches have a budget of their own
+  (`max_watches_per_identity`, `max_watches`): a flood of anonymous
+  connections cannot take the places sidecars need.
 - The authority is synchronous (SQLite). Calls go to one worker thread at a
   time, so a CLI command holding the database lock stalls requests, not the
   event loop.
@@ -24,18 +41,20 @@ Theory of operation:
 from __future__ import annotations
 
 import contextlib
+import errno
 import ipaddress
 import math
 import os
-import secrets
 import signal
 import socket
+import sqlite3
 import ssl
 import time
 import traceback
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
+from pathlib import Path
 from typing import Any, TypeVar
 from urllib.parse import parse_qsl, urlsplit
 
@@ -45,17 +64,31 @@ from cryptography import x509
 
 from ca.api import MAX_BODY, ControlApi, Reply, Request, error
 from ca.authority import Authority, utcnow
-from meshid.errors import MeshIdError, StateError
-from meshid.files import write_atomic
+from ca.limits import SharedFailureLimiter
+from meshid.errors import MeshIdError, StateError, StorageUnavailable
 from meshid.ratelimit import FailureLimiter
 from meshid.spiffeid import SpiffeId
-from meshid.svid import IpAddress, certs_to_pem, generate_key, key_to_pem
+from meshid.svid import IpAddress, certs_to_pem, generate_key, key_to_pem, leaf_spiffe_id
 
 AUTHORITY_PATH = "/meshid/authority"
 BATCHED_PATHS = ("/v1/enroll", "/v1/renew", "/v1/report")  # writes: group-committed
 MAX_BATCH = 128
 WATCH_EXPIRY_MARGIN = 1.0  # seconds: a long poll ends this long before the caller's SVID
 SERVER_DIR = "server"
+RETRY_AFTER = 5  # seconds a caller is asked to wait when the authority cannot answer
+# method -> paths: what HEAD, 405 and Allow are computed from (ca.api routes the rest)
+ROUTES: dict[str, tuple[str, ...]] = {
+    "/v1/enroll": ("POST",),
+    "/v1/renew": ("POST",),
+    "/v1/report": ("POST",),
+    "/v1/bundle": ("GET", "HEAD"),
+    "/v1/watch": ("GET", "HEAD"),
+    "/healthz": ("GET", "HEAD"),
+}
+# RFC 9110's methods: known to this server, so a path that does not take one says 405
+KNOWN_METHODS = frozenset(
+    {"GET", "HEAD", "POST", "PUT", "DELETE", "CONNECT", "OPTIONS", "TRACE", "PATCH"}
+)
 T = TypeVar("T")
 
 
@@ -69,8 +102,13 @@ class ServerOptions:
     watch_timeout: float = 25.0
     handshake_timeout: float = 10.0
     request_timeout: float = 10.0
-    idle_timeout: float = 60.0
-    max_connections: int = 4096
+    idle_timeout: float = 60.0  # between requests, on a connection with a client certificate
+    anonymous_idle_timeout: float = 10.0  # between requests, on one without
+    max_connections: int = 4096  # anonymous connections (no client certificate), in all
+    max_per_source: int = 64  # anonymous connections from one IP address
+    max_authenticated: int = 16384  # connections with a client certificate of ours
+    max_watches: int = 16384  # long polls parked at once, in all
+    max_watches_per_identity: int = 8  # long polls parked at once by one SPIFFE ID
 
 
 @dataclass(slots=True)
@@ -94,14 +132,19 @@ class ControlPlane:
     _db: trio.CapacityLimiter = field(default_factory=lambda: trio.CapacityLimiter(1))
     _changed: trio.Event = field(default_factory=trio.Event)
     _versions: tuple[int, int, int] = (0, 0, 0)
-    _connections: int = 0
+    limiter: FailureLimiter | None = None  # shared by the workers of one server, if given
+    _connections: int = 0  # anonymous
+    _per_source: dict[str, int] = field(default_factory=dict)  # anonymous, by address
+    _authenticated: int = 0
+    _watches: dict[SpiffeId, int] = field(default_factory=dict)
+    _watching: int = 0
+    _last_refusal_log: float = -math.inf
     _queue: list[_Slot] = field(default_factory=list)
     _queued: trio.Event = field(default_factory=trio.Event)
 
     def __post_init__(self) -> None:
-        self.api = ControlApi(
-            self.authority, self.clock, time.monotonic, FailureLimiter(max_failures=5)
-        )
+        limiter = self.limiter if self.limiter is not None else FailureLimiter(max_failures=5)
+        self.api = ControlApi(self.authority, self.clock, time.monotonic, limiter)
 
     @property
     def identity(self) -> SpiffeId:
@@ -125,21 +168,9 @@ class ControlPlane:
             internal=True,
         )
         generation, _, _ = self.authority.signer()
-        directory = self.authority.state_dir / SERVER_DIR
-        directory.mkdir(mode=0o700, exist_ok=True)
-        # The stdlib loads a key only from a file. Each worker writes its own pair,
-        # loads it, and removes it: the key lives on in memory only.
-        stem = f".{os.getpid()}-{secrets.token_hex(4)}"
-        cert_path, key_path = directory / f"{stem}.pem", directory / f"{stem}.key"
-        try:
-            write_atomic(key_path, key_to_pem(key), mode=0o600)
-            write_atomic(cert_path, certs_to_pem(issued.chain))
-            context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-            context.minimum_version = ssl.TLSVersion.TLSv1_3
-            context.load_cert_chain(cert_path, key_path)
-        finally:
-            key_path.unlink(missing_ok=True)
-            cert_path.unlink(missing_ok=True)
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        context.minimum_version = ssl.TLSVersion.TLSv1_3
+        _load_chain_from_memory(context, certs_to_pem(issued.chain) + key_to_pem(key))
         context.load_verify_locations(cadata=issued.bundle.to_pem().decode())
         context.verify_mode = ssl.CERT_OPTIONAL
         leaf = issued.leaf
@@ -190,8 +221,8 @@ class ControlPlane:
                     await self._db_call(self.authority.advance_roots)
                     await self._refresh_credentials()
                 versions = await self._db_call(self.authority.versions)
-            except MeshIdError as exc:
-                self.log("poll_failed", reason=exc.reason, detail=exc.message)
+            except Exception as exc:  # a full disk, a locked or broken database: try again
+                self.log("poll_failed", **_failure_fields(exc))
                 continue
             self._observe(versions)
 
@@ -211,8 +242,16 @@ class ControlPlane:
         task_status: trio.TaskStatus[tuple[str, int]],
     ) -> None:
         """Serve on `sock` (bound and listening, perhaps shared with other workers)."""
-        await self._refresh_credentials()
-        self._versions = await self._db_call(self.authority.versions)
+        try:
+            await self._refresh_credentials()
+            self._versions = await self._db_call(self.authority.versions)
+        except MeshIdError:
+            raise
+        except Exception as exc:  # the database cannot be read or written: say so in one line
+            raise StorageUnavailable(
+                f"cannot start: the state directory's database failed ({_describe(exc)})"
+            ) from None
+        _remove_stale_key_files(self.authority.state_dir / SERVER_DIR)
         if sock is None:
             sock = bind_listener(self.options.host, self.options.port)
         listeners = [trio.SocketListener(trio.socket.from_stdlib_socket(sock))]
@@ -228,15 +267,50 @@ class ControlPlane:
                 spiffe_id=str(self.identity),
             )
             task_status.started(self.bound)
-            await trio.serve_listeners(self._connection, listeners)
+            # Connections run in a nursery of their own; each is its own failure boundary.
+            async with trio.open_nursery() as handlers:
+                await trio.serve_listeners(self._connection, listeners, handler_nursery=handlers)
 
     async def _connection(self, tcp: trio.SocketStream) -> None:
-        peer = tcp.socket.getpeername()
-        source = str(peer[0])
+        """One connection, start to end; nothing it does can end the server."""
+        source = "unknown"
+        try:
+            source = str(tcp.socket.getpeername()[0])  # may fail: the peer already reset
+            await self._admitted(tcp, source)
+        except Exception as exc:  # a bug or an unforeseen peer: this connection only
+            self.log("internal_error", source=source, error=type(exc).__name__)
+        finally:
+            await trio.aclose_forcefully(tcp)
+
+    def _refuse(self, source: str, reason: str) -> None:
+        """Log a refused connection, at most once a second (a flood must not flood the log)."""
+        now = time.monotonic()
+        if now - self._last_refusal_log >= 1.0:
+            self._last_refusal_log = now
+            self.log("connection_refused", source=source, reason=reason)
+
+    async def _admitted(self, tcp: trio.SocketStream, source: str) -> None:
+        if self._per_source.get(source, 0) >= self.options.max_per_source:
+            self._refuse(source, "too_many_connections_from_source")
+            return
         if self._connections >= self.options.max_connections:
-            await tcp.aclose()
+            self._refuse(source, "too_many_connections")
             return
         self._connections += 1
+        self._per_source[source] = self._per_source.get(source, 0) + 1
+        anonymous = True
+
+        def leave_anonymous_pool() -> None:
+            nonlocal anonymous
+            if anonymous:
+                anonymous = False
+                self._connections -= 1
+                left = self._per_source[source] - 1
+                if left:
+                    self._per_source[source] = left
+                else:
+                    del self._per_source[source]
+
         try:
             assert self._creds is not None
             stream = trio.SSLStream(tcp, self._creds.context, server_side=True)
@@ -245,26 +319,47 @@ class ControlPlane:
                     await stream.do_handshake()
             except (trio.TooSlowError, trio.BrokenResourceError, ssl.SSLError, OSError) as exc:
                 self.log("handshake_failed", source=source, detail=type(exc).__name__)
-                await trio.aclose_forcefully(tcp)
                 return
             der = stream.getpeercert(binary_form=True)
             peer_cert = x509.load_der_x509_certificate(der) if der else None
+            if peer_cert is None:
+                await self._serve_http(stream, source, None)
+                return
+            # The handshake verified the certificate against our bundle: a sidecar.
+            leave_anonymous_pool()
+            if self._authenticated >= self.options.max_authenticated:
+                self._refuse(source, "too_many_authenticated_connections")
+                return
+            self._authenticated += 1
             try:
-                await self._http(stream, source, peer_cert)
-            except (trio.BrokenResourceError, trio.ClosedResourceError, ssl.SSLError, OSError):
-                pass
+                await self._serve_http(stream, source, peer_cert)
             finally:
-                await trio.aclose_forcefully(stream)
+                self._authenticated -= 1
         finally:
-            self._connections -= 1
+            leave_anonymous_pool()
+
+    async def _serve_http(
+        self,
+        stream: trio.SSLStream[trio.SocketStream],
+        source: str,
+        cert: x509.Certificate | None,
+    ) -> None:
+        try:
+            await self._http(stream, source, cert)
+        except (trio.BrokenResourceError, trio.ClosedResourceError, ssl.SSLError, OSError):
+            pass  # the peer went away
+        finally:
+            await trio.aclose_forcefully(stream)
 
     async def _http(
         self, stream: trio.SSLStream[trio.SocketStream], source: str, cert: x509.Certificate | None
     ) -> None:
         conn = h11.Connection(h11.SERVER, max_incomplete_event_size=16 * 1024)
+        options = self.options
+        idle = options.idle_timeout if cert is not None else options.anonymous_idle_timeout
         while True:
             try:
-                request, body = await self._read_request(stream, conn)
+                request, body = await self._read_request(stream, conn, idle)
             except h11.RemoteProtocolError as exc:
                 await self._send(
                     stream, conn, error(exc.error_status_hint, "bad_request", str(exc))
@@ -284,29 +379,39 @@ class ControlPlane:
                 return
             if request is None:
                 return  # the client closed between requests
+            method = request.method.decode("ascii", "replace")
             target = urlsplit(request.target.decode("ascii", "replace"))
             req = Request(
-                method=request.method.decode("ascii", "replace"),
+                method="GET" if method == "HEAD" else method,
                 path=target.path,
                 query=dict(parse_qsl(target.query)),
                 body=body,
                 source=source,
                 peer_cert=cert,
             )
-            reply = await self._dispatch(req)
+            reply = _method_reply(method, req.path) or await self._answer(req)
             if reply.status >= 400 or req.path == "/v1/enroll":  # renewals: see the audit log
                 self.log(
                     "request",
-                    method=req.method,
+                    method=method,
                     path=req.path,
                     source=source,
                     status=reply.status,
                     reason=reply.body.get("error"),
                 )
-            await self._send(stream, conn, reply)
+            await self._send(stream, conn, reply, head=method == "HEAD")
             if conn.our_state is h11.MUST_CLOSE or conn.their_state is not h11.DONE:
                 return
             conn.start_next_cycle()
+
+    async def _answer(self, req: Request) -> Reply:
+        """The reply to one request; the authority failing costs this request a 503."""
+        try:
+            return await self._dispatch(req)
+        except Exception as exc:
+            fields = _failure_fields(exc)
+            self.log("request_failed", method=req.method, path=req.path, **fields)
+            return _unavailable(fields["reason"])
 
     async def _dispatch(self, req: Request) -> Reply:
         if req.method == "GET" and req.path == "/v1/watch":
@@ -314,21 +419,37 @@ class ControlPlane:
             if reply is not None:
                 return reply
             self._observe(seen)  # the database may be ahead of the poller
+            assert req.peer_cert is not None  # watch_check refused the anonymous
+            caller = leaf_spiffe_id(req.peer_cert)
+            if (
+                self._watching >= self.options.max_watches
+                or self._watches.get(caller, 0) >= self.options.max_watches_per_identity
+            ):
+                # Answer at once instead of parking: the caller polls again, no change missed.
+                return await self._db_call(self.api.handle, req)
             try:
                 wait = min(float(req.query.get("wait", self.options.watch_timeout)), 60.0)
             except ValueError:
                 wait = self.options.watch_timeout
             if not math.isfinite(wait) or wait < 0:
                 wait = self.options.watch_timeout
-            if req.peer_cert is not None:
-                # Answer while the caller's certificate is still good: the reply checks the
-                # caller again, and a watch parked past that expiry would end in an error
-                # the sidecar backs off from, missing changes meanwhile.
-                left = (req.peer_cert.not_valid_after_utc - self.clock()).total_seconds()
-                wait = min(wait, max(0.0, left - WATCH_EXPIRY_MARGIN))
-            with trio.move_on_after(wait):
-                while self._versions == seen:
-                    await self._changed.wait()
+            # Answer while the caller's certificate is still good: the reply checks the
+            # caller again, and a watch parked past that expiry would end in an error
+            # the sidecar backs off from, missing changes meanwhile.
+            left = (req.peer_cert.not_valid_after_utc - self.clock()).total_seconds()
+            wait = min(wait, max(0.0, left - WATCH_EXPIRY_MARGIN))
+            self._watching += 1
+            self._watches[caller] = self._watches.get(caller, 0) + 1
+            try:
+                with trio.move_on_after(wait):
+                    while self._versions == seen:
+                        await self._changed.wait()
+            finally:
+                self._watching -= 1
+                if self._watches[caller] <= 1:
+                    del self._watches[caller]
+                else:
+                    self._watches[caller] -= 1
         if req.method == "POST" and req.path in BATCHED_PATHS:
             return await self._signed(req)
         return await self._db_call(self.api.handle, req)
@@ -353,19 +474,21 @@ class ControlPlane:
                         replies = await self._db_call(
                             self.api.handle_batch, [slot.request for slot in batch]
                         )
-                    except MeshIdError as exc:
-                        replies = [error(503, exc.reason, exc.message)] * len(batch)
+                    except Exception as exc:  # the batch is lost, not the server: retry later
+                        fields = _failure_fields(exc)
+                        self.log("batch_failed", requests=len(batch), **fields)
+                        replies = [_unavailable(fields["reason"])] * len(batch)
                 for slot, reply in zip(batch, replies, strict=True):
                     slot.reply = reply
                     slot.done.set()
 
     async def _read_request(
-        self, stream: trio.SSLStream[trio.SocketStream], conn: h11.Connection
+        self, stream: trio.SSLStream[trio.SocketStream], conn: h11.Connection, idle: float
     ) -> tuple[h11.Request | None, bytes]:
         request: h11.Request | None = None
         body = bytearray()
         # Waiting for the first byte of a request is idle time; once it starts it must finish.
-        deadline = trio.current_time() + self.options.idle_timeout
+        deadline = trio.current_time() + idle
         while True:
             event = conn.next_event()
             if event is h11.NEED_DATA:
@@ -390,10 +513,15 @@ class ControlPlane:
             elif isinstance(event, h11.ConnectionClosed):
                 return None, b""
 
-    @staticmethod
     async def _send(
-        stream: trio.SSLStream[trio.SocketStream], conn: h11.Connection, reply: Reply
+        self,
+        stream: trio.SSLStream[trio.SocketStream],
+        conn: h11.Connection,
+        reply: Reply,
+        *,
+        head: bool = False,
     ) -> None:
+        """Send `reply` (headers only, if the request was HEAD) within `request_timeout`."""
         if conn.our_state not in (h11.IDLE, h11.SEND_RESPONSE):
             return
         payload = reply.encode()
@@ -404,10 +532,12 @@ class ControlPlane:
         ]
         if reply.status >= 400 and reply.status not in (401, 403, 404, 405):
             headers.append(("connection", "close"))
-        data = conn.send(h11.Response(status_code=reply.status, headers=headers))
-        data = (data or b"") + (conn.send(h11.Data(data=payload)) or b"")
+        data = conn.send(h11.Response(status_code=reply.status, headers=headers)) or b""
+        if not head:  # HEAD: the headers GET would have, content-length included
+            data += conn.send(h11.Data(data=payload)) or b""
         data += conn.send(h11.EndOfMessage()) or b""
-        await stream.send_all(data)
+        with trio.fail_after(self.options.request_timeout):  # a peer that never reads
+            await stream.send_all(data)
 
 
 @dataclass(eq=False, slots=True)
@@ -419,6 +549,86 @@ class _Slot:
 
 class _BodyTooLarge(Exception):
     pass
+
+
+def _method_reply(method: str, path: str) -> Reply | None:
+    """405 (with Allow) or 501 for a method the path or the server does not take."""
+    allowed = ROUTES.get(path)
+    if allowed is None or method in allowed:
+        return None  # an unknown path is ca.api's 404
+    if method not in KNOWN_METHODS:
+        return error(501, "not_implemented", "this server does not implement that method")
+    return error(
+        405, "method_not_allowed", f"{method} is not allowed here", allow=", ".join(allowed)
+    )
+
+
+_STORAGE_ERRNOS = frozenset({errno.ENOSPC, errno.EROFS, errno.EDQUOT, errno.EIO})
+
+
+def _is_storage_failure(exc: BaseException) -> bool:
+    if isinstance(exc, StorageUnavailable | sqlite3.Error):
+        return True
+    return isinstance(exc, OSError) and exc.errno in _STORAGE_ERRNOS
+
+
+def _describe(exc: BaseException) -> str:
+    """What failed, in words that hold no secret: ours, or SQLite's, or the OS's."""
+    if isinstance(exc, MeshIdError):
+        return exc.message
+    if isinstance(exc, sqlite3.Error):
+        return str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
+    if isinstance(exc, OSError) and exc.strerror:
+        return exc.strerror
+    return type(exc).__name__
+
+
+def _failure_fields(exc: BaseException) -> dict[str, str]:
+    """Log fields for an exception the authority raised: a reason, its type, its words."""
+    if isinstance(exc, MeshIdError):
+        reason = exc.reason
+    else:
+        reason = "storage_unavailable" if _is_storage_failure(exc) else "internal_error"
+    return {"reason": reason, "error": type(exc).__name__, "detail": _describe(exc)}
+
+
+def _unavailable(reason: str) -> Reply:
+    return error(
+        503,
+        reason,
+        "the authority cannot answer now; try again later",
+        retry_after=str(RETRY_AFTER),
+    )
+
+
+def _load_chain_from_memory(context: ssl.SSLContext, pem: bytes) -> None:
+    """Load a certificate chain and its key without writing the key to any disk.
+
+    The stdlib loads a key only from a path. An anonymous in-memory file
+    (``memfd_create``), reached through ``/proc/self/fd``, is such a path: the key
+    never touches the state directory, so nothing is left behind if the process
+    is killed here, and a full or read-only disk does not stop the server.
+    """
+    fd = os.memfd_create("meshid-server-key", os.MFD_CLOEXEC)
+    try:
+        os.fchmod(fd, 0o600)
+        view = memoryview(pem)
+        while view:
+            view = view[os.write(fd, view) :]
+        context.load_cert_chain(f"/proc/self/fd/{fd}")
+    finally:
+        os.close(fd)
+
+
+def _remove_stale_key_files(directory: Path) -> None:
+    """Remove server key files an older version wrote and a killed process left behind."""
+    with contextlib.suppress(OSError):
+        for path in directory.glob(".*-*.key"):
+            with contextlib.suppress(OSError):
+                path.unlink()
+        for path in directory.glob(".*-*.pem"):
+            with contextlib.suppress(OSError):
+                path.unlink()
 
 
 def _content_length(headers: Sequence[tuple[bytes, bytes]]) -> int | None:
@@ -453,10 +663,11 @@ def _serve_one(
     options: ServerOptions,
     sock: socket.socket,
     log: Callable[..., None],
+    limiter: FailureLimiter | None = None,
 ) -> None:
     """One worker: its own database connection, its own event loop, the shared socket."""
     authority = open_authority()
-    plane = ControlPlane(authority, options, log=log)
+    plane = ControlPlane(authority, options, log=log, limiter=limiter)
 
     async def main() -> None:
         with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
@@ -510,6 +721,8 @@ def run_server(
         for sock in socks:
             sock.close()
         raise
+    # Created before the fork, so every worker counts enrollment failures in one table.
+    limiter = SharedFailureLimiter(max_failures=5)
     children: dict[int, int] = {}
     for index in range(workers):
         pid = os.fork()
@@ -524,6 +737,7 @@ def run_server(
                     options,
                     socks[index],
                     lambda event, i=index, **f: log(event, worker=i, **f),
+                    limiter,
                 )
                 status = 0
             except MeshIdError as exc:
