@@ -23,7 +23,8 @@ Theory of operation:
   anything else. The poller and the batcher log and carry on likewise.
 - Admission: a connection that has not shown a client certificate is
   *anonymous*. Anonymous connections are capped per source address
-  (`max_per_source`) and in all (`max_connections`), and may idle only
+  (`max_per_source`: more are closed at once) and in all (`max_connections`:
+  the oldest makes room for the newest), and may idle only
   `anonymous_idle_timeout`. A connection whose handshake carried a
   certificate of this trust domain moves to a separate pool
   (`max_authenticated`), and long-poll watches have a budget of their own
@@ -133,7 +134,7 @@ class ControlPlane:
     _changed: trio.Event = field(default_factory=trio.Event)
     _versions: tuple[int, int, int] = (0, 0, 0)
     limiter: FailureLimiter | None = None  # shared by the workers of one server, if given
-    _connections: int = 0  # anonymous
+    _anonymous: dict[trio.CancelScope, None] = field(default_factory=dict)  # oldest first
     _per_source: dict[str, int] = field(default_factory=dict)  # anonymous, by address
     _authenticated: int = 0
     _watches: dict[SpiffeId, int] = field(default_factory=dict)
@@ -293,10 +294,16 @@ class ControlPlane:
         if self._per_source.get(source, 0) >= self.options.max_per_source:
             self._refuse(source, "too_many_connections_from_source")
             return
-        if self._connections >= self.options.max_connections:
+        if len(self._anonymous) >= self.options.max_connections:
+            # Full: the oldest anonymous connection makes room. Refusing the newest
+            # instead would let a flood that keeps the pool full lock everyone out,
+            # sidecars coming to show their certificate included.
+            oldest = next(iter(self._anonymous))
+            del self._anonymous[oldest]
+            oldest.cancel()
             self._refuse(source, "too_many_connections")
-            return
-        self._connections += 1
+        scope = trio.CancelScope()
+        self._anonymous[scope] = None
         self._per_source[source] = self._per_source.get(source, 0) + 1
         anonymous = True
 
@@ -304,7 +311,7 @@ class ControlPlane:
             nonlocal anonymous
             if anonymous:
                 anonymous = False
-                self._connections -= 1
+                self._anonymous.pop(scope, None)
                 left = self._per_source[source] - 1
                 if left:
                     self._per_source[source] = left
@@ -312,18 +319,21 @@ class ControlPlane:
                     del self._per_source[source]
 
         try:
-            assert self._creds is not None
-            stream = trio.SSLStream(tcp, self._creds.context, server_side=True)
-            try:
-                with trio.fail_after(self.options.handshake_timeout):
-                    await stream.do_handshake()
-            except (trio.TooSlowError, trio.BrokenResourceError, ssl.SSLError, OSError) as exc:
-                self.log("handshake_failed", source=source, detail=type(exc).__name__)
-                return
-            der = stream.getpeercert(binary_form=True)
-            peer_cert = x509.load_der_x509_certificate(der) if der else None
-            if peer_cert is None:
-                await self._serve_http(stream, source, None)
+            with scope:
+                assert self._creds is not None
+                stream = trio.SSLStream(tcp, self._creds.context, server_side=True)
+                try:
+                    with trio.fail_after(self.options.handshake_timeout):
+                        await stream.do_handshake()
+                except (trio.TooSlowError, trio.BrokenResourceError, ssl.SSLError, OSError) as exc:
+                    self.log("handshake_failed", source=source, detail=type(exc).__name__)
+                    return
+                der = stream.getpeercert(binary_form=True)
+                peer_cert = x509.load_der_x509_certificate(der) if der else None
+                if peer_cert is None:
+                    await self._serve_http(stream, source, None)
+                    return
+            if scope.cancelled_caught:
                 return
             # The handshake verified the certificate against our bundle: a sidecar.
             leave_anonymous_pool()

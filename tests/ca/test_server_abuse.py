@@ -1,0 +1,457 @@
+"""The control plane under hostile or broken input: methods, floods, faults, fuzz.
+
+Every test ends by asking the server something ordinary and getting the
+ordinary answer: whatever came before ended a request or a connection, never
+the server.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import sqlite3
+import ssl
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from datetime import UTC, datetime
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import pytest
+import trio
+from ca_helpers import TD, Clock
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from test_server import Plane, csr_pem, status_and_body, write_identity
+
+from ca.authority import Authority
+from ca.server import ControlPlane, ServerOptions
+from meshid.spiffeid import SpiffeId
+from sidecar.control import ClientIdentity
+
+WEB = SpiffeId(TD, "/web")
+API = SpiffeId(TD, "/api")
+
+
+@asynccontextmanager
+async def serving(state: Path, clock: Clock, **options: Any) -> AsyncIterator[Plane]:
+    served = Authority.open(state, clock=clock)
+    authority = Authority.open(state, clock=clock)
+    log: list[dict[str, Any]] = []
+    opts = {"request_timeout": 1.0, "poll_interval": 0.05, **options}
+    server = ControlPlane(
+        served,
+        ServerOptions(host="127.0.0.1", port=0, **opts),
+        log=lambda event, **f: log.append({"event": event, **f}),
+        clock=clock,
+    )
+    try:
+        async with trio.open_nursery() as own:
+            _host, port = await own.start(server.serve)
+            yield Plane(server, authority, state, port, authority.bundle().to_pem(), clock, log)
+            own.cancel_scope.cancel()
+    finally:
+        authority.close()
+        served.close()
+
+
+@pytest.fixture
+async def plane(state: Path, clock: Clock) -> AsyncIterator[Plane]:
+    async with serving(state, clock) as p:
+        yield p
+
+
+# -- a raw client that can pick its source address and its certificate --
+
+
+def client_context(plane: Plane, identity: ClientIdentity | None = None) -> ssl.SSLContext:
+    ctx = ssl.create_default_context(cadata=plane.bundle_pem.decode())
+    ctx.check_hostname = False
+    if identity is not None:
+        ctx.load_cert_chain(identity.cert, identity.key)
+    return ctx
+
+
+async def tcp_from(source: str, port: int) -> trio.SocketStream:
+    sock = trio.socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    try:
+        await sock.bind((source, 0))
+        await sock.connect(("127.0.0.1", port))
+    except BaseException:
+        sock.close()
+        raise
+    return trio.SocketStream(sock)
+
+
+async def exchange(
+    plane: Plane,
+    data: bytes,
+    *,
+    source: str = "127.0.0.1",
+    identity: ClientIdentity | None = None,
+    read_for: float = 5.0,
+) -> bytes:
+    """Send `data` over TLS from `source`; everything read until close or `read_for`."""
+    stream = trio.SSLStream(await tcp_from(source, plane.port), client_context(plane, identity))
+    out = bytearray()
+    try:
+        await stream.send_all(data)
+        with trio.move_on_after(read_for):
+            while chunk := await stream.receive_some(65536):
+                out += chunk
+    except (trio.BrokenResourceError, ssl.SSLError):
+        pass
+    finally:
+        await trio.aclose_forcefully(stream)
+    return bytes(out)
+
+
+def get(path: str) -> bytes:
+    return f"GET {path} HTTP/1.1\r\nhost: ca\r\nconnection: close\r\n\r\n".encode()
+
+
+def post(path: str, body: bytes) -> bytes:
+    head = f"POST {path} HTTP/1.1\r\nhost: ca\r\nconnection: close\r\ncontent-length: {len(body)}"
+    return head.encode() + b"\r\n\r\n" + body
+
+
+async def healthy(plane: Plane, source: str = "127.0.0.1") -> None:
+    with trio.fail_after(10):
+        raw = await exchange(plane, get("/healthz"), source=source)
+    assert status_and_body(raw)[0] == 200, raw
+
+
+def head_fields(raw: bytes) -> tuple[int, dict[str, str], bytes]:
+    head, _, body = raw.partition(b"\r\n\r\n")
+    lines = head.decode().split("\r\n")
+    pairs = (line.split(": ", 1) for line in lines[1:])
+    fields = {name.lower(): value for name, value in pairs}
+    return int(lines[0].split(" ")[1]), fields, body
+
+
+# -- methods --
+
+
+async def test_head_gets_the_headers_of_get_and_no_body(plane: Plane) -> None:
+    for path in ("/v1/bundle", "/healthz"):
+        with trio.fail_after(10):
+            raw = await exchange(plane, get(path).replace(b"GET", b"HEAD", 1))
+        status, fields, body = head_fields(raw)
+        full = status_and_body(await exchange(plane, get(path)))
+        assert (status, body) == (200, b"")
+        assert int(fields["content-length"]) == len(json.dumps(full[1], separators=(",", ":"))) + 1
+    await healthy(plane)
+
+
+@pytest.mark.parametrize(
+    ("request_line", "status", "allow"),
+    [
+        (b"OPTIONS /v1/bundle", 405, "GET, HEAD"),
+        (b"DELETE /v1/enroll", 405, "POST"),
+        (b"PUT /healthz", 405, "GET, HEAD"),
+        (b"HEAD /v1/enroll", 405, "POST"),
+        (b"BREW /v1/bundle", 501, None),
+        (b"OPTIONS /nowhere", 404, None),
+    ],
+)
+async def test_other_methods_get_405_with_allow_or_501(
+    plane: Plane, request_line: bytes, status: int, allow: str | None
+) -> None:
+    with trio.fail_after(10):
+        raw = await exchange(
+            plane, request_line + b" HTTP/1.1\r\nhost: ca\r\nconnection: close\r\n\r\n"
+        )
+    got, fields, _body = head_fields(raw)
+    assert got == status
+    assert fields.get("allow") == allow
+    await healthy(plane)
+
+
+# -- the authority failing: a full disk, a broken database --
+
+
+async def test_storage_failure_is_a_503_and_the_server_carries_on(
+    plane: Plane, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    served = plane.server.authority
+    token = plane.authority.create_token(WEB)
+
+    def full(*_args: Any, **_kwargs: Any) -> Any:
+        raise sqlite3.OperationalError("database or disk is full")
+
+    with monkeypatch.context() as fault:
+        fault.setattr(served, "versions", full)  # /healthz and the poller
+        fault.setattr(served.store, "batch", full)  # every write: enroll, renew, report
+        fault.setattr(served, "bundle", full)
+        for target in (get("/healthz"), get("/v1/bundle")):
+            status, fields, body = head_fields(await exchange(plane, target))
+            assert (status, fields["retry-after"]) == (503, "5")
+            assert json.loads(body)["error"] == "storage_unavailable"
+        enroll = json.dumps({"token": token, "csr": csr_pem()}).encode()
+        raw = await exchange(plane, post("/v1/enroll", enroll))
+        assert status_and_body(raw)[:1] == (503,)
+        with trio.fail_after(10):  # the poller met the fault too, and lived
+            while not any(e["event"] == "poll_failed" for e in plane.log):  # noqa: ASYNC110
+                await trio.sleep(0.02)
+    failures = [e for e in plane.log if e["event"] in ("poll_failed", "batch_failed")]
+    assert {e["reason"] for e in failures} == {"storage_unavailable"}
+    assert "batch_failed" in {e["event"] for e in failures}
+
+    # The fault is gone: the same token enrolls (nothing half-written), health is back.
+    await healthy(plane)
+    raw = await exchange(plane, post("/v1/enroll", enroll))
+    assert status_and_body(raw)[0] == 200
+
+
+async def test_a_bug_in_the_authority_costs_one_request(
+    plane: Plane, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def broken(*_args: Any) -> Any:
+        raise KeyError("a bug")
+
+    with monkeypatch.context() as fault:
+        fault.setattr(plane.server.authority, "bundle", broken)
+        status, _fields, body = head_fields(await exchange(plane, get("/v1/bundle")))
+        assert (status, json.loads(body)["error"]) == (503, "internal_error")
+    logged = [e for e in plane.log if e["event"] == "request_failed"]
+    assert logged and logged[0]["error"] == "KeyError" and "a bug" not in str(logged)
+    await healthy(plane)
+
+
+# -- floods --
+
+
+async def silent(source: str, port: int, count: int) -> list[trio.SocketStream]:
+    return [await tcp_from(source, port) for _ in range(count)]
+
+
+async def closed_by_server(stream: trio.SocketStream, within: float = 5.0) -> bool:
+    with trio.move_on_after(within):
+        try:
+            return await stream.receive_some(1024) == b""
+        except trio.BrokenResourceError:
+            return True
+    return False
+
+
+async def test_a_flood_from_one_source_is_capped_and_others_still_get_in(
+    state: Path, clock: Clock, tmp_path: Path
+) -> None:
+    async with serving(state, clock, max_per_source=4, max_connections=6) as plane:
+        ident = write_identity(tmp_path / "web", plane.authority, WEB)
+        flood: list[trio.SocketStream] = []
+        try:
+            flood += await silent("127.0.0.1", plane.port, 5)
+            # the fifth from one address is closed at once; the first four are held
+            assert await closed_by_server(flood[4])
+            assert not await closed_by_server(flood[0], within=0.2)
+            # another flood fills the anonymous pool: the oldest make room
+            flood += await silent("127.0.0.4", plane.port, 4)
+            await healthy(plane, source="127.0.0.2")
+            raw = await exchange(plane, get("/v1/watch"), source="127.0.0.3", identity=ident)
+            assert status_and_body(raw)[0] == 200
+        finally:
+            for stream in flood:
+                await trio.aclose_forcefully(stream)
+        refused = {e["reason"] for e in plane.log if e["event"] == "connection_refused"}
+        assert "too_many_connections_from_source" in refused
+
+
+async def test_a_parked_watch_outlives_a_flood(state: Path, clock: Clock, tmp_path: Path) -> None:
+    async with serving(state, clock, max_per_source=4, max_connections=4) as plane:
+        ident = write_identity(tmp_path / "web", plane.authority, WEB)
+        status, _f, body = head_fields(await exchange(plane, get("/v1/watch"), identity=ident))
+        feed = json.loads(body)
+        target = "/v1/watch?policy_version={}&revocation_version={}&bundle_sequence={}".format(
+            feed["policy_version"], feed["revocation_version"], feed["bundle_sequence"]
+        )
+        answer: list[bytes] = []
+        async with trio.open_nursery() as nursery:
+
+            async def watch() -> None:
+                answer.append(
+                    await exchange(plane, get(target + "&wait=20"), identity=ident, read_for=15)
+                )
+
+            nursery.start_soon(watch)
+            with trio.fail_after(10):
+                while plane.server._changed.statistics().tasks_waiting == 0:  # noqa: ASYNC110
+                    await trio.sleep(0.01)
+            flood = await silent("127.0.0.1", plane.port, 6) + await silent(
+                "127.0.0.5", plane.port, 6
+            )
+            other = plane.other()
+            other.allow(WEB, API)
+            other.close()
+            with trio.fail_after(10):
+                while not answer:  # noqa: ASYNC110
+                    await trio.sleep(0.02)
+            for stream in flood:
+                await trio.aclose_forcefully(stream)
+        status, body = status_and_body(answer[0])
+        assert status == 200 and body["pairs"] == [[str(WEB), str(API)]]
+
+
+async def test_watches_past_the_per_identity_budget_are_answered_at_once(
+    state: Path, clock: Clock, tmp_path: Path
+) -> None:
+    async with serving(state, clock, max_watches_per_identity=1) as plane:
+        ident = write_identity(tmp_path / "web", plane.authority, WEB)
+        _s, _f, body = head_fields(await exchange(plane, get("/v1/watch"), identity=ident))
+        feed = json.loads(body)
+        target = "/v1/watch?policy_version={}&revocation_version={}&bundle_sequence={}&wait=20"
+        target = target.format(
+            feed["policy_version"], feed["revocation_version"], feed["bundle_sequence"]
+        )
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(partial(exchange, plane, get(target), identity=ident, read_for=20))
+            with trio.fail_after(10):
+                while plane.server._changed.statistics().tasks_waiting == 0:  # noqa: ASYNC110
+                    await trio.sleep(0.01)
+            start = trio.current_time()
+            raw = await exchange(plane, get(target), identity=ident)
+            assert trio.current_time() - start < 3  # not parked
+            assert status_and_body(raw)[1]["policy_version"] == feed["policy_version"]
+            nursery.cancel_scope.cancel()
+
+
+# -- the key --
+
+
+async def test_the_server_key_is_never_written_to_disk(
+    state: Path, clock: Clock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    seen: list[list[Path]] = []
+    load = ssl.SSLContext.load_cert_chain
+
+    def spying(self: ssl.SSLContext, *args: Any, **kwargs: Any) -> None:
+        seen.append([p for p in state.rglob("*") if p.is_file()])
+        load(self, *args, **kwargs)
+
+    monkeypatch.setattr(ssl.SSLContext, "load_cert_chain", spying)
+    # a key file a killed server of an older version left behind
+    (state / "server").mkdir(exist_ok=True)
+    (state / "server" / ".123-abcd.key").write_bytes(b"-----BEGIN PRIVATE KEY-----")
+    async with serving(state, clock) as plane:
+        await healthy(plane)
+        assert seen
+        for files in seen:
+            keys = [p for p in files if p.suffix == ".key" and "server" in p.parts]
+            assert keys == [] or keys == [state / "server" / ".123-abcd.key"]
+        assert not (state / "server" / ".123-abcd.key").exists()
+    for files in seen:  # nothing with a private key in it but the root's own key files
+        for path in files:
+            if path.parent.name == "server" and path.exists():
+                assert b"PRIVATE KEY" not in path.read_bytes()
+
+
+# -- fuzz: HTTP over TLS, and TLS itself --
+
+_methods = st.sampled_from(["GET", "HEAD", "POST", "PUT", "OPTIONS", "TRACE", "X", "GET\x00"])
+_paths = st.sampled_from(["/healthz", "/v1/bundle", "/v1/enroll", "/v1/watch", "*", "/%ff", ""])
+_header = st.tuples(
+    st.sampled_from(["host", "content-length", "transfer-encoding", "connection", "x", "expect"]),
+    st.text(alphabet=st.characters(min_codepoint=0, max_codepoint=255), max_size=20),
+)
+
+
+@st.composite
+def http_requests(draw: st.DrawFn) -> tuple[list[bytes], bool]:
+    """A request, possibly malformed, cut into pieces; and whether to hang up early."""
+    method, path = draw(_methods), draw(_paths)
+    headers = draw(st.lists(_header, max_size=5))
+    body = draw(st.binary(max_size=200))
+    lines = [f"{method} {path} HTTP/1.1"] + [f"{k}: {v}" for k, v in headers]
+    data = ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + body
+    cuts = sorted(draw(st.lists(st.integers(0, len(data)), max_size=4)))
+    pieces = [data[a:b] for a, b in zip([0, *cuts], [*cuts, len(data)], strict=True)]
+    return [p for p in pieces if p], draw(st.booleans())
+
+
+async def fuzz_once(plane: Plane, pieces: list[bytes], hang_up: bool) -> None:
+    stream = trio.SSLStream(await tcp_from("127.0.0.1", plane.port), client_context(plane))
+    try:
+        for piece in pieces:
+            await stream.send_all(piece)
+        if not hang_up:
+            with trio.move_on_after(0.3):
+                while await stream.receive_some(65536):
+                    pass
+    except (trio.BrokenResourceError, ssl.SSLError):
+        pass
+    finally:
+        await trio.aclose_forcefully(stream)
+
+
+def run_fuzz(state: Path, clock: Clock, body: Callable[[Plane], Any]) -> Callable[[], None]:
+    """One server for all examples (starting one per example would dominate the run)."""
+
+    async def main() -> None:
+        async with serving(state, clock) as plane:
+            await body(plane)
+
+    return lambda: trio.run(main)
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=list(HealthCheck))
+@given(cases=st.lists(http_requests(), min_size=1, max_size=4))
+def test_http_fuzz_never_stops_the_server(
+    cases: list[tuple[list[bytes], bool]], tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    state = tmp_path_factory.mktemp("fuzz") / "state"
+    clock = Clock(_now())
+    Authority.init(state, TD, clock=clock).close()
+
+    async def body(plane: Plane) -> None:
+        with trio.fail_after(20):
+            for pieces, hang_up in cases:
+                await fuzz_once(plane, pieces, hang_up)
+            await healthy(plane)
+        assert not [e for e in plane.log if e["event"] == "internal_error"], plane.log
+
+    run_fuzz(state, clock, body)()
+
+
+@settings(max_examples=30, deadline=None, suppress_health_check=list(HealthCheck))
+@given(
+    junk=st.binary(max_size=300),
+    cut=st.integers(0, 600),
+    reset=st.booleans(),
+)
+def test_tls_fuzz_never_stops_the_server(
+    junk: bytes, cut: int, reset: bool, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    state = tmp_path_factory.mktemp("tls") / "state"
+    clock = Clock(_now())
+    Authority.init(state, TD, clock=clock).close()
+
+    async def body(plane: Plane) -> None:
+        with trio.fail_after(20):
+            hello = _client_hello(plane)
+            for data in (junk, hello[:cut], hello[:cut] + junk):
+                tcp = await tcp_from("127.0.0.1", plane.port)
+                try:
+                    await tcp.send_all(data)
+                    if reset:  # RST instead of FIN
+                        tcp.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\0\0\0\0\0\0\0")
+                except trio.BrokenResourceError:
+                    pass
+                finally:
+                    await trio.aclose_forcefully(tcp)
+            await healthy(plane)
+
+    run_fuzz(state, clock, body)()
+
+
+def _client_hello(plane: Plane) -> bytes:
+    """The first flight of a real TLS client, to cut short."""
+    incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+    obj = client_context(plane).wrap_bio(incoming, outgoing)
+    with pytest.raises(ssl.SSLWantReadError):
+        obj.do_handshake()
+    return outgoing.read()
+
+
+def _now() -> datetime:
+    return datetime.now(UTC).replace(microsecond=0)
