@@ -127,3 +127,55 @@ def test_port_in_use_is_one_line(state: Path) -> None:
     assert done.returncode == 1
     assert f"cannot listen on 127.0.0.1:{port}" in done.stderr
     assert len(done.stderr.strip().splitlines()) == 1
+
+
+def _exchange(port: int, bundle: Path, data: bytes) -> bytes:
+    ctx = ssl.create_default_context(cafile=str(bundle))
+    ctx.check_hostname = False
+    with (
+        socket.create_connection(("127.0.0.1", port), timeout=10) as raw,
+        ctx.wrap_socket(raw) as tls,
+    ):
+        tls.sendall(data)
+        out = b""
+        while chunk := tls.recv(65536):
+            out += chunk
+    return out
+
+
+def test_head_is_answered_by_every_worker_and_ends_none(state: Path, tmp_path: Path) -> None:
+    log = tmp_path / "ca.log"
+    with serving_two_workers(state, log) as (proc, port):
+        _wait_lines(log, '"serving"', 2, proc)
+        workers = _children(proc.pid)
+        for _ in range(8):  # the kernel spreads new connections over both workers
+            raw = _exchange(
+                port,
+                state / "bundle.pem",
+                b"HEAD /v1/bundle HTTP/1.1\r\nhost: ca\r\nconnection: close\r\n\r\n",
+            )
+            head, _, body = raw.partition(b"\r\n\r\n")
+            assert head.startswith(b"HTTP/1.1 200") and b"content-length: " in head.lower()
+            assert body == b""
+        for _ in range(6):
+            assert _health(port, state / "bundle.pem")["status"] == "ok"
+        assert proc.poll() is None and sorted(_children(proc.pid)) == sorted(workers)
+        assert '"worker_died"' not in log.read_text()
+
+
+def test_workers_share_one_guessing_limit(state: Path, tmp_path: Path) -> None:
+    log = tmp_path / "ca.log"
+    guess = b'{"token":"mjt_guess","csr":"x"}'
+    request = (
+        b"POST /v1/enroll HTTP/1.1\r\nhost: ca\r\nconnection: close\r\n"
+        b"content-length: %d\r\n\r\n%s" % (len(guess), guess)
+    )
+    with serving_two_workers(state, log) as (proc, port):
+        _wait_lines(log, '"serving"', 2, proc)
+        statuses = [
+            int(_exchange(port, state / "bundle.pem", request).split(b" ")[1]) for _ in range(11)
+        ]
+        logged = _wait_lines(log, '"request"', 11, proc)
+    # five failures in all, whichever worker saw them, block the source everywhere
+    assert statuses[:5] == [400] * 5 and statuses[5:] == [429] * 6, statuses
+    assert {json.loads(line)["worker"] for line in logged} == {0, 1}  # both took part
