@@ -7,11 +7,15 @@ the server.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
+import shutil
 import socket
 import sqlite3
 import ssl
-from collections.abc import AsyncIterator, Callable
+import subprocess
+from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime
 from functools import partial
@@ -455,3 +459,61 @@ def _client_hello(plane: Plane) -> bytes:
 
 def _now() -> datetime:
     return datetime.now(UTC).replace(microsecond=0)
+
+
+# -- a real full disk --
+
+
+@pytest.fixture
+def tiny_disk(tmp_path: Path) -> Iterator[Path]:
+    """A 4 MiB tmpfs of our own (root only), unmounted whatever happens."""
+    if os.geteuid() != 0 or shutil.which("mount") is None:
+        pytest.skip("mounting a tmpfs needs root")
+    mnt = tmp_path / "disk"
+    mnt.mkdir()
+    done = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(mnt)], capture_output=True
+    )
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs: {done.stderr.decode().strip()}")
+    try:
+        yield mnt
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], check=False)
+
+
+def fill(disk: Path) -> Path:
+    """Take every free byte of `disk`; the file to remove to give them back."""
+    path = disk / "filler"
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o600)
+    try:
+        with contextlib.suppress(OSError):
+            while os.write(fd, b"\0" * 65536):
+                pass
+    finally:
+        os.close(fd)
+    return path
+
+
+async def test_a_full_disk_is_503_and_the_server_recovers_when_space_returns(
+    tiny_disk: Path, clock: Clock, tmp_path: Path
+) -> None:
+    state = tiny_disk / "state"
+    Authority.init(state, TD, clock=clock).close()
+    async with serving(state, clock) as plane:
+        ident = write_identity(tmp_path / "web", plane.authority, WEB)
+        token = plane.authority.create_token(WEB)
+        enroll = json.dumps({"token": token, "csr": csr_pem()}).encode()
+        report = json.dumps({"instance": "a", "bundle_sequence": 1}).encode()
+        filler = fill(tiny_disk)
+        with trio.fail_after(20):
+            status, fields, body = head_fields(await exchange(plane, post("/v1/enroll", enroll)))
+            assert status == 503 and fields["retry-after"] == "5", body
+            raw = await exchange(plane, post("/v1/report", report), identity=ident)
+            assert status_and_body(raw)[0] == 503
+        filler.unlink()
+        with trio.fail_after(20):
+            await healthy(plane)
+            assert status_and_body(await exchange(plane, post("/v1/enroll", enroll)))[0] == 200
+            raw = await exchange(plane, post("/v1/report", report), identity=ident)
+            assert status_and_body(raw)[0] == 200
