@@ -109,7 +109,7 @@ class ServerOptions:
     max_per_source: int = 64  # anonymous connections from one IP address
     max_authenticated: int = 16384  # connections with a client certificate of ours
     max_watches: int = 16384  # long polls parked at once, in all
-    max_watches_per_identity: int = 8  # long polls parked at once by one SPIFFE ID
+    max_watches_per_identity: int = 256  # parked by one SPIFFE ID (its replicas share it)
 
 
 @dataclass(slots=True)
@@ -135,7 +135,7 @@ class ControlPlane:
     _versions: tuple[int, int, int] = (0, 0, 0)
     limiter: FailureLimiter | None = None  # shared by the workers of one server, if given
     _anonymous: dict[trio.CancelScope, None] = field(default_factory=dict)  # oldest first
-    _per_source: dict[str, int] = field(default_factory=dict)  # anonymous, by address
+    _per_source: dict[str, int] = field(default_factory=dict)  # anonymous, by `_source_key`
     _authenticated: int = 0
     _watches: dict[SpiffeId, int] = field(default_factory=dict)
     _watching: int = 0
@@ -283,16 +283,18 @@ class ControlPlane:
         finally:
             await trio.aclose_forcefully(tcp)
 
-    def _refuse(self, source: str, reason: str) -> None:
-        """Log a refused connection, at most once a second (a flood must not flood the log)."""
+    def _shed(self, source: str, reason: str) -> None:
+        """Log a connection refused or closed for room, at most once a second (a flood
+        must not flood the log too)."""
         now = time.monotonic()
         if now - self._last_refusal_log >= 1.0:
             self._last_refusal_log = now
-            self.log("connection_refused", source=source, reason=reason)
+            self.log("connection_shed", source=source, reason=reason)
 
     async def _admitted(self, tcp: trio.SocketStream, source: str) -> None:
-        if self._per_source.get(source, 0) >= self.options.max_per_source:
-            self._refuse(source, "too_many_connections_from_source")
+        key = _source_key(source)
+        if self._per_source.get(key, 0) >= self.options.max_per_source:
+            self._shed(source, "too_many_connections_from_source")
             return
         if len(self._anonymous) >= self.options.max_connections:
             # Full: the oldest anonymous connection makes room. Refusing the newest
@@ -301,10 +303,10 @@ class ControlPlane:
             oldest = next(iter(self._anonymous))
             del self._anonymous[oldest]
             oldest.cancel()
-            self._refuse(source, "too_many_connections")
+            self._shed(source, "anonymous_pool_full")
         scope = trio.CancelScope()
         self._anonymous[scope] = None
-        self._per_source[source] = self._per_source.get(source, 0) + 1
+        self._per_source[key] = self._per_source.get(key, 0) + 1
         anonymous = True
 
         def leave_anonymous_pool() -> None:
@@ -312,11 +314,11 @@ class ControlPlane:
             if anonymous:
                 anonymous = False
                 self._anonymous.pop(scope, None)
-                left = self._per_source[source] - 1
+                left = self._per_source[key] - 1
                 if left:
-                    self._per_source[source] = left
+                    self._per_source[key] = left
                 else:
-                    del self._per_source[source]
+                    del self._per_source[key]
 
         try:
             with scope:
@@ -338,7 +340,7 @@ class ControlPlane:
             # The handshake verified the certificate against our bundle: a sidecar.
             leave_anonymous_pool()
             if self._authenticated >= self.options.max_authenticated:
-                self._refuse(source, "too_many_authenticated_connections")
+                self._shed(source, "too_many_authenticated_connections")
                 return
             self._authenticated += 1
             try:
@@ -368,51 +370,52 @@ class ControlPlane:
         options = self.options
         idle = options.idle_timeout if cert is not None else options.anonymous_idle_timeout
         while True:
+            cycle = _Cycle()
             try:
-                request, body = await self._read_request(stream, conn, idle)
+                body = await self._read_request(stream, conn, idle, cycle)
             except h11.RemoteProtocolError as exc:
-                await self._send(
-                    stream, conn, error(exc.error_status_hint, "bad_request", str(exc))
-                )
-                return
+                reply = error(exc.error_status_hint, "bad_request", str(exc))
             except trio.TooSlowError:
-                await self._send(
-                    stream, conn, error(408, "request_timeout", "request not received in time")
-                )
-                return
+                reply = error(408, "request_timeout", "request not received in time")
             except _BodyTooLarge:
-                await self._send(
-                    stream,
-                    conn,
-                    error(413, "body_too_large", f"request body over {MAX_BODY} bytes"),
-                )
-                return
-            if request is None:
-                return  # the client closed between requests
-            method = request.method.decode("ascii", "replace")
-            target = urlsplit(request.target.decode("ascii", "replace"))
-            req = Request(
-                method="GET" if method == "HEAD" else method,
-                path=target.path,
-                query=dict(parse_qsl(target.query)),
-                body=body,
-                source=source,
-                peer_cert=cert,
-            )
-            reply = _method_reply(method, req.path) or await self._answer(req)
-            if reply.status >= 400 or req.path == "/v1/enroll":  # renewals: see the audit log
-                self.log(
-                    "request",
-                    method=method,
-                    path=req.path,
-                    source=source,
-                    status=reply.status,
-                    reason=reply.body.get("error"),
-                )
-            await self._send(stream, conn, reply, head=method == "HEAD")
+                reply = error(413, "body_too_large", f"request body over {MAX_BODY} bytes")
+            else:
+                if cycle.request is None:
+                    return  # the client closed between requests
+                reply = await self._reply(cycle.request, body, source, cert)
+            # HEAD is answered without a body even when the request failed half-way
+            await self._send(stream, conn, reply, head=cycle.method == "HEAD")
             if conn.our_state is h11.MUST_CLOSE or conn.their_state is not h11.DONE:
                 return
             conn.start_next_cycle()
+
+    async def _reply(
+        self, request: h11.Request, body: bytes, source: str, cert: x509.Certificate | None
+    ) -> Reply:
+        method = request.method.decode("ascii", "replace")
+        try:
+            target = urlsplit(request.target.decode("ascii", "replace"))
+        except ValueError:  # e.g. "//[": an IPv6 authority never closed
+            return error(400, "bad_request", "request target cannot be parsed")
+        req = Request(
+            method="GET" if method == "HEAD" else method,
+            path=target.path,
+            query=dict(parse_qsl(target.query)),
+            body=body,
+            source=source,
+            peer_cert=cert,
+        )
+        reply = _method_reply(method, req.path) or await self._answer(req)
+        if reply.status >= 400 or req.path == "/v1/enroll":  # renewals: see the audit log
+            self.log(
+                "request",
+                method=method[:16],
+                path=req.path[:256],
+                source=source,
+                status=reply.status,
+                reason=reply.body.get("error"),
+            )
+        return reply
 
     async def _answer(self, req: Request) -> Reply:
         """The reply to one request; the authority failing costs this request a 503."""
@@ -435,8 +438,13 @@ class ControlPlane:
                 self._watching >= self.options.max_watches
                 or self._watches.get(caller, 0) >= self.options.max_watches_per_identity
             ):
-                # Answer at once instead of parking: the caller polls again, no change missed.
-                return await self._db_call(self.api.handle, req)
+                # Not an unchanged feed at once: the sidecar would ask again at once, in a loop.
+                return error(
+                    429,
+                    "too_many_watches",
+                    "too many long polls are parked; try again later",
+                    retry_after=str(RETRY_AFTER),
+                )
             try:
                 wait = min(float(req.query.get("wait", self.options.watch_timeout)), 60.0)
             except ValueError:
@@ -493,8 +501,13 @@ class ControlPlane:
                     slot.done.set()
 
     async def _read_request(
-        self, stream: trio.SSLStream[trio.SocketStream], conn: h11.Connection, idle: float
-    ) -> tuple[h11.Request | None, bytes]:
+        self,
+        stream: trio.SSLStream[trio.SocketStream],
+        conn: h11.Connection,
+        idle: float,
+        cycle: _Cycle,
+    ) -> bytes:
+        """The next request's body; its head goes into `cycle` as soon as it is read."""
         request: h11.Request | None = None
         body = bytearray()
         # Waiting for the first byte of a request is idle time; once it starts it must finish.
@@ -509,7 +522,7 @@ class ControlPlane:
                     deadline = min(deadline, trio.current_time() + self.options.request_timeout)
                 continue
             if isinstance(event, h11.Request):
-                request = event
+                request = cycle.request = event
                 length = _content_length(event.headers)
                 if length is not None and length > MAX_BODY:
                     raise _BodyTooLarge
@@ -519,9 +532,10 @@ class ControlPlane:
                 if len(body) > MAX_BODY:
                     raise _BodyTooLarge
             elif isinstance(event, h11.EndOfMessage):
-                return request, bytes(body)
+                return bytes(body)
             elif isinstance(event, h11.ConnectionClosed):
-                return None, b""
+                cycle.request = None
+                return b""
 
     async def _send(
         self,
@@ -550,6 +564,17 @@ class ControlPlane:
             await stream.send_all(data)
 
 
+@dataclass(slots=True)
+class _Cycle:
+    """What is known of the request being read: enough to answer even a broken one right."""
+
+    request: h11.Request | None = None
+
+    @property
+    def method(self) -> str | None:
+        return None if self.request is None else self.request.method.decode("ascii", "replace")
+
+
 @dataclass(eq=False, slots=True)
 class _Slot:
     request: Request
@@ -559,6 +584,23 @@ class _Slot:
 
 class _BodyTooLarge(Exception):
     pass
+
+
+def _source_key(address: str) -> str:
+    """What the per-source cap counts by: an IPv4 address, or an IPv6 /64.
+
+    One IPv6 host usually holds a whole /64, and would otherwise have 2**64
+    sources to spread a flood over.
+    """
+    try:
+        ip = ipaddress.ip_address(address)
+    except ValueError:
+        return address
+    if isinstance(ip, ipaddress.IPv6Address):
+        if ip.ipv4_mapped is not None:
+            return str(ip.ipv4_mapped)
+        return str(ipaddress.IPv6Network((ip, 64), strict=False))
+    return str(ip)
 
 
 def _method_reply(method: str, path: str) -> Reply | None:

@@ -30,7 +30,7 @@ from hypothesis import strategies as st
 from test_server import Plane, csr_pem, status_and_body, write_identity
 
 from ca.authority import Authority
-from ca.server import ControlPlane, ServerOptions
+from ca.server import ControlPlane, ServerOptions, _source_key
 from meshid.spiffeid import SpiffeId
 from sidecar.control import ClientIdentity
 
@@ -172,6 +172,29 @@ async def test_other_methods_get_405_with_allow_or_501(
     await healthy(plane)
 
 
+@pytest.mark.parametrize(
+    ("data", "status"),
+    [
+        (b"HEAD /v1/bundle HTTP/1.1\r\nhost: ca\r\ncontent-length: 99999999\r\n\r\n", 413),
+        (b"HEAD /v1/bundle HTTP/1.1\r\nhost: ca\r\ncontent-length: 5\r\n\r\nab", 408),
+        (b"HEAD /v1/bundle HTTP/1.1\r\nhost: ca\r\ncontent-length: x\r\n\r\n", 400),
+        (b"GET //[ HTTP/1.1\r\nhost: ca\r\n\r\n", 400),
+        (b"HEAD //[ HTTP/1.1\r\nhost: ca\r\n\r\n", 400),
+    ],
+)
+async def test_broken_requests_get_an_answer_not_an_internal_error(
+    plane: Plane, data: bytes, status: int
+) -> None:
+    with trio.fail_after(10):
+        raw = await exchange(plane, data)
+    got, fields, body = head_fields(raw)
+    assert got == status
+    if data.startswith(b"HEAD") and b": x" not in data:  # x: the head itself is unreadable
+        assert body == b"" and int(fields["content-length"]) > 0
+    assert not [e for e in plane.log if e["event"] == "internal_error"]
+    await healthy(plane)
+
+
 # -- the authority failing: a full disk, a broken database --
 
 
@@ -258,8 +281,8 @@ async def test_a_flood_from_one_source_is_capped_and_others_still_get_in(
         finally:
             for stream in flood:
                 await trio.aclose_forcefully(stream)
-        refused = {e["reason"] for e in plane.log if e["event"] == "connection_refused"}
-        assert "too_many_connections_from_source" in refused
+        shed = {e["reason"] for e in plane.log if e["event"] == "connection_shed"}
+        assert "too_many_connections_from_source" in shed
 
 
 async def test_a_parked_watch_outlives_a_flood(state: Path, clock: Clock, tmp_path: Path) -> None:
@@ -297,7 +320,7 @@ async def test_a_parked_watch_outlives_a_flood(state: Path, clock: Clock, tmp_pa
         assert status == 200 and body["pairs"] == [[str(WEB), str(API)]]
 
 
-async def test_watches_past_the_per_identity_budget_are_answered_at_once(
+async def test_watches_past_the_per_identity_budget_are_told_to_come_back(
     state: Path, clock: Clock, tmp_path: Path
 ) -> None:
     async with serving(state, clock, max_watches_per_identity=1) as plane:
@@ -314,9 +337,15 @@ async def test_watches_past_the_per_identity_budget_are_answered_at_once(
                 while plane.server._changed.statistics().tasks_waiting == 0:  # noqa: ASYNC110
                     await trio.sleep(0.01)
             start = trio.current_time()
-            raw = await exchange(plane, get(target), identity=ident)
+            status, fields, body = head_fields(await exchange(plane, get(target), identity=ident))
             assert trio.current_time() - start < 3  # not parked
-            assert status_and_body(raw)[1]["policy_version"] == feed["policy_version"]
+            assert (status, fields["retry-after"]) == (429, "5")
+            assert json.loads(body)["error"] == "too_many_watches"
+            # another identity has a budget of its own
+            other = write_identity(tmp_path / "api", plane.authority, API)
+            with trio.move_on_after(0.5) as parked:
+                await exchange(plane, get(target), identity=other, read_for=5)
+            assert parked.cancelled_caught
             nursery.cancel_scope.cancel()
 
 
@@ -353,10 +382,15 @@ async def test_the_server_key_is_never_written_to_disk(
 # -- fuzz: HTTP over TLS, and TLS itself --
 
 _methods = st.sampled_from(["GET", "HEAD", "POST", "PUT", "OPTIONS", "TRACE", "X", "GET\x00"])
-_paths = st.sampled_from(["/healthz", "/v1/bundle", "/v1/enroll", "/v1/watch", "*", "/%ff", ""])
+_paths = st.sampled_from(
+    ["/healthz", "/v1/bundle", "/v1/enroll", "/v1/watch?wait=x", "*", "/%ff", "", "//[", "/?a=1&a"]
+)
 _header = st.tuples(
     st.sampled_from(["host", "content-length", "transfer-encoding", "connection", "x", "expect"]),
-    st.text(alphabet=st.characters(min_codepoint=0, max_codepoint=255), max_size=20),
+    st.one_of(
+        st.sampled_from(["0", "5", "99999999", "chunked", "close", "100-continue", "-1"]),
+        st.text(alphabet=st.characters(min_codepoint=0, max_codepoint=255), max_size=20),
+    ),
 )
 
 
@@ -517,3 +551,17 @@ async def test_a_full_disk_is_503_and_the_server_recovers_when_space_returns(
             assert status_and_body(await exchange(plane, post("/v1/enroll", enroll)))[0] == 200
             raw = await exchange(plane, post("/v1/report", report), identity=ident)
             assert status_and_body(raw)[0] == 200
+
+
+@pytest.mark.parametrize(
+    ("address", "key"),
+    [
+        ("10.1.2.3", "10.1.2.3"),
+        ("2001:db8:1:2:aaaa::1", "2001:db8:1:2::/64"),
+        ("2001:db8:1:2:bbbb::9", "2001:db8:1:2::/64"),  # same /64, same budget
+        ("2001:db8:1:3::1", "2001:db8:1:3::/64"),
+        ("::ffff:10.1.2.3", "10.1.2.3"),
+    ],
+)
+def test_the_per_source_cap_counts_an_ipv6_host_by_its_64(address: str, key: str) -> None:
+    assert _source_key(address) == key
