@@ -246,11 +246,12 @@ class ControlPlane:
         try:
             await self._refresh_credentials()
             self._versions = await self._db_call(self.authority.versions)
-        except MeshIdError:
-            raise
-        except Exception as exc:  # the database cannot be read or written: say so in one line
+        except Exception as exc:
+            if isinstance(exc, MeshIdError) or not _is_storage_failure(exc):
+                raise
+            # a full or read-only disk: one line for the operator, not a traceback
             raise StorageUnavailable(
-                f"cannot start: the state directory's database failed ({_describe(exc)})"
+                f"cannot start: the authority's state cannot be written ({_describe(exc)})"
             ) from None
         _remove_stale_key_files(self.authority.state_dir / SERVER_DIR)
         if sock is None:

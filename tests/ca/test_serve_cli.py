@@ -14,7 +14,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
-from ca_helpers import MESHID
+from ca_helpers import MESHID, fill
 
 
 def _free_port() -> int:
@@ -179,3 +179,27 @@ def test_workers_share_one_guessing_limit(state: Path, tmp_path: Path) -> None:
     # five failures in all, whichever worker saw them, block the source everywhere
     assert statuses[:5] == [400] * 5 and statuses[5:] == [429] * 6, statuses
     assert {json.loads(line)["worker"] for line in logged} == {0, 1}  # both took part
+
+
+@pytest.mark.parametrize("fault", ["full", "read_only"])
+def test_serve_on_a_full_or_read_only_disk_fails_in_one_line(tiny_disk: Path, fault: str) -> None:
+    state = tiny_disk / "state"
+    done = subprocess.run(
+        [MESHID, "ca", "init", "--state", str(state), "--trust-domain", "example.org"],
+        capture_output=True,
+        timeout=60,
+    )
+    assert done.returncode == 0, done.stderr
+    if fault == "full":
+        fill(tiny_disk)
+    else:
+        subprocess.run(["mount", "-o", "remount,ro", str(tiny_disk)], check=True)
+    done = subprocess.run(
+        [MESHID, "ca", "serve", "--state", str(state), "--listen", "127.0.0.1:0"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 1
+    assert done.stderr.startswith("Error: ") and len(done.stderr.strip().splitlines()) == 1
+    assert "Traceback" not in done.stderr

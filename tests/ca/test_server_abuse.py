@@ -7,15 +7,11 @@ the server.
 
 from __future__ import annotations
 
-import contextlib
 import json
-import os
-import shutil
 import socket
 import sqlite3
 import ssl
-import subprocess
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime
 from functools import partial
@@ -24,13 +20,14 @@ from typing import Any
 
 import pytest
 import trio
-from ca_helpers import TD, Clock
+from ca_helpers import TD, Clock, fill
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from test_server import Plane, csr_pem, status_and_body, write_identity
 
 from ca.authority import Authority
 from ca.server import ControlPlane, ServerOptions, _source_key
+from meshid.errors import StorageUnavailable
 from meshid.spiffeid import SpiffeId
 from sidecar.control import ClientIdentity
 
@@ -498,37 +495,6 @@ def _now() -> datetime:
 # -- a real full disk --
 
 
-@pytest.fixture
-def tiny_disk(tmp_path: Path) -> Iterator[Path]:
-    """A 4 MiB tmpfs of our own (root only), unmounted whatever happens."""
-    if os.geteuid() != 0 or shutil.which("mount") is None:
-        pytest.skip("mounting a tmpfs needs root")
-    mnt = tmp_path / "disk"
-    mnt.mkdir()
-    done = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(mnt)], capture_output=True
-    )
-    if done.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs: {done.stderr.decode().strip()}")
-    try:
-        yield mnt
-    finally:
-        subprocess.run(["umount", "-l", str(mnt)], check=False)
-
-
-def fill(disk: Path) -> Path:
-    """Take every free byte of `disk`; the file to remove to give them back."""
-    path = disk / "filler"
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o600)
-    try:
-        with contextlib.suppress(OSError):
-            while os.write(fd, b"\0" * 65536):
-                pass
-    finally:
-        os.close(fd)
-    return path
-
-
 async def test_a_full_disk_is_503_and_the_server_recovers_when_space_returns(
     tiny_disk: Path, clock: Clock, tmp_path: Path
 ) -> None:
@@ -565,3 +531,24 @@ async def test_a_full_disk_is_503_and_the_server_recovers_when_space_returns(
 )
 def test_the_per_source_cap_counts_an_ipv6_host_by_its_64(address: str, key: str) -> None:
     assert _source_key(address) == key
+
+
+async def test_a_database_that_cannot_be_written_at_start_is_one_clear_error(
+    state: Path, clock: Clock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    served = Authority.open(state, clock=clock)
+    try:
+
+        def read_only(*_args: Any, **_kwargs: Any) -> Any:
+            raise sqlite3.OperationalError("attempt to write a readonly database")
+
+        monkeypatch.setattr(served, "issue", read_only)
+        server = ControlPlane(served, ServerOptions(host="127.0.0.1", port=0), log=print)
+        with pytest.raises(ExceptionGroup) as info:
+            async with trio.open_nursery() as nursery:
+                await nursery.start(server.serve)
+        [failed] = info.value.exceptions
+        assert isinstance(failed, StorageUnavailable) and failed.reason == "storage_unavailable"
+        assert "readonly database" in failed.message and "\n" not in failed.message
+    finally:
+        served.close()
