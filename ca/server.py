@@ -28,8 +28,9 @@ Theory of operation:
   `anonymous_idle_timeout`. A connection whose handshake carried a
   certificate of this trust domain moves to a separate pool
   (`max_authenticated`), and long-poll watches have a budget of their own
-  (`max_watches_per_identity`, `max_watches`): a flood of anonymous
-  connections cannot take the places sidecars need.
+  (`max_watches_per_identity`, `max_watches`; past it a watch is answered
+  429 with ``Retry-After``): a flood of anonymous connections cannot take the
+  places sidecars need.
 - The authority is synchronous (SQLite). Calls go to one worker thread at a
   time, so a CLI command holding the database lock stalls requests, not the
   event loop.
@@ -280,7 +281,9 @@ class ControlPlane:
             source = str(tcp.socket.getpeername()[0])  # may fail: the peer already reset
             await self._admitted(tcp, source)
         except Exception as exc:  # a bug or an unforeseen peer: this connection only
-            self.log("internal_error", source=source, error=type(exc).__name__)
+            self.log(
+                "internal_error", reason="internal_error", source=source, error=type(exc).__name__
+            )
         finally:
             await trio.aclose_forcefully(tcp)
 

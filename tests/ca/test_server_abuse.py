@@ -192,6 +192,32 @@ async def test_broken_requests_get_an_answer_not_an_internal_error(
     await healthy(plane)
 
 
+async def test_a_body_trickled_in_still_meets_the_deadline(plane: Plane) -> None:
+    """One byte at a time keeps the connection busy, not alive: 408 at `request_timeout`."""
+    stream = trio.SSLStream(await tcp_from("127.0.0.1", plane.port), client_context(plane))
+    out = bytearray()
+    start = trio.current_time()
+    try:
+        with trio.fail_after(10):
+            await stream.send_all(
+                b"POST /v1/enroll HTTP/1.1\r\nhost: ca\r\ncontent-length: 100\r\n\r\n"
+            )
+            for _ in range(40):  # bounded: 4 s of trickle against a 1 s deadline
+                try:
+                    await stream.send_all(b"x")
+                except (trio.BrokenResourceError, ssl.SSLError):
+                    break
+                with trio.move_on_after(0.1):
+                    out += await stream.receive_some(65536)
+                if out:
+                    break
+    finally:
+        await trio.aclose_forcefully(stream)
+    assert status_and_body(bytes(out))[0] == 408
+    assert trio.current_time() - start < 3
+    await healthy(plane)
+
+
 # -- the authority failing: a full disk, a broken database --
 
 
