@@ -424,7 +424,7 @@ class ControlPlane:
     async def _answer(self, req: Request) -> Reply:
         """The reply to one request; the authority failing costs this request a 503."""
         try:
-            return await self._dispatch(req)
+            return _retry_later(await self._dispatch(req))
         except Exception as exc:
             fields = _failure_fields(exc)
             self.log("request_failed", method=req.method, path=req.path, **fields)
@@ -501,7 +501,7 @@ class ControlPlane:
                         self.log("batch_failed", requests=len(batch), **fields)
                         replies = [_unavailable(fields["reason"])] * len(batch)
                 for slot, reply in zip(batch, replies, strict=True):
-                    slot.reply = reply
+                    slot.reply = _retry_later(reply)
                     slot.done.set()
 
     async def _read_request(
@@ -646,6 +646,13 @@ def _failure_fields(exc: BaseException) -> dict[str, str]:
     else:
         reason = "storage_unavailable" if _is_storage_failure(exc) else "internal_error"
     return {"reason": reason, "error": type(exc).__name__, "detail": _describe(exc)}
+
+
+def _retry_later(reply: Reply) -> Reply:
+    """A reply that says the storage failed is a 503 with Retry-After, whoever wrote it."""
+    if reply.body.get("error") != "storage_unavailable" or reply.status == 503:
+        return reply
+    return _unavailable("storage_unavailable")
 
 
 def _unavailable(reason: str) -> Reply:

@@ -254,6 +254,25 @@ async def test_storage_failure_is_a_503_and_the_server_carries_on(
     assert status_and_body(raw)[0] == 200
 
 
+async def test_storage_unavailable_from_within_a_batch_is_a_503(
+    plane: Plane, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    ident = write_identity(tmp_path / "web", plane.authority, WEB)
+    report = json.dumps({"instance": "a"}).encode()
+
+    def full(*_args: Any) -> Any:
+        raise StorageUnavailable("the disk is full")
+
+    with monkeypatch.context() as fault:
+        fault.setattr(plane.server.authority, "record_report", full)
+        raw = await exchange(plane, post("/v1/report", report), identity=ident)
+        status, fields, body = head_fields(raw)
+        assert (status, fields["retry-after"]) == (503, "5")
+        assert json.loads(body)["error"] == "storage_unavailable"
+    raw = await exchange(plane, post("/v1/report", report), identity=ident)
+    assert status_and_body(raw)[0] == 200
+
+
 async def test_a_bug_in_the_authority_costs_one_request(
     plane: Plane, monkeypatch: pytest.MonkeyPatch
 ) -> None:
