@@ -214,7 +214,10 @@ class ControlPlane:
     # -- the version poller --
 
     async def _poll(self) -> None:
+        """Follow the database's versions; a failure is logged when it starts and when it
+        ends, not on every tick (a full disk would otherwise fill the log too)."""
         ticks = 0
+        failing: str | None = None
         while True:
             await trio.sleep(self.options.poll_interval)
             ticks += 1
@@ -224,8 +227,14 @@ class ControlPlane:
                     await self._refresh_credentials()
                 versions = await self._db_call(self.authority.versions)
             except Exception as exc:  # a full disk, a locked or broken database: try again
-                self.log("poll_failed", **_failure_fields(exc))
+                fields = _failure_fields(exc)
+                if fields["reason"] != failing:
+                    failing = fields["reason"]
+                    self.log("poll_failed", **fields)
                 continue
+            if failing is not None:
+                self.log("poll_recovered", reason=failing)
+                failing = None
             self._observe(versions)
 
     def _observe(self, versions: tuple[int, int, int]) -> None:

@@ -247,6 +247,10 @@ async def test_storage_failure_is_a_503_and_the_server_carries_on(
     failures = [e for e in plane.log if e["event"] in ("poll_failed", "batch_failed")]
     assert {e["reason"] for e in failures} == {"storage_unavailable"}
     assert "batch_failed" in {e["event"] for e in failures}
+    assert len([e for e in failures if e["event"] == "poll_failed"]) == 1  # once, not per tick
+    with trio.fail_after(10):
+        while not any(e["event"] == "poll_recovered" for e in plane.log):  # noqa: ASYNC110
+            await trio.sleep(0.02)
 
     # The fault is gone: the same token enrolls (nothing half-written), health is back.
     await healthy(plane)
