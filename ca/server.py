@@ -140,7 +140,7 @@ class ControlPlane:
     _authenticated: int = 0
     _watches: dict[SpiffeId, int] = field(default_factory=dict)
     _watching: int = 0
-    _last_refusal_log: float = -math.inf
+    _throttle: _Throttle = field(default_factory=lambda: _Throttle(per_second=10))
     _queue: list[_Slot] = field(default_factory=list)
     _queued: trio.Event = field(default_factory=trio.Event)
 
@@ -296,13 +296,15 @@ class ControlPlane:
         finally:
             await trio.aclose_forcefully(tcp)
 
+    def _log_throttled(self, event: str, **fields: Any) -> None:
+        """Log a line a flood could repeat without end: at most a few a second, and the
+        next line says how many were left out."""
+        suppressed = self._throttle.allow(time.monotonic())
+        if suppressed is not None:
+            self.log(event, **fields, suppressed=suppressed or None)
+
     def _shed(self, source: str, reason: str) -> None:
-        """Log a connection refused or closed for room, at most once a second (a flood
-        must not flood the log too)."""
-        now = time.monotonic()
-        if now - self._last_refusal_log >= 1.0:
-            self._last_refusal_log = now
-            self.log("connection_shed", source=source, reason=reason)
+        self._log_throttled("connection_shed", source=source, reason=reason)
 
     async def _admitted(self, tcp: trio.SocketStream, source: str) -> None:
         key = _source_key(source)
@@ -341,7 +343,13 @@ class ControlPlane:
                     with trio.fail_after(self.options.handshake_timeout):
                         await stream.do_handshake()
                 except (trio.TooSlowError, trio.BrokenResourceError, ssl.SSLError, OSError) as exc:
-                    self.log("handshake_failed", source=source, detail=type(exc).__name__)
+                    slow = isinstance(exc, trio.TooSlowError)
+                    self._log_throttled(
+                        "handshake_failed",
+                        source=source,
+                        reason="handshake_timeout" if slow else "tls_error",
+                        detail=type(exc).__name__,
+                    )
                     return
                 der = stream.getpeercert(binary_form=True)
                 peer_cert = x509.load_der_x509_certificate(der) if der else None
@@ -575,6 +583,27 @@ class ControlPlane:
         data += conn.send(h11.EndOfMessage()) or b""
         with trio.fail_after(self.options.request_timeout):  # a peer that never reads
             await stream.send_all(data)
+
+
+@dataclass(slots=True)
+class _Throttle:
+    """At most `per_second` events a second; counts the ones it turns away. Pure."""
+
+    per_second: int
+    _window: float = -math.inf
+    _used: int = 0
+    _dropped: int = 0
+
+    def allow(self, now: float) -> int | None:
+        """None to drop this one; else how many were dropped since the last allowed."""
+        if now - self._window >= 1.0:
+            self._window, self._used = now, 0
+        if self._used >= self.per_second:
+            self._dropped += 1
+            return None
+        self._used += 1
+        dropped, self._dropped = self._dropped, 0
+        return dropped
 
 
 @dataclass(slots=True)

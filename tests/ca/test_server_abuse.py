@@ -7,6 +7,7 @@ the server.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import socket
 import sqlite3
@@ -26,7 +27,7 @@ from hypothesis import strategies as st
 from test_server import Plane, csr_pem, status_and_body, write_identity
 
 from ca.authority import Authority
-from ca.server import ControlPlane, ServerOptions, _source_key
+from ca.server import ControlPlane, ServerOptions, _source_key, _Throttle
 from meshid.errors import StorageUnavailable
 from meshid.spiffeid import SpiffeId
 from sidecar.control import ClientIdentity
@@ -601,3 +602,24 @@ async def test_a_database_that_cannot_be_written_at_start_is_one_clear_error(
         assert "readonly database" in failed.message and "\n" not in failed.message
     finally:
         served.close()
+
+
+def test_log_lines_a_flood_repeats_are_throttled_and_counted() -> None:
+    throttle = _Throttle(per_second=2)
+    assert [throttle.allow(10.0) for _ in range(5)] == [0, 0, None, None, None]
+    assert throttle.allow(10.9) is None
+    assert throttle.allow(11.0) == 4  # the next line says how many were left out
+    assert throttle.allow(11.1) == 0
+
+
+async def test_a_flood_of_failed_handshakes_logs_a_bounded_number_of_lines(plane: Plane) -> None:
+    with trio.fail_after(10):
+        for _ in range(30):
+            tcp = await tcp_from("127.0.0.1", plane.port)
+            await tcp.send_all(b"\x16\x03\x01\x00\x05hello")
+            with contextlib.suppress(trio.BrokenResourceError):
+                await tcp.receive_some(1024)
+            await tcp.aclose()
+    await healthy(plane)
+    logged = [e for e in plane.log if e["event"] == "handshake_failed"]
+    assert 1 <= len(logged) <= 20 and {e["reason"] for e in logged} == {"tls_error"}
