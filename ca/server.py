@@ -47,6 +47,7 @@ import errno
 import ipaddress
 import math
 import os
+import resource
 import signal
 import socket
 import sqlite3
@@ -793,6 +794,27 @@ def _serve_one(
         authority.close()
 
 
+FILE_RESERVE = 64  # descriptors beside connections: the database, listeners, logs
+
+
+def _raise_file_limit(options: ServerOptions, log: Callable[..., None]) -> None:
+    """Lift the soft descriptor limit to what the connection caps need, if the hard one allows.
+
+    Past the limit, accept() fails and trio waits and retries: new connections
+    queue in the kernel, and the pool's make-room rule never gets to run.
+    """
+    need = options.max_connections + options.max_authenticated + FILE_RESERVE
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft >= need:
+        return
+    target = need if hard == resource.RLIM_INFINITY else min(need, hard)
+    with contextlib.suppress(ValueError, OSError):
+        resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+        soft = target
+    if soft < need:
+        log("file_limit", reason="file_limit_low", limit=soft, needed=need)
+
+
 def run_server(
     open_authority: Callable[[], Authority],
     options: ServerOptions,
@@ -808,6 +830,7 @@ def run_server(
     dies, the others are stopped and the parent exits non-zero, for the
     service manager to restart the whole set.
     """
+    _raise_file_limit(options, log)
     if workers <= 1:
         _serve_one(open_authority, options, bind_listener(options.host, options.port), log)
         return 0

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import resource
 import signal
 import socket
 import ssl
@@ -203,3 +204,36 @@ def test_serve_on_a_full_or_read_only_disk_fails_in_one_line(tiny_disk: Path, fa
     assert done.returncode == 1
     assert done.stderr.startswith("Error: ") and len(done.stderr.strip().splitlines()) == 1
     assert "Traceback" not in done.stderr
+
+
+def _open_files_limit(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/limits").read_text().splitlines():
+        if line.startswith("Max open files"):
+            return int(line.split()[3])
+    raise AssertionError("no open-files line")
+
+
+@pytest.mark.parametrize("hard", [None, 512])  # None: this machine's hard limit
+def test_serve_lifts_its_descriptor_limit_or_says_it_cannot(
+    state: Path, tmp_path: Path, hard: int | None
+) -> None:
+    if hard is None:
+        hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+    need = 4096 + 16384 + 64  # the default caps and a reserve
+    log = tmp_path / "ca.log"
+    argv = [MESHID, "ca", "serve", "--state", str(state), "--listen", "127.0.0.1:0"]
+    with log.open("wb") as out:
+        proc = subprocess.Popen(
+            argv,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (256, hard)),
+        )
+    try:
+        _wait_lines(log, '"serving"', 1, proc)
+        unlimited = hard == resource.RLIM_INFINITY
+        assert _open_files_limit(proc.pid) == (need if unlimited else min(hard, need))
+        assert ('"file_limit_low"' in log.read_text()) is (not unlimited and hard < need)
+    finally:
+        proc.kill()
+        proc.wait()
