@@ -288,7 +288,10 @@ class ControlPlane:
         """One connection, start to end; nothing it does can end the server."""
         source = "unknown"
         try:
-            source = str(tcp.socket.getpeername()[0])  # may fail: the peer already reset
+            try:
+                source = str(tcp.socket.getpeername()[0])
+            except OSError:
+                return  # the peer reset before we looked: nothing to serve
             await self._admitted(tcp, source)
         except Exception as exc:  # a bug or an unforeseen peer: this connection only
             self.log(

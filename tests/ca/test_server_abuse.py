@@ -529,6 +529,38 @@ def test_tls_fuzz_never_stops_the_server(
     run_fuzz(state, clock, body)()
 
 
+_LINGER_ZERO = b"\x01\0\0\0\0\0\0\0"  # struct linger {on, 0 s}: close() sends RST
+
+
+@pytest.mark.parametrize(
+    "stage", ["connected", "hello", "handshaken", "head", "body", "request", "watch"]
+)
+async def test_a_reset_at_any_stage_ends_that_connection_only(
+    plane: Plane, tmp_path: Path, stage: str
+) -> None:
+    ident = write_identity(tmp_path / "web", plane.authority, WEB)
+    tcp = await tcp_from("127.0.0.1", plane.port)
+    tcp.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_ZERO)
+    stream = trio.SSLStream(tcp, client_context(plane, ident))
+    request = post("/v1/report", json.dumps({"instance": "a"}).encode())
+    with trio.fail_after(10):
+        if stage == "hello":
+            await tcp.send_all(_client_hello(plane))
+        elif stage != "connected":
+            await stream.do_handshake()
+        if stage == "head":
+            await stream.send_all(request[:20])
+        elif stage == "body":
+            await stream.send_all(request[:-5])
+        elif stage == "request":
+            await stream.send_all(request)
+        elif stage == "watch":
+            await stream.send_all(get("/v1/watch?policy_version=0&wait=20"))
+        tcp.socket.close()  # RST, whatever the server was doing
+        await healthy(plane)
+    assert not [e for e in plane.log if e["event"] == "internal_error"]
+
+
 def _client_hello(plane: Plane) -> bytes:
     """The first flight of a real TLS client, to cut short."""
     incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
