@@ -804,7 +804,9 @@ def _raise_file_limit(options: ServerOptions, log: Callable[..., None]) -> None:
     """Lift the soft descriptor limit to what the connection caps need, if the hard one allows.
 
     Past the limit, accept() fails and trio waits and retries: new connections
-    queue in the kernel, and the pool's make-room rule never gets to run.
+    queue in the kernel, and the anonymous pool's make-room rule never gets to
+    run. That is worth a log line; a limit that holds the anonymous pool but
+    not every authenticated connection is not (sidecars are few next to floods).
     """
     need = options.max_connections + options.max_authenticated + FILE_RESERVE
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
@@ -814,7 +816,7 @@ def _raise_file_limit(options: ServerOptions, log: Callable[..., None]) -> None:
     with contextlib.suppress(ValueError, OSError):
         resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
         soft = target
-    if soft < need:
+    if soft < options.max_connections + FILE_RESERVE:
         log("file_limit", reason="file_limit_low", limit=soft, needed=need)
 
 
@@ -833,9 +835,10 @@ def run_server(
     dies, the others are stopped and the parent exits non-zero, for the
     service manager to restart the whole set.
     """
-    _raise_file_limit(options, log)
     if workers <= 1:
-        _serve_one(open_authority, options, bind_listener(options.host, options.port), log)
+        sock = bind_listener(options.host, options.port)
+        _raise_file_limit(options, log)
+        _serve_one(open_authority, options, sock, log)
         return 0
     # One listening socket per worker in a SO_REUSEPORT group: the kernel spreads new
     # connections across them evenly (one shared socket let one worker take most).
@@ -848,6 +851,7 @@ def run_server(
         for sock in socks:
             sock.close()
         raise
+    _raise_file_limit(options, log)
     # Created before the fork, so every worker counts enrollment failures in one table.
     limiter = SharedFailureLimiter(max_failures=5)
     children: dict[int, int] = {}

@@ -233,7 +233,8 @@ def test_serve_lifts_its_descriptor_limit_or_says_it_cannot(
         _wait_lines(log, '"serving"', 1, proc)
         unlimited = hard == resource.RLIM_INFINITY
         assert _open_files_limit(proc.pid) == (need if unlimited else min(hard, need))
-        assert ('"file_limit_low"' in log.read_text()) is (not unlimited and hard < need)
+        low = not unlimited and hard < 4096 + 64  # cannot hold the anonymous pool
+        assert ('"file_limit_low"' in log.read_text()) is low
     finally:
         proc.kill()
         proc.wait()
