@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
-import os
 import sqlite3
 import sys
 from collections.abc import Sequence
@@ -102,16 +100,3 @@ def query(state: Path, sql: str) -> list[tuple[object, ...]]:
         return conn.execute(sql).fetchall()
     finally:
         conn.close()
-
-
-def fill(disk: Path) -> Path:
-    """Take every free byte of `disk`; the file to remove to give them back."""
-    path = disk / "filler"
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o600)
-    try:
-        with contextlib.suppress(OSError):
-            while os.write(fd, b"\0" * 65536):
-                pass
-    finally:
-        os.close(fd)
-    return path

@@ -15,7 +15,8 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
-from ca_helpers import MESHID, fill
+from ca_helpers import MESHID
+from disk_helpers import fill
 
 
 def _free_port() -> int:

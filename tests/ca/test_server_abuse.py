@@ -21,7 +21,8 @@ from typing import Any
 
 import pytest
 import trio
-from ca_helpers import TD, Clock, fill
+from ca_helpers import TD, Clock
+from disk_helpers import fill
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from test_server import Plane, csr_pem, status_and_body, write_identity
