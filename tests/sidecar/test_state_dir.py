@@ -21,6 +21,7 @@ from typing import Any
 
 import pytest
 import trio
+from cryptography.hazmat.primitives.serialization import Encoding
 from sidecar_helpers import (
     TD,
     Addr,
@@ -45,7 +46,8 @@ from meshid.events import EventLog
 from meshid.spiffeid import SpiffeId
 from meshid.svid import certs_from_pem, generate_key, key_from_pem, public_key_matches
 from sidecar.app import Sidecar
-from sidecar.config import parse_config
+from sidecar.config import SidecarConfig, parse_config
+from sidecar.control import ControlPlaneError
 from sidecar.dynamic import DynamicIdentity
 
 WEB = SpiffeId(TD, "/web")
@@ -61,6 +63,8 @@ class World:
     state: Path
     tmp: Path
     bundle_pem: bytes
+    nursery: trio.Nursery
+    config: SidecarConfig
 
     @property
     def dynamic(self) -> DynamicIdentity:
@@ -93,6 +97,14 @@ class World:
         assert public_key_matches(key, in_key), "svid.key holds a key and someone else's chain"
         assert in_key.serial_number == in_pem.serial_number
         return in_key.serial_number, f"{in_key.serial_number:x}"
+
+    async def restart(self) -> None:
+        """Drain this sidecar and start another on the same config and state_dir."""
+        self.sidecar.request_drain()
+        await self.sidecar.stopped.wait()
+        self.log = LogCapture()
+        self.sidecar = Sidecar(self.config, events=EventLog(self.log))
+        await self.nursery.start(self.sidecar.run)
 
     def feed_version(self) -> int:
         return int(json.loads((self.state / "feed.json").read_text())["policy_version"])
@@ -132,10 +144,13 @@ async def world(tmp_path: Path, backend: Backend) -> AsyncIterator[World]:
                 "admin": {"listen": "127.0.0.1:0"},
             }
             log = LogCapture()
-            sidecar = Sidecar(parse_config(doc, config_dir), events=EventLog(log))
+            config = parse_config(doc, config_dir)
+            sidecar = Sidecar(config, events=EventLog(log))
             with trio.fail_after(20):
                 await own.start(sidecar.run)
-            yield World(authority, sidecar, log, fs, fs.root / "state", tmp_path, bundle_pem)
+            yield World(
+                authority, sidecar, log, fs, fs.root / "state", tmp_path, bundle_pem, own, config
+            )
             own.cancel_scope.cancel()
     authority.close()
     served.close()
@@ -246,3 +261,44 @@ async def test_control_plane_calls_do_not_read_the_state_dir(world: World) -> No
         serial = world.sidecar.current_svid()
         assert serial is not None
         assert world.on_disk()[0] == serial.serial
+
+
+async def test_a_restart_on_a_full_disk_finds_the_old_pair_and_serves(world: World) -> None:
+    with trio.fail_after(30):
+        old_serial, _ = world.on_disk()
+        world.fs.fill()
+        await world.dynamic.renew()
+        await world.log.wait_for("state_write_failed", what="identity")
+        await world.restart()  # the join token is spent: only the persisted pair can serve
+        [restored] = world.log.find("credentials", how="restored")
+        assert restored["serial"] == f"{old_serial:x}"
+        live = await tls_connect(world.inbound, world.peer_context(API))
+        await _echo(live, b"restored")
+        await trio.aclose_forcefully(live)
+        assert (await world.readyz())[0] == 200
+
+
+async def test_a_malformed_renewal_reply_is_a_protocol_error(world: World) -> None:
+    svid = world.sidecar.current_svid()
+    assert svid is not None
+    pem = b"".join(c.public_bytes(Encoding.PEM) for c in svid.chain).decode()
+    reply = {"svid": pem, "bundle_sequence": ["x"]}  # a list where a number belongs
+    with pytest.raises(ControlPlaneError) as info:
+        world.dynamic._svid_from(reply, generate_key())
+    assert info.value.reason == "authority_protocol"
+
+
+async def test_a_new_bundle_is_trusted_while_the_disk_is_full(world: World) -> None:
+    with trio.fail_after(30):
+        before = (world.state / "bundle.pem").read_bytes()
+        world.fs.fill()
+        world.authority.rotate(timedelta(hours=1), wait_for_acks=False)
+        await world.log.wait_for("credentials", how="bundle_updated")
+        [failed] = await world.log.wait_for("state_write_failed", what="bundle")
+        assert failed["errno"] == "ENOSPC"
+        svid = world.sidecar.current_svid()
+        assert svid is not None and len(svid.bundle.roots) == 2  # in force from memory
+        assert (world.state / "bundle.pem").read_bytes() == before
+        world.fs.free()
+        await world.log.wait_for("state_write_recovered", what="bundle")
+        assert (world.state / "bundle.pem").read_bytes() == svid.bundle.to_pem()
