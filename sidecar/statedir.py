@@ -110,7 +110,11 @@ class StateDir:
     # -- reading (at start) --
 
     def has_identity(self) -> bool:
-        return self.file(SVID_FILE).exists() or self.file(KEY_FILE).exists()
+        """False only when there is certainly none; an error is for `read_identity` to say."""
+        try:
+            return self.file(SVID_FILE).exists() or self.file(KEY_FILE).exists()
+        except OSError:  # exists() raises for EACCES and EIO, not only for a missing file
+            return True
 
     def read_identity(self) -> tuple[list[x509.Certificate], PrivateKey, bytes]:
         """The persisted chain, key and bundle PEM. Raises OSError or MeshIdError."""
