@@ -239,6 +239,9 @@ class DynamicIdentity:
         except (MeshIdError, KeyError, ValueError, TypeError, AttributeError) as exc:
             reason = exc.reason if isinstance(exc, MeshIdError) else "authority_protocol"
             self.host.events.emit("watch_failed", reason=reason, detail=str(exc))
+        # The join token is spent: save the SVID before serving, if the disk lets us
+        # (if not, it is served from memory and retried like any other write).
+        await self.state.flush()
 
     def _read_token(self) -> str:
         sid = self.host.identity
@@ -301,7 +304,7 @@ class DynamicIdentity:
         self._learn_offset(svid)
         self.host.install_svid(svid, "enrolled")
         self.host.count_renewal("ok")
-        self.state.save(IDENTITY, self._write_identity)
+        self.state.request(IDENTITY, self._write_identity)
 
     async def renew(self) -> None:
         key = generate_key()
@@ -319,7 +322,7 @@ class DynamicIdentity:
         # it from memory while the old pair on disk stays whole for a restart.
         self.host.install_svid(svid, "renewed")
         self.host.count_renewal("ok")
-        self.state.save(IDENTITY, self._write_identity)
+        self.state.request(IDENTITY, self._write_identity)
 
     def _held(self) -> dict[str, int]:
         """The bundle sequence we hold, so a renewal reply can leave the bundle out."""
@@ -420,10 +423,11 @@ class DynamicIdentity:
             int(doc.get("bundle_sequence", -1)),
         )
 
-    def _apply_bundle(self, doc: dict[str, Any]) -> None:
+    def _apply_bundle(self, doc: dict[str, Any]) -> bool:
+        """Install the feed's bundle if it is new; True if it was (and should be saved)."""
         svid = self.host.current_svid()
         if svid is None:
-            return
+            return False
         bundle = TrustBundle.from_pem(
             self.host.identity.trust_domain,
             str(doc["bundle"]).encode(),
@@ -431,7 +435,7 @@ class DynamicIdentity:
             what="bundle from the feed",
         )
         if bundle.same_roots(svid.bundle) and bundle.sequence == svid.bundle.sequence:
-            return
+            return False
         updated = Svid.check(
             list(svid.chain),
             svid.key,
@@ -442,7 +446,7 @@ class DynamicIdentity:
         )
         self.host.install_svid(updated, "bundle_updated")
         self._report_now.set()  # a root rollover waits for this acknowledgement
-        self.state.save(BUNDLE, self._write_bundle)
+        return True
 
     async def _poll_feed(self, target: str, wait: float) -> None:
         pv, rv, _ = self.versions
@@ -456,13 +460,17 @@ class DynamicIdentity:
             wait=wait,
         )
         changed = (int(doc["policy_version"]), int(doc["revocation_version"])) != (pv, rv)
-        self._apply_bundle(doc)
+        new_bundle = self._apply_bundle(doc)
         if changed:
             self._apply_policy(doc)
             self._feed = doc
-            self.state.save(FEED, self._write_feed)
         else:
             self.versions = (pv, rv, int(doc["bundle_sequence"]))
+        # Both are in force already; saving them never waits on the disk.
+        if new_bundle:
+            self.state.request(BUNDLE, self._write_bundle)
+        if changed:
+            self.state.request(FEED, self._write_feed)
 
     async def watch(self) -> None:
         """Follow the allow-list, revocations and bundle; never returns."""
@@ -550,16 +558,7 @@ class DynamicIdentity:
                 self.rand,
             )
             nursery.start_soon(self.watch)
-            nursery.start_soon(self.keep_state)
+            nursery.start_soon(self.state.run, self._state_retry_delay)
 
-    async def keep_state(self) -> None:
-        """Retry what the state directory could not take, with backoff, until it takes it."""
-        failures = 0
-        while True:
-            await self.state.wait_failed()
-            failures += 1
-            delay = self.schedule.retry_delay(failures, 0.0, self.rand())
-            await trio.sleep(min(STATE_RETRY_MAX, delay))
-            self.state.retry()
-            if self.state.writable:
-                failures = 0
+    def _state_retry_delay(self, failures: int) -> float:
+        return min(STATE_RETRY_MAX, self.schedule.retry_delay(failures, 0.0, self.rand()))

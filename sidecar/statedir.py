@@ -23,6 +23,12 @@ Theory of operation:
 - Every file is staged beside its target and renamed over it
   (`meshid.files.write_atomic`); staging files a crash left behind are removed
   at start, so repeated crashes cannot fill the disk.
+- Nothing that serves or enforces waits on the disk: a change asks for a
+  save (`request`) and one writer task (`run`) does the I/O in a worker
+  thread, one file group at a time, each computing its contents when it
+  starts. A busy fsync, or a failing disk that takes seconds to say so,
+  stalls neither the connections nor the next policy change; and the last
+  write to finish is always of the newest state.
 """
 
 from __future__ import annotations
@@ -55,10 +61,16 @@ FEED = "feed"
 STATE_DIR = "state_dir"  # the directory itself (mode, clean-up at start)
 KINDS = (IDENTITY, BUNDLE, FEED, STATE_DIR)
 STORAGE_UNAVAILABLE = StorageUnavailable.reason
+INTERNAL_ERROR = "internal_error"
 
 
 def errno_name(exc: OSError) -> str:
     return errno.errorcode.get(exc.errno or 0, "EIO")
+
+
+def _cause(exc: Exception) -> str:
+    """The errno name of a host fault; `internal_error` for anything else (a bug of ours)."""
+    return errno_name(exc) if isinstance(exc, OSError) else INTERNAL_ERROR
 
 
 def chain_pem(chain: tuple[x509.Certificate, ...] | list[x509.Certificate]) -> bytes:
@@ -77,7 +89,11 @@ class StateDir:
         # kind -> (how to write what is current, errno name of the last failure)
         self.pending: dict[str, tuple[Callable[[], None], str]] = {}
         self.failures: dict[str, int] = dict.fromkeys(KINDS, 0)
-        self._failed = trio.Event()
+        self._dirty: dict[str, Callable[[], None]] = {}  # kinds to write, in order asked
+        self._fresh: set[str] = set()  # kinds asked for since their last attempt
+        self._wake = trio.Event()
+        self._idle = trio.Event()
+        self._idle.set()
 
     def file(self, name: str) -> Path:
         return self.path / name
@@ -147,46 +163,93 @@ class StateDir:
     def write_feed(self, doc: dict[str, Any]) -> None:
         write_atomic(self.file(FEED_FILE), json.dumps(doc).encode())
 
-    def save(self, what: str, write: Callable[[], None], op: str = "write") -> bool:
-        """Run `write` (which writes what is current for `what`); never raises OSError.
+    def request(self, what: str, write: Callable[[], None]) -> None:
+        """Ask for `what` to be saved: `write` writes what is current for it, when it runs.
 
-        On failure the kind stays pending and `retry` calls `write` again later.
+        Returns at once; the writer task (`run`) does the I/O. Nothing that
+        enforces policy or serves peers ever waits on the disk.
         """
-        try:
-            write()
-        except OSError as exc:
-            self._failed_write(what, write, exc, op)
-            return False
-        if self.pending.pop(what, None) is not None:
-            self.events.emit("state_write_recovered", what=what, state_dir=str(self.path))
-        return True
+        self._dirty[what] = write
+        self._fresh.add(what)
+        self._idle = trio.Event() if self._idle.is_set() else self._idle
+        self._wake.set()
 
-    def retry(self) -> None:
-        """Write once more what is current for every pending kind."""
-        for what, (write, _) in list(self.pending.items()):
-            self.save(what, write, "retry")
+    async def flush(self) -> bool:
+        """Write every kind asked for or still failing, one at a time, in a thread.
 
-    def _failed_write(self, what: str, write: Callable[[], None], exc: OSError, op: str) -> None:
+        True if all were written.
+        """
+        for what, (write, _) in self.pending.items():
+            self._dirty.setdefault(what, write)
+        ok = True
+        while self._dirty:
+            what, write = next(iter(self._dirty.items()))
+            del self._dirty[what]
+            fresh = what in self._fresh
+            self._fresh.discard(what)
+            try:
+                # A hung disk must not hold up shutdown: on cancel the thread is let go.
+                await trio.to_thread.run_sync(write, abandon_on_cancel=True)
+            except Exception as exc:  # the writer task must outlive any one write
+                self._failed_write(what, write, exc, fresh)
+                ok = False
+                continue
+            if self.pending.pop(what, None) is not None:
+                self.events.emit("state_write_recovered", what=what, state_dir=str(self.path))
+        return ok
+
+    async def run(self, retry_delay: Callable[[int], float]) -> None:
+        """The writer task: save what is asked for; retry failures after `retry_delay(n)`.
+
+        A new request cuts a backoff short, so freeing space and the next
+        change arriving is enough to save everything at once.
+        """
+        failures = 0
+        while True:
+            self._wake = trio.Event()  # before looking: a request from here on is not missed
+            if not self._dirty and not self.pending:
+                self._idle.set()
+                await self._wake.wait()
+                continue
+            if await self.flush():
+                failures = 0
+                continue
+            failures += 1
+            with trio.move_on_after(retry_delay(failures)):
+                await self._wake.wait()
+
+    async def wait_saved(self) -> None:
+        """Return once nothing is waiting to be written (what failed counts as waiting)."""
+        await self._idle.wait()
+
+    def _failed_write(
+        self, what: str, write: Callable[[], None], exc: Exception, fresh: bool
+    ) -> None:
         before = self.pending.get(what)
-        self.pending[what] = (write, errno_name(exc))
-        # A retry that fails as the last attempt did is counted but not logged again.
-        self._report(
-            what, exc, op, log=op != "retry" or before is None or before[1] != errno_name(exc)
-        )
-        self._failed.set()
+        self.pending[what] = (write, _cause(exc))
+        # Every new state that could not be saved is logged; a retry that fails as
+        # the last attempt did is only counted.
+        again = not fresh and before is not None and before[1] == _cause(exc)
+        self._report(what, exc, "write" if fresh else "retry", log=not again)
 
-    def _report(self, what: str, exc: OSError, op: str, *, log: bool = True) -> None:
+    def _report(self, what: str, exc: Exception, op: str, *, log: bool = True) -> None:
         self.failures[what] = self.failures.get(what, 0) + 1
-        if log:
-            self.events.emit(
-                "state_write_failed",
-                reason=STORAGE_UNAVAILABLE,
-                what=what,
-                operation=op,
-                errno=errno_name(exc),
-                detail=exc.strerror or exc.__class__.__name__,
-                state_dir=str(self.path),
-            )
+        if not log:
+            return
+        if isinstance(exc, OSError):
+            # strerror only: the file name is in state_dir, and no content is ever logged
+            reason, detail = STORAGE_UNAVAILABLE, exc.strerror or "OSError"
+        else:
+            reason, detail = INTERNAL_ERROR, exc.__class__.__name__
+        self.events.emit(
+            "state_write_failed",
+            reason=reason,
+            what=what,
+            operation=op,
+            errno=_cause(exc),
+            detail=detail,
+            state_dir=str(self.path),
+        )
 
     # -- what the sidecar tells about it --
 
@@ -203,9 +266,3 @@ class StateDir:
             f"degraded: {STORAGE_UNAVAILABLE}: cannot write {what} in {self.path}; "
             "serving with what is in memory, retrying"
         )
-
-    async def wait_failed(self) -> None:
-        """Return once something is pending (at once if something already is)."""
-        while not self.pending:
-            await self._failed.wait()
-            self._failed = trio.Event()

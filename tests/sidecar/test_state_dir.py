@@ -148,6 +148,8 @@ async def world(tmp_path: Path, backend: Backend) -> AsyncIterator[World]:
             sidecar = Sidecar(config, events=EventLog(log))
             with trio.fail_after(20):
                 await own.start(sidecar.run)
+                assert sidecar.dynamic is not None
+                await sidecar.dynamic.state.wait_saved()  # the enrollment, on disk
             yield World(
                 authority, sidecar, log, fs, fs.root / "state", tmp_path, bundle_pem, own, config
             )
@@ -260,6 +262,7 @@ async def test_control_plane_calls_do_not_read_the_state_dir(world: World) -> No
         await world.dynamic.renew()
         serial = world.sidecar.current_svid()
         assert serial is not None
+        await world.dynamic.state.wait_saved()
         assert world.on_disk()[0] == serial.serial
 
 

@@ -12,6 +12,7 @@ from datetime import timedelta
 from pathlib import Path
 
 import pytest
+import trio
 from sidecar_helpers import TD, Creds, ForeignCa, LogCapture, forge, utcnow
 from small_fs import small_fs
 
@@ -146,21 +147,63 @@ def test_a_read_only_state_dir_does_not_stop_a_start(tmp_path: Path) -> None:
     assert failed["reason"] == "storage_unavailable"
 
 
-def test_a_failing_retry_is_counted_but_logged_once(tmp_path: Path) -> None:
+async def test_a_failing_retry_is_counted_but_logged_once_and_a_new_state_again(
+    tmp_path: Path,
+) -> None:
     state, log = _state(tmp_path)
     attempts: list[int] = []
 
     def write() -> None:
         attempts.append(1)
-        if len(attempts) < 4:
+        if len(attempts) < 5:
             raise OSError(errno.ENOSPC, "No space left on device")
 
-    assert not state.save("feed", write)
-    state.retry()
-    state.retry()
-    assert not state.writable and state.failures["feed"] == 3
-    assert len(log.find("state_write_failed")) == 1
-    assert state.describe() is not None and "feed (ENOSPC)" in (state.describe() or "")
-    state.retry()
+    state.request("feed", write)
+    assert not await state.flush()
+    state.request("feed", write)  # what the writer task does after a backoff
+    state._fresh.clear()
+    assert not await state.flush()
+    assert not state.writable and state.failures["feed"] == 2
+    assert len(log.find("state_write_failed")) == 1  # the retry was counted, not logged
+    state.request("feed", write)  # a newer state: its failure is news
+    assert not await state.flush()
+    assert len(log.find("state_write_failed", operation="write")) == 2
+    assert "feed (ENOSPC)" in (state.describe() or "")
+    state.request("feed", write)
+    assert not await state.flush()
+    state.request("feed", write)
+    assert await state.flush()
     assert state.writable and state.describe() is None
     assert len(log.find("state_write_recovered", what="feed")) == 1
+
+
+async def test_the_writer_retries_with_backoff_until_the_write_succeeds(tmp_path: Path) -> None:
+    state, log = _state(tmp_path)
+    attempts: list[int] = []
+    delays: list[int] = []
+
+    def write() -> None:
+        attempts.append(1)
+        if len(attempts) == 2:
+            raise ValueError("a bug of ours: the writer task must survive it")
+        if len(attempts) < 5:
+            raise OSError(errno.EROFS, "Read-only file system")
+
+    def backoff(failures: int) -> float:
+        delays.append(failures)
+        return 0.01
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(state.run, backoff)
+        state.request("bundle", write)
+        with trio.fail_after(10):
+            await log.wait_for("state_write_recovered", what="bundle")
+            await state.wait_saved()
+        nursery.cancel_scope.cancel()
+    assert len(attempts) == 5 and delays == [1, 2, 3, 4]
+    assert [(r["reason"], r["errno"]) for r in log.find("state_write_failed")] == [
+        ("storage_unavailable", "EROFS"),
+        ("internal_error", "internal_error"),
+        ("storage_unavailable", "EROFS"),  # a different failure than the last: said again
+    ]
+    assert state.failures["bundle"] == 4 and state.writable
