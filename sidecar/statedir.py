@@ -10,10 +10,10 @@ Theory of operation:
   ``feed``. A write that fails for a reason of the host (disk full, read-only
   filesystem, permission denied, an I/O error) is logged as
   ``state_write_failed`` with reason ``storage_unavailable``, the kind and the
-  errno name, counted, and the kind is marked pending. `retry` writes what is
-  *current* for each pending kind, so a late retry never puts something older
-  over something newer. With nothing pending the directory is writable again
-  (``state_write_recovered``).
+  errno name, counted, and the kind is marked pending. A retry writes what
+  is *current* for each pending kind, so a late retry never puts something
+  older over something newer. With nothing pending the directory is writable
+  again (``state_write_recovered``).
 - ``svid.key`` holds the key and, after it, the chain it belongs to, so one
   rename commits the pair: whatever fails or crashes, a restart finds a key
   with its own certificate, the old pair or the new one, never a mix.

@@ -65,6 +65,8 @@ class World:
     bundle_pem: bytes
     nursery: trio.Nursery
     config: SidecarConfig
+    doc: dict[str, Any]
+    config_dir: Path
 
     @property
     def dynamic(self) -> DynamicIdentity:
@@ -105,6 +107,24 @@ class World:
         self.log = LogCapture()
         self.sidecar = Sidecar(self.config, events=EventLog(self.log))
         await self.nursery.start(self.sidecar.run)
+
+    async def enroll_another(self, name: str) -> tuple[Sidecar, LogCapture]:
+        """A second sidecar, enrolling now with a new join token, its state_dir on the tmpfs."""
+        sid = SpiffeId(TD, f"/{name}")
+        (self.config_dir / f"token-{name}").write_text(self.authority.create_token(sid))
+        doc = {
+            **self.doc,
+            "identity": name,
+            "authority": {
+                **self.doc["authority"],
+                "token_file": f"token-{name}",
+                "state_dir": str(self.fs.root / name),
+            },
+        }
+        log = LogCapture()
+        sidecar = Sidecar(parse_config(doc, self.config_dir), events=EventLog(log))
+        await self.nursery.start(sidecar.run)
+        return sidecar, log
 
     def feed_version(self) -> int:
         return int(json.loads((self.state / "feed.json").read_text())["policy_version"])
@@ -151,7 +171,17 @@ async def world(tmp_path: Path, backend: Backend) -> AsyncIterator[World]:
                 assert sidecar.dynamic is not None
                 await sidecar.dynamic.state.wait_saved()  # the enrollment, on disk
             yield World(
-                authority, sidecar, log, fs, fs.root / "state", tmp_path, bundle_pem, own, config
+                authority,
+                sidecar,
+                log,
+                fs,
+                fs.root / "state",
+                tmp_path,
+                bundle_pem,
+                own,
+                config,
+                doc,
+                config_dir,
             )
             own.cancel_scope.cancel()
     authority.close()
@@ -305,3 +335,19 @@ async def test_a_new_bundle_is_trusted_while_the_disk_is_full(world: World) -> N
         world.fs.free()
         await world.log.wait_for("state_write_recovered", what="bundle")
         assert (world.state / "bundle.pem").read_bytes() == svid.bundle.to_pem()
+
+
+async def test_an_enrollment_on_a_full_disk_serves_and_is_saved_later(world: World) -> None:
+    with trio.fail_after(30):
+        world.fs.fill()
+        db, log = await world.enroll_another("db")  # the token is spent now
+        [failed] = log.find("state_write_failed", what="identity")
+        assert failed["errno"] == "ENOSPC" and failed["operation"] == "write"
+        assert db.current_svid() is not None and db.ready
+        assert db.dynamic is not None and not db.dynamic.state.writable
+        world.fs.free()
+        await log.wait_for("state_write_recovered", what="identity")
+        svid = db.current_svid()
+        assert svid is not None
+        key = key_from_pem((world.fs.root / "db" / "svid.key").read_bytes(), None)
+        assert public_key_matches(key, svid.leaf)
