@@ -51,6 +51,7 @@ from sidecar.statedir import (
     BUNDLE_FILE,
     FEED,
     IDENTITY,
+    INTERNAL_ERROR,
     KEY_FILE,
     SVID_FILE,
     StateDir,
@@ -118,12 +119,19 @@ async def renewal_loop(
         await trio.sleep(delay)
         try:
             await renew()
-        except MeshIdError as exc:
+        except Exception as exc:  # one failed attempt, never the end of the renewer
             failures += 1
             left = (not_after - wall()).total_seconds()
-            on_failure(exc, failures, left, schedule.retry_delay(failures, left, 0.5))
+            on_failure(_as_meshid(exc), failures, left, schedule.retry_delay(failures, left, 0.5))
         else:
             failures = 0
+
+
+def _as_meshid(exc: Exception) -> MeshIdError:
+    """Our own errors as they are; anything else is a bug of ours, said without a traceback."""
+    if isinstance(exc, MeshIdError):
+        return exc
+    return MeshIdError(f"unexpected {type(exc).__name__}: {exc}"[:300], reason=INTERNAL_ERROR)
 
 
 class DynamicIdentity:
@@ -484,10 +492,13 @@ class DynamicIdentity:
             try:
                 await self._poll_feed(target, WATCH_WAIT + 10)
                 failures = 0
-            except (MeshIdError, KeyError, ValueError, TypeError, AttributeError) as exc:
+            except Exception as exc:  # one failed poll, never the end of the watcher
                 failures += 1
-                reason = exc.reason if isinstance(exc, MeshIdError) else "authority_protocol"
-                detail = exc.message if isinstance(exc, MeshIdError) else f"bad feed: {exc}"
+                if isinstance(exc, KeyError | ValueError | TypeError | AttributeError):
+                    reason, detail = "authority_protocol", f"bad feed: {exc}"[:300]
+                else:
+                    err = _as_meshid(exc)
+                    reason, detail = err.reason, err.message
                 delay = min(10.0, self.schedule.retry_delay(failures, 0.0, self.rand()))
                 self.host.events.emit(
                     "watch_failed", reason=reason, detail=detail, retry_in_s=round(delay, 1)
