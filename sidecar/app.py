@@ -146,6 +146,8 @@ class Sidecar:
                     self.generation.svid.bundle.sequence if self.generation else 0
                 ),
                 quarantined=lambda: len(self.quarantined()),
+                state_dir_writable=lambda: self.dynamic.state.writable if self.dynamic else None,
+                state_write_failures=lambda: self.dynamic.state.failures if self.dynamic else {},
             )
         )
 
@@ -710,9 +712,12 @@ class Sidecar:
         if path == "/healthz":
             return Response(200, b"ok\n")
         if path == "/readyz":
+            # A full or read-only state_dir does not stop serving: still 200, but said.
+            degraded = self.dynamic.state.describe() if self.dynamic else None
+            note = f"{degraded}\n".encode() if degraded else b""
             if self.ready and (self.svid_seconds_left() or 0.0) > 0:
-                return Response(200, b"ready\n")
-            return Response(503, b"not ready\n")
+                return Response(200, b"ready\n" + note)
+            return Response(503, b"not ready\n" + note)
         if path == "/metrics":
             return Response(
                 200, self.metrics.exposition(), "text/plain; version=0.0.4; charset=utf-8"

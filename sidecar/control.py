@@ -9,13 +9,20 @@ The control plane is authenticated by its SPIFFE ID,
 host name: the sidecar may reach it through any address. Certificate times
 are checked by us with the configured clock-skew allowance rather than by
 OpenSSL, so a sidecar whose clock is a minute off still talks to it.
+
+The client certificate is the SVID in memory (`HeldIdentity`), not the copy in
+the state directory: that copy may lag behind (a full disk) or be unreadable,
+and the control plane must still hear from a sidecar that serves fine. The
+stdlib loads a certificate only from a path, so the PEM goes into an
+anonymous in-memory file (memfd) that is closed as soon as it is loaded.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import ssl
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -50,8 +57,28 @@ class ControlPlaneError(AuthorityError):
 
 @dataclass(frozen=True, slots=True)
 class ClientIdentity:
+    """A client certificate and key in files."""
+
     cert: Path
     key: Path
+
+
+@dataclass(frozen=True, slots=True)
+class HeldIdentity:
+    """A client certificate held in memory: one PEM with the key and its chain."""
+
+    pem: bytes = field(repr=False)
+
+
+def _load_held(ctx: ssl.SSLContext, pem: bytes) -> None:
+    fd = os.memfd_create("meshid-client-identity", os.MFD_CLOEXEC)
+    try:
+        view = memoryview(pem)
+        while view:
+            view = view[os.write(fd, view) :]
+        ctx.load_cert_chain(f"/proc/self/fd/{fd}")
+    finally:
+        os.close(fd)
 
 
 class ControlClient:
@@ -70,7 +97,9 @@ class ControlClient:
         self.timeout = timeout
         self.skew = skew
 
-    def _context(self, bundle_pem: bytes, identity: ClientIdentity | None) -> ssl.SSLContext:
+    def _context(
+        self, bundle_pem: bytes, identity: ClientIdentity | HeldIdentity | None
+    ) -> ssl.SSLContext:
         ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
         ctx.minimum_version = ssl.TLSVersion.TLSv1_3
         ctx.check_hostname = False  # the SPIFFE ID is checked instead
@@ -78,9 +107,12 @@ class ControlClient:
         ctx.verify_flags |= _X509_V_FLAG_NO_CHECK_TIME
         try:
             ctx.load_verify_locations(cadata=bundle_pem.decode("ascii"))
-            if identity is not None:
+            if isinstance(identity, HeldIdentity):
+                _load_held(ctx, identity.pem)
+            elif identity is not None:
                 ctx.load_cert_chain(identity.cert, identity.key)
         except (ssl.SSLError, OSError, UnicodeDecodeError, ValueError) as exc:
+            # str(exc) of these names a file or an OpenSSL error, never key material
             raise ControlPlaneError(
                 f"cannot load credentials for the control plane: {exc}", reason="local_credentials"
             ) from None
@@ -117,7 +149,7 @@ class ControlClient:
         *,
         bundle_pem: bytes,
         now: datetime,
-        identity: ClientIdentity | None = None,
+        identity: ClientIdentity | HeldIdentity | None = None,
         wait: float | None = None,
     ) -> dict[str, Any]:
         """One request; `wait` overrides the deadline (a long poll needs more)."""

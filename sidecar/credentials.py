@@ -153,9 +153,29 @@ class Generation:
 
     @classmethod
     def build(cls, number: int, svid: Svid, verify: VerifyCallback) -> Generation:
-        server = _base_context(SSL.TLS_SERVER_METHOD, svid, verify)
-        server.set_session_id(SESSION_ID_CONTEXT)
-        server.set_timeout(SESSION_TIMEOUT)
-        client = _base_context(SSL.TLS_CLIENT_METHOD, svid, verify)
-        client.set_timeout(SESSION_TIMEOUT)
+        """Both TLS contexts, or InvalidSvid if OpenSSL refuses what our checks let through.
+
+        A certificate can chain, match its key and name the right identity and
+        still be refused by OpenSSL's security level (a 1024-bit RSA key): that
+        is a bad credential like any other, which a reload reports and survives.
+        """
+        try:
+            server = _base_context(SSL.TLS_SERVER_METHOD, svid, verify)
+            server.set_session_id(SESSION_ID_CONTEXT)
+            server.set_timeout(SESSION_TIMEOUT)
+            client = _base_context(SSL.TLS_CLIENT_METHOD, svid, verify)
+            client.set_timeout(SESSION_TIMEOUT)
+        except (SSL.Error, crypto.Error) as exc:
+            # OpenSSL's error queue names routines and reasons, never key material.
+            raise InvalidSvid(
+                f"OpenSSL refuses these credentials: {_openssl_reason(exc)}",
+                reason="unusable_credentials",
+            ) from None
         return cls(number, svid, server, client)
+
+
+def _openssl_reason(exc: Exception) -> str:
+    """The last reason in OpenSSL's error list ('ee key too small'), or the error's text."""
+    errors = exc.args[0] if exc.args and isinstance(exc.args[0], list) else []
+    reasons = [str(e[2]) for e in errors if isinstance(e, tuple) and len(e) == 3 and e[2]]
+    return reasons[-1] if reasons else str(exc)[:200]

@@ -2,11 +2,15 @@
 
 Theory of operation:
 
-- `state_dir` holds what survives a restart: ``svid.key`` (0600), ``svid.pem``,
-  ``bundle.pem`` (the newest bundle heard, which may hold roots the
-  configured bootstrap bundle lacks) and ``feed.json`` (the last allow-list
-  and revocations). A restart with a valid SVID needs neither a token nor
-  the control plane; it serves with the last policy it knew.
+- `state_dir` holds what survives a restart: ``svid.key`` (0600, the key and
+  its chain), ``svid.pem``, ``bundle.pem`` (the newest bundle heard, which may
+  hold roots the configured bootstrap bundle lacks) and ``feed.json`` (the
+  last allow-list and revocations). A restart with a valid SVID needs neither
+  a token nor the control plane; it serves with the last policy it knew.
+- What arrives is installed in memory first and written to `state_dir`
+  second (`sidecar.statedir`): a full or read-only disk is logged, counted,
+  shown in /readyz and retried, and never stops a new SVID, bundle or deny
+  from taking effect, nor ends the process.
 - The renewer sleeps until half the SVID's lifetime (±10 %), then sends a
   CSR for a brand-new key over mTLS with the current SVID. A failure is
   retried with capped exponential backoff while the current SVID keeps
@@ -21,7 +25,6 @@ Theory of operation:
 
 from __future__ import annotations
 
-import json
 import random
 import secrets
 from collections.abc import Awaitable, Callable
@@ -36,22 +39,29 @@ from cryptography.hazmat.primitives import hashes, serialization
 from meshid.bundle import TrustBundle
 from meshid.errors import ConfigError, InvalidSvid, MeshIdError
 from meshid.events import EventLog
-from meshid.files import write_atomic, write_private
 from meshid.policy import Policy
 from meshid.spiffeid import SpiffeId
-from meshid.svid import certs_from_pem, generate_key, key_from_pem, key_to_pem
+from meshid.svid import certs_from_pem, generate_key
 from sidecar.config import AuthoritySource
-from sidecar.control import ClientIdentity, ControlClient, ControlPlaneError
+from sidecar.control import ClientIdentity, ControlClient, ControlPlaneError, HeldIdentity
 from sidecar.credentials import Svid
 from sidecar.schedule import EXPIRED, Schedule
+from sidecar.statedir import (
+    BUNDLE,
+    BUNDLE_FILE,
+    FEED,
+    IDENTITY,
+    INTERNAL_ERROR,
+    KEY_FILE,
+    SVID_FILE,
+    StateDir,
+    identity_pem,
+)
 
-SVID_FILE = "svid.pem"
-KEY_FILE = "svid.key"
-BUNDLE_FILE = "bundle.pem"
-FEED_FILE = "feed.json"
 WATCH_WAIT = 25.0
 REPORT_INTERVAL = 10.0
 REPORT_MIN_INTERVAL = 1.0
+STATE_RETRY_MAX = 30.0  # seconds between two attempts to write a pending state file
 
 
 class Host(Protocol):
@@ -109,12 +119,19 @@ async def renewal_loop(
         await trio.sleep(delay)
         try:
             await renew()
-        except MeshIdError as exc:
+        except Exception as exc:  # one failed attempt, never the end of the renewer
             failures += 1
             left = (not_after - wall()).total_seconds()
-            on_failure(exc, failures, left, schedule.retry_delay(failures, left, 0.5))
+            on_failure(_as_meshid(exc), failures, left, schedule.retry_delay(failures, left, 0.5))
         else:
             failures = 0
+
+
+def _as_meshid(exc: Exception) -> MeshIdError:
+    """Our own errors as they are; anything else is a bug of ours, said without a traceback."""
+    if isinstance(exc, MeshIdError):
+        return exc
+    return MeshIdError(f"unexpected {type(exc).__name__}: {exc}"[:300], reason=INTERNAL_ERROR)
 
 
 class DynamicIdentity:
@@ -133,6 +150,8 @@ class DynamicIdentity:
         self.schedule = schedule or Schedule()
         self.rand = rand
         self.dir = source.state_dir
+        self.state = StateDir(source.state_dir, host.events)
+        self._feed: dict[str, Any] | None = None  # the last feed applied, as feed.json holds it
         self.versions: tuple[int, int, int] = (-1, -1, -1)
         self.instance = secrets.token_hex(6)  # this run of the sidecar, as `ca status` lists it
         self._report_now = trio.Event()
@@ -142,8 +161,12 @@ class DynamicIdentity:
     def _path(self, name: str) -> Path:
         return self.dir / name
 
-    def _identity_files(self) -> ClientIdentity:
-        return ClientIdentity(self._path(SVID_FILE), self._path(KEY_FILE))
+    def _client_identity(self) -> ClientIdentity | HeldIdentity:
+        """The SVID in memory: the state directory's copy may lag behind it or be unreadable."""
+        svid = self.host.current_svid()
+        if svid is None:
+            return ClientIdentity(self._path(SVID_FILE), self._path(KEY_FILE))
+        return HeldIdentity(identity_pem(svid.key, svid.chain))
 
     def _trust_pem(self) -> bytes:
         """The newest bundle known: the current credentials', the persisted one, the configured."""
@@ -159,33 +182,32 @@ class DynamicIdentity:
             f"authority.bundle: cannot read {self.source.bundle}", reason="missing_file"
         )
 
-    def _prepare_dir(self) -> None:
-        try:
-            self.dir.mkdir(mode=0o700, parents=True, exist_ok=True)
-            self.dir.chmod(0o700)
-        except OSError as exc:
-            raise ConfigError(
-                f"authority.state_dir: cannot use {self.dir}: {exc.strerror}", reason="state_dir"
-            ) from None
+    # What is current in memory, written to the state directory. Each of these is
+    # also what a retry runs, so a retry writes what is current then, not a copy
+    # of what failed.
 
-    def _persist(self, svid: Svid) -> None:
-        # The key goes first: a crash in between leaves a key without its
-        # certificate, which the next start detects (key_mismatch) and recovers from.
-        write_private(self._path(KEY_FILE), key_to_pem(svid.key))
-        write_atomic(self._path(SVID_FILE), b"".join(_pem(c) for c in svid.chain))
-        write_atomic(self._path(BUNDLE_FILE), svid.bundle.to_pem())
+    def _write_identity(self) -> None:
+        svid = self.host.current_svid()
+        if svid is not None:
+            self.state.write_identity(svid.key, svid.chain, svid.bundle)
+
+    def _write_bundle(self) -> None:
+        svid = self.host.current_svid()
+        if svid is not None:
+            self.state.write_bundle(svid.bundle)
+
+    def _write_feed(self) -> None:
+        if self._feed is not None:
+            self.state.write_feed(self._feed)
 
     def _restore(self) -> Svid | None:
         """The persisted SVID if it is still good; why not, in the log, otherwise."""
-        if not self._path(SVID_FILE).exists():
+        if not self.state.has_identity():
             return None
         try:
-            chain = certs_from_pem(self._path(SVID_FILE).read_bytes(), "persisted SVID")
-            key = key_from_pem(self._path(KEY_FILE).read_bytes(), None, "persisted key")
+            chain, key, bundle_pem = self.state.read_identity()
             bundle = TrustBundle.from_pem(
-                self.host.identity.trust_domain,
-                self._path(BUNDLE_FILE).read_bytes(),
-                what="persisted bundle",
+                self.host.identity.trust_domain, bundle_pem, what="persisted bundle"
             )
             return Svid.check(
                 chain, key, bundle, self.host.identity, self.host.wall_now(), self._skew()
@@ -201,16 +223,17 @@ class DynamicIdentity:
 
     def _restore_feed(self) -> None:
         try:
-            doc = json.loads(self._path(FEED_FILE).read_text())
+            doc = self.state.read_feed()
             self._apply_policy(doc)
-        except (OSError, ValueError, KeyError, TypeError, MeshIdError):
+        except (OSError, ValueError, KeyError, TypeError, AttributeError, MeshIdError):
             return
+        self._feed = doc
 
     # -- enroll and renew --
 
     async def start(self) -> None:
         """Have an SVID installed when this returns, or raise saying what the operator must do."""
-        self._prepare_dir()
+        self.state.prepare()
         svid = self._restore()
         if svid is not None:
             self.host.install_svid(svid, "restored")
@@ -221,9 +244,12 @@ class DynamicIdentity:
         # first long poll returns (which would refuse everything for a moment).
         try:
             await self._poll_feed("/v1/watch?wait=0", self.client.timeout)
-        except (MeshIdError, KeyError, ValueError, TypeError) as exc:
+        except (MeshIdError, KeyError, ValueError, TypeError, AttributeError) as exc:
             reason = exc.reason if isinstance(exc, MeshIdError) else "authority_protocol"
             self.host.events.emit("watch_failed", reason=reason, detail=str(exc))
+        # The join token is spent: save the SVID before serving, if the disk lets us
+        # (if not, it is served from memory and retried like any other write).
+        await self.state.flush()
 
     def _read_token(self) -> str:
         sid = self.host.identity
@@ -284,9 +310,9 @@ class DynamicIdentity:
         )
         svid = self._svid_from(reply, key)
         self._learn_offset(svid)
-        self._persist(svid)
         self.host.install_svid(svid, "enrolled")
         self.host.count_renewal("ok")
+        self.state.request(IDENTITY, self._write_identity)
 
     async def renew(self) -> None:
         key = generate_key()
@@ -296,13 +322,15 @@ class DynamicIdentity:
             {"csr": build_csr(key, self.host.identity).decode(), **self._held()},
             bundle_pem=self._trust_pem(),
             now=self.host.wall_now(),
-            identity=self._identity_files(),
+            identity=self._client_identity(),
         )
         svid = self._svid_from(reply, key)
         self._learn_offset(svid)
-        self._persist(svid)
+        # In force first: if the disk cannot take the new key, the sidecar serves with
+        # it from memory while the old pair on disk stays whole for a restart.
         self.host.install_svid(svid, "renewed")
         self.host.count_renewal("ok")
+        self.state.request(IDENTITY, self._write_identity)
 
     def _held(self) -> dict[str, int]:
         """The bundle sequence we hold, so a renewal reply can leave the bundle out."""
@@ -323,9 +351,9 @@ class DynamicIdentity:
                     sequence=sequence,
                     what="bundle from the control plane",
                 )
-        except (KeyError, ValueError) as exc:
+        except (KeyError, ValueError, TypeError) as exc:
             raise ControlPlaneError(
-                f"control plane reply is missing {exc}", reason="authority_protocol"
+                f"control plane reply is missing or malformed: {exc}", reason="authority_protocol"
             ) from None
         return Svid.check(
             chain, key, bundle, self.host.identity, self.host.wall_now(), self._skew()
@@ -403,10 +431,11 @@ class DynamicIdentity:
             int(doc.get("bundle_sequence", -1)),
         )
 
-    def _apply_bundle(self, doc: dict[str, Any]) -> None:
+    def _apply_bundle(self, doc: dict[str, Any]) -> bool:
+        """Install the feed's bundle if it is new; True if it was (and should be saved)."""
         svid = self.host.current_svid()
         if svid is None:
-            return
+            return False
         bundle = TrustBundle.from_pem(
             self.host.identity.trust_domain,
             str(doc["bundle"]).encode(),
@@ -414,7 +443,7 @@ class DynamicIdentity:
             what="bundle from the feed",
         )
         if bundle.same_roots(svid.bundle) and bundle.sequence == svid.bundle.sequence:
-            return
+            return False
         updated = Svid.check(
             list(svid.chain),
             svid.key,
@@ -423,9 +452,9 @@ class DynamicIdentity:
             self.host.wall_now(),
             self._skew(),
         )
-        write_atomic(self._path(BUNDLE_FILE), bundle.to_pem())
         self.host.install_svid(updated, "bundle_updated")
         self._report_now.set()  # a root rollover waits for this acknowledgement
+        return True
 
     async def _poll_feed(self, target: str, wait: float) -> None:
         pv, rv, _ = self.versions
@@ -435,16 +464,21 @@ class DynamicIdentity:
             None,
             bundle_pem=self._trust_pem(),
             now=self.host.wall_now(),
-            identity=self._identity_files(),
+            identity=self._client_identity(),
             wait=wait,
         )
         changed = (int(doc["policy_version"]), int(doc["revocation_version"])) != (pv, rv)
-        self._apply_bundle(doc)
+        new_bundle = self._apply_bundle(doc)
         if changed:
             self._apply_policy(doc)
-            write_atomic(self._path(FEED_FILE), json.dumps(doc).encode())
+            self._feed = doc
         else:
             self.versions = (pv, rv, int(doc["bundle_sequence"]))
+        # Both are in force already; saving them never waits on the disk.
+        if new_bundle:
+            self.state.request(BUNDLE, self._write_bundle)
+        if changed:
+            self.state.request(FEED, self._write_feed)
 
     async def watch(self) -> None:
         """Follow the allow-list, revocations and bundle; never returns."""
@@ -458,10 +492,13 @@ class DynamicIdentity:
             try:
                 await self._poll_feed(target, WATCH_WAIT + 10)
                 failures = 0
-            except (MeshIdError, KeyError, ValueError, TypeError) as exc:
+            except Exception as exc:  # one failed poll, never the end of the watcher
                 failures += 1
-                reason = exc.reason if isinstance(exc, MeshIdError) else "authority_protocol"
-                detail = exc.message if isinstance(exc, MeshIdError) else f"bad feed: {exc}"
+                if isinstance(exc, KeyError | ValueError | TypeError | AttributeError):
+                    reason, detail = "authority_protocol", f"bad feed: {exc}"[:300]
+                else:
+                    err = _as_meshid(exc)
+                    reason, detail = err.reason, err.message
                 delay = min(10.0, self.schedule.retry_delay(failures, 0.0, self.rand()))
                 self.host.events.emit(
                     "watch_failed", reason=reason, detail=detail, retry_in_s=round(delay, 1)
@@ -503,7 +540,7 @@ class DynamicIdentity:
                     body,
                     bundle_pem=self._trust_pem(),
                     now=self.host.wall_now(),
-                    identity=self._identity_files(),
+                    identity=self._client_identity(),
                 )
                 failing = False
             except MeshIdError as exc:
@@ -532,7 +569,7 @@ class DynamicIdentity:
                 self.rand,
             )
             nursery.start_soon(self.watch)
+            nursery.start_soon(self.state.run, self._state_retry_delay)
 
-
-def _pem(cert: x509.Certificate) -> bytes:
-    return cert.public_bytes(serialization.Encoding.PEM)
+    def _state_retry_delay(self, failures: int) -> float:
+        return min(STATE_RETRY_MAX, self.schedule.retry_delay(failures, 0.0, self.rand()))

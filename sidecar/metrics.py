@@ -8,7 +8,7 @@ data path never touches a metric object.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 
 from prometheus_client import CollectorRegistry, Counter, disable_created_metrics, generate_latest
@@ -28,6 +28,9 @@ class Gauges:
     policy_version: Callable[[], int]
     bundle_sequence: Callable[[], int]
     quarantined: Callable[[], int]
+    # Dynamic mode only: whether the state directory takes writes, and failed writes by kind.
+    state_dir_writable: Callable[[], bool | None] = lambda: None
+    state_write_failures: Callable[[], Mapping[str, int]] = lambda: {}
 
 
 class _LiveCollector(Collector):
@@ -69,6 +72,21 @@ class _LiveCollector(Collector):
             "Peers blocked after repeated failures",
             value=g.quarantined(),
         )
+        writable = g.state_dir_writable()
+        if writable is not None:
+            yield GaugeMetricFamily(
+                "meshid_state_dir_writable",
+                "1 while every state file is saved, 0 while a write to state_dir is failing",
+                value=1 if writable else 0,
+            )
+            failures = CounterMetricFamily(
+                "meshid_state_write_failures",
+                "Writes to state_dir that failed (disk full, read-only, I/O error), by file kind",
+                labels=["what"],
+            )
+            for what, count in sorted(g.state_write_failures().items()):
+                failures.add_metric([what], count)
+            yield failures
 
 
 class Metrics:
