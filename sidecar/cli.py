@@ -10,13 +10,14 @@ from typing import TextIO
 import click
 import trio
 
+from meshid.cli import HELP_OPTIONS
 from meshid.errors import ConfigError, MeshIdError
 from sidecar.app import Sidecar
 from sidecar.config import load_config
 from sidecar.events import EventLog
 
 
-@click.group("sidecar")
+@click.group("sidecar", context_settings=HELP_OPTIONS)
 def sidecar_group() -> None:
     """The per-service mTLS proxy."""
 

@@ -61,6 +61,10 @@ def _leaf_commands(group: click.Group, ctx: click.Context) -> list[list[str]]:
 
 
 def test_dash_h_is_help_for_every_command() -> None:
+    """Also when a group is invoked on its own first: click caches a command's help option."""
+    from sidecar.cli import sidecar_group
+
+    CliRunner().invoke(sidecar_group, ["run", "--help"])
     commands = _leaf_commands(cli, click.Context(cli, info_name="meshid"))
     assert ["ca", "init"] in commands and ["sidecar", "run"] in commands
     for path in [[], *commands]:
