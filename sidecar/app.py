@@ -505,9 +505,8 @@ class Sidecar:
         conn = SSL.Connection(gen.client, up)
         conn.set_app_data(hs)
         conn.set_connect_state()
-        name = route.server_name or (None if _is_ip(route.upstream.host) else route.upstream.host)
-        if name:
-            conn.set_tlsext_host_name(name.encode("idna"))
+        if route.sni:
+            conn.set_tlsext_host_name(route.sni)
         key = str(route.upstream)
         session = gen.sessions.get(key)
         if session is not None:
