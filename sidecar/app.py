@@ -58,6 +58,24 @@ def utcnow() -> datetime:
 
 
 QUARANTINED = "peer_quarantined"
+INTERNAL_ERROR = "internal_error"
+ACCEPT_BACKOFF = 0.1  # seconds to wait after accept() failed in a way we did not foresee
+# accept(2) on Linux: errors of the connection being accepted, to be retried like EAGAIN
+_ACCEPT_TRANSIENT = frozenset(
+    {
+        errno.ECONNABORTED,
+        errno.EPROTO,
+        errno.EPERM,
+        errno.ENETDOWN,
+        errno.ENOPROTOOPT,
+        errno.EHOSTDOWN,
+        errno.EHOSTUNREACH,
+        errno.EOPNOTSUPP,
+        errno.ENETUNREACH,
+        errno.ENONET,
+    }
+)
+_ACCEPT_EXHAUSTED = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
 REPORT_MAX_LISTED = 200  # live connections listed one by one in a report (all are counted)
 FACTS_CACHE = 4096  # peer certificates whose facts are remembered (a few hundred bytes each)
 # refusals of a peer that proved its identity: counted against the ID, not the address
@@ -450,7 +468,11 @@ class Sidecar:
         return verdict
 
     async def _inbound(
-        self, sock: socket.socket, entry: LiveConnection, listener: Inbound
+        self,
+        sock: socket.socket,
+        entry: LiveConnection,
+        listener: Inbound,
+        peer: tuple[str, int],
     ) -> tuple[socket.socket | None, TlsStream | None]:
         gen = self.generation
         assert gen is not None
@@ -464,14 +486,30 @@ class Sidecar:
         if verdict is None:
             return None, tls
         self._allow(entry, verdict)
+        header = b""
+        if listener.proxy_protocol:
+            # The peer's address is the one accept() gave: by now the peer may have
+            # reset, and getpeername() on a reset socket fails.
+            try:
+                local = sock.getsockname()[:2]
+            except OSError:
+                raise StreamAborted("peer_reset") from None
+            header = encode_v2(peer[:2], local, str(verdict.peer_id))
         try:
             app = await self._connect(listener.forward)
         except OSError:
             entry.close_reason = "app_unreachable"
             return None, tls
-        if listener.proxy_protocol:
-            header = encode_v2(sock.getpeername()[:2], sock.getsockname()[:2], str(verdict.peer_id))
-            await _send_plain(app, header)
+        if header:
+            try:
+                await _send_plain(app, header)
+            except OSError:
+                reset(app)
+                entry.close_reason = "app_unreachable"
+                return None, tls
+            except BaseException:  # cancelled, or worse: the caller never learns of `app`
+                reset(app)
+                raise
         return app, tls
 
     async def _outbound(
@@ -501,19 +539,23 @@ class Sidecar:
                 handshake=False,
             )
             return None, None
-        hs = Handshake(OUTBOUND, route.identity)
-        conn = SSL.Connection(gen.client, up)
-        conn.set_app_data(hs)
-        conn.set_connect_state()
-        if route.sni:
-            conn.set_tlsext_host_name(route.sni)
-        key = str(route.upstream)
-        session = gen.sessions.get(key)
-        if session is not None:
-            conn.set_session(session)
-        tls = TlsStream(conn, up, sessions=gen.sessions, session_key=key)
-        verdict = await self._handshake(tls, hs, entry)
-        conn.set_app_data(None)
+        try:
+            hs = Handshake(OUTBOUND, route.identity)
+            conn = SSL.Connection(gen.client, up)
+            conn.set_app_data(hs)
+            conn.set_connect_state()
+            if route.sni:
+                conn.set_tlsext_host_name(route.sni)
+            key = str(route.upstream)
+            session = gen.sessions.get(key)
+            if session is not None:
+                conn.set_session(session)
+            tls = TlsStream(conn, up, sessions=gen.sessions, session_key=key)
+            verdict = await self._handshake(tls, hs, entry)
+            conn.set_app_data(None)
+        except BaseException:  # the caller closes only what we return: `up` is ours to close
+            reset(up)
+            raise
         if verdict is None:
             return None, tls
         self._allow(entry, verdict, upstream=str(route.upstream))
@@ -529,37 +571,71 @@ class Sidecar:
             Awaitable[tuple[socket.socket | None, TlsStream | None]],
         ],
     ) -> None:
+        """One connection's whole life, inside its failure boundary.
+
+        Whatever goes wrong in here (a bug, a peer doing something no one
+        foresaw, a socket call failing in an unexpected way) ends this
+        connection only: it is logged once as `internal_error` with the
+        exception's type, counted, and the connection's sockets are closed.
+        Only `Exception` is caught: `trio.Cancelled` (and a group holding one,
+        which is a BaseExceptionGroup) goes on up.
+        """
         peer_addr = _fmt_addr(peer)
+        entry: LiveConnection | None = None
+        try:
+            if self._refused_at_accept(sock, peer, direction, peer_addr):
+                return
+            scope = trio.CancelScope()
+            entry = self.registry.open(direction, self.identity, peer_addr, scope, self.wall())
+            await self._run_connection(sock, direction, setup, entry, scope)
+        except Exception as exc:
+            reset(sock)
+            if entry is not None:
+                self.registry.remove(entry)
+                if entry.established:  # its close line never made it: count the close here
+                    self.metrics.closes.labels(direction, INTERNAL_ERROR).inc()
+            self._internal_error(direction, peer_addr, exc, entry)
+
+    def _refused_at_accept(
+        self, sock: socket.socket, peer: tuple[str, int], direction: str, peer_addr: str
+    ) -> bool:
+        """Quarantine of the source address and the connection cap, before any TLS."""
+        reason = None
+        detail = None
         if direction == INBOUND and self._blocked(peer[0]):
-            self.metrics.connections.labels(direction, "deny", QUARANTINED).inc()
-            self.events.emit(
-                "decision",
-                direction=direction,
-                decision="deny",
-                reason=QUARANTINED,
-                detail=f"{peer[0]} is quarantined after repeated refusals",
-                local_id=str(self.identity),
-                peer_addr=peer_addr,
-            )
-            reset(sock)
-            return
-        if len(self.registry) >= self.limits.max_connections:
-            self.metrics.connections.labels(direction, "deny", "connection_limit").inc()
-            self.events.emit(
-                "decision",
-                direction=direction,
-                decision="deny",
-                reason="connection_limit",
-                local_id=str(self.identity),
-                peer_addr=peer_addr,
-            )
-            reset(sock)
-            return
+            reason, detail = QUARANTINED, f"{peer[0]} is quarantined after repeated refusals"
+        elif len(self.registry) >= self.limits.max_connections:
+            reason = "connection_limit"
+        if reason is None:
+            return False
+        self.metrics.connections.labels(direction, "deny", reason).inc()
+        self.events.emit(
+            "decision",
+            direction=direction,
+            decision="deny",
+            reason=reason,
+            detail=detail,
+            local_id=str(self.identity),
+            peer_addr=peer_addr,
+        )
+        reset(sock)
+        return True
+
+    async def _run_connection(
+        self,
+        sock: socket.socket,
+        direction: str,
+        setup: Callable[
+            [socket.socket, LiveConnection],
+            Awaitable[tuple[socket.socket | None, TlsStream | None]],
+        ],
+        entry: LiveConnection,
+        scope: trio.CancelScope,
+    ) -> None:
         other: socket.socket | None = None
         tls: TlsStream | None = None
         aborted: str | None = None
-        scope = trio.CancelScope()
-        entry = self.registry.open(direction, self.identity, peer_addr, scope, self.wall())
+        failure: Exception | None = None
         try:
             with scope:
                 other, tls = await setup(sock, entry)
@@ -569,6 +645,9 @@ class Sidecar:
                     tls.keep_session()
         except StreamAborted as exc:
             aborted = exc.reason
+        except Exception as exc:  # the failure boundary: this connection ends, nothing else
+            aborted = INTERNAL_ERROR
+            failure = exc
         finally:
             self.registry.remove(entry)
             reason = aborted or entry.close_reason or "closed"
@@ -582,22 +661,58 @@ class Sidecar:
                     reset(s)
                 else:
                     s.close()
-            if entry.established:
-                self.changed()
-                duration = trio.current_time() - entry.started
-                self.metrics.closes.labels(direction, reason).inc()
-                self.events.emit(
-                    "close",
-                    direction=direction,
-                    reason=reason,
-                    local_id=str(self.identity),
-                    peer_id=str(entry.peer_id),
-                    peer_addr=peer_addr,
-                    conn_id=entry.id,
-                    bytes_in=entry.bytes_in,
-                    bytes_out=entry.bytes_out,
-                    duration_ms=round(duration * 1000, 1),
-                )
+        if failure is not None:
+            self._internal_error(direction, entry.peer_addr, failure, entry)
+        if entry.established:
+            self._log_close(entry, reason)
+
+    def _log_close(self, entry: LiveConnection, reason: str) -> None:
+        self.changed()
+        duration = trio.current_time() - entry.started
+        self.metrics.closes.labels(entry.direction, reason).inc()
+        self.events.emit(
+            "close",
+            direction=entry.direction,
+            reason=reason,
+            local_id=str(self.identity),
+            peer_id=str(entry.peer_id),
+            peer_addr=entry.peer_addr,
+            conn_id=entry.id,
+            bytes_in=entry.bytes_in,
+            bytes_out=entry.bytes_out,
+            duration_ms=round(duration * 1000, 1),
+        )
+
+    def _internal_error(
+        self,
+        direction: str,
+        peer_addr: str | None,
+        exc: BaseException,
+        entry: LiveConnection | None = None,
+    ) -> None:
+        """Log and count a failure of ours inside one connection (or one accept).
+
+        Only the exception's type is logged: its text may quote a certificate,
+        a path or a peer's bytes. A connection that was already established
+        is counted as a close with this reason (its close line says so too);
+        one that was not, as a refused connection.
+        """
+        try:
+            established = entry is not None and entry.established
+            if not established:
+                self.metrics.connections.labels(direction, "deny", INTERNAL_ERROR).inc()
+            self.events.emit(
+                INTERNAL_ERROR,
+                reason=INTERNAL_ERROR,
+                direction=direction,
+                error=type(exc).__name__,
+                established=established,
+                local_id=str(self.identity),
+                peer_addr=peer_addr,
+                conn_id=entry.id if entry is not None else None,
+            )
+        except Exception:  # noqa: S110 - the log itself failing must not end the sidecar
+            pass
 
     # -- listeners -------------------------------------------------------------
 
@@ -623,22 +738,30 @@ class Sidecar:
         scope: trio.CancelScope,
         nursery: trio.Nursery,
         handler: Callable[[socket.socket, tuple[str, int]], Awaitable[None]],
+        direction: str = INBOUND,
     ) -> None:
+        """Accept until cancelled; a failed accept is that connection's problem, not the loop's."""
         with scope:
             while True:
                 try:
-                    sock, peer = lsock.accept()
+                    sock, peer = _accept(lsock)
                 except BlockingIOError:
                     await trio.lowlevel.wait_readable(lsock)
                     continue
                 except OSError as exc:
-                    if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
+                    if exc.errno in _ACCEPT_TRANSIENT:
+                        continue  # that connection is gone already; the next may be fine
+                    if exc.errno in _ACCEPT_EXHAUSTED:
                         self.events.emit("accept_failed", reason="resource_exhausted")
                         await trio.sleep(0.1)  # let connections close before accepting more
                         continue
-                    raise
-                sock.setblocking(False)
-                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                    self._internal_error(direction, None, exc)
+                    await trio.sleep(ACCEPT_BACKOFF)
+                    continue
+                except Exception as exc:
+                    self._internal_error(direction, None, exc)
+                    await trio.sleep(ACCEPT_BACKOFF)
+                    continue
                 nursery.start_soon(handler, sock, peer)
 
     # -- background duties -----------------------------------------------------
@@ -758,25 +881,25 @@ class Sidecar:
             )
             self.changed = self.dynamic.poke
             await self.dynamic.start()
-        listeners: list[tuple[socket.socket, Callable[..., Awaitable[None]]]] = []
+        listeners: list[tuple[socket.socket, Callable[..., Awaitable[None]], str]] = []
         try:
             for i, ib in enumerate(self.config.inbound):
                 lsock = self._bind(ib.listen)
                 self.bound[f"inbound[{i}]"] = lsock.getsockname()[:2]
-                listeners.append((lsock, self._inbound_handler(ib)))
+                listeners.append((lsock, self._inbound_handler(ib), INBOUND))
             for i, ob in enumerate(self.config.outbound):
                 lsock = self._bind(ob.listen)
                 self.bound[f"outbound[{i}]"] = lsock.getsockname()[:2]
-                listeners.append((lsock, self._outbound_handler(ob)))
+                listeners.append((lsock, self._outbound_handler(ob), OUTBOUND))
             async with trio.open_nursery() as nursery:
                 await nursery.start(self.pump.run)
                 if self.config.admin is not None:
                     admin = await nursery.start(serve_admin, self.config.admin, self.route)
                     self.bound["admin"] = admin[0].socket.getsockname()[:2]
-                for lsock, handler in listeners:
+                for lsock, handler, direction in listeners:
                     scope = trio.CancelScope()
                     self._accept_scopes.append(scope)
-                    nursery.start_soon(self._accept_loop, lsock, scope, nursery, handler)
+                    nursery.start_soon(self._accept_loop, lsock, scope, nursery, handler, direction)
                 nursery.start_soon(self._sweep)
                 if isinstance(source, StaticSource):
                     nursery.start_soon(self._watch_static, source)
@@ -792,21 +915,21 @@ class Sidecar:
                 await self._drain.wait()
                 await self._shutdown(listeners, nursery)
         finally:
-            for lsock, _ in listeners:
+            for lsock, _, _ in listeners:
                 lsock.close()
             self.ready = False
             self.stopped.set()
 
     async def _shutdown(
         self,
-        listeners: list[tuple[socket.socket, Callable[..., Awaitable[None]]]],
+        listeners: list[tuple[socket.socket, Callable[..., Awaitable[None]], str]],
         nursery: trio.Nursery,
     ) -> None:
         self.ready = False
         self.draining = True
         for scope in self._accept_scopes:
             scope.cancel()
-        for lsock, _ in listeners:
+        for lsock, _, _ in listeners:
             trio.lowlevel.notify_closing(lsock)
             lsock.close()
         live = len(self.registry)
@@ -826,7 +949,7 @@ class Sidecar:
     ) -> Callable[[socket.socket, tuple[str, int]], Awaitable[None]]:
         async def handle(sock: socket.socket, peer: tuple[str, int]) -> None:
             await self._serve_connection(
-                sock, peer, INBOUND, lambda s, e: self._inbound(s, e, listener)
+                sock, peer, INBOUND, lambda s, e: self._inbound(s, e, listener, peer)
             )
 
         return handle
@@ -840,6 +963,21 @@ class Sidecar:
             )
 
         return handle
+
+
+def _accept(lsock: socket.socket) -> tuple[socket.socket, tuple[str, int]]:
+    """One accepted connection, non-blocking, with Nagle off. BlockingIOError: none waiting."""
+    sock, peer = lsock.accept()
+    try:
+        sock.setblocking(False)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    except OSError:  # some kernels refuse options on a connection reset before we saw it
+        sock.close()
+        raise OSError(errno.ECONNABORTED, "connection aborted before it was set up") from None
+    except BaseException:
+        sock.close()
+        raise
+    return sock, peer
 
 
 async def _linger(sock: socket.socket, seconds: float = 1.0, limit: int = 65536) -> None:

@@ -40,6 +40,9 @@ try:
     _WANT_WRITE = _lib.SSL_ERROR_WANT_WRITE
     _ZERO_RETURN = _lib.SSL_ERROR_ZERO_RETURN
     _from_buffer = _ffi.from_buffer
+    # pyOpenSSL's own error mapping, used on the rare failure path: check it is
+    # there now, or a renamed method would turn the first TLS error into a crash.
+    getattr(SSL.Connection, "_raise_ssl_error")  # noqa: B009 - private, may move
 except (ImportError, AttributeError):  # pyOpenSSL reorganised: the wrappers still work
     _SSL_read = None
 
