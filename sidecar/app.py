@@ -27,7 +27,6 @@ from OpenSSL import SSL, crypto
 
 from meshid.errors import MeshIdError
 from meshid.policy import IDENTITY_REVOKED, Policy
-from meshid.ratelimit import FailureLimiter
 from meshid.spiffeid import SpiffeId
 from sidecar.admin import Response, serve_admin
 from sidecar.config import Address, Inbound, Outbound, SidecarConfig, StaticSource
@@ -48,6 +47,7 @@ from sidecar.peer import (
 )
 from sidecar.proxyproto import encode_v2
 from sidecar.pump import Pump, StreamAborted, reset
+from sidecar.quarantine import ADDRESS, QUARANTINED, SPIFFE_ID, Quarantine
 from sidecar.registry import LiveConnection, Registry
 from sidecar.static import load_policy, load_svid, stamp
 from sidecar.tlsio import TlsStream, handshake_failure_reason
@@ -57,7 +57,6 @@ def utcnow() -> datetime:
     return datetime.now(UTC)
 
 
-QUARANTINED = "peer_quarantined"
 INTERNAL_ERROR = "internal_error"
 ACCEPT_BACKOFF = 0.1  # seconds to wait after accept() failed in a way we did not foresee
 # accept(2) on Linux: errors of the connection being accepted, to be retried like EAGAIN
@@ -78,8 +77,6 @@ _ACCEPT_TRANSIENT = frozenset(
 _ACCEPT_EXHAUSTED = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
 REPORT_MAX_LISTED = 200  # live connections listed one by one in a report (all are counted)
 FACTS_CACHE = 4096  # peer certificates whose facts are remembered (a few hundred bytes each)
-# refusals of a peer that proved its identity: counted against the ID, not the address
-AUTHENTICATED_REFUSALS = frozenset({"not_allowed", "identity_revoked", "wrong_identity"})
 
 
 def _host_of(peer_addr: str) -> str:
@@ -136,14 +133,11 @@ class Sidecar:
         self.generation: Generation | None = None
         self._generation_number = 0
         self.policy = Policy.build([], 0)
-        self.quarantine = (
-            FailureLimiter(
-                max_failures=config.limits.quarantine_failures,
-                window=config.limits.quarantine_window,
-                block=config.limits.quarantine_period,
-            )
-            if config.limits.quarantine_failures > 0
-            else None
+        self.quarantine = Quarantine(
+            identity_failures=config.limits.quarantine_failures,
+            address_failures=config.limits.quarantine_address_failures,
+            window=config.limits.quarantine_window,
+            block=config.limits.quarantine_period,
         )
         self.skew = timedelta(seconds=config.limits.clock_skew)
         self.ready = False
@@ -263,11 +257,8 @@ class Sidecar:
                 now=self.wall(),
                 skew=self.skew,
             )
-            peer = hs.verdict.peer_id
-            if hs.direction == INBOUND and peer is not None and self._blocked(str(peer)):
-                hs.verdict = Verdict(
-                    False, QUARANTINED, f"{peer} is quarantined after repeated refusals", peer
-                )
+            # A quarantined ID is not refused here: the peer has not yet shown it holds
+            # the key (CertificateVerify comes next), so _handshake checks, after it.
             return hs.verdict.allowed
         except Exception as exc:  # never let a hostile certificate escape as a crash
             hs.verdict = Verdict(False, "invalid_certificate", f"certificate rejected: {exc}")
@@ -318,40 +309,51 @@ class Sidecar:
 
     def quarantined(self) -> dict[str, float]:
         """Blocked peers (SPIFFE IDs or source addresses) and the seconds they have left."""
-        if self.quarantine is None:
-            return {}
         return self.quarantine.active(trio.current_time())
 
-    def _blocked(self, key: str) -> bool:
-        return self.quarantine is not None and bool(
-            self.quarantine.blocked(key, trio.current_time())
-        )
+    def _blocked_address(self, host: str) -> bool:
+        return self.quarantine.blocked(ADDRESS, host, trio.current_time())
 
-    def _count_refusal(self, entry: LiveConnection, verdict: Verdict) -> None:
-        """An inbound peer refused: by its ID when it proved one, else by its address."""
-        if self.quarantine is None or entry.direction != INBOUND:
+    def _blocked_identity(self, peer: SpiffeId) -> bool:
+        return self.quarantine.blocked(SPIFFE_ID, str(peer), trio.current_time())
+
+    def _count_refusal(self, entry: LiveConnection, verdict: Verdict, proved: bool) -> None:
+        """An inbound peer refused: by its ID if it proved one, else by its address.
+
+        The rules (which reasons count, against what) are in sidecar/quarantine.py.
+        """
+        if entry.direction != INBOUND:
             return
-        if verdict.reason in (QUARANTINED, "connection_limit"):
-            return
-        if verdict.peer_id is not None and verdict.reason in AUTHENTICATED_REFUSALS:
-            key, kind = str(verdict.peer_id), "spiffe_id"
-        else:
-            key, kind = _host_of(entry.peer_addr), "address"
-        if self.quarantine.failed(key, trio.current_time()):
-            self.metrics.quarantines.labels(kind).inc()
+        tipped = self.quarantine.refused(
+            verdict.reason,
+            proved=proved,
+            identity=str(verdict.peer_id) if verdict.peer_id is not None else None,
+            address=_host_of(entry.peer_addr),
+            now=trio.current_time(),
+        )
+        if tipped is not None:
+            self.metrics.quarantines.labels(tipped.kind).inc()
             self.events.emit(
                 "peer_quarantined",
                 reason=QUARANTINED,
-                peer=key,
-                kind=kind,
+                peer=tipped.key,
+                kind=tipped.kind,
                 last_reason=verdict.reason,
-                failures=self.quarantine.max_failures,
-                window_s=self.quarantine.window,
-                blocked_s=self.quarantine.block,
+                failures=tipped.failures,
+                window_s=tipped.window,
+                blocked_s=tipped.block,
             )
 
-    def _deny(self, entry: LiveConnection, verdict: Verdict, handshake: bool = True) -> None:
-        self._count_refusal(entry, verdict)
+    def _deny(
+        self,
+        entry: LiveConnection,
+        verdict: Verdict,
+        *,
+        handshake: bool = True,
+        proved: bool = False,
+    ) -> None:
+        """Log and count a refusal. `proved`: the peer completed its handshake (see quarantine)."""
+        self._count_refusal(entry, verdict, proved)
         self.metrics.connections.labels(entry.direction, "deny", verdict.reason).inc()
         if handshake:
             self.metrics.handshake_failures.labels(entry.direction, verdict.reason).inc()
@@ -462,8 +464,25 @@ class Sidecar:
                     verdict.serial,
                     verdict.not_after,
                 )
+        # The handshake is complete: the peer holds the key of the ID it presented,
+        # full handshake or resumed session alike. Only now may that ID's quarantine
+        # refuse it, and only now may a refusal be charged to the ID.
+        if (
+            verdict.allowed
+            and hs.direction == INBOUND
+            and verdict.peer_id is not None
+            and self._blocked_identity(verdict.peer_id)
+        ):
+            verdict = Verdict(
+                False,
+                QUARANTINED,
+                f"{verdict.peer_id} is quarantined after repeated refusals",
+                verdict.peer_id,
+                verdict.serial,
+                verdict.not_after,
+            )
         if not verdict.allowed:
-            self._deny(entry, verdict)
+            self._deny(entry, verdict, proved=True)
             return None
         return verdict
 
@@ -602,7 +621,7 @@ class Sidecar:
         """Quarantine of the source address and the connection cap, before any TLS."""
         reason = None
         detail = None
-        if direction == INBOUND and self._blocked(peer[0]):
+        if direction == INBOUND and self._blocked_address(peer[0]):
             reason, detail = QUARANTINED, f"{peer[0]} is quarantined after repeated refusals"
         elif len(self.registry) >= self.limits.max_connections:
             reason = "connection_limit"

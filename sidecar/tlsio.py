@@ -166,6 +166,8 @@ def handshake_failure_reason(exc: SSL.Error) -> str:
         ("certificate unknown", "rejected_by_peer"),
         ("access denied", "rejected_by_peer"),
         ("certificate verify failed", "untrusted_certificate"),
+        # CertificateVerify does not match the certificate: whoever sent it lacks its key
+        ("bad signature", "key_not_proved"),
     )
     for needle, reason in table:
         if needle in text:
