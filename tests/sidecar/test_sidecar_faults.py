@@ -102,6 +102,7 @@ STAGES: dict[str, tuple[object, str, BaseException]] = {
     "connect": (Sidecar, "_connect", RuntimeError("connect broke")),
     "pump": (Pump, "copy", RuntimeError("pump broke")),
     "pump_oserror": (Pump, "copy", OSError(5, "EIO")),
+    "pump_register": (Pump, "_register", OSError(9, "EBADF")),
     "close": (Sidecar, "_log_close", RuntimeError("close broke")),
     "exception_group": (
         Sidecar,
@@ -133,6 +134,8 @@ async def test_a_fault_at_any_stage_ends_that_connection_only(
             assert fired == [1]
             if stage != "judge":  # the verify callback refuses what it cannot judge
                 await wait_internal_error(pair)
+                for running in (pair.web, pair.api):  # no flow outlives its connection
+                    assert len(running.sidecar.pump) <= len(running.sidecar.registry)
             await still_serving(pair, live, stage.encode())
     if stage == "judge":
         refused = pair.api.log.find("decision", decision="deny") + pair.web.log.find(
@@ -149,7 +152,7 @@ async def test_a_fault_at_any_stage_ends_that_connection_only(
         side.sidecar, "meshid_connections_total", decision="deny", reason="internal_error"
     ) + metric(side.sidecar, "meshid_connections_closed_total", reason="internal_error")
     assert counted == 1
-    if stage in ("close", "pump"):
+    if stage in ("close", "pump", "pump_register"):
         assert error["established"] is True
 
 
