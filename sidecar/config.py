@@ -126,7 +126,8 @@ def valid_hostname(text: str) -> bool:
     return all(_LABEL.fullmatch(label) for label in ascii_name.split("."))
 
 
-def parse_address(text: Any, key: str) -> Address:
+def parse_address(text: Any, key: str, *, dial: bool = False) -> Address:
+    """HOST:PORT. `dial`: an address we connect to, where port 0 means nothing."""
     if not isinstance(text, str):
         raise ConfigError(f'{key}: expected "HOST:PORT"')
     if text.startswith("["):
@@ -139,6 +140,8 @@ def parse_address(text: Any, key: str) -> Address:
         raise ConfigError(f"{key}: {port_text[:10]!r} is not a port number")
     if not valid_hostname(host.removesuffix(".")):
         raise ConfigError(f"{key}: {host[:80]!r} is not an IP address or a DNS name")
+    if dial and int(port_text) == 0:
+        raise ConfigError(f"{key}: port 0 cannot be connected to")
     return Address(host, int(port_text))
 
 
@@ -295,7 +298,7 @@ def parse_config(doc: Mapping[str, Any], base: Path = Path()) -> SidecarConfig:
     else:
         assert authority is not None
         source = AuthoritySource(
-            server=parse_address(authority.required("server"), authority.path("server")),
+            server=parse_address(authority.required("server"), authority.path("server"), dial=True),
             bundle=base / authority.string("bundle"),
             token_file=authority.path_value("token_file", base, optional=True),
             state_dir=base / authority.string("state_dir"),
@@ -307,14 +310,14 @@ def parse_config(doc: Mapping[str, Any], base: Path = Path()) -> SidecarConfig:
         inbound.append(
             Inbound(
                 listen=parse_address(table.required("listen"), table.path("listen")),
-                forward=parse_address(table.required("forward"), table.path("forward")),
+                forward=parse_address(table.required("forward"), table.path("forward"), dial=True),
                 proxy_protocol=table.boolean("proxy_protocol", False),
             )
         )
         table.done()
     outbound = []
     for table in _tables(top.get("outbound"), "outbound"):
-        upstream = parse_address(table.required("upstream"), table.path("upstream"))
+        upstream = parse_address(table.required("upstream"), table.path("upstream"), dial=True)
         server_name = _server_name(table)
         outbound.append(
             Outbound(

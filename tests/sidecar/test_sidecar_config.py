@@ -130,3 +130,20 @@ def test_server_name_and_sni_when_valid() -> None:
 )
 def test_valid_hostname(text: str, ok: bool) -> None:
     assert valid_hostname(text) is ok
+
+
+def test_a_dialled_address_needs_a_port() -> None:
+    doc = _doc()
+    doc["outbound"][0]["upstream"] = "127.0.0.1:0"
+    assert _refused(doc).startswith("outbound[0].upstream: port 0")
+    inbound = _doc(inbound={"listen": "127.0.0.1:0", "forward": "127.0.0.1:0"})
+    assert _refused(inbound).startswith("inbound.forward: port 0")
+    # a listener on port 0 is fine: the kernel picks one
+    assert parse_config(_doc()).outbound[0].listen.port == 0
+
+
+@pytest.mark.parametrize("port", ["65536", "-1", "٣", "", "80a"])
+def test_ports_are_checked(port: str) -> None:
+    doc = _doc()
+    doc["outbound"][0]["upstream"] = f"api:{port}"
+    assert _refused(doc).startswith("outbound[0].upstream:")
