@@ -27,7 +27,6 @@ from OpenSSL import SSL, crypto
 
 from meshid.errors import MeshIdError
 from meshid.policy import IDENTITY_REVOKED, Policy
-from meshid.ratelimit import FailureLimiter
 from meshid.spiffeid import SpiffeId
 from sidecar.admin import Response, serve_admin
 from sidecar.config import Address, Inbound, Outbound, SidecarConfig, StaticSource
@@ -48,6 +47,7 @@ from sidecar.peer import (
 )
 from sidecar.proxyproto import encode_v2
 from sidecar.pump import Pump, StreamAborted, reset
+from sidecar.quarantine import ADDRESS, QUARANTINED, SPIFFE_ID, Quarantine
 from sidecar.registry import LiveConnection, Registry
 from sidecar.static import load_policy, load_svid, stamp
 from sidecar.tlsio import TlsStream, handshake_failure_reason
@@ -57,11 +57,26 @@ def utcnow() -> datetime:
     return datetime.now(UTC)
 
 
-QUARANTINED = "peer_quarantined"
+INTERNAL_ERROR = "internal_error"
+ACCEPT_BACKOFF = 0.1  # seconds to wait after accept() failed in a way we did not foresee
+# accept(2) on Linux: errors of the connection being accepted, to be retried like EAGAIN
+_ACCEPT_TRANSIENT = frozenset(
+    {
+        errno.ECONNABORTED,
+        errno.EPROTO,
+        errno.EPERM,
+        errno.ENETDOWN,
+        errno.ENOPROTOOPT,
+        errno.EHOSTDOWN,
+        errno.EHOSTUNREACH,
+        errno.EOPNOTSUPP,
+        errno.ENETUNREACH,
+        errno.ENONET,
+    }
+)
+_ACCEPT_EXHAUSTED = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
 REPORT_MAX_LISTED = 200  # live connections listed one by one in a report (all are counted)
 FACTS_CACHE = 4096  # peer certificates whose facts are remembered (a few hundred bytes each)
-# refusals of a peer that proved its identity: counted against the ID, not the address
-AUTHENTICATED_REFUSALS = frozenset({"not_allowed", "identity_revoked", "wrong_identity"})
 
 
 def _host_of(peer_addr: str) -> str:
@@ -118,14 +133,11 @@ class Sidecar:
         self.generation: Generation | None = None
         self._generation_number = 0
         self.policy = Policy.build([], 0)
-        self.quarantine = (
-            FailureLimiter(
-                max_failures=config.limits.quarantine_failures,
-                window=config.limits.quarantine_window,
-                block=config.limits.quarantine_period,
-            )
-            if config.limits.quarantine_failures > 0
-            else None
+        self.quarantine = Quarantine(
+            identity_failures=config.limits.quarantine_failures,
+            address_failures=config.limits.quarantine_address_failures,
+            window=config.limits.quarantine_window,
+            block=config.limits.quarantine_period,
         )
         self.skew = timedelta(seconds=config.limits.clock_skew)
         self.ready = False
@@ -247,11 +259,8 @@ class Sidecar:
                 now=self.wall(),
                 skew=self.skew,
             )
-            peer = hs.verdict.peer_id
-            if hs.direction == INBOUND and peer is not None and self._blocked(str(peer)):
-                hs.verdict = Verdict(
-                    False, QUARANTINED, f"{peer} is quarantined after repeated refusals", peer
-                )
+            # A quarantined ID is not refused here: the peer has not yet shown it holds
+            # the key (CertificateVerify comes next), so _handshake checks, after it.
             return hs.verdict.allowed
         except Exception as exc:  # never let a hostile certificate escape as a crash
             hs.verdict = Verdict(False, "invalid_certificate", f"certificate rejected: {exc}")
@@ -302,40 +311,51 @@ class Sidecar:
 
     def quarantined(self) -> dict[str, float]:
         """Blocked peers (SPIFFE IDs or source addresses) and the seconds they have left."""
-        if self.quarantine is None:
-            return {}
         return self.quarantine.active(trio.current_time())
 
-    def _blocked(self, key: str) -> bool:
-        return self.quarantine is not None and bool(
-            self.quarantine.blocked(key, trio.current_time())
-        )
+    def _blocked_address(self, host: str) -> bool:
+        return self.quarantine.blocked(ADDRESS, host, trio.current_time())
 
-    def _count_refusal(self, entry: LiveConnection, verdict: Verdict) -> None:
-        """An inbound peer refused: by its ID when it proved one, else by its address."""
-        if self.quarantine is None or entry.direction != INBOUND:
+    def _blocked_identity(self, peer: SpiffeId) -> bool:
+        return self.quarantine.blocked(SPIFFE_ID, str(peer), trio.current_time())
+
+    def _count_refusal(self, entry: LiveConnection, verdict: Verdict, proved: bool) -> None:
+        """An inbound peer refused: by its ID if it proved one, else by its address.
+
+        The rules (which reasons count, against what) are in sidecar/quarantine.py.
+        """
+        if entry.direction != INBOUND:
             return
-        if verdict.reason in (QUARANTINED, "connection_limit"):
-            return
-        if verdict.peer_id is not None and verdict.reason in AUTHENTICATED_REFUSALS:
-            key, kind = str(verdict.peer_id), "spiffe_id"
-        else:
-            key, kind = _host_of(entry.peer_addr), "address"
-        if self.quarantine.failed(key, trio.current_time()):
-            self.metrics.quarantines.labels(kind).inc()
+        tipped = self.quarantine.refused(
+            verdict.reason,
+            proved=proved,
+            identity=str(verdict.peer_id) if verdict.peer_id is not None else None,
+            address=_host_of(entry.peer_addr),
+            now=trio.current_time(),
+        )
+        if tipped is not None:
+            self.metrics.quarantines.labels(tipped.kind).inc()
             self.events.emit(
                 "peer_quarantined",
                 reason=QUARANTINED,
-                peer=key,
-                kind=kind,
+                peer=tipped.key,
+                kind=tipped.kind,
                 last_reason=verdict.reason,
-                failures=self.quarantine.max_failures,
-                window_s=self.quarantine.window,
-                blocked_s=self.quarantine.block,
+                failures=tipped.failures,
+                window_s=tipped.window,
+                blocked_s=tipped.block,
             )
 
-    def _deny(self, entry: LiveConnection, verdict: Verdict, handshake: bool = True) -> None:
-        self._count_refusal(entry, verdict)
+    def _deny(
+        self,
+        entry: LiveConnection,
+        verdict: Verdict,
+        *,
+        handshake: bool = True,
+        proved: bool = False,
+    ) -> None:
+        """Log and count a refusal. `proved`: the peer completed its handshake (see quarantine)."""
+        self._count_refusal(entry, verdict, proved)
         self.metrics.connections.labels(entry.direction, "deny", verdict.reason).inc()
         if handshake:
             self.metrics.handshake_failures.labels(entry.direction, verdict.reason).inc()
@@ -446,13 +466,34 @@ class Sidecar:
                     verdict.serial,
                     verdict.not_after,
                 )
+        # The handshake is complete: the peer holds the key of the ID it presented,
+        # full handshake or resumed session alike. Only now may that ID's quarantine
+        # refuse it, and only now may a refusal be charged to the ID.
+        if (
+            verdict.allowed
+            and hs.direction == INBOUND
+            and verdict.peer_id is not None
+            and self._blocked_identity(verdict.peer_id)
+        ):
+            verdict = Verdict(
+                False,
+                QUARANTINED,
+                f"{verdict.peer_id} is quarantined after repeated refusals",
+                verdict.peer_id,
+                verdict.serial,
+                verdict.not_after,
+            )
         if not verdict.allowed:
-            self._deny(entry, verdict)
+            self._deny(entry, verdict, proved=True)
             return None
         return verdict
 
     async def _inbound(
-        self, sock: socket.socket, entry: LiveConnection, listener: Inbound
+        self,
+        sock: socket.socket,
+        entry: LiveConnection,
+        listener: Inbound,
+        peer: tuple[str, int],
     ) -> tuple[socket.socket | None, TlsStream | None]:
         gen = self.generation
         assert gen is not None
@@ -466,14 +507,30 @@ class Sidecar:
         if verdict is None:
             return None, tls
         self._allow(entry, verdict)
+        header = b""
+        if listener.proxy_protocol:
+            # The peer's address is the one accept() gave: by now the peer may have
+            # reset, and getpeername() on a reset socket fails.
+            try:
+                local = sock.getsockname()[:2]
+            except OSError:
+                raise StreamAborted("peer_reset") from None
+            header = encode_v2(peer[:2], local, str(verdict.peer_id))
         try:
             app = await self._connect(listener.forward)
         except OSError:
             entry.close_reason = "app_unreachable"
             return None, tls
-        if listener.proxy_protocol:
-            header = encode_v2(sock.getpeername()[:2], sock.getsockname()[:2], str(verdict.peer_id))
-            await _send_plain(app, header)
+        if header:
+            try:
+                await _send_plain(app, header)
+            except OSError:
+                reset(app)
+                entry.close_reason = "app_unreachable"
+                return None, tls
+            except BaseException:  # cancelled, or worse: the caller never learns of `app`
+                reset(app)
+                raise
         return app, tls
 
     async def _outbound(
@@ -503,20 +560,23 @@ class Sidecar:
                 handshake=False,
             )
             return None, None
-        hs = Handshake(OUTBOUND, route.identity)
-        conn = SSL.Connection(gen.client, up)
-        conn.set_app_data(hs)
-        conn.set_connect_state()
-        name = route.server_name or (None if _is_ip(route.upstream.host) else route.upstream.host)
-        if name:
-            conn.set_tlsext_host_name(name.encode("idna"))
-        key = str(route.upstream)
-        session = gen.sessions.get(key)
-        if session is not None:
-            conn.set_session(session)
-        tls = TlsStream(conn, up, sessions=gen.sessions, session_key=key)
-        verdict = await self._handshake(tls, hs, entry)
-        conn.set_app_data(None)
+        try:
+            hs = Handshake(OUTBOUND, route.identity)
+            conn = SSL.Connection(gen.client, up)
+            conn.set_app_data(hs)
+            conn.set_connect_state()
+            if route.sni:
+                conn.set_tlsext_host_name(route.sni)
+            key = str(route.upstream)
+            session = gen.sessions.get(key)
+            if session is not None:
+                conn.set_session(session)
+            tls = TlsStream(conn, up, sessions=gen.sessions, session_key=key)
+            verdict = await self._handshake(tls, hs, entry)
+            conn.set_app_data(None)
+        except BaseException:  # the caller closes only what we return: `up` is ours to close
+            reset(up)
+            raise
         if verdict is None:
             return None, tls
         self._allow(entry, verdict, upstream=str(route.upstream))
@@ -532,37 +592,71 @@ class Sidecar:
             Awaitable[tuple[socket.socket | None, TlsStream | None]],
         ],
     ) -> None:
+        """One connection's whole life, inside its failure boundary.
+
+        Whatever goes wrong in here (a bug, a peer doing something no one
+        foresaw, a socket call failing in an unexpected way) ends this
+        connection only: it is logged once as `internal_error` with the
+        exception's type, counted, and the connection's sockets are closed.
+        Only `Exception` is caught: `trio.Cancelled` (and a group holding one,
+        which is a BaseExceptionGroup) goes on up.
+        """
         peer_addr = _fmt_addr(peer)
-        if direction == INBOUND and self._blocked(peer[0]):
-            self.metrics.connections.labels(direction, "deny", QUARANTINED).inc()
-            self.events.emit(
-                "decision",
-                direction=direction,
-                decision="deny",
-                reason=QUARANTINED,
-                detail=f"{peer[0]} is quarantined after repeated refusals",
-                local_id=str(self.identity),
-                peer_addr=peer_addr,
-            )
+        entry: LiveConnection | None = None
+        try:
+            if self._refused_at_accept(sock, peer, direction, peer_addr):
+                return
+            scope = trio.CancelScope()
+            entry = self.registry.open(direction, self.identity, peer_addr, scope, self.wall())
+            await self._run_connection(sock, direction, setup, entry, scope)
+        except Exception as exc:
             reset(sock)
-            return
-        if len(self.registry) >= self.limits.max_connections:
-            self.metrics.connections.labels(direction, "deny", "connection_limit").inc()
-            self.events.emit(
-                "decision",
-                direction=direction,
-                decision="deny",
-                reason="connection_limit",
-                local_id=str(self.identity),
-                peer_addr=peer_addr,
-            )
-            reset(sock)
-            return
+            if entry is not None:
+                self.registry.remove(entry)
+                if entry.established:  # its close line never made it: count the close here
+                    self.metrics.closes.labels(direction, INTERNAL_ERROR).inc()
+            self._internal_error(direction, peer_addr, exc, entry)
+
+    def _refused_at_accept(
+        self, sock: socket.socket, peer: tuple[str, int], direction: str, peer_addr: str
+    ) -> bool:
+        """Quarantine of the source address and the connection cap, before any TLS."""
+        reason = None
+        detail = None
+        if direction == INBOUND and self._blocked_address(peer[0]):
+            reason, detail = QUARANTINED, f"{peer[0]} is quarantined after repeated refusals"
+        elif len(self.registry) >= self.limits.max_connections:
+            reason = "connection_limit"
+        if reason is None:
+            return False
+        self.metrics.connections.labels(direction, "deny", reason).inc()
+        self.events.emit(
+            "decision",
+            direction=direction,
+            decision="deny",
+            reason=reason,
+            detail=detail,
+            local_id=str(self.identity),
+            peer_addr=peer_addr,
+        )
+        reset(sock)
+        return True
+
+    async def _run_connection(
+        self,
+        sock: socket.socket,
+        direction: str,
+        setup: Callable[
+            [socket.socket, LiveConnection],
+            Awaitable[tuple[socket.socket | None, TlsStream | None]],
+        ],
+        entry: LiveConnection,
+        scope: trio.CancelScope,
+    ) -> None:
         other: socket.socket | None = None
         tls: TlsStream | None = None
         aborted: str | None = None
-        scope = trio.CancelScope()
-        entry = self.registry.open(direction, self.identity, peer_addr, scope, self.wall())
+        failure: Exception | None = None
         try:
             with scope:
                 other, tls = await setup(sock, entry)
@@ -572,6 +666,9 @@ class Sidecar:
                     tls.keep_session()
         except StreamAborted as exc:
             aborted = exc.reason
+        except Exception as exc:  # the failure boundary: this connection ends, nothing else
+            aborted = INTERNAL_ERROR
+            failure = exc
         finally:
             self.registry.remove(entry)
             reason = aborted or entry.close_reason or "closed"
@@ -585,22 +682,58 @@ class Sidecar:
                     reset(s)
                 else:
                     s.close()
-            if entry.established:
-                self.changed()
-                duration = trio.current_time() - entry.started
-                self.metrics.closes.labels(direction, reason).inc()
-                self.events.emit(
-                    "close",
-                    direction=direction,
-                    reason=reason,
-                    local_id=str(self.identity),
-                    peer_id=str(entry.peer_id),
-                    peer_addr=peer_addr,
-                    conn_id=entry.id,
-                    bytes_in=entry.bytes_in,
-                    bytes_out=entry.bytes_out,
-                    duration_ms=round(duration * 1000, 1),
-                )
+        if failure is not None:
+            self._internal_error(direction, entry.peer_addr, failure, entry)
+        if entry.established:
+            self._log_close(entry, reason)
+
+    def _log_close(self, entry: LiveConnection, reason: str) -> None:
+        self.changed()
+        duration = trio.current_time() - entry.started
+        self.metrics.closes.labels(entry.direction, reason).inc()
+        self.events.emit(
+            "close",
+            direction=entry.direction,
+            reason=reason,
+            local_id=str(self.identity),
+            peer_id=str(entry.peer_id),
+            peer_addr=entry.peer_addr,
+            conn_id=entry.id,
+            bytes_in=entry.bytes_in,
+            bytes_out=entry.bytes_out,
+            duration_ms=round(duration * 1000, 1),
+        )
+
+    def _internal_error(
+        self,
+        direction: str,
+        peer_addr: str | None,
+        exc: BaseException,
+        entry: LiveConnection | None = None,
+    ) -> None:
+        """Log and count a failure of ours inside one connection (or one accept).
+
+        Only the exception's type is logged: its text may quote a certificate,
+        a path or a peer's bytes. A connection that was already established
+        is counted as a close with this reason (its close line says so too);
+        one that was not, as a refused connection.
+        """
+        try:
+            established = entry is not None and entry.established
+            if not established:
+                self.metrics.connections.labels(direction, "deny", INTERNAL_ERROR).inc()
+            self.events.emit(
+                INTERNAL_ERROR,
+                reason=INTERNAL_ERROR,
+                direction=direction,
+                error=type(exc).__name__,
+                established=established,
+                local_id=str(self.identity),
+                peer_addr=peer_addr,
+                conn_id=entry.id if entry is not None else None,
+            )
+        except Exception:  # noqa: S110 - the log itself failing must not end the sidecar
+            pass
 
     # -- listeners -------------------------------------------------------------
 
@@ -626,22 +759,30 @@ class Sidecar:
         scope: trio.CancelScope,
         nursery: trio.Nursery,
         handler: Callable[[socket.socket, tuple[str, int]], Awaitable[None]],
+        direction: str = INBOUND,
     ) -> None:
+        """Accept until cancelled; a failed accept is that connection's problem, not the loop's."""
         with scope:
             while True:
                 try:
-                    sock, peer = lsock.accept()
+                    sock, peer = _accept(lsock)
                 except BlockingIOError:
                     await trio.lowlevel.wait_readable(lsock)
                     continue
                 except OSError as exc:
-                    if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
+                    if exc.errno in _ACCEPT_TRANSIENT:
+                        continue  # that connection is gone already; the next may be fine
+                    if exc.errno in _ACCEPT_EXHAUSTED:
                         self.events.emit("accept_failed", reason="resource_exhausted")
                         await trio.sleep(0.1)  # let connections close before accepting more
                         continue
-                    raise
-                sock.setblocking(False)
-                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                    self._internal_error(direction, None, exc)
+                    await trio.sleep(ACCEPT_BACKOFF)
+                    continue
+                except Exception as exc:
+                    self._internal_error(direction, None, exc)
+                    await trio.sleep(ACCEPT_BACKOFF)
+                    continue
                 nursery.start_soon(handler, sock, peer)
 
     # -- background duties -----------------------------------------------------
@@ -764,16 +905,16 @@ class Sidecar:
             )
             self.changed = self.dynamic.poke
             await self.dynamic.start()
-        listeners: list[tuple[socket.socket, Callable[..., Awaitable[None]]]] = []
+        listeners: list[tuple[socket.socket, Callable[..., Awaitable[None]], str]] = []
         try:
             for i, ib in enumerate(self.config.inbound):
                 lsock = self._bind(ib.listen)
                 self.bound[f"inbound[{i}]"] = lsock.getsockname()[:2]
-                listeners.append((lsock, self._inbound_handler(ib)))
+                listeners.append((lsock, self._inbound_handler(ib), INBOUND))
             for i, ob in enumerate(self.config.outbound):
                 lsock = self._bind(ob.listen)
                 self.bound[f"outbound[{i}]"] = lsock.getsockname()[:2]
-                listeners.append((lsock, self._outbound_handler(ob)))
+                listeners.append((lsock, self._outbound_handler(ob), OUTBOUND))
             async with trio.open_nursery() as nursery:
                 await nursery.start(self.pump.run)
                 if self.config.admin is not None:
@@ -783,10 +924,10 @@ class Sidecar:
                         self.route,
                     )
                     self.bound["admin"] = admin[0].socket.getsockname()[:2]
-                for lsock, handler in listeners:
+                for lsock, handler, direction in listeners:
                     scope = trio.CancelScope()
                     self._accept_scopes.append(scope)
-                    nursery.start_soon(self._accept_loop, lsock, scope, nursery, handler)
+                    nursery.start_soon(self._accept_loop, lsock, scope, nursery, handler, direction)
                 nursery.start_soon(self._sweep)
                 if isinstance(source, StaticSource):
                     nursery.start_soon(self._watch_static, source)
@@ -802,21 +943,21 @@ class Sidecar:
                 await self._drain.wait()
                 await self._shutdown(listeners, nursery)
         finally:
-            for lsock, _ in listeners:
+            for lsock, _, _ in listeners:
                 lsock.close()
             self.ready = False
             self.stopped.set()
 
     async def _shutdown(
         self,
-        listeners: list[tuple[socket.socket, Callable[..., Awaitable[None]]]],
+        listeners: list[tuple[socket.socket, Callable[..., Awaitable[None]], str]],
         nursery: trio.Nursery,
     ) -> None:
         self.ready = False
         self.draining = True
         for scope in self._accept_scopes:
             scope.cancel()
-        for lsock, _ in listeners:
+        for lsock, _, _ in listeners:
             trio.lowlevel.notify_closing(lsock)
             lsock.close()
         live = len(self.registry)
@@ -836,7 +977,7 @@ class Sidecar:
     ) -> Callable[[socket.socket, tuple[str, int]], Awaitable[None]]:
         async def handle(sock: socket.socket, peer: tuple[str, int]) -> None:
             await self._serve_connection(
-                sock, peer, INBOUND, lambda s, e: self._inbound(s, e, listener)
+                sock, peer, INBOUND, lambda s, e: self._inbound(s, e, listener, peer)
             )
 
         return handle
@@ -850,6 +991,21 @@ class Sidecar:
             )
 
         return handle
+
+
+def _accept(lsock: socket.socket) -> tuple[socket.socket, tuple[str, int]]:
+    """One accepted connection, non-blocking, with Nagle off. BlockingIOError: none waiting."""
+    sock, peer = lsock.accept()
+    try:
+        sock.setblocking(False)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    except OSError:  # some kernels refuse options on a connection reset before we saw it
+        sock.close()
+        raise OSError(errno.ECONNABORTED, "connection aborted before it was set up") from None
+    except BaseException:
+        sock.close()
+        raise
+    return sock, peer
 
 
 async def _linger(sock: socket.socket, seconds: float = 1.0, limit: int = 65536) -> None:

@@ -7,7 +7,9 @@ touches a socket or reads a certificate.
 
 from __future__ import annotations
 
+import ipaddress
 import json
+import math
 import re
 import tomllib
 from collections.abc import Mapping
@@ -58,6 +60,9 @@ class Outbound:
     upstream: Address
     identity: SpiffeId
     server_name: str | None = None
+    # What goes in the TLS SNI extension (server_name, else a DNS upstream host),
+    # IDNA-encoded once here so that no connection can meet an unencodable name.
+    sni: bytes | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -69,10 +74,21 @@ class Limits:
     max_connections: int = 10000
     close_on_peer_expiry: bool = True
     clock_skew: float = 60.0
-    # a peer refused this many times within the window is blocked for the period (0: never)
+    # Refusals within the window that block for the period (0: never). A peer that
+    # proved its SPIFFE ID is counted by that ID; anything refused before it proved
+    # one (junk, failed handshakes, certificates refused before key possession was
+    # shown) by its source address, with a much higher bar, since many peers may
+    # share an address behind a NAT. See sidecar/quarantine.py.
     quarantine_failures: int = 20
+    quarantine_address_failures: int = 200
     quarantine_window: float = 60.0
     quarantine_period: float = 300.0
+
+
+# Upper bounds, so that a typo (an extra three zeros) is an error, not a
+# sidecar that waits a lifetime or allocates for a billion peers.
+MAX_SECONDS = 30 * 86400.0
+MAX_COUNT = 1_000_000
 
 
 @dataclass(frozen=True, slots=True)
@@ -87,7 +103,31 @@ class SidecarConfig:
     log_file: Path | None = None
 
 
-def parse_address(text: Any, key: str) -> Address:
+_LABEL = re.compile(r"[A-Za-z0-9_]([A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?")
+
+
+def valid_hostname(text: str) -> bool:
+    """An IP literal, or a DNS name whose IDNA form has 1-63 character labels and <= 253 in all.
+
+    Underscores are allowed: internal names (container services) use them. No
+    trailing dot: callers that accept one strip it first.
+    """
+    try:
+        ipaddress.ip_address(text)
+        return True
+    except ValueError:
+        pass
+    try:
+        ascii_name = text.encode("idna").decode("ascii")
+    except UnicodeError:
+        return False
+    if not ascii_name or len(ascii_name) > 253:
+        return False
+    return all(_LABEL.fullmatch(label) for label in ascii_name.split("."))
+
+
+def parse_address(text: Any, key: str, *, dial: bool = False) -> Address:
+    """HOST:PORT. `dial`: an address we connect to, where port 0 means nothing."""
     if not isinstance(text, str):
         raise ConfigError(f'{key}: expected "HOST:PORT"')
     if text.startswith("["):
@@ -96,8 +136,12 @@ def parse_address(text: Any, key: str) -> Address:
         host, sep, port_text = text.rpartition(":")
     if not sep or not host or (":" in host and not text.startswith("[")):
         raise ConfigError(f"{key}: {text[:80]!r} is not HOST:PORT (IPv6 as [::1]:PORT)")
-    if not port_text.isdigit() or not 0 <= int(port_text) <= 65535:
+    if not port_text.isascii() or not port_text.isdigit() or not 0 <= int(port_text) <= 65535:
         raise ConfigError(f"{key}: {port_text[:10]!r} is not a port number")
+    if not valid_hostname(host.removesuffix(".")):
+        raise ConfigError(f"{key}: {host[:80]!r} is not an IP address or a DNS name")
+    if dial and int(port_text) == 0:
+        raise ConfigError(f"{key}: port 0 cannot be connected to")
     return Address(host, int(port_text))
 
 
@@ -140,27 +184,34 @@ class _Table:
             return None
         return base / self.string(name)
 
-    def seconds(self, name: str, default: float) -> float:
+    def seconds(self, name: str, default: float, maximum: float = MAX_SECONDS) -> float:
+        """A positive, finite duration: seconds as a number, or a string such as "30s"."""
         value = self.get(name)
         if value is None:
             return default
         if isinstance(value, bool):
             raise ConfigError(f'{self.path(name)}: expected a duration such as "30s"')
         if isinstance(value, int | float):
-            if value <= 0:
-                raise ConfigError(f"{self.path(name)}: must be positive")
-            return float(value)
-        if isinstance(value, str):
+            seconds = float(value)
+            if not math.isfinite(seconds) or seconds <= 0:  # NaN fails every comparison
+                raise ConfigError(f"{self.path(name)}: must be a positive, finite number")
+        elif isinstance(value, str):
             try:
-                return parse_duration(value).total_seconds()
+                seconds = parse_duration(value).total_seconds()
             except MeshIdError as exc:
                 raise ConfigError(f"{self.path(name)}: {exc.message}") from None
-        raise ConfigError(f'{self.path(name)}: expected a duration such as "30s"')
+        else:
+            raise ConfigError(f'{self.path(name)}: expected a duration such as "30s"')
+        if seconds > maximum:
+            raise ConfigError(f"{self.path(name)}: longer than the limit of {maximum:g}s")
+        return seconds
 
-    def integer(self, name: str, default: int, minimum: int = 1) -> int:
+    def integer(self, name: str, default: int, minimum: int = 1, maximum: int = MAX_COUNT) -> int:
         value = self.get(name, default)
-        if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
-            raise ConfigError(f"{self.path(name)}: expected a whole number >= {minimum}")
+        if not isinstance(value, int) or isinstance(value, bool) or not minimum <= value <= maximum:
+            raise ConfigError(
+                f"{self.path(name)}: expected a whole number from {minimum} to {maximum}"
+            )
         return value
 
     def boolean(self, name: str, default: bool) -> bool:
@@ -185,6 +236,29 @@ def _id(table: _Table, name: str, td: TrustDomain) -> SpiffeId:
         return SpiffeId.resolve(text, td).require_workload()
     except MeshIdError as exc:
         raise ConfigError(f"{table.path(name)}: {exc.message}") from None
+
+
+def _server_name(table: _Table) -> str | None:
+    if "server_name" not in table.data:
+        table.seen.add("server_name")
+        return None
+    name = table.string("server_name")
+    if not valid_hostname(name):
+        raise ConfigError(
+            f"{table.path('server_name')}: {name[:80]!r} is not a DNS name"
+            " (labels of 1-63 letters, digits, '-' or '_', no empty label)"
+        )
+    return name
+
+
+def _sni(server_name: str | None, upstream: Address) -> bytes | None:
+    """The SNI to send: server_name, else the upstream's DNS name; none for an IP upstream."""
+    name = server_name or upstream.host.removesuffix(".")
+    try:
+        ipaddress.ip_address(name)
+        return None
+    except ValueError:
+        return name.encode("idna")  # valid_hostname has checked that this encodes
 
 
 def _tables(value: Any, key: str) -> list[_Table]:
@@ -224,7 +298,7 @@ def parse_config(doc: Mapping[str, Any], base: Path = Path()) -> SidecarConfig:
     else:
         assert authority is not None
         source = AuthoritySource(
-            server=parse_address(authority.required("server"), authority.path("server")),
+            server=parse_address(authority.required("server"), authority.path("server"), dial=True),
             bundle=base / authority.string("bundle"),
             token_file=authority.path_value("token_file", base, optional=True),
             state_dir=base / authority.string("state_dir"),
@@ -236,24 +310,24 @@ def parse_config(doc: Mapping[str, Any], base: Path = Path()) -> SidecarConfig:
         inbound.append(
             Inbound(
                 listen=parse_address(table.required("listen"), table.path("listen")),
-                forward=parse_address(table.required("forward"), table.path("forward")),
+                forward=parse_address(table.required("forward"), table.path("forward"), dial=True),
                 proxy_protocol=table.boolean("proxy_protocol", False),
             )
         )
         table.done()
     outbound = []
     for table in _tables(top.get("outbound"), "outbound"):
-        upstream = parse_address(table.required("upstream"), table.path("upstream"))
+        upstream = parse_address(table.required("upstream"), table.path("upstream"), dial=True)
+        server_name = _server_name(table)
         outbound.append(
             Outbound(
                 listen=parse_address(table.required("listen"), table.path("listen")),
                 upstream=upstream,
                 identity=_id(table, "identity", td),
-                server_name=table.get("server_name"),
+                server_name=server_name,
+                sni=_sni(server_name, upstream),
             )
         )
-        if outbound[-1].server_name is not None and not isinstance(outbound[-1].server_name, str):
-            raise ConfigError(f"{table.path('server_name')}: expected a string")
         table.done()
     if not inbound and not outbound:
         raise ConfigError("config: no [inbound] or [[outbound]] listener")
@@ -279,6 +353,9 @@ def parse_config(doc: Mapping[str, Any], base: Path = Path()) -> SidecarConfig:
             clock_skew=limits_table.seconds("clock_skew", limits.clock_skew),
             quarantine_failures=limits_table.integer(
                 "quarantine_failures", limits.quarantine_failures, minimum=0
+            ),
+            quarantine_address_failures=limits_table.integer(
+                "quarantine_address_failures", limits.quarantine_address_failures, minimum=0
             ),
             quarantine_window=limits_table.seconds("quarantine_window", limits.quarantine_window),
             quarantine_period=limits_table.seconds("quarantine_period", limits.quarantine_period),

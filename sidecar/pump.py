@@ -401,10 +401,9 @@ class Pump:
         try:
             flow.step_down()
             flow.step_up()
+            self._update(flow)  # a failed registration too: the flow must not stay half-listed
         except Exception as exc:  # handed to the connection's task below
             self._finish(flow, outcome.Error(exc))
-        else:
-            self._update(flow)
         if flow.result is None:
             flow.task = trio.lowlevel.current_task()
 

@@ -40,6 +40,9 @@ try:
     _WANT_WRITE = _lib.SSL_ERROR_WANT_WRITE
     _ZERO_RETURN = _lib.SSL_ERROR_ZERO_RETURN
     _from_buffer = _ffi.from_buffer
+    # pyOpenSSL's own error mapping, used on the rare failure path: check it is
+    # there now, or a renamed method would turn the first TLS error into a crash.
+    getattr(SSL.Connection, "_raise_ssl_error")  # noqa: B009 - private, may move
 except (ImportError, AttributeError):  # pyOpenSSL reorganised: the wrappers still work
     _SSL_read = None
 
@@ -163,6 +166,8 @@ def handshake_failure_reason(exc: SSL.Error) -> str:
         ("certificate unknown", "rejected_by_peer"),
         ("access denied", "rejected_by_peer"),
         ("certificate verify failed", "untrusted_certificate"),
+        # CertificateVerify does not match the certificate: whoever sent it lacks its key
+        ("bad signature", "key_not_proved"),
     )
     for needle, reason in table:
         if needle in text:

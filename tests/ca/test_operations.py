@@ -112,7 +112,13 @@ async def mesh(tmp_path: Path) -> AsyncIterator[Mesh]:
         listeners = await nursery.start(trio.serve_tcp, echo, 0)
         backend = listeners[0].socket.getsockname()[:2]
         api_log, web_log = Log(), Log()
-        limits = {"limits": {"quarantine_failures": 3, "quarantine_period": 300}}
+        limits = {
+            "limits": {
+                "quarantine_failures": 3,
+                "quarantine_address_failures": 3,
+                "quarantine_period": 300,
+            }
+        }
         api_cfg = sidecar_config(
             tmp_path,
             "api",

@@ -1,0 +1,149 @@
+"""Config validation: every value is checked at load time, with an error naming its key.
+
+A value that parses but cannot work (a NaN timeout, a server name no TLS
+library can encode) must be refused here, not discovered by the first
+connection that uses it.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import pytest
+
+from meshid.errors import ConfigError
+from sidecar.config import parse_config, valid_hostname
+
+
+def _doc(**extra: Any) -> dict[str, Any]:
+    doc: dict[str, Any] = {
+        "identity": "web",
+        "trust_domain": "example.org",
+        "static": {"cert": "c.pem", "key": "k.pem", "bundle": "b.pem"},
+        "outbound": [{"listen": "127.0.0.1:0", "upstream": "api.internal:8443", "identity": "api"}],
+    }
+    doc.update(extra)
+    return doc
+
+
+def _refused(doc: dict[str, Any]) -> str:
+    with pytest.raises(ConfigError) as info:
+        parse_config(doc)
+    message = info.value.message
+    assert "\n" not in message
+    return message
+
+
+@pytest.mark.parametrize(
+    "key",
+    [
+        "handshake_timeout",
+        "idle_timeout",
+        "connect_timeout",
+        "drain_timeout",
+        "clock_skew",
+        "quarantine_window",
+        "quarantine_period",
+    ],
+)
+@pytest.mark.parametrize("value", [math.nan, math.inf, -math.inf, -1.0, 0, 0.0, 1e12, -5])
+def test_durations_refuse_nan_inf_negative_zero_and_absurd(key: str, value: float) -> None:
+    message = _refused(_doc(limits={key: value}))
+    assert message.startswith(f"limits.{key}:")
+
+
+@pytest.mark.parametrize(
+    "key", ["max_connections", "quarantine_failures", "quarantine_address_failures"]
+)
+@pytest.mark.parametrize("value", [-1, 10**12, 1.5, math.nan, math.inf, True, "7"])
+def test_counts_refuse_negative_absurd_and_non_integers(key: str, value: object) -> None:
+    message = _refused(_doc(limits={key: value}))
+    assert message.startswith(f"limits.{key}:")
+
+
+def test_good_limits_are_kept() -> None:
+    limits = parse_config(
+        _doc(
+            limits={
+                "handshake_timeout": 2.5,
+                "idle_timeout": "1h",
+                "max_connections": 7,
+                "quarantine_failures": 0,
+                "quarantine_address_failures": 500,
+            }
+        )
+    ).limits
+    assert (limits.handshake_timeout, limits.idle_timeout) == (2.5, 3600.0)
+    assert (limits.max_connections, limits.quarantine_failures) == (7, 0)
+    assert limits.quarantine_address_failures == 500
+
+
+def test_max_connections_zero_is_refused() -> None:
+    assert _refused(_doc(limits={"max_connections": 0})).startswith("limits.max_connections:")
+
+
+@pytest.mark.parametrize(
+    "name",
+    ["bad..name", ".lead", "trail.", "-dash.example", "dash-.example", "a b", "x" * 64, "", "é..x"],
+)
+def test_server_name_must_be_a_hostname(name: str) -> None:
+    doc = _doc()
+    doc["outbound"][0]["server_name"] = name
+    assert _refused(doc).startswith("outbound[0].server_name:")
+
+
+@pytest.mark.parametrize("host", ["bad..name", "a b", "-x.example"])
+def test_upstream_host_must_be_a_hostname_or_ip(host: str) -> None:
+    doc = _doc()
+    doc["outbound"][0]["upstream"] = f"{host}:8443"
+    assert _refused(doc).startswith("outbound[0].upstream:")
+
+
+def test_server_name_and_sni_when_valid() -> None:
+    doc = _doc()
+    doc["outbound"][0]["server_name"] = "bücher.example"
+    route = parse_config(doc).outbound[0]
+    assert route.sni == b"xn--bcher-kva.example"
+    # without server_name, a DNS upstream is its own SNI; an IP upstream sends none
+    assert parse_config(_doc()).outbound[0].sni == b"api.internal"
+    ip = _doc()
+    ip["outbound"][0]["upstream"] = "[::1]:8443"
+    assert parse_config(ip).outbound[0].sni is None
+
+
+@pytest.mark.parametrize(
+    ("text", "ok"),
+    [
+        ("api", True),
+        ("api.internal", True),
+        ("my_service.local", True),
+        ("10.0.0.1", True),
+        ("::1", True),
+        ("a" * 63 + ".example", True),
+        ("a" * 64 + ".example", False),
+        (".".join(["a" * 60] * 5), False),  # longer than 253
+        ("bad..name", False),
+        ("", False),
+        ("a/b", False),
+    ],
+)
+def test_valid_hostname(text: str, ok: bool) -> None:
+    assert valid_hostname(text) is ok
+
+
+def test_a_dialled_address_needs_a_port() -> None:
+    doc = _doc()
+    doc["outbound"][0]["upstream"] = "127.0.0.1:0"
+    assert _refused(doc).startswith("outbound[0].upstream: port 0")
+    inbound = _doc(inbound={"listen": "127.0.0.1:0", "forward": "127.0.0.1:0"})
+    assert _refused(inbound).startswith("inbound.forward: port 0")
+    # a listener on port 0 is fine: the kernel picks one
+    assert parse_config(_doc()).outbound[0].listen.port == 0
+
+
+@pytest.mark.parametrize("port", ["65536", "-1", "٣", "", "80a"])
+def test_ports_are_checked(port: str) -> None:
+    doc = _doc()
+    doc["outbound"][0]["upstream"] = f"api:{port}"
+    assert _refused(doc).startswith("outbound[0].upstream:")
