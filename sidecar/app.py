@@ -25,6 +25,7 @@ from datetime import UTC, datetime, timedelta
 import trio
 from OpenSSL import SSL, crypto
 
+from meshid import report as report_limits
 from meshid.errors import MeshIdError
 from meshid.policy import IDENTITY_REVOKED, Policy
 from meshid.spiffeid import SpiffeId
@@ -75,7 +76,6 @@ _ACCEPT_TRANSIENT = frozenset(
     }
 )
 _ACCEPT_EXHAUSTED = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
-REPORT_MAX_LISTED = 200  # live connections listed one by one in a report (all are counted)
 FACTS_CACHE = 4096  # peer certificates whose facts are remembered (a few hundred bytes each)
 
 
@@ -269,7 +269,12 @@ class Sidecar:
     # -- decisions -------------------------------------------------------------
 
     def status_report(self) -> dict[str, object]:
-        """What the control plane hears every few seconds (see `meshid ca status`)."""
+        """What the control plane hears every few seconds (see `meshid ca status`).
+
+        Within the report's limits (`meshid.report`), so a busy sidecar is never
+        refused: a sample of connections and quarantined peers with a count of
+        the rest, and the pairs with the most connections first.
+        """
         svid = self.current_svid()
         pairs: dict[tuple[str, str], int] = {}
         listed: list[dict[str, object]] = []
@@ -278,7 +283,7 @@ class Sidecar:
                 continue
             key = (entry.direction, str(entry.peer_id))
             pairs[key] = pairs.get(key, 0) + 1
-            if len(listed) < REPORT_MAX_LISTED:
+            if len(listed) < report_limits.MAX_CONNECTIONS:
                 listed.append(
                     {
                         "id": entry.id,
@@ -290,6 +295,9 @@ class Sidecar:
                         "bytes_out": entry.bytes_out,
                     }
                 )
+        established = sum(pairs.values())
+        busiest = sorted(pairs.items(), key=lambda item: -item[1])[: report_limits.MAX_PAIRS]
+        quarantined = sorted(self.quarantined().items())
         return {
             "svid_serial": f"{svid.serial:x}" if svid else None,
             "svid_not_after": svid.not_after.isoformat() if svid else None,
@@ -297,14 +305,14 @@ class Sidecar:
             "policy_version": self.policy.version,
             "revocation_version": self.policy.revocation_version,
             "live_connections": len(self.registry),
-            "pairs": [
-                {"direction": d, "peer_id": p, "count": n} for (d, p), n in sorted(pairs.items())
-            ],
+            "pairs": [{"direction": d, "peer_id": p, "count": n} for (d, p), n in sorted(busiest)],
             "connections": listed,
+            "connections_omitted": established - len(listed),
             "quarantined": [
-                {"peer": peer, "seconds_left": round(left)}
-                for peer, left in sorted(self.quarantined().items())
+                {"peer": peer[: report_limits.MAX_TEXT], "seconds_left": round(left)}
+                for peer, left in quarantined[: report_limits.MAX_QUARANTINED]
             ],
+            "quarantined_omitted": max(0, len(quarantined) - report_limits.MAX_QUARANTINED),
         }
 
     # -- quarantine ------------------------------------------------------------

@@ -7,9 +7,13 @@ allowed to, even when that TO has a perfectly valid certificate.
 
 from __future__ import annotations
 
+import json
+
 import trio
 from sidecar_helpers import API, WEB, Backend, connect, metric, roundtrip, sid, wait_cut
 from sidecar_mesh import Mesh, Pair, start_pair
+
+from meshid import report
 
 
 async def test_allowed_pair_passes_bytes_both_ways(pair: Pair) -> None:
@@ -126,3 +130,26 @@ async def test_allowed_pair_over_ipv6_loopback(mesh: Mesh, backend: Backend) -> 
     assert allow["peer_id"] == WEB
     assert allow["peer_addr"].startswith("[::1]:")
     assert (close["reason"], close["bytes_in"], close["bytes_out"]) == ("closed", 7, 7)
+
+
+async def test_a_busy_sidecars_report_stays_within_the_authoritys_limits(pair: Pair) -> None:
+    """More live connections than a report lists: a sample, a count of the rest, never refused."""
+    extra = report.MAX_CONNECTIONS + 4
+    with trio.fail_after(20):
+        streams = [await connect(pair.app) for _ in range(extra)]
+        for stream in streams:
+            await stream.send_all(b"x")
+            assert await stream.receive_some(1) == b"x"
+        await pair.api.log.wait_for("decision", decision="allow", count=extra)
+        raw = pair.api.sidecar.status_report()
+        body = json.dumps({"instance": "api-0", **raw})
+        parsed = report.decode_report(body.encode())
+        for stream in streams:
+            await stream.aclose()
+    assert isinstance(raw["connections"], list)
+    assert len(raw["connections"]) == report.MAX_CONNECTIONS  # the sidecar samples, itself
+    assert len(parsed.connections) == report.MAX_CONNECTIONS
+    assert parsed.connections_omitted == extra - report.MAX_CONNECTIONS
+    assert [(p.direction, str(p.peer_id), p.count) for p in parsed.pairs] == [
+        ("inbound", WEB, extra)
+    ]
