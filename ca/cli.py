@@ -338,6 +338,7 @@ def serve_cmd(
     passphrase_file: Path | None,
 ) -> None:
     """Run the control plane: enrollment, renewal, bundle, policy and revocation feed."""
+    from ca.servelock import hold_serve_lock
     from ca.server import ServerOptions, default_names, parse_listen, run_server
     from meshid.events import EventLog
 
@@ -346,6 +347,8 @@ def serve_cmd(
     passphrase = read_passphrase(passphrase_file)
     probe = Authority.open(state, passphrase=passphrase)
     try:
+        # held until the process and its workers exit: one control plane per state dir
+        lock = hold_serve_lock(state)
         probe.signer()  # fail now, with a clear message, on a missing key or wrong passphrase
     finally:
         probe.close()  # each worker opens its own connection
@@ -353,9 +356,12 @@ def serve_cmd(
     options = ServerOptions(
         host=host, port=port, dns_names=names, ip_addresses=ips, auto_rotate=auto_rotate
     )
-    status = run_server(
-        lambda: Authority.open(state, passphrase=passphrase), options, events.emit, workers
-    )
+    try:
+        status = run_server(
+            lambda: Authority.open(state, passphrase=passphrase), options, events.emit, workers
+        )
+    finally:
+        lock.release()
     sys.exit(status)
 
 

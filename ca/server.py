@@ -770,8 +770,15 @@ def bind_listener(host: str, port: int, *, reuse_port: bool = False) -> socket.s
         sock.listen(4096)
     except OSError as exc:
         sock.close()
+        where = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+        if exc.errno == errno.EADDRINUSE:
+            raise StateError(
+                f"cannot listen on {where}: another process is listening there (another "
+                "meshid ca serve?); stop it, or give another --listen",
+                reason="address_in_use",
+            ) from None
         raise StateError(
-            f"cannot listen on {host}:{port}: {exc.strerror}", reason="listen_failed"
+            f"cannot listen on {where}: {exc.strerror}", reason="listen_failed"
         ) from None
     return sock
 
