@@ -452,6 +452,8 @@ class ControlPlane:
                 source=source,
                 status=reply.status,
                 reason=reply.body.get("error"),
+                spiffe_id=_who(reply, cert),
+                serial=reply.body.get("serial"),
             )
         return reply
 
@@ -643,6 +645,22 @@ class _Slot:
 
 class _BodyTooLarge(Exception):
     pass
+
+
+def _who(reply: Reply, cert: x509.Certificate | None) -> str | None:
+    """The identity a request was about, for its log line: the one issued, or the caller's.
+
+    Never the token: a failed enrollment names no one.
+    """
+    issued = reply.body.get("spiffe_id")
+    if isinstance(issued, str):
+        return issued
+    if cert is None:
+        return None
+    try:
+        return str(leaf_spiffe_id(cert))
+    except MeshIdError:
+        return None
 
 
 def _source_key(address: str) -> str:
