@@ -422,6 +422,8 @@ async def test_watch_refused_for_a_revoked_identity(plane: Plane, tmp_path: Path
     plane.authority.revoke(WEB)
     err = await refused(plane, "GET", "/v1/watch", identity=ident)
     assert (err.status, err.reason) == (403, "identity_revoked")
+    # the feed is refused to it, so the refusal carries the version it was revoked under
+    assert err.revocation_version == 1
 
 
 async def test_rotation_reissues_the_server_certificate_from_the_new_root(
