@@ -105,11 +105,27 @@ def _status_for(exc: MeshIdError) -> int:
     return 400
 
 
+class CallerRevoked(IdentityRevoked):
+    """The caller itself is revoked; the reply says under which revocation version.
+
+    The feed is refused to a revoked caller, so this reply is all its sidecar
+    hears of the revocation: with the version, the revoked sidecar says the
+    same "revocation version N" as everyone else, not the last one it saw.
+    """
+
+    def __init__(self, message: str, *, revocation_version: int) -> None:
+        super().__init__(message)
+        self.revocation_version = revocation_version
+
+
 def error_for(exc: MeshIdError) -> Reply:
     """The reply for one of our errors; a storage fault says when to try again."""
     if isinstance(exc, StorageUnavailable):
         return error(503, exc.reason, exc.message, retry_after=str(STORAGE_RETRY_AFTER))
-    return error(_status_for(exc), exc.reason, exc.message)
+    reply = error(_status_for(exc), exc.reason, exc.message)
+    if isinstance(exc, CallerRevoked):
+        reply.body["revocation_version"] = exc.revocation_version
+    return reply
 
 
 def _held_sequence(doc: dict[str, Any]) -> int | None:
@@ -350,8 +366,12 @@ class ControlApi:
             raise TokenRejected(
                 "caller is of another trust domain", reason="untrusted_trust_domain"
             )
-        if verified.spiffe_id in self.authority.policy().revoked:
-            raise IdentityRevoked(f"{verified.spiffe_id} is revoked")
+        policy = self.authority.policy()
+        if verified.spiffe_id in policy.revoked:
+            raise CallerRevoked(
+                f"{verified.spiffe_id} is revoked",
+                revocation_version=policy.revocation_version,
+            )
         return verified.spiffe_id
 
     def watch_check(self, req: Request) -> tuple[Reply | None, tuple[int, int, int]]:

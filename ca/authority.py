@@ -774,6 +774,22 @@ class Authority:
             )
         return version
 
+    def ever_known(self, spiffe_id: SpiffeId) -> bool:
+        """Whether `spiffe_id` was ever issued an SVID or a join token here.
+
+        Policy may name workloads that do not exist yet, so an unknown name is
+        no error; but a name the authority has never heard of is most often
+        a typo, worth a warning.
+        """
+        sid = str(spiffe_id)
+        with self.store.read() as conn:
+            row = conn.execute(
+                "SELECT EXISTS (SELECT 1 FROM svids WHERE spiffe_id = ?) "
+                "OR EXISTS (SELECT 1 FROM tokens WHERE spiffe_id = ?)",
+                (sid, sid),
+            ).fetchone()
+        return bool(row[0])
+
     def check(self, source: SpiffeId, target: SpiffeId) -> Decision:
         return self.policy().decide(source, target)
 

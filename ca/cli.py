@@ -253,16 +253,45 @@ def _pair(authority: Authority, source: str, target: str) -> tuple[SpiffeId, Spi
     return authority.resolve(source), authority.resolve(target)
 
 
+def _warn_unknown(authority: Authority, *ids: SpiffeId) -> None:
+    """A warning on stderr for each identity never enrolled or issued: most often a typo.
+
+    Only a warning, and only once the command has done its work (a failed
+    command stays one line): operators write policy before the workloads exist.
+    """
+    for sid in dict.fromkeys(ids):
+        if not authority.ever_known(sid):
+            click.echo(
+                f"warning: {sid} has never been enrolled or issued; check the spelling",
+                err=True,
+            )
+
+
 @policy_group.command("allow")
 @click.argument("source", metavar="FROM")
 @click.argument("target", metavar="TO")
 @state_option
 def allow_cmd(source: str, target: str, state: Path) -> None:
-    """Let FROM open connections to TO."""
+    """Let FROM open connections to TO (a pair already allowed is left as it is).
+
+    Allowing a pair already on the list changes nothing: the policy version
+    stays (every new version wakes every sidecar) and no audit row is
+    written (the audit log records changes to what is enforced).
+    """
     authority = open_authority(state)
     src, dst = _pair(authority, source, target)
-    version = authority.allow(src, dst)
-    click.echo(f"allowed {src} -> {dst} (policy version {version})")
+    try:
+        version = authority.allow(src, dst)
+    except PolicyError as exc:
+        if exc.reason != "already_allowed":
+            raise
+        click.echo(
+            f"{src} -> {dst} was already allowed (policy version "
+            f"{authority.policy().version}); nothing changed"
+        )
+    else:
+        click.echo(f"allowed {src} -> {dst} (policy version {version})")
+    _warn_unknown(authority, src, dst)
 
 
 @policy_group.command("deny")
@@ -275,14 +304,28 @@ def allow_cmd(source: str, target: str, state: Path) -> None:
     help="Change nothing; list the live connections the change would cut, as sidecars report.",
 )
 def deny_cmd(source: str, target: str, state: Path, dry_run: bool) -> None:
-    """Remove the pair FROM -> TO from the allow-list."""
+    """Remove the pair FROM -> TO from the allow-list (a pair not on it is left as it is).
+
+    Like `allow`, denying a pair not on the list changes nothing, bumps no
+    version and writes no audit row.
+    """
     authority = open_authority(state)
     src, dst = _pair(authority, source, target)
     if dry_run:
         _deny_dry_run(authority, src, dst)
-        return
-    version = authority.deny(src, dst)
-    click.echo(f"denied {src} -> {dst} (policy version {version})")
+    else:
+        try:
+            version = authority.deny(src, dst)
+        except PolicyError as exc:
+            if exc.reason != "unknown_pair":
+                raise
+            click.echo(
+                f"{src} -> {dst} was not allowed (policy version "
+                f"{authority.policy().version}); nothing changed"
+            )
+        else:
+            click.echo(f"denied {src} -> {dst} (policy version {version})")
+    _warn_unknown(authority, src, dst)
 
 
 @policy_group.command("list")
@@ -339,6 +382,7 @@ def serve_cmd(
     passphrase_file: Path | None,
 ) -> None:
     """Run the control plane: enrollment, renewal, bundle, policy and revocation feed."""
+    from ca.servelock import hold_serve_lock
     from ca.server import ServerOptions, default_names, parse_listen, run_server
     from meshid.events import EventLog
 
@@ -347,6 +391,8 @@ def serve_cmd(
     passphrase = read_passphrase(passphrase_file)
     probe = Authority.open(state, passphrase=passphrase)
     try:
+        # held until the process and its workers exit: one control plane per state dir
+        lock = hold_serve_lock(state)
         probe.signer()  # fail now, with a clear message, on a missing key or wrong passphrase
     finally:
         probe.close()  # each worker opens its own connection
@@ -354,9 +400,12 @@ def serve_cmd(
     options = ServerOptions(
         host=host, port=port, dns_names=names, ip_addresses=ips, auto_rotate=auto_rotate
     )
-    status = run_server(
-        lambda: Authority.open(state, passphrase=passphrase), options, events.emit, workers
-    )
+    try:
+        status = run_server(
+            lambda: Authority.open(state, passphrase=passphrase), options, events.emit, workers
+        )
+    finally:
+        lock.release()
     sys.exit(status)
 
 
@@ -435,7 +484,11 @@ def _deny_dry_run(authority: Authority, src: SpiffeId, dst: SpiffeId) -> None:
 
     policy = authority.policy()
     if (src, dst) not in policy.pairs:
-        raise PolicyError(f"{src} -> {dst} is not on the allow-list", reason="unknown_pair")
+        click.echo(
+            f"dry run: {src} -> {dst} was not allowed (policy version {policy.version}); "
+            "denying it would change nothing"
+        )
+        return
     reports, skipped = authority.reports()
     lines, total = connections_of_pair(reports, src, dst, authority.clock_now())
     for note in skipped:

@@ -452,6 +452,8 @@ class ControlPlane:
                 source=source,
                 status=reply.status,
                 reason=reply.body.get("error"),
+                spiffe_id=_who(reply, cert),
+                serial=reply.body.get("serial"),
             )
         return reply
 
@@ -645,6 +647,22 @@ class _BodyTooLarge(Exception):
     pass
 
 
+def _who(reply: Reply, cert: x509.Certificate | None) -> str | None:
+    """The identity a request was about, for its log line: the one issued, or the caller's.
+
+    Never the token: a failed enrollment names no one.
+    """
+    issued = reply.body.get("spiffe_id")
+    if isinstance(issued, str):
+        return issued
+    if cert is None:
+        return None
+    try:
+        return str(leaf_spiffe_id(cert))
+    except MeshIdError:
+        return None
+
+
 def _source_key(address: str) -> str:
     """What the per-source cap counts by: an IPv4 address, or an IPv6 /64.
 
@@ -770,8 +788,15 @@ def bind_listener(host: str, port: int, *, reuse_port: bool = False) -> socket.s
         sock.listen(4096)
     except OSError as exc:
         sock.close()
+        where = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+        if exc.errno == errno.EADDRINUSE:
+            raise StateError(
+                f"cannot listen on {where}: another process is listening there (another "
+                "meshid ca serve?); stop it, or give another --listen",
+                reason="address_in_use",
+            ) from None
         raise StateError(
-            f"cannot listen on {host}:{port}: {exc.strerror}", reason="listen_failed"
+            f"cannot listen on {where}: {exc.strerror}", reason="listen_failed"
         ) from None
     return sock
 

@@ -1,19 +1,24 @@
 """Sidecar configuration: one pure, total parse from a TOML document to frozen dataclasses.
 
 Every error names the key that is wrong (``outbound[0].identity: not a
-SPIFFE ID``). Loading a file is `tomllib` plus `parse_config`; nothing here
+SPIFFE ID``). Every table declares the keys it knows and is checked against
+them before any value is read, so a misspelt key or table is reported as
+itself, with the nearest known key (``outbound[0].upstrem: unknown key (did
+you mean 'upstream'?)``), rather than as the key it failed to set being
+missing. Loading a file is `tomllib` plus `parse_config`; nothing here
 touches a socket or reads a certificate.
 """
 
 from __future__ import annotations
 
+import difflib
 import ipaddress
 import json
 import math
 import re
 import tomllib
-from collections.abc import Mapping
-from dataclasses import dataclass
+from collections.abc import Collection, Mapping
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -147,16 +152,55 @@ def parse_address(text: Any, key: str, *, dial: bool = False) -> Address:
 
 _BARE_KEY = re.compile(r"[A-Za-z0-9_-]+")
 
+# The keys each table knows; anything else is a typo, reported before any value is read.
+TOP_KEYS = (
+    "trust_domain",
+    "identity",
+    "static",
+    "authority",
+    "inbound",
+    "outbound",
+    "admin",
+    "limits",
+    "log",
+)
+STATIC_KEYS = ("cert", "key", "bundle", "policy")
+AUTHORITY_KEYS = ("server", "bundle", "token_file", "state_dir")
+INBOUND_KEYS = ("listen", "forward", "proxy_protocol")
+OUTBOUND_KEYS = ("listen", "upstream", "identity", "server_name")
+ADMIN_KEYS = ("listen",)
+LIMITS_KEYS = tuple(f.name for f in fields(Limits))
+LOG_KEYS = ("file",)
+POLICY_FILE_KEYS = ("allow",)
+ALLOW_KEYS = ("from", "to")
+
+
+def unknown_key_message(path: str, name: str, known: Collection[str]) -> str:
+    """`path: unknown key (did you mean 'x'?)`, or the keys the table knows if none is close."""
+    close = difflib.get_close_matches(name, list(known), n=1)
+    if close:
+        return f"{path}: unknown key (did you mean {close[0]!r}?)"
+    return f"{path}: unknown key (known keys: {', '.join(sorted(known))})"
+
 
 class _Table:
-    """A TOML table that remembers its own key path and which keys were read."""
+    """A TOML table that remembers its own key path and which keys were read.
 
-    def __init__(self, data: Any, key: str) -> None:
+    With `known`, a key outside it is an error at once, before any value is
+    read: a misspelt key must not first surface as the right one missing.
+    """
+
+    def __init__(self, data: Any, key: str, known: Collection[str] = ()) -> None:
         if not isinstance(data, Mapping):
             raise ConfigError(f"{key or 'config'}: expected a table")
         self.data = data
         self.key = key
+        self.known = known
         self.seen: set[str] = set()
+        if known:
+            for name in data:
+                if name not in known:
+                    raise ConfigError(unknown_key_message(self.path(name), name, known))
 
     def path(self, name: str) -> str:
         shown = name if _BARE_KEY.fullmatch(name) else json.dumps(name)[:64]  # as TOML quotes it
@@ -220,14 +264,15 @@ class _Table:
             raise ConfigError(f"{self.path(name)}: expected true or false")
         return value
 
-    def table(self, name: str) -> _Table | None:
+    def table(self, name: str, known: Collection[str]) -> _Table | None:
         value = self.get(name)
-        return None if value is None else _Table(value, self.path(name))
+        return None if value is None else _Table(value, self.path(name), known)
 
     def done(self) -> None:
         unknown = sorted(set(self.data) - self.seen)
         if unknown:
-            raise ConfigError(f"{self.path(unknown[0])}: unknown key")
+            known = self.known or sorted(self.seen)
+            raise ConfigError(unknown_key_message(self.path(unknown[0]), unknown[0], known))
 
 
 def _id(table: _Table, name: str, td: TrustDomain) -> SpiffeId:
@@ -261,19 +306,19 @@ def _sni(server_name: str | None, upstream: Address) -> bytes | None:
         return name.encode("idna")  # valid_hostname has checked that this encodes
 
 
-def _tables(value: Any, key: str) -> list[_Table]:
+def _tables(value: Any, key: str, known: Collection[str]) -> list[_Table]:
     if value is None:
         return []
     if isinstance(value, Mapping):
-        return [_Table(value, key)]
+        return [_Table(value, key, known)]
     if isinstance(value, list):
-        return [_Table(item, f"{key}[{i}]") for i, item in enumerate(value)]
+        return [_Table(item, f"{key}[{i}]", known) for i, item in enumerate(value)]
     raise ConfigError(f"{key}: expected a table or an array of tables")
 
 
 def parse_config(doc: Mapping[str, Any], base: Path = Path()) -> SidecarConfig:
     """Build the config from a parsed TOML document; relative paths are taken from `base`."""
-    top = _Table(doc, "")
+    top = _Table(doc, "", TOP_KEYS)
     try:
         td = TrustDomain.parse(top.string("trust_domain"))
     except MeshIdError as exc:
@@ -282,8 +327,8 @@ def parse_config(doc: Mapping[str, Any], base: Path = Path()) -> SidecarConfig:
         raise ConfigError(f"trust_domain: {exc.message}") from None
     identity = _id(top, "identity", td)
 
-    static = top.table("static")
-    authority = top.table("authority")
+    static = top.table("static", STATIC_KEYS)
+    authority = top.table("authority", AUTHORITY_KEYS)
     source: StaticSource | AuthoritySource
     if (static is None) == (authority is None):
         raise ConfigError("config: give exactly one of [static] or [authority]")
@@ -306,7 +351,7 @@ def parse_config(doc: Mapping[str, Any], base: Path = Path()) -> SidecarConfig:
         authority.done()
 
     inbound = []
-    for table in _tables(top.get("inbound"), "inbound"):
+    for table in _tables(top.get("inbound"), "inbound", INBOUND_KEYS):
         inbound.append(
             Inbound(
                 listen=parse_address(table.required("listen"), table.path("listen")),
@@ -316,7 +361,7 @@ def parse_config(doc: Mapping[str, Any], base: Path = Path()) -> SidecarConfig:
         )
         table.done()
     outbound = []
-    for table in _tables(top.get("outbound"), "outbound"):
+    for table in _tables(top.get("outbound"), "outbound", OUTBOUND_KEYS):
         upstream = parse_address(table.required("upstream"), table.path("upstream"), dial=True)
         server_name = _server_name(table)
         outbound.append(
@@ -332,14 +377,14 @@ def parse_config(doc: Mapping[str, Any], base: Path = Path()) -> SidecarConfig:
     if not inbound and not outbound:
         raise ConfigError("config: no [inbound] or [[outbound]] listener")
 
-    admin_table = top.table("admin")
+    admin_table = top.table("admin", ADMIN_KEYS)
     admin = None
     if admin_table is not None:
         admin = parse_address(admin_table.required("listen"), admin_table.path("listen"))
         admin_table.done()
 
     limits = Limits()
-    limits_table = top.table("limits")
+    limits_table = top.table("limits", LIMITS_KEYS)
     if limits_table is not None:
         limits = Limits(
             handshake_timeout=limits_table.seconds("handshake_timeout", limits.handshake_timeout),
@@ -362,7 +407,7 @@ def parse_config(doc: Mapping[str, Any], base: Path = Path()) -> SidecarConfig:
         )
         limits_table.done()
 
-    log_table = top.table("log")
+    log_table = top.table("log", LOG_KEYS)
     log_file = None
     if log_table is not None:
         log_file = log_table.path_value("file", base, optional=True)
@@ -394,9 +439,9 @@ def load_config(path: Path) -> SidecarConfig:
 
 def parse_policy_file(doc: Mapping[str, Any], td: TrustDomain) -> list[tuple[SpiffeId, SpiffeId]]:
     """The static allow-list: ``[[allow]] from = "web" to = "api"``."""
-    top = _Table(doc, "")
+    top = _Table(doc, "", POLICY_FILE_KEYS)
     pairs = []
-    for table in _tables(top.get("allow"), "allow"):
+    for table in _tables(top.get("allow"), "allow", ALLOW_KEYS):
         pairs.append((_id(table, "from", td), _id(table, "to", td)))
         table.done()
     top.done()

@@ -43,11 +43,18 @@ UNREACHABLE = "authority_unreachable"
 
 
 class ControlPlaneError(AuthorityError):
-    """The control plane could not be reached, or it refused; `status` is its HTTP status."""
+    """The control plane could not be reached, or it refused; `status` is its HTTP status.
 
-    def __init__(self, message: str, *, reason: str, status: int = 0) -> None:
+    `revocation_version` comes with an `identity_revoked` refusal of the
+    caller itself: the feed that would carry it is refused to a revoked caller.
+    """
+
+    def __init__(
+        self, message: str, *, reason: str, status: int = 0, revocation_version: int | None = None
+    ) -> None:
         super().__init__(message, reason=reason)
         self.status = status
+        self.revocation_version = revocation_version
 
     @property
     def refused(self) -> bool:
@@ -233,9 +240,13 @@ class ControlClient:
                 status=status,
             )
         if status != 200:
+            version = doc.get("revocation_version")
             raise ControlPlaneError(
                 str(doc.get("message", f"HTTP {status}"))[:300],
                 reason=str(doc.get("error", "authority_refused"))[:64],
                 status=status,
+                revocation_version=(
+                    version if isinstance(version, int) and not isinstance(version, bool) else None
+                ),
             )
         return doc

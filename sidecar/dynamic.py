@@ -504,19 +504,25 @@ class DynamicIdentity:
                     "watch_failed", reason=reason, detail=detail, retry_in_s=round(delay, 1)
                 )
                 if reason == "identity_revoked":
-                    self._revoked_self()
+                    self._revoked_self(getattr(exc, "revocation_version", None))
                 await trio.sleep(delay)
 
-    def _revoked_self(self) -> None:
-        """The authority revoked this very workload: stop using the identity, say so once."""
+    def _revoked_self(self, revocation_version: int | None = None) -> None:
+        """The authority revoked this very workload: stop using the identity, say so once.
+
+        The revocation version is the one the authority's refusal names (the
+        feed that would carry it is refused to us), so decisions here cite the
+        same version as everywhere else.
+        """
         me = self.host.identity
         policy = self.host.current_policy()
         if me in policy.revoked:
             return
+        version = policy.revocation_version
+        if revocation_version is not None:
+            version = max(version, revocation_version)
         self.host.install_policy(
-            Policy.build(
-                policy.pairs, policy.version, {*policy.revoked, me}, policy.revocation_version
-            )
+            Policy.build(policy.pairs, policy.version, {*policy.revoked, me}, version)
         )
         self.host.events.emit(
             "identity_revoked",

@@ -65,7 +65,6 @@ def _with_authority(action: Callable[[Authority], object]) -> Callable[[Places],
 
 
 _revoke_web = _with_authority(lambda a: a.revoke(a.resolve("web")))
-_allow_web_api = _with_authority(lambda a: a.allow(a.resolve("web"), a.resolve("api")))
 
 
 @dataclass(frozen=True)
@@ -145,10 +144,6 @@ CASES = [
          "ca rotate --state {sealed} --passphrase-file {tmp}/wrong",
          "wrong passphrase", watch="{sealed}"),
     # the allow-list and revocation
-    Case("deny of an unknown pair", "policy deny web api --state {state}",
-         "not on the allow-list", real=True),
-    Case("allow of an allowed pair", "policy allow web api --state {state}", "already allowed",
-         setup=_allow_web_api),
     Case("token for a revoked ID", "ca token --state {state} web", "is revoked",
          setup=_revoke_web, real=True),
     Case("issue for a revoked ID", "ca issue --state {state} web --out {tmp}/out", "is revoked",

@@ -186,7 +186,9 @@ async def test_dry_run_lists_what_a_deny_would_cut_and_changes_nothing(mesh: Mes
 
     # the negative twin: a pair with no live connection, and a pair not on the list
     result = await mesh.cli("policy", "deny", "api", "web", "--dry-run")
-    assert result.exit_code == 1 and "not on the allow-list" in result.output
+    assert result.exit_code == 0 and "was not allowed" in result.output
+    assert "would change nothing" in result.output
+    assert mesh.authority.policy().version == version
     await stream.aclose()
 
 

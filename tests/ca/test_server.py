@@ -422,6 +422,8 @@ async def test_watch_refused_for_a_revoked_identity(plane: Plane, tmp_path: Path
     plane.authority.revoke(WEB)
     err = await refused(plane, "GET", "/v1/watch", identity=ident)
     assert (err.status, err.reason) == (403, "identity_revoked")
+    # the feed is refused to it, so the refusal carries the version it was revoked under
+    assert err.revocation_version == 1
 
 
 async def test_rotation_reissues_the_server_certificate_from_the_new_root(
@@ -464,3 +466,22 @@ async def test_renewal_leaves_out_a_bundle_the_caller_already_holds(
         "POST", "/v1/renew", {"csr": csr_pem(), "bundle_sequence": 0}, identity=ident
     )
     assert stale["bundle"] == plane.authority.bundle().to_pem().decode()
+
+
+async def test_enrollment_and_renewal_log_lines_name_the_identity(
+    plane: Plane, tmp_path: Path
+) -> None:
+    token = plane.authority.create_token(WEB)
+    reply = await plane.call("POST", "/v1/enroll", {"token": token, "csr": csr_pem()})
+    (enrolled,) = [e for e in plane.log if e["event"] == "request" and e["status"] == 200]
+    assert enrolled["path"] == "/v1/enroll" and enrolled["spiffe_id"] == str(WEB)
+    assert enrolled["serial"] == reply["serial"]
+    assert token not in json.dumps(plane.log)  # never the token
+    # a failed renewal says whose it was
+    ident = write_identity(tmp_path / "web", plane.authority, WEB)
+    await refused(plane, "POST", "/v1/renew", {"csr": csr_pem(API)}, identity=ident)
+    (failed,) = [e for e in plane.log if e["event"] == "request" and e["path"] == "/v1/renew"]
+    assert failed["status"] == 403 and failed["spiffe_id"] == str(WEB)
+    # and an anonymous failure names nobody
+    await refused(plane, "POST", "/v1/enroll", {"token": "mjt_wrong", "csr": csr_pem()})
+    assert plane.log[-1].get("spiffe_id") is None and plane.log[-1]["status"] == 401

@@ -121,6 +121,9 @@ async def test_policy_changes_and_revocation_reach_sidecars_within_2s(
         ]
         assert ("outbound", "identity_revoked") in denials
         assert {reason for _, reason in denials} == {"identity_revoked"}
+        # web's own refusals cite the revocation it never got a feed for, as api's do
+        own = [e for e in web.log.find("decision", since=web_mark) if e["decision"] == "deny"]
+        assert own and all("(revocation version 1, " in e["detail"] for e in own), own
         check = await ca.check("web", "api")
         assert check.returncode == 1
         assert check.stdout.startswith(f"denied: {sid('web')} is revoked (revocation version 1, ")
