@@ -22,8 +22,8 @@ test: install system-packages
 	$(BIN)/python -m pytest -q
 
 lint: install
-	$(BIN)/ruff check meshid ca sidecar tests bench tools
-	$(BIN)/ruff format --check meshid ca sidecar tests bench tools
+	$(BIN)/ruff check meshid ca sidecar adminhttp tests bench tools
+	$(BIN)/ruff format --check meshid ca sidecar adminhttp tests bench tools
 
 typecheck: install
 	$(BIN)/mypy
