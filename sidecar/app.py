@@ -29,6 +29,7 @@ from meshid.errors import MeshIdError
 from meshid.policy import IDENTITY_REVOKED, Policy
 from meshid.ratelimit import FailureLimiter
 from meshid.spiffeid import SpiffeId
+from meshid.version import VERSION
 from sidecar.admin import Response, serve_admin
 from sidecar.config import Address, Inbound, Outbound, SidecarConfig, StaticSource
 from sidecar.control import ControlClient
@@ -400,7 +401,7 @@ class Sidecar:
         """Run the handshake; on refusal log it and return None."""
         with trio.move_on_after(self.limits.handshake_timeout) as timer:
             try:
-                await tls.handshake()
+                await self.metrics.timed_handshake(hs.direction, tls.handshake())
             except SSL.Error as exc:
                 verdict = hs.verdict
                 if verdict is None or verdict.allowed:
@@ -467,7 +468,7 @@ class Sidecar:
             return None, tls
         self._allow(entry, verdict)
         try:
-            app = await self._connect(listener.forward)
+            app = await self.metrics.timed_connect(INBOUND, self._connect(listener.forward))
         except OSError:
             entry.close_reason = "app_unreachable"
             return None, tls
@@ -490,7 +491,7 @@ class Sidecar:
         gen = self.generation
         assert gen is not None
         try:
-            up = await self._connect(route.upstream)
+            up = await self.metrics.timed_connect(OUTBOUND, self._connect(route.upstream))
         except OSError as exc:
             self._deny(
                 entry,
@@ -795,6 +796,7 @@ class Sidecar:
                 self.ready = True
                 self.events.emit(
                     "started",
+                    version=VERSION,
                     spiffe_id=str(self.identity),
                     listeners={k: _fmt_addr(v) for k, v in self.bound.items()},
                 )
