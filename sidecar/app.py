@@ -149,6 +149,7 @@ class Sidecar:
                 quarantined=lambda: len(self.quarantined()),
                 state_dir_writable=lambda: self.dynamic.state.writable if self.dynamic else None,
                 state_write_failures=lambda: self.dynamic.state.failures if self.dynamic else {},
+                ready=lambda: self.ready and (self.svid_seconds_left() or 0.0) > 0,  # as /readyz
             )
         )
 

@@ -47,6 +47,8 @@ class Gauges:
     # Dynamic mode only: whether the state directory takes writes, and failed writes by kind.
     state_dir_writable: Callable[[], bool | None] = lambda: None
     state_write_failures: Callable[[], Mapping[str, int]] = lambda: {}
+    # What /readyz answers: started, with an SVID that has not expired.
+    ready: Callable[[], bool | None] = lambda: None
 
 
 class _LiveCollector(Collector):
@@ -88,6 +90,11 @@ class _LiveCollector(Collector):
             "Peers blocked after repeated failures",
             value=g.quarantined(),
         )
+        ready = g.ready()
+        if ready is not None:
+            yield GaugeMetricFamily(
+                "meshid_ready", "1 while /readyz answers 200, else 0", value=1 if ready else 0
+            )
         writable = g.state_dir_writable()
         if writable is not None:
             yield GaugeMetricFamily(

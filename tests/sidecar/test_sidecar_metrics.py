@@ -41,6 +41,7 @@ async def test_metrics_carry_process_build_and_latency_after_one_connection(pair
         }
         assert samples["process_resident_memory_bytes"][()] > 0
         assert samples["process_open_fds"][()] > 0
+        assert samples["meshid_ready"][()] == 1
     # One handshake and one connect on each side: the inbound side dialled the app,
     # the outbound side the upstream sidecar.
     inbound = (("direction", "inbound"),)
