@@ -14,9 +14,9 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install --quiet -e '.[dev]'
 	touch $(STAMP)
 
-# Debian packages the tests, the demo or the bench call (openssl, ip, stunnel).
+# Debian packages the tests, the demo or the bench call (openssl, ip, promtool, stunnel).
 system-packages:
-	tools/ensure-debs openssl:openssl ip:iproute2
+	tools/ensure-debs openssl:openssl ip:iproute2 promtool:prometheus
 
 test: install system-packages
 	$(BIN)/python -m pytest -q
