@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import hashlib
+import socket
 import sqlite3
+import ssl
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -122,3 +124,18 @@ def rechain(state: Path, edit: str | None = None, upto: int | None = None) -> No
         conn.commit()
     finally:
         conn.close()
+
+
+def tls_exchange(port: int, bundle: Path, data: bytes) -> bytes:
+    """Send `data` to 127.0.0.1:`port` over TLS (trusting `bundle`); all that comes back."""
+    ctx = ssl.create_default_context(cafile=str(bundle))
+    ctx.check_hostname = False
+    with (
+        socket.create_connection(("127.0.0.1", port), timeout=10) as raw,
+        ctx.wrap_socket(raw) as tls,
+    ):
+        tls.sendall(data)
+        out = b""
+        while chunk := tls.recv(65536):
+            out += chunk
+    return out

@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import json
 import socket
-import ssl
 import subprocess
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from ca_helpers import MESHID, TD, make_csr
+from ca_helpers import MESHID, TD, make_csr, tls_exchange
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from prometheus_client.parser import text_string_to_metric_families
@@ -80,25 +79,11 @@ def scrape(port: int) -> dict[str, float]:
     return samples
 
 
-def _tls(port: int, bundle: Path, request: bytes) -> bytes:
-    ctx = ssl.create_default_context(cafile=str(bundle))
-    ctx.check_hostname = False
-    with (
-        socket.create_connection(("127.0.0.1", port), timeout=10) as raw,
-        ctx.wrap_socket(raw) as tls,
-    ):
-        tls.sendall(request)
-        data = b""
-        while chunk := tls.recv(65536):
-            data += chunk
-    return data
-
-
 def _enroll(port: int, bundle: Path, token: str) -> bytes:
     _, der = make_csr()
     csr = x509.load_der_x509_csr(der).public_bytes(serialization.Encoding.PEM).decode()
     body = json.dumps({"token": token, "csr": csr}).encode()
-    return _tls(
+    return tls_exchange(
         port,
         bundle,
         b"POST /v1/enroll HTTP/1.1\r\nhost: ca\r\nconnection: close\r\n"
