@@ -53,6 +53,8 @@ KNOWN_PATHS = frozenset(
 )
 DB_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
 EXPOSITION_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+# Seconds between two reads of the sidecars' reports (each parses every stored report).
+REPORTS_EVERY = 30.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -62,6 +64,14 @@ class RootSnapshot:
     active_generation: int
     active_not_after: datetime
     next_state: str  # "none", "waiting_for_acks" or "scheduled"
+
+
+@dataclass(frozen=True, slots=True)
+class FleetSnapshot:
+    """What the sidecars last reported, read every REPORTS_EVERY seconds."""
+
+    reporting: int
+    earliest_svid_not_after: datetime | None
 
 
 @dataclass(frozen=True, slots=True)
@@ -89,6 +99,20 @@ class _LiveCollector(Collector):
         yield GaugeMetricFamily(
             "meshid_ca_watches", "Long-poll watches parked now", value=self._live.watches()
         )
+        fleet = self._metrics.fleet
+        if fleet is not None:
+            yield GaugeMetricFamily(
+                "meshid_ca_reporting_sidecars",
+                "Sidecar instances whose status reports the authority keeps",
+                value=fleet.reporting,
+            )
+            if fleet.earliest_svid_not_after is not None:
+                left = (fleet.earliest_svid_not_after - self._metrics.clock()).total_seconds()
+                yield GaugeMetricFamily(
+                    "meshid_ca_sidecar_svid_expiry_seconds",
+                    "Seconds until the earliest SVID among reporting sidecars expires",
+                    value=left,
+                )
         root = self._metrics.root
         if root is None:
             return
@@ -120,6 +144,8 @@ class CaMetrics:
         disable_created_metrics()  # type: ignore[no-untyped-call]
         self.clock = clock
         self.root: RootSnapshot | None = None
+        self.fleet: FleetSnapshot | None = None
+        self._fleet_read_at = -REPORTS_EVERY
         self.registry = CollectorRegistry(auto_describe=False)
         register_process_metrics(self.registry, "authority")
         self.enrollments = Counter(
@@ -191,6 +217,12 @@ class CaMetrics:
         else:
             state = "scheduled"
         self.root = RootSnapshot(active.generation, active.not_after, state)
+        now = time.monotonic()
+        if now - self._fleet_read_at >= REPORTS_EVERY:
+            self._fleet_read_at = now
+            reports, _ = authority.reports()
+            expiries = [r.report.svid_not_after for r in reports if r.report.svid_not_after]
+            self.fleet = FleetSnapshot(len(reports), min(expiries, default=None))
 
     def route(self, method: str, path: str) -> Response:
         """The metrics listener's router: /metrics, /healthz and /version."""

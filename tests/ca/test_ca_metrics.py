@@ -8,14 +8,17 @@ import subprocess
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from datetime import timedelta
 from pathlib import Path
 
-from ca_helpers import MESHID, TD, make_csr, tls_exchange
+from ca_helpers import MESHID, TD, Clock, make_csr, tls_exchange
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from prometheus_client.parser import text_string_to_metric_families
 
 from ca.authority import Authority
+from ca.metrics import CaMetrics, Live
+from meshid.report import StatusReport
 from meshid.spiffeid import SpiffeId
 from meshid.version import VERSION
 
@@ -197,3 +200,24 @@ def test_each_worker_serves_its_own_metrics(state: Path, tmp_path: Path) -> None
             b"GET /healthz HTTP/1.1\r\nhost: ca\r\nconnection: close\r\n\r\n",
         )
         assert json.loads(health.partition(b"\r\n\r\n")[2])["version"] == VERSION
+
+
+def test_the_earliest_svid_among_reporting_sidecars(authority: Authority, clock: Clock) -> None:
+    metrics = CaMetrics(clock, Live(lambda: {}, lambda: 0))
+    soon, later = clock() + timedelta(minutes=10), clock() + timedelta(hours=1)
+    authority.record_report(SpiffeId(TD, "/web"), StatusReport("web-1", svid_not_after=later))
+    authority.record_report(SpiffeId(TD, "/api"), StatusReport("api-1", svid_not_after=soon))
+    authority.record_report(SpiffeId(TD, "/db"), StatusReport("db-1"))  # not enrolled yet
+    metrics.refresh(authority)
+    samples = {
+        s.name: s.value
+        for family in text_string_to_metric_families(metrics.route("GET", "/metrics").body.decode())
+        for s in family.samples
+    }
+    assert samples["meshid_ca_reporting_sidecars"] == 3
+    assert samples["meshid_ca_sidecar_svid_expiry_seconds"] == 600
+    clock.advance(timedelta(minutes=4))
+    assert (
+        "meshid_ca_sidecar_svid_expiry_seconds 360.0"
+        in metrics.route("GET", "/metrics").body.decode()
+    )
