@@ -221,3 +221,29 @@ def test_the_earliest_svid_among_reporting_sidecars(authority: Authority, clock:
         "meshid_ca_sidecar_svid_expiry_seconds 360.0"
         in metrics.route("GET", "/metrics").body.decode()
     )
+
+
+def test_metrics_port_in_use_is_one_line(state: Path) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        done = subprocess.run(
+            [
+                MESHID,
+                "ca",
+                "serve",
+                "--state",
+                str(state),
+                "--listen",
+                "127.0.0.1:0",
+                "--metrics",
+                f"127.0.0.1:{port}",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+    assert done.returncode == 1
+    assert f"cannot listen on 127.0.0.1:{port}" in done.stderr
+    assert len(done.stderr.strip().splitlines()) == 1

@@ -35,6 +35,7 @@ async def test_metrics_carry_process_build_and_latency_after_one_connection(pair
         await pair.web.log.wait_for("close", direction="outbound")
         api = await _scrape(pair.api.admin)
         web = await _scrape(pair.web.admin)
+    assert [line["version"] for line in pair.api.log.find("started")] == [VERSION]
     for samples in (api, web):
         assert samples["meshid_build_info"] == {
             (("component", "sidecar"), ("version", VERSION)): 1.0
