@@ -5,13 +5,12 @@ from __future__ import annotations
 import json
 import socket
 import subprocess
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import timedelta
 from pathlib import Path
 
-from ca_helpers import MESHID, TD, Clock, make_csr, tls_exchange
+from ca_helpers import MESHID, TD, Clock, make_csr, serving_process, tls_exchange, wait_event
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from prometheus_client.parser import text_string_to_metric_families
@@ -23,50 +22,17 @@ from meshid.spiffeid import SpiffeId
 from meshid.version import VERSION
 
 
-def _wait_line(log: Path, needle: str, proc: subprocess.Popen[bytes]) -> dict[str, object]:
-    return _wait_lines(log, needle, 1, proc)[0]
-
-
 def _address(doc: dict[str, object]) -> tuple[str, int]:
     host, _, port = str(doc["listen"]).rpartition(":")
     return host, int(port)
 
 
-def _wait_lines(
-    log: Path, needle: str, count: int, proc: subprocess.Popen[bytes]
-) -> list[dict[str, object]]:
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        found = [json.loads(line) for line in log.read_text().splitlines() if needle in line]
-        if len(found) >= count:
-            return found
-        assert proc.poll() is None, log.read_text()
-        time.sleep(0.05)
-    raise AssertionError(f"{count} x {needle!r} not logged in time:\n{log.read_text()}")
-
-
-@contextmanager
-def started(state: Path, log: Path, *extra: str) -> Iterator[subprocess.Popen[bytes]]:
-    """`meshid ca serve --listen 127.0.0.1:0 --metrics 127.0.0.1:0 EXTRA`, killed at the end."""
-    argv = [MESHID, "ca", "serve", "--state", str(state), "--listen", "127.0.0.1:0"]
-    with log.open("wb") as out:
-        proc = subprocess.Popen(
-            [*argv, "--metrics", "127.0.0.1:0", *extra], stdout=out, stderr=subprocess.STDOUT
-        )
-    try:
-        yield proc
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-
-
 @contextmanager
 def serving(state: Path, log: Path) -> Iterator[tuple[int, int, subprocess.Popen[bytes]]]:
     """`meshid ca serve --metrics 127.0.0.1:0`: the control-plane and metrics ports."""
-    with started(state, log) as proc:
-        _, port = _address(_wait_line(log, '"serving"', proc))
-        _, metrics_port = _address(_wait_line(log, '"metrics_serving"', proc))
+    with serving_process(state, log, "--metrics", "127.0.0.1:0") as proc:
+        _, port = _address(wait_event(log, "serving", proc, 30))
+        _, metrics_port = _address(wait_event(log, "metrics_serving", proc, 30))
         yield port, metrics_port, proc
 
 
@@ -163,17 +129,15 @@ def test_hostile_input_on_the_metrics_port_does_not_end_the_server(
 
 def test_each_worker_serves_its_own_metrics(state: Path, tmp_path: Path) -> None:
     log = tmp_path / "ca.log"
-    with started(state, log, "--workers", "2") as proc:
-        lines = _wait_lines(log, '"metrics_serving"', 2, proc)
-        assert {line["worker"] for line in lines} == {0, 1}
+    with serving_process(state, log, "--metrics", "127.0.0.1:0", "--workers", "2") as proc:
+        lines = [wait_event(log, "metrics_serving", proc, 30, worker=i) for i in (0, 1)]
         assert all(line["version"] == VERSION for line in lines)
         ports = {_address(line)[1] for line in lines}
         assert len(ports) == 2  # port 0: each worker a port of its own
         for port in ports:
             assert scrape(port)['meshid_ca_next_root{state="none"}'] == 1
-        serving = _wait_lines(log, '"serving"', 2, proc)
         health = tls_exchange(
-            _address(serving[0])[1],
+            _address(wait_event(log, "serving", proc, 30, worker=0))[1],
             state / "bundle.pem",
             b"GET /healthz HTTP/1.1\r\nhost: ca\r\nconnection: close\r\n\r\n",
         )
