@@ -14,16 +14,16 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install --quiet -e '.[dev]'
 	touch $(STAMP)
 
-# Debian packages the tests, the demo or the bench call (openssl, ip, stunnel).
+# Debian packages the tests, the demo or the bench call (openssl, ip, promtool, stunnel).
 system-packages:
-	tools/ensure-debs openssl:openssl ip:iproute2
+	tools/ensure-debs openssl:openssl ip:iproute2 promtool:prometheus
 
 test: install system-packages
 	$(BIN)/python -m pytest -q
 
 lint: install
-	$(BIN)/ruff check meshid ca sidecar tests bench tools
-	$(BIN)/ruff format --check meshid ca sidecar tests bench tools
+	$(BIN)/ruff check meshid ca sidecar adminhttp tests bench tools
+	$(BIN)/ruff format --check meshid ca sidecar adminhttp tests bench tools
 
 typecheck: install
 	$(BIN)/mypy

@@ -47,6 +47,7 @@ from meshid.ratelimit import FailureLimiter
 from meshid.report import TOO_LARGE, decode_report
 from meshid.spiffeid import SpiffeId
 from meshid.svid import certs_to_pem, verify_svid
+from meshid.version import VERSION
 
 MAX_BODY = 64 * 1024
 STORAGE_RETRY_AFTER = 5  # seconds a client waits after a full or read-only disk
@@ -335,6 +336,7 @@ class ControlApi:
             200,
             {
                 "status": "ok",
+                "version": VERSION,
                 "trust_domain": self.authority.trust_domain.name,
                 "policy_version": policy,
                 "revocation_version": revocation,

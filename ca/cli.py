@@ -371,6 +371,12 @@ def check_cmd(source: str, target: str, state: Path) -> None:
     "quarters (once live sidecars hold it), so the root never expires. Turn off only if "
     "you run 'meshid ca rotate' yourself.",
 )
+@click.option(
+    "--metrics",
+    metavar="HOST:PORT",
+    help="Serve Prometheus metrics over plain HTTP here (/metrics, /healthz, /version); "
+    "with --workers N, worker i serves PORT+i. Off by default.",
+)
 @passphrase_option
 def serve_cmd(
     state: Path,
@@ -380,6 +386,7 @@ def serve_cmd(
     workers: int,
     auto_rotate: bool,
     passphrase_file: Path | None,
+    metrics: str | None,
 ) -> None:
     """Run the control plane: enrollment, renewal, bundle, policy and revocation feed."""
     from ca.servelock import hold_serve_lock
@@ -387,6 +394,7 @@ def serve_cmd(
     from meshid.events import EventLog
 
     host, port = parse_listen(listen)
+    metrics_at = parse_listen(metrics, "--metrics") if metrics else None
     names, ips = (tuple(dns), tuple(_ips(ip))) if dns or ip else default_names(host)
     passphrase = read_passphrase(passphrase_file)
     probe = Authority.open(state, passphrase=passphrase)
@@ -398,7 +406,12 @@ def serve_cmd(
         probe.close()  # each worker opens its own connection
     events = EventLog()
     options = ServerOptions(
-        host=host, port=port, dns_names=names, ip_addresses=ips, auto_rotate=auto_rotate
+        host=host,
+        port=port,
+        dns_names=names,
+        ip_addresses=ips,
+        auto_rotate=auto_rotate,
+        metrics=metrics_at,
     )
     try:
         status = run_server(

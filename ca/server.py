@@ -71,11 +71,13 @@ from cryptography import x509
 from ca.api import MAX_BODY, ControlApi, Reply, Request, error
 from ca.authority import Authority, utcnow
 from ca.limits import SharedFailureLimiter
+from ca.metrics import CaMetrics, Live, serve_metrics
 from ca.rootkeeper import RootKeeper
 from meshid.errors import MeshIdError, StateError, StorageUnavailable
 from meshid.ratelimit import FailureLimiter
 from meshid.spiffeid import SpiffeId
 from meshid.svid import IpAddress, certs_to_pem, generate_key, key_to_pem, leaf_spiffe_id
+from meshid.version import SERVER_HEADER, VERSION
 
 AUTHORITY_PATH = "/meshid/authority"
 BATCHED_PATHS = ("/v1/enroll", "/v1/renew", "/v1/report")  # writes: group-committed
@@ -117,6 +119,7 @@ class ServerOptions:
     max_watches: int = 16384  # long polls parked at once, in all
     max_watches_per_identity: int = 256  # parked by one SPIFFE ID (its replicas share it)
     auto_rotate: bool = True  # prepare and activate the next root by itself (ca.rootlife)
+    metrics: tuple[str, int] | None = None  # HOST, PORT of the Prometheus listener (ca.metrics)
 
 
 @dataclass(slots=True)
@@ -150,6 +153,7 @@ class ControlPlane:
     _queue: list[_Slot] = field(default_factory=list)
     _queued: trio.Event = field(default_factory=trio.Event)
     root_keeper: RootKeeper = field(init=False)
+    metrics: CaMetrics = field(init=False)
 
     def __post_init__(self) -> None:
         limiter = self.limiter if self.limiter is not None else FailureLimiter(max_failures=5)
@@ -160,13 +164,15 @@ class ControlPlane:
             propagation_default(self.authority.svid_ttl),
             auto=self.options.auto_rotate,
         )
+        pools = lambda: {"anonymous": len(self._anonymous), "authenticated": self._authenticated}  # noqa: E731
+        self.metrics = CaMetrics(self.clock, Live(pools, lambda: self._watching))
 
     @property
     def identity(self) -> SpiffeId:
         return SpiffeId(self.authority.trust_domain, AUTHORITY_PATH)
 
     async def _db_call(self, fn: Callable[..., T], *args: Any) -> T:
-        return await trio.to_thread.run_sync(fn, *args, limiter=self._db)
+        return await self.metrics.timed(trio.to_thread.run_sync(fn, *args, limiter=self._db))
 
     # -- the server's own certificate --
 
@@ -237,6 +243,7 @@ class ControlPlane:
             try:
                 if ticks % max(1, round(1 / self.options.poll_interval)) == 0:
                     await self._db_call(self.root_keeper.tick)  # logs its own failures
+                    await self._db_call(self.metrics.refresh, self.authority)
                     await self._db_call(self.authority.advance_roots)
                     await self._refresh_credentials()
                 versions = await self._db_call(self.authority.versions)
@@ -270,6 +277,7 @@ class ControlPlane:
         try:
             await self._refresh_credentials()
             self._versions = await self._db_call(self.authority.versions)
+            await self._db_call(self.metrics.refresh, self.authority)
         except Exception as exc:
             if isinstance(exc, MeshIdError) or not _is_storage_failure(exc):
                 raise
@@ -291,6 +299,7 @@ class ControlPlane:
                 listen=f"{self.bound[0]}:{self.bound[1]}",
                 trust_domain=self.authority.trust_domain.name,
                 spiffe_id=str(self.identity),
+                version=VERSION,
             )
             task_status.started(self.bound)
             # Connections run in a nursery of their own; each is its own failure boundary.
@@ -444,6 +453,7 @@ class ControlPlane:
             peer_cert=cert,
         )
         reply = _method_reply(method, req.path) or await self._answer(req)
+        self.metrics.observe_reply(req.path, reply.status, reply.body.get("error"))
         if reply.status >= 400 or req.path == "/v1/enroll":  # renewals: see the audit log
             self.log(
                 "request",
@@ -592,6 +602,7 @@ class ControlPlane:
         headers = [
             ("content-type", "application/json"),
             ("content-length", str(len(payload))),
+            ("server", SERVER_HEADER),
             *reply.headers,
         ]
         if reply.status >= 400 and reply.status not in (401, 403, 404, 405):
@@ -807,6 +818,7 @@ def _serve_one(
     sock: socket.socket,
     log: Callable[..., None],
     limiter: FailureLimiter | None = None,
+    metrics_sock: socket.socket | None = None,
 ) -> None:
     """One worker: its own database connection, its own event loop, the shared socket."""
     authority = open_authority()
@@ -816,6 +828,8 @@ def _serve_one(
         with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
             async with trio.open_nursery() as nursery:
                 await nursery.start(plane.serve, sock)
+                if metrics_sock is not None:
+                    await nursery.start(serve_metrics, metrics_sock, plane.metrics, log)
                 async for signum in signals:
                     log("stopping", signal=signal.Signals(signum).name)
                     nursery.cancel_scope.cancel()
@@ -875,8 +889,9 @@ def run_server(
     """
     if workers <= 1:
         sock = bind_listener(options.host, options.port)
+        [metrics_sock] = _bind_metrics(options, 1)
         _raise_file_limit(options, log)
-        _serve_one(open_authority, options, sock, log)
+        _serve_one(open_authority, options, sock, log, metrics_sock=metrics_sock)
         return 0
     # One listening socket per worker in a SO_REUSEPORT group: the kernel spreads new
     # connections across them evenly (one shared socket let one worker take most).
@@ -889,6 +904,7 @@ def run_server(
         for sock in socks:
             sock.close()
         raise
+    metrics_socks = _bind_metrics(options, workers)
     _raise_file_limit(options, log)
     # Created before the fork, so every worker counts enrollment failures in one table.
     limiter = SharedFailureLimiter(max_failures=5)
@@ -901,12 +917,16 @@ def run_server(
                 for other, sock in enumerate(socks):
                     if other != index:
                         sock.close()
+                for other, msock in enumerate(metrics_socks):
+                    if other != index and msock is not None:
+                        msock.close()
                 _serve_one(
                     open_authority,
                     options,
                     socks[index],
                     lambda event, i=index, **f: log(event, worker=i, **f),
                     limiter,
+                    metrics_socks[index],
                 )
                 status = 0
             except MeshIdError as exc:
@@ -918,6 +938,9 @@ def run_server(
         children[pid] = index
     for sock in socks:
         sock.close()
+    for msock in metrics_socks:
+        if msock is not None:
+            msock.close()
     stopping = False
     status = 0
 
@@ -944,15 +967,37 @@ def run_server(
     return status
 
 
-def parse_listen(text: str) -> tuple[str, int]:
+def parse_listen(text: str, flag: str = "--listen") -> tuple[str, int]:
     """HOST:PORT or [V6]:PORT."""
     host, sep, port = text.rpartition(":")
     if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
-        raise StateError(f"--listen {text!r}: expected HOST:PORT", reason="invalid_address")
+        raise StateError(f"{flag} {text!r}: expected HOST:PORT", reason="invalid_address")
     host = host.strip("[]")
     if not host:
-        raise StateError(f"--listen {text!r}: expected HOST:PORT", reason="invalid_address")
+        raise StateError(f"{flag} {text!r}: expected HOST:PORT", reason="invalid_address")
     return host, int(port)
+
+
+def _bind_metrics(options: ServerOptions, workers: int) -> list[socket.socket | None]:
+    """One metrics socket per worker, on consecutive ports (port 0: each its own), or none."""
+    if options.metrics is None:
+        return [None] * workers
+    host, port = options.metrics
+    if port and port + workers - 1 > 65535:
+        raise StateError(
+            f"--metrics: ports {port}..{port + workers - 1} (one per worker) pass 65535",
+            reason="invalid_address",
+        )
+    socks: list[socket.socket | None] = []
+    try:
+        for index in range(workers):
+            socks.append(bind_listener(host, port + index if port else 0))
+    except MeshIdError:
+        for sock in socks:
+            if sock is not None:
+                sock.close()
+        raise
+    return socks
 
 
 def default_names(host: str) -> tuple[tuple[str, ...], tuple[IpAddress, ...]]:

@@ -29,6 +29,7 @@ from meshid import report as report_limits
 from meshid.errors import MeshIdError
 from meshid.policy import IDENTITY_REVOKED, Policy
 from meshid.spiffeid import SpiffeId
+from meshid.version import VERSION
 from sidecar.admin import Response, serve_admin
 from sidecar.config import Address, Inbound, Outbound, SidecarConfig, StaticSource
 from sidecar.control import ControlClient
@@ -160,6 +161,7 @@ class Sidecar:
                 quarantined=lambda: len(self.quarantined()),
                 state_dir_writable=lambda: self.dynamic.state.writable if self.dynamic else None,
                 state_write_failures=lambda: self.dynamic.state.failures if self.dynamic else {},
+                ready=lambda: self.ready and (self.svid_seconds_left() or 0.0) > 0,  # as /readyz
             )
         )
 
@@ -428,7 +430,7 @@ class Sidecar:
         """Run the handshake; on refusal log it and return None."""
         with trio.move_on_after(self.limits.handshake_timeout) as timer:
             try:
-                await tls.handshake()
+                await self.metrics.timed_handshake(hs.direction, tls.handshake())
             except SSL.Error as exc:
                 verdict = hs.verdict
                 if verdict is None or verdict.allowed:
@@ -525,7 +527,7 @@ class Sidecar:
                 raise StreamAborted("peer_reset") from None
             header = encode_v2(peer[:2], local, str(verdict.peer_id))
         try:
-            app = await self._connect(listener.forward)
+            app = await self.metrics.timed_connect(INBOUND, self._connect(listener.forward))
         except OSError:
             entry.close_reason = "app_unreachable"
             return None, tls
@@ -555,7 +557,7 @@ class Sidecar:
         gen = self.generation
         assert gen is not None
         try:
-            up = await self._connect(route.upstream)
+            up = await self.metrics.timed_connect(OUTBOUND, self._connect(route.upstream))
         except OSError as exc:
             self._deny(
                 entry,
@@ -944,6 +946,7 @@ class Sidecar:
                 self.ready = True
                 self.events.emit(
                     "started",
+                    version=VERSION,
                     spiffe_id=str(self.identity),
                     listeners={k: _fmt_addr(v) for k, v in self.bound.items()},
                 )

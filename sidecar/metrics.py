@@ -1,6 +1,9 @@
 """Prometheus metrics for one sidecar, in a registry of its own (no globals).
 
-Counters for decisions and failures are bumped where they happen. Values
+Counters for decisions and failures are bumped where they happen; the
+latency histograms (TLS handshakes, connects to the app or the upstream) are
+filled by `timed_handshake` and `timed_connect`, which wrap the awaited call
+so the data path needs one line per hook. Values
 that already live elsewhere (live connections and bytes in the registry,
 SVID expiry, policy version) are read at scrape time by a collector, so the
 data path never touches a metric object.
@@ -8,15 +11,28 @@ data path never touches a metric object.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Awaitable, Callable, Iterator, Mapping
 from dataclasses import dataclass
+from typing import TypeVar
 
-from prometheus_client import CollectorRegistry, Counter, disable_created_metrics, generate_latest
+import trio
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Histogram,
+    disable_created_metrics,
+    generate_latest,
+)
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
+from adminhttp import register_process_metrics
 from sidecar.peer import INBOUND, OUTBOUND
 from sidecar.registry import Registry
+
+T = TypeVar("T")
+# Seconds: loopback connects take microseconds, a handshake across a region tens of ms.
+LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
 
 
 @dataclass(frozen=True, slots=True)
@@ -31,6 +47,8 @@ class Gauges:
     # Dynamic mode only: whether the state directory takes writes, and failed writes by kind.
     state_dir_writable: Callable[[], bool | None] = lambda: None
     state_write_failures: Callable[[], Mapping[str, int]] = lambda: {}
+    # What /readyz answers: started, with an SVID that has not expired.
+    ready: Callable[[], bool | None] = lambda: None
 
 
 class _LiveCollector(Collector):
@@ -72,6 +90,11 @@ class _LiveCollector(Collector):
             "Peers blocked after repeated failures",
             value=g.quarantined(),
         )
+        ready = g.ready()
+        if ready is not None:
+            yield GaugeMetricFamily(
+                "meshid_ready", "1 while /readyz answers 200, else 0", value=1 if ready else 0
+            )
         writable = g.state_dir_writable()
         if writable is not None:
             yield GaugeMetricFamily(
@@ -94,6 +117,21 @@ class Metrics:
         # `*_created` series double the output and no dashboard of ours reads them.
         disable_created_metrics()  # type: ignore[no-untyped-call]
         self.registry = CollectorRegistry(auto_describe=False)
+        register_process_metrics(self.registry, "sidecar")
+        self.handshake_seconds = Histogram(
+            "meshid_handshake_seconds",
+            "TLS handshakes that completed, by direction: how long they took",
+            ["direction"],
+            buckets=LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+        self.connect_seconds = Histogram(
+            "meshid_connect_seconds",
+            "TCP connects that succeeded (inbound: to the app, outbound: to the upstream)",
+            ["direction"],
+            buckets=LATENCY_BUCKETS,
+            registry=self.registry,
+        )
         self.connections = Counter(
             "meshid_connections",
             "Connection decisions",
@@ -129,5 +167,21 @@ class Metrics:
         )
         self.registry.register(_LiveCollector(gauges))
 
+    async def timed_handshake(self, direction: str, handshake: Awaitable[T]) -> T:
+        """Await a TLS handshake; record its duration if it completes."""
+        return await _timed(self.handshake_seconds.labels(direction), handshake)
+
+    async def timed_connect(self, direction: str, connect: Awaitable[T]) -> T:
+        """Await a TCP connect; record its duration if it succeeds."""
+        return await _timed(self.connect_seconds.labels(direction), connect)
+
     def exposition(self) -> bytes:
         return generate_latest(self.registry)
+
+
+async def _timed(histogram: Histogram, call: Awaitable[T]) -> T:
+    """Failures are counted by reason elsewhere; a latency is only that of a success."""
+    start = trio.current_time()
+    result = await call
+    histogram.observe(trio.current_time() - start)
+    return result

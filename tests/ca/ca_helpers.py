@@ -3,9 +3,16 @@
 from __future__ import annotations
 
 import hashlib
+import json
+import signal
+import socket
 import sqlite3
+import ssl
+import subprocess
 import sys
-from collections.abc import Sequence
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -122,3 +129,63 @@ def rechain(state: Path, edit: str | None = None, upto: int | None = None) -> No
         conn.commit()
     finally:
         conn.close()
+
+
+def tls_exchange(port: int, bundle: Path, data: bytes) -> bytes:
+    """Send `data` to 127.0.0.1:`port` over TLS (trusting `bundle`); all that comes back."""
+    ctx = ssl.create_default_context(cafile=str(bundle))
+    ctx.check_hostname = False
+    with (
+        socket.create_connection(("127.0.0.1", port), timeout=10) as raw,
+        ctx.wrap_socket(raw) as tls,
+    ):
+        tls.sendall(data)
+        out = b""
+        while chunk := tls.recv(65536):
+            out += chunk
+    return out
+
+
+def events_in(log: Path, event: str) -> list[dict[str, object]]:
+    """The JSON lines of `log` whose event is `event`, in order."""
+    out = []
+    for line in log.read_text().splitlines():
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(record, dict) and record.get("event") == event:
+            out.append(record)
+    return out
+
+
+def wait_event(
+    log: Path, event: str, proc: subprocess.Popen[bytes], timeout: float, **match: object
+) -> dict[str, object]:
+    """The first `event` line of `log` whose fields include `match`, within `timeout`."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for record in events_in(log, event):
+            if all(record.get(k) == v for k, v in match.items()):
+                return record
+        assert proc.poll() is None, log.read_text()
+        time.sleep(0.1)
+    raise AssertionError(f"{event} {match} not logged in time:\n{log.read_text()}")
+
+
+@contextmanager
+def serving_process(state: Path, log: Path, *extra: str) -> Iterator[subprocess.Popen[bytes]]:
+    """`meshid ca serve --listen 127.0.0.1:0 EXTRA` logging to `log`; stopped at the end."""
+    argv = [str(MESHID), "ca", "serve", "--state", str(state), "--listen", "127.0.0.1:0", *extra]
+    with log.open("wb") as out:
+        proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT)
+    try:
+        yield proc
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()

@@ -8,61 +8,16 @@ delay of 15s, long before the old root's 31s are up.
 
 from __future__ import annotations
 
-import json
-import signal
-import subprocess
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from datetime import datetime, timedelta
 from pathlib import Path
 
 import pytest
-from ca_helpers import MESHID, run
+from ca_helpers import events_in, run, serving_process, wait_event
 
 from meshid.svid import certs_from_pem
 
-
-def _events(log: Path, event: str) -> list[dict[str, object]]:
-    out = []
-    for line in log.read_text().splitlines():
-        try:
-            record = json.loads(line)
-        except ValueError:
-            continue
-        if isinstance(record, dict) and record.get("event") == event:
-            out.append(record)
-    return out
-
-
-def _wait_event(
-    log: Path, event: str, proc: subprocess.Popen[bytes], timeout: float, **match: object
-) -> dict[str, object]:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        for record in _events(log, event):
-            if all(record.get(k) == v for k, v in match.items()):
-                return record
-        assert proc.poll() is None, log.read_text()
-        time.sleep(0.1)
-    raise AssertionError(f"{event} {match} not logged in time:\n{log.read_text()}")
-
-
-@contextmanager
-def _serving(state: Path, log: Path, *extra: str) -> Iterator[subprocess.Popen[bytes]]:
-    argv = [str(MESHID), "ca", "serve", "--state", str(state), "--listen", "127.0.0.1:0", *extra]
-    with log.open("wb") as out:
-        proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT)
-    try:
-        yield proc
-    finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+_events, _wait_event, _serving = events_in, wait_event, serving_process
 
 
 def _init_shortest(state: Path) -> None:

@@ -15,7 +15,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
-from ca_helpers import MESHID
+from ca_helpers import MESHID, tls_exchange
 from disk_helpers import fill
 
 
@@ -131,18 +131,7 @@ def test_port_in_use_is_one_line(state: Path) -> None:
     assert len(done.stderr.strip().splitlines()) == 1
 
 
-def _exchange(port: int, bundle: Path, data: bytes) -> bytes:
-    ctx = ssl.create_default_context(cafile=str(bundle))
-    ctx.check_hostname = False
-    with (
-        socket.create_connection(("127.0.0.1", port), timeout=10) as raw,
-        ctx.wrap_socket(raw) as tls,
-    ):
-        tls.sendall(data)
-        out = b""
-        while chunk := tls.recv(65536):
-            out += chunk
-    return out
+_exchange = tls_exchange
 
 
 def test_head_is_answered_by_every_worker_and_ends_none(state: Path, tmp_path: Path) -> None:
