@@ -47,10 +47,11 @@ async def test_deny_and_revoke_cut_exactly_their_live_connections(mesh: Mesh, ap
         assert await probe_live.still_works(b"after deny")
         [api_close] = await api.log.wait_for("close", since=api_mark, peer_id=sid("web"))
         [web_close] = await web.log.wait_for("close", since=web_mark, peer_id=sid("api"))
-        # Both sidecars enforce; whichever cuts first, the other may see the reset first.
+        # Both sidecars enforce; whichever cuts first, the other may see the reset (or a
+        # TLS stream ended without close_notify) first.
         reasons = {api_close["reason"], web_close["reason"]}
         assert "policy_revoked" in reasons, reasons
-        assert reasons <= {"policy_revoked", "peer_reset", "closed"}, reasons
+        assert reasons <= {"policy_revoked", "peer_reset", "peer_truncated", "closed"}, reasons
         [policy] = await api.log.wait_for("policy", since=api_mark)
         assert policy["closed_connections"] in (0, 1)  # 0 if web's cut arrived first
         assert not api.log.find("close", since=api_mark, peer_id=sid("probe"))
