@@ -134,6 +134,17 @@ def _load_held(ctx: ssl.SSLContext, pem: bytes) -> None:
         os.close(fd)
 
 
+def _connect_errno(exc: OSError) -> tuple[int | None, str]:
+    """The errno behind a failed connect: trio reports "all attempts … failed" and keeps
+    each address's own error as the cause, in a group when there were several."""
+    cause: BaseException | None = exc
+    while cause is not None and getattr(cause, "errno", None) is None:
+        cause = cause.exceptions[0] if isinstance(cause, BaseExceptionGroup) else cause.__cause__
+    if isinstance(cause, OSError):
+        return cause.errno, str(cause.strerror or cause)
+    return None, str(exc.strerror or exc)
+
+
 class ControlClient:
     def __init__(
         self,
@@ -230,10 +241,9 @@ class ControlClient:
             try:
                 tcp = await trio.open_tcp_stream(self.host, self.port)
             except OSError as exc:
+                code, detail = _connect_errno(exc)
                 raise ControlPlaneError.judged(
-                    Failure(
-                        failures.CONNECT, where, errno=exc.errno, detail=str(exc.strerror or exc)
-                    )
+                    Failure(failures.CONNECT, where, errno=code, detail=detail)
                 ) from None
             raw = _FirstBytes(tcp)
             stream = trio.SSLStream(raw, ctx, server_hostname=None)
