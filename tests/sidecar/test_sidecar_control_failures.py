@@ -263,6 +263,7 @@ class Enrolled:
     log: LogCapture
     served: Served
     authority: Authority  # the test's own handle, as `meshid ca revoke` would use
+    tmp: Path
 
     async def readyz(self) -> tuple[int, str]:
         return await http(self.sidecar.bound["admin"], "/readyz")
@@ -288,7 +289,7 @@ async def enrolled(tmp_path: Path) -> AsyncIterator[Enrolled]:
         )
         with trio.fail_after(20):
             await nursery.start(sidecar.run)
-        yield Enrolled(sidecar, log, served, handle)
+        yield Enrolled(sidecar, log, served, handle, tmp_path)
         nursery.cancel_scope.cancel()
     handle.close()
     authority.close()
@@ -324,3 +325,35 @@ async def test_a_revoked_sidecar_is_unready_and_polls_slowly_until_unrevoked(
         policies = len(enrolled.log.find("policy"))
         await enrolled.log.wait_for("policy", count=policies + 1)
         assert await enrolled.readyz() == (200, "ready\n")
+
+
+async def test_a_serving_sidecar_outlives_a_permanent_control_plane_failure(
+    enrolled: Enrolled, nursery: trio.Nursery
+) -> None:
+    """Restarted with its SVID on disk but pointed at a plain-HTTP server: it serves on."""
+    responder = Backend(handler=plain_http)
+    await nursery.start(responder.serve)
+    with trio.fail_after(30):
+        await enrolled.sidecar.dynamic.state.wait_saved()  # type: ignore[union-attr]
+        enrolled.sidecar.request_drain()
+        await enrolled.sidecar.stopped.wait()
+        log = LogCapture()
+        sidecar = Sidecar(
+            parse_config(dynamic_doc(responder.addr, enrolled.tmp / "state"), enrolled.tmp / "web"),
+            events=EventLog(log),
+            pacing=Pacing(schedule=FAST, slow_retry=0.5),
+        )
+        await nursery.start(sidecar.run)
+        [watch] = await log.wait_for("watch_failed", reason="authority_plain_http")
+        await log.wait_for("report_failed", reason="authority_plain_http")
+        admin = sidecar.bound["admin"]
+        status, body = await http(admin, "/readyz")
+        start, accepted = trio.current_time(), responder.accepted
+        await trio.sleep(1.5)  # a bounded window in which to count its attempts
+        attempts = responder.accepted - accepted
+    assert (status, body) == (200, "ready\ncontrol plane: authority answered plain HTTP\n")
+    assert watch["permanent"] is True and "check authority.server" in watch["detail"]
+    assert log.find("credentials", how="restored")
+    assert not sidecar.stopped.is_set()
+    # watch and report, each every 0.5 s (±10 %), not every 0.02-0.05 s
+    assert 1 <= attempts <= 10, (attempts, trio.current_time() - start)
