@@ -3,10 +3,11 @@
 Theory of operation. `Sidecar.run` opens the admin listener first (so
 /healthz answers, and /readyz says why not ready, while the sidecar waits for
 its authority), then loads credentials, binds every listener, and only then
-reports started (and /readyz turns 200); the admin listener closes last. Each accepted socket
-gets a task that registers the connection, authenticates the peer inside the
-TLS handshake (our verify callback judges the SVID and the allow-list; a
-resumed session, which skips the callback, is judged right after), logs the
+reports started (and /readyz turns 200); the admin listener closes last.
+Each accepted socket gets a task that registers the connection,
+authenticates the peer inside the TLS handshake (our verify callback judges
+the SVID and the allow-list; a resumed session, which skips the callback, is
+judged right after), logs the
 decision, and pumps bytes until both directions end. New credentials and a
 new allow-list are swapped in by reference; a policy change re-checks every
 live connection and closes exactly those that became denied. SIGTERM drains:
