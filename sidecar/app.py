@@ -1,10 +1,13 @@
 """The sidecar process: the composition root that wires config, credentials, listeners and admin.
 
-Theory of operation. `Sidecar.run` loads credentials, binds every listener,
-and only then reports started (and /readyz turns 200). Each accepted socket
-gets a task that registers the connection, authenticates the peer inside the
-TLS handshake (our verify callback judges the SVID and the allow-list; a
-resumed session, which skips the callback, is judged right after), logs the
+Theory of operation. `Sidecar.run` opens the admin listener first (so
+/healthz answers, and /readyz says why not ready, while the sidecar waits for
+its authority), then loads credentials, binds every listener, and only then
+reports started (and /readyz turns 200); the admin listener closes last.
+Each accepted socket gets a task that registers the connection,
+authenticates the peer inside the TLS handshake (our verify callback judges
+the SVID and the allow-list; a resumed session, which skips the callback, is
+judged right after), logs the
 decision, and pumps bytes until both directions end. New credentials and a
 new allow-list are swapped in by reference; a policy change re-checks every
 live connection and closes exactly those that became denied. SIGTERM drains:
@@ -34,8 +37,9 @@ from sidecar.admin import Response, serve_admin
 from sidecar.config import Address, Inbound, Outbound, SidecarConfig, StaticSource
 from sidecar.control import ControlClient
 from sidecar.credentials import Generation, Svid
-from sidecar.dynamic import DynamicIdentity
+from sidecar.dynamic import DynamicIdentity, Pacing
 from sidecar.events import EventLog
+from sidecar.lifecycle import DRAINING, SERVING, STOPPED, Lifecycle
 from sidecar.metrics import Gauges, Metrics
 from sidecar.peer import (
     INBOUND,
@@ -117,8 +121,11 @@ class Sidecar:
         wall: Callable[[], datetime] = utcnow,
         reload_interval: float = 1.0,
         sweep_interval: float = 1.0,
+        pacing: Pacing | None = None,
     ) -> None:
         self.config = config
+        self.pacing = pacing  # how the control-plane duties retry (dynamic mode)
+        self.lifecycle = Lifecycle()
         self.identity = config.identity
         self.limits = config.limits
         self.events = events if events is not None else EventLog()
@@ -161,7 +168,7 @@ class Sidecar:
                 quarantined=lambda: len(self.quarantined()),
                 state_dir_writable=lambda: self.dynamic.state.writable if self.dynamic else None,
                 state_write_failures=lambda: self.dynamic.state.failures if self.dynamic else {},
-                ready=lambda: self.ready and (self.svid_seconds_left() or 0.0) > 0,  # as /readyz
+                ready=lambda: self._readiness()[0] == 200,  # as /readyz
             )
         )
 
@@ -863,19 +870,17 @@ class Sidecar:
         if path == "/healthz":
             return Response(200, b"ok\n")
         if path == "/readyz":
-            # A full or read-only state_dir does not stop serving: still 200, but said.
-            degraded = self.dynamic.state.describe() if self.dynamic else None
-            note = f"{degraded}\n".encode() if degraded else b""
-            if self.ready and (self.svid_seconds_left() or 0.0) > 0:
-                return Response(200, b"ready\n" + note)
-            return Response(503, b"not ready\n" + note)
+            status, text = self._readiness()
+            return Response(status, text.encode())
         if path == "/metrics":
             return Response(
                 200, self.metrics.exposition(), "text/plain; version=0.0.4; charset=utf-8"
             )
         if path == "/svid":
             if self.generation is None:
-                return Response(503, b'{"error":"no credentials yet"}\n', "application/json")
+                why = self._readiness()[1].splitlines()[0].removeprefix("not ready: ")
+                missing = {"error": "no_credentials", "detail": f"no credentials yet: {why}"}
+                return Response(503, json.dumps(missing).encode() + b"\n", "application/json")
             svid = self.generation.svid
             body = {
                 "spiffe_id": str(svid.spiffe_id),
@@ -889,6 +894,15 @@ class Sidecar:
             return Response(200, json.dumps(body).encode() + b"\n", "application/json")
         return Response(404, b"not found\n")
 
+    def _readiness(self) -> tuple[int, str]:
+        """/readyz: why not ready, else ready; a full state_dir is said but does not stop it."""
+        return self.lifecycle.answer(
+            now=trio.current_time(),
+            svid_seconds_left=self.svid_seconds_left(),
+            revoked=self.identity in self.policy.revoked,
+            degraded=self.dynamic.state.describe() if self.dynamic else None,
+        )
+
     # -- lifecycle -------------------------------------------------------------
 
     def request_drain(self) -> None:
@@ -897,6 +911,35 @@ class Sidecar:
     async def run(
         self, *, task_status: trio.TaskStatus[Sidecar] = trio.TASK_STATUS_IGNORED
     ) -> None:
+        """Admin listener first, then credentials and listeners; the admin listener goes last.
+
+        Our own errors (a permanent enrollment failure, a port in use) leave as
+        themselves, not wrapped in the admin nursery's exception group.
+        """
+        failure: MeshIdError | None = None
+        try:
+            async with trio.open_nursery() as admin_nursery:
+                if self.config.admin is not None:
+                    admin = await admin_nursery.start(
+                        functools.partial(serve_admin, events=self.events),
+                        self.config.admin,
+                        self.route,
+                    )
+                    self.bound["admin"] = admin[0].socket.getsockname()[:2]
+                    self.events.emit("admin_listening", listen=_fmt_addr(self.bound["admin"]))
+                try:
+                    await self._serve(task_status)
+                except MeshIdError as exc:
+                    failure = exc
+                admin_nursery.cancel_scope.cancel()
+        finally:
+            self.ready = False
+            self.lifecycle.phase = STOPPED
+            self.stopped.set()
+        if failure is not None:
+            raise failure
+
+    async def _serve(self, task_status: trio.TaskStatus[Sidecar]) -> None:
         source = self.config.source
         if isinstance(source, StaticSource):
             self._load_static(source)
@@ -912,6 +955,7 @@ class Sidecar:
                     self.identity.trust_domain,
                     skew=self.skew,
                 ),
+                pacing=self.pacing,
             )
             self.changed = self.dynamic.poke
             await self.dynamic.start()
@@ -927,13 +971,6 @@ class Sidecar:
                 listeners.append((lsock, self._outbound_handler(ob), OUTBOUND))
             async with trio.open_nursery() as nursery:
                 await nursery.start(self.pump.run)
-                if self.config.admin is not None:
-                    admin = await nursery.start(
-                        functools.partial(serve_admin, events=self.events),
-                        self.config.admin,
-                        self.route,
-                    )
-                    self.bound["admin"] = admin[0].socket.getsockname()[:2]
                 for lsock, handler, direction in listeners:
                     scope = trio.CancelScope()
                     self._accept_scopes.append(scope)
@@ -944,6 +981,7 @@ class Sidecar:
                 elif self.dynamic is not None:
                     nursery.start_soon(self.dynamic.run)
                 self.ready = True
+                self.lifecycle.phase = SERVING
                 self.events.emit(
                     "started",
                     version=VERSION,
@@ -957,7 +995,6 @@ class Sidecar:
             for lsock, _, _ in listeners:
                 lsock.close()
             self.ready = False
-            self.stopped.set()
 
     async def _shutdown(
         self,
@@ -965,6 +1002,7 @@ class Sidecar:
         nursery: trio.Nursery,
     ) -> None:
         self.ready = False
+        self.lifecycle.phase = DRAINING
         self.draining = True
         for scope in self._accept_scopes:
             scope.cancel()

@@ -34,6 +34,8 @@ from cryptography import x509
 from meshid.errors import AuthorityError, MeshIdError
 from meshid.spiffeid import SpiffeId, TrustDomain
 from meshid.svid import leaf_spiffe_id
+from sidecar import failures
+from sidecar.failures import Failure, Verdict
 
 AUTHORITY_PATH = "/meshid/authority"
 MAX_RESPONSE = 1024 * 1024
@@ -45,21 +47,72 @@ UNREACHABLE = "authority_unreachable"
 class ControlPlaneError(AuthorityError):
     """The control plane could not be reached, or it refused; `status` is its HTTP status.
 
+    `permanent` (see `sidecar.failures`): retrying the same request cannot help
+    until an operator changes something; `brief` is a few words for /readyz.
     `revocation_version` comes with an `identity_revoked` refusal of the
     caller itself: the feed that would carry it is refused to a revoked caller.
     """
 
     def __init__(
-        self, message: str, *, reason: str, status: int = 0, revocation_version: int | None = None
+        self,
+        message: str,
+        *,
+        reason: str,
+        status: int = 0,
+        permanent: bool = False,
+        brief: str | None = None,
+        revocation_version: int | None = None,
     ) -> None:
         super().__init__(message, reason=reason)
         self.status = status
+        self.permanent = permanent
+        self.brief = brief or reason.replace("_", " ")
         self.revocation_version = revocation_version
+
+    @classmethod
+    def judged(
+        cls, failure: Failure, *, revocation_version: int | None = None
+    ) -> ControlPlaneError:
+        verdict: Verdict = failures.classify(failure)
+        return cls(
+            verdict.message,
+            reason=verdict.reason,
+            status=failure.status,
+            permanent=verdict.permanent,
+            brief=verdict.brief,
+            revocation_version=revocation_version,
+        )
 
     @property
     def refused(self) -> bool:
         """True when the control plane answered no (retrying the same request is futile)."""
         return 400 <= self.status < 500 and self.status not in (408, 429)
+
+
+class _FirstBytes(trio.abc.Stream):
+    """A stream that remembers the first bytes the server sent (plain HTTP says "HTTP/")."""
+
+    def __init__(self, inner: trio.SocketStream) -> None:
+        self.inner = inner
+        self.first = b""
+
+    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        await self.inner.send_all(data)
+
+    async def wait_send_all_might_not_block(self) -> None:
+        await self.inner.wait_send_all_might_not_block()
+
+    async def receive_some(self, max_bytes: int | None = None) -> bytes | bytearray:
+        data = await self.inner.receive_some(max_bytes)
+        if len(self.first) < 8:
+            self.first += bytes(data[: 8 - len(self.first)])
+        return data
+
+    async def send_eof(self) -> None:
+        await self.inner.send_eof()
+
+    async def aclose(self) -> None:
+        await self.inner.aclose()
 
 
 @dataclass(frozen=True, slots=True)
@@ -86,6 +139,17 @@ def _load_held(ctx: ssl.SSLContext, pem: bytes) -> None:
         ctx.load_cert_chain(f"/proc/self/fd/{fd}")
     finally:
         os.close(fd)
+
+
+def _connect_errno(exc: OSError) -> tuple[int | None, str]:
+    """The errno behind a failed connect: trio reports "all attempts … failed" and keeps
+    each address's own error as the cause, in a group when there were several."""
+    cause: BaseException | None = exc
+    while cause is not None and getattr(cause, "errno", None) is None:
+        cause = cause.exceptions[0] if isinstance(cause, BaseExceptionGroup) else cause.__cause__
+    if isinstance(cause, OSError):
+        return cause.errno, str(cause.strerror or cause)
+    return None, str(exc.strerror or exc)
 
 
 class ControlClient:
@@ -120,10 +184,14 @@ class ControlClient:
                 ctx.load_cert_chain(identity.cert, identity.key)
         except (ssl.SSLError, OSError, UnicodeDecodeError, ValueError) as exc:
             # str(exc) of these names a file or an OpenSSL error, never key material
-            raise ControlPlaneError(
-                f"cannot load credentials for the control plane: {exc}", reason="local_credentials"
+            raise ControlPlaneError.judged(
+                Failure(failures.LOCAL, self._where, detail=str(exc))
             ) from None
         return ctx
+
+    @property
+    def _where(self) -> str:
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
 
     def _check_server(self, der: bytes | None, now: datetime) -> None:
         if not der:
@@ -132,20 +200,28 @@ class ControlClient:
         try:
             sid = leaf_spiffe_id(cert)
         except MeshIdError as exc:
-            raise ControlPlaneError(
-                f"control plane certificate: {exc.message}", reason="authority_identity"
+            raise ControlPlaneError.judged(
+                Failure(failures.IDENTITY, self._where, detail=exc.message)
             ) from None
         if sid != self.expected:
-            raise ControlPlaneError(
-                f"the server presented {sid}, not {self.expected}", reason="authority_identity"
+            raise ControlPlaneError.judged(
+                Failure(
+                    failures.IDENTITY,
+                    self._where,
+                    presented=str(sid),
+                    presented_trust_domain=sid.trust_domain.name,
+                    expected=str(self.expected),
+                )
             )
         if not (
             cert.not_valid_before_utc - self.skew <= now <= cert.not_valid_after_utc + self.skew
         ):
             raise ControlPlaneError(
                 f"control plane certificate is not valid now (valid "
-                f"{cert.not_valid_before_utc:%H:%M:%S} to {cert.not_valid_after_utc:%H:%M:%S}Z)",
+                f"{cert.not_valid_before_utc:%H:%M:%S} to {cert.not_valid_after_utc:%H:%M:%S}Z): "
+                "is this host's clock right?",
                 reason="authority_tls",
+                brief="authority certificate not valid now (clock?)",
             )
 
     async def request(
@@ -158,41 +234,81 @@ class ControlClient:
         now: datetime,
         identity: ClientIdentity | HeldIdentity | None = None,
         wait: float | None = None,
+        trust: str = "authority.bundle",
     ) -> dict[str, Any]:
-        """One request; `wait` overrides the deadline (a long poll needs more)."""
+        """One request; `wait` overrides the deadline (a long poll needs more).
+
+        Every failure is a `ControlPlaneError` judged by `sidecar.failures`;
+        `trust` names what the server's certificate is checked against, for
+        the message when it does not chain.
+        """
         ctx = self._context(bundle_pem, identity)
-        where = f"{self.host}:{self.port}"
+        where = self._where
         with trio.move_on_after(wait if wait is not None else self.timeout) as scope:
             try:
                 tcp = await trio.open_tcp_stream(self.host, self.port)
             except OSError as exc:
-                raise ControlPlaneError(
-                    f"control plane {where} unreachable: {exc.strerror or exc}", reason=UNREACHABLE
+                code, detail = _connect_errno(exc)
+                raise ControlPlaneError.judged(
+                    Failure(failures.CONNECT, where, errno=code, detail=detail)
                 ) from None
-            stream = trio.SSLStream(tcp, ctx, server_hostname=None)
+            raw = _FirstBytes(tcp)
+            stream = trio.SSLStream(raw, ctx, server_hostname=None)
             try:
                 try:
                     await stream.do_handshake()
                 except (trio.BrokenResourceError, ssl.SSLError) as exc:
                     cause = exc.__cause__ if isinstance(exc, trio.BrokenResourceError) else exc
-                    detail = getattr(cause, "reason", None) or str(cause or exc)
-                    raise ControlPlaneError(
-                        f"TLS with control plane {where} failed: {detail}", reason="authority_tls"
+                    if isinstance(cause, OSError) and not isinstance(cause, ssl.SSLError):
+                        raise ControlPlaneError.judged(
+                            Failure(
+                                failures.CLOSED,
+                                where,
+                                errno=cause.errno,
+                                detail=str(cause.strerror or cause),
+                            )
+                        ) from None
+                    tls_reason = getattr(cause, "reason", None)
+                    if isinstance(cause, ssl.SSLEOFError) or (
+                        cause is None and not raw.first
+                    ):  # closed during the handshake: restarting, overloaded
+                        raise ControlPlaneError.judged(
+                            Failure(
+                                failures.CLOSED, where, detail="closed during the TLS handshake"
+                            )
+                        ) from None
+                    raise ControlPlaneError.judged(
+                        Failure(
+                            failures.TLS,
+                            where,
+                            tls_reason=tls_reason if isinstance(tls_reason, str) else None,
+                            detail=str(
+                                getattr(cause, "verify_message", None) or tls_reason or cause or exc
+                            ),
+                            first_bytes=raw.first,
+                            trust=trust,
+                        )
                     ) from None
                 self._check_server(stream.getpeercert(binary_form=True), now)
                 return await self._exchange(stream, method, target, body)
             except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
-                raise ControlPlaneError(
-                    f"control plane {where} closed the connection: {exc}", reason=UNREACHABLE
+                cause = exc.__cause__ if isinstance(exc, trio.BrokenResourceError) else exc
+                raise ControlPlaneError.judged(
+                    Failure(
+                        failures.CLOSED,
+                        where,
+                        errno=getattr(cause, "errno", None),
+                        detail=str(cause or exc) or "connection closed",
+                    )
                 ) from None
             finally:
                 await trio.aclose_forcefully(stream)
         assert scope.cancelled_caught
-        raise ControlPlaneError(f"control plane {where} did not answer in time", reason=UNREACHABLE)
+        raise ControlPlaneError.judged(Failure(failures.TIMEOUT, where))
 
     async def _exchange(
         self,
-        stream: trio.SSLStream[trio.SocketStream],
+        stream: trio.SSLStream[_FirstBytes],
         method: str,
         target: str,
         body: dict[str, Any] | None,
@@ -213,8 +329,8 @@ class ControlClient:
             try:
                 event = conn.next_event()
             except h11.RemoteProtocolError as exc:
-                raise ControlPlaneError(
-                    f"control plane sent a malformed response: {exc}", reason="authority_protocol"
+                raise ControlPlaneError.judged(
+                    Failure(failures.PROTOCOL, self._where, detail=str(exc))
                 ) from None
             if event is h11.NEED_DATA:
                 chunk = await stream.receive_some(65536)
@@ -234,17 +350,17 @@ class ControlClient:
         except (UnicodeDecodeError, json.JSONDecodeError):
             doc = None
         if not isinstance(doc, dict):
-            raise ControlPlaneError(
-                f"control plane answered {status} without a JSON object",
-                reason="authority_protocol",
-                status=status,
-            )
+            raise ControlPlaneError.judged(Failure(failures.HTTP, self._where, status=status))
         if status != 200:
             version = doc.get("revocation_version")
-            raise ControlPlaneError(
-                str(doc.get("message", f"HTTP {status}"))[:300],
-                reason=str(doc.get("error", "authority_refused"))[:64],
-                status=status,
+            raise ControlPlaneError.judged(
+                Failure(
+                    failures.HTTP,
+                    self._where,
+                    status=status,
+                    reason=str(doc.get("error", failures.REFUSED))[:64],
+                    detail=str(doc.get("message", f"HTTP {status}"))[:300],
+                ),
                 revocation_version=(
                     version if isinstance(version, int) and not isinstance(version, bool) else None
                 ),

@@ -21,6 +21,14 @@ Theory of operation:
   at once (live connections it now denies are closed); a new bundle becomes
   a new credential generation with the same SVID, so rolled-in roots are
   trusted before anything is signed by them.
+- Failures are judged by `sidecar.failures`. Before enrollment a permanent
+  one (plain HTTP at the authority's address, another trust domain, a bundle
+  the authority's certificate does not chain to, a refused token) ends the
+  sidecar with its one-line message; a transient one is retried with backoff,
+  each attempt shown in /readyz. Once serving, nothing ends the sidecar: a
+  permanent failure of renewal, watch or report is logged, shown in /readyz
+  and retried every `Pacing.slow_retry` (±10 %) instead of at full rate, and
+  so is the authority refusing a revoked identity; the first success clears it.
 """
 
 from __future__ import annotations
@@ -28,6 +36,7 @@ from __future__ import annotations
 import random
 import secrets
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any, Protocol
@@ -42,9 +51,11 @@ from meshid.events import EventLog
 from meshid.policy import Policy
 from meshid.spiffeid import SpiffeId
 from meshid.svid import certs_from_pem, generate_key
+from sidecar import failures as failures_mod
 from sidecar.config import AuthoritySource
 from sidecar.control import ClientIdentity, ControlClient, ControlPlaneError, HeldIdentity
 from sidecar.credentials import Svid
+from sidecar.lifecycle import ENROLLING, Lifecycle
 from sidecar.schedule import EXPIRED, Schedule
 from sidecar.statedir import (
     BUNDLE,
@@ -62,6 +73,30 @@ WATCH_WAIT = 25.0
 REPORT_INTERVAL = 10.0
 REPORT_MIN_INTERVAL = 1.0
 STATE_RETRY_MAX = 30.0  # seconds between two attempts to write a pending state file
+SLOW_RETRY = 60.0  # seconds between attempts after a permanent failure, or while revoked
+WATCH_RETRY_MAX = 10.0
+IDENTITY_REVOKED = "identity_revoked"
+RENEW, WATCH, REPORT = "renew", "watch", "report"  # the duties, as /readyz names a failing one
+
+
+@dataclass(frozen=True, slots=True)
+class Pacing:
+    """How fast the control-plane duties retry; injected, so a test need not wait a minute."""
+
+    schedule: Schedule = field(default_factory=Schedule)
+    slow_retry: float = SLOW_RETRY
+    watch_retry_max: float = WATCH_RETRY_MAX
+
+    def slow(self, rand: float) -> float:
+        """The pause after a permanent failure: `slow_retry` ±10 %, so a fleet spreads out."""
+        return self.slow_retry * (0.9 + 0.2 * rand)
+
+
+def permanent(exc: BaseException) -> bool:
+    """Whether retrying at full rate is futile (see `sidecar.failures`)."""
+    if isinstance(exc, ControlPlaneError):
+        return exc.permanent or exc.refused
+    return isinstance(exc, MeshIdError) and exc.reason == IDENTITY_REVOKED
 
 
 class Host(Protocol):
@@ -69,6 +104,7 @@ class Host(Protocol):
 
     identity: SpiffeId
     events: EventLog
+    lifecycle: Lifecycle
     clock_offset: timedelta  # our clock minus the authority's, as last measured
 
     def wall_now(self) -> datetime: ...
@@ -100,12 +136,16 @@ async def renewal_loop(
     wall: Callable[[], datetime],
     on_failure: Callable[[MeshIdError, int, float, float], None],
     rand: Callable[[], float] = random.random,
+    slow: Callable[[float], float] | None = None,
 ) -> None:
     """Renew on schedule forever; `on_failure(exc, failures, left, retry_in)`.
 
     `current()` is the SVID's validity (NotBefore, NotAfter) on the local clock.
+    After a permanent failure (`permanent`), the next attempt waits `slow(rand)`
+    when given, rather than the backoff.
     """
     failures = 0
+    last_permanent = False
     while True:
         validity = current()
         if validity is None:
@@ -114,6 +154,8 @@ async def renewal_loop(
         left = (not_after - wall()).total_seconds()
         if failures == 0:
             delay = schedule.renew_delay(not_before, not_after, wall(), rand())
+        elif last_permanent and slow is not None:
+            delay = slow(rand())
         else:
             delay = schedule.retry_delay(failures, left, rand())
         await trio.sleep(delay)
@@ -121,10 +163,21 @@ async def renewal_loop(
             await renew()
         except Exception as exc:  # one failed attempt, never the end of the renewer
             failures += 1
+            last_permanent = permanent(exc)
             left = (not_after - wall()).total_seconds()
-            on_failure(_as_meshid(exc), failures, left, schedule.retry_delay(failures, left, 0.5))
+            retry_in = (
+                slow(0.5)
+                if last_permanent and slow is not None
+                else schedule.retry_delay(failures, left, 0.5)
+            )
+            on_failure(_as_meshid(exc), failures, left, retry_in)
         else:
             failures = 0
+            last_permanent = False
+
+
+def _reason(exc: BaseException) -> str:
+    return exc.reason if isinstance(exc, MeshIdError) else INTERNAL_ERROR
 
 
 def _as_meshid(exc: Exception) -> MeshIdError:
@@ -141,13 +194,14 @@ class DynamicIdentity:
         source: AuthoritySource,
         *,
         client: ControlClient,
-        schedule: Schedule | None = None,
+        pacing: Pacing | None = None,
         rand: Callable[[], float] = random.random,
     ) -> None:
         self.host = host
         self.source = source
         self.client = client
-        self.schedule = schedule or Schedule()
+        self.pacing = pacing or Pacing()
+        self.schedule = self.pacing.schedule
         self.rand = rand
         self.dir = source.state_dir
         self.state = StateDir(source.state_dir, host.events)
@@ -181,6 +235,12 @@ class DynamicIdentity:
         raise ConfigError(
             f"authority.bundle: cannot read {self.source.bundle}", reason="missing_file"
         )
+
+    def _trust_name(self) -> str:
+        """What `_trust_pem` is, for a message saying the authority does not chain to it."""
+        if self.host.current_svid() is not None:
+            return "the trust bundle this sidecar holds (from the authority)"
+        return f"authority.bundle ({self.source.bundle})"
 
     # What is current in memory, written to the state directory. Each of these is
     # also what a retry runs, so a retry writes what is current then, not a copy
@@ -272,22 +332,46 @@ class DynamicIdentity:
             raise ConfigError(f"join token file {token_file} is empty: {advice}")
         return token
 
+    def _check_bootstrap_bundle(self) -> None:
+        """The bundle enrollment trusts holds certificates: else no attempt can ever work."""
+        path = self.source.bundle
+        pem = self._trust_pem()
+        try:
+            roots = certs_from_pem(pem, str(path))
+        except InvalidSvid:
+            roots = []
+        if not roots:
+            raise ConfigError(
+                f"authority.bundle: {path} holds no certificate: write the authority's bundle "
+                "there ('meshid ca bundle' on the authority prints it)",
+                reason="invalid_bundle",
+            )
+
     async def _enroll_with_retries(self) -> None:
+        """Enroll, retrying what may pass; a permanent failure ends with its one line."""
         token = self._read_token()
+        self._check_bootstrap_bundle()
+        self.host.lifecycle.phase = ENROLLING
         failures = 0
         while True:
             try:
                 await self._enroll(token)
                 return
             except ControlPlaneError as exc:
-                if exc.refused:
+                if exc.refused and exc.reason != failures_mod.NOT_AUTHORITY:
                     raise ControlPlaneError(
-                        f"enrollment refused: {exc.message}; create a new token with "
+                        f"join token refused: {exc.message}; create a new token with "
                         f"'meshid ca token {self.host.identity}', write it to "
                         f"{self.source.token_file} and start again",
                         reason=exc.reason,
                         status=exc.status,
+                        permanent=True,
                     ) from None
+                if exc.permanent:
+                    self.host.events.emit(
+                        "enroll_failed", reason=exc.reason, detail=exc.message, permanent=True
+                    )
+                    raise
                 failures += 1
                 delay = self.schedule.retry_delay(failures, 0.0, self.rand())
                 self.host.events.emit(
@@ -297,6 +381,7 @@ class DynamicIdentity:
                     attempt=failures,
                     retry_in_s=round(delay, 1),
                 )
+                self.host.lifecycle.enroll_failed(exc.brief, failures, trio.current_time() + delay)
                 await trio.sleep(delay)
 
     async def _enroll(self, token: str) -> None:
@@ -307,6 +392,7 @@ class DynamicIdentity:
             {"token": token, "csr": build_csr(key, self.host.identity).decode()},
             bundle_pem=self._trust_pem(),
             now=self.host.wall_now(),
+            trust=self._trust_name(),
         )
         svid = self._svid_from(reply, key)
         self._learn_offset(svid)
@@ -322,6 +408,7 @@ class DynamicIdentity:
             {"csr": build_csr(key, self.host.identity).decode(), **self._held()},
             bundle_pem=self._trust_pem(),
             now=self.host.wall_now(),
+            trust=self._trust_name(),
             identity=self._client_identity(),
         )
         svid = self._svid_from(reply, key)
@@ -380,10 +467,22 @@ class DynamicIdentity:
         shift = self.host.clock_offset
         return svid.leaf.not_valid_before_utc + shift, svid.not_after + shift
 
+    def _note(self, duty: str, exc: BaseException | None) -> None:
+        """Show (or clear) in /readyz a duty failing in a way retrying cannot fix.
+
+        A revoked identity is shown as such by /readyz itself, not as a duty's failure.
+        """
+        if exc is None or not permanent(exc) or _reason(exc) == IDENTITY_REVOKED:
+            self.host.lifecycle.problem(duty, None)
+        else:
+            brief = exc.brief if isinstance(exc, ControlPlaneError) else _reason(exc)
+            self.host.lifecycle.problem(duty, brief)
+
     def _on_renewal_failure(
         self, exc: MeshIdError, failures: int, left: float, retry_in: float
     ) -> None:
         self.host.count_renewal("error")
+        self._note(RENEW, exc)
         validity = self.validity()
         state = (
             self.schedule.state(validity[0], validity[1], self.host.wall_now())
@@ -398,6 +497,7 @@ class DynamicIdentity:
             seconds_left=round(left, 1),
             svid_state=state,
             retry_in_s=round(retry_in, 1),
+            permanent=permanent(exc) or None,
         )
         if state == EXPIRED:
             self.host.events.emit(
@@ -464,6 +564,7 @@ class DynamicIdentity:
             None,
             bundle_pem=self._trust_pem(),
             now=self.host.wall_now(),
+            trust=self._trust_name(),
             identity=self._client_identity(),
             wait=wait,
         )
@@ -492,6 +593,7 @@ class DynamicIdentity:
             try:
                 await self._poll_feed(target, WATCH_WAIT + 10)
                 failures = 0
+                self._note(WATCH, None)
             except Exception as exc:  # one failed poll, never the end of the watcher
                 failures += 1
                 if isinstance(exc, KeyError | ValueError | TypeError | AttributeError):
@@ -499,11 +601,23 @@ class DynamicIdentity:
                 else:
                     err = _as_meshid(exc)
                     reason, detail = err.reason, err.message
-                delay = min(10.0, self.schedule.retry_delay(failures, 0.0, self.rand()))
+                slow = permanent(exc)
+                if slow:
+                    delay = self.pacing.slow(self.rand())
+                else:
+                    delay = min(
+                        self.pacing.watch_retry_max,
+                        self.schedule.retry_delay(failures, 0.0, self.rand()),
+                    )
+                self._note(WATCH, exc)
                 self.host.events.emit(
-                    "watch_failed", reason=reason, detail=detail, retry_in_s=round(delay, 1)
+                    "watch_failed",
+                    reason=reason,
+                    detail=detail,
+                    retry_in_s=round(delay, 1),
+                    permanent=slow or None,
                 )
-                if reason == "identity_revoked":
+                if reason == IDENTITY_REVOKED:
                     self._revoked_self(getattr(exc, "revocation_version", None))
                 await trio.sleep(delay)
 
@@ -546,13 +660,20 @@ class DynamicIdentity:
                     body,
                     bundle_pem=self._trust_pem(),
                     now=self.host.wall_now(),
+                    trust=self._trust_name(),
                     identity=self._client_identity(),
                 )
                 failing = False
+                self._note(REPORT, None)
             except MeshIdError as exc:
                 if not failing:  # once per outage: renewal_failed already says it loudly
                     self.host.events.emit("report_failed", reason=exc.reason, detail=exc.message)
                 failing = True
+                self._note(REPORT, exc)
+                if permanent(exc):  # futile at full rate, and changes do not make it less so
+                    await trio.sleep(self.pacing.slow(self.rand()))
+                    self._report_now = trio.Event()
+                    continue
             await trio.sleep(REPORT_MIN_INTERVAL)  # a burst of changes makes one report
             with trio.move_on_after(REPORT_INTERVAL - REPORT_MIN_INTERVAL):
                 await self._report_now.wait()
@@ -573,6 +694,7 @@ class DynamicIdentity:
                 self.host.wall_now,
                 self._on_renewal_failure,
                 self.rand,
+                self.pacing.slow,
             )
             nursery.start_soon(self.watch)
             nursery.start_soon(self.state.run, self._state_retry_delay)
