@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install test check lint typecheck deploy-check demo bench system-packages clean
+.PHONY: install test test-all test-min check lint typecheck deploy-check demo bench system-packages clean
 
 install: $(STAMP)
 
@@ -18,8 +18,36 @@ $(STAMP): pyproject.toml
 system-packages:
 	tools/ensure-debs openssl:openssl ip:iproute2 promtool:prometheus
 
+# Tests run in parallel (pytest-xdist), one worker per core. `make test` is the
+# fast suite; the tests marked slow wait on real certificate lifetimes or run
+# whole systems (the README, the demo, network namespaces, a soak), and run in
+# `make test-all`, which is what CI runs.
+PYTEST := -m pytest -q -n auto
+
 test: install system-packages
-	$(BIN)/python -m pytest -q
+	$(BIN)/python $(PYTEST) -m "not slow"
+
+test-all: install system-packages
+	$(BIN)/python $(PYTEST)
+
+# The fast suite against the oldest release of every runtime dependency that
+# pyproject.toml admits: tools/min-pins turns each `>=` bound into an `==` pin.
+# The test tools are installed under the pins as constraints, so none lifts a pin.
+MIN_VENV := .venv-min
+MIN_STAMP := $(MIN_VENV)/.installed
+
+$(MIN_STAMP): pyproject.toml tools/min-pins
+	rm -rf $(MIN_VENV)
+	$(PYTHON) -m venv $(MIN_VENV)
+	$(PYTHON) tools/min-pins > $(MIN_VENV)/pins.txt
+	$(MIN_VENV)/bin/python -m pip install --quiet --upgrade pip
+	$(MIN_VENV)/bin/python -m pip install --quiet -r $(MIN_VENV)/pins.txt
+	$(MIN_VENV)/bin/python -m pip install --quiet --no-deps -e .
+	$(MIN_VENV)/bin/python -m pip install --quiet -c $(MIN_VENV)/pins.txt $$($(PYTHON) tools/min-pins --dev)
+	touch $(MIN_STAMP)
+
+test-min: $(MIN_STAMP) system-packages
+	$(MIN_VENV)/bin/python $(PYTEST) -m "not slow"
 
 lint: install
 	$(BIN)/ruff check meshid ca sidecar adminhttp tests bench tools
@@ -47,7 +75,7 @@ deploy-check: $(DEPLOY_STAMP)
 	$(BIN)/check-jsonschema --builtin-schema vendor.compose-spec deploy/compose/docker-compose.yml
 	$(BIN)/hadolint --no-color deploy/compose/Dockerfile
 
-check: lint typecheck deploy-check test
+check: lint typecheck deploy-check test-all
 
 demo: install system-packages
 	$(BIN)/python tools/demo.py
@@ -58,4 +86,4 @@ bench: install
 	$(BIN)/python -m bench.run
 
 clean:
-	rm -rf $(VENV) .mypy_cache .pytest_cache .ruff_cache *.egg-info
+	rm -rf $(VENV) $(MIN_VENV) .mypy_cache .pytest_cache .ruff_cache *.egg-info

@@ -93,7 +93,9 @@ def resolve(argv: tuple[str, ...] | list[str]) -> Resolved:
     """Parse `meshid ARGV` with the real click commands, without invoking anything."""
     rest = list(argv)
     command: click.Command = cli
-    ctx = click.Context(cli, info_name="meshid")
+    # The root's context_settings (`-h`) as a real run has them: click caches each
+    # command's help option from the first context that parses it.
+    ctx = click.Context(cli, info_name="meshid", **cli.context_settings)
     path: list[str] = []
     while isinstance(command, click.Group):
         where = " ".join(["meshid", *path])

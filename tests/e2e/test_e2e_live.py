@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from datetime import datetime, timedelta
 
+import pytest
 import trio
 from harness import (
     Addr,
@@ -26,7 +27,10 @@ from harness import (
 DEADLINE = 2.0
 
 
+@pytest.mark.slow
 async def test_deny_and_revoke_cut_exactly_their_live_connections(mesh: Mesh, app: Addr) -> None:
+    """Slow (about 12 s): a whole mesh of processes, a deny, a re-allow and a revocation,
+    each waited on through the sidecars' logs."""
     with trio.fail_after(100):
         ca = await mesh.start_authority()
         await ca.allow("web", "api")
@@ -78,9 +82,13 @@ async def test_deny_and_revoke_cut_exactly_their_live_connections(mesh: Mesh, ap
         await web_live.aclose()
 
 
+@pytest.mark.slow
 async def test_connection_closed_when_peer_certificate_expires(mesh: Mesh, app: Addr) -> None:
     """SVIDs of 30 s: a connection lives no longer than the certificate it was authenticated
-    with (close_on_peer_expiry, on by default); a new one with the renewed SVID works."""
+    with (close_on_peer_expiry, on by default); a new one with the renewed SVID works.
+
+    Slow (about 32 s): real processes on the real clock wait for a real expiry. The same
+    rule runs in-process, with a 3 s certificate, in tests/sidecar/test_sidecar_peers.py."""
     with trio.fail_after(100):
         ca = await mesh.start_authority(svid_ttl="30s")
         await ca.allow("web", "api")

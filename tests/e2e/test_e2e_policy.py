@@ -16,9 +16,11 @@ from harness import Addr, Mesh, Probe, request_ok, sid, wait_until
 DEADLINE = 2.0  # the promise: "within seconds"; measured from the command's exit
 
 
+@pytest.mark.slow
 async def test_policy_changes_and_revocation_reach_sidecars_within_2s(
     mesh: Mesh, app: Addr
 ) -> None:
+    """Slow (about 5 s): a mesh of processes, and a series of changes each timed from outside."""
     with trio.fail_after(100):
         ca = await mesh.start_authority()
         api = await mesh.sidecar("api", forward=app)
