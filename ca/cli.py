@@ -25,7 +25,7 @@ from ca.authority import (
     Authority,
     check_ip,
 )
-from meshid.cli import HELP_OPTIONS
+from meshid.cli import Group
 from meshid.duration import format_duration, parse_duration
 from meshid.errors import InvalidInput, MeshIdError, PolicyError, StateError
 from meshid.files import write_atomic
@@ -98,7 +98,7 @@ def _ips(values: tuple[str, ...]) -> list[ipaddress.IPv4Address | ipaddress.IPv6
     return [check_ip(v) for v in values]
 
 
-@click.group("ca", context_settings=HELP_OPTIONS)
+@click.group("ca", cls=Group)
 def ca_group() -> None:
     """The certificate authority: bootstrap, issue, enroll, revoke, publish."""
 
@@ -244,7 +244,7 @@ def bundle_cmd(state: Path, fmt: str) -> None:
         click.echo(bundle.to_spiffe_json(), nl=False)
 
 
-@click.group("policy", context_settings=HELP_OPTIONS)
+@click.group("policy", cls=Group)
 def policy_group() -> None:
     """The allow-list of service pairs (default deny)."""
 

@@ -48,7 +48,32 @@ def _one_line_usage_errors() -> Iterator[None]:
         raise click.UsageError(exc.format_message() + hint) from None
 
 
-class _RootGroup(click.Group):
+# `-h` works everywhere. Each command carries it in its own context settings, not
+# only through the root's context: click caches a command's help option from the
+# first context that asks, which need not be one under the root.
+HELP_OPTIONS = {"help_option_names": ["-h", "--help"]}
+
+
+class Command(click.Command):
+    """A command that knows `-h` whatever context first parses it."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs["context_settings"] = {**HELP_OPTIONS, **(kwargs.get("context_settings") or {})}
+        super().__init__(*args, **kwargs)
+
+
+class Group(click.Group):
+    """A group whose commands and subgroups know `-h` too (see `Command`)."""
+
+    command_class = Command
+    group_class = type  # subgroups are of this class as well
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs["context_settings"] = {**HELP_OPTIONS, **(kwargs.get("context_settings") or {})}
+        super().__init__(*args, **kwargs)
+
+
+class _RootGroup(Group):
     def list_commands(self, ctx: click.Context) -> list[str]:
         return sorted(_SUBCOMMANDS)
 
@@ -78,11 +103,7 @@ class _RootGroup(click.Group):
             raise click.ClickException(exc.message) from None
 
 
-# Every command and group inherits these from the root context: `-h` works everywhere.
-HELP_OPTIONS = {"help_option_names": ["-h", "--help"]}
-
-
-@click.group(cls=_RootGroup, context_settings=HELP_OPTIONS)
+@click.group(cls=_RootGroup)
 @click.version_option(__version__, prog_name="meshid")
 def cli() -> None:
     """meshid: SPIFFE workload identity and mTLS for microservices."""

@@ -10,14 +10,14 @@ from typing import TextIO
 import click
 import trio
 
-from meshid.cli import HELP_OPTIONS
+from meshid.cli import Group
 from meshid.errors import ConfigError, MeshIdError
 from sidecar.app import Sidecar
 from sidecar.config import load_config
 from sidecar.events import EventLog
 
 
-@click.group("sidecar", context_settings=HELP_OPTIONS)
+@click.group("sidecar", cls=Group)
 def sidecar_group() -> None:
     """The per-service mTLS proxy."""
 
