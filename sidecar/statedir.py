@@ -60,7 +60,7 @@ BUNDLE = "bundle"
 FEED = "feed"
 STATE_DIR = "state_dir"  # the directory itself (mode, clean-up at start)
 KINDS = (IDENTITY, BUNDLE, FEED, STATE_DIR)
-STORAGE_UNAVAILABLE = StorageUnavailable.reason
+STORAGE_UNAVAILABLE: str = StorageUnavailable.reason
 INTERNAL_ERROR = "internal_error"
 
 
