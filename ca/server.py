@@ -76,21 +76,21 @@ from meshid.errors import MeshIdError, StateError, StorageUnavailable
 from meshid.ratelimit import FailureLimiter
 from meshid.spiffeid import SpiffeId
 from meshid.svid import IpAddress, certs_to_pem, generate_key, key_to_pem, leaf_spiffe_id
+from meshid.wire import AUTHORITY_PATH, BUNDLE, ENROLL, HEALTH, RENEW, REPORT, WATCH
 
-AUTHORITY_PATH = "/meshid/authority"
-BATCHED_PATHS = ("/v1/enroll", "/v1/renew", "/v1/report")  # writes: group-committed
+BATCHED_PATHS = (ENROLL, RENEW, REPORT)  # writes: group-committed
 MAX_BATCH = 128
 WATCH_EXPIRY_MARGIN = 1.0  # seconds: a long poll ends this long before the caller's SVID
 SERVER_DIR = "server"
 RETRY_AFTER = 5  # seconds a caller is asked to wait when the authority cannot answer
 # method -> paths: what HEAD, 405 and Allow are computed from (ca.api routes the rest)
 ROUTES: dict[str, tuple[str, ...]] = {
-    "/v1/enroll": ("POST",),
-    "/v1/renew": ("POST",),
-    "/v1/report": ("POST",),
-    "/v1/bundle": ("GET", "HEAD"),
-    "/v1/watch": ("GET", "HEAD"),
-    "/healthz": ("GET", "HEAD"),
+    ENROLL: ("POST",),
+    RENEW: ("POST",),
+    REPORT: ("POST",),
+    BUNDLE: ("GET", "HEAD"),
+    WATCH: ("GET", "HEAD"),
+    HEALTH: ("GET", "HEAD"),
 }
 # RFC 9110's methods: known to this server, so a path that does not take one says 405
 KNOWN_METHODS = frozenset(
@@ -444,7 +444,7 @@ class ControlPlane:
             peer_cert=cert,
         )
         reply = _method_reply(method, req.path) or await self._answer(req)
-        if reply.status >= 400 or req.path == "/v1/enroll":  # renewals: see the audit log
+        if reply.status >= 400 or req.path == ENROLL:  # renewals: see the audit log
             self.log(
                 "request",
                 method=method[:16],
@@ -465,7 +465,7 @@ class ControlPlane:
             return _unavailable(fields["reason"])
 
     async def _dispatch(self, req: Request) -> Reply:
-        if req.method == "GET" and req.path == "/v1/watch":
+        if req.method == "GET" and req.path == WATCH:
             reply, seen = await self._db_call(self.api.watch_check, req)
             if reply is not None:
                 return reply

@@ -34,8 +34,8 @@ from cryptography import x509
 from meshid.errors import AuthorityError, MeshIdError
 from meshid.spiffeid import SpiffeId, TrustDomain
 from meshid.svid import leaf_spiffe_id
+from meshid.wire import AUTHORITY_PATH, ErrorBody
 
-AUTHORITY_PATH = "/meshid/authority"
 MAX_RESPONSE = 1024 * 1024
 _X509_V_FLAG_NO_CHECK_TIME = 0x200000  # times are checked below, with skew allowance
 
@@ -233,9 +233,8 @@ class ControlClient:
                 status=status,
             )
         if status != 200:
+            refusal = ErrorBody.parse(doc)
             raise ControlPlaneError(
-                str(doc.get("message", f"HTTP {status}"))[:300],
-                reason=str(doc.get("error", "authority_refused"))[:64],
-                status=status,
+                refusal.message or f"HTTP {status}", reason=refusal.error, status=status
             )
         return doc
