@@ -11,7 +11,7 @@ messages, their versions and their paths are `meshid.wire`'s:
 
     POST /v1/enroll   EnrollRequest     -> SvidReply   (no client cert)
     POST /v1/renew    RenewRequest      -> SvidReply   (mTLS, current SVID)
-    POST /v1/report   StatusReport      -> recorded    (mTLS): sidecar status
+    POST /v1/report   StatusReport      -> ReportAck   (mTLS): sidecar status
     GET  /v1/bundle                     -> SPIFFE bundle (JWKS)
     GET  /v1/watch?WatchQuery           -> Feed        (mTLS): the caller's feed
     GET  /healthz
@@ -59,6 +59,7 @@ from meshid.wire import (
     ErrorBody,
     Feed,
     RenewRequest,
+    ReportAck,
     SvidReply,
     WatchQuery,
     decode,
@@ -301,7 +302,7 @@ class ControlApi:
         caller = self._caller(req)
         report = decode_report(req.body)
         self.authority.record_report(caller, report)
-        return Reply(200, {"recorded": True})
+        return Reply(200, ReportAck().to_json())
 
     def _bundle(self, req: Request) -> Reply:
         self.authority.advance_roots()

@@ -76,7 +76,7 @@ from meshid.errors import MeshIdError, StateError, StorageUnavailable
 from meshid.ratelimit import FailureLimiter
 from meshid.spiffeid import SpiffeId
 from meshid.svid import IpAddress, certs_to_pem, generate_key, key_to_pem, leaf_spiffe_id
-from meshid.wire import AUTHORITY_PATH, BUNDLE, ENROLL, HEALTH, RENEW, REPORT, WATCH
+from meshid.wire import AUTHORITY_PATH, BUNDLE, ENROLL, HEALTH, RENEW, REPORT, WATCH, WatchQuery
 
 BATCHED_PATHS = (ENROLL, RENEW, REPORT)  # writes: group-committed
 MAX_BATCH = 128
@@ -483,12 +483,8 @@ class ControlPlane:
                     "too many long polls are parked; try again later",
                     retry_after=str(RETRY_AFTER),
                 )
-            try:
-                wait = min(float(req.query.get("wait", self.options.watch_timeout)), 60.0)
-            except ValueError:
-                wait = self.options.watch_timeout
-            if not math.isfinite(wait) or wait < 0:
-                wait = self.options.watch_timeout
+            asked = WatchQuery.parse(req.query).wait  # watch_check read the versions already
+            wait = min(self.options.watch_timeout if asked is None else asked, 60.0)
             # Answer while the caller's certificate is still good: the reply checks the
             # caller again, and a watch parked past that expiry would end in an error
             # the sidecar backs off from, missing changes meanwhile.

@@ -7,7 +7,7 @@ replies through it. Pure: no I/O, stdlib only.
 
     POST /v1/enroll   EnrollRequest {token, csr}              -> SvidReply
     POST /v1/renew    RenewRequest {csr, bundle_sequence?}    -> SvidReply (mTLS)
-    POST /v1/report   meshid.report.StatusReport              -> {"recorded": true} (mTLS)
+    POST /v1/report   meshid.report.StatusReport              -> ReportAck (mTLS)
     GET  /v1/watch?WatchQuery                                 -> Feed (mTLS)
     GET  /v1/bundle                                           -> SPIFFE bundle (JWKS)
     any refusal                                               -> ErrorBody {error, message}
@@ -238,7 +238,7 @@ class WatchQuery:
         """The query parameters, each optional; a malformed version is refused naming it.
 
         A `wait` that is not a number of seconds reads as "the server's default",
-        as it always has.
+        as it always has; a long one is cut to `MAX_WAIT`.
         """
         versions = [
             _query_int(query, key, "sidecar")
@@ -251,8 +251,10 @@ class WatchQuery:
             seconds = float(wait) if wait is not None else None
         except ValueError:
             seconds = None
-        if seconds is not None and not (math.isfinite(seconds) and 0 <= seconds <= MAX_WAIT):
+        if seconds is not None and not (math.isfinite(seconds) and seconds >= 0):
             seconds = None
+        elif seconds is not None:
+            seconds = min(seconds, MAX_WAIT)  # the server cuts it shorter still
         return cls(versions[0], versions[1], versions[2], seconds)
 
     @property
@@ -322,6 +324,24 @@ class Feed:
             ),
             bundle=_text(fields, "bundle", "authority"),
         )
+
+
+@dataclass(frozen=True, slots=True)
+class ReportAck:
+    """The answer to a status report (`meshid.report`): it was recorded."""
+
+    recorded: bool = True
+
+    def to_json(self) -> dict[str, Any]:
+        return {"v": WIRE_VERSION, "recorded": self.recorded}
+
+    @classmethod
+    def parse(cls, doc: object) -> ReportAck:
+        fields = _object(doc, "authority", "reply")
+        recorded = fields.get("recorded")
+        if not isinstance(recorded, bool):
+            raise _bad("authority", "recorded", "must be true or false")
+        return cls(recorded)
 
 
 @dataclass(frozen=True, slots=True)

@@ -20,6 +20,7 @@ from meshid.wire import (
     ErrorBody,
     Feed,
     RenewRequest,
+    ReportAck,
     SvidReply,
     WatchQuery,
     WireError,
@@ -38,13 +39,21 @@ MESSAGES: list[Any] = [
     SvidReply(WEB, PEM, "1f", "2030-01-01T00:00:00+00:00", 3),
     Feed(4, 2, 3, ((WEB, API),), (API,), PEM),
     Feed(0, 0, 1, (), (), PEM),
+    ReportAck(),
 ]
-PARSERS = [EnrollRequest.parse, RenewRequest.parse, SvidReply.parse, Feed.parse, ErrorBody.parse]
+PARSERS = [
+    EnrollRequest.parse,
+    RenewRequest.parse,
+    SvidReply.parse,
+    Feed.parse,
+    ReportAck.parse,
+    ErrorBody.parse,
+]
 
 KEYS = [
     *("v", "token", "csr", "svid", "serial", "spiffe_id", "not_after", "bundle"),
     *("bundle_sequence", "policy_version", "revocation_version", "pairs"),
-    *("revoked", "error", "message", "x"),
+    *("revoked", "recorded", "error", "message", "x"),
 ]
 JSON = st.recursive(
     st.none()
@@ -109,8 +118,9 @@ def test_a_malformed_watch_version_is_refused_naming_it() -> None:
 
 
 def test_an_unusable_wait_reads_as_the_default() -> None:
-    for wait in ("nan", "inf", "-1", "soon", "1e9"):
+    for wait in ("nan", "inf", "-1", "soon", "", "0x10"):
         assert WatchQuery.parse({"wait": wait}).wait is None
+    assert WatchQuery.parse({"wait": "1e9"}).wait == 3600.0
 
 
 @settings(max_examples=300, deadline=None)
