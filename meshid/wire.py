@@ -244,7 +244,13 @@ class WatchQuery:
             _query_int(query, key, "sidecar")
             for key in ("policy_version", "revocation_version", "bundle_sequence")
         ]
-        _query_int(query, "v", "sidecar")
+        version = _query_int(query, "v", "sidecar")
+        if "v" in query and version < MIN_WIRE_VERSION:
+            raise WireError(
+                f"watch query of wire version {version}, older than {MIN_WIRE_VERSION}: "
+                "upgrade the sidecar",
+                reason=Reason.INVALID_QUERY,
+            )
         wait = query.get("wait")
         seconds: float | None = None
         try:

@@ -117,6 +117,13 @@ def test_a_malformed_watch_version_is_refused_naming_it() -> None:
     assert "policy_version" in info.value.message
 
 
+def test_a_watch_query_without_a_version_is_version_1_and_an_older_one_is_refused() -> None:
+    assert WatchQuery.parse({"policy_version": "3"}) == WatchQuery(policy_version=3)
+    with pytest.raises(WireError, match="upgrade the sidecar") as info:
+        WatchQuery.parse({"v": "0"})
+    assert info.value.reason == "invalid_query"
+
+
 def test_an_unusable_wait_reads_as_the_default() -> None:
     for wait in ("nan", "inf", "-1", "soon", "", "0x10"):
         assert WatchQuery.parse({"wait": wait}).wait is None
