@@ -33,6 +33,11 @@ The rule, both ways:
 - ``WIRE_VERSION`` goes up only when a required field is added or changes
   meaning; a message of a version below `MIN_WIRE_VERSION` is refused whole,
   with the same advice.
+
+The status report keeps its own module (`meshid.report`, with its limits)
+under the same rule: the sidecar sends ``v`` with it, unknown fields are
+dropped. The sidecar's ``feed.json`` is a `Feed` as the wire carries it, so
+a file written before versioning reads as version 1 too.
 """
 
 from __future__ import annotations
