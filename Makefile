@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install test test-all test-min check lint typecheck deploy-check demo bench system-packages clean
+.PHONY: install test test-all test-min check lint typecheck deploy-check demo bench system-packages clean reasons
 
 install: $(STAMP)
 
@@ -55,7 +55,11 @@ lint: install
 
 typecheck: install
 	$(BIN)/mypy
-	$(BIN)/mypy tools/demo.py
+	$(BIN)/mypy tools/demo.py tools/reasons_table.py
+
+# The README's table of reasons, generated from meshid/reasons.py.
+reasons: install
+	$(BIN)/python tools/reasons_table.py
 
 # Validators for deploy/, pinned, installed into the venv on first use. All
 # work offline: kubernetes-validate ships the Kubernetes schemas,

@@ -6,14 +6,14 @@ SQLite, which may wait on a lock held by a CLI command). The long poll of
 `/v1/watch` is split: `watch_check` here decides whether to answer now,
 the shell does the waiting.
 
-Endpoints (all JSON; errors are ``{"error": reason, "message": text}``):
+Endpoints (all JSON; errors are ``{"error": reason, "message": text}``); the
+messages, their versions and their paths are `meshid.wire`'s:
 
-    POST /v1/enroll   {"token", "csr"}  -> SVID chain + bundle   (no client cert)
-    POST /v1/renew    {"csr"}           -> SVID chain + bundle   (mTLS, current SVID)
-    POST /v1/report   {"instance", ...} -> recorded               (mTLS): sidecar status
+    POST /v1/enroll   EnrollRequest     -> SvidReply   (no client cert)
+    POST /v1/renew    RenewRequest      -> SvidReply   (mTLS, current SVID)
+    POST /v1/report   StatusReport      -> ReportAck   (mTLS): sidecar status
     GET  /v1/bundle                     -> SPIFFE bundle (JWKS)
-    GET  /v1/watch?policy_version=&revocation_version=&bundle_sequence=
-                                        -> the caller's feed     (mTLS)
+    GET  /v1/watch?WatchQuery           -> Feed        (mTLS): the caller's feed
     GET  /healthz
 """
 
@@ -44,14 +44,30 @@ from meshid.errors import (
     TokenRejected,
 )
 from meshid.ratelimit import FailureLimiter
+from meshid.reasons import Reason
 from meshid.report import TOO_LARGE, decode_report
 from meshid.spiffeid import SpiffeId
 from meshid.svid import certs_to_pem, verify_svid
 from meshid.version import VERSION
+from meshid.wire import (
+    BUNDLE,
+    ENROLL,
+    HEALTH,
+    RENEW,
+    REPORT,
+    WATCH,
+    EnrollRequest,
+    ErrorBody,
+    Feed,
+    RenewRequest,
+    ReportAck,
+    SvidReply,
+    WatchQuery,
+    decode,
+)
 
 MAX_BODY = 64 * 1024
 STORAGE_RETRY_AFTER = 5  # seconds a client waits after a full or read-only disk
-WATCH_KEYS = ("policy_version", "revocation_version", "bundle_sequence")
 
 
 @dataclass(frozen=True, slots=True)
@@ -81,7 +97,7 @@ _Staged = tuple[Request, Prepared | None, int | None]
 def error(status: int, reason: str, message: str, **headers: str) -> Reply:
     return Reply(
         status,
-        {"error": reason, "message": message},
+        ErrorBody(reason, message).to_json(),
         tuple((k.replace("_", "-"), v) for k, v in headers.items()),
     )
 
@@ -96,7 +112,7 @@ def _status_for(exc: MeshIdError) -> int:
     if isinstance(exc, IdentityRevoked):
         return 403
     if isinstance(exc, CsrRejected):
-        return 403 if exc.reason == "csr_identity_mismatch" else 400
+        return 403 if exc.reason == Reason.CSR_IDENTITY_MISMATCH else 400
     if isinstance(exc, InvalidInput | InvalidSvid):
         return 400
     if isinstance(exc, StateError):
@@ -129,42 +145,21 @@ def error_for(exc: MeshIdError) -> Reply:
     return reply
 
 
-def _held_sequence(doc: dict[str, Any]) -> int | None:
-    """The bundle sequence a renewing caller says it holds (optional)."""
-    value = doc.get("bundle_sequence")
-    return value if isinstance(value, int) and not isinstance(value, bool) else None
-
-
-def _json_body(body: bytes, required: tuple[str, ...]) -> dict[str, Any]:
-    """The request's JSON object, its `required` fields checked to be non-empty strings."""
-    try:
-        doc = json.loads(body.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError):
-        raise InvalidInput("request body is not valid JSON", reason="invalid_json") from None
-    if not isinstance(doc, dict):
-        raise InvalidInput("request body must be a JSON object", reason="invalid_json")
-    for key in required:
-        value = doc.get(key)
-        if not isinstance(value, str) or not value:
-            raise InvalidInput(f"field {key!r} must be a non-empty string", reason="invalid_json")
-    return doc
-
-
 def svid_reply(
     issued: IssuedSvid, held_sequence: int | None = None, bundle_pem: str | None = None
 ) -> Reply:
     """The new SVID; the bundle too unless the caller says it holds this very sequence."""
     leaf = issued.leaf
-    body: dict[str, Any] = {
-        "spiffe_id": str(issued.spiffe_id),
-        "svid": certs_to_pem(issued.chain).decode(),
-        "serial": f"{leaf.serial_number:x}",
-        "not_after": leaf.not_valid_after_utc.isoformat(),
-        "bundle_sequence": issued.bundle.sequence,
-    }
-    if held_sequence != issued.bundle.sequence:
-        body["bundle"] = bundle_pem or issued.bundle.to_pem().decode()
-    return Reply(200, body)
+    sequence = issued.bundle.sequence
+    reply = SvidReply(
+        spiffe_id=issued.spiffe_id,
+        svid=certs_to_pem(issued.chain).decode(),
+        serial=f"{leaf.serial_number:x}",
+        not_after=leaf.not_valid_after_utc.isoformat(),
+        bundle_sequence=sequence,
+        bundle=None if held_sequence == sequence else bundle_pem or issued.bundle.to_pem().decode(),
+    )
+    return Reply(200, reply.to_json())
 
 
 @dataclass(slots=True)
@@ -179,18 +174,18 @@ class ControlApi:
     def handle(self, req: Request) -> Reply:
         """Answer one request; never raises for anything a client can send."""
         routes: dict[tuple[str, str], Callable[[Request], Reply]] = {
-            ("POST", "/v1/enroll"): self._enroll,
-            ("POST", "/v1/renew"): self._renew,
-            ("GET", "/v1/bundle"): self._bundle,
-            ("GET", "/v1/watch"): self._watch_now,
-            ("POST", "/v1/report"): self._report,
-            ("GET", "/healthz"): self._health,
+            ("POST", ENROLL): self._enroll,
+            ("POST", RENEW): self._renew,
+            ("GET", BUNDLE): self._bundle,
+            ("GET", WATCH): self._watch_now,
+            ("POST", REPORT): self._report,
+            ("GET", HEALTH): self._health,
         }
         handler = routes.get((req.method, req.path))
         if handler is None:
             if any(path == req.path for _, path in routes):
-                return error(405, "method_not_allowed", f"{req.method} is not allowed here")
-            return error(404, "not_found", "no such endpoint")
+                return error(405, Reason.METHOD_NOT_ALLOWED, f"{req.method} is not allowed here")
+            return error(404, Reason.NOT_FOUND, "no such endpoint")
         try:
             return handler(req)
         except MeshIdError as exc:
@@ -251,13 +246,13 @@ class ControlApi:
         except MeshIdError as exc:
             return error_for(exc)
         except Exception as exc:  # a bug must cost one request, not the batch
-            return error(500, "internal_error", type(exc).__name__)
+            return error(500, Reason.INTERNAL_ERROR, type(exc).__name__)
 
     def _stage(self, req: Request) -> Reply | _Staged:
         """Phase one: a reply already, or what phase two must record."""
-        if req.method == "POST" and req.path == "/v1/enroll":
+        if req.method == "POST" and req.path == ENROLL:
             return self._stage_enroll(req)
-        if req.method == "POST" and req.path == "/v1/renew":
+        if req.method == "POST" and req.path == RENEW:
             return self._prepare_renew(req)
         return req, None, None  # not a signature: handled whole in phase two
 
@@ -281,13 +276,13 @@ class ControlApi:
         if wait:
             return error(
                 429,
-                "rate_limited",
+                Reason.RATE_LIMITED,
                 f"too many failed enrollments from {req.source}; retry in {wait:.0f}s",
                 retry_after=str(max(1, round(wait))),
             )
         try:
-            fields = _json_body(req.body, ("token", "csr"))
-            prepared = self.authority.prepare_enroll(fields["token"], fields["csr"].encode())
+            body = EnrollRequest.parse(decode(req.body, "request body"))
+            prepared = self.authority.prepare_enroll(body.token, body.csr.encode())
             return req, prepared, None
         except (TokenRejected, CsrRejected, InvalidInput) as exc:
             self.limiter.failed(req.source, now)
@@ -301,16 +296,16 @@ class ControlApi:
         if req.peer_cert is None:
             raise TokenRejected(
                 "this endpoint needs a client certificate (the caller's SVID)",
-                reason="no_client_certificate",
+                reason=Reason.NO_CLIENT_CERTIFICATE,
             )
-        fields = _json_body(req.body, ("csr",))
+        body = RenewRequest.parse(decode(req.body, "request body"))
         try:  # this verifies the caller's SVID and refuses a revoked identity
-            prepared = self.authority.prepare_renew(req.peer_cert, fields["csr"].encode())
+            prepared = self.authority.prepare_renew(req.peer_cert, body.csr.encode())
         except InvalidSvid as exc:
             raise TokenRejected(
                 f"client certificate refused: {exc.message}", reason=exc.reason
             ) from None
-        return req, prepared, _held_sequence(fields)
+        return req, prepared, body.bundle_sequence
 
     def _renew(self, req: Request) -> Reply:
         return self._finish(self._prepare_renew(req))
@@ -324,7 +319,7 @@ class ControlApi:
         caller = self._caller(req)
         report = decode_report(req.body)
         self.authority.record_report(caller, report)
-        return Reply(200, {"recorded": True})
+        return Reply(200, ReportAck().to_json())
 
     def _bundle(self, req: Request) -> Reply:
         self.authority.advance_roots()
@@ -347,7 +342,7 @@ class ControlApi:
     def _watch_now(self, req: Request) -> Reply:
         """The feed, answered at once (the shell waits first when nothing changed)."""
         caller = self._caller(req)
-        return Reply(200, self.authority.feed(caller))
+        return Reply(200, Feed.parse(self.authority.feed(caller)).to_json())
 
     # -- helpers the shell uses --
 
@@ -356,7 +351,7 @@ class ControlApi:
         if req.peer_cert is None:
             raise TokenRejected(
                 "this endpoint needs a client certificate (the caller's SVID)",
-                reason="no_client_certificate",
+                reason=Reason.NO_CLIENT_CERTIFICATE,
             )
         try:
             verified = verify_svid([req.peer_cert], self.authority.bundle().roots, self.clock())
@@ -366,7 +361,7 @@ class ControlApi:
             ) from None
         if verified.spiffe_id.trust_domain != self.authority.trust_domain:
             raise TokenRejected(
-                "caller is of another trust domain", reason="untrusted_trust_domain"
+                "caller is of another trust domain", reason=Reason.UNTRUSTED_TRUST_DOMAIN
             )
         policy = self.authority.policy()
         if verified.spiffe_id in policy.revoked:
@@ -383,11 +378,9 @@ class ControlApi:
         """
         try:
             self._caller(req)
-            seen = tuple(int(req.query.get(k, "-1")) for k in WATCH_KEYS)
+            seen = WatchQuery.parse(req.query).versions
         except MeshIdError as exc:
             return error_for(exc), (0, 0, 0)
-        except ValueError:
-            return error(400, "invalid_query", "watch versions must be integers"), (0, 0, 0)
         current = self.authority.versions()
         if seen != current:
             return self.handle(req), current

@@ -78,21 +78,21 @@ from meshid.ratelimit import FailureLimiter
 from meshid.spiffeid import SpiffeId
 from meshid.svid import IpAddress, certs_to_pem, generate_key, key_to_pem, leaf_spiffe_id
 from meshid.version import SERVER_HEADER, VERSION
+from meshid.wire import AUTHORITY_PATH, BUNDLE, ENROLL, HEALTH, RENEW, REPORT, WATCH, WatchQuery
 
-AUTHORITY_PATH = "/meshid/authority"
-BATCHED_PATHS = ("/v1/enroll", "/v1/renew", "/v1/report")  # writes: group-committed
+BATCHED_PATHS = (ENROLL, RENEW, REPORT)  # writes: group-committed
 MAX_BATCH = 128
 WATCH_EXPIRY_MARGIN = 1.0  # seconds: a long poll ends this long before the caller's SVID
 SERVER_DIR = "server"
 RETRY_AFTER = 5  # seconds a caller is asked to wait when the authority cannot answer
 # method -> paths: what HEAD, 405 and Allow are computed from (ca.api routes the rest)
 ROUTES: dict[str, tuple[str, ...]] = {
-    "/v1/enroll": ("POST",),
-    "/v1/renew": ("POST",),
-    "/v1/report": ("POST",),
-    "/v1/bundle": ("GET", "HEAD"),
-    "/v1/watch": ("GET", "HEAD"),
-    "/healthz": ("GET", "HEAD"),
+    ENROLL: ("POST",),
+    RENEW: ("POST",),
+    REPORT: ("POST",),
+    BUNDLE: ("GET", "HEAD"),
+    WATCH: ("GET", "HEAD"),
+    HEALTH: ("GET", "HEAD"),
 }
 # RFC 9110's methods: known to this server, so a path that does not take one says 405
 KNOWN_METHODS = frozenset(
@@ -454,7 +454,7 @@ class ControlPlane:
         )
         reply = _method_reply(method, req.path) or await self._answer(req)
         self.metrics.observe_reply(req.path, reply.status, reply.body.get("error"))
-        if reply.status >= 400 or req.path == "/v1/enroll":  # renewals: see the audit log
+        if reply.status >= 400 or req.path == ENROLL:  # renewals: see the audit log
             self.log(
                 "request",
                 method=method[:16],
@@ -477,7 +477,7 @@ class ControlPlane:
             return _unavailable(fields["reason"])
 
     async def _dispatch(self, req: Request) -> Reply:
-        if req.method == "GET" and req.path == "/v1/watch":
+        if req.method == "GET" and req.path == WATCH:
             reply, seen = await self._db_call(self.api.watch_check, req)
             if reply is not None:
                 return reply
@@ -495,12 +495,8 @@ class ControlPlane:
                     "too many long polls are parked; try again later",
                     retry_after=str(RETRY_AFTER),
                 )
-            try:
-                wait = min(float(req.query.get("wait", self.options.watch_timeout)), 60.0)
-            except ValueError:
-                wait = self.options.watch_timeout
-            if not math.isfinite(wait) or wait < 0:
-                wait = self.options.watch_timeout
+            asked = WatchQuery.parse(req.query).wait  # watch_check read the versions already
+            wait = min(self.options.watch_timeout if asked is None else asked, 60.0)
             # Answer while the caller's certificate is still good: the reply checks the
             # caller again, and a watch parked past that expiry would end in an error
             # the sidecar backs off from, missing changes meanwhile.

@@ -22,6 +22,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
 from meshid.errors import InvalidSvid
+from meshid.reasons import Reason
 from meshid.spiffeid import TrustDomain
 from meshid.svid import certs_from_pem, certs_to_pem
 
@@ -36,11 +37,13 @@ def _b64url(value: int, length: int) -> str:
 
 def _b64url_int(text: Any, what: str) -> int:
     if not isinstance(text, str):
-        raise InvalidSvid(f"bundle: {what} is not a string", reason="invalid_bundle")
+        raise InvalidSvid(f"bundle: {what} is not a string", reason=Reason.INVALID_BUNDLE)
     try:
         raw = base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
     except (binascii.Error, ValueError):
-        raise InvalidSvid(f"bundle: {what} is not base64url", reason="invalid_bundle") from None
+        raise InvalidSvid(
+            f"bundle: {what} is not base64url", reason=Reason.INVALID_BUNDLE
+        ) from None
     return int.from_bytes(raw, "big")
 
 
@@ -63,7 +66,7 @@ def _jwk(cert: x509.Certificate) -> dict[str, Any]:
             e=_b64url(rsa_numbers.e, (rsa_numbers.e.bit_length() + 7) // 8),
         )
     else:
-        raise InvalidSvid("bundle: unsupported root key type", reason="invalid_bundle")
+        raise InvalidSvid("bundle: unsupported root key type", reason=Reason.INVALID_BUNDLE)
     entry["x5c"] = [base64.b64encode(cert.public_bytes(serialization.Encoding.DER)).decode()]
     return entry
 
@@ -121,7 +124,7 @@ class TrustBundle:
     ) -> TrustBundle:
         roots = certs_from_pem(data, what)
         if not roots:
-            raise InvalidSvid(f"{what}: holds no certificate", reason="invalid_bundle")
+            raise InvalidSvid(f"{what}: holds no certificate", reason=Reason.INVALID_BUNDLE)
         return cls(trust_domain, tuple(roots), sequence)
 
     # -- SPIFFE (JWKS) --
@@ -141,14 +144,14 @@ class TrustBundle:
         try:
             doc = json.loads(data)
         except (ValueError, RecursionError):  # RecursionError: [[[[… nested past the stack
-            raise InvalidSvid("bundle: not JSON", reason="invalid_bundle") from None
+            raise InvalidSvid("bundle: not JSON", reason=Reason.INVALID_BUNDLE) from None
         if not isinstance(doc, dict) or not isinstance(doc.get("keys"), list):
-            raise InvalidSvid("bundle: no 'keys' array", reason="invalid_bundle")
+            raise InvalidSvid("bundle: no 'keys' array", reason=Reason.INVALID_BUNDLE)
         roots: list[x509.Certificate] = []
         for index, entry in enumerate(doc["keys"]):
             if not isinstance(entry, dict):
                 raise InvalidSvid(
-                    f"bundle: keys[{index}] is not an object", reason="invalid_bundle"
+                    f"bundle: keys[{index}] is not an object", reason=Reason.INVALID_BUNDLE
                 )
             if entry.get("use") != X509_SVID_USE:
                 continue  # JWT authorities and unknown uses are not ours to judge
@@ -156,29 +159,30 @@ class TrustBundle:
             if not isinstance(x5c, list) or len(x5c) != 1 or not isinstance(x5c[0], str):
                 raise InvalidSvid(
                     f"bundle: keys[{index}].x5c must hold exactly one certificate",
-                    reason="invalid_bundle",
+                    reason=Reason.INVALID_BUNDLE,
                 )
             try:
                 cert = x509.load_der_x509_certificate(base64.b64decode(x5c[0], validate=True))
             except (binascii.Error, ValueError, x509.InvalidVersion):
                 raise InvalidSvid(
-                    f"bundle: keys[{index}].x5c is not a DER certificate", reason="invalid_bundle"
+                    f"bundle: keys[{index}].x5c is not a DER certificate",
+                    reason=Reason.INVALID_BUNDLE,
                 ) from None
             if not _key_matches(entry, cert):
                 raise InvalidSvid(
                     f"bundle: keys[{index}] key parameters do not match its certificate",
-                    reason="invalid_bundle",
+                    reason=Reason.INVALID_BUNDLE,
                 )
             roots.append(cert)
         sequence = doc.get("spiffe_sequence", 0)
         hint = doc.get("spiffe_refresh_hint", DEFAULT_REFRESH_HINT)
         if not isinstance(sequence, int) or isinstance(sequence, bool) or sequence < 0:
             raise InvalidSvid(
-                "bundle: spiffe_sequence is not a whole number", reason="invalid_bundle"
+                "bundle: spiffe_sequence is not a whole number", reason=Reason.INVALID_BUNDLE
             )
         if not isinstance(hint, int) or isinstance(hint, bool) or hint < 0:
             raise InvalidSvid(
-                "bundle: spiffe_refresh_hint is not a whole number", reason="invalid_bundle"
+                "bundle: spiffe_refresh_hint is not a whole number", reason=Reason.INVALID_BUNDLE
             )
         return cls(trust_domain, tuple(roots), sequence, hint)
 

@@ -10,25 +10,29 @@ never a secret.
     │   └── InvalidDuration
     ├── ConfigError             a config file is wrong; the message names the key
     ├── InvalidSvid             a certificate breaks the X509-SVID profile or does not chain
-    ├── AuthorityError          the certificate authority refused or cannot proceed
-    │   ├── StateError          state dir missing, already initialised, unreadable key …
-    │   ├── TokenRejected       join token unknown, used or expired
-    │   ├── IdentityRevoked
-    │   ├── CsrRejected         a CSR that may not be signed
-    │   ├── PolicyError         an allow-list change that makes no sense
-    │   └── StorageUnavailable  the database or a state file cannot be written (disk full,
-    │                           read-only filesystem): transient, retried, nothing half-written
-    ├── PeerRejected            a connection's peer failed authentication or authorisation
-    └── TlsFailure
+    └── AuthorityError          the certificate authority refused or cannot proceed
+        ├── StateError          state dir missing, already initialised, unreadable key …
+        ├── TokenRejected       join token unknown, used or expired
+        ├── IdentityRevoked
+        ├── CsrRejected         a CSR that may not be signed
+        ├── PolicyError         an allow-list change that makes no sense
+        └── StorageUnavailable  the database or a state file cannot be written (disk full,
+                                read-only filesystem): transient, retried, nothing half-written
+
+Peers refused and TLS failures are not errors here: they are decisions, a
+`Verdict` with a reason, logged and counted, never raised.
+Every reason is a member of `meshid.reasons.Reason`.
 """
 
 from __future__ import annotations
+
+from meshid.reasons import Reason
 
 
 class MeshIdError(Exception):
     """Root of every error meshid raises on purpose."""
 
-    reason: str = "error"
+    reason: str = Reason.ERROR
 
     def __init__(self, message: str, *, reason: str | None = None) -> None:
         super().__init__(message)
@@ -41,47 +45,47 @@ class MeshIdError(Exception):
 
 
 class InvalidInput(MeshIdError):
-    reason = "invalid_input"
+    reason = Reason.INVALID_INPUT
 
 
 class InvalidIdentity(InvalidInput):
-    reason = "invalid_spiffe_id"
+    reason = Reason.INVALID_SPIFFE_ID
 
 
 class InvalidDuration(InvalidInput):
-    reason = "invalid_duration"
+    reason = Reason.INVALID_DURATION
 
 
 class ConfigError(MeshIdError):
-    reason = "invalid_config"
+    reason = Reason.INVALID_CONFIG
 
 
 class InvalidSvid(MeshIdError):
-    reason = "invalid_svid"
+    reason = Reason.INVALID_SVID
 
 
 class AuthorityError(MeshIdError):
-    reason = "authority_error"
+    reason = Reason.AUTHORITY_ERROR
 
 
 class StateError(AuthorityError):
-    reason = "state_error"
+    reason = Reason.STATE_ERROR
 
 
 class TokenRejected(AuthorityError):
-    reason = "token_rejected"
+    reason = Reason.TOKEN_REJECTED
 
 
 class IdentityRevoked(AuthorityError):
-    reason = "identity_revoked"
+    reason = Reason.IDENTITY_REVOKED
 
 
 class CsrRejected(AuthorityError):
-    reason = "csr_rejected"
+    reason = Reason.CSR_REJECTED
 
 
 class PolicyError(AuthorityError):
-    reason = "policy_error"
+    reason = Reason.POLICY_ERROR
 
 
 class StorageUnavailable(AuthorityError):
@@ -92,12 +96,4 @@ class StorageUnavailable(AuthorityError):
     the state they had, rather than ending.
     """
 
-    reason = "storage_unavailable"
-
-
-class PeerRejected(MeshIdError):
-    reason = "peer_rejected"
-
-
-class TlsFailure(MeshIdError):
-    reason = "tls_failure"
+    reason = Reason.STORAGE_UNAVAILABLE

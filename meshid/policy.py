@@ -11,11 +11,12 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import dataclass
 
+from meshid.reasons import Reason
 from meshid.spiffeid import SpiffeId
 
-ALLOWED = "allowed"
-NOT_ALLOWED = "not_allowed"
-IDENTITY_REVOKED = "identity_revoked"
+ALLOWED = Reason.ALLOWED
+NOT_ALLOWED = Reason.NOT_ALLOWED
+IDENTITY_REVOKED = Reason.IDENTITY_REVOKED
 
 
 @dataclass(frozen=True, slots=True)

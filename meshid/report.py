@@ -39,6 +39,7 @@ from datetime import datetime
 from typing import Any, Literal
 
 from meshid.errors import InvalidInput, MeshIdError
+from meshid.reasons import Reason
 from meshid.spiffeid import SpiffeId
 
 # Room for a shared service with a few hundred distinct callers; eight instances
@@ -53,8 +54,8 @@ INSTANCE = re.compile(r"[A-Za-z0-9_.-]{1,64}")
 _PRINTABLE = re.compile(r"[\x20-\x7e]*")
 
 Direction = Literal["inbound", "outbound"]
-INVALID = "invalid_report"
-TOO_LARGE = "report_too_large"
+INVALID = Reason.INVALID_REPORT
+TOO_LARGE = Reason.REPORT_TOO_LARGE
 
 
 @dataclass(frozen=True, slots=True)

@@ -13,6 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from meshid.errors import InvalidIdentity
+from meshid.reasons import Reason
 
 SCHEME_PREFIX = "spiffe://"
 MAX_ID_BYTES = 2048
@@ -143,7 +144,7 @@ class SpiffeId:
         if sid.trust_domain != trust_domain:
             raise InvalidIdentity(
                 f"{sid}: belongs to trust domain {sid.trust_domain}, not {trust_domain}",
-                reason="foreign_trust_domain",
+                reason=Reason.UNTRUSTED_TRUST_DOMAIN,
             )
         return sid
 

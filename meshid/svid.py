@@ -32,6 +32,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from meshid.errors import InvalidIdentity, InvalidSvid
+from meshid.reasons import Reason
 from meshid.spiffeid import SpiffeId, TrustDomain
 
 CLOCK_SKEW = timedelta(seconds=30)
@@ -131,7 +132,9 @@ def build_svid(
     not_before = max(now - CLOCK_SKEW, issuer.not_valid_before_utc)
     not_after = min(now + ttl, issuer.not_valid_after_utc)
     if not_after <= now:
-        raise InvalidSvid("the signing root has expired; rotate the root first", reason="expired")
+        raise InvalidSvid(
+            "the signing root has expired; rotate the root first", reason=Reason.EXPIRED
+        )
     sans: list[x509.GeneralName] = [x509.UniformResourceIdentifier(str(spiffe_id))]
     sans += [x509.DNSName(name) for name in dns_names]
     sans += [x509.IPAddress(ip) for ip in ip_addresses]
@@ -196,7 +199,7 @@ _MALFORMED = (
 
 
 def _malformed(what: str) -> InvalidSvid:
-    return InvalidSvid(f"{what} is malformed", reason="malformed_certificate")
+    return InvalidSvid(f"{what} is malformed", reason=Reason.MALFORMED_CERTIFICATE)
 
 
 def _check_well_formed(cert: x509.Certificate, what: str) -> None:
@@ -231,20 +234,22 @@ def leaf_spiffe_id(cert: x509.Certificate) -> SpiffeId:
     """The SPIFFE ID of a workload certificate, with the profile's name rules checked."""
     uris = uri_sans(cert)
     if not uris:
-        raise InvalidSvid("certificate has no URI SAN", reason="no_spiffe_id")
+        raise InvalidSvid("certificate has no URI SAN", reason=Reason.NO_SPIFFE_ID)
     if len(uris) > 1:
         raise InvalidSvid(
             f"certificate has {len(uris)} URI SANs; an SVID has exactly one",
-            reason="multiple_uri_sans",
+            reason=Reason.MULTIPLE_URI_SANS,
         )
     try:
         sid = SpiffeId.parse(uris[0])
     except InvalidIdentity as exc:
         raise InvalidSvid(
-            f"URI SAN is not a SPIFFE ID: {exc}", reason="invalid_spiffe_id"
+            f"URI SAN is not a SPIFFE ID: {exc}", reason=Reason.INVALID_SPIFFE_ID
         ) from None
     if not sid.is_workload:
-        raise InvalidSvid(f"{sid}: a workload SVID's ID needs a path", reason="invalid_spiffe_id")
+        raise InvalidSvid(
+            f"{sid}: a workload SVID's ID needs a path", reason=Reason.INVALID_SPIFFE_ID
+        )
     return sid
 
 
@@ -252,11 +257,12 @@ def check_validity(cert: x509.Certificate, now: datetime, what: str = "certifica
     if now < cert.not_valid_before_utc:
         raise InvalidSvid(
             f"{what} is not valid before {cert.not_valid_before_utc:%Y-%m-%dT%H:%M:%SZ}",
-            reason="not_yet_valid",
+            reason=Reason.NOT_YET_VALID,
         )
     if now > cert.not_valid_after_utc:
         raise InvalidSvid(
-            f"{what} expired at {cert.not_valid_after_utc:%Y-%m-%dT%H:%M:%SZ}", reason="expired"
+            f"{what} expired at {cert.not_valid_after_utc:%Y-%m-%dT%H:%M:%SZ}",
+            reason=Reason.EXPIRED,
         )
 
 
@@ -265,22 +271,26 @@ def check_leaf_profile(cert: x509.Certificate) -> SpiffeId:
     sid = leaf_spiffe_id(cert)
     bc = _extension(cert, x509.BasicConstraints)
     if bc is not None and bc.ca:
-        raise InvalidSvid(f"{sid}: leaf certificate has CA:TRUE", reason="leaf_is_ca")
+        raise InvalidSvid(f"{sid}: leaf certificate has CA:TRUE", reason=Reason.LEAF_IS_CA)
     ku = _extension(cert, x509.KeyUsage)
     if ku is None or not ku.digital_signature:
-        raise InvalidSvid(f"{sid}: leaf lacks keyUsage digitalSignature", reason="bad_key_usage")
+        raise InvalidSvid(
+            f"{sid}: leaf lacks keyUsage digitalSignature", reason=Reason.BAD_KEY_USAGE
+        )
     if ku.key_cert_sign or ku.crl_sign:
-        raise InvalidSvid(f"{sid}: leaf may not carry keyCertSign or cRLSign", reason="leaf_is_ca")
+        raise InvalidSvid(
+            f"{sid}: leaf may not carry keyCertSign or cRLSign", reason=Reason.LEAF_IS_CA
+        )
     return sid
 
 
 def check_authority_profile(cert: x509.Certificate) -> None:
     bc = _extension(cert, x509.BasicConstraints)
     if bc is None or not bc.ca:
-        raise InvalidSvid("signing certificate is not a CA", reason="invalid_chain")
+        raise InvalidSvid("signing certificate is not a CA", reason=Reason.INVALID_CHAIN)
     ku = _extension(cert, x509.KeyUsage)
     if ku is not None and not ku.key_cert_sign:
-        raise InvalidSvid("signing certificate lacks keyCertSign", reason="invalid_chain")
+        raise InvalidSvid("signing certificate lacks keyCertSign", reason=Reason.INVALID_CHAIN)
 
 
 def _signed_by(cert: x509.Certificate, issuer: x509.Certificate) -> bool:
@@ -311,7 +321,7 @@ def verify_svid(
     picks them from its bundles by the leaf's trust domain.
     """
     if not chain:
-        raise InvalidSvid("no certificate presented", reason="no_certificate")
+        raise InvalidSvid("no certificate presented", reason=Reason.NO_CERTIFICATE)
     for index, cert in enumerate(chain):
         _check_well_formed(cert, "certificate" if index == 0 else "intermediate certificate")
     leaf = chain[0]
@@ -334,7 +344,7 @@ def verify_svid(
         current = step
     raise InvalidSvid(
         f"{sid}: certificate does not chain to a trust anchor of {sid.trust_domain}",
-        reason="untrusted",
+        reason=Reason.UNTRUSTED_CERTIFICATE,
     )
 
 
@@ -349,7 +359,7 @@ def certs_from_pem(data: bytes, what: str = "certificate file") -> list[x509.Cer
     try:
         certs = x509.load_pem_x509_certificates(data)
     except ValueError:
-        raise InvalidSvid(f"{what}: not PEM certificates", reason="invalid_pem") from None
+        raise InvalidSvid(f"{what}: not PEM certificates", reason=Reason.INVALID_PEM) from None
     return certs
 
 
@@ -371,17 +381,17 @@ def key_from_pem(data: bytes, passphrase: bytes | None = None, what: str = "key"
     except TypeError:
         if passphrase is None:
             raise InvalidSvid(
-                f"{what} is encrypted: give the passphrase", reason="passphrase_required"
+                f"{what} is encrypted: give the passphrase", reason=Reason.PASSPHRASE_REQUIRED
             ) from None
         raise InvalidSvid(f"{what} is not encrypted but a passphrase was given") from None
     except ValueError:
         if passphrase is not None:
             raise InvalidSvid(
-                f"{what}: wrong passphrase, or not a PEM private key", reason="bad_passphrase"
+                f"{what}: wrong passphrase, or not a PEM private key", reason=Reason.BAD_PASSPHRASE
             ) from None
-        raise InvalidSvid(f"{what}: not a PEM private key", reason="invalid_key") from None
+        raise InvalidSvid(f"{what}: not a PEM private key", reason=Reason.INVALID_KEY) from None
     if not isinstance(key, ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey):
-        raise InvalidSvid(f"{what}: unsupported key type", reason="invalid_key")
+        raise InvalidSvid(f"{what}: unsupported key type", reason=Reason.INVALID_KEY)
     return key
 
 

@@ -34,10 +34,10 @@ from cryptography import x509
 from meshid.errors import AuthorityError, MeshIdError
 from meshid.spiffeid import SpiffeId, TrustDomain
 from meshid.svid import leaf_spiffe_id
+from meshid.wire import AUTHORITY_PATH, ErrorBody
 from sidecar import failures
 from sidecar.failures import Failure, Verdict
 
-AUTHORITY_PATH = "/meshid/authority"
 MAX_RESPONSE = 1024 * 1024
 _X509_V_FLAG_NO_CHECK_TIME = 0x200000  # times are checked below, with skew allowance
 
@@ -352,14 +352,15 @@ class ControlClient:
         if not isinstance(doc, dict):
             raise ControlPlaneError.judged(Failure(failures.HTTP, self._where, status=status))
         if status != 200:
+            refusal = ErrorBody.parse(doc)
             version = doc.get("revocation_version")
             raise ControlPlaneError.judged(
                 Failure(
                     failures.HTTP,
                     self._where,
                     status=status,
-                    reason=str(doc.get("error", failures.REFUSED))[:64],
-                    detail=str(doc.get("message", f"HTTP {status}"))[:300],
+                    reason=refusal.error[:64],
+                    detail=(refusal.message or f"HTTP {status}")[:300],
                 ),
                 revocation_version=(
                     version if isinstance(version, int) and not isinstance(version, bool) else None

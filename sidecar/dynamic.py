@@ -49,8 +49,21 @@ from meshid.bundle import TrustBundle
 from meshid.errors import ConfigError, InvalidSvid, MeshIdError
 from meshid.events import EventLog
 from meshid.policy import Policy
+from meshid.reasons import Reason
 from meshid.spiffeid import SpiffeId
 from meshid.svid import certs_from_pem, generate_key
+from meshid.wire import (
+    ENROLL,
+    RENEW,
+    REPORT,
+    WIRE_VERSION,
+    EnrollRequest,
+    Feed,
+    RenewRequest,
+    SvidReply,
+    WatchQuery,
+    WireError,
+)
 from sidecar import failures as failures_mod
 from sidecar.config import AuthoritySource
 from sidecar.control import ClientIdentity, ControlClient, ControlPlaneError, HeldIdentity
@@ -76,7 +89,7 @@ STATE_RETRY_MAX = 30.0  # seconds between two attempts to write a pending state 
 SLOW_RETRY = 60.0  # seconds between attempts after a permanent failure, or while revoked
 WATCH_RETRY_MAX = 10.0
 IDENTITY_REVOKED = "identity_revoked"
-RENEW, WATCH, REPORT = "renew", "watch", "report"  # the duties, as /readyz names a failing one
+DUTY_RENEW, DUTY_WATCH, DUTY_REPORT = "renew", "watch", "report"  # as /readyz names them
 
 
 @dataclass(frozen=True, slots=True)
@@ -205,7 +218,7 @@ class DynamicIdentity:
         self.rand = rand
         self.dir = source.state_dir
         self.state = StateDir(source.state_dir, host.events)
-        self._feed: dict[str, Any] | None = None  # the last feed applied, as feed.json holds it
+        self._feed: Feed | None = None  # the last feed applied, as feed.json holds it
         self.versions: tuple[int, int, int] = (-1, -1, -1)
         self.instance = secrets.token_hex(6)  # this run of the sidecar, as `ca status` lists it
         self._report_now = trio.Event()
@@ -258,7 +271,7 @@ class DynamicIdentity:
 
     def _write_feed(self) -> None:
         if self._feed is not None:
-            self.state.write_feed(self._feed)
+            self.state.write_feed(self._feed.to_json())
 
     def _restore(self) -> Svid | None:
         """The persisted SVID if it is still good; why not, in the log, otherwise."""
@@ -283,11 +296,11 @@ class DynamicIdentity:
 
     def _restore_feed(self) -> None:
         try:
-            doc = self.state.read_feed()
-            self._apply_policy(doc)
-        except (OSError, ValueError, KeyError, TypeError, AttributeError, MeshIdError):
-            return
-        self._feed = doc
+            feed = Feed.parse(self.state.read_feed())
+            self._apply_policy(feed)
+        except (OSError, ValueError, MeshIdError):  # unreadable, not JSON, not a feed: the watch
+            return  # brings the current one
+        self._feed = feed
 
     # -- enroll and renew --
 
@@ -303,10 +316,9 @@ class DynamicIdentity:
         # Serve with the allow-list from the start, not with an empty one until the
         # first long poll returns (which would refuse everything for a moment).
         try:
-            await self._poll_feed("/v1/watch?wait=0", self.client.timeout)
-        except (MeshIdError, KeyError, ValueError, TypeError, AttributeError) as exc:
-            reason = exc.reason if isinstance(exc, MeshIdError) else "authority_protocol"
-            self.host.events.emit("watch_failed", reason=reason, detail=str(exc))
+            await self._poll_feed(WatchQuery(wait=0), self.client.timeout)
+        except MeshIdError as exc:
+            self.host.events.emit("watch_failed", reason=exc.reason, detail=exc.message)
         # The join token is spent: save the SVID before serving, if the disk lets us
         # (if not, it is served from memory and retried like any other write).
         await self.state.flush()
@@ -388,8 +400,8 @@ class DynamicIdentity:
         key = generate_key()
         reply = await self.client.request(
             "POST",
-            "/v1/enroll",
-            {"token": token, "csr": build_csr(key, self.host.identity).decode()},
+            ENROLL,
+            EnrollRequest(token, build_csr(key, self.host.identity).decode()).to_json(),
             bundle_pem=self._trust_pem(),
             now=self.host.wall_now(),
             trust=self._trust_name(),
@@ -404,8 +416,8 @@ class DynamicIdentity:
         key = generate_key()
         reply = await self.client.request(
             "POST",
-            "/v1/renew",
-            {"csr": build_csr(key, self.host.identity).decode(), **self._held()},
+            RENEW,
+            RenewRequest(build_csr(key, self.host.identity).decode(), self._held()).to_json(),
             bundle_pem=self._trust_pem(),
             now=self.host.wall_now(),
             trust=self._trust_name(),
@@ -419,29 +431,35 @@ class DynamicIdentity:
         self.host.count_renewal("ok")
         self.state.request(IDENTITY, self._write_identity)
 
-    def _held(self) -> dict[str, int]:
+    def _held(self) -> int | None:
         """The bundle sequence we hold, so a renewal reply can leave the bundle out."""
         svid = self.host.current_svid()
-        return {"bundle_sequence": svid.bundle.sequence} if svid and svid.bundle.sequence else {}
+        return svid.bundle.sequence if svid and svid.bundle.sequence else None
 
-    def _svid_from(self, reply: dict[str, Any], key: Any) -> Svid:
+    def _svid_from(self, doc: dict[str, Any], key: Any) -> Svid:
         try:
-            chain = certs_from_pem(str(reply["svid"]).encode(), "SVID from the control plane")
-            current = self.host.current_svid()
-            sequence = int(reply.get("bundle_sequence", 0))
-            if "bundle" not in reply and current and current.bundle.sequence == sequence:
-                bundle = current.bundle  # unchanged: the reply left it out
-            else:
-                bundle = TrustBundle.from_pem(
-                    self.host.identity.trust_domain,
-                    str(reply["bundle"]).encode(),
-                    sequence=sequence,
-                    what="bundle from the control plane",
-                )
-        except (KeyError, ValueError, TypeError) as exc:
+            reply = SvidReply.parse(doc)
+        except WireError as exc:
             raise ControlPlaneError(
-                f"control plane reply is missing or malformed: {exc}", reason="authority_protocol"
+                f"control plane reply is missing or malformed: {exc.message}",
+                reason=Reason.AUTHORITY_PROTOCOL,
             ) from None
+        chain = certs_from_pem(reply.svid.encode(), "SVID from the control plane")
+        current = self.host.current_svid()
+        if reply.bundle is None:
+            if current is None or current.bundle.sequence != reply.bundle_sequence:
+                raise ControlPlaneError(
+                    f"control plane left out bundle {reply.bundle_sequence}, which we do not hold",
+                    reason=Reason.AUTHORITY_PROTOCOL,
+                )
+            bundle = current.bundle  # unchanged: the reply left it out
+        else:
+            bundle = TrustBundle.from_pem(
+                self.host.identity.trust_domain,
+                reply.bundle.encode(),
+                sequence=reply.bundle_sequence,
+                what="bundle from the control plane",
+            )
         return Svid.check(
             chain, key, bundle, self.host.identity, self.host.wall_now(), self._skew()
         )
@@ -482,7 +500,7 @@ class DynamicIdentity:
         self, exc: MeshIdError, failures: int, left: float, retry_in: float
     ) -> None:
         self.host.count_renewal("error")
-        self._note(RENEW, exc)
+        self._note(DUTY_RENEW, exc)
         validity = self.validity()
         state = (
             self.schedule.state(validity[0], validity[1], self.host.wall_now())
@@ -515,31 +533,29 @@ class DynamicIdentity:
 
     # -- the feed --
 
-    def _apply_policy(self, doc: dict[str, Any]) -> None:
+    def _apply_policy(self, feed: Feed) -> None:
         td = self.host.identity.trust_domain
-        pairs = [(SpiffeId.parse(a), SpiffeId.parse(b)) for a, b in doc["pairs"]]
-        revoked = [SpiffeId.parse(r) for r in doc["revoked"]]
-        for sid in [*revoked, *(x for pair in pairs for x in pair)]:
+        for sid in [*feed.revoked, *(x for pair in feed.pairs for x in pair)]:
             if sid.trust_domain != td:
-                raise InvalidSvid(f"feed names {sid} of another trust domain", reason="bad_feed")
+                raise InvalidSvid(
+                    f"feed names {sid} of another trust domain", reason=Reason.BAD_FEED
+                )
         self.host.install_policy(
-            Policy.build(pairs, int(doc["policy_version"]), revoked, int(doc["revocation_version"]))
+            Policy.build(
+                list(feed.pairs), feed.policy_version, list(feed.revoked), feed.revocation_version
+            )
         )
-        self.versions = (
-            int(doc["policy_version"]),
-            int(doc["revocation_version"]),
-            int(doc.get("bundle_sequence", -1)),
-        )
+        self.versions = (feed.policy_version, feed.revocation_version, feed.bundle_sequence)
 
-    def _apply_bundle(self, doc: dict[str, Any]) -> bool:
+    def _apply_bundle(self, feed: Feed) -> bool:
         """Install the feed's bundle if it is new; True if it was (and should be saved)."""
         svid = self.host.current_svid()
         if svid is None:
             return False
         bundle = TrustBundle.from_pem(
             self.host.identity.trust_domain,
-            str(doc["bundle"]).encode(),
-            sequence=int(doc["bundle_sequence"]),
+            feed.bundle.encode(),
+            sequence=feed.bundle_sequence,
             what="bundle from the feed",
         )
         if bundle.same_roots(svid.bundle) and bundle.sequence == svid.bundle.sequence:
@@ -556,11 +572,11 @@ class DynamicIdentity:
         self._report_now.set()  # a root rollover waits for this acknowledgement
         return True
 
-    async def _poll_feed(self, target: str, wait: float) -> None:
+    async def _poll_feed(self, query: WatchQuery, wait: float) -> None:
         pv, rv, _ = self.versions
         doc = await self.client.request(
             "GET",
-            target,
+            query.target(),
             None,
             bundle_pem=self._trust_pem(),
             now=self.host.wall_now(),
@@ -568,13 +584,19 @@ class DynamicIdentity:
             identity=self._client_identity(),
             wait=wait,
         )
-        changed = (int(doc["policy_version"]), int(doc["revocation_version"])) != (pv, rv)
-        new_bundle = self._apply_bundle(doc)
+        try:
+            feed = Feed.parse(doc)
+        except WireError as exc:
+            raise ControlPlaneError(
+                f"bad feed: {exc.message}", reason=Reason.AUTHORITY_PROTOCOL
+            ) from None
+        changed = (feed.policy_version, feed.revocation_version) != (pv, rv)
+        new_bundle = self._apply_bundle(feed)
         if changed:
-            self._apply_policy(doc)
-            self._feed = doc
+            self._apply_policy(feed)
+            self._feed = feed
         else:
-            self.versions = (pv, rv, int(doc["bundle_sequence"]))
+            self.versions = (pv, rv, feed.bundle_sequence)
         # Both are in force already; saving them never waits on the disk.
         if new_bundle:
             self.state.request(BUNDLE, self._write_bundle)
@@ -585,22 +607,15 @@ class DynamicIdentity:
         """Follow the allow-list, revocations and bundle; never returns."""
         failures = 0
         while True:
-            pv, rv, bs = self.versions
-            target = (
-                f"/v1/watch?policy_version={pv}&revocation_version={rv}"
-                f"&bundle_sequence={bs}&wait={WATCH_WAIT:g}"
-            )
+            query = WatchQuery(*self.versions, wait=WATCH_WAIT)
             try:
-                await self._poll_feed(target, WATCH_WAIT + 10)
+                await self._poll_feed(query, WATCH_WAIT + 10)
                 failures = 0
-                self._note(WATCH, None)
+                self._note(DUTY_WATCH, None)
             except Exception as exc:  # one failed poll, never the end of the watcher
                 failures += 1
-                if isinstance(exc, KeyError | ValueError | TypeError | AttributeError):
-                    reason, detail = "authority_protocol", f"bad feed: {exc}"[:300]
-                else:
-                    err = _as_meshid(exc)
-                    reason, detail = err.reason, err.message
+                err = _as_meshid(exc)
+                reason, detail = err.reason, err.message
                 slow = permanent(exc)
                 if slow:
                     delay = self.pacing.slow(self.rand())
@@ -609,7 +624,7 @@ class DynamicIdentity:
                         self.pacing.watch_retry_max,
                         self.schedule.retry_delay(failures, 0.0, self.rand()),
                     )
-                self._note(WATCH, exc)
+                self._note(DUTY_WATCH, exc)
                 self.host.events.emit(
                     "watch_failed",
                     reason=reason,
@@ -652,11 +667,11 @@ class DynamicIdentity:
         """Tell the control plane how this sidecar is doing, every few seconds."""
         failing = False
         while True:
-            body = {"instance": self.instance, **self.host.status_report()}
+            body = {"v": WIRE_VERSION, "instance": self.instance, **self.host.status_report()}
             try:
                 await self.client.request(
                     "POST",
-                    "/v1/report",
+                    REPORT,
                     body,
                     bundle_pem=self._trust_pem(),
                     now=self.host.wall_now(),
@@ -664,12 +679,12 @@ class DynamicIdentity:
                     identity=self._client_identity(),
                 )
                 failing = False
-                self._note(REPORT, None)
+                self._note(DUTY_REPORT, None)
             except MeshIdError as exc:
                 if not failing:  # once per outage: renewal_failed already says it loudly
                     self.host.events.emit("report_failed", reason=exc.reason, detail=exc.message)
                 failing = True
-                self._note(REPORT, exc)
+                self._note(DUTY_REPORT, exc)
                 if permanent(exc):  # futile at full rate, and changes do not make it less so
                     await trio.sleep(self.pacing.slow(self.rand()))
                     self._report_now = trio.Event()

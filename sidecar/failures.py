@@ -168,28 +168,28 @@ def _classify_tls(f: Failure) -> Verdict:
             f"authority at {where} answered plain HTTP, not TLS: check authority.server",
             "authority answered plain HTTP",
         )
-    reason = f.tls_reason or ""
-    if reason in _NOT_TLS_REASONS:
+    openssl = f.tls_reason or ""  # OpenSSL's own name for what failed, not one of ours
+    if openssl in _NOT_TLS_REASONS:
         return _permanent(
             NOT_TLS,
             f"authority at {where} does not speak TLS: check authority.server",
             "authority does not speak TLS",
         )
-    if reason in _OLD_TLS_REASONS:
+    if openssl in _OLD_TLS_REASONS:
         return _permanent(
             NOT_TLS,
             f"the server at {where} does not speak TLS 1.3, so it is not a meshid authority: "
             "check authority.server",
             "authority does not speak TLS 1.3",
         )
-    if reason == "CERTIFICATE_VERIFY_FAILED":
+    if openssl == "CERTIFICATE_VERIFY_FAILED":
         return _permanent(
             UNTRUSTED,
             f"the authority's certificate at {where} does not chain to {f.trust}: wrong bundle? "
             "('meshid ca bundle' on the authority prints the right one)",
             "authority certificate does not chain to the bundle",
         )
-    detail = f.detail or reason or "handshake failed"
+    detail = f.detail or openssl or "handshake failed"
     return _transient(
         TLS_FAILED, f"TLS with control plane {where} failed: {detail}", "TLS with authority failed"
     )

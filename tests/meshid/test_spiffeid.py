@@ -167,9 +167,9 @@ UNRESOLVABLE = [
     ("web?x=1", "invalid_spiffe_id"),
     ("SPIFFE://example.org/web", "invalid_spiffe_id"),
     ("https://example.org/web", "invalid_spiffe_id"),
-    ("spiffe://other.org/web", "foreign_trust_domain"),
-    ("spiffe://example.org.evil/web", "foreign_trust_domain"),
-    ("spiffe://other.org", "foreign_trust_domain"),
+    ("spiffe://other.org/web", "untrusted_trust_domain"),
+    ("spiffe://example.org.evil/web", "untrusted_trust_domain"),
+    ("spiffe://other.org", "untrusted_trust_domain"),
 ]
 
 

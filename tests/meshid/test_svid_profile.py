@@ -248,7 +248,7 @@ def test_foreign_root_is_untrusted(root: Ca, same_name: bool) -> None:
     assert verify_svid([leaf], [foreign.cert], NOW).spiffe_id == WEB  # positive twin
     with pytest.raises(InvalidSvid) as info:
         verify_svid([leaf], [root.cert], NOW)
-    assert info.value.reason == "untrusted"
+    assert info.value.reason == "untrusted_certificate"
 
 
 def test_empty_chain() -> None:
@@ -290,7 +290,7 @@ def test_chain_through_an_intermediate(root: Ca) -> None:
     assert verify_svid([leaf, mid.cert], [root.cert], NOW).root == root.cert
     with pytest.raises(InvalidSvid) as info:  # without the intermediate it does not chain
         verify_svid([leaf], [root.cert], NOW)
-    assert info.value.reason == "untrusted"
+    assert info.value.reason == "untrusted_certificate"
 
 
 def test_intermediate_that_is_not_a_ca_is_refused(root: Ca) -> None:

@@ -45,6 +45,7 @@ from ca.server import ControlPlane, ServerOptions
 from meshid.events import EventLog
 from meshid.spiffeid import SpiffeId
 from meshid.svid import certs_from_pem, generate_key, key_from_pem, public_key_matches
+from meshid.wire import WatchQuery
 from sidecar.app import Sidecar
 from sidecar.config import SidecarConfig, parse_config
 from sidecar.control import ControlPlaneError
@@ -351,3 +352,38 @@ async def test_an_enrollment_on_a_full_disk_serves_and_is_saved_later(world: Wor
         assert svid is not None
         key = key_from_pem((world.fs.root / "db" / "svid.key").read_bytes(), None)
         assert public_key_matches(key, svid.leaf)
+
+
+def _answering(doc: dict[str, Any]) -> Any:
+    """A control plane client that answers every request with `doc`."""
+
+    async def request(*args: Any, **kwargs: Any) -> dict[str, Any]:
+        return doc
+
+    return request
+
+
+async def test_a_feed_from_an_authority_before_wire_versions_is_applied(
+    world: World, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    other = SpiffeId(TD, "/other")
+    world.authority.allow(other, WEB)
+    old = world.authority.feed(WEB)  # the shape authorities sent before `v`
+    assert "v" not in old
+    monkeypatch.setattr(world.dynamic.client, "request", _answering({**old, "extra": [1]}))
+    with trio.fail_after(10):
+        await world.dynamic._poll_feed(WatchQuery(wait=0), 5.0)
+    assert world.sidecar.current_policy().decide(other, WEB).allowed
+
+
+async def test_a_malformed_feed_is_a_protocol_error_naming_the_field(
+    world: World, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    before = world.sidecar.current_policy()
+    feed = {**world.authority.feed(WEB), "policy_version": 99, "revoked": "everyone"}
+    monkeypatch.setattr(world.dynamic.client, "request", _answering(feed))
+    with pytest.raises(ControlPlaneError) as info:
+        await world.dynamic._poll_feed(WatchQuery(wait=0), 5.0)
+    assert info.value.reason == "authority_protocol"
+    assert "revoked: must be a list" in info.value.message
+    assert world.sidecar.current_policy() is before
