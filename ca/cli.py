@@ -18,13 +18,8 @@ from typing import Any, TypeVar
 
 import click
 
-from ca.authority import (
-    DEFAULT_ROOT_TTL,
-    DEFAULT_SVID_TTL,
-    DEFAULT_TOKEN_TTL,
-    Authority,
-    check_ip,
-)
+from ca.authority import Authority
+from ca.values import DEFAULT_ROOT_TTL, DEFAULT_SVID_TTL, DEFAULT_TOKEN_TTL, check_ip
 from meshid.cli import HELP_OPTIONS
 from meshid.duration import format_duration, parse_duration
 from meshid.errors import InvalidInput, MeshIdError, PolicyError, StateError

@@ -69,10 +69,11 @@ import trio
 from cryptography import x509
 
 from ca.api import MAX_BODY, ControlApi, Reply, Request, error
-from ca.authority import Authority, utcnow
+from ca.authority import Authority
 from ca.limits import SharedFailureLimiter
 from ca.metrics import CaMetrics, Live, serve_metrics
 from ca.rootkeeper import RootKeeper
+from ca.values import utcnow
 from meshid.errors import MeshIdError, StateError, StorageUnavailable
 from meshid.ratelimit import FailureLimiter
 from meshid.spiffeid import SpiffeId

@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 from ca_helpers import Clock, make_csr, query, run
 
-from ca.authority import DEFAULT_TOKEN_TTL, TOKEN_PREFIX, Authority, token_hash
+from ca.authority import Authority
+from ca.values import DEFAULT_TOKEN_TTL, TOKEN_PREFIX, token_hash
 from meshid.errors import IdentityRevoked, StateError, TokenRejected
 
 
