@@ -28,9 +28,11 @@ from datetime import datetime, timedelta
 from pathlib import Path
 
 from ca.access import Access
+from ca.audit import AUDIT_HEAD, AUDIT_KEY
 from ca.issuance import Issuance
 from ca.reports import Reports
-from ca.store import AUDIT_HEAD, AUDIT_KEY, DB_NAME, SCHEMA_VERSION, Store
+from ca.schema import SCHEMA_VERSION
+from ca.store import DB_NAME, Store
 from ca.values import (
     BUNDLE_FILE,
     DEFAULT_ROOT_TTL,

@@ -22,7 +22,8 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.x509.oid import NameOID
 
-from ca.store import DB_NAME, GENESIS_HASH, _row_hash
+from ca.audit import GENESIS_HASH, _row_hash
+from ca.store import DB_NAME
 from meshid.cli import cli
 from meshid.spiffeid import TrustDomain
 from meshid.svid import PrivateKey, generate_key

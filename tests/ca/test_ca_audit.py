@@ -10,8 +10,9 @@ from pathlib import Path
 import pytest
 from ca_helpers import make_csr, query, rechain, run
 
+from ca.audit import AUDIT_HEAD, AUDIT_KEY
 from ca.authority import Authority
-from ca.store import AUDIT_HEAD, AUDIT_KEY, DB_NAME, Store
+from ca.store import DB_NAME, Store
 from meshid.errors import PolicyError
 from meshid.svid import generate_key
 

@@ -18,9 +18,11 @@ from ca_helpers import TD, Clock, query, rechain, run, snapshot
 from cryptography import x509
 
 from ca.api import ControlApi, Reply, Request
+from ca.audit import AUDIT_HEAD, AUDIT_KEY
 from ca.authority import Authority
+from ca.schema import SCHEMA_VERSION
 from ca.status import connections_of_pair, render_status
-from ca.store import AUDIT_HEAD, AUDIT_KEY, DB_NAME, SCHEMA_VERSION, Store
+from ca.store import DB_NAME, Store
 from ca.values import MAX_INSTANCES, REPORT_FORGET, printable
 from meshid.ratelimit import FailureLimiter
 from meshid.report import (
