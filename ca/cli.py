@@ -217,8 +217,9 @@ def serve_cmd(
     metrics: str | None,
 ) -> None:
     """Run the control plane: enrollment, renewal, bundle, policy and revocation feed."""
+    from ca.plane import ServerOptions
     from ca.servelock import hold_serve_lock
-    from ca.server import ServerOptions, default_names, parse_listen, run_server
+    from ca.workers import default_names, parse_listen, run_server
     from meshid.events import EventLog
 
     host, port = parse_listen(listen)
@@ -272,7 +273,7 @@ def rotate_cmd(
     Activation also waits until every live sidecar reports holding the new
     bundle (unless --force); `meshid ca status` shows who it waits for.
     """
-    from ca.server import propagation_default
+    from ca.plane import propagation_default
 
     authority = open_authority(state, passphrase_file)
     delay = propagation if propagation is not None else propagation_default(authority.svid_ttl)

@@ -19,8 +19,8 @@ from ca_helpers import TD, Clock, make_csr, query, run
 from cryptography import x509
 
 from ca.authority import Authority
+from ca.plane import propagation_default
 from ca.rootkeeper import RootKeeper
-from ca.server import propagation_default
 from ca.status import render_status
 from meshid.bundle import TrustBundle
 from meshid.report import StatusReport

@@ -28,7 +28,8 @@ from hypothesis import strategies as st
 from test_server import Plane, csr_pem, status_and_body, write_identity
 
 from ca.authority import Authority
-from ca.server import ControlPlane, ServerOptions, _source_key, _Throttle
+from ca.plane import _Throttle
+from ca.server import ControlPlane, ServerOptions, _source_key
 from meshid.errors import StorageUnavailable
 from meshid.spiffeid import SpiffeId
 from sidecar.control import ClientIdentity
