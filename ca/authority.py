@@ -24,7 +24,7 @@ from __future__ import annotations
 import os
 import secrets
 import shutil
-from datetime import datetime, timedelta
+from datetime import timedelta
 from pathlib import Path
 
 from ca.access import Access
@@ -37,14 +37,13 @@ from ca.values import (
     BUNDLE_FILE,
     DEFAULT_ROOT_TTL,
     DEFAULT_SVID_TTL,
-    Clock,
     IssuedSvid,
     Prepared,
     _dir_lock,
     _write_private,
     check_svid_ttl,
-    utcnow,
 )
+from meshid.clock import Clock
 from meshid.errors import (
     InvalidInput,
     StateError,
@@ -66,12 +65,11 @@ class Authority(Issuance, Access, Reports):
     # -- lifecycle --
 
     @classmethod
-    def open(
-        cls, state_dir: Path, *, passphrase: bytes | None = None, clock: Clock = utcnow
-    ) -> Authority:
+    def open(cls, state_dir: Path, *, passphrase: bytes | None = None, clock: Clock) -> Authority:
         if not state_dir.is_dir():
             raise StateError(f"{state_dir}: no such directory (run 'meshid ca init')")
-        return cls(state_dir, Store.open(state_dir / DB_NAME), passphrase=passphrase, clock=clock)
+        store = Store.open(state_dir / DB_NAME, clock=clock)
+        return cls(state_dir, store, passphrase=passphrase, clock=clock)
 
     @classmethod
     def init(
@@ -82,7 +80,7 @@ class Authority(Issuance, Access, Reports):
         svid_ttl: timedelta = DEFAULT_SVID_TTL,
         root_ttl: timedelta = DEFAULT_ROOT_TTL,
         passphrase: bytes | None = None,
-        clock: Clock = utcnow,
+        clock: Clock,
     ) -> Authority:
         check_svid_ttl(svid_ttl)
         if root_ttl <= svid_ttl:
@@ -101,7 +99,7 @@ class Authority(Issuance, Access, Reports):
             staging = state_dir / f".init-{secrets.token_hex(4)}"
             try:
                 staging.mkdir(mode=0o700)
-                cls._build(staging, trust_domain, svid_ttl, root_ttl, passphrase, clock())
+                cls._build(staging, trust_domain, svid_ttl, root_ttl, passphrase, clock)
                 keys = state_dir / "keys"
                 if keys.exists():  # left by an init that died before its database landed
                     shutil.rmtree(keys)
@@ -123,8 +121,9 @@ class Authority(Issuance, Access, Reports):
         svid_ttl: timedelta,
         root_ttl: timedelta,
         passphrase: bytes | None,
-        now: datetime,
+        clock: Clock,
     ) -> None:
+        now = clock.wall()
         key = generate_key()
         root = build_root(
             trust_domain, key, not_before=now - timedelta(minutes=5), not_after=now + root_ttl
@@ -132,7 +131,7 @@ class Authority(Issuance, Access, Reports):
         (staging / "keys").mkdir(mode=0o700)
         _write_private(staging / "keys" / "root-1.key", key_to_pem(key, passphrase))
         (staging / BUNDLE_FILE).write_bytes(certs_to_pem([root]))
-        store = Store.open(staging / DB_NAME, create=True)
+        store = Store.open(staging / DB_NAME, create=True, clock=clock)
         try:
             at = now.timestamp()
             with store.write() as conn:

@@ -7,14 +7,15 @@ renewal), ca.access (allow-list, revocations, the feed) and ca.reports.
 
 from __future__ import annotations
 
+import math
 from datetime import datetime, timedelta
 from pathlib import Path
 
 from cryptography import x509
 
 from ca.store import Store
-from ca.values import Clock, utcnow
 from meshid.bundle import TrustBundle
+from meshid.clock import Clock
 from meshid.spiffeid import SpiffeId, TrustDomain
 from meshid.svid import (
     PrivateKey,
@@ -28,7 +29,7 @@ class AuthorityBase:
         store: Store,
         *,
         passphrase: bytes | None = None,
-        clock: Clock = utcnow,
+        clock: Clock,
     ) -> None:
         self.state_dir = state_dir
         self.store = store
@@ -41,7 +42,7 @@ class AuthorityBase:
         self._signer_cache: tuple[int, x509.Certificate, PrivateKey] | None = None
         self._signer_checked: datetime | None = None
         self._verified: dict[bytes, tuple[SpiffeId, int]] = {}
-        self._bundle_checked = 0.0
+        self._bundle_checked = -math.inf  # monotonic time: its origin is arbitrary
         self._bundle_cache: TrustBundle | None = None
         self.capped_svids = 0  # SVIDs cut short by the root's expiry, for the server to log
         self.last_capped: tuple[SpiffeId, datetime] | None = None
@@ -55,7 +56,7 @@ class AuthorityBase:
         return SpiffeId.resolve(text, self.trust_domain).require_workload()
 
     def _now(self) -> datetime:
-        return self._clock()
+        return self._clock.wall()
 
     def clock_now(self) -> datetime:
-        return self._clock()
+        return self._clock.wall()

@@ -26,6 +26,7 @@ from ca.cliopts import (
 )
 from ca.values import DEFAULT_ROOT_TTL, DEFAULT_SVID_TTL, DEFAULT_TOKEN_TTL
 from meshid.cli import HELP_OPTIONS
+from meshid.clock import system_clock
 from meshid.duration import format_duration
 from meshid.errors import StateError
 from meshid.files import write_atomic
@@ -72,6 +73,7 @@ def init_cmd(
             svid_ttl=svid_ttl,
             root_ttl=root_ttl,
             passphrase=read_passphrase(passphrase_file),
+            clock=system_clock(),
         )
     )
     root = authority.bundle().roots[0]
@@ -226,7 +228,8 @@ def serve_cmd(
     metrics_at = parse_listen(metrics, "--metrics") if metrics else None
     names, ips = (tuple(dns), tuple(_ips(ip))) if dns or ip else default_names(host)
     passphrase = read_passphrase(passphrase_file)
-    probe = Authority.open(state, passphrase=passphrase)
+    clock = system_clock()  # the process's one clock: every worker and the authority share it
+    probe = Authority.open(state, passphrase=passphrase, clock=clock)
     try:
         # held until the process and its workers exit: one control plane per state dir
         lock = hold_serve_lock(state)
@@ -244,7 +247,11 @@ def serve_cmd(
     )
     try:
         status = run_server(
-            lambda: Authority.open(state, passphrase=passphrase), options, events.emit, workers
+            lambda: Authority.open(state, passphrase=passphrase, clock=clock),
+            options,
+            events.emit,
+            workers,
+            clock=clock,
         )
     finally:
         lock.release()

@@ -18,6 +18,7 @@ import click
 
 from ca.authority import Authority
 from ca.values import check_ip
+from meshid.clock import system_clock
 from meshid.duration import parse_duration
 from meshid.errors import InvalidInput, MeshIdError, StateError
 
@@ -80,7 +81,9 @@ def _closed_with_command(authority: Authority) -> Authority:
 
 
 def open_authority(state: Path, passphrase_file: Path | None = None) -> Authority:
-    return _closed_with_command(Authority.open(state, passphrase=read_passphrase(passphrase_file)))
+    return _closed_with_command(
+        Authority.open(state, passphrase=read_passphrase(passphrase_file), clock=system_clock())
+    )
 
 
 def _ips(values: tuple[str, ...]) -> list[ipaddress.IPv4Address | ipaddress.IPv6Address]:

@@ -90,7 +90,7 @@ class Dispatcher(PlaneState):
             # Answer while the caller's certificate is still good: the reply checks the
             # caller again, and a watch parked past that expiry would end in an error
             # the sidecar backs off from, missing changes meanwhile.
-            left = (req.peer_cert.not_valid_after_utc - self.clock()).total_seconds()
+            left = (req.peer_cert.not_valid_after_utc - self.clock.wall()).total_seconds()
             wait = min(wait, max(0.0, left - WATCH_EXPIRY_MARGIN))
             self._watching += 1
             self._watches[caller] = self._watches.get(caller, 0) + 1

@@ -13,7 +13,6 @@ import math
 import os
 import sqlite3
 import ssl
-import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
@@ -25,7 +24,7 @@ from ca.api import ControlApi, Reply, Request, error
 from ca.authority import Authority
 from ca.metrics import CaMetrics, Live
 from ca.rootkeeper import RootKeeper
-from ca.values import utcnow
+from meshid.clock import Clock
 from meshid.errors import MeshIdError, StorageUnavailable
 from meshid.ratelimit import FailureLimiter
 from meshid.spiffeid import SpiffeId
@@ -74,7 +73,7 @@ class PlaneState:
     authority: Authority
     options: ServerOptions
     log: Callable[..., None]
-    clock: Callable[[], datetime] = utcnow
+    clock: Clock
     api: ControlApi = field(init=False)
     bound: tuple[str, int] | None = None
     _creds: _Credentials | None = None
@@ -95,7 +94,7 @@ class PlaneState:
 
     def __post_init__(self) -> None:
         limiter = self.limiter if self.limiter is not None else FailureLimiter(max_failures=5)
-        self.api = ControlApi(self.authority, self.clock, time.monotonic, limiter)
+        self.api = ControlApi(self.authority, self.clock.wall, self.clock.monotonic, limiter)
         self.root_keeper = RootKeeper(
             self.authority,
             self.log,
@@ -133,20 +132,20 @@ class PlaneState:
         context.load_verify_locations(cadata=issued.bundle.to_pem().decode())
         context.verify_mode = ssl.CERT_OPTIONAL
         leaf = issued.leaf
-        lifetime = leaf.not_valid_after_utc - self.clock()
+        lifetime = leaf.not_valid_after_utc - self.clock.wall()
         return _Credentials(
             context=context,
             serial=leaf.serial_number,
             generation=generation,
             bundle_sequence=issued.bundle.sequence,
-            renew_at=self.clock() + lifetime / 2,
+            renew_at=self.clock.wall() + lifetime / 2,
         )
 
     def _credentials_stale(self) -> bool:
         creds = self._creds
         if creds is None:
             return True
-        if self.clock() >= creds.renew_at:
+        if self.clock.wall() >= creds.renew_at:
             return True
         generation, _, _ = self.authority.signer()
         return (

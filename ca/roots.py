@@ -13,8 +13,8 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import json
+import math
 import sqlite3
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
@@ -66,7 +66,7 @@ class Roots(AuthorityBase):
         every BUNDLE_RECHECK seconds: a busy control plane asks for it several
         times per signature, and roots change on a scale of minutes.
         """
-        now = time.monotonic()
+        now = self._clock.monotonic()
         if (
             self._bundle_cache is not None
             and not self.store.in_transaction
@@ -227,7 +227,7 @@ class Roots(AuthorityBase):
             path.unlink(missing_ok=True)  # the database does not know this key: drop it
             raise
         self._signer_checked = None  # a zero propagation delay takes effect at once
-        self._bundle_checked = 0.0
+        self._bundle_checked = -math.inf
         self.write_bundle_file()
         return generation, activate_at
 
@@ -292,7 +292,7 @@ class Roots(AuthorityBase):
         if due is None and not retiring:
             return False
         self._signer_checked = None  # the active root may change here
-        self._bundle_checked = 0.0
+        self._bundle_checked = -math.inf
         changed = False
         with self.store.write() as conn:
             if due is not None:

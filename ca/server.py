@@ -50,7 +50,6 @@ import errno
 import ipaddress
 import socket
 import ssl
-import time
 from pathlib import Path
 from typing import Any
 
@@ -130,7 +129,7 @@ class ControlPlane(HttpShell):
     def _log_throttled(self, event: str, **fields: Any) -> None:
         """Log a line a flood could repeat without end: at most a few a second, and the
         next line says how many were left out."""
-        suppressed = self._throttle.allow(time.monotonic())
+        suppressed = self._throttle.allow(self.clock.monotonic())
         if suppressed is not None:
             self.log(event, **fields, suppressed=suppressed or None)
 

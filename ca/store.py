@@ -15,7 +15,6 @@ import contextlib
 import hmac
 import json
 import sqlite3
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -32,6 +31,7 @@ from ca.audit import (
     read_head,
 )
 from ca.schema import _MIGRATIONS, _SCHEMA, SCHEMA_VERSION
+from meshid.clock import Clock
 from meshid.errors import StateError, StorageUnavailable
 from meshid.files import write_atomic
 
@@ -71,8 +71,9 @@ def _raise_host_failure(exc: BaseException) -> None:
 class Store:
     """A connection to the authority database, used by one thread at a time."""
 
-    def __init__(self, conn: sqlite3.Connection, state_dir: Path) -> None:
+    def __init__(self, conn: sqlite3.Connection, state_dir: Path, clock: Clock) -> None:
         self._conn = conn
+        self._clock = clock  # dates the rows a migration adds
         self._state_dir = state_dir
         self._writing = False  # inside write(): a nested write() is a savepoint
         self._broken = False  # the open transaction was lost to a host failure
@@ -80,7 +81,7 @@ class Store:
         self._head: tuple[int, str] | None = None  # the newest row this transaction added
 
     @classmethod
-    def open(cls, path: Path, *, create: bool = False) -> Store:
+    def open(cls, path: Path, *, create: bool = False, clock: Clock) -> Store:
         if not create and not path.is_file():
             raise StateError(f"{path.parent}: no authority here (run 'meshid ca init')")
         try:
@@ -96,7 +97,7 @@ class Store:
             if _host_failure(exc) is not None:
                 raise StorageUnavailable(conn_error) from None
             raise StateError(conn_error) from None
-        store = cls(conn, path.parent)
+        store = cls(conn, path.parent, clock)
         try:
             if create:
                 with store.write():
@@ -140,7 +141,12 @@ class Store:
         """Put the chain under a key from here on; the rows so far stay plain links."""
         last = conn.execute("SELECT MAX(seq) FROM audit").fetchone()[0]
         self._audit_key = AuditKey.create(self._state_dir, keyed_from=int(last or 0) + 1)
-        self.audit(conn, time.time(), "audit_keyed", keyed_from=self._audit_key.keyed_from)
+        self.audit(
+            conn,
+            self._clock.wall().timestamp(),
+            "audit_keyed",
+            keyed_from=self._audit_key.keyed_from,
+        )
 
     def close(self) -> None:
         self._conn.close()

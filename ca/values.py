@@ -9,10 +9,10 @@ import hashlib
 import ipaddress
 import os
 import re
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from pathlib import Path
 
 from cryptography import x509
@@ -29,8 +29,6 @@ from meshid.svid import (
     IpAddress,
 )
 
-Clock = Callable[[], datetime]
-
 MIN_SVID_TTL = timedelta(seconds=30)
 DEFAULT_SVID_TTL = timedelta(hours=1)
 DEFAULT_ROOT_TTL = timedelta(days=365)
@@ -45,10 +43,6 @@ REPORT_FORGET = timedelta(minutes=10)  # reports older than this are deleted
 MAX_INSTANCES = 8  # reports kept per identity; a new instance replaces the least recent
 RESERVED_PATH = "/meshid"  # the authority's own identities live under here
 _DNS_LABEL = re.compile(r"^(?!-)[A-Za-z0-9-]{1,63}(?<!-)$")
-
-
-def utcnow() -> datetime:
-    return datetime.now(UTC)
 
 
 def token_hash(token: str) -> str:

@@ -24,6 +24,7 @@ from ca.limits import SharedFailureLimiter
 from ca.metrics import serve_metrics
 from ca.plane import ServerOptions
 from ca.server import ControlPlane, bind_listener
+from meshid.clock import Clock
 from meshid.errors import MeshIdError, StateError
 from meshid.ratelimit import FailureLimiter
 from meshid.svid import IpAddress
@@ -36,10 +37,12 @@ def _serve_one(
     log: Callable[..., None],
     limiter: FailureLimiter | None = None,
     metrics_sock: socket.socket | None = None,
+    *,
+    clock: Clock,
 ) -> None:
     """One worker: its own database connection, its own event loop, the shared socket."""
     authority = open_authority()
-    plane = ControlPlane(authority, options, log=log, limiter=limiter)
+    plane = ControlPlane(authority, options, log=log, clock=clock, limiter=limiter)
 
     async def main() -> None:
         with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
@@ -94,6 +97,8 @@ def run_server(
     options: ServerOptions,
     log: Callable[..., None],
     workers: int = 1,
+    *,
+    clock: Clock,
 ) -> int:
     """Serve until SIGTERM/SIGINT; returns the exit status.
 
@@ -108,7 +113,7 @@ def run_server(
         sock = bind_listener(options.host, options.port)
         [metrics_sock] = _bind_metrics(options, 1)
         _raise_file_limit(options, log)
-        _serve_one(open_authority, options, sock, log, metrics_sock=metrics_sock)
+        _serve_one(open_authority, options, sock, log, metrics_sock=metrics_sock, clock=clock)
         return 0
     # One listening socket per worker in a SO_REUSEPORT group: the kernel spreads new
     # connections across them evenly (one shared socket let one worker take most).
@@ -144,6 +149,7 @@ def run_server(
                     lambda event, i=index, **f: log(event, worker=i, **f),
                     limiter,
                     metrics_socks[index],
+                    clock=clock,
                 )
                 status = 0
             except MeshIdError as exc:

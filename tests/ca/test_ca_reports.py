@@ -24,6 +24,7 @@ from ca.schema import SCHEMA_VERSION
 from ca.status import connections_of_pair, render_status
 from ca.store import DB_NAME, Store
 from ca.values import MAX_INSTANCES, REPORT_FORGET, printable
+from meshid.clock import system_clock
 from meshid.ratelimit import FailureLimiter
 from meshid.report import (
     MAX_CONNECTIONS,
@@ -361,7 +362,7 @@ def test_a_version_1_database_is_migrated_at_open(tmp_path: Path, clock: Clock) 
     finally:
         authority.close()
     assert json.loads((state / AUDIT_KEY).read_text())["keyed_from"] == 2
-    Store.open(state / DB_NAME).close()  # opening again changes nothing
+    Store.open(state / DB_NAME, clock=system_clock()).close()  # opening again changes nothing
 
 
 def test_a_database_from_a_newer_version_is_refused(state: Path) -> None:
