@@ -1,5 +1,11 @@
 """The certificate authority: its state directory and every action it takes.
 
+This module is the façade: it creates (`init`) and opens (`open`) an authority;
+the actions are its parts, each in its own module: ca.roots (the bundle, the
+signing root, rollover), ca.issuance (issue, join tokens, enrollment, renewal),
+ca.access (allow-list, revocations, the feed), ca.reports (what sidecars report),
+on ca.authority_base (what an open authority holds) and ca.values.
+
 State directory layout (created by `init`, never half-written):
 
     authority.db      SQLite: settings, roots, tokens, allow-list, revocations,
