@@ -32,6 +32,7 @@ import trio
 
 from bench.procs import Supervisor, cpu_seconds, free_ports, wait_listening
 from ca.authority import Authority
+from meshid.clock import system_clock
 from meshid.spiffeid import SpiffeId, TrustDomain
 from meshid.svid import certs_to_pem, generate_key, key_to_pem
 from sidecar.dynamic import build_csr
@@ -129,7 +130,7 @@ async def _more(stream: trio.SSLStream[trio.SocketStream]) -> bytes:
 
 
 def client_contexts(state: Path, workdir: Path, clients: int) -> list[ssl.SSLContext]:
-    authority = Authority.open(state)
+    authority = Authority.open(state, clock=system_clock())
     contexts = []
     try:
         for i in range(clients):

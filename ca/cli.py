@@ -1,4 +1,4 @@
-"""`meshid ca …` and `meshid policy …`: the authority's command line.
+"""`meshid ca …`: the authority's command line (`meshid policy …` is ca.policy_cli).
 
 Thin: each command parses its arguments into kernel types, opens the
 authority, calls one method and prints the result. Passphrases come from a
@@ -8,94 +8,30 @@ where every user of the machine could read them.
 
 from __future__ import annotations
 
-import ipaddress
-import os
 import sys
-from collections.abc import Callable
 from datetime import timedelta
 from pathlib import Path
-from typing import Any, TypeVar
 
 import click
 
-from ca.authority import (
-    DEFAULT_ROOT_TTL,
-    DEFAULT_SVID_TTL,
-    DEFAULT_TOKEN_TTL,
-    Authority,
-    check_ip,
+from ca.authority import Authority
+from ca.cliopts import (
+    DURATION,
+    _closed_with_command,
+    _ips,
+    open_authority,
+    passphrase_option,
+    read_passphrase,
+    state_option,
 )
+from ca.values import DEFAULT_ROOT_TTL, DEFAULT_SVID_TTL, DEFAULT_TOKEN_TTL
 from meshid.cli import Group
-from meshid.duration import format_duration, parse_duration
-from meshid.errors import InvalidInput, MeshIdError, PolicyError, StateError
+from meshid.clock import system_clock
+from meshid.duration import format_duration
+from meshid.errors import StateError
 from meshid.files import write_atomic
-from meshid.spiffeid import SpiffeId, TrustDomain
+from meshid.spiffeid import TrustDomain
 from meshid.svid import certs_to_pem, generate_key, key_to_pem
-
-PASSPHRASE_ENV = "MESHID_CA_PASSPHRASE"  # noqa: S105 - a variable name
-F = TypeVar("F", bound=Callable[..., Any])
-
-
-class DurationType(click.ParamType[timedelta, Any]):
-    name = "duration"
-
-    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
-        if isinstance(value, timedelta):
-            return value
-        try:
-            return parse_duration(value)
-        except MeshIdError as exc:
-            self.fail(exc.message, param, ctx)
-
-
-DURATION = DurationType()
-
-
-def state_option(func: F) -> F:
-    return click.option(
-        "--state",
-        "state",
-        required=True,
-        envvar="MESHID_CA_STATE",
-        type=click.Path(path_type=Path, file_okay=False),
-        help="The authority's state directory [env MESHID_CA_STATE].",
-    )(func)
-
-
-def passphrase_option(func: F) -> F:
-    return click.option(
-        "--passphrase-file",
-        type=click.Path(path_type=Path, dir_okay=False),
-        help=f"File holding the root key's passphrase (or set {PASSPHRASE_ENV}).",
-    )(func)
-
-
-def read_passphrase(path: Path | None) -> bytes | None:
-    if path is not None:
-        try:
-            data = path.read_bytes()
-        except OSError as exc:
-            raise StateError(f"cannot read passphrase file {path}: {exc.strerror}") from None
-        secret = data.rstrip(b"\r\n")
-        if not secret:
-            raise InvalidInput(f"passphrase file {path} is empty")
-        return secret
-    env = os.environ.get(PASSPHRASE_ENV)
-    return env.encode() if env else None
-
-
-def _closed_with_command(authority: Authority) -> Authority:
-    """Close the database when the command ends, not whenever the GC gets to it."""
-    click.get_current_context().call_on_close(authority.close)
-    return authority
-
-
-def open_authority(state: Path, passphrase_file: Path | None = None) -> Authority:
-    return _closed_with_command(Authority.open(state, passphrase=read_passphrase(passphrase_file)))
-
-
-def _ips(values: tuple[str, ...]) -> list[ipaddress.IPv4Address | ipaddress.IPv6Address]:
-    return [check_ip(v) for v in values]
 
 
 @click.group("ca", cls=Group)
@@ -137,6 +73,7 @@ def init_cmd(
             svid_ttl=svid_ttl,
             root_ttl=root_ttl,
             passphrase=read_passphrase(passphrase_file),
+            clock=system_clock(),
         )
     )
     root = authority.bundle().roots[0]
@@ -244,113 +181,6 @@ def bundle_cmd(state: Path, fmt: str) -> None:
         click.echo(bundle.to_spiffe_json(), nl=False)
 
 
-@click.group("policy", cls=Group)
-def policy_group() -> None:
-    """The allow-list of service pairs (default deny)."""
-
-
-def _pair(authority: Authority, source: str, target: str) -> tuple[SpiffeId, SpiffeId]:
-    return authority.resolve(source), authority.resolve(target)
-
-
-def _warn_unknown(authority: Authority, *ids: SpiffeId) -> None:
-    """A warning on stderr for each identity never enrolled or issued: most often a typo.
-
-    Only a warning, and only once the command has done its work (a failed
-    command stays one line): operators write policy before the workloads exist.
-    """
-    for sid in dict.fromkeys(ids):
-        if not authority.ever_known(sid):
-            click.echo(
-                f"warning: {sid} has never been enrolled or issued; check the spelling",
-                err=True,
-            )
-
-
-@policy_group.command("allow")
-@click.argument("source", metavar="FROM")
-@click.argument("target", metavar="TO")
-@state_option
-def allow_cmd(source: str, target: str, state: Path) -> None:
-    """Let FROM open connections to TO (a pair already allowed is left as it is).
-
-    Allowing a pair already on the list changes nothing: the policy version
-    stays (every new version wakes every sidecar) and no audit row is
-    written (the audit log records changes to what is enforced).
-    """
-    authority = open_authority(state)
-    src, dst = _pair(authority, source, target)
-    try:
-        version = authority.allow(src, dst)
-    except PolicyError as exc:
-        if exc.reason != "already_allowed":
-            raise
-        click.echo(
-            f"{src} -> {dst} was already allowed (policy version "
-            f"{authority.policy().version}); nothing changed"
-        )
-    else:
-        click.echo(f"allowed {src} -> {dst} (policy version {version})")
-    _warn_unknown(authority, src, dst)
-
-
-@policy_group.command("deny")
-@click.argument("source", metavar="FROM")
-@click.argument("target", metavar="TO")
-@state_option
-@click.option(
-    "--dry-run",
-    is_flag=True,
-    help="Change nothing; list the live connections the change would cut, as sidecars report.",
-)
-def deny_cmd(source: str, target: str, state: Path, dry_run: bool) -> None:
-    """Remove the pair FROM -> TO from the allow-list (a pair not on it is left as it is).
-
-    Like `allow`, denying a pair not on the list changes nothing, bumps no
-    version and writes no audit row.
-    """
-    authority = open_authority(state)
-    src, dst = _pair(authority, source, target)
-    if dry_run:
-        _deny_dry_run(authority, src, dst)
-    else:
-        try:
-            version = authority.deny(src, dst)
-        except PolicyError as exc:
-            if exc.reason != "unknown_pair":
-                raise
-            click.echo(
-                f"{src} -> {dst} was not allowed (policy version "
-                f"{authority.policy().version}); nothing changed"
-            )
-        else:
-            click.echo(f"denied {src} -> {dst} (policy version {version})")
-    _warn_unknown(authority, src, dst)
-
-
-@policy_group.command("list")
-@state_option
-def list_cmd(state: Path) -> None:
-    """Print the allow-list, one 'FROM -> TO' per line."""
-    policy = open_authority(state).policy()
-    for src, dst in sorted(policy.pairs):
-        click.echo(f"{src} -> {dst}")
-    click.echo(f"# policy version {policy.version}, {len(policy.pairs)} pair(s)", err=True)
-
-
-@policy_group.command("check")
-@click.argument("source", metavar="FROM")
-@click.argument("target", metavar="TO")
-@state_option
-def check_cmd(source: str, target: str, state: Path) -> None:
-    """Exit 0 if FROM may reach TO, 1 if not, with a one-line explanation."""
-    authority = open_authority(state)
-    src, dst = _pair(authority, source, target)
-    decision = authority.check(src, dst)
-    click.echo(f"{'allowed' if decision.allowed else 'denied'}: {decision.explanation}")
-    sys.exit(0 if decision.allowed else 1)
-
-
 @ca_group.command("serve")
 @state_option
 @click.option("--listen", required=True, help="HOST:PORT to serve the control plane on (TLS).")
@@ -389,15 +219,17 @@ def serve_cmd(
     metrics: str | None,
 ) -> None:
     """Run the control plane: enrollment, renewal, bundle, policy and revocation feed."""
+    from ca.plane import ServerOptions
     from ca.servelock import hold_serve_lock
-    from ca.server import ServerOptions, default_names, parse_listen, run_server
+    from ca.workers import default_names, parse_listen, run_server
     from meshid.events import EventLog
 
     host, port = parse_listen(listen)
     metrics_at = parse_listen(metrics, "--metrics") if metrics else None
     names, ips = (tuple(dns), tuple(_ips(ip))) if dns or ip else default_names(host)
     passphrase = read_passphrase(passphrase_file)
-    probe = Authority.open(state, passphrase=passphrase)
+    clock = system_clock()  # the process's one clock: every worker and the authority share it
+    probe = Authority.open(state, passphrase=passphrase, clock=clock)
     try:
         # held until the process and its workers exit: one control plane per state dir
         lock = hold_serve_lock(state)
@@ -415,7 +247,11 @@ def serve_cmd(
     )
     try:
         status = run_server(
-            lambda: Authority.open(state, passphrase=passphrase), options, events.emit, workers
+            lambda: Authority.open(state, passphrase=passphrase, clock=clock),
+            options,
+            events.emit,
+            workers,
+            clock=clock,
         )
     finally:
         lock.release()
@@ -444,7 +280,7 @@ def rotate_cmd(
     Activation also waits until every live sidecar reports holding the new
     bundle (unless --force); `meshid ca status` shows who it waits for.
     """
-    from ca.server import propagation_default
+    from ca.plane import propagation_default
 
     authority = open_authority(state, passphrase_file)
     delay = propagation if propagation is not None else propagation_default(authority.svid_ttl)
@@ -490,28 +326,6 @@ def audit_export_cmd(state: Path) -> None:
             "hash": entry.hash,
         }
         click.echo(json.dumps(record, separators=(",", ":")))
-
-
-def _deny_dry_run(authority: Authority, src: SpiffeId, dst: SpiffeId) -> None:
-    from ca.status import connections_of_pair
-
-    policy = authority.policy()
-    if (src, dst) not in policy.pairs:
-        click.echo(
-            f"dry run: {src} -> {dst} was not allowed (policy version {policy.version}); "
-            "denying it would change nothing"
-        )
-        return
-    reports, skipped = authority.reports()
-    lines, total = connections_of_pair(reports, src, dst, authority.clock_now())
-    for note in skipped:
-        click.echo(f"note: {note}", err=True)
-    click.echo(
-        f"dry run: denying {src} -> {dst} (policy version {policy.version}) would cut "
-        f"{total} live connection(s) reported by sidecars; nothing was changed"
-    )
-    for line in lines:
-        click.echo(f"  {line}")
 
 
 @ca_group.command("status")

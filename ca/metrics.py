@@ -22,7 +22,6 @@ and one failure boundary per connection, like the sidecar's admin listener.
 from __future__ import annotations
 
 import socket
-import time
 from collections.abc import Awaitable, Callable, Iterator, Mapping
 from dataclasses import dataclass
 from datetime import datetime
@@ -42,6 +41,7 @@ from prometheus_client.registry import Collector
 
 from adminhttp import AdminLimits, Response, register_process_metrics, serve_admin_listeners
 from ca.authority import Authority
+from meshid.clock import Clock
 from meshid.events import EventLog
 from meshid.version import VERSION
 
@@ -107,7 +107,7 @@ class _LiveCollector(Collector):
                 value=fleet.reporting,
             )
             if fleet.earliest_svid_not_after is not None:
-                left = (fleet.earliest_svid_not_after - self._metrics.clock()).total_seconds()
+                left = (fleet.earliest_svid_not_after - self._metrics.clock.wall()).total_seconds()
                 yield GaugeMetricFamily(
                     "meshid_ca_sidecar_svid_expiry_seconds",
                     "Seconds until the earliest SVID among reporting sidecars expires",
@@ -116,7 +116,7 @@ class _LiveCollector(Collector):
         root = self._metrics.root
         if root is None:
             return
-        left = (root.active_not_after - self._metrics.clock()).total_seconds()
+        left = (root.active_not_after - self._metrics.clock.wall()).total_seconds()
         yield GaugeMetricFamily(
             "meshid_ca_root_expiry_seconds",
             "Seconds until the active root expires (negative once it has)",
@@ -140,7 +140,7 @@ class _LiveCollector(Collector):
 class CaMetrics:
     """The metrics of one worker; `live` is given by the control plane that owns the pools."""
 
-    def __init__(self, clock: Callable[[], datetime], live: Live) -> None:
+    def __init__(self, clock: Clock, live: Live) -> None:
         disable_created_metrics()  # type: ignore[no-untyped-call]
         self.clock = clock
         self.root: RootSnapshot | None = None
@@ -201,11 +201,11 @@ class CaMetrics:
 
     async def timed(self, call: Awaitable[T]) -> T:
         """Await a database call and record how long it took."""
-        start = time.perf_counter()
+        start = self.clock.monotonic()
         try:
             return await call
         finally:
-            self.db_seconds.observe(time.perf_counter() - start)
+            self.db_seconds.observe(self.clock.monotonic() - start)
 
     def refresh(self, authority: Authority) -> None:
         """Read the roots' state for the next scrapes. Runs in the database thread."""
@@ -217,7 +217,7 @@ class CaMetrics:
         else:
             state = "scheduled"
         self.root = RootSnapshot(active.generation, active.not_after, state)
-        now = time.monotonic()
+        now = self.clock.monotonic()
         if now - self._fleet_read_at >= REPORTS_EVERY:
             self._fleet_read_at = now
             reports, _ = authority.reports()

@@ -8,8 +8,9 @@ from __future__ import annotations
 
 from datetime import datetime, timedelta
 
-from ca.authority import REPORT_FRESH, Authority, SidecarReport, printable
+from ca.authority import Authority
 from ca.rootlife import warning_text
+from ca.values import REPORT_FRESH, SidecarReport, printable
 from meshid.spiffeid import SpiffeId
 
 WARN_SHARE = 0.25  # warn when less than this share of the SVID lifetime is left

@@ -6,139 +6,36 @@ instead of racing: a join token is consumed by exactly one caller, a version
 number is raised exactly once per change, and an audit row lands in the same
 transaction as the change it records.
 
-The audit chain, and what it proves
------------------------------------
-Each audit row carries a MAC over the previous row's MAC and its own content
-(seq, time, action, details): HMAC-SHA256 under a random 256-bit key kept in
-``audit.key`` (mode 0600, in the state directory, never in the database).
-After every transaction that adds rows, the newest (seq, MAC) is written to
-``audit.head``, also outside the database. `verify_audit` recomputes the
-chain and checks that the row named by the head is there with that MAC.
-
-Against someone who can write the database but not those two files, this
-detects: an edited row (its MAC, or the next row's link, breaks even when
-every later MAC is recomputed, since that needs the key), a deleted or
-reordered row (a gap or a broken link), and newest rows cut off (the head
-names a row that is gone). It does not protect against someone who can also
-read ``audit.key`` (they can rewrite the whole chain) or write ``audit.head``
-(they can truncate to any earlier row); nor does it detect the loss of rows
-written in the instant between a commit and the head update (the head is a
-lower bound: crash-safe, never ahead of the database).
-
-Chains from before the key existed (schema version 2 and older) are kept:
-their rows stay plain SHA-256 links and are verified so; the key file records
-`keyed_from`, the first seq under the key, and the migration appends an
-``audit_keyed`` row, so the old rows are then pinned by the first MAC'd link.
-An existing key file is never replaced: rolling the database's schema version
-back does not make the keyed rows unkeyed.
+The tables are in `ca.schema`; the audit chain, and what it proves, in `ca.audit`.
 """
 
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import hmac
 import json
-import os
-import secrets
 import sqlite3
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ca.audit import (
+    AUDIT_HEAD,
+    AUDIT_KEY,
+    GENESIS_HASH,
+    AuditEntry,
+    AuditKey,
+    _row_hash,
+    _row_mac,
+    read_head,
+)
+from ca.schema import _MIGRATIONS, _SCHEMA, SCHEMA_VERSION
+from meshid.clock import Clock
 from meshid.errors import StateError, StorageUnavailable
 from meshid.files import write_atomic
 
 DB_NAME = "authority.db"
-SCHEMA_VERSION = 3  # kept in PRAGMA user_version; 0 there is a version-1 database
-GENESIS_HASH = "0" * 64
-AUDIT_KEY = "audit.key"
-AUDIT_HEAD = "audit.head"
-
-_SCHEMA = """
-CREATE TABLE settings (name TEXT PRIMARY KEY, value TEXT NOT NULL);
-CREATE TABLE counters (name TEXT PRIMARY KEY, value INTEGER NOT NULL);
-CREATE TABLE roots (
-    generation INTEGER PRIMARY KEY,
-    cert_pem TEXT NOT NULL,
-    key_file TEXT NOT NULL,
-    state TEXT NOT NULL CHECK (state IN ('next', 'active', 'retiring', 'retired')),
-    not_after REAL NOT NULL,
-    created_at REAL NOT NULL,
-    activate_at REAL,
-    published_sequence INTEGER,                -- the bundle sequence that first held it
-    wait_for_acks INTEGER NOT NULL DEFAULT 1   -- activate only once live sidecars hold it
-);
-CREATE TABLE tokens (
-    hash TEXT PRIMARY KEY,
-    spiffe_id TEXT NOT NULL,
-    dns TEXT NOT NULL,
-    ips TEXT NOT NULL,
-    created_at REAL NOT NULL,
-    expires_at REAL NOT NULL,
-    used_at REAL
-);
-CREATE TABLE policy (
-    source TEXT NOT NULL,
-    target TEXT NOT NULL,
-    created_at REAL NOT NULL,
-    PRIMARY KEY (source, target)
-);
-CREATE TABLE revocations (spiffe_id TEXT PRIMARY KEY, revoked_at REAL NOT NULL);
-CREATE TABLE svids (
-    serial TEXT PRIMARY KEY,
-    spiffe_id TEXT NOT NULL,
-    generation INTEGER NOT NULL,
-    not_after REAL NOT NULL,
-    issued_at REAL NOT NULL,
-    how TEXT NOT NULL
-);
-CREATE INDEX svids_by_generation ON svids (generation, not_after);
-CREATE TABLE reports (
-    spiffe_id TEXT NOT NULL,                   -- from the client certificate, never the body
-    instance TEXT NOT NULL,                    -- one running sidecar of that identity
-    seen_at REAL NOT NULL,
-    report TEXT NOT NULL,
-    PRIMARY KEY (spiffe_id, instance)
-);
-CREATE INDEX reports_by_seen ON reports (seen_at);
-CREATE TABLE audit (
-    seq INTEGER PRIMARY KEY,
-    at REAL NOT NULL,
-    action TEXT NOT NULL,
-    details TEXT NOT NULL,
-    prev_hash TEXT NOT NULL,
-    hash TEXT NOT NULL
-);
-"""
-
-# Each step takes a database from the version before it to its own version, in
-# the same transaction that records the new version.
-_MIGRATIONS: dict[int, tuple[str, ...]] = {
-    2: (  # reports keyed by (identity, instance): one identity cannot replace another's
-        """CREATE TABLE reports_v2 (
-            spiffe_id TEXT NOT NULL,
-            instance TEXT NOT NULL,
-            seen_at REAL NOT NULL,
-            report TEXT NOT NULL,
-            PRIMARY KEY (spiffe_id, instance)
-        )""",
-        "INSERT INTO reports_v2 (spiffe_id, instance, seen_at, report) "
-        "SELECT spiffe_id, instance, seen_at, report FROM reports",
-        "DROP TABLE reports",
-        "ALTER TABLE reports_v2 RENAME TO reports",
-        "CREATE INDEX reports_by_seen ON reports (seen_at)",
-        "UPDATE settings SET value = '2' WHERE name = 'schema_version'",
-    ),
-    3: (  # the audit chain under a key kept outside the database (see _key_audit_chain)
-        "UPDATE settings SET value = '3' WHERE name = 'schema_version'",
-    ),
-}
-
-COUNTERS = ("policy_version", "revocation_version", "bundle_sequence")
 
 
 # SQLite's primary result codes for faults of the host rather than of the request
@@ -171,93 +68,12 @@ def _raise_host_failure(exc: BaseException) -> None:
         ) from None
 
 
-def _row_body(prev_hash: str, seq: int, at: float, action: str, details: str) -> bytes:
-    return json.dumps([prev_hash, seq, repr(at), action, details], separators=(",", ":")).encode()
-
-
-def _row_hash(prev_hash: str, seq: int, at: float, action: str, details: str) -> str:
-    """The link of a row from before the audit key: anyone can recompute it."""
-    return hashlib.sha256(_row_body(prev_hash, seq, at, action, details)).hexdigest()
-
-
-def _row_mac(key: bytes, prev: str, seq: int, at: float, action: str, details: str) -> str:
-    """The link of a row under the audit key."""
-    return hmac.new(key, _row_body(prev, seq, at, action, details), hashlib.sha256).hexdigest()
-
-
-@dataclass(frozen=True, slots=True)
-class AuditKey:
-    key: bytes
-    keyed_from: int  # the first seq linked by MAC; older rows are plain SHA-256
-
-    @classmethod
-    def load(cls, state_dir: Path) -> AuditKey | None:
-        try:
-            doc = json.loads((state_dir / AUDIT_KEY).read_text())
-            key, keyed_from = bytes.fromhex(doc["key"]), int(doc["keyed_from"])
-        except FileNotFoundError:
-            return None
-        except (OSError, ValueError, KeyError, TypeError) as exc:
-            raise StateError(
-                f"{state_dir / AUDIT_KEY}: unreadable audit key ({type(exc).__name__})",
-                reason="audit_key_unreadable",
-            ) from None
-        if len(key) < 32 or keyed_from < 1:
-            raise StateError(
-                f"{state_dir / AUDIT_KEY}: not an audit key", reason="audit_key_unreadable"
-            )
-        return cls(key, keyed_from)
-
-    @classmethod
-    def create(cls, state_dir: Path, keyed_from: int) -> AuditKey:
-        """A new key, written 0600 from the first byte; an existing key file wins."""
-        made = cls(secrets.token_bytes(32), keyed_from)
-        doc = json.dumps({"key": made.key.hex(), "keyed_from": keyed_from}).encode()
-        try:
-            fd = os.open(state_dir / AUDIT_KEY, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        except FileExistsError:
-            existing = cls.load(state_dir)
-            assert existing is not None
-            return existing
-        except OSError as exc:
-            raise StorageUnavailable(f"cannot write the audit key: {exc.strerror}") from None
-        try:
-            with os.fdopen(fd, "wb") as handle:
-                handle.write(doc)
-                handle.flush()
-                os.fsync(handle.fileno())
-        except OSError as exc:
-            (state_dir / AUDIT_KEY).unlink(missing_ok=True)
-            raise StorageUnavailable(f"cannot write the audit key: {exc.strerror}") from None
-        return made
-
-
-def read_head(state_dir: Path) -> tuple[int, str] | None:
-    """The newest (seq, MAC) recorded outside the database, if any."""
-    try:
-        doc = json.loads((state_dir / AUDIT_HEAD).read_text())
-        return int(doc["seq"]), str(doc["mac"])
-    except FileNotFoundError:
-        return None
-    except (OSError, ValueError, KeyError, TypeError):
-        return (-1, "")
-
-
-@dataclass(frozen=True, slots=True)
-class AuditEntry:
-    seq: int
-    at: float
-    action: str
-    details: dict[str, Any]
-    prev_hash: str
-    hash: str
-
-
 class Store:
     """A connection to the authority database, used by one thread at a time."""
 
-    def __init__(self, conn: sqlite3.Connection, state_dir: Path) -> None:
+    def __init__(self, conn: sqlite3.Connection, state_dir: Path, clock: Clock) -> None:
         self._conn = conn
+        self._clock = clock  # dates the rows a migration adds
         self._state_dir = state_dir
         self._writing = False  # inside write(): a nested write() is a savepoint
         self._broken = False  # the open transaction was lost to a host failure
@@ -265,7 +81,7 @@ class Store:
         self._head: tuple[int, str] | None = None  # the newest row this transaction added
 
     @classmethod
-    def open(cls, path: Path, *, create: bool = False) -> Store:
+    def open(cls, path: Path, *, create: bool = False, clock: Clock) -> Store:
         if not create and not path.is_file():
             raise StateError(f"{path.parent}: no authority here (run 'meshid ca init')")
         try:
@@ -281,7 +97,7 @@ class Store:
             if _host_failure(exc) is not None:
                 raise StorageUnavailable(conn_error) from None
             raise StateError(conn_error) from None
-        store = cls(conn, path.parent)
+        store = cls(conn, path.parent, clock)
         try:
             if create:
                 with store.write():
@@ -325,7 +141,12 @@ class Store:
         """Put the chain under a key from here on; the rows so far stay plain links."""
         last = conn.execute("SELECT MAX(seq) FROM audit").fetchone()[0]
         self._audit_key = AuditKey.create(self._state_dir, keyed_from=int(last or 0) + 1)
-        self.audit(conn, time.time(), "audit_keyed", keyed_from=self._audit_key.keyed_from)
+        self.audit(
+            conn,
+            self._clock.wall().timestamp(),
+            "audit_keyed",
+            keyed_from=self._audit_key.keyed_from,
+        )
 
     def close(self) -> None:
         self._conn.close()

@@ -24,7 +24,7 @@ from meshid.errors import MeshIdError
 
 _SUBCOMMANDS = {
     "ca": ("ca.cli", "ca_group"),
-    "policy": ("ca.cli", "policy_group"),
+    "policy": ("ca.policy_cli", "policy_group"),
     "sidecar": ("sidecar.cli", "sidecar_group"),
 }
 

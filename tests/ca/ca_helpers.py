@@ -13,8 +13,7 @@ import sys
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import datetime
 from pathlib import Path
 
 from click.testing import CliRunner, Result
@@ -22,8 +21,10 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.x509.oid import NameOID
 
-from ca.store import DB_NAME, GENESIS_HASH, _row_hash
+from ca.audit import GENESIS_HASH, _row_hash
+from ca.store import DB_NAME
 from meshid.cli import cli
+from meshid.clock import ManualClock
 from meshid.spiffeid import TrustDomain
 from meshid.svid import PrivateKey, generate_key
 
@@ -31,17 +32,19 @@ TD = TrustDomain("example.org")
 MESHID = Path(sys.executable).with_name("meshid")  # the installed console script
 
 
-@dataclass
-class Clock:
-    """A wall clock that moves only when the test says so."""
+class Clock(ManualClock):
+    """Wall time that moves only when the test says so, callable as ca.api's clock.
 
-    now: datetime
+    Its monotonic time runs on as well (a server under test waits on real
+    sockets; its caches and throttles must see time pass) and `advance` moves
+    it too. A test that needs time frozen uses a plain ManualClock.
+    """
 
     def __call__(self) -> datetime:
         return self.now
 
-    def advance(self, delta: timedelta) -> None:
-        self.now += delta
+    def _monotonic(self) -> float:
+        return time.monotonic() + self.elapsed
 
 
 def make_csr(

@@ -10,8 +10,10 @@ from pathlib import Path
 import pytest
 from ca_helpers import make_csr, query, rechain, run
 
+from ca.audit import AUDIT_HEAD, AUDIT_KEY
 from ca.authority import Authority
-from ca.store import AUDIT_HEAD, AUDIT_KEY, DB_NAME, Store
+from ca.store import DB_NAME, Store
+from meshid.clock import system_clock
 from meshid.errors import PolicyError
 from meshid.svid import generate_key
 
@@ -95,7 +97,7 @@ def test_cli_actions_are_audited_too(state: Path, tmp_path: Path) -> None:
     assert run("policy", "allow", "web", "api", "--state", s).exit_code == 0
     assert run("policy", "deny", "web", "api", "--state", s).exit_code == 0
     assert run("ca", "revoke", "--state", s, "api").exit_code == 0
-    authority = Authority.open(state)
+    authority = Authority.open(state, clock=system_clock())
     try:
         assert _actions(authority) == [
             "init",
@@ -114,7 +116,7 @@ def test_cli_actions_are_audited_too(state: Path, tmp_path: Path) -> None:
 
 
 def _three_rows(state: Path) -> None:
-    authority = Authority.open(state)
+    authority = Authority.open(state, clock=system_clock())
     try:
         authority.allow(authority.resolve("web"), authority.resolve("api"))
         authority.allow(authority.resolve("api"), authority.resolve("db"))
@@ -124,7 +126,7 @@ def _three_rows(state: Path) -> None:
 
 
 def _verify(state: Path) -> tuple[int, str | None]:
-    store = Store.open(state / DB_NAME)
+    store = Store.open(state / DB_NAME, clock=system_clock())
     try:
         return store.verify_audit()
     finally:
@@ -174,7 +176,7 @@ def _make_unkeyed(state: Path) -> None:
 def test_an_unkeyed_chain_is_migrated_and_pinned(state: Path) -> None:
     _three_rows(state)
     _make_unkeyed(state)
-    authority = Authority.open(state)  # the migration
+    authority = Authority.open(state, clock=system_clock())  # the migration
     try:
         assert _actions(authority)[-1] == "audit_keyed"
         assert authority.store.verify_audit() == (4, None)
@@ -192,5 +194,7 @@ def test_rolling_the_schema_back_does_not_unkey_the_chain(state: Path) -> None:
     _three_rows(state)
     rechain(state, "UPDATE audit SET details = replace(details, 'web', 'evil') WHERE seq = 2")
     _tamper(state, "PRAGMA user_version = 2")  # pretend the key never existed
-    Store.open(state / DB_NAME).close()  # "migrates" again: the key file is kept
+    Store.open(
+        state / DB_NAME, clock=system_clock()
+    ).close()  # "migrates" again: the key file is kept
     assert _verify(state)[1] == "entry 1 was modified"

@@ -19,6 +19,7 @@ import pytest
 from ca_helpers import MESHID, TD, Clock, raw_files, run, snapshot
 
 from ca.authority import Authority
+from meshid.clock import system_clock
 from meshid.errors import StateError
 
 PASSPHRASE = "right horse battery"
@@ -37,7 +38,7 @@ class Places:
 @pytest.fixture
 def places(state: Path, tmp_path: Path) -> Places:
     sealed = tmp_path / "sealed"
-    Authority.init(sealed, TD, passphrase=PASSPHRASE.encode()).close()
+    Authority.init(sealed, TD, passphrase=PASSPHRASE.encode(), clock=system_clock()).close()
     (tmp_path / "right").write_text(PASSPHRASE + "\n")
     (tmp_path / "wrong").write_text("wrong horse\n")
     (tmp_path / "empty-pass").write_text("")
@@ -55,7 +56,7 @@ def _no_key(p: Places) -> None:
 
 def _with_authority(action: Callable[[Authority], object]) -> Callable[[Places], None]:
     def setup(p: Places) -> None:
-        authority = Authority.open(p.state)
+        authority = Authority.open(p.state, clock=system_clock())
         try:
             action(authority)
         finally:
@@ -253,7 +254,7 @@ def test_a_plaintext_root_key_on_an_encrypted_authority_is_refused(places: Place
     status = run("ca", "status", "--state", s)
     assert "WARNING root 2 cannot activate: root key root-2.key is not encrypted" in status.stdout
     # and a key file of an active root that lost its protection is not signed with
-    authority = Authority.open(places.sealed, passphrase=PASSPHRASE.encode())
+    authority = Authority.open(places.sealed, passphrase=PASSPHRASE.encode(), clock=system_clock())
     try:
         with pytest.raises(StateError, match="is not encrypted") as caught:
             authority._load_key(places.sealed / "keys" / "root-2.key")

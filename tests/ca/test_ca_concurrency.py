@@ -20,10 +20,11 @@ CHILD = """
 import json, sys
 from pathlib import Path
 from ca.authority import Authority
+from meshid.clock import system_clock
 from meshid.errors import MeshIdError
 
 state, action, *args = sys.argv[1:]
-authority = Authority.open(Path(state))
+authority = Authority.open(Path(state), clock=system_clock())
 print("ready", flush=True)
 sys.stdin.readline()
 try:

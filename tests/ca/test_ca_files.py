@@ -9,6 +9,7 @@ from pathlib import Path
 from ca_helpers import TD, run
 
 from ca.authority import Authority
+from meshid.clock import system_clock
 
 
 def _mode(path: Path) -> int:
@@ -34,7 +35,7 @@ def test_issue_writes_the_key_0600(state: Path, tmp_path: Path) -> None:
 def test_init_keeps_the_key_private_under_a_lax_umask(tmp_path: Path) -> None:
     old = os.umask(0)
     try:
-        Authority.init(tmp_path / "s", TD).close()
+        Authority.init(tmp_path / "s", TD, clock=system_clock()).close()
     finally:
         os.umask(old)
     assert _mode(tmp_path / "s" / "keys" / "root-1.key") == 0o600

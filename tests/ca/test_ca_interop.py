@@ -21,6 +21,7 @@ from cryptography.hazmat.primitives import serialization
 from spiffe.svid.errors import InvalidLeafCertificateError
 
 from ca.authority import Authority
+from meshid.clock import system_clock
 from meshid.svid import certs_to_pem, key_to_pem
 
 SPKI = (serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
@@ -63,7 +64,9 @@ def test_openssl_verifies_an_enrolled_svid(authority: Authority, tmp_path: Path)
 
 
 def test_openssl_refuses_it_under_a_foreign_root(issued: Path, tmp_path: Path) -> None:
-    Authority.init(tmp_path / "other", TD).close()  # same trust domain, another root
+    Authority.init(
+        tmp_path / "other", TD, clock=system_clock()
+    ).close()  # same trust domain, another root
     result = openssl_verify(tmp_path / "other" / "bundle.pem", issued / "svid.pem")
     assert result.returncode != 0
 
@@ -85,7 +88,7 @@ def test_py_spiffe_parses_the_svid_and_the_bundle(issued: Path, state: Path) -> 
 
 def test_py_spiffe_refuses_the_root_as_an_svid(state: Path) -> None:
     # the negative twin: the root certificate (CA, path-less ID) is no workload SVID
-    authority = Authority.open(state)
+    authority = Authority.open(state, clock=system_clock())
     try:
         _, root, key = authority.signer()
     finally:

@@ -17,6 +17,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from ca.authority import Authority
 from ca.metrics import CaMetrics, Live
+from meshid.clock import system_clock
 from meshid.report import StatusReport
 from meshid.spiffeid import SpiffeId
 from meshid.version import VERSION
@@ -72,7 +73,7 @@ def _enroll(port: int, bundle: Path, token: str) -> bytes:
 
 
 def test_counters_move_with_enrollments_and_refusals(state: Path, tmp_path: Path) -> None:
-    authority = Authority.open(state)
+    authority = Authority.open(state, clock=system_clock())
     try:
         token = authority.create_token(SpiffeId(TD, "/web"))
     finally:

@@ -18,9 +18,13 @@ from ca_helpers import TD, Clock, query, rechain, run, snapshot
 from cryptography import x509
 
 from ca.api import ControlApi, Reply, Request
-from ca.authority import MAX_INSTANCES, REPORT_FORGET, Authority, printable
+from ca.audit import AUDIT_HEAD, AUDIT_KEY
+from ca.authority import Authority
+from ca.schema import SCHEMA_VERSION
 from ca.status import connections_of_pair, render_status
-from ca.store import AUDIT_HEAD, AUDIT_KEY, DB_NAME, SCHEMA_VERSION, Store
+from ca.store import DB_NAME, Store
+from ca.values import MAX_INSTANCES, REPORT_FORGET, printable
+from meshid.clock import system_clock
 from meshid.ratelimit import FailureLimiter
 from meshid.report import (
     MAX_CONNECTIONS,
@@ -292,7 +296,7 @@ def test_every_workload_field_is_escaped_on_display(clock: Clock) -> None:
         pairs=(PairCount("outbound", API, 1),),
         connections=(ConnectionInfo(7, "outbound", API, "1.2.3.4\n  forged\x1b[2J", None, 1, 2),),
     )
-    from ca.authority import SidecarReport
+    from ca.values import SidecarReport
 
     lines, total = connections_of_pair(
         [SidecarReport("w1\r", WEB, clock(), report)], WEB, API, clock()
@@ -358,7 +362,7 @@ def test_a_version_1_database_is_migrated_at_open(tmp_path: Path, clock: Clock) 
     finally:
         authority.close()
     assert json.loads((state / AUDIT_KEY).read_text())["keyed_from"] == 2
-    Store.open(state / DB_NAME).close()  # opening again changes nothing
+    Store.open(state / DB_NAME, clock=system_clock()).close()  # opening again changes nothing
 
 
 def test_a_database_from_a_newer_version_is_refused(state: Path) -> None:

@@ -24,6 +24,7 @@ from click.testing import Result
 
 from ca.authority import Authority
 from ca.server import ControlPlane, ServerOptions
+from meshid.clock import system_clock
 from meshid.report import StatusReport
 from meshid.spiffeid import SpiffeId
 from meshid.svid import certs_to_pem, generate_key, key_to_pem
@@ -97,15 +98,16 @@ def sidecar_config(
 @pytest.fixture
 async def mesh(tmp_path: Path) -> AsyncIterator[Mesh]:
     state = tmp_path / "ca"
-    Authority.init(state, TD, svid_ttl=timedelta(minutes=10)).close()
-    served = Authority.open(state)
-    authority = Authority.open(state)
+    Authority.init(state, TD, svid_ttl=timedelta(minutes=10), clock=system_clock()).close()
+    served = Authority.open(state, clock=system_clock())
+    authority = Authority.open(state, clock=system_clock())
     (tmp_path / "bundle.pem").write_bytes(authority.bundle().to_pem())
     authority.allow(WEB, API)
     plane = ControlPlane(
         served,
         ServerOptions(host="127.0.0.1", port=0, poll_interval=0.05),
         log=lambda *a, **k: None,
+        clock=system_clock(),
     )
     async with trio.open_nursery() as nursery:
         _, port = await nursery.start(plane.serve)
@@ -257,7 +259,7 @@ async def test_quarantine_blocks_a_hammering_peer_and_spares_the_rest(
 ) -> None:
     inbound = mesh.api.bound["inbound[0]"]
     # An attacker from another loopback address with a certificate from a foreign CA.
-    foreign = Authority.init(tmp_path / "foreign", TD)
+    foreign = Authority.init(tmp_path / "foreign", TD, clock=system_clock())
     key = generate_key()
     issued = foreign.issue(WEB, key.public_key())
     (tmp_path / "evil.pem").write_bytes(certs_to_pem(issued.chain))

@@ -14,13 +14,14 @@ from pathlib import Path
 from ca_helpers import MESHID, run
 
 from ca.authority import Authority
+from meshid.clock import system_clock
 
 WEB = "spiffe://example.org/web"
 API = "spiffe://example.org/api"
 
 
 def _versions_and_audit(state: Path) -> tuple[int, int]:
-    authority = Authority.open(state)
+    authority = Authority.open(state, clock=system_clock())
     try:
         return authority.policy().version, len(list(authority.store.audit_entries()))
     finally:

@@ -19,10 +19,12 @@ from ca_helpers import TD, Clock, make_csr, query, run
 from cryptography import x509
 
 from ca.authority import Authority
+from ca.plane import propagation_default
 from ca.rootkeeper import RootKeeper
-from ca.server import propagation_default
 from ca.status import render_status
+from ca.values import BUNDLE_RECHECK
 from meshid.bundle import TrustBundle
+from meshid.clock import ManualClock
 from meshid.report import StatusReport
 from meshid.spiffeid import SpiffeId
 from meshid.svid import generate_key, verify_svid
@@ -313,4 +315,25 @@ def test_concurrent_rotations_make_one_root_whose_key_matches(tmp_path: Path, cl
     assert generation == 2
     assert root.public_key() == key.public_key()
     for authority in (first, *racers):
+        authority.close()
+
+
+def test_a_root_published_elsewhere_shows_in_the_bundle_after_the_recheck_interval(
+    state: Path, clock: Clock
+) -> None:
+    """The bundle is looked at again every BUNDLE_RECHECK of monotonic time, driven here
+    by a manual clock: no sleep, and the edge of the interval is exact."""
+    frozen = ManualClock(clock.now)
+    authority = Authority.open(state, clock=frozen)
+    other = Authority.open(state, clock=frozen)
+    try:
+        before = authority.bundle().sequence
+        other.rotate(timedelta(minutes=1))
+        frozen.advance(timedelta(seconds=BUNDLE_RECHECK) - timedelta(milliseconds=1))
+        assert authority.bundle().sequence == before  # still the cached bundle
+        frozen.advance(timedelta(milliseconds=2))  # past it
+        assert authority.bundle().sequence == before + 1
+        assert len(authority.bundle().roots) == 2
+    finally:
+        other.close()
         authority.close()

@@ -28,7 +28,9 @@ from hypothesis import strategies as st
 from test_server import Plane, csr_pem, status_and_body, write_identity
 
 from ca.authority import Authority
-from ca.server import ControlPlane, ServerOptions, _source_key, _Throttle
+from ca.plane import _Throttle
+from ca.server import ControlPlane, ServerOptions, _source_key
+from meshid.clock import system_clock
 from meshid.errors import StorageUnavailable
 from meshid.spiffeid import SpiffeId
 from sidecar.control import ClientIdentity
@@ -626,7 +628,9 @@ async def test_a_database_that_cannot_be_written_at_start_is_one_clear_error(
             raise sqlite3.OperationalError("attempt to write a readonly database")
 
         monkeypatch.setattr(served, "issue", read_only)
-        server = ControlPlane(served, ServerOptions(host="127.0.0.1", port=0), log=print)
+        server = ControlPlane(
+            served, ServerOptions(host="127.0.0.1", port=0), log=print, clock=system_clock()
+        )
         with pytest.raises(ExceptionGroup) as info:
             async with trio.open_nursery() as nursery:
                 await nursery.start(server.serve)

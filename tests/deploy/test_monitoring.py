@@ -15,6 +15,7 @@ import pytest
 import yaml
 
 from ca.metrics import CaMetrics, Live, RootSnapshot
+from meshid.clock import ManualClock
 from sidecar.metrics import Gauges, Metrics
 from sidecar.registry import Registry
 
@@ -45,7 +46,7 @@ def exported_names() -> set[str]:
         )
     )
     now = datetime.now(UTC)
-    authority = CaMetrics(lambda: now, Live(lambda: {"anonymous": 0}, lambda: 0))
+    authority = CaMetrics(ManualClock(now), Live(lambda: {"anonymous": 0}, lambda: 0))
     authority.root = RootSnapshot(1, now + timedelta(days=1), "none")
     names: set[str] = set()
     for registry in (sidecar.registry, authority.registry):

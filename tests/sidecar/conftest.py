@@ -24,14 +24,15 @@ from sidecar_helpers import (
 from sidecar_mesh import Mesh, Pair, Pki, start_pair
 
 from ca.authority import Authority
+from meshid.clock import ManualClock, system_clock
 
 
 @pytest.fixture(scope="session")
 def pki(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Pki]:
     state = tmp_path_factory.mktemp("authority") / "state"
     born = utcnow() - timedelta(days=1)
-    Authority.init(state, TD, clock=lambda: born).close()
-    authority = Authority.open(state)
+    Authority.init(state, TD, clock=ManualClock(born)).close()
+    authority = Authority.open(state, clock=system_clock())
     _, root, key = authority.signer()
     yield Pki(authority, root, key)
     authority.close()

@@ -35,6 +35,7 @@ from sidecar_helpers import (
 from ca.authority import Authority
 from ca.server import ControlPlane, ServerOptions
 from ca.store import Store
+from meshid.clock import ManualClock, system_clock
 from meshid.events import EventLog
 from meshid.spiffeid import SpiffeId, TrustDomain
 from sidecar.app import Sidecar
@@ -58,8 +59,8 @@ async def http(addr: Addr, path: str) -> tuple[int, str]:
 
 def make_authority(directory: Path, trust_domain: TrustDomain = TD) -> Authority:
     born = utcnow() - timedelta(days=1)
-    Authority.init(directory, trust_domain, clock=lambda: born).close()
-    return Authority.open(directory)
+    Authority.init(directory, trust_domain, clock=ManualClock(born)).close()
+    return Authority.open(directory, clock=system_clock())
 
 
 @dataclass
@@ -82,6 +83,7 @@ def control_plane(authority: Authority) -> Served:
         authority,
         ServerOptions(host="127.0.0.1", port=0, poll_interval=0.05, request_timeout=5.0),
         log=log,
+        clock=system_clock(),
     )
     return served
 
@@ -273,7 +275,7 @@ class Enrolled:
 async def enrolled(tmp_path: Path) -> AsyncIterator[Enrolled]:
     auth_dir = tmp_path / "authority"
     authority = make_authority(auth_dir)
-    handle = Authority.open(auth_dir)
+    handle = Authority.open(auth_dir, clock=system_clock())
     config_dir = tmp_path / "web"
     config_dir.mkdir()
     (config_dir / "bundle.pem").write_bytes(authority.bundle().to_pem())

@@ -42,6 +42,7 @@ from small_fs import SmallFs, small_fs
 
 from ca.authority import Authority
 from ca.server import ControlPlane, ServerOptions
+from meshid.clock import ManualClock, system_clock
 from meshid.events import EventLog
 from meshid.spiffeid import SpiffeId
 from meshid.svid import certs_from_pem, generate_key, key_from_pem, public_key_matches
@@ -135,9 +136,9 @@ class World:
 async def world(tmp_path: Path, backend: Backend) -> AsyncIterator[World]:
     born = utcnow() - timedelta(days=1)
     auth_dir = tmp_path / "authority"
-    Authority.init(auth_dir, TD, clock=lambda: born).close()
-    served = Authority.open(auth_dir)
-    authority = Authority.open(auth_dir)
+    Authority.init(auth_dir, TD, clock=ManualClock(born)).close()
+    served = Authority.open(auth_dir, clock=system_clock())
+    authority = Authority.open(auth_dir, clock=system_clock())
     authority.allow(API, WEB)
     bundle_pem = authority.bundle().to_pem()
     config_dir = tmp_path / "web"
@@ -148,6 +149,7 @@ async def world(tmp_path: Path, backend: Backend) -> AsyncIterator[World]:
         served,
         ServerOptions(host="127.0.0.1", port=0, poll_interval=0.05, request_timeout=5.0),
         log=lambda event, **f: None,
+        clock=system_clock(),
     )
     with small_fs(tmp_path / "small") as fs:
         async with trio.open_nursery() as own:

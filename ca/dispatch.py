@@ -1,0 +1,132 @@
+"""What the control plane does with a request: long polls, group commit, and the poller.
+
+Theory of operation: one poller reads the database's version counters every
+`poll_interval` and wakes every parked watch when one moves; once a second it
+also lets the root keeper act and refreshes the server's certificate. Signing
+requests (enroll, renew, report) queue for the batcher, which answers up to
+MAX_BATCH of them in one database transaction: one fsync for many SVIDs.
+"""
+
+from __future__ import annotations
+
+import trio
+
+from ca.api import Reply, Request, error
+from ca.plane import RETRY_AFTER, PlaneState, _failure_fields, _retry_later, _Slot, _unavailable
+from meshid.svid import leaf_spiffe_id
+from meshid.wire import ENROLL, RENEW, REPORT, WATCH, WatchQuery
+
+BATCHED_PATHS = (ENROLL, RENEW, REPORT)  # writes: group-committed
+MAX_BATCH = 128
+WATCH_EXPIRY_MARGIN = 1.0  # seconds: a long poll ends this long before the caller's SVID
+
+
+class Dispatcher(PlaneState):
+    __slots__ = ()
+
+    # -- the version poller --
+
+    async def _poll(self) -> None:
+        """Follow the database's versions; a failure is logged when it starts and when it
+        ends, not on every tick (a full disk would otherwise fill the log too)."""
+        ticks = 0
+        failing: str | None = None
+        while True:
+            await trio.sleep(self.options.poll_interval)
+            ticks += 1
+            try:
+                if ticks % max(1, round(1 / self.options.poll_interval)) == 0:
+                    await self._db_call(self.root_keeper.tick)  # logs its own failures
+                    await self._db_call(self.metrics.refresh, self.authority)
+                    await self._db_call(self.authority.advance_roots)
+                    await self._refresh_credentials()
+                versions = await self._db_call(self.authority.versions)
+            except Exception as exc:  # a full disk, a locked or broken database: try again
+                fields = _failure_fields(exc)
+                if fields["reason"] != failing:
+                    failing = fields["reason"]
+                    self.log("poll_failed", **fields)
+                continue
+            if failing is not None:
+                self.log("poll_recovered", reason=failing)
+                failing = None
+            self._observe(versions)
+
+    def _observe(self, versions: tuple[int, int, int]) -> None:
+        """Record the newest versions seen; wake every parked watcher when they move."""
+        if versions != self._versions:
+            self._versions = versions
+            self._changed.set()
+            self._changed = trio.Event()
+
+    # -- requests --
+
+    async def _dispatch(self, req: Request) -> Reply:
+        if req.method == "GET" and req.path == WATCH:
+            reply, seen = await self._db_call(self.api.watch_check, req)
+            if reply is not None:
+                return reply
+            self._observe(seen)  # the database may be ahead of the poller
+            assert req.peer_cert is not None  # watch_check refused the anonymous
+            caller = leaf_spiffe_id(req.peer_cert)
+            if (
+                self._watching >= self.options.max_watches
+                or self._watches.get(caller, 0) >= self.options.max_watches_per_identity
+            ):
+                # Not an unchanged feed at once: the sidecar would ask again at once, in a loop.
+                return error(
+                    429,
+                    "too_many_watches",
+                    "too many long polls are parked; try again later",
+                    retry_after=str(RETRY_AFTER),
+                )
+            asked = WatchQuery.parse(req.query).wait  # watch_check read the versions already
+            wait = min(self.options.watch_timeout if asked is None else asked, 60.0)
+            # Answer while the caller's certificate is still good: the reply checks the
+            # caller again, and a watch parked past that expiry would end in an error
+            # the sidecar backs off from, missing changes meanwhile.
+            left = (req.peer_cert.not_valid_after_utc - self.clock.wall()).total_seconds()
+            wait = min(wait, max(0.0, left - WATCH_EXPIRY_MARGIN))
+            self._watching += 1
+            self._watches[caller] = self._watches.get(caller, 0) + 1
+            try:
+                with trio.move_on_after(wait):
+                    while self._versions == seen:
+                        await self._changed.wait()
+            finally:
+                self._watching -= 1
+                if self._watches[caller] <= 1:
+                    del self._watches[caller]
+                else:
+                    self._watches[caller] -= 1
+        if req.method == "POST" and req.path in BATCHED_PATHS:
+            return await self._signed(req)
+        return await self._db_call(self.api.handle, req)
+
+    async def _signed(self, req: Request) -> Reply:
+        """Queue a signing request; the batcher signs everything queued in one transaction."""
+        slot = _Slot(req)
+        self._queue.append(slot)
+        self._queued.set()
+        await slot.done.wait()
+        assert slot.reply is not None
+        return slot.reply
+
+    async def _batcher(self) -> None:
+        while True:
+            await self._queued.wait()
+            self._queued = trio.Event()
+            while self._queue:
+                batch, self._queue = self._queue[:MAX_BATCH], self._queue[MAX_BATCH:]
+                with trio.CancelScope(shield=True):  # callers are waiting on every slot
+                    try:
+                        replies = await self._db_call(
+                            self.api.handle_batch, [slot.request for slot in batch]
+                        )
+                    except Exception as exc:  # the batch is lost, not the server: retry later
+                        fields = _failure_fields(exc)
+                        self.log("batch_failed", requests=len(batch), **fields)
+                        replies = [_unavailable(fields["reason"])] * len(batch)
+                for slot, reply in zip(batch, replies, strict=True):
+                    slot.reply = _retry_later(reply)
+                    slot.done.set()

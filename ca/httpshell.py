@@ -1,0 +1,234 @@
+"""HTTP/1.1 on one TLS stream: h11, request limits, HEAD, 405 and 501, replies and their log."""
+
+from __future__ import annotations
+
+import ssl
+from collections.abc import Sequence
+from dataclasses import dataclass
+from urllib.parse import parse_qsl, urlsplit
+
+import h11
+import trio
+from cryptography import x509
+
+from ca.api import MAX_BODY, Reply, Request, error
+from ca.dispatch import Dispatcher
+from ca.plane import _failure_fields, _retry_later, _unavailable
+from meshid.errors import MeshIdError
+from meshid.svid import leaf_spiffe_id
+from meshid.version import SERVER_HEADER
+from meshid.wire import BUNDLE, ENROLL, HEALTH, RENEW, REPORT, WATCH
+
+# method -> paths: what HEAD, 405 and Allow are computed from (ca.api routes the rest)
+ROUTES: dict[str, tuple[str, ...]] = {
+    ENROLL: ("POST",),
+    RENEW: ("POST",),
+    REPORT: ("POST",),
+    BUNDLE: ("GET", "HEAD"),
+    WATCH: ("GET", "HEAD"),
+    HEALTH: ("GET", "HEAD"),
+}
+# RFC 9110's methods: known to this server, so a path that does not take one says 405
+KNOWN_METHODS = frozenset(
+    {"GET", "HEAD", "POST", "PUT", "DELETE", "CONNECT", "OPTIONS", "TRACE", "PATCH"}
+)
+
+
+class HttpShell(Dispatcher):
+    __slots__ = ()
+
+    async def _serve_http(
+        self,
+        stream: trio.SSLStream[trio.SocketStream],
+        source: str,
+        cert: x509.Certificate | None,
+    ) -> None:
+        try:
+            await self._http(stream, source, cert)
+        except (trio.BrokenResourceError, trio.ClosedResourceError, ssl.SSLError, OSError):
+            pass  # the peer went away
+        finally:
+            await trio.aclose_forcefully(stream)
+
+    async def _http(
+        self, stream: trio.SSLStream[trio.SocketStream], source: str, cert: x509.Certificate | None
+    ) -> None:
+        conn = h11.Connection(h11.SERVER, max_incomplete_event_size=16 * 1024)
+        options = self.options
+        idle = options.idle_timeout if cert is not None else options.anonymous_idle_timeout
+        while True:
+            cycle = _Cycle()
+            try:
+                body = await self._read_request(stream, conn, idle, cycle)
+            except h11.RemoteProtocolError as exc:
+                reply = error(exc.error_status_hint, "bad_request", str(exc))
+            except trio.TooSlowError:
+                reply = error(408, "request_timeout", "request not received in time")
+            except _BodyTooLarge:
+                reply = error(413, "body_too_large", f"request body over {MAX_BODY} bytes")
+            else:
+                if cycle.request is None:
+                    return  # the client closed between requests
+                reply = await self._reply(cycle.request, body, source, cert)
+            # HEAD is answered without a body even when the request failed half-way
+            await self._send(stream, conn, reply, head=cycle.method == "HEAD")
+            if conn.our_state is h11.MUST_CLOSE or conn.their_state is not h11.DONE:
+                return
+            conn.start_next_cycle()
+
+    async def _reply(
+        self, request: h11.Request, body: bytes, source: str, cert: x509.Certificate | None
+    ) -> Reply:
+        method = request.method.decode("ascii", "replace")
+        try:
+            target = urlsplit(request.target.decode("ascii", "replace"))
+        except ValueError:  # e.g. "//[": an IPv6 authority never closed
+            return error(400, "bad_request", "request target cannot be parsed")
+        req = Request(
+            method="GET" if method == "HEAD" else method,
+            path=target.path,
+            query=dict(parse_qsl(target.query)),
+            body=body,
+            source=source,
+            peer_cert=cert,
+        )
+        reply = _method_reply(method, req.path) or await self._answer(req)
+        self.metrics.observe_reply(req.path, reply.status, reply.body.get("error"))
+        if reply.status >= 400 or req.path == ENROLL:  # renewals: see the audit log
+            self.log(
+                "request",
+                method=method[:16],
+                path=req.path[:256],
+                source=source,
+                status=reply.status,
+                reason=reply.body.get("error"),
+                spiffe_id=_who(reply, cert),
+                serial=reply.body.get("serial"),
+            )
+        return reply
+
+    async def _answer(self, req: Request) -> Reply:
+        """The reply to one request; the authority failing costs this request a 503."""
+        try:
+            return _retry_later(await self._dispatch(req))
+        except Exception as exc:
+            fields = _failure_fields(exc)
+            self.log("request_failed", method=req.method, path=req.path, **fields)
+            return _unavailable(fields["reason"])
+
+    async def _read_request(
+        self,
+        stream: trio.SSLStream[trio.SocketStream],
+        conn: h11.Connection,
+        idle: float,
+        cycle: _Cycle,
+    ) -> bytes:
+        """The next request's body; its head goes into `cycle` as soon as it is read."""
+        request: h11.Request | None = None
+        body = bytearray()
+        # Waiting for the first byte of a request is idle time; once it starts it must finish.
+        deadline = trio.current_time() + idle
+        while True:
+            event = conn.next_event()
+            if event is h11.NEED_DATA:
+                with trio.fail_at(deadline):
+                    data = await stream.receive_some(16384)
+                conn.receive_data(bytes(data))
+                if request is None and data:
+                    deadline = min(deadline, trio.current_time() + self.options.request_timeout)
+                continue
+            if isinstance(event, h11.Request):
+                request = cycle.request = event
+                length = _content_length(event.headers)
+                if length is not None and length > MAX_BODY:
+                    raise _BodyTooLarge
+                deadline = min(deadline, trio.current_time() + self.options.request_timeout)
+            elif isinstance(event, h11.Data):
+                body += event.data
+                if len(body) > MAX_BODY:
+                    raise _BodyTooLarge
+            elif isinstance(event, h11.EndOfMessage):
+                return bytes(body)
+            elif isinstance(event, h11.ConnectionClosed):
+                cycle.request = None
+                return b""
+
+    async def _send(
+        self,
+        stream: trio.SSLStream[trio.SocketStream],
+        conn: h11.Connection,
+        reply: Reply,
+        *,
+        head: bool = False,
+    ) -> None:
+        """Send `reply` (headers only, if the request was HEAD) within `request_timeout`."""
+        if conn.our_state not in (h11.IDLE, h11.SEND_RESPONSE):
+            return
+        payload = reply.encode()
+        headers = [
+            ("content-type", "application/json"),
+            ("content-length", str(len(payload))),
+            ("server", SERVER_HEADER),
+            *reply.headers,
+        ]
+        if reply.status >= 400 and reply.status not in (401, 403, 404, 405):
+            headers.append(("connection", "close"))
+        data = conn.send(h11.Response(status_code=reply.status, headers=headers)) or b""
+        if not head:  # HEAD: the headers GET would have, content-length included
+            data += conn.send(h11.Data(data=payload)) or b""
+        data += conn.send(h11.EndOfMessage()) or b""
+        with trio.fail_after(self.options.request_timeout):  # a peer that never reads
+            await stream.send_all(data)
+
+
+@dataclass(slots=True)
+class _Cycle:
+    """What is known of the request being read: enough to answer even a broken one right."""
+
+    request: h11.Request | None = None
+
+    @property
+    def method(self) -> str | None:
+        return None if self.request is None else self.request.method.decode("ascii", "replace")
+
+
+class _BodyTooLarge(Exception):
+    pass
+
+
+def _who(reply: Reply, cert: x509.Certificate | None) -> str | None:
+    """The identity a request was about, for its log line: the one issued, or the caller's.
+
+    Never the token: a failed enrollment names no one.
+    """
+    issued = reply.body.get("spiffe_id")
+    if isinstance(issued, str):
+        return issued
+    if cert is None:
+        return None
+    try:
+        return str(leaf_spiffe_id(cert))
+    except MeshIdError:
+        return None
+
+
+def _method_reply(method: str, path: str) -> Reply | None:
+    """405 (with Allow) or 501 for a method the path or the server does not take."""
+    allowed = ROUTES.get(path)
+    if allowed is None or method in allowed:
+        return None  # an unknown path is ca.api's 404
+    if method not in KNOWN_METHODS:
+        return error(501, "not_implemented", "this server does not implement that method")
+    return error(
+        405, "method_not_allowed", f"{method} is not allowed here", allow=", ".join(allowed)
+    )
+
+
+def _content_length(headers: Sequence[tuple[bytes, bytes]]) -> int | None:
+    for name, value in headers:
+        if name == b"content-length":
+            try:
+                return int(value)
+            except ValueError:
+                return None
+    return None

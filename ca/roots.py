@@ -1,0 +1,436 @@
+"""Roots and their rollover: the bundle, the signing root and its key, rotation.
+
+Theory of operation: a rotation publishes a `next` root in the bundle at once and
+lets it sign only after the propagation delay and, unless released, once every
+live sidecar reported holding that bundle. `advance_roots` runs on the signing
+path (at most once a second) and moves `next` to `active`, the old active root to
+`retiring`, and a retiring root whose last SVID expired to `retired`. A root key
+is read only to sign and is held to the protection of the first key.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import math
+import sqlite3
+from collections.abc import Iterator
+from contextlib import contextmanager
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+from cryptography import x509
+
+from ca.authority_base import AuthorityBase
+from ca.rootlife import ActiveRoot, PendingRoot
+from ca.store import Store
+from ca.values import (
+    _PEM_HEAD,
+    BUNDLE_FILE,
+    BUNDLE_RECHECK,
+    REPORT_FRESH,
+    SIGNER_RECHECK,
+    _is_encrypted,
+    _write_private,
+    printable,
+)
+from meshid.bundle import TrustBundle
+from meshid.errors import (
+    InvalidSvid,
+    MeshIdError,
+    PolicyError,
+    StateError,
+    StorageUnavailable,
+)
+from meshid.files import write_atomic
+from meshid.report import parse_report
+from meshid.svid import (
+    PrivateKey,
+    build_root,
+    certs_from_pem,
+    certs_to_pem,
+    generate_key,
+    key_from_pem,
+    key_to_pem,
+)
+
+
+class Roots(AuthorityBase):
+    # -- roots and the bundle --
+
+    def bundle(self) -> TrustBundle:
+        """The published roots; parsed again only when the sequence moves.
+
+        Outside a transaction, the sequence itself is looked at again at most
+        every BUNDLE_RECHECK seconds: a busy control plane asks for it several
+        times per signature, and roots change on a scale of minutes.
+        """
+        now = self._clock.monotonic()
+        if (
+            self._bundle_cache is not None
+            and not self.store.in_transaction
+            and now - self._bundle_checked < BUNDLE_RECHECK
+        ):
+            return self._bundle_cache
+        self._bundle_checked = now
+        with self.store.read() as conn:
+            sequence = Store.counter(conn, "bundle_sequence")
+            if self._bundle_cache is not None and self._bundle_cache.sequence == sequence:
+                return self._bundle_cache
+            rows = conn.execute(
+                "SELECT cert_pem FROM roots WHERE state IN ('next', 'active', 'retiring') "
+                "ORDER BY generation"
+            ).fetchall()
+        roots = [c for (pem,) in rows for c in certs_from_pem(pem.encode(), "root")]
+        self._bundle_cache = TrustBundle(self.trust_domain, tuple(roots), sequence)
+        return self._bundle_cache
+
+    def signer(self) -> tuple[int, x509.Certificate, PrivateKey]:
+        """The active root and its key; the key file is read on first use.
+
+        The roots are looked at again at most once a second of the authority's
+        clock: a root changes state on a schedule of minutes, and a busy
+        control plane signs hundreds of SVIDs a second.
+        """
+        now = self._now()
+        if (
+            self._signer_cache is not None
+            and self._signer_checked is not None
+            and self._signer_checked <= now < self._signer_checked + SIGNER_RECHECK
+        ):
+            return self._signer_cache
+        self.advance_roots()
+        self._signer_checked = now
+        with self.store.read() as conn:
+            row = conn.execute(
+                "SELECT generation, cert_pem, key_file FROM roots WHERE state = 'active'"
+            ).fetchone()
+        if row is None:
+            raise StateError("the authority has no active root; its database is damaged")
+        generation, cert_pem, key_file = int(row[0]), str(row[1]), str(row[2])
+        if self._signer_cache is not None and self._signer_cache[0] == generation:
+            return self._signer_cache
+        cert = certs_from_pem(cert_pem.encode(), "root")[0]
+        key = self._load_key(self.state_dir / key_file)
+        self._signer_cache = (generation, cert, key)
+        return self._signer_cache
+
+    def _load_key(self, path: Path) -> PrivateKey:
+        """One root key, held to the protection the authority's first key set.
+
+        The file itself says whether it is encrypted; on an authority whose
+        keys are encrypted, a plaintext one (written by hand, or by a rotation
+        of an older version) is refused rather than signed with.
+        """
+        try:
+            data = path.read_bytes()
+        except OSError as exc:
+            raise StateError(f"cannot read root key {path}: {exc.strerror}") from None
+        encrypted = _is_encrypted(data)
+        if self.key_encrypted and not encrypted:
+            raise StateError(
+                f"root key {path.name} is not encrypted though this authority's keys are; "
+                "encrypt it with the passphrase before it signs",
+                reason="key_unprotected",
+            )
+        if encrypted and self._passphrase is None:
+            raise StateError(
+                "the root key is encrypted: give its passphrase with --passphrase-file "
+                "or MESHID_CA_PASSPHRASE",
+                reason="passphrase_required",
+            )
+        try:
+            return key_from_pem(data, self._passphrase if encrypted else None, "root key")
+        except InvalidSvid as exc:
+            raise StateError(exc.message, reason=exc.reason) from None
+
+    def _key_problem(self, conn: sqlite3.Connection, generation: int) -> str | None:
+        """Why root `generation`'s key could not sign, as far as can be told without
+        decrypting it: missing, unreadable, or less protected than the authority's keys."""
+        row = conn.execute(
+            "SELECT key_file FROM roots WHERE generation = ?", (generation,)
+        ).fetchone()
+        if row is None:
+            return f"root {generation} is not in the database"
+        path = self.state_dir / str(row[0])
+        try:
+            with open(path, "rb") as handle:
+                head = handle.read(_PEM_HEAD)
+        except OSError as exc:
+            return f"cannot read root key {path.name}: {exc.strerror}"
+        if self.key_encrypted and not _is_encrypted(head):
+            return f"root key {path.name} is not encrypted though this authority's keys are"
+        return None
+
+    def next_root_problem(self) -> str | None:
+        """Why a root waiting to activate could not take over, if its key is unusable."""
+        with self.store.read() as conn:
+            row = conn.execute("SELECT generation FROM roots WHERE state = 'next'").fetchone()
+            return None if row is None else self._key_problem(conn, int(row[0]))
+
+    def _new_key_protection(self, conn: sqlite3.Connection) -> bytes | None:
+        """The passphrase a new root key is written under: the one the active key opens with.
+
+        A new key is never less protected than the existing ones: on an
+        encrypted authority a missing or wrong passphrase refuses the action
+        before any file is written.
+        """
+        if not self.key_encrypted:
+            return None
+        row = conn.execute("SELECT key_file FROM roots WHERE state = 'active'").fetchone()
+        if row is None:
+            raise StateError("the authority has no active root; its database is damaged")
+        self._load_key(self.state_dir / str(row[0]))  # proves the passphrase, or refuses
+        return self._passphrase
+
+    # -- root rollover --
+
+    def rotate(self, propagation: timedelta, *, wait_for_acks: bool = True) -> tuple[int, datetime]:
+        """Publish a next root now; it starts signing after `propagation`.
+
+        Sidecars learn the new root from the bundle feed before any SVID it
+        signs exists, so no peer ever sees a certificate it cannot verify.
+        """
+        now = self._now()
+        with self.store.read() as conn:
+            pending = conn.execute("SELECT generation FROM roots WHERE state = 'next'").fetchone()
+            root_ttl = timedelta(seconds=int(Store.setting(conn, "root_ttl")))
+            last = conn.execute("SELECT MAX(generation) FROM roots").fetchone()
+            protection = self._new_key_protection(conn)
+        if pending is not None:
+            raise PolicyError(
+                f"root {pending[0]} is already waiting to take over; a rollover is in progress",
+                reason="rotation_in_progress",
+            )
+        generation = int(last[0]) + 1
+        key = generate_key()
+        root = build_root(
+            self.trust_domain,
+            key,
+            not_before=now - timedelta(minutes=5),
+            not_after=now + root_ttl,
+            generation=generation,
+        )
+        key_file = f"keys/root-{generation}.key"
+        path = self.state_dir / key_file
+        try:
+            path.unlink(missing_ok=True)  # an orphan of a rotation whose commit failed
+            _write_private(path, key_to_pem(key, protection))
+        except OSError as exc:
+            path.unlink(missing_ok=True)
+            raise StorageUnavailable(f"cannot write root key {key_file}: {exc.strerror}") from None
+        activate_at = now + propagation
+        try:
+            self._publish_root(generation, root, key_file, now, activate_at, wait_for_acks)
+        except BaseException:
+            path.unlink(missing_ok=True)  # the database does not know this key: drop it
+            raise
+        self._signer_checked = None  # a zero propagation delay takes effect at once
+        self._bundle_checked = -math.inf
+        self.write_bundle_file()
+        return generation, activate_at
+
+    def _publish_root(
+        self,
+        generation: int,
+        root: x509.Certificate,
+        key_file: str,
+        now: datetime,
+        activate_at: datetime,
+        wait_for_acks: bool,
+    ) -> None:
+        with self.store.write() as conn:
+            sequence = Store.bump(conn, "bundle_sequence")
+            conn.execute(
+                "INSERT INTO roots (generation, cert_pem, key_file, state, not_after, created_at, "
+                "activate_at, published_sequence, wait_for_acks) "
+                "VALUES (?, ?, ?, 'next', ?, ?, ?, ?, ?)",
+                (
+                    generation,
+                    certs_to_pem([root]).decode(),
+                    key_file,
+                    root.not_valid_after_utc.timestamp(),
+                    now.timestamp(),
+                    activate_at.timestamp(),
+                    sequence,
+                    1 if wait_for_acks else 0,
+                ),
+            )
+            self.store.audit(
+                conn,
+                now.timestamp(),
+                "root_published",
+                generation=generation,
+                root_serial=f"{root.serial_number:x}",
+                activate_at=activate_at.isoformat(),
+                bundle_sequence=sequence,
+            )
+
+    def advance_roots(self) -> bool:
+        """Activate a next root whose time has come; retire roots whose last SVID expired.
+
+        Returns True when the bundle changed. Cheap when there is nothing to do.
+        """
+        now = self._now().timestamp()
+        with self.store.read() as conn:
+            due = conn.execute(
+                "SELECT generation, published_sequence, wait_for_acks FROM roots "
+                "WHERE state = 'next' AND activate_at <= ?",
+                (now,),
+            ).fetchone()
+            if due is not None and due[2] and self._lagging(conn, int(due[1] or 0), now):
+                due = None  # a live sidecar has not confirmed the new bundle yet
+            if due is not None and self._key_problem(conn, int(due[0])) is not None:
+                due = None  # the old root keeps signing; `meshid ca status` says why
+            retiring = conn.execute(
+                "SELECT r.generation FROM roots r WHERE r.state = 'retiring' AND "
+                "COALESCE((SELECT MAX(not_after) FROM svids s WHERE s.generation = r.generation),"
+                " 0) <= ?",
+                (now,),
+            ).fetchall()
+        if due is None and not retiring:
+            return False
+        self._signer_checked = None  # the active root may change here
+        self._bundle_checked = -math.inf
+        changed = False
+        with self.store.write() as conn:
+            if due is not None:
+                old = conn.execute("SELECT generation FROM roots WHERE state = 'active'").fetchone()
+                conn.execute(
+                    "UPDATE roots SET state = 'retiring' WHERE state = 'active'",
+                )
+                updated = conn.execute(
+                    "UPDATE roots SET state = 'active' WHERE generation = ? AND state = 'next'",
+                    (due[0],),
+                ).rowcount
+                if updated:
+                    self.store.audit(
+                        conn,
+                        now,
+                        "root_activated",
+                        generation=int(due[0]),
+                        previous=int(old[0]) if old else None,
+                    )
+            for (generation,) in retiring:
+                updated = conn.execute(
+                    "UPDATE roots SET state = 'retired' WHERE generation = ? "
+                    "AND state = 'retiring' AND COALESCE("
+                    "(SELECT MAX(not_after) FROM svids WHERE generation = ?), 0) <= ?",
+                    (generation, generation, now),
+                ).rowcount
+                if updated:
+                    sequence = Store.bump(conn, "bundle_sequence")
+                    self.store.audit(
+                        conn, now, "root_retired", generation=generation, bundle_sequence=sequence
+                    )
+                    changed = True
+        if changed:
+            self.write_bundle_file()
+        return changed
+
+    # -- what sidecars report --
+
+    @staticmethod
+    def _lagging(conn: sqlite3.Connection, sequence: int, now: float) -> list[str]:
+        """Live sidecars whose last report holds a bundle older than `sequence`.
+
+        A stored report that no longer parses counts as lagging: a rollover
+        waits rather than assume what it cannot read.
+        """
+        rows = conn.execute(
+            "SELECT instance, spiffe_id, report FROM reports WHERE seen_at >= ? "
+            "ORDER BY spiffe_id, instance",
+            (now - REPORT_FRESH.total_seconds(),),
+        ).fetchall()
+        lagging = []
+        for instance, sid, text in rows:
+            try:
+                held = parse_report(json.loads(text)).bundle_sequence
+            except (MeshIdError, ValueError, TypeError, RecursionError):
+                held = -1
+            if held < sequence:
+                lagging.append(f"{printable(str(sid))} ({printable(str(instance))})")
+        return lagging
+
+    def rotation_status(self) -> tuple[int, list[str]] | None:
+        """(generation, sidecars not yet holding it) for a root waiting to activate."""
+        with self.store.read() as conn:
+            row = conn.execute(
+                "SELECT generation, published_sequence FROM roots WHERE state = 'next'"
+            ).fetchone()
+            if row is None:
+                return None
+            return int(row[0]), self._lagging(conn, int(row[1] or 0), self._now().timestamp())
+
+    # -- the root's own lifetime (the schedule is ca/rootlife.py) --
+
+    def root_lifecycle(self) -> tuple[ActiveRoot, PendingRoot | None]:
+        """The active root's life, and the root waiting to take over, if any."""
+        with self.store.read() as conn:
+            row = conn.execute(
+                "SELECT generation, created_at, not_after FROM roots WHERE state = 'active'"
+            ).fetchone()
+            nxt = conn.execute(
+                "SELECT generation, activate_at, created_at, wait_for_acks FROM roots "
+                "WHERE state = 'next'"
+            ).fetchone()
+        if row is None:
+            raise StateError("the authority has no active root; its database is damaged")
+        active = ActiveRoot(
+            int(row[0]), datetime.fromtimestamp(row[1], UTC), datetime.fromtimestamp(row[2], UTC)
+        )
+        if nxt is None:
+            return active, None
+        at = nxt[1] if nxt[1] is not None else nxt[2]
+        return active, PendingRoot(int(nxt[0]), datetime.fromtimestamp(at, UTC), bool(nxt[3]))
+
+    def rotate_unless_pending(
+        self, propagation: timedelta, *, wait_for_acks: bool
+    ) -> tuple[int, datetime] | None:
+        """`rotate`, unless a next root is already published (then None).
+
+        Several server workers may decide to rotate in the same second: under
+        `rotation_lock` one of them does it and the others see it done.
+        """
+        with self.rotation_lock():
+            with self.store.read() as conn:
+                pending = conn.execute("SELECT 1 FROM roots WHERE state = 'next'").fetchone()
+            if pending is not None:
+                return None
+            return self.rotate(propagation, wait_for_acks=wait_for_acks)
+
+    @contextmanager
+    def rotation_lock(self) -> Iterator[None]:
+        """Held around `rotate`: two rotations at once would pick the same generation
+        and one would overwrite the other's key file."""
+        with open(self.state_dir / ".rotate.lock", "a") as handle:
+            fcntl.flock(handle, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(handle, fcntl.LOCK_UN)
+
+    def release_next_root(self, reason: str) -> int | None:
+        """Let the waiting root activate now, whether or not every sidecar confirmed it.
+
+        For when the active root is about to expire: past that, no SVID it
+        signed verifies anywhere, so waiting for a laggard helps nobody.
+        """
+        now = self._now().timestamp()
+        with self.store.write() as conn:
+            row = conn.execute("SELECT generation FROM roots WHERE state = 'next'").fetchone()
+            if row is None:
+                return None
+            conn.execute(
+                "UPDATE roots SET wait_for_acks = 0, "
+                "activate_at = MIN(COALESCE(activate_at, ?), ?) WHERE state = 'next'",
+                (now, now),
+            )
+            self.store.audit(conn, now, "root_released", generation=int(row[0]), reason=reason)
+        self._signer_checked = None
+        return int(row[0])
+
+    def write_bundle_file(self) -> None:
+        with contextlib.suppress(OSError):
+            write_atomic(self.state_dir / BUNDLE_FILE, self.bundle().to_pem())
