@@ -38,6 +38,7 @@ from meshid.svid import certs_to_pem, generate_key, key_to_pem
 from sidecar.dynamic import build_csr
 
 TD = TrustDomain("bench.example")
+SOURCES = 8  # client source addresses, 127.0.0.2 up
 PIPELINE = 4  # renewals in flight per connection
 MESHID = str(Path(sys.executable).with_name("meshid"))
 
@@ -98,7 +99,10 @@ async def _client(
     always sends Content-Length), so it reads those itself rather than spend
     on a full HTTP parser the CPU that the server under test needs.
     """
-    tcp = await trio.open_tcp_stream("127.0.0.1", port)
+    # Sidecars connect from many hosts; the control plane caps connections still
+    # in their handshake per source address, so the clients spread over 127/8.
+    source = f"127.0.0.{2 + index % SOURCES}"
+    tcp = await trio.open_tcp_stream("127.0.0.1", port, local_address=source)
     stream = trio.SSLStream(tcp, ctx, server_hostname=None)
     pending = b""
     try:
