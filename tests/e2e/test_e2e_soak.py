@@ -49,6 +49,7 @@ PROBE_EVERY = 2.0
 
 
 @pytest.mark.slow  # about 3 min 10 s
+@pytest.mark.alone  # bundle and policy propagation within 2 s, not on a crowded machine
 @pytest.mark.timeout(280)
 async def test_three_minutes_of_traffic_across_renewals_and_a_root_rollover(
     mesh: Mesh, app: Addr
