@@ -23,12 +23,13 @@ import json
 import socket
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 
 import trio
 from OpenSSL import SSL, crypto
 
 from meshid import report as report_limits
+from meshid.clock import Clock
 from meshid.errors import MeshIdError
 from meshid.policy import IDENTITY_REVOKED, Policy
 from meshid.spiffeid import SpiffeId
@@ -44,9 +45,10 @@ from sidecar.metrics import Gauges, Metrics
 from sidecar.peer import (
     INBOUND,
     OUTBOUND,
-    X509_CERT_NOT_YET_VALID,
     LeafFacts,
     Verdict,
+    asn1_time,
+    ca_time_verdict,
     chain_error_verdict,
     judge_facts,
     leaf_facts,
@@ -57,11 +59,6 @@ from sidecar.quarantine import ADDRESS, QUARANTINED, SPIFFE_ID, Quarantine
 from sidecar.registry import LiveConnection, Registry
 from sidecar.static import load_policy, load_svid, stamp
 from sidecar.tlsio import TlsStream, handshake_failure_reason
-
-
-def utcnow() -> datetime:
-    return datetime.now(UTC)
-
 
 INTERNAL_ERROR = "internal_error"
 ACCEPT_BACKOFF = 0.1  # seconds to wait after accept() failed in a way we did not foresee
@@ -118,7 +115,7 @@ class Sidecar:
         config: SidecarConfig,
         *,
         events: EventLog | None = None,
-        wall: Callable[[], datetime] = utcnow,
+        clock: Clock | None = None,
         reload_interval: float = 1.0,
         sweep_interval: float = 1.0,
         pacing: Pacing | None = None,
@@ -129,7 +126,8 @@ class Sidecar:
         self.identity = config.identity
         self.limits = config.limits
         self.events = events if events is not None else EventLog()
-        self.wall = wall
+        self.clock = clock if clock is not None else Clock()
+        self.wall = self.clock.wall  # the one wall clock: OpenSSL checks no times itself
         self.reload_interval = reload_interval
         self.sweep_interval = sweep_interval
         self.registry = Registry()
@@ -245,19 +243,22 @@ class Sidecar:
         if not isinstance(hs, Handshake):
             return False
         try:
-            td = self.identity.trust_domain
             if not ok:
                 leaf = cert.to_cryptography() if depth == 0 else None
-                if (
-                    errnum == X509_CERT_NOT_YET_VALID
-                    and leaf is not None
-                    and leaf.not_valid_before_utc - self.wall() <= self.skew
-                ):
-                    return True  # within the clock skew we tolerate
                 if hs.verdict is None:
-                    hs.verdict = chain_error_verdict(leaf, errnum, td)
+                    hs.verdict = chain_error_verdict(leaf, errnum, self.identity.trust_domain)
                 return False
             if depth > 0:
+                # OpenSSL checks no times (X509_V_FLAG_NO_CHECK_TIME): ours, on our clock.
+                late = ca_time_verdict(
+                    asn1_time(cert.get_notBefore()),
+                    asn1_time(cert.get_notAfter()),
+                    self.wall(),
+                    self.skew,
+                )
+                if late is not None:
+                    hs.verdict = late
+                    return False
                 return True
             hs.verdict = judge_facts(
                 self._leaf_facts(cert),

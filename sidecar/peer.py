@@ -9,8 +9,9 @@ every connection), the expected upstream identity, and the allow-list.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 
 from cryptography import x509
 
@@ -92,6 +93,35 @@ def chain_error_verdict(
     return Verdict(
         False, "invalid_certificate", f"{who}: certificate rejected (code {code})", claimed
     )
+
+
+@functools.lru_cache(maxsize=256)  # CA certificates: a handful, seen on every handshake
+def asn1_time(raw: bytes | None) -> datetime | None:
+    """OpenSSL's `YYYYMMDDhhmmssZ` as an aware datetime; None when absent or malformed."""
+    if raw is None:
+        return None
+    try:
+        return datetime.strptime(raw.decode("ascii"), "%Y%m%d%H%M%SZ").replace(tzinfo=UTC)
+    except (UnicodeDecodeError, ValueError):
+        return None
+
+
+def ca_time_verdict(
+    not_before: datetime | None,
+    not_after: datetime | None,
+    now: datetime,
+    skew: timedelta = timedelta(0),
+) -> Verdict | None:
+    """A CA certificate in a peer's chain judged on our clock (OpenSSL's check is off)."""
+    if not_before is None or not_after is None:
+        return Verdict(False, "invalid_certificate", "a CA certificate has unreadable validity")
+    if now > not_after:
+        return Verdict(False, "expired", "a CA certificate in the peer's chain has expired")
+    if now + skew < not_before:
+        return Verdict(
+            False, "not_yet_valid", "a CA certificate in the peer's chain is not valid yet"
+        )
+    return None
 
 
 @dataclass(frozen=True, slots=True)
