@@ -50,6 +50,7 @@ from sidecar.peer import (
     asn1_time,
     ca_time_verdict,
     chain_error_verdict,
+    decide_pair,
     judge_facts,
     leaf_facts,
 )
@@ -211,10 +212,7 @@ class Sidecar:
         def now_denied(entry: LiveConnection) -> str | None:
             if entry.peer_id is None:
                 return None
-            if entry.direction == INBOUND:
-                decision = policy.decide(entry.peer_id, self.identity)
-            else:
-                decision = policy.decide(self.identity, entry.peer_id)
+            decision = decide_pair(policy, entry.direction, self.identity, entry.peer_id)
             if decision.allowed:
                 return None
             return "identity_revoked" if decision.reason == IDENTITY_REVOKED else "policy_revoked"
@@ -469,12 +467,7 @@ class Sidecar:
         elif verdict.allowed and verdict.peer_id is not None:
             # The callback judged under the policy of that moment; install_policy skips
             # connections still in their handshake, so judge the pair again under today's.
-            pair = (
-                (verdict.peer_id, self.identity)
-                if hs.direction == INBOUND
-                else (self.identity, verdict.peer_id)
-            )
-            decision = self.policy.decide(*pair)
+            decision = decide_pair(self.policy, hs.direction, self.identity, verdict.peer_id)
             if not decision.allowed:
                 verdict = Verdict(
                     False,
@@ -554,7 +547,7 @@ class Sidecar:
     async def _outbound(
         self, app: socket.socket, entry: LiveConnection, route: Outbound
     ) -> tuple[socket.socket | None, TlsStream | None]:
-        decision = self.policy.decide(self.identity, route.identity)
+        decision = decide_pair(self.policy, OUTBOUND, self.identity, route.identity)
         if not decision.allowed:
             self._deny(
                 entry,

@@ -16,7 +16,7 @@ from datetime import UTC, datetime, timedelta
 from cryptography import x509
 
 from meshid.errors import InvalidSvid
-from meshid.policy import Policy
+from meshid.policy import Decision, Policy
 from meshid.spiffeid import SpiffeId, TrustDomain
 from meshid.svid import check_leaf_profile, uri_sans
 
@@ -46,6 +46,17 @@ _UNTRUSTED = frozenset(
         X509_UNABLE_TO_VERIFY_LEAF_SIGNATURE,
     }
 )
+
+
+def decide_pair(policy: Policy, direction: str, local_id: SpiffeId, peer: SpiffeId) -> Decision:
+    """The allow-list decision for one connection: the one place its order is written.
+
+    Inbound, the peer opens a connection to us (peer -> local); outbound, we
+    open one to the peer (local -> peer).
+    """
+    if direction == INBOUND:
+        return policy.decide(peer, local_id)
+    return policy.decide(local_id, peer)
 
 
 @dataclass(frozen=True, slots=True)
@@ -188,17 +199,14 @@ def judge_facts(
         return Verdict(
             False, "not_yet_valid", f"{peer} certificate is not valid yet", peer, serial, not_after
         )
-    if direction == OUTBOUND:
-        if expected is not None and peer != expected:
-            return Verdict(
-                False,
-                "wrong_identity",
-                f"upstream presented {peer}, expected {expected}",
-                peer,
-                serial,
-                not_after,
-            )
-        decision = policy.decide(local_id, peer)
-    else:
-        decision = policy.decide(peer, local_id)
+    if direction == OUTBOUND and expected is not None and peer != expected:
+        return Verdict(
+            False,
+            "wrong_identity",
+            f"upstream presented {peer}, expected {expected}",
+            peer,
+            serial,
+            not_after,
+        )
+    decision = decide_pair(policy, direction, local_id, peer)
     return Verdict(decision.allowed, decision.reason, decision.explanation, peer, serial, not_after)

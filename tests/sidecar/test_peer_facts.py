@@ -15,10 +15,12 @@ from meshid.policy import Policy
 from meshid.spiffeid import SpiffeId, TrustDomain
 from sidecar.peer import (
     INBOUND,
+    OUTBOUND,
     LeafFacts,
     Verdict,
     asn1_time,
     ca_time_verdict,
+    decide_pair,
     judge_facts,
     leaf_facts,
 )
@@ -86,3 +88,12 @@ def test_ca_certificates_are_judged_on_our_clock() -> None:
     assert ca_time_verdict(nb, na, within_skew, timedelta(seconds=60)) is None
     bad = ca_time_verdict(None, na, inside)
     assert bad is not None and bad.reason == "invalid_certificate"
+
+
+def test_the_pair_order_follows_the_direction() -> None:
+    """Inbound the peer connects to us, outbound we connect to the peer."""
+    one_way = Policy.build([(WEB, API)], 3)
+    assert decide_pair(one_way, INBOUND, API, WEB).allowed
+    assert not decide_pair(one_way, OUTBOUND, API, WEB).allowed
+    assert decide_pair(one_way, OUTBOUND, WEB, API).allowed
+    assert not decide_pair(one_way, INBOUND, WEB, API).allowed
