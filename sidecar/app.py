@@ -16,9 +16,7 @@ stop accepting, let live connections finish up to `drain_timeout`, then cut.
 
 from __future__ import annotations
 
-import errno
 import functools
-import ipaddress
 import json
 import socket
 from collections.abc import Awaitable, Callable
@@ -58,47 +56,23 @@ from sidecar.proxyproto import encode_v2
 from sidecar.pump import Pump, StreamAborted, reset
 from sidecar.quarantine import ADDRESS, QUARANTINED, SPIFFE_ID, Quarantine
 from sidecar.registry import LiveConnection, Registry
+from sidecar.sockets import (
+    ACCEPT_BACKOFF,
+    ACCEPT_EXHAUSTED,
+    ACCEPT_TRANSIENT,
+    accept,
+    bind,
+    connect,
+    fmt_addr,
+    host_of,
+    linger,
+    send_plain,
+)
 from sidecar.static import load_policy, load_svid, stamp
 from sidecar.tlsio import TlsStream, handshake_failure_reason
 
 INTERNAL_ERROR = "internal_error"
-ACCEPT_BACKOFF = 0.1  # seconds to wait after accept() failed in a way we did not foresee
-# accept(2) on Linux: errors of the connection being accepted, to be retried like EAGAIN
-_ACCEPT_TRANSIENT = frozenset(
-    {
-        errno.ECONNABORTED,
-        errno.EPROTO,
-        errno.EPERM,
-        errno.ENETDOWN,
-        errno.ENOPROTOOPT,
-        errno.EHOSTDOWN,
-        errno.EHOSTUNREACH,
-        errno.EOPNOTSUPP,
-        errno.ENETUNREACH,
-        errno.ENONET,
-    }
-)
-_ACCEPT_EXHAUSTED = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
 FACTS_CACHE = 4096  # peer certificates whose facts are remembered (a few hundred bytes each)
-
-
-def _host_of(peer_addr: str) -> str:
-    host = peer_addr.rsplit(":", 1)[0]
-    return host[1:-1] if host.startswith("[") else host
-
-
-def _fmt_addr(addr: tuple[str, int] | tuple[str, int, int, int]) -> str:
-    host, port = addr[0], addr[1]
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-
-
-@functools.lru_cache(maxsize=256)  # hosts come from the config: a handful, asked per connection
-def _is_ip(host: str) -> bool:
-    try:
-        ipaddress.ip_address(host)
-    except ValueError:
-        return False
-    return True
 
 
 @dataclass(slots=True)
@@ -346,7 +320,7 @@ class Sidecar:
             verdict.reason,
             proved=proved,
             identity=str(verdict.peer_id) if verdict.peer_id is not None else None,
-            address=_host_of(entry.peer_addr),
+            address=host_of(entry.peer_addr),
             now=trio.current_time(),
         )
         if tipped is not None:
@@ -410,25 +384,8 @@ class Sidecar:
 
     # -- connection handling ---------------------------------------------------
 
-    async def _connect(self, addr: Address) -> socket.socket:
-        """A non-blocking TCP connection to `addr`, within connect_timeout. Raises OSError."""
-        if _is_ip(addr.host):
-            family = socket.AF_INET6 if ":" in addr.host else socket.AF_INET
-            targets: list[tuple[socket.AddressFamily, tuple[str, int]]] = [
-                (family, (addr.host, addr.port))
-            ]
-        else:
-            infos = await trio.socket.getaddrinfo(addr.host, addr.port, type=socket.SOCK_STREAM)
-            targets = [(info[0], info[4][:2]) for info in infos]  # type: ignore[misc]
-        last: OSError = OSError(errno.EHOSTUNREACH, "no address")
-        with trio.move_on_after(self.limits.connect_timeout):
-            for family, sockaddr in targets:
-                try:
-                    return await _connect_one(family, sockaddr)
-                except OSError as exc:
-                    last = exc
-            raise last
-        raise OSError(errno.ETIMEDOUT, "connect timed out")
+    async def _connect_to(self, addr: Address) -> socket.socket:
+        return await connect(addr, self.limits.connect_timeout)
 
     async def _handshake(
         self, tls: TlsStream, hs: Handshake, entry: LiveConnection
@@ -444,7 +401,7 @@ class Sidecar:
                     verdict = Verdict(False, reason, f"TLS handshake failed: {reason}")
                 self._deny(entry, verdict)
                 if hs.direction == INBOUND:
-                    await _linger(tls.sock)
+                    await linger(tls.sock)
                 return None
         if timer.cancelled_caught:
             self._deny(entry, Verdict(False, "handshake_timeout", "TLS handshake took too long"))
@@ -528,13 +485,13 @@ class Sidecar:
                 raise StreamAborted("peer_reset") from None
             header = encode_v2(peer[:2], local, str(verdict.peer_id))
         try:
-            app = await self.metrics.timed_connect(INBOUND, self._connect(listener.forward))
+            app = await self.metrics.timed_connect(INBOUND, self._connect_to(listener.forward))
         except OSError:
             entry.close_reason = "app_unreachable"
             return None, tls
         if header:
             try:
-                await _send_plain(app, header)
+                await send_plain(app, header)
             except OSError:
                 reset(app)
                 entry.close_reason = "app_unreachable"
@@ -558,7 +515,7 @@ class Sidecar:
         gen = self.generation
         assert gen is not None
         try:
-            up = await self.metrics.timed_connect(OUTBOUND, self._connect(route.upstream))
+            up = await self.metrics.timed_connect(OUTBOUND, self._connect_to(route.upstream))
         except OSError as exc:
             self._deny(
                 entry,
@@ -612,7 +569,7 @@ class Sidecar:
         Only `Exception` is caught: `trio.Cancelled` (and a group holding one,
         which is a BaseExceptionGroup) goes on up.
         """
-        peer_addr = _fmt_addr(peer)
+        peer_addr = fmt_addr(peer)
         entry: LiveConnection | None = None
         try:
             if self._refused_at_accept(sock, peer, direction, peer_addr):
@@ -748,22 +705,6 @@ class Sidecar:
 
     # -- listeners -------------------------------------------------------------
 
-    @staticmethod
-    def _bind(addr: Address) -> socket.socket:
-        family = socket.AF_INET6 if ":" in addr.host else socket.AF_INET
-        sock = socket.socket(family, socket.SOCK_STREAM)
-        try:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            sock.bind((addr.host, addr.port))
-            sock.listen(4096)
-        except OSError as exc:
-            sock.close()
-            raise MeshIdError(
-                f"cannot listen on {addr}: {exc.strerror}", reason="listen_failed"
-            ) from None
-        sock.setblocking(False)
-        return sock
-
     async def _accept_loop(
         self,
         lsock: socket.socket,
@@ -776,14 +717,14 @@ class Sidecar:
         with scope:
             while True:
                 try:
-                    sock, peer = _accept(lsock)
+                    sock, peer = accept(lsock)
                 except BlockingIOError:
                     await trio.lowlevel.wait_readable(lsock)
                     continue
                 except OSError as exc:
-                    if exc.errno in _ACCEPT_TRANSIENT:
+                    if exc.errno in ACCEPT_TRANSIENT:
                         continue  # that connection is gone already; the next may be fine
-                    if exc.errno in _ACCEPT_EXHAUSTED:
+                    if exc.errno in ACCEPT_EXHAUSTED:
                         self.events.emit("accept_failed", reason="resource_exhausted")
                         await trio.sleep(0.1)  # let connections close before accepting more
                         continue
@@ -920,7 +861,7 @@ class Sidecar:
                         self.route,
                     )
                     self.bound["admin"] = admin[0].socket.getsockname()[:2]
-                    self.events.emit("admin_listening", listen=_fmt_addr(self.bound["admin"]))
+                    self.events.emit("admin_listening", listen=fmt_addr(self.bound["admin"]))
                 try:
                     await self._serve(task_status)
                 except MeshIdError as exc:
@@ -956,11 +897,11 @@ class Sidecar:
         listeners: list[tuple[socket.socket, Callable[..., Awaitable[None]], str]] = []
         try:
             for i, ib in enumerate(self.config.inbound):
-                lsock = self._bind(ib.listen)
+                lsock = bind(ib.listen)
                 self.bound[f"inbound[{i}]"] = lsock.getsockname()[:2]
                 listeners.append((lsock, self._inbound_handler(ib), INBOUND))
             for i, ob in enumerate(self.config.outbound):
-                lsock = self._bind(ob.listen)
+                lsock = bind(ob.listen)
                 self.bound[f"outbound[{i}]"] = lsock.getsockname()[:2]
                 listeners.append((lsock, self._outbound_handler(ob), OUTBOUND))
             async with trio.open_nursery() as nursery:
@@ -980,7 +921,7 @@ class Sidecar:
                     "started",
                     version=VERSION,
                     spiffe_id=str(self.identity),
-                    listeners={k: _fmt_addr(v) for k, v in self.bound.items()},
+                    listeners={k: fmt_addr(v) for k, v in self.bound.items()},
                 )
                 task_status.started(self)
                 await self._drain.wait()
@@ -1034,72 +975,3 @@ class Sidecar:
             )
 
         return handle
-
-
-def _accept(lsock: socket.socket) -> tuple[socket.socket, tuple[str, int]]:
-    """One accepted connection, non-blocking, with Nagle off. BlockingIOError: none waiting."""
-    sock, peer = lsock.accept()
-    try:
-        sock.setblocking(False)
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    except OSError:  # some kernels refuse options on a connection reset before we saw it
-        sock.close()
-        raise OSError(errno.ECONNABORTED, "connection aborted before it was set up") from None
-    except BaseException:
-        sock.close()
-        raise
-    return sock, peer
-
-
-async def _linger(sock: socket.socket, seconds: float = 1.0, limit: int = 65536) -> None:
-    """Let the alert we just sent reach the peer before the socket closes.
-
-    Closing a socket with unread bytes (the client's Finished, its first
-    request) makes the kernel send a reset, which can overtake the alert: the
-    refused client would see "connection reset" instead of why. So: FIN after
-    the alert, then read and discard what is in flight, briefly and boundedly.
-    """
-    try:
-        sock.shutdown(socket.SHUT_WR)
-    except OSError:
-        return
-    seen = 0
-    with trio.move_on_after(seconds):
-        while seen < limit:
-            try:
-                data = sock.recv(16384)
-            except BlockingIOError:
-                await trio.lowlevel.wait_readable(sock)
-                continue
-            except OSError:
-                return
-            if not data:
-                return
-            seen += len(data)
-
-
-async def _connect_one(family: socket.AddressFamily, sockaddr: tuple[str, int]) -> socket.socket:
-    sock = socket.socket(family, socket.SOCK_STREAM)
-    sock.setblocking(False)
-    try:
-        err = sock.connect_ex(sockaddr)
-        if err == errno.EINPROGRESS:
-            await trio.lowlevel.wait_writable(sock)
-            err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
-    except BaseException:
-        sock.close()
-        raise
-    if err:
-        sock.close()
-        raise OSError(err, errno.errorcode.get(err, "connect failed"))
-    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    return sock
-
-
-async def _send_plain(sock: socket.socket, data: bytes) -> None:
-    view = memoryview(data)
-    while view:
-        try:
-            view = view[sock.send(view) :]
-        except BlockingIOError:
-            await trio.lowlevel.wait_writable(sock)
