@@ -20,17 +20,15 @@ import functools
 import json
 import socket
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
 from datetime import datetime, timedelta
 
 import trio
-from OpenSSL import SSL, crypto
+from OpenSSL import SSL
 
 from meshid import report as report_limits
 from meshid.clock import Clock
 from meshid.errors import MeshIdError
 from meshid.policy import IDENTITY_REVOKED, Policy
-from meshid.spiffeid import SpiffeId
 from meshid.version import VERSION
 from sidecar.admin import Response, serve_admin
 from sidecar.config import Address, Inbound, Outbound, SidecarConfig, StaticSource
@@ -38,23 +36,18 @@ from sidecar.control import ControlClient
 from sidecar.credentials import Generation, Svid
 from sidecar.dynamic import DynamicIdentity, Pacing
 from sidecar.events import EventLog
+from sidecar.gate import Gate, Handshake
 from sidecar.lifecycle import DRAINING, SERVING, STOPPED, Lifecycle
 from sidecar.metrics import Gauges, Metrics
 from sidecar.peer import (
     INBOUND,
     OUTBOUND,
-    LeafFacts,
     Verdict,
-    asn1_time,
-    ca_time_verdict,
-    chain_error_verdict,
     decide_pair,
-    judge_facts,
-    leaf_facts,
 )
 from sidecar.proxyproto import encode_v2
 from sidecar.pump import Pump, StreamAborted, reset
-from sidecar.quarantine import ADDRESS, QUARANTINED, SPIFFE_ID, Quarantine
+from sidecar.quarantine import Quarantine
 from sidecar.registry import LiveConnection, Registry
 from sidecar.sockets import (
     ACCEPT_BACKOFF,
@@ -64,24 +57,13 @@ from sidecar.sockets import (
     bind,
     connect,
     fmt_addr,
-    host_of,
-    linger,
     send_plain,
 )
+from sidecar.state import Current
 from sidecar.static import load_policy, load_svid, stamp
-from sidecar.tlsio import TlsStream, handshake_failure_reason
+from sidecar.tlsio import TlsStream
 
 INTERNAL_ERROR = "internal_error"
-FACTS_CACHE = 4096  # peer certificates whose facts are remembered (a few hundred bytes each)
-
-
-@dataclass(slots=True)
-class Handshake:
-    """Per-connection state the verify callback reads and fills in."""
-
-    direction: str
-    expected: SpiffeId | None
-    verdict: Verdict | None = None
 
 
 class Sidecar:
@@ -103,24 +85,18 @@ class Sidecar:
         self.events = events if events is not None else EventLog()
         self.clock = clock if clock is not None else Clock()
         self.wall = self.clock.wall  # the one wall clock: OpenSSL checks no times itself
+        self.skew = timedelta(seconds=config.limits.clock_skew)
+        self.current = Current(self.identity, self.clock, self.skew)
         self.reload_interval = reload_interval
         self.sweep_interval = sweep_interval
         self.registry = Registry()
         self.pump = Pump()
-        # What each peer certificate says about itself, by its digest: resumed sessions
-        # present the same SVID again and again, and parsing it was a tenth of the
-        # Python a new connection cost. Pure facts only; time and policy are per use.
-        self._facts: dict[bytes, LeafFacts] = {}
-        self.generation: Generation | None = None
-        self._generation_number = 0
-        self.policy = Policy.build([], 0)
         self.quarantine = Quarantine(
             identity_failures=config.limits.quarantine_failures,
             address_failures=config.limits.quarantine_address_failures,
             window=config.limits.quarantine_window,
             block=config.limits.quarantine_period,
         )
-        self.skew = timedelta(seconds=config.limits.clock_skew)
         self.ready = False
         self.draining = False
         self.bound: dict[str, tuple[str, int]] = {}
@@ -128,7 +104,6 @@ class Sidecar:
         self.stopped = trio.Event()
         self._accept_scopes: list[trio.CancelScope] = []
         self.dynamic: DynamicIdentity | None = None
-        self.clock_offset = timedelta(0)  # ours minus the authority's (dynamic mode measures it)
         self.changed: Callable[[], None] = lambda: None  # live connections or policy moved
         self.metrics = Metrics(
             Gauges(
@@ -138,39 +113,61 @@ class Sidecar:
                 bundle_sequence=lambda: (
                     self.generation.svid.bundle.sequence if self.generation else 0
                 ),
-                quarantined=lambda: len(self.quarantined()),
+                quarantined=lambda: len(self.gate.quarantined()),
                 state_dir_writable=lambda: self.dynamic.state.writable if self.dynamic else None,
                 state_write_failures=lambda: self.dynamic.state.failures if self.dynamic else {},
                 ready=lambda: self._readiness()[0] == 200,  # as /readyz
             )
         )
+        self.gate = Gate(
+            self.current,
+            self.quarantine,
+            self.metrics,
+            self.events,
+            handshake_timeout=self.limits.handshake_timeout,
+            max_connections=self.limits.max_connections,
+            changed=lambda: self.changed(),
+        )
+
+    @property
+    def generation(self) -> Generation | None:
+        return self.current.generation
+
+    @property
+    def policy(self) -> Policy:
+        return self.current.policy
+
+    @property
+    def clock_offset(self) -> timedelta:
+        return self.current.clock_offset
+
+    @clock_offset.setter
+    def clock_offset(self, offset: timedelta) -> None:
+        self.current.clock_offset = offset
 
     # -- credentials and policy ------------------------------------------------
 
     def svid_seconds_left(self) -> float | None:
-        if self.generation is None:
-            return None
-        expiry = self.generation.svid.not_after + self.clock_offset
-        return (expiry - self.wall()).total_seconds()
+        return self.current.svid_seconds_left()
 
     def install_svid(self, svid: Svid, how: str) -> None:
         """Swap in new credentials; live connections keep the generation they started with."""
-        self._generation_number += 1
-        self.generation = Generation.build(self._generation_number, svid, self._verify)
+        number = self.current.next_generation()
+        self.current.generation = Generation.build(number, svid, self.gate.verify)
         self.events.emit(
             "credentials",
             how=how,
             spiffe_id=str(svid.spiffe_id),
             serial=f"{svid.serial:x}",
             not_after=svid.not_after.isoformat(),
-            generation=self._generation_number,
+            generation=number,
         )
 
     def wall_now(self) -> datetime:
         return self.wall()
 
     def current_svid(self) -> Svid | None:
-        return self.generation.svid if self.generation is not None else None
+        return self.current.svid()
 
     def current_policy(self) -> Policy:
         return self.policy
@@ -180,7 +177,7 @@ class Sidecar:
 
     def install_policy(self, policy: Policy) -> int:
         """Swap in a new allow-list and close exactly the live connections it denies."""
-        self.policy = policy
+        self.current.policy = policy
         self.metrics.policy_updates.inc()
 
         def now_denied(entry: LiveConnection) -> str | None:
@@ -197,56 +194,6 @@ class Sidecar:
             "policy", version=policy.version, pairs=len(policy.pairs), closed_connections=closed
         )
         return closed
-
-    def _leaf_facts(self, cert: crypto.X509) -> LeafFacts:
-        key = cert.digest("sha256")
-        facts = self._facts.get(key)
-        if facts is None:
-            if len(self._facts) >= FACTS_CACHE:
-                self._facts.clear()  # SVIDs rotate: old entries simply age out this way
-            facts = self._facts[key] = leaf_facts(cert.to_cryptography())
-        return facts
-
-    def _verify(
-        self, conn: SSL.Connection, cert: crypto.X509, errnum: int, depth: int, ok: int
-    ) -> bool:
-        """OpenSSL's per-certificate callback: the place a peer is refused with an alert."""
-        hs = conn.get_app_data()
-        if not isinstance(hs, Handshake):
-            return False
-        try:
-            if not ok:
-                leaf = cert.to_cryptography() if depth == 0 else None
-                if hs.verdict is None:
-                    hs.verdict = chain_error_verdict(leaf, errnum, self.identity.trust_domain)
-                return False
-            if depth > 0:
-                # OpenSSL checks no times (X509_V_FLAG_NO_CHECK_TIME): ours, on our clock.
-                late = ca_time_verdict(
-                    asn1_time(cert.get_notBefore()),
-                    asn1_time(cert.get_notAfter()),
-                    self.wall(),
-                    self.skew,
-                )
-                if late is not None:
-                    hs.verdict = late
-                    return False
-                return True
-            hs.verdict = judge_facts(
-                self._leaf_facts(cert),
-                direction=hs.direction,
-                local_id=self.identity,
-                expected=hs.expected,
-                policy=self.policy,
-                now=self.wall(),
-                skew=self.skew,
-            )
-            # A quarantined ID is not refused here: the peer has not yet shown it holds
-            # the key (CertificateVerify comes next), so _handshake checks, after it.
-            return hs.verdict.allowed
-        except Exception as exc:  # never let a hostile certificate escape as a crash
-            hs.verdict = Verdict(False, "invalid_certificate", f"certificate rejected: {exc}")
-            return False
 
     # -- decisions -------------------------------------------------------------
 
@@ -279,7 +226,7 @@ class Sidecar:
                 )
         established = sum(pairs.values())
         busiest = sorted(pairs.items(), key=lambda item: -item[1])[: report_limits.MAX_PAIRS]
-        quarantined = sorted(self.quarantined().items())
+        quarantined = sorted(self.gate.quarantined().items())
         return {
             "svid_serial": f"{svid.serial:x}" if svid else None,
             "svid_not_after": svid.not_after.isoformat() if svid else None,
@@ -299,162 +246,10 @@ class Sidecar:
 
     # -- quarantine ------------------------------------------------------------
 
-    def quarantined(self) -> dict[str, float]:
-        """Blocked peers (SPIFFE IDs or source addresses) and the seconds they have left."""
-        return self.quarantine.active(trio.current_time())
-
-    def _blocked_address(self, host: str) -> bool:
-        return self.quarantine.blocked(ADDRESS, host, trio.current_time())
-
-    def _blocked_identity(self, peer: SpiffeId) -> bool:
-        return self.quarantine.blocked(SPIFFE_ID, str(peer), trio.current_time())
-
-    def _count_refusal(self, entry: LiveConnection, verdict: Verdict, proved: bool) -> None:
-        """An inbound peer refused: by its ID if it proved one, else by its address.
-
-        The rules (which reasons count, against what) are in sidecar/quarantine.py.
-        """
-        if entry.direction != INBOUND:
-            return
-        tipped = self.quarantine.refused(
-            verdict.reason,
-            proved=proved,
-            identity=str(verdict.peer_id) if verdict.peer_id is not None else None,
-            address=host_of(entry.peer_addr),
-            now=trio.current_time(),
-        )
-        if tipped is not None:
-            self.metrics.quarantines.labels(tipped.kind).inc()
-            self.events.emit(
-                "peer_quarantined",
-                reason=QUARANTINED,
-                peer=tipped.key,
-                kind=tipped.kind,
-                last_reason=verdict.reason,
-                failures=tipped.failures,
-                window_s=tipped.window,
-                blocked_s=tipped.block,
-            )
-
-    def _deny(
-        self,
-        entry: LiveConnection,
-        verdict: Verdict,
-        *,
-        handshake: bool = True,
-        proved: bool = False,
-    ) -> None:
-        """Log and count a refusal. `proved`: the peer completed its handshake (see quarantine)."""
-        self._count_refusal(entry, verdict, proved)
-        self.metrics.connections.labels(entry.direction, "deny", verdict.reason).inc()
-        if handshake:
-            self.metrics.handshake_failures.labels(entry.direction, verdict.reason).inc()
-        self.events.emit(
-            "decision",
-            direction=entry.direction,
-            decision="deny",
-            reason=verdict.reason,
-            detail=verdict.detail,
-            local_id=str(self.identity),
-            peer_id=str(verdict.peer_id) if verdict.peer_id else None,
-            peer_addr=entry.peer_addr,
-            conn_id=entry.id,
-        )
-
-    def _allow(self, entry: LiveConnection, verdict: Verdict, **extra: object) -> None:
-        entry.peer_id = verdict.peer_id
-        entry.peer_serial = verdict.serial
-        entry.peer_not_after = verdict.not_after
-        entry.established = True
-        self.changed()
-        self.metrics.connections.labels(entry.direction, "allow", verdict.reason).inc()
-        self.events.emit(
-            "decision",
-            direction=entry.direction,
-            decision="allow",
-            reason=verdict.reason,
-            local_id=str(self.identity),
-            peer_id=str(verdict.peer_id),
-            peer_serial=f"{verdict.serial:x}" if verdict.serial is not None else None,
-            peer_addr=entry.peer_addr,
-            conn_id=entry.id,
-            policy_version=self.policy.version,
-            **extra,
-        )
-
     # -- connection handling ---------------------------------------------------
 
     async def _connect_to(self, addr: Address) -> socket.socket:
         return await connect(addr, self.limits.connect_timeout)
-
-    async def _handshake(
-        self, tls: TlsStream, hs: Handshake, entry: LiveConnection
-    ) -> Verdict | None:
-        """Run the handshake; on refusal log it and return None."""
-        with trio.move_on_after(self.limits.handshake_timeout) as timer:
-            try:
-                await self.metrics.timed_handshake(hs.direction, tls.handshake())
-            except SSL.Error as exc:
-                verdict = hs.verdict
-                if verdict is None or verdict.allowed:
-                    reason = handshake_failure_reason(exc)
-                    verdict = Verdict(False, reason, f"TLS handshake failed: {reason}")
-                self._deny(entry, verdict)
-                if hs.direction == INBOUND:
-                    await linger(tls.sock)
-                return None
-        if timer.cancelled_caught:
-            self._deny(entry, Verdict(False, "handshake_timeout", "TLS handshake took too long"))
-            return None
-        verdict = hs.verdict
-        if verdict is None:  # a resumed session: OpenSSL did not call us, so judge now
-            cert = tls.conn.get_peer_certificate()
-            if cert is None:
-                verdict = Verdict(False, "no_client_certificate", "peer sent no certificate")
-            else:
-                verdict = judge_facts(
-                    self._leaf_facts(cert),
-                    direction=hs.direction,
-                    local_id=self.identity,
-                    expected=hs.expected,
-                    policy=self.policy,
-                    now=self.wall(),
-                    skew=self.skew,
-                )
-        elif verdict.allowed and verdict.peer_id is not None:
-            # The callback judged under the policy of that moment; install_policy skips
-            # connections still in their handshake, so judge the pair again under today's.
-            decision = decide_pair(self.policy, hs.direction, self.identity, verdict.peer_id)
-            if not decision.allowed:
-                verdict = Verdict(
-                    False,
-                    decision.reason,
-                    decision.explanation,
-                    verdict.peer_id,
-                    verdict.serial,
-                    verdict.not_after,
-                )
-        # The handshake is complete: the peer holds the key of the ID it presented,
-        # full handshake or resumed session alike. Only now may that ID's quarantine
-        # refuse it, and only now may a refusal be charged to the ID.
-        if (
-            verdict.allowed
-            and hs.direction == INBOUND
-            and verdict.peer_id is not None
-            and self._blocked_identity(verdict.peer_id)
-        ):
-            verdict = Verdict(
-                False,
-                QUARANTINED,
-                f"{verdict.peer_id} is quarantined after repeated refusals",
-                verdict.peer_id,
-                verdict.serial,
-                verdict.not_after,
-            )
-        if not verdict.allowed:
-            self._deny(entry, verdict, proved=True)
-            return None
-        return verdict
 
     async def _inbound(
         self,
@@ -470,11 +265,11 @@ class Sidecar:
         conn.set_app_data(hs)
         conn.set_accept_state()
         tls = TlsStream(conn, sock)
-        verdict = await self._handshake(tls, hs, entry)
+        verdict = await self.gate.handshake(tls, hs, entry)
         conn.set_app_data(None)  # judged: an idle connection need not keep the verdict
         if verdict is None:
             return None, tls
-        self._allow(entry, verdict)
+        self.gate.allow(entry, verdict)
         header = b""
         if listener.proxy_protocol:
             # The peer's address is the one accept() gave: by now the peer may have
@@ -506,7 +301,7 @@ class Sidecar:
     ) -> tuple[socket.socket | None, TlsStream | None]:
         decision = decide_pair(self.policy, OUTBOUND, self.identity, route.identity)
         if not decision.allowed:
-            self._deny(
+            self.gate.deny(
                 entry,
                 Verdict(False, decision.reason, decision.explanation, route.identity),
                 handshake=False,
@@ -517,7 +312,7 @@ class Sidecar:
         try:
             up = await self.metrics.timed_connect(OUTBOUND, self._connect_to(route.upstream))
         except OSError as exc:
-            self._deny(
+            self.gate.deny(
                 entry,
                 Verdict(
                     False,
@@ -540,14 +335,14 @@ class Sidecar:
             if session is not None:
                 conn.set_session(session)
             tls = TlsStream(conn, up, sessions=gen.sessions, session_key=key)
-            verdict = await self._handshake(tls, hs, entry)
+            verdict = await self.gate.handshake(tls, hs, entry)
             conn.set_app_data(None)
         except BaseException:  # the caller closes only what we return: `up` is ours to close
             reset(up)
             raise
         if verdict is None:
             return None, tls
-        self._allow(entry, verdict, upstream=str(route.upstream))
+        self.gate.allow(entry, verdict, upstream=str(route.upstream))
         return up, tls
 
     async def _serve_connection(
@@ -572,7 +367,8 @@ class Sidecar:
         peer_addr = fmt_addr(peer)
         entry: LiveConnection | None = None
         try:
-            if self._refused_at_accept(sock, peer, direction, peer_addr):
+            if self.gate.refused_at_accept(peer, direction, peer_addr, len(self.registry)):
+                reset(sock)
                 return
             scope = trio.CancelScope()
             entry = self.registry.open(direction, self.identity, peer_addr, scope, self.wall())
@@ -584,31 +380,6 @@ class Sidecar:
                 if entry.established:  # its close line never made it: count the close here
                     self.metrics.closes.labels(direction, INTERNAL_ERROR).inc()
             self._internal_error(direction, peer_addr, exc, entry)
-
-    def _refused_at_accept(
-        self, sock: socket.socket, peer: tuple[str, int], direction: str, peer_addr: str
-    ) -> bool:
-        """Quarantine of the source address and the connection cap, before any TLS."""
-        reason = None
-        detail = None
-        if direction == INBOUND and self._blocked_address(peer[0]):
-            reason, detail = QUARANTINED, f"{peer[0]} is quarantined after repeated refusals"
-        elif len(self.registry) >= self.limits.max_connections:
-            reason = "connection_limit"
-        if reason is None:
-            return False
-        self.metrics.connections.labels(direction, "deny", reason).inc()
-        self.events.emit(
-            "decision",
-            direction=direction,
-            decision="deny",
-            reason=reason,
-            detail=detail,
-            local_id=str(self.identity),
-            peer_addr=peer_addr,
-        )
-        reset(sock)
-        return True
 
     async def _run_connection(
         self,

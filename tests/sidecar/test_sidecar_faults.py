@@ -37,6 +37,7 @@ from sidecar_helpers import (
 from sidecar_mesh import Mesh, Pair, Pki, Running
 
 import sidecar.app
+import sidecar.gate
 from sidecar.app import Sidecar
 from sidecar.pump import Pump
 from sidecar.tlsio import TlsStream
@@ -98,7 +99,7 @@ STAGES: dict[str, tuple[object, str, BaseException]] = {
     "accept_oserror": (sidecar.app, "accept", OSError(5, "EIO")),
     "handshake": (TlsStream, "handshake", RuntimeError("handshake broke")),
     "handshake_oserror": (TlsStream, "handshake", OSError(5, "EIO")),
-    "judge": (sidecar.app, "judge_facts", RuntimeError("judge broke")),
+    "judge": (sidecar.gate, "judge_facts", RuntimeError("judge broke")),
     "connect": (Sidecar, "_connect_to", RuntimeError("connect broke")),
     "pump": (Pump, "copy", RuntimeError("pump broke")),
     "pump_oserror": (Pump, "copy", OSError(5, "EIO")),
