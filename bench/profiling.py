@@ -71,7 +71,7 @@ INCLUSIVE = (
     "connect",
     "emit",
     "keep_session",
-    "_serve_connection",
+    "serve_connection",
 )
 FRAME = re.compile(r"^(?P<func>[^ ]+) \((?P<file>[^:]+)(?::\d+)?\)$")
 

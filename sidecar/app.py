@@ -23,7 +23,6 @@ from collections.abc import Awaitable, Callable
 from datetime import datetime, timedelta
 
 import trio
-from OpenSSL import SSL
 
 from meshid import report as report_limits
 from meshid.clock import Clock
@@ -31,22 +30,21 @@ from meshid.errors import MeshIdError
 from meshid.policy import IDENTITY_REVOKED, Policy
 from meshid.version import VERSION
 from sidecar.admin import Response, serve_admin
-from sidecar.config import Address, Inbound, Outbound, SidecarConfig, StaticSource
+from sidecar.config import SidecarConfig, StaticSource
+from sidecar.connection import Connections
 from sidecar.control import ControlClient
 from sidecar.credentials import Generation, Svid
 from sidecar.dynamic import DynamicIdentity, Pacing
 from sidecar.events import EventLog
-from sidecar.gate import Gate, Handshake
+from sidecar.gate import Gate
 from sidecar.lifecycle import DRAINING, SERVING, STOPPED, Lifecycle
 from sidecar.metrics import Gauges, Metrics
 from sidecar.peer import (
     INBOUND,
     OUTBOUND,
-    Verdict,
     decide_pair,
 )
-from sidecar.proxyproto import encode_v2
-from sidecar.pump import Pump, StreamAborted, reset
+from sidecar.pump import Pump
 from sidecar.quarantine import Quarantine
 from sidecar.registry import LiveConnection, Registry
 from sidecar.sockets import (
@@ -55,13 +53,10 @@ from sidecar.sockets import (
     ACCEPT_TRANSIENT,
     accept,
     bind,
-    connect,
     fmt_addr,
-    send_plain,
 )
 from sidecar.state import Current
 from sidecar.static import load_policy, load_svid, stamp
-from sidecar.tlsio import TlsStream
 
 INTERNAL_ERROR = "internal_error"
 
@@ -126,6 +121,17 @@ class Sidecar:
             self.events,
             handshake_timeout=self.limits.handshake_timeout,
             max_connections=self.limits.max_connections,
+            changed=lambda: self.changed(),
+        )
+
+        self.connections = Connections(
+            self.current,
+            self.gate,
+            self.registry,
+            self.pump,
+            self.metrics,
+            self.events,
+            self.limits,
             changed=lambda: self.changed(),
         )
 
@@ -248,232 +254,6 @@ class Sidecar:
 
     # -- connection handling ---------------------------------------------------
 
-    async def _connect_to(self, addr: Address) -> socket.socket:
-        return await connect(addr, self.limits.connect_timeout)
-
-    async def _inbound(
-        self,
-        sock: socket.socket,
-        entry: LiveConnection,
-        listener: Inbound,
-        peer: tuple[str, int],
-    ) -> tuple[socket.socket | None, TlsStream | None]:
-        gen = self.generation
-        assert gen is not None
-        hs = Handshake(INBOUND, None)
-        conn = SSL.Connection(gen.server, sock)
-        conn.set_app_data(hs)
-        conn.set_accept_state()
-        tls = TlsStream(conn, sock)
-        verdict = await self.gate.handshake(tls, hs, entry)
-        conn.set_app_data(None)  # judged: an idle connection need not keep the verdict
-        if verdict is None:
-            return None, tls
-        self.gate.allow(entry, verdict)
-        header = b""
-        if listener.proxy_protocol:
-            # The peer's address is the one accept() gave: by now the peer may have
-            # reset, and getpeername() on a reset socket fails.
-            try:
-                local = sock.getsockname()[:2]
-            except OSError:
-                raise StreamAborted("peer_reset") from None
-            header = encode_v2(peer[:2], local, str(verdict.peer_id))
-        try:
-            app = await self.metrics.timed_connect(INBOUND, self._connect_to(listener.forward))
-        except OSError:
-            entry.close_reason = "app_unreachable"
-            return None, tls
-        if header:
-            try:
-                await send_plain(app, header)
-            except OSError:
-                reset(app)
-                entry.close_reason = "app_unreachable"
-                return None, tls
-            except BaseException:  # cancelled, or worse: the caller never learns of `app`
-                reset(app)
-                raise
-        return app, tls
-
-    async def _outbound(
-        self, app: socket.socket, entry: LiveConnection, route: Outbound
-    ) -> tuple[socket.socket | None, TlsStream | None]:
-        decision = decide_pair(self.policy, OUTBOUND, self.identity, route.identity)
-        if not decision.allowed:
-            self.gate.deny(
-                entry,
-                Verdict(False, decision.reason, decision.explanation, route.identity),
-                handshake=False,
-            )
-            return None, None
-        gen = self.generation
-        assert gen is not None
-        try:
-            up = await self.metrics.timed_connect(OUTBOUND, self._connect_to(route.upstream))
-        except OSError as exc:
-            self.gate.deny(
-                entry,
-                Verdict(
-                    False,
-                    "upstream_unreachable",
-                    f"cannot reach {route.upstream}: {exc.strerror or exc}",
-                    route.identity,
-                ),
-                handshake=False,
-            )
-            return None, None
-        try:
-            hs = Handshake(OUTBOUND, route.identity)
-            conn = SSL.Connection(gen.client, up)
-            conn.set_app_data(hs)
-            conn.set_connect_state()
-            if route.sni:
-                conn.set_tlsext_host_name(route.sni)
-            key = str(route.upstream)
-            session = gen.sessions.get(key)
-            if session is not None:
-                conn.set_session(session)
-            tls = TlsStream(conn, up, sessions=gen.sessions, session_key=key)
-            verdict = await self.gate.handshake(tls, hs, entry)
-            conn.set_app_data(None)
-        except BaseException:  # the caller closes only what we return: `up` is ours to close
-            reset(up)
-            raise
-        if verdict is None:
-            return None, tls
-        self.gate.allow(entry, verdict, upstream=str(route.upstream))
-        return up, tls
-
-    async def _serve_connection(
-        self,
-        sock: socket.socket,
-        peer: tuple[str, int],
-        direction: str,
-        setup: Callable[
-            [socket.socket, LiveConnection],
-            Awaitable[tuple[socket.socket | None, TlsStream | None]],
-        ],
-    ) -> None:
-        """One connection's whole life, inside its failure boundary.
-
-        Whatever goes wrong in here (a bug, a peer doing something no one
-        foresaw, a socket call failing in an unexpected way) ends this
-        connection only: it is logged once as `internal_error` with the
-        exception's type, counted, and the connection's sockets are closed.
-        Only `Exception` is caught: `trio.Cancelled` (and a group holding one,
-        which is a BaseExceptionGroup) goes on up.
-        """
-        peer_addr = fmt_addr(peer)
-        entry: LiveConnection | None = None
-        try:
-            if self.gate.refused_at_accept(peer, direction, peer_addr, len(self.registry)):
-                reset(sock)
-                return
-            scope = trio.CancelScope()
-            entry = self.registry.open(direction, self.identity, peer_addr, scope, self.wall())
-            await self._run_connection(sock, direction, setup, entry, scope)
-        except Exception as exc:
-            reset(sock)
-            if entry is not None:
-                self.registry.remove(entry)
-                if entry.established:  # its close line never made it: count the close here
-                    self.metrics.closes.labels(direction, INTERNAL_ERROR).inc()
-            self._internal_error(direction, peer_addr, exc, entry)
-
-    async def _run_connection(
-        self,
-        sock: socket.socket,
-        direction: str,
-        setup: Callable[
-            [socket.socket, LiveConnection],
-            Awaitable[tuple[socket.socket | None, TlsStream | None]],
-        ],
-        entry: LiveConnection,
-        scope: trio.CancelScope,
-    ) -> None:
-        other: socket.socket | None = None
-        tls: TlsStream | None = None
-        aborted: str | None = None
-        failure: Exception | None = None
-        try:
-            with scope:
-                other, tls = await setup(sock, entry)
-                if other is not None and tls is not None:
-                    plain = sock if direction == OUTBOUND else other
-                    await self.pump.copy(plain, tls, entry)
-                    tls.keep_session()
-        except StreamAborted as exc:
-            aborted = exc.reason
-        except Exception as exc:  # the failure boundary: this connection ends, nothing else
-            aborted = INTERNAL_ERROR
-            failure = exc
-        finally:
-            self.registry.remove(entry)
-            reason = aborted or entry.close_reason or "closed"
-            cut = aborted is not None or entry.close_reason is not None
-            # A refused outbound handshake returns no `other`; its upstream socket is tls.sock.
-            upstream = tls.sock if tls is not None and tls.sock is not sock else None
-            for s in (sock, other) if other is not None else (sock, upstream):
-                if s is None:
-                    continue
-                if cut and (s is not (tls.sock if tls else None)):
-                    reset(s)
-                else:
-                    s.close()
-        if failure is not None:
-            self._internal_error(direction, entry.peer_addr, failure, entry)
-        if entry.established:
-            self._log_close(entry, reason)
-
-    def _log_close(self, entry: LiveConnection, reason: str) -> None:
-        self.changed()
-        duration = trio.current_time() - entry.started
-        self.metrics.closes.labels(entry.direction, reason).inc()
-        self.events.emit(
-            "close",
-            direction=entry.direction,
-            reason=reason,
-            local_id=str(self.identity),
-            peer_id=str(entry.peer_id),
-            peer_addr=entry.peer_addr,
-            conn_id=entry.id,
-            bytes_in=entry.bytes_in,
-            bytes_out=entry.bytes_out,
-            duration_ms=round(duration * 1000, 1),
-        )
-
-    def _internal_error(
-        self,
-        direction: str,
-        peer_addr: str | None,
-        exc: BaseException,
-        entry: LiveConnection | None = None,
-    ) -> None:
-        """Log and count a failure of ours inside one connection (or one accept).
-
-        Only the exception's type is logged: its text may quote a certificate,
-        a path or a peer's bytes. A connection that was already established
-        is counted as a close with this reason (its close line says so too);
-        one that was not, as a refused connection.
-        """
-        try:
-            established = entry is not None and entry.established
-            if not established:
-                self.metrics.connections.labels(direction, "deny", INTERNAL_ERROR).inc()
-            self.events.emit(
-                INTERNAL_ERROR,
-                reason=INTERNAL_ERROR,
-                direction=direction,
-                error=type(exc).__name__,
-                established=established,
-                local_id=str(self.identity),
-                peer_addr=peer_addr,
-                conn_id=entry.id if entry is not None else None,
-            )
-        except Exception:  # noqa: S110 - the log itself failing must not end the sidecar
-            pass
-
     # -- listeners -------------------------------------------------------------
 
     async def _accept_loop(
@@ -499,11 +279,11 @@ class Sidecar:
                         self.events.emit("accept_failed", reason="resource_exhausted")
                         await trio.sleep(0.1)  # let connections close before accepting more
                         continue
-                    self._internal_error(direction, None, exc)
+                    self.connections.internal_error(direction, None, exc)
                     await trio.sleep(ACCEPT_BACKOFF)
                     continue
                 except Exception as exc:
-                    self._internal_error(direction, None, exc)
+                    self.connections.internal_error(direction, None, exc)
                     await trio.sleep(ACCEPT_BACKOFF)
                     continue
                 nursery.start_soon(handler, sock, peer)
@@ -670,11 +450,11 @@ class Sidecar:
             for i, ib in enumerate(self.config.inbound):
                 lsock = bind(ib.listen)
                 self.bound[f"inbound[{i}]"] = lsock.getsockname()[:2]
-                listeners.append((lsock, self._inbound_handler(ib), INBOUND))
+                listeners.append((lsock, self.connections.inbound_handler(ib), INBOUND))
             for i, ob in enumerate(self.config.outbound):
                 lsock = bind(ob.listen)
                 self.bound[f"outbound[{i}]"] = lsock.getsockname()[:2]
-                listeners.append((lsock, self._outbound_handler(ob), OUTBOUND))
+                listeners.append((lsock, self.connections.outbound_handler(ob), OUTBOUND))
             async with trio.open_nursery() as nursery:
                 await nursery.start(self.pump.run)
                 for lsock, handler, direction in listeners:
@@ -726,23 +506,3 @@ class Sidecar:
                 await self.registry.wait_empty()
         self.events.emit("stopped", drained=live - left, cut=left)
         nursery.cancel_scope.cancel()
-
-    def _inbound_handler(
-        self, listener: Inbound
-    ) -> Callable[[socket.socket, tuple[str, int]], Awaitable[None]]:
-        async def handle(sock: socket.socket, peer: tuple[str, int]) -> None:
-            await self._serve_connection(
-                sock, peer, INBOUND, lambda s, e: self._inbound(s, e, listener, peer)
-            )
-
-        return handle
-
-    def _outbound_handler(
-        self, route: Outbound
-    ) -> Callable[[socket.socket, tuple[str, int]], Awaitable[None]]:
-        async def handle(sock: socket.socket, peer: tuple[str, int]) -> None:
-            await self._serve_connection(
-                sock, peer, OUTBOUND, lambda s, e: self._outbound(s, e, route)
-            )
-
-        return handle
