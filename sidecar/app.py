@@ -24,10 +24,10 @@ from datetime import datetime, timedelta
 
 import trio
 
-from meshid import report as report_limits
 from meshid.clock import Clock
 from meshid.errors import MeshIdError
 from meshid.policy import IDENTITY_REVOKED, Policy
+from meshid.report import StatusReport
 from meshid.version import VERSION
 from sidecar.admin import Response, serve_admin
 from sidecar.config import SidecarConfig, StaticSource
@@ -57,6 +57,7 @@ from sidecar.sockets import (
 )
 from sidecar.state import Current
 from sidecar.static import load_policy, load_svid, stamp
+from sidecar.status import build_report
 
 INTERNAL_ERROR = "internal_error"
 
@@ -203,52 +204,16 @@ class Sidecar:
 
     # -- decisions -------------------------------------------------------------
 
-    def status_report(self) -> dict[str, object]:
-        """What the control plane hears every few seconds (see `meshid ca status`).
-
-        Within the report's limits (`meshid.report`), so a busy sidecar is never
-        refused: a sample of connections and quarantined peers with a count of
-        the rest, and the pairs with the most connections first.
-        """
-        svid = self.current_svid()
-        pairs: dict[tuple[str, str], int] = {}
-        listed: list[dict[str, object]] = []
-        for entry in self.registry.live():
-            if entry.peer_id is None or not entry.established:
-                continue
-            key = (entry.direction, str(entry.peer_id))
-            pairs[key] = pairs.get(key, 0) + 1
-            if len(listed) < report_limits.MAX_CONNECTIONS:
-                listed.append(
-                    {
-                        "id": entry.id,
-                        "direction": entry.direction,
-                        "peer_id": str(entry.peer_id),
-                        "peer_addr": entry.peer_addr,
-                        "started": entry.started_wall.isoformat(),
-                        "bytes_in": entry.bytes_in,
-                        "bytes_out": entry.bytes_out,
-                    }
-                )
-        established = sum(pairs.values())
-        busiest = sorted(pairs.items(), key=lambda item: -item[1])[: report_limits.MAX_PAIRS]
-        quarantined = sorted(self.gate.quarantined().items())
-        return {
-            "svid_serial": f"{svid.serial:x}" if svid else None,
-            "svid_not_after": svid.not_after.isoformat() if svid else None,
-            "bundle_sequence": svid.bundle.sequence if svid else 0,
-            "policy_version": self.policy.version,
-            "revocation_version": self.policy.revocation_version,
-            "live_connections": len(self.registry),
-            "pairs": [{"direction": d, "peer_id": p, "count": n} for (d, p), n in sorted(busiest)],
-            "connections": listed,
-            "connections_omitted": established - len(listed),
-            "quarantined": [
-                {"peer": peer[: report_limits.MAX_TEXT], "seconds_left": round(left)}
-                for peer, left in quarantined[: report_limits.MAX_QUARANTINED]
-            ],
-            "quarantined_omitted": max(0, len(quarantined) - report_limits.MAX_QUARANTINED),
-        }
+    def status_report(self, instance: str) -> StatusReport:
+        """What the control plane hears every few seconds (see sidecar/status.py)."""
+        return build_report(
+            instance,
+            self.current_svid(),
+            self.policy,
+            self.registry.live(),
+            len(self.registry),
+            self.gate.quarantined(),
+        )
 
     # -- quarantine ------------------------------------------------------------
 

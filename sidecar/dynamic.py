@@ -50,6 +50,7 @@ from meshid.errors import ConfigError, InvalidSvid, MeshIdError
 from meshid.events import EventLog
 from meshid.policy import Policy
 from meshid.reasons import Reason
+from meshid.report import StatusReport
 from meshid.spiffeid import SpiffeId
 from meshid.svid import certs_from_pem, generate_key
 from meshid.wire import (
@@ -125,7 +126,7 @@ class Host(Protocol):
     def install_svid(self, svid: Svid, how: str) -> None: ...
     def install_policy(self, policy: Policy) -> int: ...
     def count_renewal(self, result: str) -> None: ...
-    def status_report(self) -> dict[str, Any]: ...
+    def status_report(self, instance: str) -> StatusReport: ...
     def current_policy(self) -> Policy: ...
 
 
@@ -667,7 +668,7 @@ class DynamicIdentity:
         """Tell the control plane how this sidecar is doing, every few seconds."""
         failing = False
         while True:
-            body = {"v": WIRE_VERSION, "instance": self.instance, **self.host.status_report()}
+            body = {"v": WIRE_VERSION, **self.host.status_report(self.instance).to_json()}
             try:
                 await self.client.request(
                     "POST",
