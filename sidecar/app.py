@@ -56,7 +56,7 @@ from sidecar.sockets import (
     fmt_addr,
 )
 from sidecar.state import Current
-from sidecar.static import load_policy, load_svid, stamp
+from sidecar.static import StaticIdentity
 from sidecar.status import build_report
 
 INTERNAL_ERROR = "internal_error"
@@ -274,45 +274,6 @@ class Sidecar:
 
         return overdue
 
-    def _load_static(self, source: StaticSource) -> None:
-        svid = load_svid(source, self.identity, self.identity.trust_domain, self.wall(), self.skew)
-        self.install_svid(svid, "static")
-        self.count_renewal("ok")
-
-    async def _watch_static(self, source: StaticSource) -> None:
-        svid_files = (source.cert, source.key, source.bundle)
-        seen_svid = tuple(stamp(p) for p in svid_files)
-        seen_policy = stamp(source.policy) if source.policy else None
-        version = self.policy.version
-        while True:
-            await trio.sleep(self.reload_interval)
-            now_svid = tuple(stamp(p) for p in svid_files)
-            if now_svid != seen_svid:
-                seen_svid = now_svid
-                try:
-                    self._load_static(source)
-                except MeshIdError as exc:
-                    self.metrics.renewals.labels(result="error").inc()
-                    self.events.emit(
-                        "reload_failed",
-                        reason=exc.reason,
-                        detail=exc.message,
-                        keeping_serial=(
-                            f"{self.generation.svid.serial:x}" if self.generation else None
-                        ),
-                    )
-            if source.policy is not None:
-                now_policy = stamp(source.policy)
-                if now_policy != seen_policy:
-                    seen_policy = now_policy
-                    try:
-                        version += 1
-                        self.install_policy(
-                            load_policy(source.policy, self.identity.trust_domain, version)
-                        )
-                    except MeshIdError as exc:
-                        self.events.emit("reload_failed", reason=exc.reason, detail=exc.message)
-
     # -- admin -----------------------------------------------------------------
 
     def route(self, method: str, path: str) -> Response:
@@ -392,10 +353,18 @@ class Sidecar:
 
     async def _serve(self, task_status: trio.TaskStatus[Sidecar]) -> None:
         source = self.config.source
+        static: StaticIdentity | None = None
         if isinstance(source, StaticSource):
-            self._load_static(source)
-            if source.policy is not None:
-                self.install_policy(load_policy(source.policy, self.identity.trust_domain, 1))
+            static = StaticIdentity(
+                source,
+                self.current,
+                self.events,
+                install_svid=self.install_svid,
+                install_policy=self.install_policy,
+                count_renewal=self.count_renewal,
+                interval=self.reload_interval,
+            )
+            await static.start()
         else:
             self.dynamic = DynamicIdentity(
                 self,
@@ -427,8 +396,8 @@ class Sidecar:
                     self._accept_scopes.append(scope)
                     nursery.start_soon(self._accept_loop, lsock, scope, nursery, handler, direction)
                 nursery.start_soon(self._sweep)
-                if isinstance(source, StaticSource):
-                    nursery.start_soon(self._watch_static, source)
+                if static is not None:
+                    nursery.start_soon(static.run)
                 elif self.dynamic is not None:
                     nursery.start_soon(self.dynamic.run)
                 self.ready = True
