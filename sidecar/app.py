@@ -24,9 +24,11 @@ from datetime import datetime, timedelta
 
 import trio
 
+from adminhttp import Throttle
 from meshid.clock import Clock
 from meshid.errors import MeshIdError
 from meshid.policy import IDENTITY_REVOKED, Policy
+from meshid.reasons import Reason
 from meshid.report import StatusReport
 from meshid.version import VERSION
 from sidecar.admin import Response, serve_admin
@@ -58,6 +60,7 @@ from sidecar.sockets import (
 from sidecar.state import Current
 from sidecar.static import StaticIdentity
 from sidecar.status import build_report
+from sidecar.tasks import keep_running
 
 INTERNAL_ERROR = "internal_error"
 
@@ -115,6 +118,7 @@ class Sidecar:
                 ready=lambda: self._readiness()[0] == 200,  # as /readyz
             )
         )
+        self.throttle = Throttle(trio.current_time)  # log lines that could come in a flood
         self.gate = Gate(
             self.current,
             self.quarantine,
@@ -241,7 +245,13 @@ class Sidecar:
                     if exc.errno in ACCEPT_TRANSIENT:
                         continue  # that connection is gone already; the next may be fine
                     if exc.errno in ACCEPT_EXHAUSTED:
-                        self.events.emit("accept_failed", reason="resource_exhausted")
+                        held = self.throttle.allow("accept_failed:resource_exhausted")
+                        if held is not None:
+                            self.events.emit(
+                                "accept_failed",
+                                reason=Reason.RESOURCE_EXHAUSTED,
+                                suppressed=held or None,
+                            )
                         await trio.sleep(0.1)  # let connections close before accepting more
                         continue
                     self.connections.internal_error(direction, None, exc)
@@ -363,6 +373,7 @@ class Sidecar:
                 install_policy=self.install_policy,
                 count_renewal=self.count_renewal,
                 interval=self.reload_interval,
+                throttle=self.throttle,
             )
             await static.start()
         else:
@@ -395,11 +406,13 @@ class Sidecar:
                     scope = trio.CancelScope()
                     self._accept_scopes.append(scope)
                     nursery.start_soon(self._accept_loop, lsock, scope, nursery, handler, direction)
-                nursery.start_soon(self._sweep)
+                duties = [("sweep", self._sweep)]
                 if static is not None:
-                    nursery.start_soon(static.run)
+                    duties.append(("static_reload", static.run))
                 elif self.dynamic is not None:
-                    nursery.start_soon(self.dynamic.run)
+                    duties.append(("dynamic_identity", self.dynamic.run))
+                for task, duty in duties:
+                    nursery.start_soon(keep_running, task, duty, self.events, self.throttle)
                 self.ready = True
                 self.lifecycle.phase = SERVING
                 self.events.emit(
