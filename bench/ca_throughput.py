@@ -34,7 +34,7 @@ from bench.procs import Supervisor, cpu_seconds, free_ports, wait_listening
 from ca.authority import Authority
 from meshid.spiffeid import SpiffeId, TrustDomain
 from meshid.svid import certs_to_pem, generate_key, key_to_pem
-from sidecar.dynamic import build_csr
+from sidecar.renewal import build_csr
 
 TD = TrustDomain("bench.example")
 PIPELINE = 4  # renewals in flight per connection

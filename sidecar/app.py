@@ -36,7 +36,7 @@ from sidecar.config import SidecarConfig, StaticSource
 from sidecar.connection import Connections
 from sidecar.control import ControlClient
 from sidecar.credentials import Generation, Svid
-from sidecar.dynamic import DynamicIdentity, Pacing
+from sidecar.dynamic import DynamicIdentity
 from sidecar.events import EventLog
 from sidecar.gate import Gate
 from sidecar.lifecycle import DRAINING, SERVING, STOPPED, Lifecycle
@@ -49,6 +49,7 @@ from sidecar.peer import (
 from sidecar.pump import Pump
 from sidecar.quarantine import Quarantine
 from sidecar.registry import LiveConnection, Registry
+from sidecar.renewal import Pacing
 from sidecar.sockets import (
     ACCEPT_BACKOFF,
     ACCEPT_EXHAUSTED,
