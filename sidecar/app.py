@@ -149,14 +149,6 @@ class Sidecar:
     def policy(self) -> Policy:
         return self.current.policy
 
-    @property
-    def clock_offset(self) -> timedelta:
-        return self.current.clock_offset
-
-    @clock_offset.setter
-    def clock_offset(self, offset: timedelta) -> None:
-        self.current.clock_offset = offset
-
     # -- credentials and policy ------------------------------------------------
 
     def svid_seconds_left(self) -> float | None:
@@ -174,9 +166,6 @@ class Sidecar:
             not_after=svid.not_after.isoformat(),
             generation=number,
         )
-
-    def wall_now(self) -> datetime:
-        return self.wall()
 
     def current_svid(self) -> Svid | None:
         return self.current.svid()
@@ -380,6 +369,7 @@ class Sidecar:
         else:
             self.dynamic = DynamicIdentity(
                 self,
+                self.current,
                 source,
                 client=ControlClient(
                     source.server.host,

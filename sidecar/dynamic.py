@@ -48,7 +48,6 @@ from meshid.events import EventLog
 from meshid.policy import Policy
 from meshid.reasons import Reason
 from meshid.report import StatusReport
-from meshid.spiffeid import SpiffeId
 from meshid.svid import certs_from_pem, generate_key
 from meshid.wire import (
     ENROLL,
@@ -90,6 +89,7 @@ from sidecar.renewal import (
     renewal_loop as renewal_loop,
 )
 from sidecar.schedule import EXPIRED
+from sidecar.state import Current
 from sidecar.statedir import (
     BUNDLE,
     BUNDLE_FILE,
@@ -103,26 +103,27 @@ from sidecar.statedir import (
 
 
 class Host(Protocol):
-    """What the identity needs from the sidecar it serves."""
+    """What the identity asks of the sidecar it serves: to swap credentials and policy in.
 
-    identity: SpiffeId
+    What it only reads (our identity, the clock, the credentials and policy in
+    force) and the clock offset it measures are in the state holder,
+    `sidecar.state.Current`, which it is given directly.
+    """
+
     events: EventLog
     lifecycle: Lifecycle
-    clock_offset: timedelta  # our clock minus the authority's, as last measured
 
-    def wall_now(self) -> datetime: ...
-    def current_svid(self) -> Svid | None: ...
     def install_svid(self, svid: Svid, how: str) -> None: ...
     def install_policy(self, policy: Policy) -> int: ...
     def count_renewal(self, result: str) -> None: ...
     def status_report(self, instance: str) -> StatusReport: ...
-    def current_policy(self) -> Policy: ...
 
 
 class DynamicIdentity:
     def __init__(
         self,
         host: Host,
+        current: Current,
         source: AuthoritySource,
         *,
         client: ControlClient,
@@ -130,6 +131,7 @@ class DynamicIdentity:
         rand: Callable[[], float] = random.random,
     ) -> None:
         self.host = host
+        self.current = current
         self.source = source
         self.client = client
         self.pacing = pacing or Pacing()
@@ -149,14 +151,14 @@ class DynamicIdentity:
 
     def _client_identity(self) -> ClientIdentity | HeldIdentity:
         """The SVID in memory: the state directory's copy may lag behind it or be unreadable."""
-        svid = self.host.current_svid()
+        svid = self.current.svid()
         if svid is None:
             return ClientIdentity(self._path(SVID_FILE), self._path(KEY_FILE))
         return HeldIdentity(identity_pem(svid.key, svid.chain))
 
     def _trust_pem(self) -> bytes:
         """The newest bundle known: the current credentials', the persisted one, the configured."""
-        svid = self.host.current_svid()
+        svid = self.current.svid()
         if svid is not None:
             return svid.bundle.to_pem()
         for path in (self._path(BUNDLE_FILE), self.source.bundle):
@@ -170,7 +172,7 @@ class DynamicIdentity:
 
     def _trust_name(self) -> str:
         """What `_trust_pem` is, for a message saying the authority does not chain to it."""
-        if self.host.current_svid() is not None:
+        if self.current.svid() is not None:
             return "the trust bundle this sidecar holds (from the authority)"
         return f"authority.bundle ({self.source.bundle})"
 
@@ -179,12 +181,12 @@ class DynamicIdentity:
     # of what failed.
 
     def _write_identity(self) -> None:
-        svid = self.host.current_svid()
+        svid = self.current.svid()
         if svid is not None:
             self.state.write_identity(svid.key, svid.chain, svid.bundle)
 
     def _write_bundle(self) -> None:
-        svid = self.host.current_svid()
+        svid = self.current.svid()
         if svid is not None:
             self.state.write_bundle(svid.bundle)
 
@@ -199,10 +201,10 @@ class DynamicIdentity:
         try:
             chain, key, bundle_pem = self.state.read_identity()
             bundle = TrustBundle.from_pem(
-                self.host.identity.trust_domain, bundle_pem, what="persisted bundle"
+                self.current.identity.trust_domain, bundle_pem, what="persisted bundle"
             )
             return Svid.check(
-                chain, key, bundle, self.host.identity, self.host.wall_now(), self._skew()
+                chain, key, bundle, self.current.identity, self.current.wall(), self._skew()
             )
         except OSError as exc:
             self.host.events.emit("restore_failed", reason="unreadable", detail=str(exc.strerror))
@@ -243,7 +245,7 @@ class DynamicIdentity:
         await self.state.flush()
 
     def _read_token(self) -> str:
-        sid = self.host.identity
+        sid = self.current.identity
         token_file = self.source.token_file
         advice = (
             f"create one with 'meshid ca token {sid}' on the authority, write it to "
@@ -292,7 +294,7 @@ class DynamicIdentity:
                 if exc.refused and exc.reason != failures_mod.NOT_AUTHORITY:
                     raise ControlPlaneError(
                         f"join token refused: {exc.message}; create a new token with "
-                        f"'meshid ca token {self.host.identity}', write it to "
+                        f"'meshid ca token {self.current.identity}', write it to "
                         f"{self.source.token_file} and start again",
                         reason=exc.reason,
                         status=exc.status,
@@ -320,9 +322,9 @@ class DynamicIdentity:
         reply = await self.client.request(
             "POST",
             ENROLL,
-            EnrollRequest(token, build_csr(key, self.host.identity).decode()).to_json(),
+            EnrollRequest(token, build_csr(key, self.current.identity).decode()).to_json(),
             bundle_pem=self._trust_pem(),
-            now=self.host.wall_now(),
+            now=self.current.wall(),
             trust=self._trust_name(),
         )
         svid = self._svid_from(reply, key)
@@ -336,9 +338,9 @@ class DynamicIdentity:
         reply = await self.client.request(
             "POST",
             RENEW,
-            RenewRequest(build_csr(key, self.host.identity).decode(), self._held()).to_json(),
+            RenewRequest(build_csr(key, self.current.identity).decode(), self._held()).to_json(),
             bundle_pem=self._trust_pem(),
-            now=self.host.wall_now(),
+            now=self.current.wall(),
             trust=self._trust_name(),
             identity=self._client_identity(),
         )
@@ -352,7 +354,7 @@ class DynamicIdentity:
 
     def _held(self) -> int | None:
         """The bundle sequence we hold, so a renewal reply can leave the bundle out."""
-        svid = self.host.current_svid()
+        svid = self.current.svid()
         return svid.bundle.sequence if svid and svid.bundle.sequence else None
 
     def _svid_from(self, doc: dict[str, Any], key: Any) -> Svid:
@@ -364,7 +366,7 @@ class DynamicIdentity:
                 reason=Reason.AUTHORITY_PROTOCOL,
             ) from None
         chain = certs_from_pem(reply.svid.encode(), "SVID from the control plane")
-        current = self.host.current_svid()
+        current = self.current.svid()
         if reply.bundle is None:
             if current is None or current.bundle.sequence != reply.bundle_sequence:
                 raise ControlPlaneError(
@@ -374,13 +376,13 @@ class DynamicIdentity:
             bundle = current.bundle  # unchanged: the reply left it out
         else:
             bundle = TrustBundle.from_pem(
-                self.host.identity.trust_domain,
+                self.current.identity.trust_domain,
                 reply.bundle.encode(),
                 sequence=reply.bundle_sequence,
                 what="bundle from the control plane",
             )
         return Svid.check(
-            chain, key, bundle, self.host.identity, self.host.wall_now(), self._skew()
+            chain, key, bundle, self.current.identity, self.current.wall(), self._skew()
         )
 
     def _learn_offset(self, svid: Svid) -> None:
@@ -392,16 +394,16 @@ class DynamicIdentity:
         Bounded by the clock-skew allowance: beyond it, nothing else would work.
         """
         issued = svid.leaf.not_valid_before_utc + self.schedule.backdate
-        offset = self.host.wall_now() - issued
+        offset = self.current.wall() - issued
         limit = self._skew()
-        self.host.clock_offset = max(-limit, min(limit, offset))
+        self.current.clock_offset = max(-limit, min(limit, offset))
 
     def validity(self) -> tuple[datetime, datetime] | None:
         """The current SVID's NotBefore and NotAfter, on our clock."""
-        svid = self.host.current_svid()
+        svid = self.current.svid()
         if svid is None:
             return None
-        shift = self.host.clock_offset
+        shift = self.current.clock_offset
         return svid.leaf.not_valid_before_utc + shift, svid.not_after + shift
 
     def _note(self, duty: str, exc: BaseException | None) -> None:
@@ -422,7 +424,7 @@ class DynamicIdentity:
         self._note(DUTY_RENEW, exc)
         validity = self.validity()
         state = (
-            self.schedule.state(validity[0], validity[1], self.host.wall_now())
+            self.schedule.state(validity[0], validity[1], self.current.wall())
             if validity
             else EXPIRED
         )
@@ -441,11 +443,11 @@ class DynamicIdentity:
                 "svid_expired",
                 reason="svid_expired",
                 detail=(
-                    f"the SVID of {self.host.identity} has expired and the control plane at "
+                    f"the SVID of {self.current.identity} has expired and the control plane at "
                     f"{self.client.host}:{self.client.port} could not renew it ({exc.message}); "
                     "peers refuse this sidecar until the control plane is back and renewal "
                     f"succeeds, or until a new join token ('meshid ca token "
-                    f"{self.host.identity}') is written to {self.source.token_file} and the "
+                    f"{self.current.identity}') is written to {self.source.token_file} and the "
                     "sidecar restarted"
                 ),
             )
@@ -453,7 +455,7 @@ class DynamicIdentity:
     # -- the feed --
 
     def _apply_policy(self, feed: Feed) -> None:
-        td = self.host.identity.trust_domain
+        td = self.current.identity.trust_domain
         for sid in [*feed.revoked, *(x for pair in feed.pairs for x in pair)]:
             if sid.trust_domain != td:
                 raise InvalidSvid(
@@ -468,11 +470,11 @@ class DynamicIdentity:
 
     def _apply_bundle(self, feed: Feed) -> bool:
         """Install the feed's bundle if it is new; True if it was (and should be saved)."""
-        svid = self.host.current_svid()
+        svid = self.current.svid()
         if svid is None:
             return False
         bundle = TrustBundle.from_pem(
-            self.host.identity.trust_domain,
+            self.current.identity.trust_domain,
             feed.bundle.encode(),
             sequence=feed.bundle_sequence,
             what="bundle from the feed",
@@ -483,8 +485,8 @@ class DynamicIdentity:
             list(svid.chain),
             svid.key,
             bundle,
-            self.host.identity,
-            self.host.wall_now(),
+            self.current.identity,
+            self.current.wall(),
             self._skew(),
         )
         self.host.install_svid(updated, "bundle_updated")
@@ -498,7 +500,7 @@ class DynamicIdentity:
             query.target(),
             None,
             bundle_pem=self._trust_pem(),
-            now=self.host.wall_now(),
+            now=self.current.wall(),
             trust=self._trust_name(),
             identity=self._client_identity(),
             wait=wait,
@@ -562,8 +564,8 @@ class DynamicIdentity:
         feed that would carry it is refused to us), so decisions here cite the
         same version as everywhere else.
         """
-        me = self.host.identity
-        policy = self.host.current_policy()
+        me = self.current.identity
+        policy = self.current.policy
         if me in policy.revoked:
             return
         version = policy.revocation_version
@@ -593,7 +595,7 @@ class DynamicIdentity:
                     REPORT,
                     body,
                     bundle_pem=self._trust_pem(),
-                    now=self.host.wall_now(),
+                    now=self.current.wall(),
                     trust=self._trust_name(),
                     identity=self._client_identity(),
                 )
@@ -625,7 +627,7 @@ class DynamicIdentity:
                 self.schedule,
                 self.validity,
                 self.renew,
-                self.host.wall_now,
+                self.current.wall,
                 self._on_renewal_failure,
                 self.rand,
                 self.pacing.slow,
