@@ -53,7 +53,6 @@ from meshid.wire import (
     ENROLL,
     RENEW,
     REPORT,
-    WIRE_VERSION,
     EnrollRequest,
     Feed,
     RenewRequest,
@@ -68,11 +67,8 @@ from sidecar.credentials import Svid
 from sidecar.lifecycle import ENROLLING, Lifecycle
 from sidecar.renewal import (
     DUTY_RENEW,
-    DUTY_REPORT,
     DUTY_WATCH,
     IDENTITY_REVOKED,
-    REPORT_INTERVAL,
-    REPORT_MIN_INTERVAL,
     STATE_RETRY_MAX,
     WATCH_WAIT,
     as_meshid,
@@ -88,6 +84,7 @@ from sidecar.renewal import (
 from sidecar.renewal import (
     renewal_loop as renewal_loop,
 )
+from sidecar.reporting import Reporter
 from sidecar.schedule import EXPIRED
 from sidecar.state import Current
 from sidecar.statedir import (
@@ -142,7 +139,14 @@ class DynamicIdentity:
         self._feed: Feed | None = None  # the last feed applied, as feed.json holds it
         self.versions: tuple[int, int, int] = (-1, -1, -1)
         self.instance = secrets.token_hex(6)  # this run of the sidecar, as `ca status` lists it
-        self._report_now = trio.Event()
+        self.reporter = Reporter(
+            self._post_report,
+            lambda: self.host.status_report(self.instance),
+            host.events,
+            self._note,
+            self.pacing,
+            rand,
+        )
 
     # -- files --
 
@@ -490,7 +494,7 @@ class DynamicIdentity:
             self._skew(),
         )
         self.host.install_svid(updated, "bundle_updated")
-        self._report_now.set()  # a root rollover waits for this acknowledgement
+        self.reporter.poke()  # a root rollover waits for this acknowledgement
         return True
 
     async def _poll_feed(self, query: WatchQuery, wait: float) -> None:
@@ -584,44 +588,24 @@ class DynamicIdentity:
             ),
         )
 
-    async def report(self) -> None:
-        """Tell the control plane how this sidecar is doing, every few seconds."""
-        failing = False
-        while True:
-            body = {"v": WIRE_VERSION, **self.host.status_report(self.instance).to_json()}
-            try:
-                await self.client.request(
-                    "POST",
-                    REPORT,
-                    body,
-                    bundle_pem=self._trust_pem(),
-                    now=self.current.wall(),
-                    trust=self._trust_name(),
-                    identity=self._client_identity(),
-                )
-                failing = False
-                self._note(DUTY_REPORT, None)
-            except MeshIdError as exc:
-                if not failing:  # once per outage: renewal_failed already says it loudly
-                    self.host.events.emit("report_failed", reason=exc.reason, detail=exc.message)
-                failing = True
-                self._note(DUTY_REPORT, exc)
-                if permanent(exc):  # futile at full rate, and changes do not make it less so
-                    await trio.sleep(self.pacing.slow(self.rand()))
-                    self._report_now = trio.Event()
-                    continue
-            await trio.sleep(REPORT_MIN_INTERVAL)  # a burst of changes makes one report
-            with trio.move_on_after(REPORT_INTERVAL - REPORT_MIN_INTERVAL):
-                await self._report_now.wait()
-            self._report_now = trio.Event()
+    async def _post_report(self, body: dict[str, Any]) -> None:
+        await self.client.request(
+            "POST",
+            REPORT,
+            body,
+            bundle_pem=self._trust_pem(),
+            now=self.current.wall(),
+            trust=self._trust_name(),
+            identity=self._client_identity(),
+        )
 
     def poke(self) -> None:
         """Something an operator may ask about changed: report it soon."""
-        self._report_now.set()
+        self.reporter.poke()
 
     async def run(self) -> None:
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(self.report)
+            nursery.start_soon(self.reporter.run)
             nursery.start_soon(
                 renewal_loop,
                 self.schedule,
