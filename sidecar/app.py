@@ -58,7 +58,7 @@ from sidecar.sockets import (
     bind,
     fmt_addr,
 )
-from sidecar.state import Current
+from sidecar.state import Current, IdentitySource
 from sidecar.static import StaticIdentity
 from sidecar.status import build_report
 from sidecar.tasks import keep_running
@@ -353,9 +353,9 @@ class Sidecar:
 
     async def _serve(self, task_status: trio.TaskStatus[Sidecar]) -> None:
         source = self.config.source
-        static: StaticIdentity | None = None
+        identity: IdentitySource
         if isinstance(source, StaticSource):
-            static = StaticIdentity(
+            identity = StaticIdentity(
                 source,
                 self.current,
                 self.events,
@@ -365,7 +365,6 @@ class Sidecar:
                 interval=self.reload_interval,
                 throttle=self.throttle,
             )
-            await static.start()
         else:
             self.dynamic = DynamicIdentity(
                 self,
@@ -380,7 +379,8 @@ class Sidecar:
                 pacing=self.pacing,
             )
             self.changed = self.dynamic.poke
-            await self.dynamic.start()
+            identity = self.dynamic
+        await identity.start()
         listeners: list[tuple[socket.socket, Callable[..., Awaitable[None]], str]] = []
         try:
             for i, ib in enumerate(self.config.inbound):
@@ -397,12 +397,7 @@ class Sidecar:
                     scope = trio.CancelScope()
                     self._accept_scopes.append(scope)
                     nursery.start_soon(self._accept_loop, lsock, scope, nursery, handler, direction)
-                duties = [("sweep", self._sweep)]
-                if static is not None:
-                    duties.append(("static_reload", static.run))
-                elif self.dynamic is not None:
-                    duties.append(("dynamic_identity", self.dynamic.run))
-                for task, duty in duties:
+                for task, duty in (("sweep", self._sweep), (identity.task, identity.run)):
                     nursery.start_soon(keep_running, task, duty, self.events, self.throttle)
                 self.ready = True
                 self.lifecycle.phase = SERVING

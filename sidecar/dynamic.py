@@ -110,6 +110,8 @@ class Host(Protocol):
 
 
 class DynamicIdentity(FeedFollower):
+    task = "dynamic_identity"  # its name as a background duty
+
     def __init__(
         self,
         host: Host,

@@ -11,6 +11,7 @@ authority's, as dynamic mode last measured it (zero in static mode).
 from __future__ import annotations
 
 from datetime import datetime, timedelta
+from typing import Protocol
 
 from meshid.clock import Clock
 from meshid.policy import Policy
@@ -45,3 +46,16 @@ class Current:
             return None
         expiry = self.generation.svid.not_after + self.clock_offset
         return (expiry - self.wall()).total_seconds()
+
+
+class IdentitySource(Protocol):
+    """Where credentials and policy come from: files (`sidecar.static`) or the authority
+    (`sidecar.dynamic`). The composition root treats both alike."""
+
+    task: str  # the duty's name, as an internal_error line names it
+
+    async def start(self) -> None:
+        """Put the first credentials (and policy) in force, or raise MeshIdError."""
+
+    async def run(self) -> None:
+        """Keep them current until cancelled."""

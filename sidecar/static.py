@@ -78,6 +78,8 @@ def load_policy(path: Path, trust_domain: TrustDomain, version: int) -> Policy:
 class StaticIdentity:
     """The static source: loads the files at start, then polls them every `interval` seconds."""
 
+    task = "static_reload"  # its name as a background duty
+
     def __init__(
         self,
         source: StaticSource,
