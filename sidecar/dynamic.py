@@ -34,7 +34,6 @@ import random
 import secrets
 from collections.abc import Callable
 from datetime import datetime, timedelta
-from pathlib import Path
 from typing import Any, Protocol
 
 import trio
@@ -59,10 +58,11 @@ from meshid.wire import (
 )
 from sidecar import failures as failures_mod
 from sidecar.config import AuthoritySource
-from sidecar.control import ClientIdentity, ControlClient, ControlPlaneError, HeldIdentity
+from sidecar.control import ControlClient, ControlPlaneError
 from sidecar.credentials import Svid
 from sidecar.feed import FeedFollower
 from sidecar.lifecycle import ENROLLING, Lifecycle
+from sidecar.link import AuthorityLink
 from sidecar.renewal import (
     DUTY_RENEW,
     IDENTITY_REVOKED,
@@ -83,12 +83,8 @@ from sidecar.reporting import Reporter
 from sidecar.schedule import EXPIRED
 from sidecar.state import Current
 from sidecar.statedir import (
-    BUNDLE_FILE,
     IDENTITY,
-    KEY_FILE,
-    SVID_FILE,
     StateDir,
-    identity_pem,
 )
 
 
@@ -126,6 +122,7 @@ class DynamicIdentity(FeedFollower):
         self.current = current
         self.source = source
         self.client = client
+        self.link = AuthorityLink(client, current, source)
         self.pacing = pacing or Pacing()
         self.schedule = self.pacing.schedule
         self.rand = rand
@@ -144,36 +141,6 @@ class DynamicIdentity(FeedFollower):
         )
 
     # -- files --
-
-    def _path(self, name: str) -> Path:
-        return self.dir / name
-
-    def _client_identity(self) -> ClientIdentity | HeldIdentity:
-        """The SVID in memory: the state directory's copy may lag behind it or be unreadable."""
-        svid = self.current.svid()
-        if svid is None:
-            return ClientIdentity(self._path(SVID_FILE), self._path(KEY_FILE))
-        return HeldIdentity(identity_pem(svid.key, svid.chain))
-
-    def _trust_pem(self) -> bytes:
-        """The newest bundle known: the current credentials', the persisted one, the configured."""
-        svid = self.current.svid()
-        if svid is not None:
-            return svid.bundle.to_pem()
-        for path in (self._path(BUNDLE_FILE), self.source.bundle):
-            try:
-                return path.read_bytes()
-            except OSError:
-                continue
-        raise ConfigError(
-            f"authority.bundle: cannot read {self.source.bundle}", reason="missing_file"
-        )
-
-    def _trust_name(self) -> str:
-        """What `_trust_pem` is, for a message saying the authority does not chain to it."""
-        if self.current.svid() is not None:
-            return "the trust bundle this sidecar holds (from the authority)"
-        return f"authority.bundle ({self.source.bundle})"
 
     # What is current in memory, written to the state directory. Each of these is
     # also what a retry runs, so a retry writes what is current then, not a copy
@@ -267,7 +234,7 @@ class DynamicIdentity(FeedFollower):
     def _check_bootstrap_bundle(self) -> None:
         """The bundle enrollment trusts holds certificates: else no attempt can ever work."""
         path = self.source.bundle
-        pem = self._trust_pem()
+        pem = self.link.trust_pem()
         try:
             roots = certs_from_pem(pem, str(path))
         except InvalidSvid:
@@ -318,13 +285,11 @@ class DynamicIdentity(FeedFollower):
 
     async def _enroll(self, token: str) -> None:
         key = generate_key()
-        reply = await self.client.request(
+        reply = await self.link.ask(
             "POST",
             ENROLL,
             EnrollRequest(token, build_csr(key, self.current.identity).decode()).to_json(),
-            bundle_pem=self._trust_pem(),
-            now=self.current.wall(),
-            trust=self._trust_name(),
+            as_client=False,  # the token is who we are, until we hold an SVID
         )
         svid = self._svid_from(reply, key)
         self._learn_offset(svid)
@@ -334,14 +299,10 @@ class DynamicIdentity(FeedFollower):
 
     async def renew(self) -> None:
         key = generate_key()
-        reply = await self.client.request(
+        reply = await self.link.ask(
             "POST",
             RENEW,
             RenewRequest(build_csr(key, self.current.identity).decode(), self._held()).to_json(),
-            bundle_pem=self._trust_pem(),
-            now=self.current.wall(),
-            trust=self._trust_name(),
-            identity=self._client_identity(),
         )
         svid = self._svid_from(reply, key)
         self._learn_offset(svid)
@@ -452,15 +413,7 @@ class DynamicIdentity(FeedFollower):
             )
 
     async def _post_report(self, body: dict[str, Any]) -> None:
-        await self.client.request(
-            "POST",
-            REPORT,
-            body,
-            bundle_pem=self._trust_pem(),
-            now=self.current.wall(),
-            trust=self._trust_name(),
-            identity=self._client_identity(),
-        )
+        await self.link.ask("POST", REPORT, body)
 
     def poke(self) -> None:
         """Something an operator may ask about changed: report it soon."""

@@ -25,8 +25,9 @@ from meshid.errors import InvalidSvid
 from meshid.policy import Policy
 from meshid.reasons import Reason
 from meshid.wire import Feed, WatchQuery, WireError
-from sidecar.control import ClientIdentity, ControlClient, ControlPlaneError, HeldIdentity
+from sidecar.control import ControlPlaneError
 from sidecar.credentials import Svid
+from sidecar.link import AuthorityLink
 from sidecar.renewal import (
     DUTY_WATCH,
     IDENTITY_REVOKED,
@@ -47,7 +48,7 @@ if TYPE_CHECKING:
 class FeedFollower:
     current: Current
     host: Host
-    client: ControlClient
+    link: AuthorityLink
     state: StateDir
     pacing: Pacing
     schedule: Schedule
@@ -57,15 +58,6 @@ class FeedFollower:
     _feed: Feed | None
 
     # Defined by DynamicIdentity.
-    def _trust_pem(self) -> bytes:
-        raise NotImplementedError
-
-    def _trust_name(self) -> str:
-        raise NotImplementedError
-
-    def _client_identity(self) -> ClientIdentity | HeldIdentity:
-        raise NotImplementedError
-
     def _skew(self) -> timedelta:
         raise NotImplementedError
 
@@ -119,16 +111,7 @@ class FeedFollower:
 
     async def _poll_feed(self, query: WatchQuery, wait: float) -> None:
         pv, rv, _ = self.versions
-        doc = await self.client.request(
-            "GET",
-            query.target(),
-            None,
-            bundle_pem=self._trust_pem(),
-            now=self.current.wall(),
-            trust=self._trust_name(),
-            identity=self._client_identity(),
-            wait=wait,
-        )
+        doc = await self.link.ask("GET", query.target(), None, wait=wait)
         try:
             feed = Feed.parse(doc)
         except WireError as exc:
