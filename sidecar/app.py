@@ -63,8 +63,6 @@ from sidecar.static import StaticIdentity
 from sidecar.status import build_report
 from sidecar.tasks import keep_running
 
-INTERNAL_ERROR = "internal_error"
-
 
 class Sidecar:
     def __init__(
@@ -187,7 +185,11 @@ class Sidecar:
             decision = decide_pair(policy, entry.direction, self.identity, entry.peer_id)
             if decision.allowed:
                 return None
-            return "identity_revoked" if decision.reason == IDENTITY_REVOKED else "policy_revoked"
+            return (
+                Reason.IDENTITY_REVOKED
+                if decision.reason == IDENTITY_REVOKED
+                else Reason.POLICY_REVOKED
+            )
 
         closed = self.registry.close_where(now_denied)
         self.changed()
@@ -267,9 +269,9 @@ class Sidecar:
 
         def overdue(entry: LiveConnection) -> str | None:
             if now - entry.last_activity > idle:
-                return "idle_timeout"
+                return Reason.IDLE_TIMEOUT
             if expiry and entry.peer_not_after is not None and wall > entry.peer_not_after:
-                return "peer_certificate_expired"
+                return Reason.PEER_CERTIFICATE_EXPIRED
             return None
 
         return overdue
@@ -434,7 +436,7 @@ class Sidecar:
             await self.registry.wait_empty()
         left = len(self.registry)
         if left:
-            self.registry.close_all("drain_timeout")
+            self.registry.close_all(Reason.DRAIN_TIMEOUT)
             with trio.move_on_after(5):
                 await self.registry.wait_empty()
         self.events.emit("stopped", drained=live - left, cut=left)

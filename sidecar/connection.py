@@ -93,14 +93,14 @@ class Connections:
         try:
             app = await self.metrics.timed_connect(INBOUND, self.connect_to(listener.forward))
         except OSError:
-            entry.close_reason = "app_unreachable"
+            entry.close_reason = Reason.APP_UNREACHABLE
             return None, tls
         if header:
             try:
                 await send_plain(app, header)
             except OSError:
                 reset(app)
-                entry.close_reason = "app_unreachable"
+                entry.close_reason = Reason.APP_UNREACHABLE
                 return None, tls
             except BaseException:  # cancelled, or worse: the caller never learns of `app`
                 reset(app)
@@ -127,7 +127,7 @@ class Connections:
                 entry,
                 Verdict(
                     False,
-                    "upstream_unreachable",
+                    Reason.UPSTREAM_UNREACHABLE,
                     f"cannot reach {route.upstream}: {exc.strerror or exc}",
                     route.identity,
                 ),
@@ -223,7 +223,7 @@ class Connections:
             failure = exc
         finally:
             self.registry.remove(entry)
-            reason = aborted or entry.close_reason or "closed"
+            reason = aborted or entry.close_reason or Reason.CLOSED
             cut = aborted is not None or entry.close_reason is not None
             # A refused outbound handshake returns no `other`; its upstream socket is tls.sock.
             upstream = tls.sock if tls is not None and tls.sock is not sock else None

@@ -183,7 +183,7 @@ class FeedFollower:
         )
         self.host.events.emit(
             "identity_revoked",
-            reason="identity_revoked",
+            reason=Reason.IDENTITY_REVOKED,
             detail=(
                 f"the authority revoked {me}: this sidecar closed its connections and refuses "
                 "new ones, as every peer does; to bring the workload back, enroll it under a "

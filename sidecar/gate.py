@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import trio
 from OpenSSL import SSL, crypto
 
+from meshid.reasons import Reason
 from meshid.spiffeid import SpiffeId
 from sidecar.events import EventLog
 from sidecar.metrics import Metrics
@@ -125,7 +126,7 @@ class Gate:
             # the key (CertificateVerify comes next), so _handshake checks, after it.
             return hs.verdict.allowed
         except Exception as exc:  # never let a hostile certificate escape as a crash
-            hs.verdict = Verdict(False, "invalid_certificate", f"certificate rejected: {exc}")
+            hs.verdict = Verdict(False, Reason.INVALID_CERTIFICATE, f"certificate rejected: {exc}")
             return False
 
     def quarantined(self) -> dict[str, float]:
@@ -228,13 +229,15 @@ class Gate:
                     await linger(tls.sock)
                 return None
         if timer.cancelled_caught:
-            self.deny(entry, Verdict(False, "handshake_timeout", "TLS handshake took too long"))
+            self.deny(
+                entry, Verdict(False, Reason.HANDSHAKE_TIMEOUT, "TLS handshake took too long")
+            )
             return None
         verdict = hs.verdict
         if verdict is None:  # a resumed session: OpenSSL did not call us, so judge now
             cert = tls.conn.get_peer_certificate()
             if cert is None:
-                verdict = Verdict(False, "no_client_certificate", "peer sent no certificate")
+                verdict = Verdict(False, Reason.NO_CLIENT_CERTIFICATE, "peer sent no certificate")
             else:
                 verdict = judge_facts(
                     self.leaf_facts(cert),
@@ -291,7 +294,7 @@ class Gate:
         if direction == INBOUND and self.blocked_address(peer[0]):
             reason, detail = QUARANTINED, f"{peer[0]} is quarantined after repeated refusals"
         elif live >= self.max_connections:
-            reason = "connection_limit"
+            reason = Reason.CONNECTION_LIMIT
         if reason is None:
             return False
         self.metrics.connections.labels(direction, "deny", reason).inc()

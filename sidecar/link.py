@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from meshid.errors import ConfigError
+from meshid.reasons import Reason
 from sidecar.config import AuthoritySource
 from sidecar.control import ClientIdentity, ControlClient, HeldIdentity
 from sidecar.state import Current
@@ -67,7 +68,7 @@ class AuthorityLink:
             except OSError:
                 continue
         raise ConfigError(
-            f"authority.bundle: cannot read {self.source.bundle}", reason="missing_file"
+            f"authority.bundle: cannot read {self.source.bundle}", reason=Reason.MISSING_FILE
         )
 
     def trust_name(self) -> str:

@@ -16,6 +16,7 @@ import socket
 import trio
 
 from meshid.errors import MeshIdError
+from meshid.reasons import Reason
 from sidecar.config import Address
 
 ACCEPT_BACKOFF = 0.1  # seconds to wait after accept() failed in a way we did not foresee
@@ -66,7 +67,7 @@ def bind(addr: Address) -> socket.socket:
     except OSError as exc:
         sock.close()
         raise MeshIdError(
-            f"cannot listen on {addr}: {exc.strerror}", reason="listen_failed"
+            f"cannot listen on {addr}: {exc.strerror}", reason=Reason.LISTEN_FAILED
         ) from None
     sock.setblocking(False)
     return sock
