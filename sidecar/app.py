@@ -51,10 +51,6 @@ from sidecar.quarantine import Quarantine
 from sidecar.registry import LiveConnection, Registry
 from sidecar.renewal import Pacing
 from sidecar.sockets import (
-    ACCEPT_BACKOFF,
-    ACCEPT_EXHAUSTED,
-    ACCEPT_TRANSIENT,
-    accept,
     bind,
     fmt_addr,
 )
@@ -136,6 +132,7 @@ class Sidecar:
             self.metrics,
             self.events,
             self.limits,
+            throttle=self.throttle,
             changed=lambda: self.changed(),
         )
 
@@ -216,44 +213,6 @@ class Sidecar:
     # -- connection handling ---------------------------------------------------
 
     # -- listeners -------------------------------------------------------------
-
-    async def _accept_loop(
-        self,
-        lsock: socket.socket,
-        scope: trio.CancelScope,
-        nursery: trio.Nursery,
-        handler: Callable[[socket.socket, tuple[str, int]], Awaitable[None]],
-        direction: str = INBOUND,
-    ) -> None:
-        """Accept until cancelled; a failed accept is that connection's problem, not the loop's."""
-        with scope:
-            while True:
-                try:
-                    sock, peer = accept(lsock)
-                except BlockingIOError:
-                    await trio.lowlevel.wait_readable(lsock)
-                    continue
-                except OSError as exc:
-                    if exc.errno in ACCEPT_TRANSIENT:
-                        continue  # that connection is gone already; the next may be fine
-                    if exc.errno in ACCEPT_EXHAUSTED:
-                        held = self.throttle.allow("accept_failed:resource_exhausted")
-                        if held is not None:
-                            self.events.emit(
-                                "accept_failed",
-                                reason=Reason.RESOURCE_EXHAUSTED,
-                                suppressed=held or None,
-                            )
-                        await trio.sleep(0.1)  # let connections close before accepting more
-                        continue
-                    self.connections.internal_error(direction, None, exc)
-                    await trio.sleep(ACCEPT_BACKOFF)
-                    continue
-                except Exception as exc:
-                    self.connections.internal_error(direction, None, exc)
-                    await trio.sleep(ACCEPT_BACKOFF)
-                    continue
-                nursery.start_soon(handler, sock, peer)
 
     # -- background duties -----------------------------------------------------
 
@@ -398,7 +357,9 @@ class Sidecar:
                 for lsock, handler, direction in listeners:
                     scope = trio.CancelScope()
                     self._accept_scopes.append(scope)
-                    nursery.start_soon(self._accept_loop, lsock, scope, nursery, handler, direction)
+                    nursery.start_soon(
+                        self.connections.accept_loop, lsock, scope, nursery, handler, direction
+                    )
                 for task, duty in (("sweep", self._sweep), (identity.task, identity.run)):
                     nursery.start_soon(keep_running, task, duty, self.events, self.throttle)
                 self.ready = True

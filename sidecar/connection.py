@@ -1,6 +1,8 @@
 """One connection's life: setup in either direction, the hand-off to the pump, the close.
 
-Theory of operation. An accepted socket gets a task that runs
+Theory of operation. Each listener has an accept loop, which a failed
+accept never ends (running out of descriptors pauses it and is logged once a
+second). An accepted socket gets a task that runs
 `serve_connection`: the gate may refuse it at once (quarantined address,
 connection cap); otherwise it is registered, set up (inbound: TLS handshake
 with the peer, then the app connection and an optional PROXY header;
@@ -19,6 +21,7 @@ from collections.abc import Awaitable, Callable
 import trio
 from OpenSSL import SSL
 
+from adminhttp import Throttle
 from meshid.reasons import Reason
 from sidecar.config import Address, Inbound, Limits, Outbound
 from sidecar.events import EventLog
@@ -28,7 +31,15 @@ from sidecar.peer import INBOUND, OUTBOUND, Verdict, decide_pair
 from sidecar.proxyproto import encode_v2
 from sidecar.pump import Pump, StreamAborted, reset
 from sidecar.registry import LiveConnection, Registry
-from sidecar.sockets import connect, fmt_addr, send_plain
+from sidecar.sockets import (
+    ACCEPT_BACKOFF,
+    ACCEPT_EXHAUSTED,
+    ACCEPT_TRANSIENT,
+    accept,
+    connect,
+    fmt_addr,
+    send_plain,
+)
 from sidecar.state import Current
 from sidecar.tlsio import TlsStream
 
@@ -48,6 +59,7 @@ class Connections:
         events: EventLog,
         limits: Limits,
         *,
+        throttle: Throttle,
         changed: Callable[[], None],
     ) -> None:
         self.current = current
@@ -57,7 +69,46 @@ class Connections:
         self.metrics = metrics
         self.events = events
         self.limits = limits
+        self.throttle = throttle  # accept_failed lines, once a second at most
         self.changed = changed
+
+    async def accept_loop(
+        self,
+        lsock: socket.socket,
+        scope: trio.CancelScope,
+        nursery: trio.Nursery,
+        handler: Handler,
+        direction: str = INBOUND,
+    ) -> None:
+        """Accept until cancelled; a failed accept is that connection's problem, not the loop's."""
+        with scope:
+            while True:
+                try:
+                    sock, peer = accept(lsock)
+                except BlockingIOError:
+                    await trio.lowlevel.wait_readable(lsock)
+                    continue
+                except OSError as exc:
+                    if exc.errno in ACCEPT_TRANSIENT:
+                        continue  # that connection is gone already; the next may be fine
+                    if exc.errno in ACCEPT_EXHAUSTED:
+                        held = self.throttle.allow("accept_failed:resource_exhausted")
+                        if held is not None:
+                            self.events.emit(
+                                "accept_failed",
+                                reason=Reason.RESOURCE_EXHAUSTED,
+                                suppressed=held or None,
+                            )
+                        await trio.sleep(0.1)  # let connections close before accepting more
+                        continue
+                    self.internal_error(direction, None, exc)
+                    await trio.sleep(ACCEPT_BACKOFF)
+                    continue
+                except Exception as exc:
+                    self.internal_error(direction, None, exc)
+                    await trio.sleep(ACCEPT_BACKOFF)
+                    continue
+                nursery.start_soon(handler, sock, peer)
 
     async def connect_to(self, addr: Address) -> socket.socket:
         return await connect(addr, self.limits.connect_timeout)

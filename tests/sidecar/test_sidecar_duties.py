@@ -18,7 +18,7 @@ from sidecar_helpers import roundtrip
 from sidecar_mesh import Pair, Pki
 from test_sidecar_faults import inject_once, wait_internal_error
 
-import sidecar.app
+import sidecar.connection
 import sidecar.static
 import sidecar.tasks
 from meshid.errors import InvalidSvid
@@ -126,7 +126,7 @@ async def test_running_out_of_descriptors_is_one_line_a_second(
     pair: Pair, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """accept(2) failing with EMFILE again and again: one line, and connections after."""
-    real = sidecar.app.accept
+    real = sidecar.connection.accept
     failures: list[int] = []
 
     def exhausted(lsock: Any) -> tuple[Any, Any]:
@@ -135,7 +135,7 @@ async def test_running_out_of_descriptors_is_one_line_a_second(
             raise OSError(errno.EMFILE, "Too many open files")
         return real(lsock)
 
-    monkeypatch.setattr(sidecar.app, "accept", exhausted)
+    monkeypatch.setattr(sidecar.connection, "accept", exhausted)
     with trio.fail_after(20):
         assert await roundtrip(pair.app, b"after") == b"after"
     assert len(failures) == 5

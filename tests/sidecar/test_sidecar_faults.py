@@ -36,7 +36,7 @@ from sidecar_helpers import (
 )
 from sidecar_mesh import Mesh, Pair, Pki, Running
 
-import sidecar.app
+import sidecar.connection
 import sidecar.gate
 from sidecar.connection import Connections
 from sidecar.pump import Pump
@@ -95,8 +95,8 @@ async def wait_internal_error(pair: Pair) -> None:
 
 # stage -> (where the fault goes, its name there, the exception)
 STAGES: dict[str, tuple[object, str, BaseException]] = {
-    "accept": (sidecar.app, "accept", RuntimeError("accept broke")),
-    "accept_oserror": (sidecar.app, "accept", OSError(5, "EIO")),
+    "accept": (sidecar.connection, "accept", RuntimeError("accept broke")),
+    "accept_oserror": (sidecar.connection, "accept", OSError(5, "EIO")),
     "handshake": (TlsStream, "handshake", RuntimeError("handshake broke")),
     "handshake_oserror": (TlsStream, "handshake", OSError(5, "EIO")),
     "judge": (sidecar.gate, "judge_facts", RuntimeError("judge broke")),
@@ -227,7 +227,7 @@ async def test_accept_survives_transient_errors(
     """accept(2) errors that belong to the connection being accepted are retried, unlogged."""
     import errno
 
-    fired = inject_once(monkeypatch, sidecar.app, "accept", OSError(errno.ECONNABORTED, "x"))
+    fired = inject_once(monkeypatch, sidecar.connection, "accept", OSError(errno.ECONNABORTED, "x"))
     with trio.fail_after(20):
         assert await roundtrip(pair.app, b"after") == b"after"
     assert fired == [1]
