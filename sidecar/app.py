@@ -1,17 +1,20 @@
-"""The sidecar process: the composition root that wires config, credentials, listeners and admin.
+"""The sidecar process: the composition root, and the few answers only the whole can give.
+
+It builds the objects and injects the one clock (`meshid.clock`): the state
+holder (`sidecar.state`), the gate (`sidecar.gate`), one connection's life
+(`sidecar.connection`), the identity source (`sidecar.static` or
+`sidecar.dynamic`), and runs their tasks, each background duty inside its
+failure boundary (`sidecar.tasks`). What stays here: swapping credentials
+and policy in (a policy change closes exactly the live connections it now
+denies), the sweep of idle and expired connections, the admin answers, and
+the lifecycle.
 
 Theory of operation. `Sidecar.run` opens the admin listener first (so
 /healthz answers, and /readyz says why not ready, while the sidecar waits for
 its authority), then loads credentials, binds every listener, and only then
 reports started (and /readyz turns 200); the admin listener closes last.
-Each accepted socket gets a task that registers the connection,
-authenticates the peer inside the TLS handshake (our verify callback judges
-the SVID and the allow-list; a resumed session, which skips the callback, is
-judged right after), logs the
-decision, and pumps bytes until both directions end. New credentials and a
-new allow-list are swapped in by reference; a policy change re-checks every
-live connection and closes exactly those that became denied. SIGTERM drains:
-stop accepting, let live connections finish up to `drain_timeout`, then cut.
+SIGTERM drains: stop accepting, let live connections finish up to
+`drain_timeout`, then cut.
 """
 
 from __future__ import annotations
