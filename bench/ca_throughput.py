@@ -35,7 +35,7 @@ from ca.authority import Authority
 from meshid.clock import system_clock
 from meshid.spiffeid import SpiffeId, TrustDomain
 from meshid.svid import certs_to_pem, generate_key, key_to_pem
-from sidecar.dynamic import build_csr
+from sidecar.renewal import build_csr
 
 TD = TrustDomain("bench.example")
 SOURCES = 8  # client source addresses, 127.0.0.2 up

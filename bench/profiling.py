@@ -63,15 +63,15 @@ CATEGORIES = (
 # Frames worth following inclusively (share of samples with this frame on the stack).
 INCLUSIVE = (
     "handshake",
-    "_verify",
+    "verify",
     "judge_facts",
     "step_up",
     "step_down",
     "on_event",
-    "_connect",
+    "connect",
     "emit",
     "keep_session",
-    "_serve_connection",
+    "serve_connection",
 )
 FRAME = re.compile(r"^(?P<func>[^ ]+) \((?P<file>[^:]+)(?::\d+)?\)$")
 

@@ -11,6 +11,7 @@ import click
 import trio
 
 from meshid.cli import Group
+from meshid.clock import Clock
 from meshid.errors import ConfigError, MeshIdError
 from sidecar.app import Sidecar
 from sidecar.config import load_config
@@ -77,7 +78,7 @@ def run_cmd(config_path: Path) -> None:
             stream = open(config.log_file, "a", buffering=1, encoding="utf-8")  # noqa: SIM115
         except OSError as exc:
             raise ConfigError(f"log.file: cannot open {config.log_file}: {exc.strerror}") from None
-    sidecar = Sidecar(config, events=EventLog(stream))
+    sidecar = Sidecar(config, events=EventLog(stream), clock=Clock())
     try:
         trio.run(_run, sidecar)
     except BaseExceptionGroup as group:

@@ -37,6 +37,10 @@ _MODE_ENABLE_PARTIAL_WRITE = 0x1
 _MODE_ACCEPT_MOVING_WRITE_BUFFER = 0x2
 SESSION_ID_CONTEXT = b"meshid"
 SESSION_TIMEOUT = 300
+# OpenSSL's X509_V_FLAG_NO_CHECK_TIME (pyOpenSSL does not name it): the verify
+# callback judges every certificate's times on the process's one clock
+# instead, so an injected clock governs expiry on the mTLS ports too.
+X509_V_FLAG_NO_CHECK_TIME = 0x200000
 
 VerifyCallback = Callable[[SSL.Connection, crypto.X509, int, int, int], bool]
 
@@ -105,6 +109,7 @@ def _base_context(method: int, svid: Svid, verify: VerifyCallback) -> SSL.Contex
     assert store is not None
     for root in svid.bundle.roots:
         store.add_cert(crypto.X509.from_cryptography(root))
+    store.set_flags(X509_V_FLAG_NO_CHECK_TIME)
     _set_verify(ctx, SSL.VERIFY_PEER | SSL.VERIFY_FAIL_IF_NO_PEER_CERT, verify)
     ctx.set_verify_depth(4)
     return ctx

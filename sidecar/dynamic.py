@@ -16,11 +16,8 @@ Theory of operation:
   retried with capped exponential backoff while the current SVID keeps
   serving; every failure is logged with the seconds left, and an expired SVID
   is called out with what the operator must do.
-- The watcher long-polls the feed with the versions it holds; the control
-  plane answers when one moves. A new allow-list or revocation is installed
-  at once (live connections it now denies are closed); a new bundle becomes
-  a new credential generation with the same SVID, so rolled-in roots are
-  trusted before anything is signed by them.
+- The watcher follows the feed (allow-list, revocations, bundle): see
+  `sidecar.feed`. The report loop is `sidecar.reporting`.
 - Failures are judged by `sidecar.failures`. Before enrollment a permanent
   one (plain HTTP at the authority's address, another trust domain, a bundle
   the authority's certificate does not chain to, a refused token) ends the
@@ -35,28 +32,23 @@ from __future__ import annotations
 
 import random
 import secrets
-from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
+from collections.abc import Callable
 from datetime import datetime, timedelta
-from pathlib import Path
 from typing import Any, Protocol
 
 import trio
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
 
 from meshid.bundle import TrustBundle
 from meshid.errors import ConfigError, InvalidSvid, MeshIdError
 from meshid.events import EventLog
 from meshid.policy import Policy
 from meshid.reasons import Reason
-from meshid.spiffeid import SpiffeId
+from meshid.report import StatusReport
 from meshid.svid import certs_from_pem, generate_key
 from meshid.wire import (
     ENROLL,
     RENEW,
     REPORT,
-    WIRE_VERSION,
     EnrollRequest,
     Feed,
     RenewRequest,
@@ -66,144 +58,60 @@ from meshid.wire import (
 )
 from sidecar import failures as failures_mod
 from sidecar.config import AuthoritySource
-from sidecar.control import ClientIdentity, ControlClient, ControlPlaneError, HeldIdentity
+from sidecar.control import ControlClient, ControlPlaneError
 from sidecar.credentials import Svid
+from sidecar.feed import FeedFollower
 from sidecar.lifecycle import ENROLLING, Lifecycle
-from sidecar.schedule import EXPIRED, Schedule
-from sidecar.statedir import (
-    BUNDLE,
-    BUNDLE_FILE,
-    FEED,
-    IDENTITY,
-    INTERNAL_ERROR,
-    KEY_FILE,
-    SVID_FILE,
-    StateDir,
-    identity_pem,
+from sidecar.link import AuthorityLink
+from sidecar.renewal import (
+    DUTY_RENEW,
+    IDENTITY_REVOKED,
+    STATE_RETRY_MAX,
+    failure_reason,
+    permanent,
 )
-
-WATCH_WAIT = 25.0
-REPORT_INTERVAL = 10.0
-REPORT_MIN_INTERVAL = 1.0
-STATE_RETRY_MAX = 30.0  # seconds between two attempts to write a pending state file
-SLOW_RETRY = 60.0  # seconds between attempts after a permanent failure, or while revoked
-WATCH_RETRY_MAX = 10.0
-IDENTITY_REVOKED = "identity_revoked"
-DUTY_RENEW, DUTY_WATCH, DUTY_REPORT = "renew", "watch", "report"  # as /readyz names them
-
-
-@dataclass(frozen=True, slots=True)
-class Pacing:
-    """How fast the control-plane duties retry; injected, so a test need not wait a minute."""
-
-    schedule: Schedule = field(default_factory=Schedule)
-    slow_retry: float = SLOW_RETRY
-    watch_retry_max: float = WATCH_RETRY_MAX
-
-    def slow(self, rand: float) -> float:
-        """The pause after a permanent failure: `slow_retry` ±10 %, so a fleet spreads out."""
-        return self.slow_retry * (0.9 + 0.2 * rand)
-
-
-def permanent(exc: BaseException) -> bool:
-    """Whether retrying at full rate is futile (see `sidecar.failures`)."""
-    if isinstance(exc, ControlPlaneError):
-        return exc.permanent or exc.refused
-    return isinstance(exc, MeshIdError) and exc.reason == IDENTITY_REVOKED
+from sidecar.renewal import (
+    Pacing as Pacing,
+)
+from sidecar.renewal import (
+    build_csr as build_csr,
+)
+from sidecar.renewal import (
+    renewal_loop as renewal_loop,
+)
+from sidecar.reporting import Reporter
+from sidecar.schedule import EXPIRED
+from sidecar.state import Current
+from sidecar.statedir import (
+    IDENTITY,
+    StateDir,
+)
 
 
 class Host(Protocol):
-    """What the identity needs from the sidecar it serves."""
+    """What the identity asks of the sidecar it serves: to swap credentials and policy in.
 
-    identity: SpiffeId
+    What it only reads (our identity, the clock, the credentials and policy in
+    force) and the clock offset it measures are in the state holder,
+    `sidecar.state.Current`, which it is given directly.
+    """
+
     events: EventLog
     lifecycle: Lifecycle
-    clock_offset: timedelta  # our clock minus the authority's, as last measured
 
-    def wall_now(self) -> datetime: ...
-    def current_svid(self) -> Svid | None: ...
     def install_svid(self, svid: Svid, how: str) -> None: ...
     def install_policy(self, policy: Policy) -> int: ...
     def count_renewal(self, result: str) -> None: ...
-    def status_report(self) -> dict[str, Any]: ...
-    def current_policy(self) -> Policy: ...
+    def status_report(self, instance: str) -> StatusReport: ...
 
 
-def build_csr(key: Any, spiffe_id: SpiffeId) -> bytes:
-    csr = (
-        x509.CertificateSigningRequestBuilder()
-        .subject_name(x509.Name([]))
-        .add_extension(
-            x509.SubjectAlternativeName([x509.UniformResourceIdentifier(str(spiffe_id))]),
-            critical=False,
-        )
-        .sign(key, hashes.SHA256())
-    )
-    return csr.public_bytes(serialization.Encoding.PEM)
+class DynamicIdentity(FeedFollower):
+    task = "dynamic_identity"  # its name as a background duty
 
-
-async def renewal_loop(
-    schedule: Schedule,
-    current: Callable[[], tuple[datetime, datetime] | None],
-    renew: Callable[[], Awaitable[None]],
-    wall: Callable[[], datetime],
-    on_failure: Callable[[MeshIdError, int, float, float], None],
-    rand: Callable[[], float] = random.random,
-    slow: Callable[[float], float] | None = None,
-) -> None:
-    """Renew on schedule forever; `on_failure(exc, failures, left, retry_in)`.
-
-    `current()` is the SVID's validity (NotBefore, NotAfter) on the local clock.
-    After a permanent failure (`permanent`), the next attempt waits `slow(rand)`
-    when given, rather than the backoff.
-    """
-    failures = 0
-    last_permanent = False
-    while True:
-        validity = current()
-        if validity is None:
-            raise ConfigError("no SVID to renew")
-        not_before, not_after = validity
-        left = (not_after - wall()).total_seconds()
-        if failures == 0:
-            delay = schedule.renew_delay(not_before, not_after, wall(), rand())
-        elif last_permanent and slow is not None:
-            delay = slow(rand())
-        else:
-            delay = schedule.retry_delay(failures, left, rand())
-        await trio.sleep(delay)
-        try:
-            await renew()
-        except Exception as exc:  # one failed attempt, never the end of the renewer
-            failures += 1
-            last_permanent = permanent(exc)
-            left = (not_after - wall()).total_seconds()
-            retry_in = (
-                slow(0.5)
-                if last_permanent and slow is not None
-                else schedule.retry_delay(failures, left, 0.5)
-            )
-            on_failure(_as_meshid(exc), failures, left, retry_in)
-        else:
-            failures = 0
-            last_permanent = False
-
-
-def _reason(exc: BaseException) -> str:
-    return exc.reason if isinstance(exc, MeshIdError) else INTERNAL_ERROR
-
-
-def _as_meshid(exc: Exception) -> MeshIdError:
-    """Our own errors as they are; anything else is a bug of ours, said without a traceback."""
-    if isinstance(exc, MeshIdError):
-        return exc
-    return MeshIdError(f"unexpected {type(exc).__name__}: {exc}"[:300], reason=INTERNAL_ERROR)
-
-
-class DynamicIdentity:
     def __init__(
         self,
         host: Host,
+        current: Current,
         source: AuthoritySource,
         *,
         client: ControlClient,
@@ -211,8 +119,10 @@ class DynamicIdentity:
         rand: Callable[[], float] = random.random,
     ) -> None:
         self.host = host
+        self.current = current
         self.source = source
         self.client = client
+        self.link = AuthorityLink(client, current, source)
         self.pacing = pacing or Pacing()
         self.schedule = self.pacing.schedule
         self.rand = rand
@@ -221,51 +131,28 @@ class DynamicIdentity:
         self._feed: Feed | None = None  # the last feed applied, as feed.json holds it
         self.versions: tuple[int, int, int] = (-1, -1, -1)
         self.instance = secrets.token_hex(6)  # this run of the sidecar, as `ca status` lists it
-        self._report_now = trio.Event()
-
-    # -- files --
-
-    def _path(self, name: str) -> Path:
-        return self.dir / name
-
-    def _client_identity(self) -> ClientIdentity | HeldIdentity:
-        """The SVID in memory: the state directory's copy may lag behind it or be unreadable."""
-        svid = self.host.current_svid()
-        if svid is None:
-            return ClientIdentity(self._path(SVID_FILE), self._path(KEY_FILE))
-        return HeldIdentity(identity_pem(svid.key, svid.chain))
-
-    def _trust_pem(self) -> bytes:
-        """The newest bundle known: the current credentials', the persisted one, the configured."""
-        svid = self.host.current_svid()
-        if svid is not None:
-            return svid.bundle.to_pem()
-        for path in (self._path(BUNDLE_FILE), self.source.bundle):
-            try:
-                return path.read_bytes()
-            except OSError:
-                continue
-        raise ConfigError(
-            f"authority.bundle: cannot read {self.source.bundle}", reason="missing_file"
+        self.reporter = Reporter(
+            self._post_report,
+            lambda: self.host.status_report(self.instance),
+            host.events,
+            self._note,
+            self.pacing,
+            rand,
         )
 
-    def _trust_name(self) -> str:
-        """What `_trust_pem` is, for a message saying the authority does not chain to it."""
-        if self.host.current_svid() is not None:
-            return "the trust bundle this sidecar holds (from the authority)"
-        return f"authority.bundle ({self.source.bundle})"
+    # -- files --
 
     # What is current in memory, written to the state directory. Each of these is
     # also what a retry runs, so a retry writes what is current then, not a copy
     # of what failed.
 
     def _write_identity(self) -> None:
-        svid = self.host.current_svid()
+        svid = self.current.svid()
         if svid is not None:
             self.state.write_identity(svid.key, svid.chain, svid.bundle)
 
     def _write_bundle(self) -> None:
-        svid = self.host.current_svid()
+        svid = self.current.svid()
         if svid is not None:
             self.state.write_bundle(svid.bundle)
 
@@ -280,10 +167,10 @@ class DynamicIdentity:
         try:
             chain, key, bundle_pem = self.state.read_identity()
             bundle = TrustBundle.from_pem(
-                self.host.identity.trust_domain, bundle_pem, what="persisted bundle"
+                self.current.identity.trust_domain, bundle_pem, what="persisted bundle"
             )
             return Svid.check(
-                chain, key, bundle, self.host.identity, self.host.wall_now(), self._skew()
+                chain, key, bundle, self.current.identity, self.current.wall(), self._skew()
             )
         except OSError as exc:
             self.host.events.emit("restore_failed", reason="unreadable", detail=str(exc.strerror))
@@ -324,7 +211,7 @@ class DynamicIdentity:
         await self.state.flush()
 
     def _read_token(self) -> str:
-        sid = self.host.identity
+        sid = self.current.identity
         token_file = self.source.token_file
         advice = (
             f"create one with 'meshid ca token {sid}' on the authority, write it to "
@@ -347,7 +234,7 @@ class DynamicIdentity:
     def _check_bootstrap_bundle(self) -> None:
         """The bundle enrollment trusts holds certificates: else no attempt can ever work."""
         path = self.source.bundle
-        pem = self._trust_pem()
+        pem = self.link.trust_pem()
         try:
             roots = certs_from_pem(pem, str(path))
         except InvalidSvid:
@@ -373,7 +260,7 @@ class DynamicIdentity:
                 if exc.refused and exc.reason != failures_mod.NOT_AUTHORITY:
                     raise ControlPlaneError(
                         f"join token refused: {exc.message}; create a new token with "
-                        f"'meshid ca token {self.host.identity}', write it to "
+                        f"'meshid ca token {self.current.identity}', write it to "
                         f"{self.source.token_file} and start again",
                         reason=exc.reason,
                         status=exc.status,
@@ -398,13 +285,11 @@ class DynamicIdentity:
 
     async def _enroll(self, token: str) -> None:
         key = generate_key()
-        reply = await self.client.request(
+        reply = await self.link.ask(
             "POST",
             ENROLL,
-            EnrollRequest(token, build_csr(key, self.host.identity).decode()).to_json(),
-            bundle_pem=self._trust_pem(),
-            now=self.host.wall_now(),
-            trust=self._trust_name(),
+            EnrollRequest(token, build_csr(key, self.current.identity).decode()).to_json(),
+            as_client=False,  # the token is who we are, until we hold an SVID
         )
         svid = self._svid_from(reply, key)
         self._learn_offset(svid)
@@ -414,14 +299,10 @@ class DynamicIdentity:
 
     async def renew(self) -> None:
         key = generate_key()
-        reply = await self.client.request(
+        reply = await self.link.ask(
             "POST",
             RENEW,
-            RenewRequest(build_csr(key, self.host.identity).decode(), self._held()).to_json(),
-            bundle_pem=self._trust_pem(),
-            now=self.host.wall_now(),
-            trust=self._trust_name(),
-            identity=self._client_identity(),
+            RenewRequest(build_csr(key, self.current.identity).decode(), self._held()).to_json(),
         )
         svid = self._svid_from(reply, key)
         self._learn_offset(svid)
@@ -433,7 +314,7 @@ class DynamicIdentity:
 
     def _held(self) -> int | None:
         """The bundle sequence we hold, so a renewal reply can leave the bundle out."""
-        svid = self.host.current_svid()
+        svid = self.current.svid()
         return svid.bundle.sequence if svid and svid.bundle.sequence else None
 
     def _svid_from(self, doc: dict[str, Any], key: Any) -> Svid:
@@ -445,7 +326,7 @@ class DynamicIdentity:
                 reason=Reason.AUTHORITY_PROTOCOL,
             ) from None
         chain = certs_from_pem(reply.svid.encode(), "SVID from the control plane")
-        current = self.host.current_svid()
+        current = self.current.svid()
         if reply.bundle is None:
             if current is None or current.bundle.sequence != reply.bundle_sequence:
                 raise ControlPlaneError(
@@ -455,13 +336,13 @@ class DynamicIdentity:
             bundle = current.bundle  # unchanged: the reply left it out
         else:
             bundle = TrustBundle.from_pem(
-                self.host.identity.trust_domain,
+                self.current.identity.trust_domain,
                 reply.bundle.encode(),
                 sequence=reply.bundle_sequence,
                 what="bundle from the control plane",
             )
         return Svid.check(
-            chain, key, bundle, self.host.identity, self.host.wall_now(), self._skew()
+            chain, key, bundle, self.current.identity, self.current.wall(), self._skew()
         )
 
     def _learn_offset(self, svid: Svid) -> None:
@@ -473,16 +354,16 @@ class DynamicIdentity:
         Bounded by the clock-skew allowance: beyond it, nothing else would work.
         """
         issued = svid.leaf.not_valid_before_utc + self.schedule.backdate
-        offset = self.host.wall_now() - issued
+        offset = self.current.wall() - issued
         limit = self._skew()
-        self.host.clock_offset = max(-limit, min(limit, offset))
+        self.current.clock_offset = max(-limit, min(limit, offset))
 
     def validity(self) -> tuple[datetime, datetime] | None:
         """The current SVID's NotBefore and NotAfter, on our clock."""
-        svid = self.host.current_svid()
+        svid = self.current.svid()
         if svid is None:
             return None
-        shift = self.host.clock_offset
+        shift = self.current.clock_offset
         return svid.leaf.not_valid_before_utc + shift, svid.not_after + shift
 
     def _note(self, duty: str, exc: BaseException | None) -> None:
@@ -490,10 +371,10 @@ class DynamicIdentity:
 
         A revoked identity is shown as such by /readyz itself, not as a duty's failure.
         """
-        if exc is None or not permanent(exc) or _reason(exc) == IDENTITY_REVOKED:
+        if exc is None or not permanent(exc) or failure_reason(exc) == IDENTITY_REVOKED:
             self.host.lifecycle.problem(duty, None)
         else:
-            brief = exc.brief if isinstance(exc, ControlPlaneError) else _reason(exc)
+            brief = exc.brief if isinstance(exc, ControlPlaneError) else failure_reason(exc)
             self.host.lifecycle.problem(duty, brief)
 
     def _on_renewal_failure(
@@ -503,7 +384,7 @@ class DynamicIdentity:
         self._note(DUTY_RENEW, exc)
         validity = self.validity()
         state = (
-            self.schedule.state(validity[0], validity[1], self.host.wall_now())
+            self.schedule.state(validity[0], validity[1], self.current.wall())
             if validity
             else EXPIRED
         )
@@ -522,191 +403,31 @@ class DynamicIdentity:
                 "svid_expired",
                 reason="svid_expired",
                 detail=(
-                    f"the SVID of {self.host.identity} has expired and the control plane at "
+                    f"the SVID of {self.current.identity} has expired and the control plane at "
                     f"{self.client.host}:{self.client.port} could not renew it ({exc.message}); "
                     "peers refuse this sidecar until the control plane is back and renewal "
                     f"succeeds, or until a new join token ('meshid ca token "
-                    f"{self.host.identity}') is written to {self.source.token_file} and the "
+                    f"{self.current.identity}') is written to {self.source.token_file} and the "
                     "sidecar restarted"
                 ),
             )
 
-    # -- the feed --
-
-    def _apply_policy(self, feed: Feed) -> None:
-        td = self.host.identity.trust_domain
-        for sid in [*feed.revoked, *(x for pair in feed.pairs for x in pair)]:
-            if sid.trust_domain != td:
-                raise InvalidSvid(
-                    f"feed names {sid} of another trust domain", reason=Reason.BAD_FEED
-                )
-        self.host.install_policy(
-            Policy.build(
-                list(feed.pairs), feed.policy_version, list(feed.revoked), feed.revocation_version
-            )
-        )
-        self.versions = (feed.policy_version, feed.revocation_version, feed.bundle_sequence)
-
-    def _apply_bundle(self, feed: Feed) -> bool:
-        """Install the feed's bundle if it is new; True if it was (and should be saved)."""
-        svid = self.host.current_svid()
-        if svid is None:
-            return False
-        bundle = TrustBundle.from_pem(
-            self.host.identity.trust_domain,
-            feed.bundle.encode(),
-            sequence=feed.bundle_sequence,
-            what="bundle from the feed",
-        )
-        if bundle.same_roots(svid.bundle) and bundle.sequence == svid.bundle.sequence:
-            return False
-        updated = Svid.check(
-            list(svid.chain),
-            svid.key,
-            bundle,
-            self.host.identity,
-            self.host.wall_now(),
-            self._skew(),
-        )
-        self.host.install_svid(updated, "bundle_updated")
-        self._report_now.set()  # a root rollover waits for this acknowledgement
-        return True
-
-    async def _poll_feed(self, query: WatchQuery, wait: float) -> None:
-        pv, rv, _ = self.versions
-        doc = await self.client.request(
-            "GET",
-            query.target(),
-            None,
-            bundle_pem=self._trust_pem(),
-            now=self.host.wall_now(),
-            trust=self._trust_name(),
-            identity=self._client_identity(),
-            wait=wait,
-        )
-        try:
-            feed = Feed.parse(doc)
-        except WireError as exc:
-            raise ControlPlaneError(
-                f"bad feed: {exc.message}", reason=Reason.AUTHORITY_PROTOCOL
-            ) from None
-        changed = (feed.policy_version, feed.revocation_version) != (pv, rv)
-        new_bundle = self._apply_bundle(feed)
-        if changed:
-            self._apply_policy(feed)
-            self._feed = feed
-        else:
-            self.versions = (pv, rv, feed.bundle_sequence)
-        # Both are in force already; saving them never waits on the disk.
-        if new_bundle:
-            self.state.request(BUNDLE, self._write_bundle)
-        if changed:
-            self.state.request(FEED, self._write_feed)
-
-    async def watch(self) -> None:
-        """Follow the allow-list, revocations and bundle; never returns."""
-        failures = 0
-        while True:
-            query = WatchQuery(*self.versions, wait=WATCH_WAIT)
-            try:
-                await self._poll_feed(query, WATCH_WAIT + 10)
-                failures = 0
-                self._note(DUTY_WATCH, None)
-            except Exception as exc:  # one failed poll, never the end of the watcher
-                failures += 1
-                err = _as_meshid(exc)
-                reason, detail = err.reason, err.message
-                slow = permanent(exc)
-                if slow:
-                    delay = self.pacing.slow(self.rand())
-                else:
-                    delay = min(
-                        self.pacing.watch_retry_max,
-                        self.schedule.retry_delay(failures, 0.0, self.rand()),
-                    )
-                self._note(DUTY_WATCH, exc)
-                self.host.events.emit(
-                    "watch_failed",
-                    reason=reason,
-                    detail=detail,
-                    retry_in_s=round(delay, 1),
-                    permanent=slow or None,
-                )
-                if reason == IDENTITY_REVOKED:
-                    self._revoked_self(getattr(exc, "revocation_version", None))
-                await trio.sleep(delay)
-
-    def _revoked_self(self, revocation_version: int | None = None) -> None:
-        """The authority revoked this very workload: stop using the identity, say so once.
-
-        The revocation version is the one the authority's refusal names (the
-        feed that would carry it is refused to us), so decisions here cite the
-        same version as everywhere else.
-        """
-        me = self.host.identity
-        policy = self.host.current_policy()
-        if me in policy.revoked:
-            return
-        version = policy.revocation_version
-        if revocation_version is not None:
-            version = max(version, revocation_version)
-        self.host.install_policy(
-            Policy.build(policy.pairs, policy.version, {*policy.revoked, me}, version)
-        )
-        self.host.events.emit(
-            "identity_revoked",
-            reason="identity_revoked",
-            detail=(
-                f"the authority revoked {me}: this sidecar closed its connections and refuses "
-                "new ones, as every peer does; to bring the workload back, enroll it under a "
-                "new identity (meshid ca token NEW-ID) and change `identity` in this config"
-            ),
-        )
-
-    async def report(self) -> None:
-        """Tell the control plane how this sidecar is doing, every few seconds."""
-        failing = False
-        while True:
-            body = {"v": WIRE_VERSION, "instance": self.instance, **self.host.status_report()}
-            try:
-                await self.client.request(
-                    "POST",
-                    REPORT,
-                    body,
-                    bundle_pem=self._trust_pem(),
-                    now=self.host.wall_now(),
-                    trust=self._trust_name(),
-                    identity=self._client_identity(),
-                )
-                failing = False
-                self._note(DUTY_REPORT, None)
-            except MeshIdError as exc:
-                if not failing:  # once per outage: renewal_failed already says it loudly
-                    self.host.events.emit("report_failed", reason=exc.reason, detail=exc.message)
-                failing = True
-                self._note(DUTY_REPORT, exc)
-                if permanent(exc):  # futile at full rate, and changes do not make it less so
-                    await trio.sleep(self.pacing.slow(self.rand()))
-                    self._report_now = trio.Event()
-                    continue
-            await trio.sleep(REPORT_MIN_INTERVAL)  # a burst of changes makes one report
-            with trio.move_on_after(REPORT_INTERVAL - REPORT_MIN_INTERVAL):
-                await self._report_now.wait()
-            self._report_now = trio.Event()
+    async def _post_report(self, body: dict[str, Any]) -> None:
+        await self.link.ask("POST", REPORT, body)
 
     def poke(self) -> None:
         """Something an operator may ask about changed: report it soon."""
-        self._report_now.set()
+        self.reporter.poke()
 
     async def run(self) -> None:
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(self.report)
+            nursery.start_soon(self.reporter.run)
             nursery.start_soon(
                 renewal_loop,
                 self.schedule,
                 self.validity,
                 self.renew,
-                self.host.wall_now,
+                self.current.wall,
                 self._on_renewal_failure,
                 self.rand,
                 self.pacing.slow,

@@ -9,13 +9,15 @@ every connection), the expected upstream identity, and the allow-list.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 
 from cryptography import x509
 
 from meshid.errors import InvalidSvid
-from meshid.policy import Policy
+from meshid.policy import Decision, Policy
+from meshid.reasons import Reason
 from meshid.spiffeid import SpiffeId, TrustDomain
 from meshid.svid import check_leaf_profile, uri_sans
 
@@ -47,6 +49,17 @@ _UNTRUSTED = frozenset(
 )
 
 
+def decide_pair(policy: Policy, direction: str, local_id: SpiffeId, peer: SpiffeId) -> Decision:
+    """The allow-list decision for one connection: the one place its order is written.
+
+    Inbound, the peer opens a connection to us (peer -> local); outbound, we
+    open one to the peer (local -> peer).
+    """
+    if direction == INBOUND:
+        return policy.decide(peer, local_id)
+    return policy.decide(local_id, peer)
+
+
 @dataclass(frozen=True, slots=True)
 class Verdict:
     allowed: bool
@@ -73,25 +86,61 @@ def chain_error_verdict(
     claimed = _claimed_id(leaf) if leaf is not None else None
     who = str(claimed) if claimed else "peer certificate"
     if code == X509_CERT_HAS_EXPIRED:
-        return Verdict(False, "expired", f"{who} has expired", claimed)
+        return Verdict(False, Reason.EXPIRED, f"{who} has expired", claimed)
     if code == X509_CERT_NOT_YET_VALID:
-        return Verdict(False, "not_yet_valid", f"{who} is not valid yet", claimed)
+        return Verdict(False, Reason.NOT_YET_VALID, f"{who} is not valid yet", claimed)
     if code in _UNTRUSTED:
         if claimed is not None and claimed.trust_domain != trust_domain:
             return Verdict(
                 False,
-                "untrusted_trust_domain",
+                Reason.UNTRUSTED_TRUST_DOMAIN,
                 f"{who} is from trust domain {claimed.trust_domain}, which we do not trust",
                 claimed,
             )
         return Verdict(
-            False, "untrusted_certificate", f"{who} does not chain to our trust bundle", claimed
+            False,
+            Reason.UNTRUSTED_CERTIFICATE,
+            f"{who} does not chain to our trust bundle",
+            claimed,
         )
     if code in (X509_INVALID_PURPOSE, X509_INVALID_CA):
-        return Verdict(False, "invalid_svid", f"{who}: not usable for mTLS (code {code})", claimed)
+        return Verdict(
+            False, Reason.INVALID_SVID, f"{who}: not usable for mTLS (code {code})", claimed
+        )
     return Verdict(
-        False, "invalid_certificate", f"{who}: certificate rejected (code {code})", claimed
+        False, Reason.INVALID_CERTIFICATE, f"{who}: certificate rejected (code {code})", claimed
     )
+
+
+@functools.lru_cache(maxsize=256)  # CA certificates: a handful, seen on every handshake
+def asn1_time(raw: bytes | None) -> datetime | None:
+    """OpenSSL's `YYYYMMDDhhmmssZ` as an aware datetime; None when absent or malformed."""
+    if raw is None:
+        return None
+    try:
+        return datetime.strptime(raw.decode("ascii"), "%Y%m%d%H%M%SZ").replace(tzinfo=UTC)
+    except (UnicodeDecodeError, ValueError):
+        return None
+
+
+def ca_time_verdict(
+    not_before: datetime | None,
+    not_after: datetime | None,
+    now: datetime,
+    skew: timedelta = timedelta(0),
+) -> Verdict | None:
+    """A CA certificate in a peer's chain judged on our clock (OpenSSL's check is off)."""
+    if not_before is None or not_after is None:
+        return Verdict(
+            False, Reason.INVALID_CERTIFICATE, "a CA certificate has unreadable validity"
+        )
+    if now > not_after:
+        return Verdict(False, Reason.EXPIRED, "a CA certificate in the peer's chain has expired")
+    if now + skew < not_before:
+        return Verdict(
+            False, Reason.NOT_YET_VALID, "a CA certificate in the peer's chain is not valid yet"
+        )
+    return None
 
 
 @dataclass(frozen=True, slots=True)
@@ -140,35 +189,39 @@ def judge_facts(
     """The verdict on a peer whose chain OpenSSL accepted (or who resumed a session)."""
     peer = facts.peer
     if peer is None:
-        return Verdict(False, "invalid_svid", facts.problem, facts.claimed)
+        return Verdict(False, Reason.INVALID_SVID, facts.problem, facts.claimed)
     serial = facts.serial
     not_after = facts.not_after
     if peer.trust_domain != local_id.trust_domain:
         return Verdict(
             False,
-            "untrusted_trust_domain",
+            Reason.UNTRUSTED_TRUST_DOMAIN,
             f"{peer} is not in trust domain {local_id.trust_domain}",
             peer,
             serial,
             not_after,
         )
     if now > not_after:
-        return Verdict(False, "expired", f"{peer} certificate has expired", peer, serial, not_after)
+        return Verdict(
+            False, Reason.EXPIRED, f"{peer} certificate has expired", peer, serial, not_after
+        )
     if now + skew < facts.not_before:
         return Verdict(
-            False, "not_yet_valid", f"{peer} certificate is not valid yet", peer, serial, not_after
+            False,
+            Reason.NOT_YET_VALID,
+            f"{peer} certificate is not valid yet",
+            peer,
+            serial,
+            not_after,
         )
-    if direction == OUTBOUND:
-        if expected is not None and peer != expected:
-            return Verdict(
-                False,
-                "wrong_identity",
-                f"upstream presented {peer}, expected {expected}",
-                peer,
-                serial,
-                not_after,
-            )
-        decision = policy.decide(local_id, peer)
-    else:
-        decision = policy.decide(peer, local_id)
+    if direction == OUTBOUND and expected is not None and peer != expected:
+        return Verdict(
+            False,
+            Reason.WRONG_IDENTITY,
+            f"upstream presented {peer}, expected {expected}",
+            peer,
+            serial,
+            not_after,
+        )
+    decision = decide_pair(policy, direction, local_id, peer)
     return Verdict(decision.allowed, decision.reason, decision.explanation, peer, serial, not_after)

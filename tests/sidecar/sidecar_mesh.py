@@ -27,6 +27,7 @@ from sidecar_helpers import (
 )
 
 from ca.authority import Authority
+from meshid.clock import Clock
 from meshid.events import EventLog
 from meshid.spiffeid import SpiffeId
 from meshid.svid import PrivateKey, certs_to_pem, generate_key
@@ -126,6 +127,7 @@ class Mesh:
         listen: Addr | None = None,
         reload_interval: float = 0.05,
         sweep_interval: float = 0.05,
+        clock: Clock | None = None,
     ) -> Running:
         directory = self.root / name
         directory.mkdir(parents=True)
@@ -162,6 +164,7 @@ class Mesh:
             events=EventLog(log),
             reload_interval=reload_interval,
             sweep_interval=sweep_interval,
+            clock=clock,
         )
         started = await self.nursery.start(sidecar.run)
         assert started is sidecar

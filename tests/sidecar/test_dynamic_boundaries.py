@@ -9,7 +9,7 @@ import trio
 import trio.testing
 
 from meshid.errors import MeshIdError
-from sidecar.dynamic import renewal_loop
+from sidecar.renewal import renewal_loop
 from sidecar.schedule import Schedule
 
 T0 = datetime(2026, 1, 1, tzinfo=UTC)

@@ -9,8 +9,8 @@ from test_renewal_schedule import World
 
 from meshid.errors import MeshIdError
 from sidecar.control import ControlPlaneError
-from sidecar.dynamic import Pacing, renewal_loop
 from sidecar.lifecycle import DRAINING, ENROLLING, SERVING, STARTING, Lifecycle
+from sidecar.renewal import Pacing, renewal_loop
 from sidecar.schedule import Schedule
 
 

@@ -7,13 +7,23 @@ remembered facts never let time or a policy change slip.
 
 from __future__ import annotations
 
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 
 from sidecar_helpers import ForeignCa, forge, utcnow
 
 from meshid.policy import Policy
 from meshid.spiffeid import SpiffeId, TrustDomain
-from sidecar.peer import INBOUND, LeafFacts, Verdict, judge_facts, leaf_facts
+from sidecar.peer import (
+    INBOUND,
+    OUTBOUND,
+    LeafFacts,
+    Verdict,
+    asn1_time,
+    ca_time_verdict,
+    decide_pair,
+    judge_facts,
+    leaf_facts,
+)
 
 TD = TrustDomain.parse("example.test")
 API = SpiffeId.parse("spiffe://example.test/api")
@@ -59,3 +69,31 @@ def test_a_leaf_that_fails_the_profile_is_remembered_as_invalid() -> None:
     verdict = _judge(facts, Policy.build([(WEB, API)], version=1), timedelta(0))
     assert facts.peer is None
     assert verdict.reason == "invalid_svid" and not verdict.allowed
+
+
+def test_ca_certificates_are_judged_on_our_clock() -> None:
+    """OpenSSL checks no times: a CA in the chain out of its validity is refused by us."""
+    nb = asn1_time(b"20300101000000Z")
+    na = asn1_time(b"20310101000000Z")
+    assert nb == datetime(2030, 1, 1, tzinfo=UTC)
+    assert asn1_time(b"garbage") is None
+    assert asn1_time(None) is None
+    inside = datetime(2030, 6, 1, tzinfo=UTC)
+    assert ca_time_verdict(nb, na, inside) is None
+    late = ca_time_verdict(nb, na, datetime(2031, 1, 2, tzinfo=UTC))
+    early = ca_time_verdict(nb, na, datetime(2029, 12, 31, 23, 59, 30, tzinfo=UTC))
+    assert late is not None and late.reason == "expired"
+    assert early is not None and early.reason == "not_yet_valid"
+    within_skew = datetime(2029, 12, 31, 23, 59, 30, tzinfo=UTC)
+    assert ca_time_verdict(nb, na, within_skew, timedelta(seconds=60)) is None
+    bad = ca_time_verdict(None, na, inside)
+    assert bad is not None and bad.reason == "invalid_certificate"
+
+
+def test_the_pair_order_follows_the_direction() -> None:
+    """Inbound the peer connects to us, outbound we connect to the peer."""
+    one_way = Policy.build([(WEB, API)], 3)
+    assert decide_pair(one_way, INBOUND, API, WEB).allowed
+    assert not decide_pair(one_way, OUTBOUND, API, WEB).allowed
+    assert decide_pair(one_way, OUTBOUND, WEB, API).allowed
+    assert not decide_pair(one_way, INBOUND, WEB, API).allowed

@@ -15,7 +15,7 @@ import trio.testing
 
 from meshid.errors import MeshIdError
 from sidecar.control import ControlPlaneError
-from sidecar.dynamic import renewal_loop
+from sidecar.renewal import renewal_loop
 from sidecar.schedule import EXPIRED, EXPIRING, OK, Schedule
 
 T0 = datetime(2026, 1, 1, tzinfo=UTC)

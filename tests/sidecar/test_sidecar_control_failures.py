@@ -40,7 +40,7 @@ from meshid.events import EventLog
 from meshid.spiffeid import SpiffeId, TrustDomain
 from sidecar.app import Sidecar
 from sidecar.config import parse_config
-from sidecar.dynamic import Pacing
+from sidecar.renewal import Pacing
 from sidecar.schedule import Schedule
 
 WEB = SpiffeId(TD, "/web")

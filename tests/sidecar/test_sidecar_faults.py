@@ -36,8 +36,9 @@ from sidecar_helpers import (
 )
 from sidecar_mesh import Mesh, Pair, Pki, Running
 
-import sidecar.app
-from sidecar.app import Sidecar
+import sidecar.connection
+import sidecar.gate
+from sidecar.connection import Connections
 from sidecar.pump import Pump
 from sidecar.tlsio import TlsStream
 
@@ -94,19 +95,19 @@ async def wait_internal_error(pair: Pair) -> None:
 
 # stage -> (where the fault goes, its name there, the exception)
 STAGES: dict[str, tuple[object, str, BaseException]] = {
-    "accept": (sidecar.app, "_accept", RuntimeError("accept broke")),
-    "accept_oserror": (sidecar.app, "_accept", OSError(5, "EIO")),
+    "accept": (sidecar.connection, "accept", RuntimeError("accept broke")),
+    "accept_oserror": (sidecar.connection, "accept", OSError(5, "EIO")),
     "handshake": (TlsStream, "handshake", RuntimeError("handshake broke")),
     "handshake_oserror": (TlsStream, "handshake", OSError(5, "EIO")),
-    "judge": (sidecar.app, "judge_facts", RuntimeError("judge broke")),
-    "connect": (Sidecar, "_connect", RuntimeError("connect broke")),
+    "judge": (sidecar.gate, "judge_facts", RuntimeError("judge broke")),
+    "connect": (Connections, "connect_to", RuntimeError("connect broke")),
     "pump": (Pump, "copy", RuntimeError("pump broke")),
     "pump_oserror": (Pump, "copy", OSError(5, "EIO")),
     "pump_register": (Pump, "_register", OSError(9, "EBADF")),
-    "close": (Sidecar, "_log_close", RuntimeError("close broke")),
+    "close": (Connections, "log_close", RuntimeError("close broke")),
     "exception_group": (
-        Sidecar,
-        "_connect",
+        Connections,
+        "connect_to",
         ExceptionGroup("nursery", [RuntimeError("a"), OSError(5, "EIO")]),
     ),
 }
@@ -187,14 +188,14 @@ async def test_peer_reset_while_app_is_slow_with_proxy_protocol(
     api = await mesh.start("api", forward=backend.addr, allow=[("web", "api")], proxy_protocol=True)
     peer_gone = trio.Event()
     connect_called = trio.Event()
-    real_connect = Sidecar._connect
+    real_connect = Connections.connect_to
 
-    async def slow_connect(self: Sidecar, addr: Any) -> socket.socket:
+    async def slow_connect(self: Connections, addr: Any) -> socket.socket:
         connect_called.set()
         await peer_gone.wait()
         return await real_connect(self, addr)
 
-    monkeypatch.setattr(Sidecar, "_connect", slow_connect)
+    monkeypatch.setattr(Connections, "connect_to", slow_connect)
     ctx = client_context(tmp_path, pki.bundle_pem, pki.issue("web"))
     with trio.fail_after(20):
         stream = await tls_connect(api.inbound, ctx)
@@ -205,7 +206,7 @@ async def test_peer_reset_while_app_is_slow_with_proxy_protocol(
         sock.close()
         peer_gone.set()
         [close] = await api.log.wait_for("close")
-        monkeypatch.setattr(Sidecar, "_connect", real_connect)
+        monkeypatch.setattr(Connections, "connect_to", real_connect)
         # still serving: a good client gets its bytes echoed, after the PROXY header
         good = await tls_connect(api.inbound, ctx)
         async with good:
@@ -226,7 +227,7 @@ async def test_accept_survives_transient_errors(
     """accept(2) errors that belong to the connection being accepted are retried, unlogged."""
     import errno
 
-    fired = inject_once(monkeypatch, sidecar.app, "_accept", OSError(errno.ECONNABORTED, "x"))
+    fired = inject_once(monkeypatch, sidecar.connection, "accept", OSError(errno.ECONNABORTED, "x"))
     with trio.fail_after(20):
         assert await roundtrip(pair.app, b"after") == b"after"
     assert fired == [1]

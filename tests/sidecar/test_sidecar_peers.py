@@ -37,6 +37,7 @@ from sidecar_helpers import (
 )
 from sidecar_mesh import Mesh, Pki
 
+from meshid.clock import ManualClock
 from meshid.spiffeid import TrustDomain
 
 EVIL = TrustDomain("evil.example")
@@ -223,3 +224,39 @@ async def test_peer_certificate_expiring_mid_connection_is_cut(
     assert utcnow() > short.chain[0].not_valid_after_utc
     reason = "peer_certificate_expired"
     assert metric(api.sidecar, "meshid_connections_closed_total", reason=reason) == 1
+
+
+async def test_an_injected_clock_governs_peer_validity_on_the_mtls_port(
+    mesh: Mesh, backend: Backend, pki: Pki, tmp_path: Path
+) -> None:
+    """Expiry and not-yet-valid follow the sidecar's clock, not OpenSSL's: moved by hand."""
+    start = utcnow()
+    clock = ManualClock(start)
+    api = await mesh.start("api", forward=backend.addr, allow=[("web", "api")], clock=clock)
+    # Valid only from ten minutes on: on the real clock OpenSSL would refuse it.
+    later = pki.forge(
+        sid("web"),
+        not_before=start + timedelta(minutes=10),
+        not_after=start + timedelta(minutes=20),
+    )
+    client = client_context(tmp_path, pki.bundle_pem, later)
+    with trio.fail_after(20):
+        await expect_refused(await tls_connect(api.inbound, client))
+        [early] = await api.log.wait_for("decision", decision="deny")
+        clock.advance(11 * 60)  # now inside its validity
+        stream = await tls_connect(api.inbound, client)
+        await stream.send_all(b"on time")
+        assert await stream.receive_some(100) == b"on time"
+        clock.advance(10 * 60)  # now past its NotAfter: the sweep cuts the live connection
+        try:
+            assert await wait_cut(stream) == b""
+        finally:
+            await trio.aclose_forcefully(stream)
+        [close] = await api.log.wait_for("close")
+        fresh = client_context(tmp_path, pki.bundle_pem, later)  # no session to resume
+        await expect_refused(await tls_connect(api.inbound, fresh))
+        [_, late] = await api.log.wait_for("decision", decision="deny", count=2)
+    assert early["reason"] == "not_yet_valid"
+    assert close["reason"] == "peer_certificate_expired"
+    assert late["reason"] == "expired"
+    assert utcnow() < start + timedelta(minutes=10)  # no real time passed for any of it

@@ -25,7 +25,7 @@ from sidecar_mesh import Mesh, Pki
 
 from meshid.policy import Policy
 from meshid.spiffeid import SpiffeId
-from sidecar.app import Sidecar
+from sidecar.gate import Gate
 
 DB = sid("db")
 
@@ -176,15 +176,15 @@ async def test_policy_change_during_a_handshake_is_not_missed(
 ) -> None:
     """install_policy skips connections still in their handshake: they must be judged again."""
     judged = trio.Event()
-    verify = Sidecar._verify
+    verify = Gate.verify
 
-    def spy(self: Sidecar, conn: SSL.Connection, cert: Any, err: int, depth: int, ok: int) -> bool:
+    def spy(self: Gate, conn: SSL.Connection, cert: Any, err: int, depth: int, ok: int) -> bool:
         result = verify(self, conn, cert, err, depth, ok)
         if depth == 0:
             judged.set()
         return result
 
-    monkeypatch.setattr(Sidecar, "_verify", spy)
+    monkeypatch.setattr(Gate, "verify", spy)
     api = await mesh.start("api", forward=backend.addr, allow=[("web", "api")])
 
     async def pause() -> None:

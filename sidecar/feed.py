@@ -1,0 +1,192 @@
+"""Following the feed: the allow-list, revocations and trust bundle, as the authority moves them.
+
+The watcher long-polls the feed with the versions it holds; the control
+plane answers when one moves. A new allow-list or revocation is installed at
+once (live connections it now denies are closed); a new bundle becomes a new
+credential generation with the same SVID, so rolled-in roots are trusted
+before anything is signed by them. Both are in force before they are written
+to the state directory. The authority refusing us as revoked revokes us here
+too, once, with what the operator must do.
+
+`FeedFollower` is a part of `sidecar.dynamic.DynamicIdentity`, which holds
+the state it declares below and the helpers it names.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from datetime import timedelta
+from typing import TYPE_CHECKING
+
+import trio
+
+from meshid.bundle import TrustBundle
+from meshid.errors import InvalidSvid
+from meshid.policy import Policy
+from meshid.reasons import Reason
+from meshid.wire import Feed, WatchQuery, WireError
+from sidecar.control import ControlPlaneError
+from sidecar.credentials import Svid
+from sidecar.link import AuthorityLink
+from sidecar.renewal import (
+    DUTY_WATCH,
+    IDENTITY_REVOKED,
+    WATCH_WAIT,
+    Pacing,
+    as_meshid,
+    permanent,
+)
+from sidecar.reporting import Reporter
+from sidecar.schedule import Schedule
+from sidecar.state import Current
+from sidecar.statedir import BUNDLE, FEED, StateDir
+
+if TYPE_CHECKING:
+    from sidecar.dynamic import Host
+
+
+class FeedFollower:
+    current: Current
+    host: Host
+    link: AuthorityLink
+    state: StateDir
+    pacing: Pacing
+    schedule: Schedule
+    rand: Callable[[], float]
+    reporter: Reporter
+    versions: tuple[int, int, int]
+    _feed: Feed | None
+
+    # Defined by DynamicIdentity.
+    def _skew(self) -> timedelta:
+        raise NotImplementedError
+
+    def _note(self, duty: str, exc: BaseException | None) -> None:
+        raise NotImplementedError
+
+    def _write_bundle(self) -> None:
+        raise NotImplementedError
+
+    def _write_feed(self) -> None:
+        raise NotImplementedError
+
+    def _apply_policy(self, feed: Feed) -> None:
+        td = self.current.identity.trust_domain
+        for sid in [*feed.revoked, *(x for pair in feed.pairs for x in pair)]:
+            if sid.trust_domain != td:
+                raise InvalidSvid(
+                    f"feed names {sid} of another trust domain", reason=Reason.BAD_FEED
+                )
+        self.host.install_policy(
+            Policy.build(
+                list(feed.pairs), feed.policy_version, list(feed.revoked), feed.revocation_version
+            )
+        )
+        self.versions = (feed.policy_version, feed.revocation_version, feed.bundle_sequence)
+
+    def _apply_bundle(self, feed: Feed) -> bool:
+        """Install the feed's bundle if it is new; True if it was (and should be saved)."""
+        svid = self.current.svid()
+        if svid is None:
+            return False
+        bundle = TrustBundle.from_pem(
+            self.current.identity.trust_domain,
+            feed.bundle.encode(),
+            sequence=feed.bundle_sequence,
+            what="bundle from the feed",
+        )
+        if bundle.same_roots(svid.bundle) and bundle.sequence == svid.bundle.sequence:
+            return False
+        updated = Svid.check(
+            list(svid.chain),
+            svid.key,
+            bundle,
+            self.current.identity,
+            self.current.wall(),
+            self._skew(),
+        )
+        self.host.install_svid(updated, "bundle_updated")
+        self.reporter.poke()  # a root rollover waits for this acknowledgement
+        return True
+
+    async def _poll_feed(self, query: WatchQuery, wait: float) -> None:
+        pv, rv, _ = self.versions
+        doc = await self.link.ask("GET", query.target(), None, wait=wait)
+        try:
+            feed = Feed.parse(doc)
+        except WireError as exc:
+            raise ControlPlaneError(
+                f"bad feed: {exc.message}", reason=Reason.AUTHORITY_PROTOCOL
+            ) from None
+        changed = (feed.policy_version, feed.revocation_version) != (pv, rv)
+        new_bundle = self._apply_bundle(feed)
+        if changed:
+            self._apply_policy(feed)
+            self._feed = feed
+        else:
+            self.versions = (pv, rv, feed.bundle_sequence)
+        # Both are in force already; saving them never waits on the disk.
+        if new_bundle:
+            self.state.request(BUNDLE, self._write_bundle)
+        if changed:
+            self.state.request(FEED, self._write_feed)
+
+    async def watch(self) -> None:
+        """Follow the allow-list, revocations and bundle; never returns."""
+        failures = 0
+        while True:
+            query = WatchQuery(*self.versions, wait=WATCH_WAIT)
+            try:
+                await self._poll_feed(query, WATCH_WAIT + 10)
+                failures = 0
+                self._note(DUTY_WATCH, None)
+            except Exception as exc:  # one failed poll, never the end of the watcher
+                failures += 1
+                err = as_meshid(exc)
+                reason, detail = err.reason, err.message
+                slow = permanent(exc)
+                if slow:
+                    delay = self.pacing.slow(self.rand())
+                else:
+                    delay = min(
+                        self.pacing.watch_retry_max,
+                        self.schedule.retry_delay(failures, 0.0, self.rand()),
+                    )
+                self._note(DUTY_WATCH, exc)
+                self.host.events.emit(
+                    "watch_failed",
+                    reason=reason,
+                    detail=detail,
+                    retry_in_s=round(delay, 1),
+                    permanent=slow or None,
+                )
+                if reason == IDENTITY_REVOKED:
+                    self._revoked_self(getattr(exc, "revocation_version", None))
+                await trio.sleep(delay)
+
+    def _revoked_self(self, revocation_version: int | None = None) -> None:
+        """The authority revoked this very workload: stop using the identity, say so once.
+
+        The revocation version is the one the authority's refusal names (the
+        feed that would carry it is refused to us), so decisions here cite the
+        same version as everywhere else.
+        """
+        me = self.current.identity
+        policy = self.current.policy
+        if me in policy.revoked:
+            return
+        version = policy.revocation_version
+        if revocation_version is not None:
+            version = max(version, revocation_version)
+        self.host.install_policy(
+            Policy.build(policy.pairs, policy.version, {*policy.revoked, me}, version)
+        )
+        self.host.events.emit(
+            "identity_revoked",
+            reason=Reason.IDENTITY_REVOKED,
+            detail=(
+                f"the authority revoked {me}: this sidecar closed its connections and refuses "
+                "new ones, as every peer does; to bring the workload back, enroll it under a "
+                "new identity (meshid ca token NEW-ID) and change `identity` in this config"
+            ),
+        )
