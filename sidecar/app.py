@@ -57,6 +57,7 @@ from sidecar.quarantine import ADDRESS, QUARANTINED, SPIFFE_ID, Quarantine
 from sidecar.registry import LiveConnection, Registry
 from sidecar.static import load_policy, load_svid, stamp
 from sidecar.tlsio import TlsStream, handshake_failure_reason
+from sidecar.workload.run import WorkloadApi, serve_workload_api
 
 
 def utcnow() -> datetime:
@@ -157,6 +158,8 @@ class Sidecar:
         self.dynamic: DynamicIdentity | None = None
         self.clock_offset = timedelta(0)  # ours minus the authority's (dynamic mode measures it)
         self.changed: Callable[[], None] = lambda: None  # live connections or policy moved
+        self.svid_listeners: list[Callable[[Svid], None]] = []  # e.g. the Workload API
+        self.workload_api: WorkloadApi | None = None
         self.metrics = Metrics(
             Gauges(
                 registry=self.registry,
@@ -184,6 +187,8 @@ class Sidecar:
         """Swap in new credentials; live connections keep the generation they started with."""
         self._generation_number += 1
         self.generation = Generation.build(self._generation_number, svid, self._verify)
+        for listener in self.svid_listeners:
+            listener(svid)
         self.events.emit(
             "credentials",
             how=how,
@@ -976,6 +981,10 @@ class Sidecar:
                     self._accept_scopes.append(scope)
                     nursery.start_soon(self._accept_loop, lsock, scope, nursery, handler, direction)
                 nursery.start_soon(self._sweep)
+                if self.config.workload_api is not None:
+                    self.workload_api = await nursery.start(
+                        serve_workload_api, self, self.config.workload_api
+                    )
                 if isinstance(source, StaticSource):
                     nursery.start_soon(self._watch_static, source)
                 elif self.dynamic is not None:

@@ -126,6 +126,7 @@ class Mesh:
         listen: Addr | None = None,
         reload_interval: float = 0.05,
         sweep_interval: float = 0.05,
+        workload_api: Mapping[str, Any] | None = None,
     ) -> Running:
         directory = self.root / name
         directory.mkdir(parents=True)
@@ -156,6 +157,8 @@ class Mesh:
         ]
         if limits:
             doc["limits"] = dict(limits)
+        if workload_api is not None:
+            doc["workload_api"] = dict(workload_api)
         log = LogCapture()
         sidecar = Sidecar(
             parse_config(doc, directory),
