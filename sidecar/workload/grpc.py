@@ -155,6 +155,7 @@ class _Connection:
         self.streams: dict[int, _Stream] = {}
         self.window = trio.Event()
         self.closed = False
+        self.scope = trio.CancelScope()  # cancelled to drop the whole connection
 
     # -- writing ----------------------------------------------------------------
 
@@ -165,6 +166,7 @@ class _Connection:
                 await self.stream.send_all(data)
             if scope.cancelled_caught:
                 self.closed = True
+                self.scope.cancel()
                 self.server.events.emit(
                     "workload_api_drop", uid=self.peer.uid, reason=Reason.WORKLOAD_API_SLOW_READER
                 )
@@ -227,17 +229,28 @@ class _Connection:
             },
         )
         self.h2.initiate_connection()
-        await self.flush()
         try:
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(self._expire_requests)
-                try:
-                    await self._read_loop(nursery)
-                finally:
-                    self.closed = True
-                    nursery.cancel_scope.cancel()
+            with self.scope:
+                await self.flush()
+                await self._serve()
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             pass
+
+    async def _serve(self) -> None:
+        """The read loop and the call tasks; the first to see the caller gone ends them all."""
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._guarded, self._expire_requests)
+            try:
+                await self._guarded(self._read_loop, nursery)
+            finally:
+                self.closed = True
+                nursery.cancel_scope.cancel()
+
+    async def _guarded(self, fn: Callable[..., Awaitable[None]], *args: object) -> None:
+        try:
+            await fn(*args)
+        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+            self.scope.cancel()
 
     async def _read_loop(self, nursery: trio.Nursery) -> None:
         first = True
