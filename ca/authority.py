@@ -42,6 +42,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 
 from ca.issuer import check_csr_identity, csr_public_key, parse_csr
+from ca.jwtkeys import JwtKeyring
 from ca.rootlife import ActiveRoot, PendingRoot
 from ca.store import AUDIT_HEAD, AUDIT_KEY, DB_NAME, SCHEMA_VERSION, Store
 from meshid.bundle import TrustBundle
@@ -293,6 +294,7 @@ class Authority:
                 raise StateError(f"{state_dir}: cannot write: {exc.strerror}") from None
             finally:
                 shutil.rmtree(staging, ignore_errors=True)
+        JwtKeyring(state_dir, clock).keys()  # the first JWT-SVID key, so the bundle has one
         return cls.open(state_dir, passphrase=passphrase, clock=clock)
 
     @staticmethod

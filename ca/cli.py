@@ -9,6 +9,7 @@ where every user of the machine could read them.
 from __future__ import annotations
 
 import ipaddress
+import json
 import os
 import sys
 from collections.abc import Callable
@@ -25,6 +26,7 @@ from ca.authority import (
     Authority,
     check_ip,
 )
+from ca.jwtkeys import JwtKeyring, with_jwt_keys
 from meshid.cli import Group
 from meshid.duration import format_duration, parse_duration
 from meshid.errors import InvalidInput, MeshIdError, PolicyError, StateError
@@ -237,11 +239,13 @@ def revoke_cmd(state: Path, spiffe_id: str) -> None:
 )
 def bundle_cmd(state: Path, fmt: str) -> None:
     """Print the trust bundle."""
-    bundle = open_authority(state).bundle()
+    authority = open_authority(state)
+    bundle = authority.bundle()
     if fmt == "pem":
         sys.stdout.buffer.write(bundle.to_pem())
-    else:
-        click.echo(bundle.to_spiffe_json(), nl=False)
+    else:  # the SPIFFE bundle: X.509 roots and the JWT-SVID keys
+        keyring = JwtKeyring(state, authority.clock_now)
+        click.echo(json.dumps(with_jwt_keys(bundle.to_spiffe(), keyring), indent=2))
 
 
 @click.group("policy", cls=Group)

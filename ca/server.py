@@ -78,7 +78,17 @@ from meshid.ratelimit import FailureLimiter
 from meshid.spiffeid import SpiffeId
 from meshid.svid import IpAddress, certs_to_pem, generate_key, key_to_pem, leaf_spiffe_id
 from meshid.version import SERVER_HEADER, VERSION
-from meshid.wire import AUTHORITY_PATH, BUNDLE, ENROLL, HEALTH, RENEW, REPORT, WATCH, WatchQuery
+from meshid.wire import (
+    AUTHORITY_PATH,
+    BUNDLE,
+    ENROLL,
+    HEALTH,
+    JWT_SVID,
+    RENEW,
+    REPORT,
+    WATCH,
+    WatchQuery,
+)
 
 BATCHED_PATHS = (ENROLL, RENEW, REPORT)  # writes: group-committed
 MAX_BATCH = 128
@@ -93,6 +103,7 @@ ROUTES: dict[str, tuple[str, ...]] = {
     BUNDLE: ("GET", "HEAD"),
     WATCH: ("GET", "HEAD"),
     HEALTH: ("GET", "HEAD"),
+    JWT_SVID: ("POST",),
 }
 # RFC 9110's methods: known to this server, so a path that does not take one says 405
 KNOWN_METHODS = frozenset(

@@ -287,6 +287,15 @@ class Reason(enum.StrEnum):
         "this sidecar cannot mint or check JWT-SVIDs (static mode without JWT keys)",
     )
 
+    # -- JWT-SVIDs --
+    JWT_INVALID = "jwt_invalid", "the JWT-SVID is not valid"
+    JWT_MALFORMED = "jwt_malformed", "the token is not a JWT-SVID (bad encoding, no sub or exp)"
+    JWT_ALGORITHM = "jwt_algorithm", "the token's alg is not one the JWT-SVID specification allows"
+    JWT_UNKNOWN_KEY = "jwt_unknown_key", "the token names no kid, or one the bundle lacks"
+    JWT_SIGNATURE = "jwt_signature", "the token's signature does not verify"
+    JWT_EXPIRED = "jwt_expired", "the token's exp has passed (or its nbf has not come)"
+    JWT_AUDIENCE = "jwt_audience", "the audience asked for is not in the token's aud"
+
 
 # The reasons the README lists: operators may alert on them, so they keep their names.
 PUBLISHED: tuple[Reason, ...] = (

@@ -235,6 +235,18 @@ class DynamicIdentity:
             return ClientIdentity(self._path(SVID_FILE), self._path(KEY_FILE))
         return HeldIdentity(identity_pem(svid.key, svid.chain))
 
+    async def call(self, method: str, target: str, body: dict[str, Any] | None) -> dict[str, Any]:
+        """One authenticated request to the control plane (e.g. a JWT-SVID for the Workload API)."""
+        return await self.client.request(
+            method,
+            target,
+            body,
+            bundle_pem=self._trust_pem(),
+            now=self.host.wall_now(),
+            trust=self._trust_name(),
+            identity=self._client_identity(),
+        )
+
     def _trust_pem(self) -> bytes:
         """The newest bundle known: the current credentials', the persisted one, the configured."""
         svid = self.host.current_svid()

@@ -4,24 +4,30 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Protocol
 
 import trio
 
 from meshid.events import EventLog
+from meshid.spiffeid import SpiffeId
 from sidecar.credentials import Svid
 from sidecar.workload.grpc import GrpcServer, Limits
-from sidecar.workload.service import JwtAuthority, WorkloadFeed, WorkloadService, check_metadata
+from sidecar.workload.jwt import Call, ControlPlaneJwt
+from sidecar.workload.service import WorkloadFeed, WorkloadService, check_metadata
 from sidecar.workload.settings import WorkloadApiConfig
 
 
 class Host(Protocol):
     """What the Workload API needs of the sidecar."""
 
+    identity: SpiffeId
     events: EventLog
     svid_listeners: list[Callable[[Svid], None]]
 
     def current_svid(self) -> Svid | None: ...
+
+    def wall_now(self) -> datetime: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -33,13 +39,18 @@ class WorkloadApi:
 async def serve_workload_api(
     host: Host,
     config: WorkloadApiConfig,
-    jwt: JwtAuthority | None = None,
+    control: Call | None = None,
     limits: Limits | None = None,
     *,
     task_status: trio.TaskStatus[WorkloadApi] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    """Serve until cancelled; the socket is bound (or a ConfigError raised) before `started`."""
+    """Serve until cancelled; the socket is bound (or a ConfigError raised) before `started`.
+
+    With `control` (a request to the authority: an enrolled sidecar), JWT-SVIDs
+    are served too; without, the JWT calls answer UNAVAILABLE.
+    """
     feed = WorkloadFeed()
+    jwt = ControlPlaneJwt(host, control, feed) if control is not None else None
     current = host.current_svid()
     if current is not None:
         feed.publish(current)
@@ -54,6 +65,8 @@ async def serve_workload_api(
     try:
         async with trio.open_nursery() as nursery:
             await nursery.start(server.serve, config.socket)
+            if jwt is not None:
+                nursery.start_soon(jwt.run)
             host.events.emit("workload_api_listening", socket=str(config.socket))
             task_status.started(WorkloadApi(server, feed))
     finally:

@@ -45,6 +45,10 @@ class WorkloadFeed:
     def publish(self, svid: Svid) -> None:
         """Sync, never blocks: called from the sidecar's install path."""
         self._svid = svid
+        self.poke()
+
+    def poke(self) -> None:
+        """Something besides the SVID changed (the JWT keys): wake the streams."""
         self.version += 1
         changed, self._changed = self._changed, trio.Event()
         changed.set()
@@ -66,7 +70,7 @@ class JwtAuthority(Protocol):
         """JWKS documents (bytes of JSON) by trust domain name."""
         ...
 
-    def validate(self, token: str, audience: str) -> tuple[str, dict[str, object]]:
+    async def validate(self, token: str, audience: str) -> tuple[str, dict[str, object]]:
         """(subject, claims), or GrpcError(INVALID_ARGUMENT) naming why not."""
         ...
 
@@ -117,6 +121,7 @@ class WorkloadService:
     def __init__(self, feed: WorkloadFeed, jwt: JwtAuthority | None = None) -> None:
         self.feed = feed
         self.jwt = jwt
+        self._cache: dict[str, tuple[int, bytes | None]] = {}
 
     def handlers(self) -> dict[str, Handler]:
         return {
@@ -128,22 +133,36 @@ class WorkloadService:
         }
 
     async def _follow(self, reply: Reply, which: str) -> None:
-        """Send the current state, then again each time the feed moves; never returns."""
-        seen = -1
+        """Send the current state, then again each time it changes; never returns.
+
+        Only a changed message is sent: a JWT key change does not resend the
+        same X.509-SVID, and a renewal does not resend the same JWT keys.
+        """
+        last: bytes | None = None
         while True:
             version = self.feed.version
-            svid = self.feed.current()
-            if svid is not None and version != seen:
-                if which == "svid":
-                    message = x509_svid_message(svid)
-                elif which == "bundles":
-                    message = x509_bundles_message(svid)
-                else:
-                    assert self.jwt is not None
-                    message = proto.jwt_bundles_response(self.jwt.bundles())
+            message = self._message(which, version)
+            if message is not None and message != last:
                 await reply.send(message)
-                seen = version
+                last = message
             await self.feed.wait_changed(version)
+
+    def _message(self, which: str, version: int) -> bytes | None:
+        """The message for this state, built once per change however many streams follow it."""
+        cached = self._cache.get(which)
+        if cached is not None and cached[0] == version:
+            return cached[1]
+        message: bytes | None = None
+        svid = self.feed.current()
+        if which == "jwt_bundles":
+            assert self.jwt is not None
+            bundles = self.jwt.bundles()
+            message = proto.jwt_bundles_response(bundles) if bundles else None
+        elif svid is not None:
+            make = x509_svid_message if which == "svid" else x509_bundles_message
+            message = make(svid)
+        self._cache[which] = (version, message)
+        return message
 
     @staticmethod
     def _empty(call: Call) -> None:
@@ -212,5 +231,5 @@ class WorkloadService:
                 "audience and svid must be specified",
                 reason=Reason.WORKLOAD_API_BAD_REQUEST,
             )
-        subject, claims = jwt.validate(request.svid, request.audience)
+        subject, claims = await jwt.validate(request.svid, request.audience)
         await reply.send(proto.validate_jwt_svid_response(subject, claims))

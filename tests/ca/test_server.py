@@ -135,7 +135,7 @@ async def test_health_and_bundle(plane: Plane) -> None:
     assert health["status"] == "ok" and health["trust_domain"] == "example.org"
     bundle = await plane.call("GET", "/v1/bundle")
     assert bundle["spiffe_sequence"] == 1
-    assert [k["use"] for k in bundle["keys"]] == ["x509-svid"]
+    assert [k["use"] for k in bundle["keys"]] == ["x509-svid", "jwt-svid"]
 
 
 async def test_server_presents_the_authority_identity(plane: Plane) -> None:

@@ -13,6 +13,7 @@ import os
 import tracemalloc
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
+from datetime import datetime
 from pathlib import Path
 
 import h2.settings
@@ -38,9 +39,13 @@ class Host:
     svid: Svid
     events: EventLog
     svid_listeners: list[Callable[[Svid], None]] = field(default_factory=list)
+    identity: SpiffeId = WEB
 
     def current_svid(self) -> Svid | None:
         return self.svid
+
+    def wall_now(self) -> datetime:
+        return utcnow()
 
     def install(self, svid: Svid) -> None:
         self.svid = svid
