@@ -287,6 +287,11 @@ class Reason(enum.StrEnum):
         "this sidecar cannot mint or check JWT-SVIDs (static mode without JWT keys)",
     )
 
+    WORKLOAD_API_CALL_FAILED = (
+        "workload_api_call_failed",
+        "a call to the Workload API failed (the command prints the server's status)",
+    )
+
     # -- JWT-SVIDs --
     JWT_INVALID = "jwt_invalid", "the JWT-SVID is not valid"
     JWT_MALFORMED = "jwt_malformed", "the token is not a JWT-SVID (bad encoding, no sub or exp)"

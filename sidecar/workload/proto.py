@@ -238,3 +238,99 @@ def check_empty_request(data: bytes) -> None:
     """The requests that carry no field still have to be well-formed protobuf."""
     for _ in fields(data):
         pass
+
+
+# -- responses, decoded (for our own client, `meshid workload …`) ------------------
+
+
+def _bytes_of(value: int | bytes) -> bytes:
+    if not isinstance(value, bytes):
+        raise DecodeError("expected a length-delimited field")
+    return value
+
+
+def _map_entry(data: bytes) -> tuple[str, bytes]:
+    key, value = "", b""
+    for number, _, field_value in fields(data):
+        if number == 1:
+            key = _text(field_value)
+        elif number == 2:
+            value = _bytes_of(field_value)
+    return key, value
+
+
+def decode_x509_svid_response(data: bytes) -> list[X509Svid]:
+    svids: list[X509Svid] = []
+    for number, _, value in fields(data):
+        if number != 1:
+            continue
+        parts: dict[int, int | bytes] = {n: v for n, _, v in fields(_bytes_of(value))}
+        svids.append(
+            X509Svid(
+                spiffe_id=_text(parts.get(1, b"")),
+                x509_svid=_bytes_of(parts.get(2, b"")),
+                x509_svid_key=_bytes_of(parts.get(3, b"")),
+                bundle=_bytes_of(parts.get(4, b"")),
+                hint=_text(parts.get(5, b"")),
+            )
+        )
+    return svids
+
+
+def decode_jwt_svid_response(data: bytes) -> list[tuple[str, str]]:
+    found: list[tuple[str, str]] = []
+    for number, _, value in fields(data):
+        if number == 1:
+            parts = {n: v for n, _, v in fields(_bytes_of(value))}
+            found.append((_text(parts.get(1, b"")), _text(parts.get(2, b""))))
+    return found
+
+
+def decode_bundles(data: bytes, number: int) -> dict[str, bytes]:
+    """The map field `number` (X509BundlesResponse: 2, JWTBundlesResponse: 1)."""
+    return dict(_map_entry(_bytes_of(v)) for n, _, v in fields(data) if n == number)
+
+
+def decode_validate_response(data: bytes) -> tuple[str, dict[str, object]]:
+    spiffe_id, claims = "", {}
+    for number, _, value in fields(data):
+        if number == 1:
+            spiffe_id = _text(value)
+        elif number == 2:
+            claims = _decode_struct(_bytes_of(value), 0)
+    return spiffe_id, claims
+
+
+_MAX_DEPTH = 32
+
+
+def _decode_struct(data: bytes, depth: int) -> dict[str, object]:
+    out: dict[str, object] = {}
+    for number, _, value in fields(data):
+        if number == 1:
+            key, raw = _map_entry(_bytes_of(value))
+            out[key] = _decode_value(raw, depth + 1)
+    return out
+
+
+def _decode_value(data: bytes, depth: int) -> object:
+    if depth > _MAX_DEPTH:
+        raise DecodeError("value nested too deeply")
+    result: object = None
+    for number, _, value in fields(data):
+        if number == 2 and isinstance(value, bytes) and len(value) == 8:
+            number_value = struct.unpack("<d", value)[0]
+            result = int(number_value) if number_value.is_integer() else number_value
+        elif number == 3:
+            result = _text(value)
+        elif number == 4:
+            result = bool(value)
+        elif number == 5:
+            result = _decode_struct(_bytes_of(value), depth)
+        elif number == 6:
+            result = [
+                _decode_value(_bytes_of(v), depth + 1)
+                for n, _, v in fields(_bytes_of(value))
+                if n == 1
+            ]
+    return result

@@ -220,3 +220,81 @@ async def test_jwt_for_another_id_is_refused(enrolled: Enrolled) -> None:
 
     with trio.fail_after(20):
         assert await trio.to_thread.run_sync(run) == grpc.StatusCode.PERMISSION_DENIED
+
+
+# -- the CLI ------------------------------------------------------------------------
+
+
+async def _meshid(
+    *args: str, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[bytes]:
+    return await trio.run_process(
+        [str(MESHID), *args],
+        capture_stdout=True,
+        capture_stderr=True,
+        check=False,
+        env={**os.environ, **(env or {})},
+    )
+
+
+async def test_cli_fetch_x509_and_jwt_and_validate(enrolled: Enrolled, tmp_path: Path) -> None:
+    env = {"SPIFFE_ENDPOINT_SOCKET": enrolled.endpoint}
+    held = enrolled.sidecar.current_svid()
+    assert held is not None
+    out = tmp_path / "out"
+    with trio.fail_after(60):
+        done = await _meshid("workload", "fetch", "x509", "--out", str(out), env=env)
+        assert done.returncode == 0, done.stderr
+        assert f"{WEB} serial={held.serial:x}" in done.stdout.decode()
+        assert (out / "svid.key").stat().st_mode & 0o777 == 0o600
+        assert b"BEGIN CERTIFICATE" in (out / "bundle.pem").read_bytes()
+        done = await _meshid(
+            "workload", "fetch", "jwt", "--audience", "db", "--socket", str(enrolled.socket)
+        )
+        assert done.returncode == 0, done.stderr
+        token = done.stdout.decode().strip()
+        done = await _meshid("workload", "validate", "jwt", token, "--audience", "db", env=env)
+        assert done.returncode == 0, done.stderr
+        doc = json.loads(done.stdout)
+        assert doc["spiffe_id"] == str(WEB) and doc["claims"]["aud"] == ["db"]
+        done = await _meshid("workload", "validate", "jwt", token, "--audience", "x", env=env)
+        assert done.returncode == 1
+        lines = done.stderr.decode().strip().splitlines()
+        assert len(lines) == 1 and "audience" in lines[0], lines
+
+
+async def test_cli_watch_prints_each_update(enrolled: Enrolled) -> None:
+    env = {**os.environ, "SPIFFE_ENDPOINT_SOCKET": enrolled.endpoint}
+    proc = await trio.lowlevel.open_process(
+        [str(MESHID), "workload", "watch"], stdout=subprocess.PIPE, env=env
+    )
+    try:
+        assert proc.stdout is not None
+        seen = b""
+        with trio.fail_after(60):
+            while seen.count(b"\n") < 1:
+                seen += await proc.stdout.receive_some()
+            assert enrolled.sidecar.dynamic is not None
+            await enrolled.sidecar.dynamic.renew()
+            while seen.count(b"\n") < 2:
+                seen += await proc.stdout.receive_some()
+        serial = enrolled.sidecar.current_svid().serial  # type: ignore[union-attr]
+        assert f"serial={serial:x}" in seen.decode().splitlines()[1]
+    finally:
+        proc.kill()
+        await proc.wait()
+
+
+async def test_cli_without_a_socket_is_one_line(tmp_path: Path) -> None:
+    env = {k: v for k, v in os.environ.items() if k != "SPIFFE_ENDPOINT_SOCKET"}
+    with trio.fail_after(60):
+        done = await trio.run_process(
+            [str(MESHID), "workload", "fetch", "x509", "--socket", str(tmp_path / "none.sock")],
+            capture_stdout=True,
+            capture_stderr=True,
+            check=False,
+            env=env,
+        )
+    assert done.returncode == 1
+    assert len(done.stderr.decode().strip().splitlines()) == 1
+    assert "cannot connect" in done.stderr.decode()
