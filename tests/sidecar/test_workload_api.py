@@ -211,3 +211,14 @@ def test_socket_refuses_other_files_and_open_directories(sock_dir: Path) -> None
 def test_setpriv_is_available() -> None:
     done = subprocess.run(["setpriv", "--version"], capture_output=True, check=False)
     assert done.returncode == 0
+
+
+async def test_static_sidecar_serves_no_jwt(mesh: Mesh, sock_dir: Path) -> None:
+    sock = sock_dir / "api.sock"
+    await mesh.start("web", workload_api=_api(sock))
+    for method in ("FetchJWTSVID", "FetchJWTBundles", "ValidateJWTSVID"):
+        with trio.fail_after(10), pytest.raises(grpc.RpcError) as caught:
+            await _in_thread(
+                lambda m=method: raw_call(sock, m, b"\x0a\x02db", stream=m == "FetchJWTBundles")
+            )
+        assert caught.value.code() == grpc.StatusCode.UNAVAILABLE, method
