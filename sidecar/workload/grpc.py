@@ -28,6 +28,7 @@ module is the shell around it and the part of gRPC that rides on top:
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import socket
 import stat
@@ -188,6 +189,7 @@ class _Connection:
                     st.stream_id, [(b":status", b"200"), (b"content-type", b"application/grpc")]
                 )
                 st.headers_sent = True
+                await self._flush_locked()  # the caller learns the call is accepted, window or not
         view = memoryview(data)
         while view:
             async with self.lock:
@@ -239,7 +241,6 @@ class _Connection:
     async def _serve(self) -> None:
         """The read loop and the call tasks; the first to see the caller gone ends them all."""
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(self._guarded, self._expire_requests)
             try:
                 await self._guarded(self._read_loop, nursery)
             finally:
@@ -252,18 +253,31 @@ class _Connection:
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
             self.scope.cancel()
 
+    def _deadline(self, opened: float, spoke: bool) -> float:
+        """When to stop waiting: for the first bytes, or for the oldest unfinished request.
+
+        No task per connection watches the clock: an idle connection with all
+        its calls running costs no wakeups at all.
+        """
+        timeout = self.server.limits.request_timeout
+        if not spoke:
+            return opened + timeout
+        waiting = [st.started for st in self.streams.values() if st.scope is None]
+        return min(waiting) + timeout if waiting else math.inf
+
     async def _read_loop(self, nursery: trio.Nursery) -> None:
-        first = True
+        opened, spoke = trio.current_time(), False
         while True:
-            if first:
-                # A caller that connects and never speaks is dropped.
-                with trio.move_on_after(self.server.limits.request_timeout):
-                    data = await self.stream.receive_some(65536)
-                    first = False
-                if first:
-                    return
-            else:
+            data = None
+            with trio.move_on_at(self._deadline(opened, spoke)):
                 data = await self.stream.receive_some(65536)
+            if data is None:
+                if not spoke:
+                    return  # a caller that connects and never speaks is dropped
+                self._expire_requests()
+                await self.flush()
+                continue
+            spoke = True
             if not data:
                 return
             try:
@@ -354,18 +368,14 @@ class _Connection:
         finally:
             self.streams.pop(st.stream_id, None)
 
-    async def _expire_requests(self) -> None:
+    def _expire_requests(self) -> None:
         """A stream whose request never completes is reset, so it holds nothing for long."""
-        timeout = self.server.limits.request_timeout
-        while True:
-            await trio.sleep(timeout / 4)
-            now = trio.current_time()
-            for st in list(self.streams.values()):
-                if st.scope is None and now - st.started > timeout:
-                    self.streams.pop(st.stream_id, None)
-                    with contextlib.suppress(h2.exceptions.ProtocolError):
-                        self.h2.reset_stream(st.stream_id, h2.errors.ErrorCodes.CANCEL)
-            await self.flush()
+        limit = trio.current_time() - self.server.limits.request_timeout
+        for st in list(self.streams.values()):
+            if st.scope is None and st.started <= limit:
+                self.streams.pop(st.stream_id, None)
+                with contextlib.suppress(h2.exceptions.ProtocolError):
+                    self.h2.reset_stream(st.stream_id, h2.errors.ErrorCodes.CANCEL)
 
     def _call_of(self, st: _Stream) -> Call:
         """The request, checked in the order a client can act on; GrpcError if refused."""
@@ -565,7 +575,7 @@ def bind_unix(path: Path) -> tuple[trio.socket.SocketType, int]:
         raw.bind(str(tmp))
         os.chmod(tmp, 0o660)
         os.replace(tmp, path)
-        raw.listen(128)
+        raw.listen(4096)
     except OSError as exc:
         raw.close()
         with contextlib.suppress(OSError):
