@@ -69,6 +69,7 @@ class JwtKeyring:
         self.retire_after = retire_after
         self._lock = threading.Lock()
         self._keys: list[JwtKey] = []
+        self._mtime = -1
 
     def _load(self) -> list[JwtKey]:
         keys: list[JwtKey] = []
@@ -114,8 +115,21 @@ class JwtKeyring:
             raise StateError(f"JWT keys in {self.directory}: {exc.strerror}") from None
         return keys
 
+    def _changed_on_disk(self) -> bool:
+        """Another process (or instance) rotated: the directory's mtime moved."""
+        try:
+            mtime = self.directory.stat().st_mtime_ns
+        except OSError:
+            return True
+        if mtime != self._mtime:
+            self._mtime = mtime
+            return True
+        return False
+
     def keys(self) -> list[JwtKey]:
         with self._lock:
+            if self._changed_on_disk():
+                self._keys = []
             newest = self._keys[-1] if self._keys else None
             due = newest is None or self.clock() - newest.created >= self.rotate_after
             stale_old = (
@@ -125,11 +139,13 @@ class JwtKeyring:
             )
             if due or stale_old:
                 self._keys = self._refresh()
+                self._changed_on_disk()  # our own write is not news
             return list(self._keys)
 
     def rotate(self) -> JwtKey:
         with self._lock:
             self._keys = self._refresh(rotate=True)
+            self._changed_on_disk()
             return self._keys[-1]
 
     def signing_key(self) -> JwtKey:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import socket
 import struct
 import urllib.parse
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from contextlib import asynccontextmanager
 
 import h2.config
@@ -95,7 +95,7 @@ async def call(
     )
     conn.send_data(sid, struct.pack(">BI", 0, len(request)) + request, end_stream=True)
 
-    async def messages() -> AsyncIterator[bytes]:
+    async def messages() -> AsyncGenerator[bytes, None]:
         buffer = bytearray()
         trailers: dict[bytes, bytes] = {}
         await stream.send_all(conn.data_to_send())
@@ -136,11 +136,13 @@ async def call(
                     raise WorkloadApiError(f"{name}: {text}", status=status)
                 return
 
+    responses = messages()
     try:
-        yield messages()
+        yield responses
     finally:
         with trio.move_on_after(1) as cleanup:
             cleanup.shield = True
+            await responses.aclose()
             await stream.aclose()
 
 

@@ -34,6 +34,7 @@ class Host(Protocol):
 class WorkloadApi:
     server: GrpcServer
     feed: WorkloadFeed
+    jwt: ControlPlaneJwt | None
 
 
 async def serve_workload_api(
@@ -68,6 +69,6 @@ async def serve_workload_api(
             if jwt is not None:
                 nursery.start_soon(jwt.run)
             host.events.emit("workload_api_listening", socket=str(config.socket))
-            task_status.started(WorkloadApi(server, feed))
+            task_status.started(WorkloadApi(server, feed, jwt))
     finally:
         host.svid_listeners.remove(feed.publish)

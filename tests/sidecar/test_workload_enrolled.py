@@ -298,3 +298,24 @@ async def test_cli_without_a_socket_is_one_line(tmp_path: Path) -> None:
     assert done.returncode == 1
     assert len(done.stderr.decode().strip().splitlines()) == 1
     assert "cannot connect" in done.stderr.decode()
+
+
+async def test_jwt_bundle_stream_pushes_a_rotated_key(enrolled: Enrolled) -> None:
+    from ca.jwtkeys import JwtKeyring
+    from sidecar.workload import proto
+    from sidecar.workload.client import call
+
+    api = enrolled.sidecar.workload_api
+    assert api is not None and api.jwt is not None
+    with trio.fail_after(20):
+        async with call(enrolled.endpoint, "FetchJWTBundles") as messages:
+            stream = messages.__aiter__()
+            first = proto.decode_bundles(await stream.__anext__(), 1)
+            kids = [k["kid"] for k in json.loads(first["spiffe://example.org"])["keys"]]
+            assert len(kids) == 1
+            rotated = JwtKeyring(enrolled.state, utcnow).rotate()  # as another process would
+            await api.jwt.fetch()  # what the refresh loop does every 30 s
+            second = proto.decode_bundles(await stream.__anext__(), 1)
+            keys = json.loads(second["spiffe://example.org"])["keys"]
+            assert [k["kid"] for k in keys] == [kids[0], rotated.kid]
+            assert all(k["use"] == "jwt-svid" for k in keys)
