@@ -214,3 +214,46 @@ async def test_200_streaming_callers_all_get_the_renewal(served: Served, pki: Pk
         assert served.api.server.connections == 200
         for c in clients:
             await c.aclose()
+
+
+async def test_a_caller_that_leaves_mid_stream_leaves_nothing(served: Served, pki: Pki) -> None:
+    with trio.fail_after(10):
+        client = await H2Client.connect(served.socket)
+        sids = [await client.call("FetchX509SVID") for _ in range(50)]
+        await client.wait(lambda: all(client.streams[s].messages for s in sids))
+        assert served.api.server.connections == 1
+        await client.aclose()
+        while served.api.server.connections:  # noqa: ASYNC110 - the server notices the EOF
+            await trio.sleep(0.01)
+        served.host.install(make_svid(pki))  # a renewal finds no stream left to feed
+        await trio.lowlevel.checkpoint()
+        # and the server still serves
+        other = await trio.to_thread.run_sync(
+            lambda: raw_call(served.socket, "FetchX509SVID", stream=True)
+        )
+        assert serial_of(other[0]) == served.host.svid.serial
+
+
+async def test_connections_past_the_limit_are_closed(
+    nursery: trio.Nursery, pki: Pki, sock_dir: Path
+) -> None:
+    served = await serve(nursery, pki, sock_dir, Limits(max_connections=2))
+    with trio.fail_after(10):
+        kept = [await H2Client.connect(served.socket) for _ in range(2)]
+        for c in kept:
+            await c.pump()  # the server's SETTINGS: this connection is being served
+        extra: H2Client | None = None
+        try:
+            extra = await H2Client.connect(served.socket)
+            while not extra.closed:
+                await extra.pump()  # EOF: closed at once
+        except trio.BrokenResourceError:
+            pass  # or reset, as it closed with our preface unread
+        finally:
+            if extra is not None:
+                await extra.aclose()
+        assert served.log.find("workload_api_drop", reason="workload_api_too_many_connections")
+        sid = await kept[0].call("FetchX509SVID")
+        await kept[0].wait(lambda: bool(kept[0].streams[sid].messages))
+        for c in kept:
+            await c.aclose()

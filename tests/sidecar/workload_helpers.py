@@ -93,7 +93,11 @@ class H2Client:
         sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         await sock.connect(str(path))
         client = cls(trio.SocketStream(sock), settings)
-        await client.flush()
+        try:
+            await client.flush()
+        except BaseException:
+            sock.close()
+            raise
         return client
 
     async def flush(self) -> None:
