@@ -27,7 +27,7 @@ from typing import Any
 import jwt
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
-from meshid.errors import MeshIdError
+from meshid.errors import InvalidInput, MeshIdError
 from meshid.reasons import Reason
 from meshid.spiffeid import SpiffeId, TrustDomain
 
@@ -49,7 +49,7 @@ SigningKey = ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey
 _CURVES = {"secp256r1": ("P-256", 32), "secp384r1": ("P-384", 48), "secp521r1": ("P-521", 66)}
 
 
-class InvalidJwtSvid(MeshIdError):
+class InvalidJwtSvid(InvalidInput):
     reason = Reason.JWT_INVALID
 
 
