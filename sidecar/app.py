@@ -983,10 +983,13 @@ class Sidecar:
                 nursery.start_soon(self._sweep)
                 if self.config.workload_api is not None:
                     self.workload_api = await nursery.start(
-                        serve_workload_api,
-                        self,
-                        self.config.workload_api,
-                        self.dynamic.call if self.dynamic is not None else None,
+                        functools.partial(
+                            serve_workload_api,
+                            self,
+                            self.config.workload_api,
+                            self.dynamic.call if self.dynamic is not None else None,
+                            registry=self.metrics.registry,
+                        )
                     )
                 if isinstance(source, StaticSource):
                     nursery.start_soon(self._watch_static, source)

@@ -8,6 +8,7 @@ from datetime import datetime
 from typing import Protocol
 
 import trio
+from prometheus_client import CollectorRegistry, Counter, Gauge
 
 from meshid.events import EventLog
 from meshid.spiffeid import SpiffeId
@@ -43,6 +44,7 @@ async def serve_workload_api(
     control: Call | None = None,
     limits: Limits | None = None,
     *,
+    registry: CollectorRegistry | None = None,
     task_status: trio.TaskStatus[WorkloadApi] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serve until cancelled; the socket is bound (or a ConfigError raised) before `started`.
@@ -56,13 +58,32 @@ async def serve_workload_api(
     if current is not None:
         feed.publish(current)
     host.svid_listeners.append(feed.publish)
+    handlers = WorkloadService(feed, jwt).handlers()
+    calls = Counter(
+        "meshid_workload_api_calls",
+        "Workload API calls ended, by method and reason (ok, or why not)",
+        ["method", "reason"],
+        registry=registry,
+    )
+
+    def count(path: str, reason: str) -> None:
+        # the path is the caller's: only known methods become label values
+        method = path.rsplit("/", 1)[-1] if path in handlers else "unknown"
+        calls.labels(method, reason).inc()
+
     server = GrpcServer(
-        WorkloadService(feed, jwt).handlers(),
+        handlers,
         admit=lambda peer: config.admits(peer.uid, peer.gid),
         check=check_metadata,
         limits=limits,
         events=host.events,
+        count=count,
     )
+    Gauge(
+        "meshid_workload_api_connections",
+        "Connections open to the Workload API socket",
+        registry=registry,
+    ).set_function(lambda: server.connections)
     try:
         async with trio.open_nursery() as nursery:
             await nursery.start(server.serve, config.socket)

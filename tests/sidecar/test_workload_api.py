@@ -18,6 +18,7 @@ import h2.events
 import pytest
 import trio
 from cryptography.hazmat.primitives import serialization
+from sidecar_helpers import metric
 from sidecar_mesh import Mesh, Pki
 from spiffe import WorkloadApiClient, X509Source
 from workload_helpers import raw_call, short_dir
@@ -115,7 +116,7 @@ async def test_x509_source(mesh: Mesh, sock_dir: Path) -> None:
 
 async def test_missing_header_is_invalid_argument(mesh: Mesh, sock_dir: Path) -> None:
     sock = sock_dir / "api.sock"
-    await mesh.start("web", workload_api=_api(sock))
+    web = await mesh.start("web", workload_api=_api(sock))
     with trio.fail_after(10):
         with pytest.raises(grpc.RpcError) as caught:
             await _in_thread(lambda: raw_call(sock, "FetchX509SVID", metadata=(), stream=True))
@@ -124,6 +125,10 @@ async def test_missing_header_is_invalid_argument(mesh: Mesh, sock_dir: Path) ->
     with trio.fail_after(10), pytest.raises(grpc.RpcError) as caught:
         await _in_thread(lambda: raw_call(sock, "NoSuchMethod"))
     assert caught.value.code() == grpc.StatusCode.UNIMPLEMENTED
+    labels = {"method": "FetchX509SVID", "reason": "workload_api_missing_header"}
+    assert metric(web.sidecar, "meshid_workload_api_calls_total", **labels) == 1
+    unknown = {"method": "unknown", "reason": "workload_api_bad_request"}
+    assert metric(web.sidecar, "meshid_workload_api_calls_total", **unknown) == 1
 
 
 async def test_unlisted_caller_is_refused(mesh: Mesh, sock_dir: Path) -> None:
