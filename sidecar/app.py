@@ -57,7 +57,8 @@ from sidecar.quarantine import ADDRESS, QUARANTINED, SPIFFE_ID, Quarantine
 from sidecar.registry import LiveConnection, Registry
 from sidecar.static import load_policy, load_svid, stamp
 from sidecar.tlsio import TlsStream, handshake_failure_reason
-from sidecar.workload.run import WorkloadApi, serve_workload_api
+from sidecar.workload.run import Prepared as PreparedWorkloadApi
+from sidecar.workload.run import WorkloadApi, prepare_workload_api, serve_workload_api
 
 
 def utcnow() -> datetime:
@@ -965,6 +966,7 @@ class Sidecar:
             self.changed = self.dynamic.poke
             await self.dynamic.start()
         listeners: list[tuple[socket.socket, Callable[..., Awaitable[None]], str]] = []
+        workload: PreparedWorkloadApi | None = None
         try:
             for i, ib in enumerate(self.config.inbound):
                 lsock = self._bind(ib.listen)
@@ -974,6 +976,8 @@ class Sidecar:
                 lsock = self._bind(ob.listen)
                 self.bound[f"outbound[{i}]"] = lsock.getsockname()[:2]
                 listeners.append((lsock, self._outbound_handler(ob), OUTBOUND))
+            if self.config.workload_api is not None:
+                workload = prepare_workload_api(self.config.workload_api)
             async with trio.open_nursery() as nursery:
                 await nursery.start(self.pump.run)
                 for lsock, handler, direction in listeners:
@@ -981,12 +985,12 @@ class Sidecar:
                     self._accept_scopes.append(scope)
                     nursery.start_soon(self._accept_loop, lsock, scope, nursery, handler, direction)
                 nursery.start_soon(self._sweep)
-                if self.config.workload_api is not None:
+                if workload is not None:
                     self.workload_api = await nursery.start(
                         functools.partial(
                             serve_workload_api,
                             self,
-                            self.config.workload_api,
+                            workload,
                             self.dynamic.call if self.dynamic is not None else None,
                             registry=self.metrics.registry,
                         )
@@ -1009,6 +1013,8 @@ class Sidecar:
         finally:
             for lsock, _, _ in listeners:
                 lsock.close()
+            if workload is not None:
+                workload.close()
             self.ready = False
 
     async def _shutdown(

@@ -497,6 +497,17 @@ class GrpcServer:
     ) -> None:
         """Bind `path` (0660, replacing a stale socket), serve until cancelled, then remove it."""
         sock, inode = bind_unix(path)
+        await self.serve_bound(sock, path, inode, task_status=task_status)
+
+    async def serve_bound(
+        self,
+        sock: trio.socket.SocketType,
+        path: Path,
+        inode: int,
+        *,
+        task_status: trio.TaskStatus[Path] = trio.TASK_STATUS_IGNORED,
+    ) -> None:
+        """Serve a socket `bind_unix` made; close it and remove its file when cancelled."""
         try:
             listener = trio.SocketListener(sock)
             task_status.started(path)

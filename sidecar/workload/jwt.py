@@ -16,13 +16,27 @@ import contextlib
 import json
 from collections.abc import Awaitable, Callable, Mapping
 from datetime import datetime
+from pathlib import Path
 from typing import Any, Protocol
 
 import trio
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
-from meshid.errors import MeshIdError
+from meshid.errors import ConfigError, MeshIdError
 from meshid.events import EventLog
-from meshid.jwtsvid import InvalidJwtSvid, PublicKey, check_audience, keys_from_jwks, validate
+from meshid.jwtsvid import (
+    InvalidJwtSvid,
+    PublicKey,
+    SigningKey,
+    check_audience,
+    claims,
+    key_id,
+    keys_from_jwks,
+    public_jwk,
+    sign,
+    validate,
+)
 from meshid.reasons import Reason
 from meshid.spiffeid import SpiffeId, TrustDomain
 from meshid.wire import BUNDLE, JWT_SVID, JwtSvidReply, JwtSvidRequest
@@ -114,3 +128,59 @@ class ControlPlaneJwt:
         keys: dict[TrustDomain, Mapping[str, PublicKey]] = {self.trust_domain: self._keys}
         subject, claims = validate(token, audience, keys, self.host.wall_now())
         return str(subject), claims
+
+
+class LocalJwt:
+    """Static mode: JWT-SVIDs signed here with a configured key, validated against it alone.
+
+    Whoever holds this key can mint a JWT-SVID for any ID of the trust
+    domain, so it is as sensitive as a CA key; an enrolled sidecar never holds
+    one (the authority signs).
+    """
+
+    def __init__(self, host: Host, key: SigningKey) -> None:
+        self.host = host
+        self.key = key
+        self.public = key.public_key()
+        self.kid = key_id(self.public)
+        self.trust_domain = host.identity.trust_domain
+        self._jwks = json.dumps({"keys": [public_jwk(self.public, self.kid)]}).encode()
+
+    async def mint(self, audience: tuple[str, ...]) -> str:
+        try:
+            payload = claims(self.host.identity, audience, self.host.wall_now())
+        except InvalidJwtSvid as exc:
+            raise GrpcError(INVALID_ARGUMENT, exc.message, reason=exc.reason) from None
+        return sign(payload, self.key, self.kid)
+
+    def bundles(self) -> Mapping[str, bytes]:
+        return {str(self.trust_domain.id): self._jwks}
+
+    async def validate(self, token: str, audience: str) -> tuple[str, dict[str, object]]:
+        keys: dict[TrustDomain, Mapping[str, PublicKey]] = {
+            self.trust_domain: {self.kid: self.public}
+        }
+        try:
+            subject, verified = validate(token, audience, keys, self.host.wall_now())
+        except InvalidJwtSvid as exc:
+            raise GrpcError(INVALID_ARGUMENT, exc.message, reason=exc.reason) from None
+        return str(subject), verified
+
+
+def load_signing_key(path: Path) -> SigningKey:
+    """The static JWT key: a PEM EC or RSA private key that only its owner can read."""
+    key_name = "workload_api.jwt_key"
+    try:
+        info = path.stat()
+        data = path.read_bytes()
+    except OSError as exc:
+        raise ConfigError(f"{key_name}: cannot read {path}: {exc.strerror}") from None
+    if info.st_mode & 0o077:
+        raise ConfigError(f"{key_name}: {path} is readable by others (chmod 600 it)")
+    try:
+        key = serialization.load_pem_private_key(data, password=None)
+    except (ValueError, TypeError):
+        raise ConfigError(f"{key_name}: {path} is not an unencrypted PEM private key") from None
+    if not isinstance(key, ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey):
+        raise ConfigError(f"{key_name}: {path} is not an EC or RSA key")
+    return key

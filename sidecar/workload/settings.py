@@ -8,7 +8,7 @@ from typing import Any
 
 from meshid.errors import ConfigError
 
-KEYS = ("socket", "allow_uids", "allow_gids")
+KEYS = ("socket", "allow_uids", "allow_gids", "jwt_key")
 MAX_ID = 2**32 - 2
 
 
@@ -17,6 +17,7 @@ class WorkloadApiConfig:
     socket: Path
     allow_uids: frozenset[int]
     allow_gids: frozenset[int]
+    jwt_key: Path | None = None  # static mode: sign JWT-SVIDs with this key (PEM, EC or RSA)
 
     def admits(self, uid: int, gid: int) -> bool:
         """The kernel-reported uid or primary gid of the caller is listed."""
@@ -45,5 +46,6 @@ def parse_workload_api(table: Any, base: Path) -> WorkloadApiConfig:
             f"{table.path('allow_uids')}: name at least one uid (or a gid in allow_gids); "
             "nobody could call the socket"
         )
+    jwt_key = table.path_value("jwt_key", base, optional=True)
     table.done()
-    return WorkloadApiConfig(socket, uids, gids)
+    return WorkloadApiConfig(socket, uids, gids, jwt_key)

@@ -227,3 +227,46 @@ async def test_static_sidecar_serves_no_jwt(mesh: Mesh, sock_dir: Path) -> None:
                 lambda m=method: raw_call(sock, m, b"\x0a\x02db", stream=m == "FetchJWTBundles")
             )
         assert caught.value.code() == grpc.StatusCode.UNAVAILABLE, method
+
+
+async def test_static_sidecar_with_a_jwt_key(mesh: Mesh, sock_dir: Path, tmp_path: Path) -> None:
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    key_file = tmp_path / "jwt.key"
+    key_file.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    key_file.chmod(0o600)
+    sock = sock_dir / "api.sock"
+    web = await mesh.start("web", workload_api=_api(sock, jwt_key=str(key_file)))
+
+    def run() -> tuple[str, str]:
+        from spiffe import JwtSource
+
+        source = JwtSource(socket_path=f"unix://{sock}", timeout_in_seconds=5)
+        try:
+            svid = source.fetch_svid({"db"})
+            bundle = source.get_bundle_for_trust_domain(svid.spiffe_id.trust_domain)
+            assert bundle is not None and len(bundle.jwt_authorities) == 1
+        finally:
+            source.close()
+        with WorkloadApiClient(f"unix://{sock}") as client:
+            return str(svid.spiffe_id), str(client.validate_jwt_svid(svid.token, "db").spiffe_id)
+
+    with trio.fail_after(15):
+        assert await _in_thread(run) == (str(web.sidecar.identity), str(web.sidecar.identity))
+
+
+async def test_a_jwt_key_others_can_read_is_refused(
+    mesh: Mesh, sock_dir: Path, tmp_path: Path
+) -> None:
+    key_file = tmp_path / "jwt.key"
+    key_file.write_text("not even a key")
+    key_file.chmod(0o644)
+    with pytest.raises(ConfigError, match="readable by others"):
+        await mesh.start("web", workload_api=_api(sock_dir / "api.sock", jwt_key=str(key_file)))
