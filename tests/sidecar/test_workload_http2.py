@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 
+import h2.events
 import h2.settings
 import pytest
 import trio
@@ -257,3 +258,21 @@ async def test_connections_past_the_limit_are_closed(
         await kept[0].wait(lambda: bool(kept[0].streams[sid].messages))
         for c in kept:
             await c.aclose()
+
+
+async def test_ping_is_answered_during_an_idle_stream(served: Served) -> None:
+    with trio.fail_after(10):
+        client = await H2Client.connect(served.socket)
+        sid = await client.call("FetchX509SVID")
+        await client.wait(lambda: bool(client.streams[sid].messages))
+        client.h2.ping(b"8 bytes!")
+        await client.flush()
+        acked: list[bytes] = []
+        while not acked:
+            data = await client.stream.receive_some(65536)
+            assert data
+            for event in client.h2.receive_data(data):
+                if isinstance(event, h2.events.PingAckReceived):
+                    acked.append(event.ping_data)
+        assert acked == [b"8 bytes!"]
+        await client.aclose()
