@@ -18,9 +18,11 @@ from __future__ import annotations
 import argparse
 import os
 import resource
+import shutil
 import signal
 import socket
 import struct
+import subprocess
 import sys
 import tempfile
 import time
@@ -45,7 +47,7 @@ def _rss_kib(pid: int) -> int:
 # -- the server process -----------------------------------------------------------
 
 
-async def _serve(socket_path: Path) -> None:
+async def _serve(socket_path: Path, state: Path) -> None:
     from ca.authority import Authority
     from meshid.events import EventLog
     from meshid.spiffeid import SpiffeId, TrustDomain
@@ -58,7 +60,6 @@ async def _serve(socket_path: Path) -> None:
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
     td = TrustDomain("example.org")
     web = SpiffeId(td, "/web")
-    state = Path(tempfile.mkdtemp(prefix="wlbench-ca"))
     born = datetime.now(UTC) - timedelta(hours=1)
     Authority.init(state / "ca", td, clock=lambda: born).close()
     authority = Authority.open(state / "ca")
@@ -161,9 +162,10 @@ async def _bench(streams: int, per_connection: int) -> dict[str, float]:
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
     directory = Path(tempfile.mkdtemp(prefix="wlb", dir="/tmp"))
     path = directory / "api.sock"
+    argv = [sys.executable, "-m", "bench.workload_api", "--serve", str(path)]
     server = await trio.lowlevel.open_process(
-        [sys.executable, "-m", "bench.workload_api", "--serve", str(path)],
-        stdout=__import__("subprocess").PIPE,
+        [*argv, "--state", str(directory)],
+        stdout=subprocess.PIPE,
     )
     try:
         assert server.stdout is not None
@@ -207,9 +209,7 @@ async def _bench(streams: int, per_connection: int) -> dict[str, float]:
 
 
 def _remove(directory: Path) -> None:
-    for child in directory.iterdir():
-        child.unlink()
-    directory.rmdir()
+    shutil.rmtree(directory, ignore_errors=True)
 
 
 def main() -> None:
@@ -217,9 +217,10 @@ def main() -> None:
     parser.add_argument("--streams", type=int, default=1000)
     parser.add_argument("--per-connection", type=int, default=1)
     parser.add_argument("--serve", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--state", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.serve is not None:
-        trio.run(_serve, args.serve)
+        trio.run(_serve, args.serve, args.state)
         return
     results = trio.run(_bench, args.streams, args.per_connection)
     print(

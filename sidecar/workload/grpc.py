@@ -548,13 +548,15 @@ def remove_if_ours(path: Path, inode: int) -> None:
 def bind_unix(path: Path) -> tuple[trio.socket.SocketType, int]:
     """A listening Unix socket at `path`, 0660, placed by rename so it is never wider.
 
-    The directory must not be writable by others (or they could swap the
-    socket); a socket file nobody answers on is stale and replaced; a live
-    one, or any other kind of file, is an error naming the key.
+    The directory is created (0750) if its parent exists; it must be ours and
+    not writable by others (or they could swap the socket). A socket file
+    nobody answers on is stale and replaced; a live one, or any other kind of
+    file, is an error naming the key.
     """
     key = "workload_api.socket"
     directory = path.parent
     try:
+        directory.mkdir(mode=0o750, exist_ok=True)  # its parent must exist; only this level
         info = os.stat(directory)
     except OSError as exc:
         raise ConfigError(f"{key}: directory {directory}: {exc.strerror}") from None

@@ -24,7 +24,7 @@ from spiffe import WorkloadApiClient, X509Source
 from workload_helpers import raw_call, short_dir
 
 from meshid.errors import ConfigError
-from sidecar.workload.grpc import bind_unix
+from sidecar.workload.grpc import bind_unix, remove_if_ours
 
 
 @pytest.fixture
@@ -198,6 +198,18 @@ async def test_socket_mode_stale_replaced_removed_on_exit(
     with trio.fail_after(10):
         await web.sidecar.stopped.wait()
     assert not sock.exists()
+
+
+async def test_socket_directory_is_made_if_its_parent_exists(sock_dir: Path) -> None:
+    sock, inode = bind_unix(sock_dir / "run" / "api.sock")
+    try:
+        assert stat.S_IMODE(os.stat(sock_dir / "run").st_mode) == 0o750
+    finally:
+        sock.close()
+        remove_if_ours(sock_dir / "run" / "api.sock", inode)
+        (sock_dir / "run").rmdir()
+    with pytest.raises(ConfigError, match="No such file"):
+        bind_unix(sock_dir / "a" / "b" / "api.sock")
 
 
 def test_socket_refuses_other_files_and_open_directories(sock_dir: Path) -> None:
