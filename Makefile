@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install test test-all test-min check lint typecheck deploy-check demo bench system-packages clean reasons
+.PHONY: install test test-all test-min check lint typecheck deploy-check demo bench bench-workload system-packages clean reasons
 
 install: $(STAMP)
 
@@ -91,6 +91,10 @@ bench: install
 	tools/ensure-debs openssl:openssl stunnel4:stunnel4 wrk:wrk iperf3:iperf3 nginx:nginx-light
 	$(BIN)/python -m pip install --quiet py-spy || echo "bench: py-spy unavailable, no profiles" >&2
 	$(BIN)/python -m bench.run
+
+bench-workload: install
+	$(BIN)/python -m bench.workload_api --streams 1000 --per-connection 1
+	$(BIN)/python -m bench.workload_api --streams 1000 --per-connection 10
 
 clean:
 	rm -rf $(VENV) $(MIN_VENV) .mypy_cache .pytest_cache .ruff_cache *.egg-info

@@ -12,7 +12,8 @@ messages, their versions and their paths are `meshid.wire`'s:
     POST /v1/enroll   EnrollRequest     -> SvidReply   (no client cert)
     POST /v1/renew    RenewRequest      -> SvidReply   (mTLS, current SVID)
     POST /v1/report   StatusReport      -> ReportAck   (mTLS): sidecar status
-    GET  /v1/bundle                     -> SPIFFE bundle (JWKS)
+    GET  /v1/bundle                     -> SPIFFE bundle (JWKS), JWT keys included
+    POST /v1/jwt-svid JwtSvidRequest    -> JwtSvidReply (mTLS): a JWT-SVID for the caller
     GET  /v1/watch?WatchQuery           -> Feed        (mTLS): the caller's feed
     GET  /healthz
 """
@@ -30,7 +31,9 @@ from typing import Any
 
 from cryptography import x509
 
+from ca import jwtmint
 from ca.authority import Authority, IssuedSvid, Prepared
+from ca.jwtkeys import JwtKeyring, with_jwt_keys
 from meshid.bundle import TrustBundle
 from meshid.errors import (
     AuthorityError,
@@ -53,12 +56,14 @@ from meshid.wire import (
     BUNDLE,
     ENROLL,
     HEALTH,
+    JWT_SVID,
     RENEW,
     REPORT,
     WATCH,
     EnrollRequest,
     ErrorBody,
     Feed,
+    JwtSvidRequest,
     RenewRequest,
     ReportAck,
     SvidReply,
@@ -170,6 +175,7 @@ class ControlApi:
     limiter: FailureLimiter = field(default_factory=FailureLimiter)
     _lock_fd: int | None = None
     _pem: tuple[TrustBundle, str] | None = None  # the bundle last encoded, and its PEM
+    jwt_keys: JwtKeyring | None = None  # JWT-SVID signing keys, loaded on first use
 
     def handle(self, req: Request) -> Reply:
         """Answer one request; never raises for anything a client can send."""
@@ -180,6 +186,7 @@ class ControlApi:
             ("GET", WATCH): self._watch_now,
             ("POST", REPORT): self._report,
             ("GET", HEALTH): self._health,
+            ("POST", JWT_SVID): self._jwt_svid,
         }
         handler = routes.get((req.method, req.path))
         if handler is None:
@@ -323,7 +330,17 @@ class ControlApi:
 
     def _bundle(self, req: Request) -> Reply:
         self.authority.advance_roots()
-        return Reply(200, self.authority.bundle().to_spiffe())
+        return Reply(200, with_jwt_keys(self.authority.bundle().to_spiffe(), self._keyring()))
+
+    def _keyring(self) -> JwtKeyring:
+        if self.jwt_keys is None:
+            self.jwt_keys = JwtKeyring(self.authority.state_dir, self.clock)
+        return self.jwt_keys
+
+    def _jwt_svid(self, req: Request) -> Reply:
+        body = JwtSvidRequest.parse(decode(req.body, "request body"))
+        reply = jwtmint.mint(self._caller(req), body, self._keyring(), self.clock())
+        return Reply(200, reply.to_json())
 
     def _health(self, req: Request) -> Reply:
         policy, revocation, sequence = self.authority.versions()

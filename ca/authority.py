@@ -36,6 +36,7 @@ from pathlib import Path
 from ca.access import Access
 from ca.audit import AUDIT_HEAD, AUDIT_KEY
 from ca.issuance import Issuance
+from ca.jwtkeys import JwtKeyring
 from ca.reports import Reports
 from ca.schema import SCHEMA_VERSION
 from ca.store import DB_NAME, Store
@@ -118,6 +119,7 @@ class Authority(Issuance, Access, Reports):
                 raise StateError(f"{state_dir}: cannot write: {exc.strerror}") from None
             finally:
                 shutil.rmtree(staging, ignore_errors=True)
+        JwtKeyring(state_dir, clock.wall).keys()  # the first JWT-SVID key, so the bundle has one
         return cls.open(state_dir, passphrase=passphrase, clock=clock)
 
     @staticmethod

@@ -8,6 +8,7 @@ where every user of the machine could read them.
 
 from __future__ import annotations
 
+import json
 import sys
 from datetime import timedelta
 from pathlib import Path
@@ -24,6 +25,7 @@ from ca.cliopts import (
     read_passphrase,
     state_option,
 )
+from ca.jwtkeys import JwtKeyring, with_jwt_keys
 from ca.values import DEFAULT_ROOT_TTL, DEFAULT_SVID_TTL, DEFAULT_TOKEN_TTL
 from meshid.cli import Group
 from meshid.clock import system_clock
@@ -174,11 +176,13 @@ def revoke_cmd(state: Path, spiffe_id: str) -> None:
 )
 def bundle_cmd(state: Path, fmt: str) -> None:
     """Print the trust bundle."""
-    bundle = open_authority(state).bundle()
+    authority = open_authority(state)
+    bundle = authority.bundle()
     if fmt == "pem":
         sys.stdout.buffer.write(bundle.to_pem())
-    else:
-        click.echo(bundle.to_spiffe_json(), nl=False)
+    else:  # the SPIFFE bundle: X.509 roots and the JWT-SVID keys
+        keyring = JwtKeyring(state, authority.clock_now)
+        click.echo(json.dumps(with_jwt_keys(bundle.to_spiffe(), keyring), indent=2))
 
 
 @ca_group.command("serve")

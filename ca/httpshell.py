@@ -17,7 +17,7 @@ from ca.plane import _failure_fields, _retry_later, _unavailable
 from meshid.errors import MeshIdError
 from meshid.svid import leaf_spiffe_id
 from meshid.version import SERVER_HEADER
-from meshid.wire import BUNDLE, ENROLL, HEALTH, RENEW, REPORT, WATCH
+from meshid.wire import BUNDLE, ENROLL, HEALTH, JWT_SVID, RENEW, REPORT, WATCH
 
 # method -> paths: what HEAD, 405 and Allow are computed from (ca.api routes the rest)
 ROUTES: dict[str, tuple[str, ...]] = {
@@ -27,6 +27,7 @@ ROUTES: dict[str, tuple[str, ...]] = {
     BUNDLE: ("GET", "HEAD"),
     WATCH: ("GET", "HEAD"),
     HEALTH: ("GET", "HEAD"),
+    JWT_SVID: ("POST",),
 }
 # RFC 9110's methods: known to this server, so a path that does not take one says 405
 KNOWN_METHODS = frozenset(

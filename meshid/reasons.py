@@ -248,6 +248,59 @@ class Reason(enum.StrEnum):
     UNREADABLE = "unreadable", "a file cannot be read"
     SVID_EXPIRED = "svid_expired", "this sidecar's own SVID expired and could not be renewed"
 
+    # -- the Workload API (the sidecar) --
+    WORKLOAD_API_CALLER_NOT_ADMITTED = (
+        "workload_api_caller_not_admitted",
+        "the caller's uid and gid (SO_PEERCRED) are not in allow_uids/allow_gids",
+    )
+    WORKLOAD_API_MISSING_HEADER = (
+        "workload_api_missing_header",
+        "the request lacks the workload.spiffe.io: true metadata",
+    )
+    WORKLOAD_API_BAD_REQUEST = (
+        "workload_api_bad_request",
+        "the request is not a well-formed Workload API call",
+    )
+    WORKLOAD_API_REQUEST_TOO_LARGE = (
+        "workload_api_request_too_large",
+        "the request message is larger than the limit",
+    )
+    WORKLOAD_API_DEADLINE = "workload_api_deadline", "the caller's grpc-timeout passed"
+    WORKLOAD_API_PROTOCOL_ERROR = (
+        "workload_api_protocol_error",
+        "the caller broke HTTP/2 (a malformed frame); it got GOAWAY",
+    )
+    WORKLOAD_API_SLOW_READER = (
+        "workload_api_slow_reader",
+        "the caller did not read what it was sent in time; its connection was dropped",
+    )
+    WORKLOAD_API_TOO_MANY_CONNECTIONS = (
+        "workload_api_too_many_connections",
+        "the socket already serves its maximum of connections",
+    )
+    WORKLOAD_API_NO_IDENTITY = (
+        "workload_api_no_identity",
+        "the sidecar holds no SVID yet",
+    )
+    WORKLOAD_API_JWT_UNAVAILABLE = (
+        "workload_api_jwt_unavailable",
+        "this sidecar cannot mint or check JWT-SVIDs (static mode without JWT keys)",
+    )
+
+    WORKLOAD_API_CALL_FAILED = (
+        "workload_api_call_failed",
+        "a call to the Workload API failed (the command prints the server's status)",
+    )
+
+    # -- JWT-SVIDs --
+    JWT_INVALID = "jwt_invalid", "the JWT-SVID is not valid"
+    JWT_MALFORMED = "jwt_malformed", "the token is not a JWT-SVID (bad encoding, no sub or exp)"
+    JWT_ALGORITHM = "jwt_algorithm", "the token's alg is not one the JWT-SVID specification allows"
+    JWT_UNKNOWN_KEY = "jwt_unknown_key", "the token names no kid, or one the bundle lacks"
+    JWT_SIGNATURE = "jwt_signature", "the token's signature does not verify"
+    JWT_EXPIRED = "jwt_expired", "the token's exp has passed (or its nbf has not come)"
+    JWT_AUDIENCE = "jwt_audience", "the audience asked for is not in the token's aud"
+
 
 # The reasons the README lists: operators may alert on them, so they keep their names.
 PUBLISHED: tuple[Reason, ...] = (

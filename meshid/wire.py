@@ -10,6 +10,7 @@ replies through it. Pure: no I/O, stdlib only.
     POST /v1/report   meshid.report.StatusReport              -> ReportAck (mTLS)
     GET  /v1/watch?WatchQuery                                 -> Feed (mTLS)
     GET  /v1/bundle                                           -> SPIFFE bundle (JWKS)
+    POST /v1/jwt-svid JwtSvidRequest {spiffe_id, audience}    -> JwtSvidReply (mTLS)
     any refusal                                               -> ErrorBody {error, message}
 
 Each parse checks the whole document and raises `WireError` (an
@@ -63,6 +64,7 @@ RENEW = "/v1/renew"
 REPORT = "/v1/report"
 BUNDLE = "/v1/bundle"
 WATCH = "/v1/watch"
+JWT_SVID = "/v1/jwt-svid"
 HEALTH = "/healthz"
 
 MAX_INT = 2**63 - 1
@@ -212,6 +214,55 @@ class SvidReply:
             not_after=_text(fields, "not_after", "authority"),
             bundle_sequence=_int(fields, "bundle_sequence", "authority"),
             bundle=_opt_text(fields, "bundle", "authority"),
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class JwtSvidRequest:
+    """A JWT-SVID for the caller itself (`spiffe_id` must be its own) and these audiences."""
+
+    spiffe_id: SpiffeId
+    audience: tuple[str, ...]
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "v": WIRE_VERSION,
+            "spiffe_id": str(self.spiffe_id),
+            "audience": list(self.audience),
+        }
+
+    @classmethod
+    def parse(cls, doc: object) -> JwtSvidRequest:
+        fields = _object(doc, "sidecar", "request body")
+        audience = fields.get("audience")
+        if (
+            not isinstance(audience, list)
+            or not audience
+            or not all(isinstance(a, str) and a for a in audience)
+        ):
+            raise _bad("sidecar", "audience", "must be a non-empty list of non-empty strings")
+        return cls(
+            spiffe_id=_spiffe_id(fields.get("spiffe_id"), "spiffe_id", "sidecar"),
+            audience=tuple(audience),
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class JwtSvidReply:
+    """The signed token and when it expires (seconds since the epoch)."""
+
+    token: str
+    expires_at: int
+
+    def to_json(self) -> dict[str, Any]:
+        return {"v": WIRE_VERSION, "token": self.token, "expires_at": self.expires_at}
+
+    @classmethod
+    def parse(cls, doc: object) -> JwtSvidReply:
+        fields = _object(doc, "authority", "reply")
+        return cls(
+            token=_text(fields, "token", "authority"),
+            expires_at=_int(fields, "expires_at", "authority"),
         )
 
 

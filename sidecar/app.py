@@ -61,6 +61,8 @@ from sidecar.state import Current, IdentitySource
 from sidecar.static import StaticIdentity
 from sidecar.status import build_report
 from sidecar.tasks import keep_running
+from sidecar.workload.run import Prepared as PreparedWorkloadApi
+from sidecar.workload.run import WorkloadApi, prepare_workload_api, serve_workload_api
 
 
 class Sidecar:
@@ -102,6 +104,8 @@ class Sidecar:
         self._accept_scopes: list[trio.CancelScope] = []
         self.dynamic: DynamicIdentity | None = None
         self.changed: Callable[[], None] = lambda: None  # live connections or policy moved
+        self.svid_listeners: list[Callable[[Svid], None]] = []  # e.g. the Workload API
+        self.workload_api: WorkloadApi | None = None
         self.metrics = Metrics(
             Gauges(
                 registry=self.registry,
@@ -156,6 +160,8 @@ class Sidecar:
         """Swap in new credentials; live connections keep the generation they started with."""
         number = self.current.next_generation()
         self.current.generation = Generation.build(number, svid, self.gate.verify)
+        for listener in self.svid_listeners:
+            listener(svid)
         self.events.emit(
             "credentials",
             how=how,
@@ -167,6 +173,9 @@ class Sidecar:
 
     def current_svid(self) -> Svid | None:
         return self.current.svid()
+
+    def wall_now(self) -> datetime:
+        return self.current.wall()
 
     def current_policy(self) -> Policy:
         return self.policy
@@ -346,6 +355,7 @@ class Sidecar:
             identity = self.dynamic
         await identity.start()
         listeners: list[tuple[socket.socket, Callable[..., Awaitable[None]], str]] = []
+        workload: PreparedWorkloadApi | None = None
         try:
             for i, ib in enumerate(self.config.inbound):
                 lsock = bind(ib.listen)
@@ -355,6 +365,8 @@ class Sidecar:
                 lsock = bind(ob.listen)
                 self.bound[f"outbound[{i}]"] = lsock.getsockname()[:2]
                 listeners.append((lsock, self.connections.outbound_handler(ob), OUTBOUND))
+            if self.config.workload_api is not None:  # bound here: a config error stays one line
+                workload = prepare_workload_api(self.config.workload_api)
             async with trio.open_nursery() as nursery:
                 await nursery.start(self.pump.run)
                 for lsock, handler, direction in listeners:
@@ -365,6 +377,16 @@ class Sidecar:
                     )
                 for task, duty in (("sweep", self._sweep), (identity.task, identity.run)):
                     nursery.start_soon(keep_running, task, duty, self.events, self.throttle)
+                if workload is not None:
+                    self.workload_api = await nursery.start(
+                        functools.partial(
+                            serve_workload_api,
+                            self,
+                            workload,
+                            self.dynamic.call if self.dynamic is not None else None,
+                            registry=self.metrics.registry,
+                        )
+                    )
                 self.ready = True
                 self.lifecycle.phase = SERVING
                 self.events.emit(
@@ -379,6 +401,8 @@ class Sidecar:
         finally:
             for lsock, _, _ in listeners:
                 lsock.close()
+            if workload is not None:
+                workload.close()
             self.ready = False
 
     async def _shutdown(

@@ -25,6 +25,8 @@ from typing import Any
 from meshid.duration import parse_duration
 from meshid.errors import ConfigError, MeshIdError
 from meshid.spiffeid import SpiffeId, TrustDomain
+from sidecar.workload.settings import KEYS as WORKLOAD_API_KEYS
+from sidecar.workload.settings import WorkloadApiConfig, parse_workload_api
 
 
 @dataclass(frozen=True, slots=True)
@@ -106,6 +108,7 @@ class SidecarConfig:
     admin: Address | None
     limits: Limits
     log_file: Path | None = None
+    workload_api: WorkloadApiConfig | None = None
 
 
 _LABEL = re.compile(r"[A-Za-z0-9_]([A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?")
@@ -163,6 +166,7 @@ TOP_KEYS = (
     "admin",
     "limits",
     "log",
+    "workload_api",
 )
 STATIC_KEYS = ("cert", "key", "bundle", "policy")
 AUTHORITY_KEYS = ("server", "bundle", "token_file", "state_dir")
@@ -374,8 +378,8 @@ def parse_config(doc: Mapping[str, Any], base: Path = Path()) -> SidecarConfig:
             )
         )
         table.done()
-    if not inbound and not outbound:
-        raise ConfigError("config: no [inbound] or [[outbound]] listener")
+    if not inbound and not outbound and "workload_api" not in doc:
+        raise ConfigError("config: no [inbound] or [[outbound]] listener (nor [workload_api])")
 
     admin_table = top.table("admin", ADMIN_KEYS)
     admin = None
@@ -407,6 +411,9 @@ def parse_config(doc: Mapping[str, Any], base: Path = Path()) -> SidecarConfig:
         )
         limits_table.done()
 
+    wa_table = top.table("workload_api", WORKLOAD_API_KEYS)
+    workload_api = parse_workload_api(wa_table, base) if wa_table is not None else None
+
     log_table = top.table("log", LOG_KEYS)
     log_file = None
     if log_table is not None:
@@ -422,6 +429,7 @@ def parse_config(doc: Mapping[str, Any], base: Path = Path()) -> SidecarConfig:
         admin=admin,
         limits=limits,
         log_file=log_file,
+        workload_api=workload_api,
     )
 
 

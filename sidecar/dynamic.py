@@ -412,6 +412,10 @@ class DynamicIdentity(FeedFollower):
                 ),
             )
 
+    async def call(self, method: str, target: str, body: dict[str, Any] | None) -> dict[str, Any]:
+        """One authenticated request to the control plane (e.g. a JWT-SVID for the Workload API)."""
+        return await self.link.ask(method, target, body)
+
     async def _post_report(self, body: dict[str, Any]) -> None:
         await self.link.ask("POST", REPORT, body)
 

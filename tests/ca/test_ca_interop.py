@@ -104,9 +104,16 @@ def test_spiffe_bundle_is_a_valid_jwk_set(state: Path) -> None:
     assert doc["spiffe_sequence"] == 1
     assert isinstance(doc["spiffe_refresh_hint"], int)
     jwks = jwt.PyJWKSet.from_dict(doc)
-    assert len(jwks.keys) == len(doc["keys"]) == 1  # every key parses; none was skipped
+    assert len(jwks.keys) == len(doc["keys"]) == 2  # every key parses; none was skipped
+    # one JWT-SVID signing key, named by its kid, beside the X.509 root
+    jwt_entries = [e for e in doc["keys"] if e["use"] == "jwt-svid"]
+    assert len(jwt_entries) == 1 and jwt_entries[0]["kid"]
+    assert jwt_entries[0]["kty"] == "EC" and jwt_entries[0]["crv"] == "P-256"
     ders = []
-    for entry, jwk in zip(doc["keys"], jwks.keys, strict=True):
+    x509_pairs = [
+        (e, k) for e, k in zip(doc["keys"], jwks.keys, strict=True) if e["use"] != "jwt-svid"
+    ]
+    for entry, jwk in x509_pairs:
         assert entry["use"] == "x509-svid"
         assert "kid" not in entry
         assert len(entry["x5c"]) == 1

@@ -135,7 +135,7 @@ async def test_health_and_bundle(plane: Plane) -> None:
     assert health["status"] == "ok" and health["trust_domain"] == "example.org"
     bundle = await plane.call("GET", "/v1/bundle")
     assert bundle["spiffe_sequence"] == 1
-    assert [k["use"] for k in bundle["keys"]] == ["x509-svid"]
+    assert [k["use"] for k in bundle["keys"]] == ["x509-svid", "jwt-svid"]
 
 
 async def test_server_presents_the_authority_identity(plane: Plane) -> None:
@@ -485,3 +485,41 @@ async def test_enrollment_and_renewal_log_lines_name_the_identity(
     # and an anonymous failure names nobody
     await refused(plane, "POST", "/v1/enroll", {"token": "mjt_wrong", "csr": csr_pem()})
     assert plane.log[-1].get("spiffe_id") is None and plane.log[-1]["status"] == 401
+
+
+# -- JWT-SVIDs ----------------------------------------------------------------
+
+
+async def test_jwt_svid_for_the_caller_only(plane: Plane, tmp_path: Path) -> None:
+    import jwt as pyjwt
+
+    body = {"spiffe_id": str(WEB), "audience": ["db"]}
+    err = await refused(plane, "POST", "/v1/jwt-svid", body)
+    assert (err.status, err.reason) == (401, "no_client_certificate")
+    ident = write_identity(tmp_path / "web", plane.authority, WEB)
+    reply = await plane.call("POST", "/v1/jwt-svid", body, identity=ident)
+    bundle = await plane.call("GET", "/v1/bundle")
+    keys = {k["kid"]: k for k in bundle["keys"] if k["use"] == "jwt-svid"}
+    header = pyjwt.get_unverified_header(reply["token"])
+    claims = pyjwt.decode(
+        reply["token"],
+        pyjwt.PyJWK(keys[header["kid"]]).key,
+        algorithms=["ES256"],
+        audience="db",
+        options={"verify_exp": False},  # the plane's clock is the test's, not the wall's
+    )
+    assert claims["sub"] == str(WEB) and claims["exp"] == reply["expires_at"]
+    err = await refused(
+        plane, "POST", "/v1/jwt-svid", {**body, "spiffe_id": str(API)}, identity=ident
+    )
+    assert (err.status, err.reason) == (403, "csr_identity_mismatch")
+    err = await refused(plane, "POST", "/v1/jwt-svid", {**body, "audience": []}, identity=ident)
+    assert err.status == 400
+    many = {**body, "audience": [f"a{i}" for i in range(17)]}
+    err = await refused(plane, "POST", "/v1/jwt-svid", many, identity=ident)
+    assert err.status == 400
+    other = plane.other()
+    other.revoke(WEB)
+    other.close()
+    err = await refused(plane, "POST", "/v1/jwt-svid", body, identity=ident)
+    assert (err.status, err.reason) == (403, "identity_revoked")

@@ -37,7 +37,7 @@ def _modules() -> dict[Path, ast.Module]:
     return {
         path: ast.parse(path.read_text(), str(path))
         for package in PACKAGES
-        for path in sorted((ROOT / package).glob("*.py"))
+        for path in sorted((ROOT / package).rglob("*.py"))
         if path.name != "reasons.py"
     }
 

@@ -128,6 +128,7 @@ class Mesh:
         reload_interval: float = 0.05,
         sweep_interval: float = 0.05,
         clock: Clock | None = None,
+        workload_api: Mapping[str, Any] | None = None,
     ) -> Running:
         directory = self.root / name
         directory.mkdir(parents=True)
@@ -158,6 +159,8 @@ class Mesh:
         ]
         if limits:
             doc["limits"] = dict(limits)
+        if workload_api is not None:
+            doc["workload_api"] = dict(workload_api)
         log = LogCapture()
         sidecar = Sidecar(
             parse_config(doc, directory),

@@ -1,0 +1,1 @@
+"""The SPIFFE Workload API on the sidecar: a small gRPC server on a Unix socket."""

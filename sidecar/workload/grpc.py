@@ -1,0 +1,597 @@
+"""A small gRPC server: HTTP/2 (the `h2` state machine) on a Unix socket, under trio.
+
+Theory of operation. `h2` is sans-IO: it turns bytes into events and our
+calls into bytes, and it keeps the HTTP/2 rules (framing, HPACK, stream
+states, flow-control windows, PING and SETTINGS acknowledgements). This
+module is the shell around it and the part of gRPC that rides on top:
+
+- One task per connection reads, feeds `h2`, and dispatches events. Each
+  complete request (HEADERS, its one message, END_STREAM) starts one task for
+  its RPC; a RST_STREAM from the client cancels that task.
+- Every write goes through one lock and is sent before the lock is released,
+  so what `h2` buffers is at most one frame batch: a client that never reads
+  stalls its own connection (bounded by flow control and by one pending
+  message per stream), and a write that cannot finish within
+  `Limits.write_timeout` drops the connection.
+- A message larger than the window waits for WINDOW_UPDATE; streaming RPCs
+  send the *current* state when they may, never a queue of old ones.
+- Callers are admitted by the kernel's credentials for the socket
+  (SO_PEERCRED), read once at accept. A caller that is not admitted still
+  speaks HTTP/2 and gets `PERMISSION_DENIED` on every call, which a gRPC
+  client can report, instead of a reset it could not explain.
+- Errors are gRPC statuses in trailers (`grpc-status`, `grpc-message`,
+  percent-encoded); before any message they are sent Trailers-Only.
+- A malformed frame, or a client breaking HTTP/2, gets GOAWAY with the code
+  `h2` names and the connection closes; nothing else is affected.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import socket
+import stat
+import struct
+import urllib.parse
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Protocol
+
+import h2.config
+import h2.connection
+import h2.errors
+import h2.events
+import h2.exceptions
+import h2.settings
+import trio
+
+from meshid.errors import ConfigError
+from meshid.events import EventLog
+from meshid.reasons import Reason
+
+# gRPC status codes (grpc/doc/statuscodes.md).
+OK = 0
+CANCELLED = 1
+UNKNOWN = 2
+INVALID_ARGUMENT = 3
+DEADLINE_EXCEEDED = 4
+NOT_FOUND = 5
+PERMISSION_DENIED = 7
+RESOURCE_EXHAUSTED = 8
+UNIMPLEMENTED = 12
+INTERNAL = 13
+UNAVAILABLE = 14
+
+_PREFIX = struct.Struct(">BI")  # compressed flag, message length
+
+
+@dataclass(frozen=True, slots=True)
+class Limits:
+    """What one server spends at most; the README's limits table names these numbers."""
+
+    max_connections: int = 1024
+    max_streams_per_connection: int = 100
+    max_request_bytes: int = 64 * 1024  # a Workload API request is a few hundred bytes
+    max_header_list_bytes: int = 16 * 1024
+    request_timeout: float = 10.0  # HEADERS to END_STREAM, and the HTTP/2 preface
+    write_timeout: float = 30.0  # one blocked write to a caller that does not read
+
+
+@dataclass(frozen=True, slots=True)
+class PeerCred:
+    pid: int
+    uid: int
+    gid: int
+
+
+class GrpcError(Exception):
+    """End the call with this gRPC status; `reason` is for our log and metrics."""
+
+    def __init__(self, status: int, message: str, *, reason: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.reason = reason
+
+
+@dataclass(frozen=True, slots=True)
+class Call:
+    method: str
+    metadata: Mapping[str, str]
+    message: bytes
+    peer: PeerCred
+
+
+class Reply(Protocol):
+    async def send(self, message: bytes) -> None: ...
+
+
+Handler = Callable[[Call, Reply], Awaitable[None]]
+Admit = Callable[[PeerCred], bool]
+Check = Callable[[Call], None]  # raises GrpcError to refuse a call before its handler
+
+
+def peer_credentials(sock: socket.socket | trio.socket.SocketType) -> PeerCred:
+    """The kernel's word on who is at the other end of a Unix socket."""
+    raw = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+    pid, uid, gid = struct.unpack("3i", raw)
+    return PeerCred(pid, uid, gid)
+
+
+def _grpc_message(text: str) -> bytes:
+    """grpc-message is percent-encoded UTF-8 (the gRPC HTTP/2 protocol document)."""
+    return urllib.parse.quote(text, safe=" !\"#$&'()*+,-./:;<=>?@[\\]^_`{|}~").encode()
+
+
+def _timeout(value: str) -> float | None:
+    """grpc-timeout: up to 8 digits and a unit; None if absent or malformed."""
+    units = {"H": 3600.0, "M": 60.0, "S": 1.0, "m": 1e-3, "u": 1e-6, "n": 1e-9}
+    if 2 <= len(value) <= 9 and value[:-1].isdigit() and value[-1] in units:
+        return int(value[:-1]) * units[value[-1]]
+    return None
+
+
+@dataclass(eq=False, slots=True)
+class _Stream:
+    stream_id: int
+    headers: dict[str, str]
+    body: bytearray = field(default_factory=bytearray)
+    scope: trio.CancelScope | None = None
+    headers_sent: bool = False
+    started: float = 0.0
+
+
+class _Connection:
+    def __init__(self, server: GrpcServer, stream: trio.SocketStream, peer: PeerCred) -> None:
+        self.server = server
+        self.stream = stream
+        self.peer = peer
+        self.admitted = server.admit(peer)
+        self.h2 = h2.connection.H2Connection(
+            h2.config.H2Configuration(client_side=False, header_encoding=None)
+        )
+        self.lock = trio.Lock()
+        self.streams: dict[int, _Stream] = {}
+        self.window = trio.Event()
+        self.closed = False
+        self.scope = trio.CancelScope()  # cancelled to drop the whole connection
+
+    # -- writing ----------------------------------------------------------------
+
+    async def _flush_locked(self) -> None:
+        data = self.h2.data_to_send()
+        if data and not self.closed:
+            with trio.move_on_after(self.server.limits.write_timeout) as scope:
+                await self.stream.send_all(data)
+            if scope.cancelled_caught:
+                self.closed = True
+                self.scope.cancel()
+                self.server.events.emit(
+                    "workload_api_drop", uid=self.peer.uid, reason=Reason.WORKLOAD_API_SLOW_READER
+                )
+                raise trio.BrokenResourceError("caller does not read")
+
+    async def flush(self) -> None:
+        async with self.lock:
+            await self._flush_locked()
+
+    def _window_moved(self) -> None:
+        self.window.set()
+        self.window = trio.Event()
+
+    async def send_message(self, st: _Stream, message: bytes) -> None:
+        data = _PREFIX.pack(0, len(message)) + message
+        async with self.lock:
+            if not st.headers_sent:
+                self.h2.send_headers(
+                    st.stream_id, [(b":status", b"200"), (b"content-type", b"application/grpc")]
+                )
+                st.headers_sent = True
+                await self._flush_locked()  # the caller learns the call is accepted, window or not
+        view = memoryview(data)
+        while view:
+            async with self.lock:
+                window = min(
+                    self.h2.local_flow_control_window(st.stream_id), self.h2.max_outbound_frame_size
+                )
+                if window > 0:
+                    chunk, view = view[:window], view[window:]
+                    self.h2.send_data(st.stream_id, chunk.tobytes())
+                    await self._flush_locked()
+                    continue
+                waiter = self.window
+            await waiter.wait()
+
+    async def finish(self, st: _Stream, status: int, message: str = "") -> None:
+        trailers = [(b"grpc-status", str(status).encode())]
+        if message:
+            trailers.append((b"grpc-message", _grpc_message(message)))
+        async with self.lock:
+            if not st.headers_sent:  # Trailers-Only
+                trailers = [
+                    (b":status", b"200"),
+                    (b"content-type", b"application/grpc"),
+                    *trailers,
+                ]
+                st.headers_sent = True
+            self.h2.send_headers(st.stream_id, trailers, end_stream=True)
+            await self._flush_locked()
+
+    # -- reading ----------------------------------------------------------------
+
+    async def run(self) -> None:
+        limits = self.server.limits
+        self.h2.local_settings = h2.settings.Settings(
+            client=False,
+            initial_values={
+                h2.settings.SettingCodes.MAX_CONCURRENT_STREAMS: limits.max_streams_per_connection,
+                h2.settings.SettingCodes.MAX_HEADER_LIST_SIZE: limits.max_header_list_bytes,
+            },
+        )
+        self.h2.initiate_connection()
+        try:
+            with self.scope:
+                await self.flush()
+                await self._serve()
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            pass
+
+    async def _serve(self) -> None:
+        """The read loop and the call tasks; the first to see the caller gone ends them all."""
+        async with trio.open_nursery() as nursery:
+            try:
+                await self._guarded(self._read_loop, nursery)
+            finally:
+                self.closed = True
+                nursery.cancel_scope.cancel()
+
+    async def _guarded(self, fn: Callable[..., Awaitable[None]], *args: object) -> None:
+        try:
+            await fn(*args)
+        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+            self.scope.cancel()
+
+    def _deadline(self, opened: float, spoke: bool) -> float:
+        """When to stop waiting: for the first bytes, or for the oldest unfinished request.
+
+        No task per connection watches the clock: an idle connection with all
+        its calls running costs no wakeups at all.
+        """
+        timeout = self.server.limits.request_timeout
+        if not spoke:
+            return opened + timeout
+        waiting = [st.started for st in self.streams.values() if st.scope is None]
+        return min(waiting) + timeout if waiting else math.inf
+
+    async def _read_loop(self, nursery: trio.Nursery) -> None:
+        opened, spoke = trio.current_time(), False
+        while True:
+            data = None
+            with trio.move_on_at(self._deadline(opened, spoke)):
+                data = await self.stream.receive_some(65536)
+            if data is None:
+                if not spoke:
+                    return  # a caller that connects and never speaks is dropped
+                self._expire_requests()
+                await self.flush()
+                continue
+            spoke = True
+            if not data:
+                return
+            try:
+                events = self.h2.receive_data(data)
+            except h2.exceptions.ProtocolError as exc:
+                code = getattr(exc, "error_code", h2.errors.ErrorCodes.PROTOCOL_ERROR)
+                self.server.events.emit(
+                    "workload_api_drop",
+                    uid=self.peer.uid,
+                    reason=Reason.WORKLOAD_API_PROTOCOL_ERROR,
+                )
+                with contextlib.suppress(h2.exceptions.ProtocolError):
+                    self.h2.close_connection(error_code=code)
+                await self.flush()
+                return
+            for event in events:
+                if not self._on_event(event, nursery):
+                    await self.flush()
+                    return
+            await self.flush()
+
+    def _on_event(self, event: h2.events.Event, nursery: trio.Nursery) -> bool:
+        if isinstance(event, h2.events.RequestReceived):
+            assert event.stream_id is not None
+            headers = {
+                bytes(k).decode("latin-1"): bytes(v).decode("latin-1")
+                for k, v in event.headers or ()
+            }
+            self.streams[event.stream_id] = _Stream(
+                event.stream_id, headers, started=trio.current_time()
+            )
+            if event.stream_ended is not None:
+                self._dispatch(event.stream_id, nursery)
+        elif isinstance(event, h2.events.DataReceived):
+            assert event.stream_id is not None
+            if event.flow_controlled_length:
+                with contextlib.suppress(h2.exceptions.ProtocolError):
+                    self.h2.acknowledge_received_data(event.flow_controlled_length, event.stream_id)
+            st = self.streams.get(event.stream_id)
+            if st is not None and st.scope is None:
+                st.body += event.data or b""
+                if len(st.body) > self.server.limits.max_request_bytes + _PREFIX.size:
+                    st.body.clear()
+                    self._refuse(
+                        st,
+                        nursery,
+                        GrpcError(
+                            RESOURCE_EXHAUSTED,
+                            "request too large",
+                            reason=Reason.WORKLOAD_API_REQUEST_TOO_LARGE,
+                        ),
+                    )
+            if event.stream_ended is not None:
+                self._dispatch(event.stream_id, nursery)
+        elif isinstance(event, h2.events.StreamEnded):
+            assert event.stream_id is not None
+            self._dispatch(event.stream_id, nursery)
+        elif isinstance(event, h2.events.StreamReset):
+            assert event.stream_id is not None
+            gone = self.streams.pop(event.stream_id, None)
+            if gone is not None and gone.scope is not None:
+                gone.scope.cancel()
+        elif isinstance(event, h2.events.WindowUpdated | h2.events.RemoteSettingsChanged):
+            self._window_moved()
+        elif isinstance(event, h2.events.ConnectionTerminated):
+            return False
+        return True
+
+    def _dispatch(self, stream_id: int, nursery: trio.Nursery) -> None:
+        st = self.streams.get(stream_id)
+        if st is None or st.scope is not None:
+            return
+        st.scope = trio.CancelScope()
+        nursery.start_soon(self._run_call, st)
+
+    def _refuse(self, st: _Stream, nursery: trio.Nursery, error: GrpcError) -> None:
+        if st.scope is not None:
+            return
+        st.scope = trio.CancelScope()
+        nursery.start_soon(self._end_with, st, error)
+
+    async def _end_with(self, st: _Stream, error: GrpcError) -> None:
+        try:
+            self.server.count(st.headers.get(":path", ""), error.reason)
+            await self.finish(st, error.status, error.message)
+        except (h2.exceptions.ProtocolError, trio.BrokenResourceError, trio.ClosedResourceError):
+            pass
+        finally:
+            self.streams.pop(st.stream_id, None)
+
+    def _expire_requests(self) -> None:
+        """A stream whose request never completes is reset, so it holds nothing for long."""
+        limit = trio.current_time() - self.server.limits.request_timeout
+        for st in list(self.streams.values()):
+            if st.scope is None and st.started <= limit:
+                self.streams.pop(st.stream_id, None)
+                with contextlib.suppress(h2.exceptions.ProtocolError):
+                    self.h2.reset_stream(st.stream_id, h2.errors.ErrorCodes.CANCEL)
+
+    def _call_of(self, st: _Stream) -> Call:
+        """The request, checked in the order a client can act on; GrpcError if refused."""
+        h = st.headers
+        path = h.get(":path", "")
+        if h.get(":method") != "POST" or not h.get("content-type", "").startswith(
+            "application/grpc"
+        ):
+            raise GrpcError(
+                UNIMPLEMENTED, "not a gRPC request", reason=Reason.WORKLOAD_API_BAD_REQUEST
+            )
+        if not self.admitted:
+            raise GrpcError(
+                PERMISSION_DENIED,
+                f"uid {self.peer.uid} gid {self.peer.gid} is not admitted to this socket",
+                reason=Reason.WORKLOAD_API_CALLER_NOT_ADMITTED,
+            )
+        if path not in self.server.handlers:
+            raise GrpcError(
+                UNIMPLEMENTED, f"unknown method {path}", reason=Reason.WORKLOAD_API_BAD_REQUEST
+            )
+        body = bytes(st.body)
+        if len(body) < _PREFIX.size:
+            raise GrpcError(
+                INVALID_ARGUMENT, "request holds no message", reason=Reason.WORKLOAD_API_BAD_REQUEST
+            )
+        compressed, size = _PREFIX.unpack_from(body)
+        if compressed:
+            raise GrpcError(
+                UNIMPLEMENTED,
+                "compressed requests are not supported",
+                reason=Reason.WORKLOAD_API_BAD_REQUEST,
+            )
+        if size != len(body) - _PREFIX.size:
+            raise GrpcError(
+                INVALID_ARGUMENT,
+                "request must hold exactly one message",
+                reason=Reason.WORKLOAD_API_BAD_REQUEST,
+            )
+        call = Call(path, h, body[_PREFIX.size :], self.peer)
+        self.server.check(call)
+        return call
+
+    async def _run_call(self, st: _Stream) -> None:
+        assert st.scope is not None
+        path = st.headers.get(":path", "")
+        status, message, reason = OK, "", "ok"
+        try:
+            with st.scope:
+                deadline = _timeout(st.headers.get("grpc-timeout", ""))
+                if deadline is not None:
+                    st.scope.deadline = trio.current_time() + deadline
+                try:
+                    call = self._call_of(st)
+                    handler = self.server.handlers[path]
+                    await handler(call, _Reply(self, st))
+                except GrpcError as exc:
+                    status, message, reason = exc.status, exc.message, exc.reason
+                except (
+                    h2.exceptions.ProtocolError,
+                    trio.BrokenResourceError,
+                    trio.ClosedResourceError,
+                ):
+                    return  # the caller went away mid-call
+                except Exception as exc:  # one call fails, not the connection
+                    status, message, reason = INTERNAL, "internal error", Reason.INTERNAL_ERROR
+                    self.server.events.emit(
+                        "workload_api_error", method=path, reason=reason, error=type(exc).__name__
+                    )
+            if st.scope.cancelled_caught:
+                if st.stream_id not in self.streams:
+                    return  # reset by the caller
+                status, message, reason = (
+                    DEADLINE_EXCEEDED,
+                    "deadline exceeded",
+                    Reason.WORKLOAD_API_DEADLINE,
+                )
+            self.server.count(path, reason)
+            with contextlib.suppress(
+                h2.exceptions.ProtocolError, trio.BrokenResourceError, trio.ClosedResourceError
+            ):
+                await self.finish(st, status, message)
+        finally:
+            self.streams.pop(st.stream_id, None)
+
+
+@dataclass(eq=False, slots=True)
+class _Reply:
+    conn: _Connection
+    st: _Stream
+
+    async def send(self, message: bytes) -> None:
+        await self.conn.send_message(self.st, message)
+
+
+class GrpcServer:
+    """Serves `handlers` (by `/Service/Method` path) on one Unix socket."""
+
+    def __init__(
+        self,
+        handlers: Mapping[str, Handler],
+        *,
+        admit: Admit,
+        check: Check = lambda call: None,
+        limits: Limits | None = None,
+        events: EventLog | None = None,
+        count: Callable[[str, str], None] = lambda method, reason: None,
+    ) -> None:
+        self.handlers = dict(handlers)
+        self.admit = admit
+        self.check = check
+        self.limits = limits or Limits()
+        self.events = events if events is not None else EventLog()
+        self.count = count
+        self.connections = 0
+
+    async def serve(
+        self, path: Path, *, task_status: trio.TaskStatus[Path] = trio.TASK_STATUS_IGNORED
+    ) -> None:
+        """Bind `path` (0660, replacing a stale socket), serve until cancelled, then remove it."""
+        sock, inode = bind_unix(path)
+        await self.serve_bound(sock, path, inode, task_status=task_status)
+
+    async def serve_bound(
+        self,
+        sock: trio.socket.SocketType,
+        path: Path,
+        inode: int,
+        *,
+        task_status: trio.TaskStatus[Path] = trio.TASK_STATUS_IGNORED,
+    ) -> None:
+        """Serve a socket `bind_unix` made; close it and remove its file when cancelled."""
+        try:
+            listener = trio.SocketListener(sock)
+            task_status.started(path)
+            async with trio.open_nursery() as nursery:
+                while True:
+                    conn = await listener.accept()
+                    if self.connections >= self.limits.max_connections:
+                        self.events.emit(
+                            "workload_api_drop", reason=Reason.WORKLOAD_API_TOO_MANY_CONNECTIONS
+                        )
+                        await conn.aclose()
+                        continue
+                    nursery.start_soon(self._handle, conn)
+        finally:
+            sock.close()
+            remove_if_ours(path, inode)
+
+    async def _handle(self, stream: trio.SocketStream) -> None:
+        self.connections += 1
+        try:
+            peer = peer_credentials(stream.socket)
+            await _Connection(self, stream, peer).run()
+        except OSError:
+            pass
+        finally:
+            self.connections -= 1
+            with contextlib.suppress(Exception):
+                await stream.aclose()
+
+
+def remove_if_ours(path: Path, inode: int) -> None:
+    """Remove the socket file on exit, unless another process has replaced it since."""
+    with contextlib.suppress(OSError):
+        if os.lstat(path).st_ino == inode:
+            path.unlink()
+
+
+def bind_unix(path: Path) -> tuple[trio.socket.SocketType, int]:
+    """A listening Unix socket at `path`, 0660, placed by rename so it is never wider.
+
+    The directory is created (0750) if its parent exists; it must be ours and
+    not writable by others (or they could swap the socket). A socket file
+    nobody answers on is stale and replaced; a live one, or any other kind of
+    file, is an error naming the key.
+    """
+    key = "workload_api.socket"
+    directory = path.parent
+    try:
+        directory.mkdir(mode=0o750, exist_ok=True)  # its parent must exist; only this level
+        info = os.stat(directory)
+    except OSError as exc:
+        raise ConfigError(f"{key}: directory {directory}: {exc.strerror}") from None
+    if info.st_mode & (stat.S_IWOTH | stat.S_IWGRP) and not info.st_mode & stat.S_ISVTX:
+        raise ConfigError(f"{key}: directory {directory} is writable by others")
+    if info.st_uid != os.geteuid():
+        raise ConfigError(f"{key}: directory {directory} is not owned by this sidecar's user")
+    try:
+        existing = os.lstat(path)
+    except FileNotFoundError:
+        existing = None
+    if existing is not None:
+        if not stat.S_ISSOCK(existing.st_mode):
+            raise ConfigError(f"{key}: {path} exists and is not a socket")
+        probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            probe.connect(str(path))
+        except OSError:
+            pass  # nobody answers: stale, replaced below
+        else:
+            raise ConfigError(f"{key}: {path} is served by another process")
+        finally:
+            probe.close()
+    tmp = directory / f".{path.name}.{os.getpid()}.tmp"
+    with contextlib.suppress(FileNotFoundError):
+        tmp.unlink()
+    raw = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        raw.bind(str(tmp))
+        os.chmod(tmp, 0o660)
+        os.replace(tmp, path)
+        raw.listen(4096)
+    except OSError as exc:
+        raw.close()
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise ConfigError(f"{key}: cannot listen on {path}: {exc.strerror}") from None
+    return trio.socket.from_stdlib_socket(raw), os.lstat(path).st_ino
