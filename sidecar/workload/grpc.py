@@ -29,12 +29,9 @@ from __future__ import annotations
 
 import contextlib
 import math
-import struct
-import urllib.parse
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol
 
 import h2.config
 import h2.connection
@@ -46,22 +43,24 @@ import trio
 
 from meshid.events import EventLog
 from meshid.reasons import Reason
+from sidecar.workload.grpcwire import (
+    DEADLINE_EXCEEDED,
+    INTERNAL,
+    INVALID_ARGUMENT,
+    OK,
+    PERMISSION_DENIED,
+    PREFIX,
+    RESOURCE_EXHAUSTED,
+    UNIMPLEMENTED,
+    Admit,
+    Call,
+    Check,
+    GrpcError,
+    Handler,
+    grpc_message,
+    grpc_timeout,
+)
 from sidecar.workload.unixsocket import PeerCred, bind_unix, peer_credentials, remove_if_ours
-
-# gRPC status codes (grpc/doc/statuscodes.md).
-OK = 0
-CANCELLED = 1
-UNKNOWN = 2
-INVALID_ARGUMENT = 3
-DEADLINE_EXCEEDED = 4
-NOT_FOUND = 5
-PERMISSION_DENIED = 7
-RESOURCE_EXHAUSTED = 8
-UNIMPLEMENTED = 12
-INTERNAL = 13
-UNAVAILABLE = 14
-
-_PREFIX = struct.Struct(">BI")  # compressed flag, message length
 
 
 @dataclass(frozen=True, slots=True)
@@ -74,46 +73,6 @@ class Limits:
     max_header_list_bytes: int = 16 * 1024
     request_timeout: float = 10.0  # HEADERS to END_STREAM, and the HTTP/2 preface
     write_timeout: float = 30.0  # one blocked write to a caller that does not read
-
-
-class GrpcError(Exception):
-    """End the call with this gRPC status; `reason` is for our log and metrics."""
-
-    def __init__(self, status: int, message: str, *, reason: str) -> None:
-        super().__init__(message)
-        self.status = status
-        self.message = message
-        self.reason = reason
-
-
-@dataclass(frozen=True, slots=True)
-class Call:
-    method: str
-    metadata: Mapping[str, str]
-    message: bytes
-    peer: PeerCred
-
-
-class Reply(Protocol):
-    async def send(self, message: bytes) -> None: ...
-
-
-Handler = Callable[[Call, Reply], Awaitable[None]]
-Admit = Callable[[PeerCred], bool]
-Check = Callable[[Call], None]  # raises GrpcError to refuse a call before its handler
-
-
-def _grpc_message(text: str) -> bytes:
-    """grpc-message is percent-encoded UTF-8 (the gRPC HTTP/2 protocol document)."""
-    return urllib.parse.quote(text, safe=" !\"#$&'()*+,-./:;<=>?@[\\]^_`{|}~").encode()
-
-
-def _timeout(value: str) -> float | None:
-    """grpc-timeout: up to 8 digits and a unit; None if absent or malformed."""
-    units = {"H": 3600.0, "M": 60.0, "S": 1.0, "m": 1e-3, "u": 1e-6, "n": 1e-9}
-    if 2 <= len(value) <= 9 and value[:-1].isdigit() and value[-1] in units:
-        return int(value[:-1]) * units[value[-1]]
-    return None
 
 
 @dataclass(eq=False, slots=True)
@@ -165,7 +124,7 @@ class _Connection:
         self.window = trio.Event()
 
     async def send_message(self, st: _Stream, message: bytes) -> None:
-        data = _PREFIX.pack(0, len(message)) + message
+        data = PREFIX.pack(0, len(message)) + message
         async with self.lock:
             if not st.headers_sent:
                 self.h2.send_headers(
@@ -190,7 +149,7 @@ class _Connection:
     async def finish(self, st: _Stream, status: int, message: str = "") -> None:
         trailers = [(b"grpc-status", str(status).encode())]
         if message:
-            trailers.append((b"grpc-message", _grpc_message(message)))
+            trailers.append((b"grpc-message", grpc_message(message)))
         async with self.lock:
             if not st.headers_sent:  # Trailers-Only
                 trailers = [
@@ -302,7 +261,7 @@ class _Connection:
             st = self.streams.get(event.stream_id)
             if st is not None and st.scope is None:
                 st.body += event.data or b""
-                if len(st.body) > self.server.limits.max_request_bytes + _PREFIX.size:
+                if len(st.body) > self.server.limits.max_request_bytes + PREFIX.size:
                     st.body.clear()
                     self._refuse(
                         st,
@@ -381,24 +340,24 @@ class _Connection:
                 UNIMPLEMENTED, f"unknown method {path}", reason=Reason.WORKLOAD_API_BAD_REQUEST
             )
         body = bytes(st.body)
-        if len(body) < _PREFIX.size:
+        if len(body) < PREFIX.size:
             raise GrpcError(
                 INVALID_ARGUMENT, "request holds no message", reason=Reason.WORKLOAD_API_BAD_REQUEST
             )
-        compressed, size = _PREFIX.unpack_from(body)
+        compressed, size = PREFIX.unpack_from(body)
         if compressed:
             raise GrpcError(
                 UNIMPLEMENTED,
                 "compressed requests are not supported",
                 reason=Reason.WORKLOAD_API_BAD_REQUEST,
             )
-        if size != len(body) - _PREFIX.size:
+        if size != len(body) - PREFIX.size:
             raise GrpcError(
                 INVALID_ARGUMENT,
                 "request must hold exactly one message",
                 reason=Reason.WORKLOAD_API_BAD_REQUEST,
             )
-        call = Call(path, h, body[_PREFIX.size :], self.peer)
+        call = Call(path, h, body[PREFIX.size :], self.peer)
         self.server.check(call)
         return call
 
@@ -408,7 +367,7 @@ class _Connection:
         status, message, reason = OK, "", "ok"
         try:
             with st.scope:
-                deadline = _timeout(st.headers.get("grpc-timeout", ""))
+                deadline = grpc_timeout(st.headers.get("grpc-timeout", ""))
                 if deadline is not None:
                     st.scope.deadline = trio.current_time() + deadline
                 try:
