@@ -11,20 +11,17 @@ touches a socket or reads a certificate.
 
 from __future__ import annotations
 
-import difflib
 import ipaddress
-import json
-import math
 import re
 import tomllib
-from collections.abc import Collection, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
-from meshid.duration import parse_duration
 from meshid.errors import ConfigError, MeshIdError
 from meshid.spiffeid import SpiffeId, TrustDomain
+from sidecar.configtable import Table, tables
 from sidecar.workload.settings import KEYS as WORKLOAD_API_KEYS
 from sidecar.workload.settings import WorkloadApiConfig, parse_workload_api
 
@@ -92,12 +89,6 @@ class Limits:
     quarantine_period: float = 300.0
 
 
-# Upper bounds, so that a typo (an extra three zeros) is an error, not a
-# sidecar that waits a lifetime or allocates for a billion peers.
-MAX_SECONDS = 30 * 86400.0
-MAX_COUNT = 1_000_000
-
-
 @dataclass(frozen=True, slots=True)
 class SidecarConfig:
     identity: SpiffeId
@@ -153,8 +144,6 @@ def parse_address(text: Any, key: str, *, dial: bool = False) -> Address:
     return Address(host, int(port_text))
 
 
-_BARE_KEY = re.compile(r"[A-Za-z0-9_-]+")
-
 # The keys each table knows; anything else is a typo, reported before any value is read.
 TOP_KEYS = (
     "trust_domain",
@@ -179,107 +168,7 @@ POLICY_FILE_KEYS = ("allow",)
 ALLOW_KEYS = ("from", "to")
 
 
-def unknown_key_message(path: str, name: str, known: Collection[str]) -> str:
-    """`path: unknown key (did you mean 'x'?)`, or the keys the table knows if none is close."""
-    close = difflib.get_close_matches(name, list(known), n=1)
-    if close:
-        return f"{path}: unknown key (did you mean {close[0]!r}?)"
-    return f"{path}: unknown key (known keys: {', '.join(sorted(known))})"
-
-
-class _Table:
-    """A TOML table that remembers its own key path and which keys were read.
-
-    With `known`, a key outside it is an error at once, before any value is
-    read: a misspelt key must not first surface as the right one missing.
-    """
-
-    def __init__(self, data: Any, key: str, known: Collection[str] = ()) -> None:
-        if not isinstance(data, Mapping):
-            raise ConfigError(f"{key or 'config'}: expected a table")
-        self.data = data
-        self.key = key
-        self.known = known
-        self.seen: set[str] = set()
-        if known:
-            for name in data:
-                if name not in known:
-                    raise ConfigError(unknown_key_message(self.path(name), name, known))
-
-    def path(self, name: str) -> str:
-        shown = name if _BARE_KEY.fullmatch(name) else json.dumps(name)[:64]  # as TOML quotes it
-        return f"{self.key}.{shown}" if self.key else shown
-
-    def get(self, name: str, default: Any = None) -> Any:
-        self.seen.add(name)
-        return self.data.get(name, default)
-
-    def required(self, name: str) -> Any:
-        self.seen.add(name)
-        if name not in self.data:
-            raise ConfigError(f"{self.path(name)}: missing")
-        return self.data[name]
-
-    def string(self, name: str, default: str | None = None) -> str:
-        value = self.get(name, default) if default is not None else self.required(name)
-        if not isinstance(value, str) or not value:
-            raise ConfigError(f"{self.path(name)}: expected a non-empty string")
-        return value
-
-    def path_value(self, name: str, base: Path, *, optional: bool = False) -> Path | None:
-        if optional and name not in self.data:
-            self.seen.add(name)
-            return None
-        return base / self.string(name)
-
-    def seconds(self, name: str, default: float, maximum: float = MAX_SECONDS) -> float:
-        """A positive, finite duration: seconds as a number, or a string such as "30s"."""
-        value = self.get(name)
-        if value is None:
-            return default
-        if isinstance(value, bool):
-            raise ConfigError(f'{self.path(name)}: expected a duration such as "30s"')
-        if isinstance(value, int | float):
-            seconds = float(value)
-            if not math.isfinite(seconds) or seconds <= 0:  # NaN fails every comparison
-                raise ConfigError(f"{self.path(name)}: must be a positive, finite number")
-        elif isinstance(value, str):
-            try:
-                seconds = parse_duration(value).total_seconds()
-            except MeshIdError as exc:
-                raise ConfigError(f"{self.path(name)}: {exc.message}") from None
-        else:
-            raise ConfigError(f'{self.path(name)}: expected a duration such as "30s"')
-        if seconds > maximum:
-            raise ConfigError(f"{self.path(name)}: longer than the limit of {maximum:g}s")
-        return seconds
-
-    def integer(self, name: str, default: int, minimum: int = 1, maximum: int = MAX_COUNT) -> int:
-        value = self.get(name, default)
-        if not isinstance(value, int) or isinstance(value, bool) or not minimum <= value <= maximum:
-            raise ConfigError(
-                f"{self.path(name)}: expected a whole number from {minimum} to {maximum}"
-            )
-        return value
-
-    def boolean(self, name: str, default: bool) -> bool:
-        value = self.get(name, default)
-        if not isinstance(value, bool):
-            raise ConfigError(f"{self.path(name)}: expected true or false")
-        return value
-
-    def table(self, name: str, known: Collection[str]) -> _Table | None:
-        value = self.get(name)
-        return None if value is None else _Table(value, self.path(name), known)
-
-    def done(self) -> None:
-        unknown = sorted(set(self.data) - self.seen)
-        if unknown:
-            known = self.known or sorted(self.seen)
-            raise ConfigError(unknown_key_message(self.path(unknown[0]), unknown[0], known))
-
-
-def _id(table: _Table, name: str, td: TrustDomain) -> SpiffeId:
+def _id(table: Table, name: str, td: TrustDomain) -> SpiffeId:
     text = table.string(name)
     try:
         return SpiffeId.resolve(text, td).require_workload()
@@ -287,7 +176,7 @@ def _id(table: _Table, name: str, td: TrustDomain) -> SpiffeId:
         raise ConfigError(f"{table.path(name)}: {exc.message}") from None
 
 
-def _server_name(table: _Table) -> str | None:
+def _server_name(table: Table) -> str | None:
     if "server_name" not in table.data:
         table.seen.add("server_name")
         return None
@@ -310,19 +199,9 @@ def _sni(server_name: str | None, upstream: Address) -> bytes | None:
         return name.encode("idna")  # valid_hostname has checked that this encodes
 
 
-def _tables(value: Any, key: str, known: Collection[str]) -> list[_Table]:
-    if value is None:
-        return []
-    if isinstance(value, Mapping):
-        return [_Table(value, key, known)]
-    if isinstance(value, list):
-        return [_Table(item, f"{key}[{i}]", known) for i, item in enumerate(value)]
-    raise ConfigError(f"{key}: expected a table or an array of tables")
-
-
 def parse_config(doc: Mapping[str, Any], base: Path = Path()) -> SidecarConfig:
     """Build the config from a parsed TOML document; relative paths are taken from `base`."""
-    top = _Table(doc, "", TOP_KEYS)
+    top = Table(doc, "", TOP_KEYS)
     try:
         td = TrustDomain.parse(top.string("trust_domain"))
     except MeshIdError as exc:
@@ -355,7 +234,7 @@ def parse_config(doc: Mapping[str, Any], base: Path = Path()) -> SidecarConfig:
         authority.done()
 
     inbound = []
-    for table in _tables(top.get("inbound"), "inbound", INBOUND_KEYS):
+    for table in tables(top.get("inbound"), "inbound", INBOUND_KEYS):
         inbound.append(
             Inbound(
                 listen=parse_address(table.required("listen"), table.path("listen")),
@@ -365,7 +244,7 @@ def parse_config(doc: Mapping[str, Any], base: Path = Path()) -> SidecarConfig:
         )
         table.done()
     outbound = []
-    for table in _tables(top.get("outbound"), "outbound", OUTBOUND_KEYS):
+    for table in tables(top.get("outbound"), "outbound", OUTBOUND_KEYS):
         upstream = parse_address(table.required("upstream"), table.path("upstream"), dial=True)
         server_name = _server_name(table)
         outbound.append(
@@ -447,9 +326,9 @@ def load_config(path: Path) -> SidecarConfig:
 
 def parse_policy_file(doc: Mapping[str, Any], td: TrustDomain) -> list[tuple[SpiffeId, SpiffeId]]:
     """The static allow-list: ``[[allow]] from = "web" to = "api"``."""
-    top = _Table(doc, "", POLICY_FILE_KEYS)
+    top = Table(doc, "", POLICY_FILE_KEYS)
     pairs = []
-    for table in _tables(top.get("allow"), "allow", ALLOW_KEYS):
+    for table in tables(top.get("allow"), "allow", ALLOW_KEYS):
         pairs.append((_id(table, "from", td), _id(table, "to", td)))
         table.done()
     top.done()

@@ -25,11 +25,12 @@ from adminhttp import Throttle
 from meshid.reasons import Reason
 from sidecar.config import Address, Inbound, Limits, Outbound
 from sidecar.events import EventLog
+from sidecar.flow import StreamAborted, reset
 from sidecar.gate import Gate, Handshake
 from sidecar.metrics import Metrics
 from sidecar.peer import INBOUND, OUTBOUND, Verdict, decide_pair
 from sidecar.proxyproto import encode_v2
-from sidecar.pump import Pump, StreamAborted, reset
+from sidecar.pump import Pump
 from sidecar.registry import LiveConnection, Registry
 from sidecar.sockets import (
     ACCEPT_BACKOFF,

@@ -5,8 +5,8 @@ connection, both non-blocking. The handshake runs in the connection's task,
 driven by `trio.lowlevel.wait_readable` / `wait_writable` on the file
 descriptor; OpenSSL may hold bytes epoll cannot see, so every operation is
 tried first and waited on only when OpenSSL says it would block. After the
-handshake the bytes are moved by `sidecar.pump`, which uses the non-blocking
-calls here.
+handshake the bytes are moved by `sidecar.pump` and `sidecar.flow`, which use the
+non-blocking calls here.
 
 A TCP FIN without close_notify is a truncation, reported as `TruncatedError`.
 """

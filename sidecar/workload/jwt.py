@@ -40,7 +40,7 @@ from meshid.jwtsvid import (
 from meshid.reasons import Reason
 from meshid.spiffeid import SpiffeId, TrustDomain
 from meshid.wire import BUNDLE, JWT_SVID, JwtSvidReply, JwtSvidRequest
-from sidecar.workload.grpc import INVALID_ARGUMENT, UNAVAILABLE, GrpcError
+from sidecar.workload.grpcwire import INVALID_ARGUMENT, UNAVAILABLE, GrpcError
 from sidecar.workload.service import WorkloadFeed
 
 Call = Callable[[str, str, dict[str, Any] | None], Awaitable[dict[str, Any]]]

@@ -14,10 +14,11 @@ from meshid.events import EventLog
 from meshid.jwtsvid import SigningKey
 from meshid.spiffeid import SpiffeId
 from sidecar.credentials import Svid
-from sidecar.workload.grpc import GrpcServer, Limits, bind_unix, remove_if_ours
+from sidecar.workload.grpc import GrpcServer, Limits
 from sidecar.workload.jwt import Call, ControlPlaneJwt, LocalJwt, load_signing_key
 from sidecar.workload.service import WorkloadFeed, WorkloadService, check_metadata
 from sidecar.workload.settings import WorkloadApiConfig
+from sidecar.workload.unixsocket import bind_unix, remove_if_ours
 
 
 class Host(Protocol):

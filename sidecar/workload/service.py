@@ -20,7 +20,7 @@ from cryptography.hazmat.primitives import serialization
 from meshid.reasons import Reason
 from sidecar.credentials import Svid
 from sidecar.workload import proto
-from sidecar.workload.grpc import (
+from sidecar.workload.grpcwire import (
     INVALID_ARGUMENT,
     PERMISSION_DENIED,
     UNAVAILABLE,

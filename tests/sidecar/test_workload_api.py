@@ -24,7 +24,7 @@ from spiffe import WorkloadApiClient, X509Source
 from workload_helpers import raw_call, short_dir
 
 from meshid.errors import ConfigError
-from sidecar.workload.grpc import bind_unix, remove_if_ours
+from sidecar.workload.unixsocket import bind_unix, remove_if_ours
 
 
 @pytest.fixture
