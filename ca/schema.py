@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-SCHEMA_VERSION = 3  # kept in PRAGMA user_version; 0 there is a version-1 database
+SCHEMA_VERSION = 4  # kept in PRAGMA user_version; 0 there is a version-1 database
 
 _SCHEMA = """
 CREATE TABLE settings (name TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -51,6 +51,17 @@ CREATE TABLE reports (
     PRIMARY KEY (spiffe_id, instance)
 );
 CREATE INDEX reports_by_seen ON reports (seen_at);
+CREATE TABLE attestors (name TEXT PRIMARY KEY, spec TEXT NOT NULL, created_at REAL NOT NULL);
+CREATE TABLE used_jwts (
+    hash TEXT PRIMARY KEY,                     -- sha256 of an enrollment JWT: each is used once
+    attestor TEXT NOT NULL,
+    spiffe_id TEXT NOT NULL,
+    serial TEXT NOT NULL,                      -- the SVID it was traded for
+    pod_uid TEXT,
+    subject TEXT NOT NULL,
+    used_at REAL NOT NULL,
+    expires_at REAL NOT NULL
+);
 CREATE TABLE audit (
     seq INTEGER PRIMARY KEY,
     at REAL NOT NULL,
@@ -81,6 +92,22 @@ _MIGRATIONS: dict[int, tuple[str, ...]] = {
     ),
     3: (  # the audit chain under a key kept outside the database (see _key_audit_chain)
         "UPDATE settings SET value = '3' WHERE name = 'schema_version'",
+    ),
+    4: (  # enrollment by platform identity: JWT attestors, and the JWTs used so far
+        """CREATE TABLE attestors (
+    name TEXT PRIMARY KEY, spec TEXT NOT NULL, created_at REAL NOT NULL
+)""",
+        """CREATE TABLE used_jwts (
+    hash TEXT PRIMARY KEY,                     -- sha256 of an enrollment JWT: each is used once
+    attestor TEXT NOT NULL,
+    spiffe_id TEXT NOT NULL,
+    serial TEXT NOT NULL,                      -- the SVID it was traded for
+    pod_uid TEXT,
+    subject TEXT NOT NULL,
+    used_at REAL NOT NULL,
+    expires_at REAL NOT NULL
+)""",
+        "UPDATE settings SET value = '4' WHERE name = 'schema_version'",
     ),
 }
 

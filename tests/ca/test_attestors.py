@@ -1,0 +1,266 @@
+"""Enrollment by platform identity: JWT attestors on the authority.
+
+Tokens are shaped like a cluster's projected ServiceAccount tokens and signed
+by an issuer key the test makes; every refusal has its reason, and the
+positive twin (the same token, unaltered) enrolls.
+"""
+
+from __future__ import annotations
+
+import json
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+from attest_helpers import (
+    AUDIENCE,
+    ISSUER,
+    K8S_TEMPLATE,
+    POD_UID,
+    Issuer,
+    hs256_with_public_key,
+    https_jwks,
+    sa_claims,
+    unsigned,
+)
+from ca_helpers import Clock, make_csr
+
+from ca.authority import Authority
+from meshid.errors import InvalidInput, MeshIdError, StateError, TokenRejected
+from meshid.jwtattest import Attestor
+from meshid.svid import leaf_spiffe_id
+
+
+@pytest.fixture
+def issuer() -> Issuer:
+    found = Issuer()
+    found.new_key("k1")
+    found.new_key("e1", ec_key=True)
+    return found
+
+
+@pytest.fixture
+def jwks(issuer: Issuer, tmp_path: Path) -> Path:
+    return issuer.write_jwks(tmp_path / "jwks.json")
+
+
+@pytest.fixture
+def k8s(authority: Authority, jwks: Path) -> Attestor:
+    return authority.add_attestor(
+        Attestor(
+            name="cluster",
+            issuer=ISSUER,
+            audience=AUDIENCE,
+            template=K8S_TEMPLATE,
+            jwks_file=str(jwks),
+        )
+    )
+
+
+def enroll(authority: Authority, token: str) -> str:
+    _, csr = make_csr()
+    issued = authority.commit(authority.prepare_enroll_jwt(token, csr))
+    return str(leaf_spiffe_id(issued.leaf))
+
+
+def refusal(authority: Authority, token: str) -> str:
+    with pytest.raises(TokenRejected) as caught:
+        enroll(authority, token)
+    assert "\n" not in caught.value.message
+    return caught.value.reason
+
+
+@pytest.mark.parametrize("kid", ["k1", "e1"])
+def test_a_service_account_token_enrolls_as_its_namespace_and_account(
+    authority: Authority, k8s: Attestor, issuer: Issuer, clock: Clock, kid: str
+) -> None:
+    token = issuer.token(sa_claims(clock.now), kid)
+    assert enroll(authority, token) == "spiffe://example.org/ns/shop/sa/api"
+    assert POD_UID in authority.pod_uids().values()
+    actions = [e.action for e in authority.store.audit_entries()]
+    assert "attestor_add" in actions and "attest" in actions and "enroll_jwt" in actions
+
+
+def _forged(issuer: Issuer, clock: Clock, case: str) -> str:
+    now = clock.now
+    claims: dict[str, Any] = sa_claims(now)
+    if case == "audience":
+        return issuer.token(sa_claims(now, audience="vault"), "k1")
+    if case == "issuer":
+        return issuer.token(sa_claims(now, issuer="https://elsewhere.example"), "k1")
+    if case == "expired":
+        return issuer.token(sa_claims(now - timedelta(hours=2)), "k1")
+    if case == "not_yet_valid":
+        return issuer.token(sa_claims(now + timedelta(minutes=10)), "k1")
+    if case == "unknown_kid":
+        stranger = Issuer()
+        stranger.new_key("k9")
+        return stranger.token(claims, "k9")
+    if case == "wrong_key_known_kid":
+        stranger = Issuer()
+        stranger.new_key("k1")
+        return stranger.token(claims, "k1")
+    if case == "alg_none":
+        return unsigned(claims, "k1")
+    if case == "hs256_public_key":
+        return hs256_with_public_key(claims, "k1", issuer.public_pem("k1"))
+    if case == "missing_claim":
+        del claims["kubernetes.io"]["serviceaccount"]
+        return issuer.token(claims, "k1")
+    if case == "no_exp":
+        del claims["exp"]
+        return issuer.token(claims, "k1")
+    if case == "not_a_jwt":
+        return "not-a-jwt"
+    raise AssertionError(case)
+
+
+@pytest.mark.parametrize(
+    ("case", "reason"),
+    [
+        ("audience", "jwt_audience"),
+        ("issuer", "jwt_issuer"),
+        ("expired", "jwt_expired"),
+        ("not_yet_valid", "jwt_expired"),
+        ("unknown_kid", "jwt_unknown_key"),
+        ("wrong_key_known_kid", "jwt_signature"),
+        ("alg_none", "jwt_algorithm"),
+        ("hs256_public_key", "jwt_algorithm"),
+        ("missing_claim", "jwt_claim"),
+        ("no_exp", "jwt_malformed"),
+        ("not_a_jwt", "jwt_malformed"),
+    ],
+)
+def test_a_forged_or_unfit_token_is_refused_with_its_reason(
+    authority: Authority, k8s: Attestor, issuer: Issuer, clock: Clock, case: str, reason: str
+) -> None:
+    assert refusal(authority, _forged(issuer, clock, case)) == reason
+    # the positive twin: the issuer's own, fitting token
+    assert enroll(authority, issuer.token(sa_claims(clock.now), "k1")).endswith("/sa/api")
+
+
+def test_a_token_is_accepted_once(
+    authority: Authority, k8s: Attestor, issuer: Issuer, clock: Clock
+) -> None:
+    token = issuer.token(sa_claims(clock.now), "k1")
+    prepared = authority.prepare_enroll_jwt(token, make_csr()[1])
+    again = authority.prepare_enroll_jwt(token, make_csr()[1])  # both before either commits
+    authority.commit(prepared)
+    with pytest.raises(TokenRejected) as caught:
+        authority.commit(again)
+    assert caught.value.reason == "jwt_replayed"
+    assert refusal(authority, token) == "jwt_replayed"
+
+
+def test_required_claims_must_match(
+    authority: Authority, jwks: Path, issuer: Issuer, clock: Clock
+) -> None:
+    authority.add_attestor(
+        Attestor(
+            name="prod-only",
+            issuer=ISSUER,
+            audience=AUDIENCE,
+            template=K8S_TEMPLATE,
+            claims=(("kubernetes.io.namespace", "prod"),),
+            jwks_file=str(jwks),
+        )
+    )
+    assert refusal(authority, issuer.token(sa_claims(clock.now), "k1")) == "jwt_claim"
+    token = issuer.token(sa_claims(clock.now, namespace="prod"), "k1")
+    assert enroll(authority, token) == "spiffe://example.org/ns/prod/sa/api"
+
+
+@pytest.mark.parametrize(
+    "template",
+    ["meshid/{sub}", "ns//{kubernetes.io.namespace}", "ns/{kubernetes.io.namespace", "fixed/path"],
+)
+def test_a_template_that_cannot_give_a_workload_id_is_refused(
+    authority: Authority, jwks: Path, template: str
+) -> None:
+    with pytest.raises(InvalidInput):
+        authority.add_attestor(
+            Attestor(
+                name="bad",
+                issuer=ISSUER,
+                audience=AUDIENCE,
+                template=template,
+                jwks_file=str(jwks),
+            )
+        )
+    assert authority.attestors() == []
+
+
+def test_claims_that_render_a_reserved_or_invalid_id_are_refused(
+    authority: Authority, jwks: Path, issuer: Issuer, clock: Clock
+) -> None:
+    authority.add_attestor(
+        Attestor(
+            name="by-ns",
+            issuer=ISSUER,
+            audience=AUDIENCE,
+            template="{kubernetes.io.namespace}/authority",
+            jwks_file=str(jwks),
+        )
+    )
+    with pytest.raises(MeshIdError) as caught:
+        enroll(authority, issuer.token(sa_claims(clock.now, namespace="meshid"), "k1"))
+    assert caught.value.reason == "reserved_id"
+    claims = sa_claims(clock.now)
+    claims["kubernetes.io"]["namespace"] = "../x"
+    assert refusal(authority, issuer.token(claims, "k1")) == "jwt_claim"
+    assert enroll(authority, issuer.token(sa_claims(clock.now), "k1")) == (
+        "spiffe://example.org/shop/authority"
+    )
+
+
+def test_a_rotated_key_in_the_jwks_file_is_picked_up_without_a_restart(
+    authority: Authority, k8s: Attestor, issuer: Issuer, jwks: Path, clock: Clock
+) -> None:
+    assert enroll(authority, issuer.token(sa_claims(clock.now), "k1"))
+    issuer.new_key("k2")
+    token = issuer.token(sa_claims(clock.now, sa="web"), "k2")
+    assert refusal(authority, token) == "jwt_unknown_key"
+    issuer.write_jwks(jwks)
+    assert enroll(authority, token) == "spiffe://example.org/ns/shop/sa/web"
+
+
+def test_the_jwks_url_over_https_with_a_rate_limited_refresh(
+    authority: Authority, issuer: Issuer, clock: Clock, tmp_path: Path
+) -> None:
+    with https_jwks(issuer, tmp_path, clock.now) as (url, tls):
+        authority.jwks_tls = tls
+        authority.add_attestor(
+            Attestor(
+                name="oidc", issuer=ISSUER, audience=AUDIENCE, template=K8S_TEMPLATE, jwks_url=url
+            )
+        )
+        assert enroll(authority, issuer.token(sa_claims(clock.now), "k1")).endswith("/sa/api")
+        issuer.new_key("k2")
+        token = issuer.token(sa_claims(clock.now, sa="web"), "k2")
+        assert refusal(authority, token) == "jwt_unknown_key"  # fetched at enrollment: too soon
+        clock.advance(timedelta(seconds=31))
+        assert enroll(authority, token) == "spiffe://example.org/ns/shop/sa/web"
+
+
+def test_a_jwks_url_with_an_untrusted_certificate_is_refused(
+    authority: Authority, issuer: Issuer, clock: Clock, tmp_path: Path
+) -> None:
+    with https_jwks(issuer, tmp_path, clock.now) as (url, _), pytest.raises(StateError) as caught:
+        authority.add_attestor(
+            Attestor(
+                name="oidc", issuer=ISSUER, audience=AUDIENCE, template=K8S_TEMPLATE, jwks_url=url
+            )
+        )
+    assert "cannot read the JWKS" in caught.value.message
+
+
+def test_attestors_are_listed_removed_and_audited(
+    authority: Authority, k8s: Attestor, issuer: Issuer, clock: Clock
+) -> None:
+    assert [a.name for a in authority.attestors()] == ["cluster"]
+    authority.remove_attestor("cluster")
+    assert authority.attestors() == []
+    assert refusal(authority, issuer.token(sa_claims(clock.now), "k1")) == "jwt_issuer"
+    removed = [e for e in authority.store.audit_entries() if e.action == "attestor_remove"]
+    assert json.loads(json.dumps(removed[0].details))["name"] == "cluster"
