@@ -24,7 +24,7 @@ from attest_helpers import (
     sa_claims,
     unsigned,
 )
-from ca_helpers import Clock, make_csr
+from ca_helpers import Clock, make_csr, run
 
 from ca.authority import Authority
 from meshid.errors import InvalidInput, MeshIdError, StateError, TokenRejected
@@ -264,3 +264,24 @@ def test_attestors_are_listed_removed_and_audited(
     assert refusal(authority, issuer.token(sa_claims(clock.now), "k1")) == "jwt_issuer"
     removed = [e for e in authority.store.audit_entries() if e.action == "attestor_remove"]
     assert json.loads(json.dumps(removed[0].details))["name"] == "cluster"
+
+
+def test_the_attestor_commands(state: Path, jwks: Path, issuer: Issuer) -> None:
+    added = run(
+        "ca", "attestor", "add", "cluster", "--state", str(state), "--issuer", ISSUER,
+        "--jwks", str(jwks), "--audience", AUDIENCE, "--template", K8S_TEMPLATE,
+        "--claim", "kubernetes.io.namespace=shop",
+    )  # fmt: skip
+    assert added.exit_code == 0, added.output
+    listed = run("ca", "attestor", "list", "--json", "--state", str(state))
+    assert json.loads(listed.output)[0]["claims"] == {"kubernetes.io.namespace": "shop"}
+    bad = run(
+        "ca", "attestor", "add", "evil", "--state", str(state), "--issuer", "https://x.example",
+        "--jwks", str(jwks), "--audience", AUDIENCE, "--template", "meshid/{sub}",
+    )  # fmt: skip
+    assert bad.exit_code == 1 and "reserved" in bad.output and "Traceback" not in bad.output
+    assert len(bad.output.strip().splitlines()) == 1
+    gone = run("ca", "attestor", "remove", "cluster", "--state", str(state))
+    assert gone.exit_code == 0
+    assert json.loads(run("ca", "attestor", "list", "--json", "--state", str(state)).output) == []
+    assert run("ca", "attestor", "remove", "cluster", "--state", str(state)).exit_code == 1
