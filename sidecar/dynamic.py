@@ -34,6 +34,7 @@ import random
 import secrets
 from collections.abc import Callable
 from datetime import datetime, timedelta
+from pathlib import Path
 from typing import Any, Protocol
 
 import trio
@@ -86,6 +87,8 @@ from sidecar.statedir import (
     IDENTITY,
     StateDir,
 )
+
+MAX_JWT_FILE = 16 * 1024  # a JWT larger than this is not one the authority would take
 
 
 class Host(Protocol):
@@ -211,6 +214,8 @@ class DynamicIdentity(FeedFollower):
         await self.state.flush()
 
     def _read_token(self) -> str:
+        if self.source.jwt_file is not None:
+            return self._read_jwt(self.source.jwt_file)
         sid = self.current.identity
         token_file = self.source.token_file
         advice = (
@@ -229,6 +234,26 @@ class DynamicIdentity(FeedFollower):
             ) from None
         if not token:
             raise ConfigError(f"join token file {token_file} is empty: {advice}")
+        return token
+
+    def _read_jwt(self, path: Path) -> str:
+        """The platform's current token: read again on every attempt (the kubelet rotates it)."""
+        advice = (
+            "mount a token the platform issues for the authority's attestor there "
+            "(Kubernetes: a projected serviceAccountToken volume with audience meshid)"
+        )
+        try:
+            with path.open("rb") as f:
+                raw = f.read(MAX_JWT_FILE + 1)
+        except OSError as exc:
+            raise ConfigError(
+                f"no valid SVID in {self.dir} and the enrollment JWT {path} is unreadable "
+                f"({exc.strerror}): {advice}",
+                reason="missing_token",
+            ) from None
+        token = raw[:MAX_JWT_FILE].decode("ascii", "replace").strip()
+        if not token:
+            raise ConfigError(f"enrollment JWT file {path} is empty: {advice}")
         return token
 
     def _check_bootstrap_bundle(self) -> None:
@@ -257,16 +282,11 @@ class DynamicIdentity(FeedFollower):
                 await self._enroll(token)
                 return
             except ControlPlaneError as exc:
-                if exc.refused and exc.reason != failures_mod.NOT_AUTHORITY:
-                    raise ControlPlaneError(
-                        f"join token refused: {exc.message}; create a new token with "
-                        f"'meshid ca token {self.current.identity}', write it to "
-                        f"{self.source.token_file} and start again",
-                        reason=exc.reason,
-                        status=exc.status,
-                        permanent=True,
-                    ) from None
-                if exc.permanent:
+                by_jwt = self.source.jwt_file is not None
+                passes = by_jwt and exc.reason in failures_mod.JWT_REFUSALS_THAT_PASS
+                if exc.refused and exc.reason != failures_mod.NOT_AUTHORITY and not passes:
+                    raise self._refusal(exc) from None
+                if exc.permanent and not passes:
                     self.host.events.emit(
                         "enroll_failed", reason=exc.reason, detail=exc.message, permanent=True
                     )
@@ -282,13 +302,36 @@ class DynamicIdentity(FeedFollower):
                 )
                 self.host.lifecycle.enroll_failed(exc.brief, failures, trio.current_time() + delay)
                 await trio.sleep(delay)
+                if by_jwt:
+                    token = self._read_token()
+
+    def _refusal(self, exc: ControlPlaneError) -> ControlPlaneError:
+        """The one line that ends a sidecar whose enrollment no retry can fix."""
+        if self.source.jwt_file is not None:
+            fix = (
+                f"check the authority's attestor ('meshid ca attestor list') against the "
+                f"token in {self.source.jwt_file} and the identity {self.current.identity}"
+            )
+            what = "enrollment JWT refused"
+        else:
+            fix = (
+                f"create a new token with 'meshid ca token {self.current.identity}', write it "
+                f"to {self.source.token_file} and start again"
+            )
+            what = "join token refused"
+        return ControlPlaneError(
+            f"{what}: {exc.message}; {fix}",
+            reason=exc.reason,
+            status=exc.status,
+            permanent=True,
+        )
 
     async def _enroll(self, token: str) -> None:
         key = generate_key()
         reply = await self.link.ask(
             "POST",
             ENROLL,
-            EnrollRequest(token, build_csr(key, self.current.identity).decode()).to_json(),
+            self._enroll_request(token, build_csr(key, self.current.identity).decode()).to_json(),
             as_client=False,  # the token is who we are, until we hold an SVID
         )
         svid = self._svid_from(reply, key)
@@ -296,6 +339,11 @@ class DynamicIdentity(FeedFollower):
         self.host.install_svid(svid, "enrolled")
         self.host.count_renewal("ok")
         self.state.request(IDENTITY, self._write_identity)
+
+    def _enroll_request(self, token: str, csr: str) -> EnrollRequest:
+        if self.source.jwt_file is not None:
+            return EnrollRequest("", csr, jwt=token)
+        return EnrollRequest(token, csr)
 
     async def renew(self) -> None:
         key = generate_key()
