@@ -64,7 +64,7 @@ def add_cmd(
         audience=audience,
         template=template,
         claims=_claim_pairs(claims),
-        jwks_file=str(jwks_file.resolve()) if jwks_file is not None else None,
+        jwks_file=str(jwks_file.absolute()) if jwks_file is not None else None,
         jwks_url=jwks_url,
     )
     open_authority(state).add_attestor(attestor)
