@@ -4,6 +4,21 @@ from __future__ import annotations
 
 SCHEMA_VERSION = 4  # kept in PRAGMA user_version; 0 there is a version-1 database
 
+# Enrollment by platform identity (version 4): JWT attestors, and the JWTs used so far.
+_ATTESTOR_TABLES = """
+CREATE TABLE attestors (name TEXT PRIMARY KEY, spec TEXT NOT NULL, created_at REAL NOT NULL);
+CREATE TABLE used_jwts (
+    hash TEXT PRIMARY KEY,                     -- sha256 of an enrollment JWT: each is used once
+    attestor TEXT NOT NULL,
+    spiffe_id TEXT NOT NULL,
+    serial TEXT NOT NULL,                      -- the SVID it was traded for
+    pod_uid TEXT,
+    subject TEXT NOT NULL,
+    used_at REAL NOT NULL,
+    expires_at REAL NOT NULL
+);
+"""
+
 _SCHEMA = """
 CREATE TABLE settings (name TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE counters (name TEXT PRIMARY KEY, value INTEGER NOT NULL);
@@ -51,17 +66,6 @@ CREATE TABLE reports (
     PRIMARY KEY (spiffe_id, instance)
 );
 CREATE INDEX reports_by_seen ON reports (seen_at);
-CREATE TABLE attestors (name TEXT PRIMARY KEY, spec TEXT NOT NULL, created_at REAL NOT NULL);
-CREATE TABLE used_jwts (
-    hash TEXT PRIMARY KEY,                     -- sha256 of an enrollment JWT: each is used once
-    attestor TEXT NOT NULL,
-    spiffe_id TEXT NOT NULL,
-    serial TEXT NOT NULL,                      -- the SVID it was traded for
-    pod_uid TEXT,
-    subject TEXT NOT NULL,
-    used_at REAL NOT NULL,
-    expires_at REAL NOT NULL
-);
 CREATE TABLE audit (
     seq INTEGER PRIMARY KEY,
     at REAL NOT NULL,
@@ -71,6 +75,7 @@ CREATE TABLE audit (
     hash TEXT NOT NULL
 );
 """
+_SCHEMA += _ATTESTOR_TABLES
 
 # Each step takes a database from the version before it to its own version, in
 # the same transaction that records the new version.
@@ -94,19 +99,7 @@ _MIGRATIONS: dict[int, tuple[str, ...]] = {
         "UPDATE settings SET value = '3' WHERE name = 'schema_version'",
     ),
     4: (  # enrollment by platform identity: JWT attestors, and the JWTs used so far
-        """CREATE TABLE attestors (
-    name TEXT PRIMARY KEY, spec TEXT NOT NULL, created_at REAL NOT NULL
-)""",
-        """CREATE TABLE used_jwts (
-    hash TEXT PRIMARY KEY,                     -- sha256 of an enrollment JWT: each is used once
-    attestor TEXT NOT NULL,
-    spiffe_id TEXT NOT NULL,
-    serial TEXT NOT NULL,                      -- the SVID it was traded for
-    pod_uid TEXT,
-    subject TEXT NOT NULL,
-    used_at REAL NOT NULL,
-    expires_at REAL NOT NULL
-)""",
+        *(t for t in _ATTESTOR_TABLES.split(";") if t.strip()),
         "UPDATE settings SET value = '4' WHERE name = 'schema_version'",
     ),
 }

@@ -26,6 +26,7 @@ import jwt
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
+from meshid.jwtattest import Attestor
 from meshid.spiffeid import SpiffeId, TrustDomain
 from meshid.svid import build_root, build_svid, certs_to_pem, generate_key, key_to_pem
 
@@ -78,6 +79,19 @@ class Issuer:
                 serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
             )
         )
+
+
+def cluster_attestor(jwks: Path, name: str = "cluster", **changes: Any) -> Attestor:
+    """The attestor a cluster's operator adds: ServiceAccount tokens for audience meshid."""
+    fields: dict[str, Any] = {
+        "name": name,
+        "issuer": ISSUER,
+        "audience": AUDIENCE,
+        "template": K8S_TEMPLATE,
+        "jwks_file": str(jwks),
+        **changes,
+    }
+    return Attestor(**fields)
 
 
 def sa_claims(

@@ -8,6 +8,7 @@ positive twin (the same token, unaltered) enrolls.
 from __future__ import annotations
 
 import json
+import sqlite3
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -19,6 +20,7 @@ from attest_helpers import (
     K8S_TEMPLATE,
     POD_UID,
     Issuer,
+    cluster_attestor,
     hs256_with_public_key,
     https_jwks,
     sa_claims,
@@ -27,6 +29,7 @@ from attest_helpers import (
 from ca_helpers import Clock, make_csr, run
 
 from ca.authority import Authority
+from ca.store import DB_NAME
 from meshid.errors import InvalidInput, MeshIdError, StateError, TokenRejected
 from meshid.jwtattest import Attestor
 from meshid.svid import leaf_spiffe_id
@@ -47,15 +50,7 @@ def jwks(issuer: Issuer, tmp_path: Path) -> Path:
 
 @pytest.fixture
 def k8s(authority: Authority, jwks: Path) -> Attestor:
-    return authority.add_attestor(
-        Attestor(
-            name="cluster",
-            issuer=ISSUER,
-            audience=AUDIENCE,
-            template=K8S_TEMPLATE,
-            jwks_file=str(jwks),
-        )
-    )
+    return authority.add_attestor(cluster_attestor(jwks, "cluster"))
 
 
 def enroll(authority: Authority, token: str) -> str:
@@ -285,3 +280,22 @@ def test_the_attestor_commands(state: Path, jwks: Path, issuer: Issuer) -> None:
     assert gone.exit_code == 0
     assert json.loads(run("ca", "attestor", "list", "--json", "--state", str(state)).output) == []
     assert run("ca", "attestor", "remove", "cluster", "--state", str(state)).exit_code == 1
+
+
+def test_a_version_3_database_gains_the_attestor_tables(
+    state: Path, clock: Clock, jwks: Path, issuer: Issuer
+) -> None:
+    conn = sqlite3.connect(state / DB_NAME)
+    with conn:
+        conn.execute("DROP TABLE attestors")
+        conn.execute("DROP TABLE used_jwts")
+        conn.execute("UPDATE settings SET value = '3' WHERE name = 'schema_version'")
+    conn.execute("PRAGMA user_version = 3")
+    conn.close()
+    authority = Authority.open(state, clock=clock)
+    try:
+        authority.add_attestor(cluster_attestor(jwks, "cluster"))
+        assert enroll(authority, issuer.token(sa_claims(clock.now), "k1")).endswith("/sa/api")
+        assert authority.store.verify_audit()[1] is None
+    finally:
+        authority.close()

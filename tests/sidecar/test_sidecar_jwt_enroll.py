@@ -15,14 +15,13 @@ from typing import Any
 
 import pytest
 import trio
-from attest_helpers import AUDIENCE, ISSUER, K8S_TEMPLATE, Issuer, sa_claims
+from attest_helpers import Issuer, cluster_attestor, sa_claims
 from sidecar_helpers import LogCapture, fmt, utcnow
 from test_sidecar_control_failures import control_plane, make_authority, run_cli
 
 from ca.authority import Authority
 from meshid.errors import ConfigError
 from meshid.events import EventLog
-from meshid.jwtattest import Attestor
 from meshid.svid import generate_key
 from sidecar.app import Sidecar
 from sidecar.config import parse_config
@@ -33,20 +32,22 @@ FAST = Schedule(backoff_initial=0.02, backoff_max=0.05)
 ID = "spiffe://example.org/ns/shop/sa/api"
 
 
+def pod_dir(tmp: Path, authority: Authority, token: str) -> tuple[Path, Path]:
+    """A pod's files: the bootstrap bundle, and the projected token (the config dir, the token)."""
+    config_dir = tmp / "pod"
+    (config_dir / "tokens").mkdir(parents=True)
+    (config_dir / "bundle.pem").write_bytes(authority.bundle().to_pem())
+    token_file = config_dir / "tokens" / "meshid"
+    token_file.write_text(token)
+    return config_dir, token_file
+
+
 def attested_authority(tmp: Path) -> tuple[Authority, Issuer]:
     issuer = Issuer()
     issuer.new_key("k1")
     authority = make_authority(tmp / "authority")
     jwks = issuer.write_jwks(tmp / "jwks.json")
-    authority.add_attestor(
-        Attestor(
-            name="cluster",
-            issuer=ISSUER,
-            audience=AUDIENCE,
-            template=K8S_TEMPLATE,
-            jwks_file=str(jwks),
-        )
-    )
+    authority.add_attestor(cluster_attestor(jwks, "cluster"))
     return authority, issuer
 
 
@@ -69,12 +70,8 @@ async def test_a_sidecar_enrolls_with_its_service_account_token_and_retries_a_sp
     tmp_path: Path,
 ) -> None:
     authority, issuer = attested_authority(tmp_path)
-    config_dir = tmp_path / "pod"
-    (config_dir / "tokens").mkdir(parents=True)
-    (config_dir / "bundle.pem").write_bytes(authority.bundle().to_pem())
-    token_file = config_dir / "tokens" / "meshid"
     spent = issuer.token(sa_claims(utcnow() - timedelta(minutes=1)), "k1")
-    token_file.write_text(spent)
+    config_dir, token_file = pod_dir(tmp_path, authority, spent)
     # someone else used this very token first: the sidecar must wait for a fresh one
     first = authority.prepare_enroll_jwt(
         spent, build_csr(generate_key(), authority.resolve("ns/shop/sa/api"))
@@ -112,12 +109,8 @@ async def test_a_token_for_another_audience_ends_the_sidecar_with_one_line(
     tmp_path: Path,
 ) -> None:
     authority, issuer = attested_authority(tmp_path)
-    config_dir = tmp_path / "pod"
-    (config_dir / "tokens").mkdir(parents=True)
-    (config_dir / "bundle.pem").write_bytes(authority.bundle().to_pem())
-    (config_dir / "tokens" / "meshid").write_text(
-        issuer.token(sa_claims(utcnow(), audience="vault"), "k1")
-    )
+    other_audience = issuer.token(sa_claims(utcnow(), audience="vault"), "k1")
+    config_dir, _ = pod_dir(tmp_path, authority, other_audience)
     served = control_plane(authority)
     try:
         async with trio.open_nursery() as nursery:
