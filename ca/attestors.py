@@ -174,13 +174,19 @@ class Attestors(Issuance):
                 "this enrollment JWT was used already", reason=Reason.JWT_REPLAYED
             )
 
-    def pod_uids(self) -> dict[str, str]:
-        """The pod UID each JWT-enrolled SVID was issued to, by serial."""
+    def pod_uids(self, per_identity: int = 3) -> dict[str, list[str]]:
+        """The pods (by UID) that enrolled each identity by JWT, the latest first."""
         with self.store.read() as conn:
             rows = conn.execute(
-                "SELECT serial, pod_uid FROM used_jwts WHERE pod_uid IS NOT NULL"
+                "SELECT spiffe_id, pod_uid FROM used_jwts WHERE pod_uid IS NOT NULL "
+                "ORDER BY used_at DESC"
             ).fetchall()
-        return {str(serial): str(uid) for serial, uid in rows}
+        found: dict[str, list[str]] = {}
+        for sid, uid in rows:
+            pods = found.setdefault(str(sid), [])
+            if len(pods) < per_identity:
+                pods.append(str(uid))
+        return found
 
     # -- the issuers' keys --
 

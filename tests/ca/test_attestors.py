@@ -29,6 +29,7 @@ from attest_helpers import (
 from ca_helpers import Clock, make_csr, run
 
 from ca.authority import Authority
+from ca.status import render_status
 from ca.store import DB_NAME
 from meshid.errors import InvalidInput, MeshIdError, StateError, TokenRejected
 from meshid.jwtattest import Attestor
@@ -72,7 +73,10 @@ def test_a_service_account_token_enrolls_as_its_namespace_and_account(
 ) -> None:
     token = issuer.token(sa_claims(clock.now), kid)
     assert enroll(authority, token) == "spiffe://example.org/ns/shop/sa/api"
-    assert POD_UID in authority.pod_uids().values()
+    assert authority.pod_uids() == {"spiffe://example.org/ns/shop/sa/api": [POD_UID]}
+    status = "\n".join(render_status(authority))
+    assert "spiffe://example.org/ns/shop/sa/api: 1 SVID(s) issued" in status
+    assert f"enrolled by pod {POD_UID}" in status
     actions = [e.action for e in authority.store.audit_entries()]
     assert "attestor_add" in actions and "attest" in actions and "enroll_jwt" in actions
 
