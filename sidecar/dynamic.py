@@ -34,7 +34,6 @@ import random
 import secrets
 from collections.abc import Callable
 from datetime import datetime, timedelta
-from pathlib import Path
 from typing import Any, Protocol
 
 import trio
@@ -50,7 +49,6 @@ from meshid.wire import (
     ENROLL,
     RENEW,
     REPORT,
-    EnrollRequest,
     Feed,
     RenewRequest,
     SvidReply,
@@ -61,6 +59,7 @@ from sidecar import failures as failures_mod
 from sidecar.config import AuthoritySource
 from sidecar.control import ControlClient, ControlPlaneError
 from sidecar.credentials import Svid
+from sidecar.enrollment import enroll_request, read_credential, refusal
 from sidecar.feed import FeedFollower
 from sidecar.lifecycle import ENROLLING, Lifecycle
 from sidecar.link import AuthorityLink
@@ -87,8 +86,6 @@ from sidecar.statedir import (
     IDENTITY,
     StateDir,
 )
-
-MAX_JWT_FILE = 16 * 1024  # a JWT larger than this is not one the authority would take
 
 
 class Host(Protocol):
@@ -214,47 +211,7 @@ class DynamicIdentity(FeedFollower):
         await self.state.flush()
 
     def _read_token(self) -> str:
-        if self.source.jwt_file is not None:
-            return self._read_jwt(self.source.jwt_file)
-        sid = self.current.identity
-        token_file = self.source.token_file
-        advice = (
-            f"create one with 'meshid ca token {sid}' on the authority, write it to "
-            f"{token_file or 'the file named by authority.token_file'} and start again"
-        )
-        if token_file is None:
-            raise ConfigError(f"no valid SVID in {self.dir} and no join token: {advice}")
-        try:
-            token = token_file.read_text().strip()
-        except OSError as exc:
-            raise ConfigError(
-                f"no valid SVID in {self.dir} and the join token {token_file} is unreadable "
-                f"({exc.strerror}): {advice}",
-                reason="missing_token",
-            ) from None
-        if not token:
-            raise ConfigError(f"join token file {token_file} is empty: {advice}")
-        return token
-
-    def _read_jwt(self, path: Path) -> str:
-        """The platform's current token: read again on every attempt (the kubelet rotates it)."""
-        advice = (
-            "mount a token the platform issues for the authority's attestor there "
-            "(Kubernetes: a projected serviceAccountToken volume with audience meshid)"
-        )
-        try:
-            with path.open("rb") as f:
-                raw = f.read(MAX_JWT_FILE + 1)
-        except OSError as exc:
-            raise ConfigError(
-                f"no valid SVID in {self.dir} and the enrollment JWT {path} is unreadable "
-                f"({exc.strerror}): {advice}",
-                reason="missing_token",
-            ) from None
-        token = raw[:MAX_JWT_FILE].decode("ascii", "replace").strip()
-        if not token:
-            raise ConfigError(f"enrollment JWT file {path} is empty: {advice}")
-        return token
+        return read_credential(self.source, self.current.identity, self.dir)
 
     def _check_bootstrap_bundle(self) -> None:
         """The bundle enrollment trusts holds certificates: else no attempt can ever work."""
@@ -285,7 +242,7 @@ class DynamicIdentity(FeedFollower):
                 by_jwt = self.source.jwt_file is not None
                 passes = by_jwt and exc.reason in failures_mod.JWT_REFUSALS_THAT_PASS
                 if exc.refused and exc.reason != failures_mod.NOT_AUTHORITY and not passes:
-                    raise self._refusal(exc) from None
+                    raise refusal(exc, self.source, self.current.identity) from None
                 if exc.permanent and not passes:
                     self.host.events.emit(
                         "enroll_failed", reason=exc.reason, detail=exc.message, permanent=True
@@ -305,33 +262,12 @@ class DynamicIdentity(FeedFollower):
                 if by_jwt:
                     token = self._read_token()
 
-    def _refusal(self, exc: ControlPlaneError) -> ControlPlaneError:
-        """The one line that ends a sidecar whose enrollment no retry can fix."""
-        if self.source.jwt_file is not None:
-            fix = (
-                f"check the authority's attestor ('meshid ca attestor list') against the "
-                f"token in {self.source.jwt_file} and the identity {self.current.identity}"
-            )
-            what = "enrollment JWT refused"
-        else:
-            fix = (
-                f"create a new token with 'meshid ca token {self.current.identity}', write it "
-                f"to {self.source.token_file} and start again"
-            )
-            what = "join token refused"
-        return ControlPlaneError(
-            f"{what}: {exc.message}; {fix}",
-            reason=exc.reason,
-            status=exc.status,
-            permanent=True,
-        )
-
     async def _enroll(self, token: str) -> None:
         key = generate_key()
         reply = await self.link.ask(
             "POST",
             ENROLL,
-            self._enroll_request(token, build_csr(key, self.current.identity).decode()).to_json(),
+            enroll_request(self.source, token, build_csr(key, self.current.identity)).to_json(),
             as_client=False,  # the token is who we are, until we hold an SVID
         )
         svid = self._svid_from(reply, key)
@@ -339,11 +275,6 @@ class DynamicIdentity(FeedFollower):
         self.host.install_svid(svid, "enrolled")
         self.host.count_renewal("ok")
         self.state.request(IDENTITY, self._write_identity)
-
-    def _enroll_request(self, token: str, csr: str) -> EnrollRequest:
-        if self.source.jwt_file is not None:
-            return EnrollRequest("", csr, jwt=token)
-        return EnrollRequest(token, csr)
 
     async def renew(self) -> None:
         key = generate_key()
