@@ -225,9 +225,10 @@ class Attestors(Issuance):
                     raw = f.read(MAX_JWKS_BYTES + 1)
             else:
                 context = self.jwks_tls or ssl.create_default_context()
-                with urllib.request.urlopen(  # noqa: S310 - https:// only (Attestor checks)
-                    source, timeout=FETCH_TIMEOUT, context=context
-                ) as reply:
+                opener = urllib.request.build_opener(
+                    urllib.request.HTTPSHandler(context=context), _NoRedirect()
+                )
+                with opener.open(source, timeout=FETCH_TIMEOUT) as reply:
                     raw = reply.read(MAX_JWKS_BYTES + 1)
         except (OSError, ValueError) as exc:
             raise StateError(f"{source}: cannot read the JWKS: {_why(exc)}") from None
@@ -244,6 +245,16 @@ class Attestors(Issuance):
         return _KeySet(keys, self._clock.monotonic(), stamp)
 
 
+class _NoRedirect(urllib.request.HTTPRedirectHandler):
+    """A redirect could lead to plain HTTP, where anyone on the path picks the keys."""
+
+    def redirect_request(
+        self, req: Any, fp: Any, code: int, msg: str, headers: Any, newurl: str
+    ) -> None:
+        fp.close()
+        raise OSError("the JWKS URL redirects; give the final https:// URL")
+
+
 def _stamp(path: Path) -> tuple[int, int, int] | None:
     try:
         st = os.stat(path)
@@ -253,8 +264,9 @@ def _stamp(path: Path) -> tuple[int, int, int] | None:
 
 
 def _why(exc: BaseException) -> str:
-    reason = getattr(exc, "reason", None)
-    return str(reason or getattr(exc, "strerror", None) or type(exc).__name__)[:200]
+    said = exc.args[0] if exc.args and isinstance(exc.args[0], str) else None
+    reason = getattr(exc, "reason", None) or getattr(exc, "strerror", None) or said
+    return str(reason or type(exc).__name__).replace("\n", " ")[:200]
 
 
 def _attestor(doc: Mapping[str, Any]) -> Attestor:

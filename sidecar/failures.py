@@ -17,7 +17,8 @@ an HTTP status and the authority's own reason) and `classify` judges it.
 
 An enrollment JWT (`authority.jwt_file`) refused for a reason the platform
 fixes by itself - expired, already used, signed by a key the authority has
-not fetched yet, half-written - is transient: the kubelet rotates the file,
+not fetched yet, half-written, or keys the authority cannot read right now -
+is transient: the kubelet rotates the file,
 and the next attempt reads it again (`JWT_REFUSALS_THAT_PASS`). A refusal no
 new token can fix (another issuer or audience, a claim the attestor
 requires, an identity that is not ours) stays permanent.
@@ -59,7 +60,13 @@ TRUST_DOMAIN_MISMATCH = "trust_domain_mismatch"
 PROTOCOL_ERROR = "authority_protocol"
 NOT_AUTHORITY = "not_an_authority"
 JWT_REFUSALS_THAT_PASS = frozenset(
-    {Reason.JWT_EXPIRED, Reason.JWT_REPLAYED, Reason.JWT_UNKNOWN_KEY, Reason.JWT_MALFORMED}
+    {
+        Reason.JWT_EXPIRED,
+        Reason.JWT_REPLAYED,
+        Reason.JWT_UNKNOWN_KEY,
+        Reason.JWT_MALFORMED,
+        Reason.JWKS_UNAVAILABLE,  # the authority cannot read the issuer's keys right now
+    }
 )
 LOCAL_CREDENTIALS = "local_credentials"
 REFUSED = "authority_refused"

@@ -136,7 +136,9 @@ def hs256_with_public_key(claims: dict[str, Any], kid: str, public_pem: bytes) -
 
 
 @contextmanager
-def https_jwks(issuer: Issuer, tmp: Path, now: datetime) -> Iterator[tuple[str, ssl.SSLContext]]:
+def https_jwks(
+    issuer: Issuer, tmp: Path, now: datetime, *, redirect: str | None = None
+) -> Iterator[tuple[str, ssl.SSLContext]]:
     """The issuer's JWKS over HTTPS on 127.0.0.1 (port 0), and a context that trusts it."""
     td = TrustDomain("issuer.test")
     root_key, leaf_key = generate_key(), generate_key()
@@ -161,6 +163,12 @@ def https_jwks(issuer: Issuer, tmp: Path, now: datetime) -> Iterator[tuple[str, 
 
     class Handler(http.server.BaseHTTPRequestHandler):
         def do_GET(self) -> None:
+            if redirect is not None:
+                self.send_response(302)
+                self.send_header("Location", redirect)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+                return
             body = json.dumps(issuer.jwks()).encode()
             self.send_response(200)
             self.send_header("Content-Type", "application/json")

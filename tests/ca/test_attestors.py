@@ -254,6 +254,18 @@ def test_a_jwks_url_with_an_untrusted_certificate_is_refused(
     assert "cannot read the JWKS" in caught.value.message
 
 
+def test_a_jwks_url_that_redirects_is_refused(
+    authority: Authority, issuer: Issuer, clock: Clock, tmp_path: Path
+) -> None:
+    plain = "http://127.0.0.1:9/openid/v1/jwks"  # where anyone on the path could answer
+    with https_jwks(issuer, tmp_path, clock.now, redirect=plain) as (url, tls):
+        authority.jwks_tls = tls
+        with pytest.raises(StateError) as caught:
+            authority.add_attestor(cluster_attestor(Path("unused"), jwks_file=None, jwks_url=url))
+    assert "redirects" in caught.value.message
+    assert authority.attestors() == []
+
+
 def test_attestors_are_listed_removed_and_audited(
     authority: Authority, k8s: Attestor, issuer: Issuer, clock: Clock
 ) -> None:
