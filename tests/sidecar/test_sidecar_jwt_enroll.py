@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 import trio
-from attest_helpers import Issuer, cluster_attestor, sa_claims
+from attest_helpers import Issuer, cluster_attestor, sa_claims, unsigned
 from sidecar_helpers import LogCapture, fmt, utcnow
 from test_sidecar_control_failures import control_plane, make_authority, run_cli
 
@@ -105,12 +105,21 @@ async def test_a_sidecar_enrolls_with_its_service_account_token_and_retries_a_sp
     assert "jwt_replayed" in reasons and reasons[-1] is None
 
 
-async def test_a_token_for_another_audience_ends_the_sidecar_with_one_line(
-    tmp_path: Path,
+@pytest.mark.parametrize(
+    ("case", "reason"),
+    [("audience", "jwt_audience"), ("issuer", "jwt_issuer"), ("alg_none", "jwt_algorithm")],
+)
+async def test_a_token_no_rotation_can_fix_ends_the_sidecar_with_one_line(
+    tmp_path: Path, case: str, reason: str
 ) -> None:
     authority, issuer = attested_authority(tmp_path)
-    other_audience = issuer.token(sa_claims(utcnow(), audience="vault"), "k1")
-    config_dir, _ = pod_dir(tmp_path, authority, other_audience)
+    now = utcnow()
+    token = {
+        "audience": lambda: issuer.token(sa_claims(now, audience="vault"), "k1"),
+        "issuer": lambda: issuer.token(sa_claims(now, issuer="https://other.example"), "k1"),
+        "alg_none": lambda: unsigned(sa_claims(now), "k1"),
+    }[case]()
+    config_dir, _ = pod_dir(tmp_path, authority, token)
     served = control_plane(authority)
     try:
         async with trio.open_nursery() as nursery:
@@ -130,7 +139,7 @@ async def test_a_token_for_another_audience_ends_the_sidecar_with_one_line(
     lines = stderr.strip().splitlines()
     assert len(lines) == 1 and "enrollment JWT refused" in lines[0], stderr
     assert "meshid" in lines[0] and "Traceback" not in stderr
-    assert [r["reason"] for r in served.requests] == ["jwt_audience"]
+    assert [r["reason"] for r in served.requests] == [reason]  # the authority's log says why
 
 
 def _toml(doc: dict[str, Any]) -> str:
