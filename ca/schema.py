@@ -5,9 +5,14 @@ from __future__ import annotations
 SCHEMA_VERSION = 4  # kept in PRAGMA user_version; 0 there is a version-1 database
 
 # Enrollment by platform identity (version 4): JWT attestors, and the JWTs used so far.
+# IF NOT EXISTS: a database whose version was set back still migrates.
 _ATTESTOR_TABLES = """
-CREATE TABLE attestors (name TEXT PRIMARY KEY, spec TEXT NOT NULL, created_at REAL NOT NULL);
-CREATE TABLE used_jwts (
+CREATE TABLE IF NOT EXISTS attestors (
+    name TEXT PRIMARY KEY,
+    spec TEXT NOT NULL,                        -- meshid.jwtattest.Attestor as JSON
+    created_at REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS used_jwts (
     hash TEXT PRIMARY KEY,                     -- sha256 of an enrollment JWT: each is used once
     attestor TEXT NOT NULL,
     spiffe_id TEXT NOT NULL,
