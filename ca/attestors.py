@@ -100,8 +100,6 @@ class Attestors(Issuance):
             if not gone:
                 raise InvalidInput(f"no attestor named {name[:64]!r}")
             self.store.audit(conn, at, "attestor_remove", name=name)
-        with self._attest_lock:
-            self._key_sets.pop(name, None)
 
     def attestors(self) -> list[Attestor]:
         with self.store.read() as conn:
@@ -191,21 +189,35 @@ class Attestors(Issuance):
     # -- the issuers' keys --
 
     def _keys(self, attestor: Attestor, kid: str) -> Mapping[str, PublicKey]:
-        """The attestor's keys, read again if `kid` is unknown and a read is due."""
+        """The attestor's keys, read again if `kid` is unknown and a read is due.
+
+        Kept by source (file or URL), so an attestor removed and added again
+        elsewhere with another source is not answered from the old keys. A
+        failed read counts as a read for the rate limit: an issuer that is
+        down is not asked again for every token that names an unknown kid.
+        """
+        source = attestor.jwks_file or attestor.jwks_url or ""
         with self._attest_lock:
-            held = self._key_sets.get(attestor.name)
-        if held is not None and kid in held.keys:
-            return held.keys
-        if held is not None and not self._read_due(attestor, held):
+            held = self._key_sets.get(source)
+        if held is not None and (kid in held.keys or not self._read_due(attestor, held)):
+            if not held.keys:
+                raise AttestationRejected(
+                    f"{source}: the issuer's keys could not be read; retry later",
+                    reason=Reason.JWKS_UNAVAILABLE,
+                )
             return held.keys
         try:
             fresh = self._read_keys(attestor)
         except StateError as exc:
-            if held is not None:  # an unreadable refresh keeps the keys we had
-                return held.keys
+            now = self._clock.monotonic()
+            with self._attest_lock:
+                if held is not None and held.keys:  # an unreadable refresh keeps what we had
+                    self._key_sets[source] = _KeySet(held.keys, now, held.stamp)
+                    return held.keys
+                self._key_sets[source] = _KeySet({}, now, _stamp_of(attestor))
             raise AttestationRejected(exc.message, reason=Reason.JWKS_UNAVAILABLE) from None
         with self._attest_lock:
-            self._key_sets[attestor.name] = fresh
+            self._key_sets[source] = fresh
         return fresh.keys
 
     def _read_due(self, attestor: Attestor, held: _KeySet) -> bool:
@@ -253,6 +265,10 @@ class _NoRedirect(urllib.request.HTTPRedirectHandler):
     ) -> None:
         fp.close()
         raise OSError("the JWKS URL redirects; give the final https:// URL")
+
+
+def _stamp_of(attestor: Attestor) -> tuple[int, int, int] | None:
+    return _stamp(Path(attestor.jwks_file)) if attestor.jwks_file is not None else None
 
 
 def _stamp(path: Path) -> tuple[int, int, int] | None:

@@ -135,9 +135,22 @@ def hs256_with_public_key(claims: dict[str, Any], kid: str, public_pem: bytes) -
     return f"{head}.{body}.{_b64(mac)}"
 
 
+@dataclass
+class Served:
+    """What the test's JWKS server does: how often it was asked, whether it fails."""
+
+    requests: int = 0
+    failing: bool = False
+
+
 @contextmanager
 def https_jwks(
-    issuer: Issuer, tmp: Path, now: datetime, *, redirect: str | None = None
+    issuer: Issuer,
+    tmp: Path,
+    now: datetime,
+    *,
+    redirect: str | None = None,
+    served: Served | None = None,
 ) -> Iterator[tuple[str, ssl.SSLContext]]:
     """The issuer's JWKS over HTTPS on 127.0.0.1 (port 0), and a context that trusts it."""
     td = TrustDomain("issuer.test")
@@ -163,6 +176,13 @@ def https_jwks(
 
     class Handler(http.server.BaseHTTPRequestHandler):
         def do_GET(self) -> None:
+            if served is not None:
+                served.requests += 1
+                if served.failing:
+                    self.send_response(503)
+                    self.send_header("Content-Length", "0")
+                    self.end_headers()
+                    return
             if redirect is not None:
                 self.send_response(302)
                 self.send_header("Location", redirect)

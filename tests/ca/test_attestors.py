@@ -20,6 +20,7 @@ from attest_helpers import (
     K8S_TEMPLATE,
     POD_UID,
     Issuer,
+    Served,
     cluster_attestor,
     hs256_with_public_key,
     https_jwks,
@@ -252,6 +253,33 @@ def test_a_jwks_url_with_an_untrusted_certificate_is_refused(
             )
         )
     assert "cannot read the JWKS" in caught.value.message
+
+
+def test_an_issuer_that_is_down_is_not_asked_again_for_every_unknown_kid(
+    authority: Authority, issuer: Issuer, clock: Clock, tmp_path: Path
+) -> None:
+    served = Served()
+    with https_jwks(issuer, tmp_path, clock.now, served=served) as (url, tls):
+        authority.jwks_tls = tls
+        authority.add_attestor(cluster_attestor(Path("unused"), jwks_file=None, jwks_url=url))
+        assert enroll(authority, issuer.token(sa_claims(clock.now), "k1"))
+        asked = served.requests
+        served.failing = True
+        clock.advance(timedelta(seconds=31))
+        forged = Issuer()
+        forged.new_key("k9")
+        for _ in range(5):  # a stream of unknown kids: one read, which fails
+            assert refusal(authority, forged.token(sa_claims(clock.now), "k9")) == (
+                "jwt_unknown_key"
+            )
+        assert served.requests == asked + 1
+        # the keys already held keep working while the issuer is down
+        assert enroll(authority, issuer.token(sa_claims(clock.now, sa="web"), "k1"))
+        served.failing = False
+        clock.advance(timedelta(seconds=31))
+        issuer.new_key("k2")
+        assert enroll(authority, issuer.token(sa_claims(clock.now, sa="db"), "k2"))
+        assert served.requests == asked + 2
 
 
 def test_a_jwks_url_that_redirects_is_refused(
