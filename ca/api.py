@@ -271,7 +271,7 @@ class ControlApi:
             issued = self.authority.commit(prepared)
             return svid_reply(issued, held, self._bundle_pem(issued.bundle))
         except TokenRejected:
-            if prepared.token_digest is not None:
+            if prepared.token_digest is not None or prepared.attested is not None:
                 self.limiter.failed(req.source, self.monotonic())
             raise
 
@@ -289,7 +289,10 @@ class ControlApi:
             )
         try:
             body = EnrollRequest.parse(decode(req.body, "request body"))
-            prepared = self.authority.prepare_enroll(body.token, body.csr.encode())
+            if body.jwt is not None:
+                prepared = self.authority.prepare_enroll_jwt(body.jwt, body.csr.encode())
+            else:
+                prepared = self.authority.prepare_enroll(body.token, body.csr.encode())
             return req, prepared, None
         except (TokenRejected, CsrRejected, InvalidInput) as exc:
             self.limiter.failed(req.source, now)

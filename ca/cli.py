@@ -15,6 +15,7 @@ from pathlib import Path
 
 import click
 
+from ca.attestor_cli import attestor_group
 from ca.authority import Authority
 from ca.cliopts import (
     DURATION,
@@ -341,3 +342,6 @@ def status_cmd(state: Path) -> None:
     authority = open_authority(state)
     for line in render_status(authority):
         click.echo(line)
+
+
+ca_group.add_command(attestor_group)

@@ -224,15 +224,8 @@ class Issuance(Roots):
         Signing happens before, outside the transaction, so that concurrent
         workers do not hold the database's one write lock while they compute.
         """
-        now = self._now().timestamp()
         with self.store.write() as conn:
-            if prepared.token_digest is not None:
-                row = self._usable_token(conn, prepared.token_digest)
-                if row[0] != str(prepared.spiffe_id):  # pragma: no cover - hashes do not move
-                    raise TokenRejected("join token changed", reason="token_unknown")
-                conn.execute(
-                    "UPDATE tokens SET used_at = ? WHERE hash = ?", (now, prepared.token_digest)
-                )
+            self._consume(conn, prepared)
             if prepared.caller_serial is not None:
                 known = conn.execute(
                     "SELECT 1 FROM svids WHERE serial = ?", (prepared.caller_serial,)
@@ -246,6 +239,17 @@ class Issuance(Roots):
             self._check_not_revoked(conn, prepared.spiffe_id)
             self._record(conn, prepared.generation, prepared.leaf, prepared.how)
         return IssuedSvid(prepared.spiffe_id, (prepared.leaf,), self.bundle())
+
+    def _consume(self, conn: sqlite3.Connection, prepared: Prepared) -> None:
+        """Use up what the enrollment traded (a join token here; ca.attestors adds JWTs)."""
+        if prepared.token_digest is not None:
+            row = self._usable_token(conn, prepared.token_digest)
+            if row[0] != str(prepared.spiffe_id):  # pragma: no cover - hashes do not move
+                raise TokenRejected("join token changed", reason="token_unknown")
+            conn.execute(
+                "UPDATE tokens SET used_at = ? WHERE hash = ?",
+                (self._now().timestamp(), prepared.token_digest),
+            )
 
     def token_grant(self, token: str) -> TokenGrant | None:
         """What an unused, unexpired token would grant (None otherwise). Reads only."""

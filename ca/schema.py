@@ -2,7 +2,27 @@
 
 from __future__ import annotations
 
-SCHEMA_VERSION = 3  # kept in PRAGMA user_version; 0 there is a version-1 database
+SCHEMA_VERSION = 4  # kept in PRAGMA user_version; 0 there is a version-1 database
+
+# Enrollment by platform identity (version 4): JWT attestors, and the JWTs used so far.
+# IF NOT EXISTS: a database whose version was set back still migrates.
+_ATTESTOR_TABLES = """
+CREATE TABLE IF NOT EXISTS attestors (
+    name TEXT PRIMARY KEY,
+    spec TEXT NOT NULL,                        -- meshid.jwtattest.Attestor as JSON
+    created_at REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS used_jwts (
+    hash TEXT PRIMARY KEY,                     -- sha256 of an enrollment JWT: each is used once
+    attestor TEXT NOT NULL,
+    spiffe_id TEXT NOT NULL,
+    serial TEXT NOT NULL,                      -- the SVID it was traded for
+    pod_uid TEXT,
+    subject TEXT NOT NULL,
+    used_at REAL NOT NULL,
+    expires_at REAL NOT NULL
+);
+"""
 
 _SCHEMA = """
 CREATE TABLE settings (name TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -60,6 +80,7 @@ CREATE TABLE audit (
     hash TEXT NOT NULL
 );
 """
+_SCHEMA += _ATTESTOR_TABLES
 
 # Each step takes a database from the version before it to its own version, in
 # the same transaction that records the new version.
@@ -81,6 +102,10 @@ _MIGRATIONS: dict[int, tuple[str, ...]] = {
     ),
     3: (  # the audit chain under a key kept outside the database (see _key_audit_chain)
         "UPDATE settings SET value = '3' WHERE name = 'schema_version'",
+    ),
+    4: (  # enrollment by platform identity: JWT attestors, and the JWTs used so far
+        *(t for t in _ATTESTOR_TABLES.split(";") if t.strip()),
+        "UPDATE settings SET value = '4' WHERE name = 'schema_version'",
     ),
 }
 

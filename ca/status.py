@@ -150,10 +150,13 @@ def render_status(authority: Authority) -> list[str]:
 
     body.append("")
     body.append("enrolled identities:")
+    pods = authority.pod_uids()
     for sid, latest, issued, revoked in authority.workloads():
         state = "REVOKED" if revoked else ("running" if sid in running else "not reporting")
+        enrolled_by = pods.get(str(sid))
+        by = f", enrolled by pod {' '.join(map(printable, enrolled_by))}" if enrolled_by else ""
         body.append(
-            f"  {sid}: {issued} SVID(s) issued, latest expires {_ago(now - latest)}, {state}"
+            f"  {sid}: {issued} SVID(s) issued, latest expires {_ago(now - latest)}, {state}{by}"
         )
     if warnings:
         return [*(f"WARNING {w}" for w in warnings), "", *body]

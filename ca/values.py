@@ -23,6 +23,7 @@ from meshid.duration import format_duration
 from meshid.errors import (
     InvalidInput,
 )
+from meshid.jwtattest import Attested
 from meshid.report import StatusReport
 from meshid.spiffeid import SpiffeId
 from meshid.svid import (
@@ -103,6 +104,7 @@ class Prepared:
     how: str
     token_digest: str | None = None  # an enrollment consumes this token
     caller_serial: str | None = None  # a renewal needs this SVID to be one of ours
+    attested: Attested | None = None  # an enrollment by JWT consumes this token
 
 
 @dataclass(frozen=True, slots=True)

@@ -126,41 +126,42 @@ def sign(payload: Mapping[str, Any], key: SigningKey, kid: str) -> str:
     )
 
 
-def keys_from_jwks(doc: Any) -> dict[str, PublicKey]:
-    """The `use: jwt-svid` keys of a SPIFFE bundle (a JWK Set), by `kid`; others skipped."""
+def keys_from_jwks(doc: Any, *, use: str | None = JWT_SVID_USE) -> dict[str, PublicKey]:
+    """The signing keys of a JWK Set, by `kid`; entries of another `use` are skipped.
+
+    `use` is `jwt-svid` for a SPIFFE bundle; None takes the keys of a plain
+    OIDC issuer's JWKS, whose entries say `use: sig` or nothing.
+    """
     found: dict[str, PublicKey] = {}
     entries = doc.get("keys") if isinstance(doc, dict) else None
     if not isinstance(entries, list):
         raise InvalidJwtSvid("bundle: no 'keys' array", reason=Reason.INVALID_BUNDLE)
+    wanted = {use} if use is not None else {None, "sig"}
     for entry in entries:
-        if not isinstance(entry, dict) or entry.get("use") != JWT_SVID_USE:
+        if not isinstance(entry, dict) or entry.get("use") not in wanted:
             continue
         kid = entry.get("kid")
         if not isinstance(kid, str) or not kid:
-            raise InvalidJwtSvid("bundle: a jwt-svid key has no kid", reason=Reason.INVALID_BUNDLE)
+            raise InvalidJwtSvid("bundle: a signing key has no kid", reason=Reason.INVALID_BUNDLE)
         try:
             key = jwt.PyJWK(entry).key
         except (jwt.PyJWKError, jwt.InvalidKeyError, ValueError, TypeError, KeyError):
             raise InvalidJwtSvid(
-                f"bundle: jwt-svid key {kid[:64]!r} is malformed", reason=Reason.INVALID_BUNDLE
+                f"bundle: key {kid[:64]!r} is malformed", reason=Reason.INVALID_BUNDLE
             ) from None
         if not isinstance(key, ec.EllipticCurvePublicKey | rsa.RSAPublicKey):
             raise InvalidJwtSvid(
-                f"bundle: jwt-svid key {kid[:64]!r} is not a public EC or RSA key",
+                f"bundle: key {kid[:64]!r} is not a public EC or RSA key",
                 reason=Reason.INVALID_BUNDLE,
             )
         found[kid] = key
     return found
 
 
-def validate(
-    token: str,
-    audience: str,
-    keys: Mapping[TrustDomain, Mapping[str, PublicKey]],
-    now: datetime,
-    leeway: timedelta = LEEWAY,
-) -> tuple[SpiffeId, dict[str, Any]]:
-    """(subject, claims) of a valid JWT-SVID for `audience`, or InvalidJwtSvid naming why not."""
+def read_unverified(
+    token: str, allowed: frozenset[str] = ALLOWED_ALGORITHMS
+) -> tuple[str, str, dict[str, Any]]:
+    """(alg, kid, claims) of a token not yet verified: only to choose the key with."""
     if len(token) > MAX_TOKEN_LENGTH:
         raise InvalidJwtSvid("token is too long", reason=Reason.JWT_MALFORMED)
     try:
@@ -169,31 +170,20 @@ def validate(
     except jwt.PyJWTError:
         raise InvalidJwtSvid("token is not a JWT", reason=Reason.JWT_MALFORMED) from None
     alg = header.get("alg")
-    if alg not in ALLOWED_ALGORITHMS:
+    if alg not in allowed:
         raise InvalidJwtSvid(
             f"algorithm {str(alg)[:16]!r} is not allowed", reason=Reason.JWT_ALGORITHM
         )
     kid = header.get("kid")
     if not isinstance(kid, str) or not kid:
         raise InvalidJwtSvid("token header names no kid", reason=Reason.JWT_UNKNOWN_KEY)
-    sub = unverified.get("sub")
-    if not isinstance(sub, str):
-        raise InvalidJwtSvid("token has no sub claim", reason=Reason.JWT_MALFORMED)
+    return str(alg), kid, unverified
+
+
+def verify_signature(token: str, key: PublicKey, alg: str) -> dict[str, Any]:
+    """The claims, once the signature verifies with `key` under exactly `alg`."""
     try:
-        subject = SpiffeId.parse(sub)
-    except MeshIdError:
-        raise InvalidJwtSvid("sub is not a SPIFFE ID", reason=Reason.JWT_MALFORMED) from None
-    domain_keys = keys.get(subject.trust_domain)
-    if domain_keys is None:
-        raise InvalidJwtSvid(
-            f"no keys for trust domain {subject.trust_domain}",
-            reason=Reason.UNTRUSTED_TRUST_DOMAIN,
-        )
-    key = domain_keys.get(kid)
-    if key is None:
-        raise InvalidJwtSvid(f"unknown kid {kid[:64]!r}", reason=Reason.JWT_UNKNOWN_KEY)
-    try:
-        verified = jwt.decode(
+        verified: dict[str, Any] = jwt.decode(
             token,
             key,
             algorithms=[alg],
@@ -211,16 +201,60 @@ def validate(
         raise InvalidJwtSvid(
             "token cannot be verified with its key", reason=Reason.JWT_SIGNATURE
         ) from None
-    at = now.timestamp()
-    exp = verified.get("exp")
-    if not isinstance(exp, int | float) or isinstance(exp, bool):
+    return verified
+
+
+def _number(value: object) -> float | None:
+    return float(value) if isinstance(value, int | float) and not isinstance(value, bool) else None
+
+
+def check_times(
+    verified: Mapping[str, Any], now: datetime, leeway: timedelta, *, require_iat: bool = False
+) -> None:
+    """`exp` present and not past, `nbf` and `iat` (if present) not in the future."""
+    at, skew = now.timestamp(), leeway.total_seconds()
+    exp = _number(verified.get("exp"))
+    if exp is None:
         raise InvalidJwtSvid("token has no exp claim", reason=Reason.JWT_MALFORMED)
-    if at >= exp + leeway.total_seconds():
+    if at >= exp + skew:
         raise InvalidJwtSvid("token has expired", reason=Reason.JWT_EXPIRED)
-    nbf = verified.get("nbf")
-    early = isinstance(nbf, int | float) and not isinstance(nbf, bool)
-    if early and at < float(nbf) - leeway.total_seconds():  # type: ignore[arg-type]
+    nbf = _number(verified.get("nbf"))
+    if nbf is not None and at < nbf - skew:
         raise InvalidJwtSvid("token is not yet valid", reason=Reason.JWT_EXPIRED)
+    iat = _number(verified.get("iat"))
+    if require_iat and iat is None:
+        raise InvalidJwtSvid("token has no iat claim", reason=Reason.JWT_MALFORMED)
+    if iat is not None and at < iat - skew:
+        raise InvalidJwtSvid("token was issued in the future", reason=Reason.JWT_EXPIRED)
+
+
+def validate(
+    token: str,
+    audience: str,
+    keys: Mapping[TrustDomain, Mapping[str, PublicKey]],
+    now: datetime,
+    leeway: timedelta = LEEWAY,
+) -> tuple[SpiffeId, dict[str, Any]]:
+    """(subject, claims) of a valid JWT-SVID for `audience`, or InvalidJwtSvid naming why not."""
+    alg, kid, unverified = read_unverified(token)
+    sub = unverified.get("sub")
+    if not isinstance(sub, str):
+        raise InvalidJwtSvid("token has no sub claim", reason=Reason.JWT_MALFORMED)
+    try:
+        subject = SpiffeId.parse(sub)
+    except MeshIdError:
+        raise InvalidJwtSvid("sub is not a SPIFFE ID", reason=Reason.JWT_MALFORMED) from None
+    domain_keys = keys.get(subject.trust_domain)
+    if domain_keys is None:
+        raise InvalidJwtSvid(
+            f"no keys for trust domain {subject.trust_domain}",
+            reason=Reason.UNTRUSTED_TRUST_DOMAIN,
+        )
+    key = domain_keys.get(kid)
+    if key is None:
+        raise InvalidJwtSvid(f"unknown kid {kid[:64]!r}", reason=Reason.JWT_UNKNOWN_KEY)
+    verified = verify_signature(token, key, alg)
+    check_times(verified, now, leeway)
     aud = verified.get("aud")
     audiences = [aud] if isinstance(aud, str) else aud if isinstance(aud, list) else []
     if audience not in audiences:

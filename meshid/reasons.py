@@ -301,6 +301,12 @@ class Reason(enum.StrEnum):
     JWT_EXPIRED = "jwt_expired", "the token's exp has passed (or its nbf has not come)"
     JWT_AUDIENCE = "jwt_audience", "the audience asked for is not in the token's aud"
 
+    # -- enrollment by platform identity (JWT attestors) --
+    JWT_ISSUER = "jwt_issuer", "no attestor trusts the enrollment JWT's iss"
+    JWT_CLAIM = "jwt_claim", "the enrollment JWT lacks a claim the attestor requires or maps"
+    JWT_REPLAYED = "jwt_replayed", "the enrollment JWT was used already"
+    JWKS_UNAVAILABLE = "jwks_unavailable", "the attestor's issuer keys cannot be read"
+
 
 # The reasons the README lists: operators may alert on them, so they keep their names.
 PUBLISHED: tuple[Reason, ...] = (

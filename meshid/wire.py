@@ -5,7 +5,7 @@ authority (`ca.api`) parses requests and builds replies through it, the
 sidecar (`sidecar.control`, `sidecar.dynamic`) builds requests and parses
 replies through it. Pure: no I/O, stdlib only.
 
-    POST /v1/enroll   EnrollRequest {token, csr}              -> SvidReply
+    POST /v1/enroll   EnrollRequest {token, csr, jwt?}        -> SvidReply
     POST /v1/renew    RenewRequest {csr, bundle_sequence?}    -> SvidReply (mTLS)
     POST /v1/report   meshid.report.StatusReport              -> ReportAck (mTLS)
     GET  /v1/watch?WatchQuery                                 -> Feed (mTLS)
@@ -143,18 +143,28 @@ def encode(doc: dict[str, Any]) -> bytes:
 
 @dataclass(frozen=True, slots=True)
 class EnrollRequest:
-    """A sidecar's first request: a join token and a CSR (PEM) for its SPIFFE ID."""
+    """A sidecar's first request: a join token, or a platform-issued JWT, and a CSR (PEM).
+
+    `jwt` is optional and additive: a sidecar enrolling by JWT sends an empty
+    `token` next to it, which an authority that predates attestors refuses.
+    """
 
     token: str = ""
     csr: str = ""
+    jwt: str | None = None
 
     def to_json(self) -> dict[str, Any]:
-        return {"v": WIRE_VERSION, "token": self.token, "csr": self.csr}
+        doc: dict[str, Any] = {"v": WIRE_VERSION, "token": self.token, "csr": self.csr}
+        if self.jwt is not None:
+            doc["jwt"] = self.jwt
+        return doc
 
     @classmethod
     def parse(cls, doc: object) -> EnrollRequest:
         fields = _object(doc, "sidecar", "request body")
-        return cls(token=_text(fields, "token", "sidecar"), csr=_text(fields, "csr", "sidecar"))
+        jwt = _opt_text(fields, "jwt", "sidecar")
+        token = _text(fields, "token", "sidecar", empty=jwt is not None)
+        return cls(token=token, csr=_text(fields, "csr", "sidecar"), jwt=jwt)
 
 
 @dataclass(frozen=True, slots=True)

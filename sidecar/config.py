@@ -49,6 +49,7 @@ class AuthoritySource:
     bundle: Path
     token_file: Path | None
     state_dir: Path
+    jwt_file: Path | None = None  # a platform-issued JWT, re-read on every enrollment attempt
 
 
 @dataclass(frozen=True, slots=True)
@@ -158,7 +159,7 @@ TOP_KEYS = (
     "workload_api",
 )
 STATIC_KEYS = ("cert", "key", "bundle", "policy")
-AUTHORITY_KEYS = ("server", "bundle", "token_file", "state_dir")
+AUTHORITY_KEYS = ("server", "bundle", "token_file", "jwt_file", "state_dir")
 INBOUND_KEYS = ("listen", "forward", "proxy_protocol")
 OUTBOUND_KEYS = ("listen", "upstream", "identity", "server_name")
 ADMIN_KEYS = ("listen",)
@@ -230,7 +231,12 @@ def parse_config(doc: Mapping[str, Any], base: Path = Path()) -> SidecarConfig:
             bundle=base / authority.string("bundle"),
             token_file=authority.path_value("token_file", base, optional=True),
             state_dir=base / authority.string("state_dir"),
+            jwt_file=authority.path_value("jwt_file", base, optional=True),
         )
+        if source.token_file is not None and source.jwt_file is not None:
+            raise ConfigError(
+                f"{authority.path('jwt_file')}: give token_file or jwt_file, not both"
+            )
         authority.done()
 
     inbound = []

@@ -49,7 +49,6 @@ from meshid.wire import (
     ENROLL,
     RENEW,
     REPORT,
-    EnrollRequest,
     Feed,
     RenewRequest,
     SvidReply,
@@ -60,6 +59,7 @@ from sidecar import failures as failures_mod
 from sidecar.config import AuthoritySource
 from sidecar.control import ControlClient, ControlPlaneError
 from sidecar.credentials import Svid
+from sidecar.enrollment import enroll_request, read_credential, refusal
 from sidecar.feed import FeedFollower
 from sidecar.lifecycle import ENROLLING, Lifecycle
 from sidecar.link import AuthorityLink
@@ -211,25 +211,7 @@ class DynamicIdentity(FeedFollower):
         await self.state.flush()
 
     def _read_token(self) -> str:
-        sid = self.current.identity
-        token_file = self.source.token_file
-        advice = (
-            f"create one with 'meshid ca token {sid}' on the authority, write it to "
-            f"{token_file or 'the file named by authority.token_file'} and start again"
-        )
-        if token_file is None:
-            raise ConfigError(f"no valid SVID in {self.dir} and no join token: {advice}")
-        try:
-            token = token_file.read_text().strip()
-        except OSError as exc:
-            raise ConfigError(
-                f"no valid SVID in {self.dir} and the join token {token_file} is unreadable "
-                f"({exc.strerror}): {advice}",
-                reason="missing_token",
-            ) from None
-        if not token:
-            raise ConfigError(f"join token file {token_file} is empty: {advice}")
-        return token
+        return read_credential(self.source, self.current.identity, self.dir)
 
     def _check_bootstrap_bundle(self) -> None:
         """The bundle enrollment trusts holds certificates: else no attempt can ever work."""
@@ -257,16 +239,11 @@ class DynamicIdentity(FeedFollower):
                 await self._enroll(token)
                 return
             except ControlPlaneError as exc:
-                if exc.refused and exc.reason != failures_mod.NOT_AUTHORITY:
-                    raise ControlPlaneError(
-                        f"join token refused: {exc.message}; create a new token with "
-                        f"'meshid ca token {self.current.identity}', write it to "
-                        f"{self.source.token_file} and start again",
-                        reason=exc.reason,
-                        status=exc.status,
-                        permanent=True,
-                    ) from None
-                if exc.permanent:
+                by_jwt = self.source.jwt_file is not None
+                passes = by_jwt and exc.reason in failures_mod.JWT_REFUSALS_THAT_PASS
+                if exc.refused and exc.reason != failures_mod.NOT_AUTHORITY and not passes:
+                    raise refusal(exc, self.source, self.current.identity) from None
+                if exc.permanent and not passes:
                     self.host.events.emit(
                         "enroll_failed", reason=exc.reason, detail=exc.message, permanent=True
                     )
@@ -282,13 +259,15 @@ class DynamicIdentity(FeedFollower):
                 )
                 self.host.lifecycle.enroll_failed(exc.brief, failures, trio.current_time() + delay)
                 await trio.sleep(delay)
+                if by_jwt:
+                    token = self._read_token()
 
     async def _enroll(self, token: str) -> None:
         key = generate_key()
         reply = await self.link.ask(
             "POST",
             ENROLL,
-            EnrollRequest(token, build_csr(key, self.current.identity).decode()).to_json(),
+            enroll_request(self.source, token, build_csr(key, self.current.identity)).to_json(),
             as_client=False,  # the token is who we are, until we hold an SVID
         )
         svid = self._svid_from(reply, key)

@@ -15,6 +15,14 @@ an HTTP status and the authority's own reason) and `classify` judges it.
   certificate, or the authority answered no (HTTP 4xx: a spent token, a
   revoked identity). The message is one line that names the fix.
 
+An enrollment JWT (`authority.jwt_file`) refused for a reason the platform
+fixes by itself - expired, already used, signed by a key the authority has
+not fetched yet, half-written, or keys the authority cannot read right now -
+is transient: the kubelet rotates the file,
+and the next attempt reads it again (`JWT_REFUSALS_THAT_PASS`). A refusal no
+new token can fix (another issuer or audience, a claim the attestor
+requires, an identity that is not ours) stays permanent.
+
 What a permanent failure does depends on the caller: before enrollment the
 sidecar ends with the message; a serving sidecar keeps serving, says so and
 retries slowly.
@@ -24,6 +32,8 @@ from __future__ import annotations
 
 import errno as errnos
 from dataclasses import dataclass
+
+from meshid.reasons import Reason
 
 TRANSIENT = "transient"
 PERMANENT = "permanent"
@@ -49,6 +59,15 @@ WRONG_IDENTITY = "authority_identity"
 TRUST_DOMAIN_MISMATCH = "trust_domain_mismatch"
 PROTOCOL_ERROR = "authority_protocol"
 NOT_AUTHORITY = "not_an_authority"
+JWT_REFUSALS_THAT_PASS = frozenset(
+    {
+        Reason.JWT_EXPIRED,
+        Reason.JWT_REPLAYED,
+        Reason.JWT_UNKNOWN_KEY,
+        Reason.JWT_MALFORMED,
+        Reason.JWKS_UNAVAILABLE,  # the authority cannot read the issuer's keys right now
+    }
+)
 LOCAL_CREDENTIALS = "local_credentials"
 REFUSED = "authority_refused"
 

@@ -326,6 +326,8 @@ def _make_version_1(state: Path, rows: list[tuple[str, str, float, str]]) -> Non
     conn = sqlite3.connect(state / DB_NAME)
     try:
         conn.execute("DROP TABLE reports")
+        conn.execute("DROP TABLE attestors")  # tables of later versions
+        conn.execute("DROP TABLE used_jwts")
         conn.execute(V1_REPORTS)
         conn.executemany("INSERT INTO reports VALUES (?, ?, ?, ?)", rows)
         conn.execute("UPDATE settings SET value = '1' WHERE name = 'schema_version'")

@@ -116,7 +116,7 @@ def resolve(argv: tuple[str, ...] | list[str]) -> Resolved:
     return Resolved(tuple(path), dict(leaf.params))
 
 
-_COMMAND_PREFIXES = {"--", "exec", "sudo", "env", "then", "else", "do", "time", "nohup"}
+_COMMAND_PREFIXES = {"--", "exec", "sudo", "env", "if", "then", "else", "do", "time", "nohup"}
 _ASSIGNMENT = re.compile(r"[A-Za-z_][A-Za-z0-9_]*=")
 
 
@@ -430,7 +430,11 @@ EXPECTED_COMMANDS = {
 @pytest.mark.parametrize("flavour", sorted(FLAVOURS))
 def test_each_flavour_runs_the_whole_bootstrap(flavour: str) -> None:
     paths = {tuple(inv.argv[:2]) for inv in FLAVOURS[flavour]()}
-    assert paths >= EXPECTED_COMMANDS, f"missing: {EXPECTED_COMMANDS - paths}"
+    expected = EXPECTED_COMMANDS
+    if flavour == "kubernetes":  # pods enroll with their ServiceAccount tokens, not join tokens
+        expected = expected - {("ca", "token")} | {("ca", "attestor")}
+        assert ("ca", "token") not in paths
+    assert paths >= expected, f"missing: {expected - paths}"
 
 
 @pytest.mark.parametrize(
@@ -653,7 +657,7 @@ def k8s_pods() -> list[Pod]:
 
 
 def meshid_container(pod: Pod, path: tuple[str, ...]) -> tuple[dict[str, Any], Resolved] | None:
-    for container in pod.spec["containers"]:
+    for container in all_containers(pod.spec):
         for argv in meshid_in_argv(container_argv(container)):
             result = resolve(argv)
             if result.path == path:
@@ -689,7 +693,8 @@ def test_k8s_authority() -> None:
 
     # The init container creates the authority in the same volume, guarded by
     # the file `ca init` commits last (a fresh volume may hold lost+found).
-    [init] = ca_pod.spec["initContainers"]
+    init, attestor = ca_pod.spec["initContainers"]
+    check_k8s_attestor(ca_pod, attestor, container, state)
     script = container_argv(init)[2]
     [init_argv] = meshid_in_argv(container_argv(init))
     ca_init = resolve(init_argv)
@@ -712,6 +717,24 @@ def test_k8s_authority() -> None:
     assert dns in option_values(serve.params, "dns")
 
 
+K8S_TEMPLATE = "ns/{kubernetes.io.namespace}/sa/{kubernetes.io.serviceaccount.name}"
+
+
+def check_k8s_attestor(
+    ca_pod: Pod, init: dict[str, Any], serve: dict[str, Any], state: PurePosixPath
+) -> None:
+    """The second init container adds the attestor once; `ca serve` reads its JWKS too."""
+    calls = [resolve(argv) for argv in meshid_in_argv(container_argv(init))]
+    assert [c.path for c in calls] == [("ca", "attestor", "list"), ("ca", "attestor", "add")]
+    add = calls[1]
+    assert all(PurePosixPath(str(c.params["state"])) == state for c in calls)
+    assert add.params["name"] in container_argv(init)[2].split("grep -q '^")[1]
+    assert (add.params["audience"], add.params["template"]) == ("meshid", K8S_TEMPLATE)
+    assert option_values(add.params, "claims") == ["kubernetes.io.namespace=meshid"]
+    jwks = PurePosixPath(str(add.params["jwks_file"]))
+    assert ca_pod.file_key(init, jwks, "ConfigMap") == ca_pod.file_key(serve, jwks, "ConfigMap")
+
+
 def k8s_sidecars() -> list[tuple[Pod, dict[str, Any], SidecarConfig]]:
     found = []
     for pod in k8s_pods():
@@ -729,8 +752,12 @@ def k8s_sidecars() -> list[tuple[Pod, dict[str, Any], SidecarConfig]]:
 
 def test_k8s_sidecars_match_their_pods() -> None:
     sidecars = k8s_sidecars()
-    assert {str(c.identity.path) for _, _, c in sidecars} == {"/api", "/web"}
+    assert {str(c.identity.path) for _, _, c in sidecars} == {
+        "/ns/meshid/sa/api",
+        "/ns/meshid/sa/web",
+    }
     for pod, container, config in sidecars:
+        check_native_sidecar_with_token(pod, container, config)
         assert config.admin is not None
         assert config.admin.host not in LOOPBACK, f"{pod.name}: the kubelet cannot probe loopback"
         for probe, path in (("readinessProbe", "/readyz"), ("livenessProbe", "/healthz")):
@@ -740,9 +767,7 @@ def test_k8s_sidecars_match_their_pods() -> None:
             assert pod.port(container, get["port"]) == config.admin.port, f"{pod.name}: {probe}"
 
         source = dynamic(config)
-        assert source.token_file is not None
         pod.file_key(container, PurePosixPath(str(source.bundle)), "ConfigMap")
-        pod.file_key(container, PurePosixPath(str(source.token_file)), "Secret")
         state = PurePosixPath(str(source.state_dir))
         mount, inside = pod.mount_for(container, state)
         # The sidecar chmods its state dir: it must be a subdirectory it creates.
@@ -762,6 +787,43 @@ def test_k8s_sidecars_match_their_pods() -> None:
 
         grace = pod.spec.get("terminationGracePeriodSeconds", 30)
         assert grace > config.limits.drain_timeout, f"{pod.name}: killed before it drains"
+
+
+def check_native_sidecar_with_token(
+    pod: Pod, container: dict[str, Any], config: SidecarConfig
+) -> None:
+    """A native sidecar that enrolls with its pod's projected ServiceAccount token."""
+    assert container in pod.spec.get("initContainers", []), f"{pod.name}: not a native sidecar"
+    assert container.get("restartPolicy") == "Always", pod.name
+    startup = container["startupProbe"]["httpGet"]
+    assert startup["path"] == "/readyz" and pod.port(container, startup["port"]) == 15090
+    deployment = k8s_find("Deployment", pod.name)
+    assert deployment is not None
+    assert deployment["spec"]["replicas"] >= 2, f"{pod.name}: one replica"
+    assert deployment["spec"].get("strategy", {}).get("type") != "Recreate", pod.name
+    source = dynamic(config)
+    assert source.token_file is None and source.jwt_file is not None, pod.name
+    mount, inside = pod.mount_for(container, PurePosixPath(str(source.jwt_file)))
+    assert mount.get("readOnly") is True
+    [projected] = pod.volumes[mount["name"]]["projected"]["sources"]
+    token = projected["serviceAccountToken"]
+    assert (token["audience"], token["path"]) == ("meshid", str(inside)), pod.name
+    assert token.get("expirationSeconds", 3600) <= 3600
+    account = pod.spec["serviceAccountName"]
+    assert k8s_find("ServiceAccount", account) is not None, f"{pod.name}: no SA {account}"
+    assert pod.spec.get("automountServiceAccountToken") is False  # the API token is not needed
+    assert config.identity.path == f"/ns/meshid/sa/{account}", pod.name  # the attestor's template
+    assert not any("secret" in v for v in pod.volumes.values()), f"{pod.name}: a Secret per pod"
+
+
+def test_k8s_sidecar_checks_negative_twin() -> None:
+    [(pod, container, config)] = [s for s in k8s_sidecars() if s[0].name == "api"]
+    spec = {**pod.spec, "initContainers": [], "containers": [*pod.spec["containers"], container]}
+    with pytest.raises(AssertionError, match="native sidecar"):
+        check_native_sidecar_with_token(Pod(pod.name, spec), container, config)
+    other = {**pod.spec, "serviceAccountName": "web"}
+    with pytest.raises(AssertionError):
+        check_native_sidecar_with_token(Pod(pod.name, other), container, config)
 
 
 def test_k8s_sidecars_reach_the_authority_and_their_upstreams() -> None:
@@ -794,7 +856,7 @@ def test_k8s_readme_allows_and_enrolls_what_the_manifests_need() -> None:
     for config in configs:
         for outbound in config.outbound:
             assert (config.identity.path[1:], outbound.identity.path[1:]) in pairs
-    assert token_ids(results) == {c.identity.path[1:] for c in configs}
+    assert token_ids(results) == set()  # enrolled by ServiceAccount token, no join token
     readme = (K8S / "README.md").read_text()
     for manifest in sorted(K8S.glob("*.yaml")):
         assert f"kubectl apply -f deploy/kubernetes/{manifest.name}" in readme, manifest.name

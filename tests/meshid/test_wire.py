@@ -206,3 +206,14 @@ def test_a_feed_with_a_bad_identity_names_the_entry() -> None:
     doc["pairs"][0][1] = "https://example.org/api"
     with pytest.raises(WireError, match=r"pairs\[0\]\[1\]: must be a SPIFFE ID"):
         Feed.parse(doc)
+
+
+def test_an_enrollment_by_jwt_carries_an_empty_token_for_older_authorities() -> None:
+    request = EnrollRequest(csr="PEM", jwt="a.b.c")
+    doc = request.to_json()
+    assert doc["token"] == "" and doc["jwt"] == "a.b.c"
+    assert EnrollRequest.parse(doc) == request
+    with pytest.raises(WireError, match="token"):  # an empty token without a jwt is refused
+        EnrollRequest.parse({"v": 1, "token": "", "csr": "PEM"})
+    with pytest.raises(WireError, match="jwt"):
+        EnrollRequest.parse({"v": 1, "token": "", "csr": "PEM", "jwt": 5})
