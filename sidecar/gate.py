@@ -86,6 +86,18 @@ class Gate:
             facts = self._facts[key] = leaf_facts(cert.to_cryptography())
         return facts
 
+    def _judge(self, cert: crypto.X509, hs: Handshake) -> Verdict:
+        """The peer's leaf judged under the credentials, policy and clock in force now."""
+        return judge_facts(
+            self.leaf_facts(cert),
+            direction=hs.direction,
+            local_id=self.current.identity,
+            expected=hs.expected,
+            policy=self.current.policy,
+            now=self.current.wall(),
+            skew=self.current.skew,
+        )
+
     def verify(
         self, conn: SSL.Connection, cert: crypto.X509, errnum: int, depth: int, ok: int
     ) -> bool:
@@ -113,15 +125,7 @@ class Gate:
                     hs.verdict = late
                     return False
                 return True
-            hs.verdict = judge_facts(
-                self.leaf_facts(cert),
-                direction=hs.direction,
-                local_id=self.current.identity,
-                expected=hs.expected,
-                policy=self.current.policy,
-                now=self.current.wall(),
-                skew=self.current.skew,
-            )
+            hs.verdict = self._judge(cert, hs)
             # A quarantined ID is not refused here: the peer has not yet shown it holds
             # the key (CertificateVerify comes next), so _handshake checks, after it.
             return hs.verdict.allowed
@@ -239,15 +243,7 @@ class Gate:
             if cert is None:
                 verdict = Verdict(False, Reason.NO_CLIENT_CERTIFICATE, "peer sent no certificate")
             else:
-                verdict = judge_facts(
-                    self.leaf_facts(cert),
-                    direction=hs.direction,
-                    local_id=self.current.identity,
-                    expected=hs.expected,
-                    policy=self.current.policy,
-                    now=self.current.wall(),
-                    skew=self.current.skew,
-                )
+                verdict = self._judge(cert, hs)
         elif verdict.allowed and verdict.peer_id is not None:
             # The callback judged under the policy of that moment; install_policy skips
             # connections still in their handshake, so judge the pair again under today's.
