@@ -212,6 +212,12 @@ def bundle_cmd(state: Path, fmt: str) -> None:
     help="Serve Prometheus metrics over plain HTTP here (/metrics, /healthz, /version); "
     "with --workers N, worker i serves PORT+i. Off by default.",
 )
+@click.option(
+    "--ui",
+    metavar="HOST:PORT",
+    help="Serve the read-only service graph page over plain HTTP here; with --workers N, "
+    "worker i serves PORT+i. Off by default.",
+)
 @passphrase_option
 def serve_cmd(
     state: Path,
@@ -222,6 +228,7 @@ def serve_cmd(
     auto_rotate: bool,
     passphrase_file: Path | None,
     metrics: str | None,
+    ui: str | None,
 ) -> None:
     """Run the control plane: enrollment, renewal, bundle, policy and revocation feed."""
     from ca.plane import ServerOptions
@@ -231,6 +238,7 @@ def serve_cmd(
 
     host, port = parse_listen(listen)
     metrics_at = parse_listen(metrics, "--metrics") if metrics else None
+    ui_at = parse_listen(ui, "--ui") if ui else None
     names, ips = (tuple(dns), tuple(_ips(ip))) if dns or ip else default_names(host)
     passphrase = read_passphrase(passphrase_file)
     clock = system_clock()  # the process's one clock: every worker and the authority share it
@@ -249,6 +257,7 @@ def serve_cmd(
         ip_addresses=ips,
         auto_rotate=auto_rotate,
         metrics=metrics_at,
+        ui=ui_at,
     )
     try:
         status = run_server(
