@@ -49,6 +49,7 @@ class Edge:
     target: str
     allowed: bool
     live: int
+    refused: tuple[tuple[str, str, int], ...] = ()  # (deny or cut, reason, count) last hour
 
 
 @dataclass(frozen=True, slots=True)
@@ -77,7 +78,13 @@ class Graph:
             "at": self.at,
             "nodes": list(self.nodes),
             "edges": [
-                {"from": e.source, "to": e.target, "allowed": e.allowed, "live": e.live}
+                {
+                    "from": e.source,
+                    "to": e.target,
+                    "allowed": e.allowed,
+                    "live": e.live,
+                    "refused": [{"kind": k, "reason": r, "count": n} for k, r, n in e.refused],
+                }
                 for e in self.edges
             ],
             "sidecars": [
@@ -109,11 +116,13 @@ def build_graph(
     """Nodes are identities, edges the allowed pairs plus any pair seen connected.
 
     A pair's live count is the larger of what its client reports outbound and
-    what its server reports inbound (both ends report the same connections).
+    what its server reports inbound (both ends report the same connections);
+    so is each count of refusals and cuts, by kind and reason.
     """
     reports = list(reports)
     outbound: dict[tuple[str, str], int] = {}
     inbound: dict[tuple[str, str], int] = {}
+    refused: dict[tuple[str, str], dict[tuple[str, str, str], int]] = {}
     for r in reports:
         me = str(r.spiffe_id)
         for p in r.report.pairs:
@@ -122,10 +131,22 @@ def build_graph(
                 ((me, peer), outbound) if p.direction == "outbound" else ((peer, me), inbound)
             )
             counts[key] = counts.get(key, 0) + p.count
+        for x in r.report.refusals:
+            peer = str(x.peer_id)
+            key = (me, peer) if x.direction == "outbound" else (peer, me)
+            per = refused.setdefault(key, {})
+            end = (x.direction, x.kind, x.reason)
+            per[end] = per.get(end, 0) + x.count
     allowed = {(str(s), str(t)) for s, t in policy.pairs}
-    keys = sorted(allowed | outbound.keys() | inbound.keys())
+    keys = sorted(allowed | outbound.keys() | inbound.keys() | refused.keys())
     edges = tuple(
-        Edge(s, t, (s, t) in allowed, max(outbound.get((s, t), 0), inbound.get((s, t), 0)))
+        Edge(
+            s,
+            t,
+            (s, t) in allowed,
+            max(outbound.get((s, t), 0), inbound.get((s, t), 0)),
+            _merge_ends(refused.get((s, t), {})),
+        )
         for s, t in keys
     )
     nodes = sorted(
@@ -144,6 +165,18 @@ def build_graph(
         for r in reports
     )
     return Graph(_iso(now), tuple(nodes), edges, sidecars, rollover)
+
+
+def _merge_ends(counts: dict[tuple[str, str, str], int]) -> tuple[tuple[str, str, int], ...]:
+    """(kind, reason, count): the larger of the client's and the server's count."""
+    merged: dict[tuple[str, str], int] = {}
+    for (_, kind, reason), count in counts.items():
+        merged[kind, reason] = max(merged.get((kind, reason), 0), count)
+    return tuple((k, r, n) for (k, r), n in sorted(merged.items()))
+
+
+def _refused_text(edge: Edge) -> str:
+    return ", ".join(f"{n} {k} {r}" for k, r, n in edge.refused) or "-"
 
 
 def _layout(nodes: tuple[str, ...], size: float) -> dict[str, tuple[float, float]]:
@@ -173,6 +206,8 @@ def _svg(graph: Graph) -> str:
         colour = "#2a7" if e.allowed else "#c33"
         width = 1 + min(6, e.live)
         label = f"{e.source} → {e.target}: {e.live} live" + ("" if e.allowed else " (not allowed)")
+        if e.refused:
+            label += f"; last hour: {_refused_text(e)}"
         parts.append(
             f'<line class="edge" x1="{x1:.1f}" y1="{y1:.1f}" x2="{x2:.1f}" y2="{y2:.1f}" '
             f'stroke="{colour}" stroke-width="{width}"><title>{escape(label)}</title></line>'
@@ -216,7 +251,10 @@ SCRIPT = """
 
 def render_page(graph: Graph) -> str:
     """The whole page; every value that came from outside is escaped."""
-    edges = _rows((e.source, e.target, "yes" if e.allowed else "no", e.live) for e in graph.edges)
+    edges = _rows(
+        (e.source, e.target, "yes" if e.allowed else "no", e.live, _refused_text(e))
+        for e in graph.edges
+    )
     sidecars = _rows(
         (
             s.spiffe_id,
@@ -241,7 +279,8 @@ def render_page(graph: Graph) -> str:
         f"{len(graph.nodes)} identities, {len(graph.edges)} edges.</p>"
         f"{_svg(graph)}"
         '<h2>Edges</h2><table id="edges"><tr><th>from</th><th>to</th><th>allowed</th>'
-        f"<th>live connections</th></tr>{edges}</table>"
+        "<th>live connections</th><th>refused or cut, last hour (reason)</th></tr>"
+        f"{edges}</table>"
         '<h2>Sidecars</h2><table id="sidecars"><tr><th>identity</th><th>instance</th>'
         "<th>last report</th><th>SVID serial</th><th>SVID expires</th>"
         f"<th>bundle sequence</th><th>live connections</th></tr>{sidecars}</table>"

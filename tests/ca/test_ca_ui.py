@@ -17,7 +17,7 @@ from ca_helpers import TD, Clock, serving_process, wait_event
 from ca.authority import Authority
 from ca.ui import ServiceGraph
 from meshid.clock import system_clock
-from meshid.report import PairCount, StatusReport
+from meshid.report import PairCount, PairRefusal, StatusReport
 from meshid.spiffeid import SpiffeId
 
 WEB, API, DB = SpiffeId(TD, "/web"), SpiffeId(TD, "/api"), SpiffeId(TD, "/db")
@@ -49,6 +49,7 @@ def _two_sidecars(authority: Authority) -> str:
             svid_not_after=later,
             live_connections=2,
             pairs=(PairCount("outbound", API, 2),),
+            refusals=(PairRefusal("inbound", DB, "deny", "not_allowed", 4),),
         ),
     )
     authority.record_report(
@@ -58,6 +59,7 @@ def _two_sidecars(authority: Authority) -> str:
             svid_serial=HOSTILE,  # what a workload reports is hostile
             svid_not_after=later,
             pairs=(PairCount("inbound", WEB, 2),),
+            refusals=(PairRefusal("outbound", WEB, "cut", "policy_revoked", 1),),
         ),
     )
     return authority.create_token(DB)
@@ -71,12 +73,28 @@ def test_page_shows_nodes_edges_and_sidecars_and_no_token(
     graph.refresh(authority)
     doc = json.loads(graph.route("GET", "/graph.json").body)
     assert doc["nodes"] == [str(API), str(DB), str(WEB)]
-    assert {"from": str(WEB), "to": str(API), "allowed": True, "live": 2} in doc["edges"]
-    assert {"from": str(API), "to": str(DB), "allowed": True, "live": 0} in doc["edges"]
+    edges = {(e["from"], e["to"]): e for e in doc["edges"]}
+    assert edges[str(WEB), str(API)]["live"] == 2 and edges[str(WEB), str(API)]["allowed"]
+    assert edges[str(API), str(DB)] == {
+        "from": str(API),
+        "to": str(DB),
+        "allowed": True,
+        "live": 0,
+        "refused": [],
+    }
+    # a refusal names an edge the allow-list does not have; a cut, one it did
+    assert edges[str(DB), str(WEB)]["allowed"] is False
+    assert edges[str(DB), str(WEB)]["refused"] == [
+        {"kind": "deny", "reason": "not_allowed", "count": 4}
+    ]
+    assert edges[str(API), str(WEB)]["refused"] == [
+        {"kind": "cut", "reason": "policy_revoked", "count": 1}
+    ]
     assert [s["instance"] for s in doc["sidecars"]] == ["api-1", "web-1"]
     assert "generation 1 active" in doc["rollover"]
     page = graph.route("GET", "/").body.decode()
-    assert page.count('class="edge"') == 2 and page.count('class="node"') == 3
+    assert page.count('class="edge"') == 4 and page.count('class="node"') == 3
+    assert "4 deny not_allowed" in page
     assert "web-1" in page and "0a1b" in page
     assert token not in page and token not in json.dumps(doc)
     assert "PRIVATE KEY" not in page
@@ -168,8 +186,9 @@ def test_page_in_a_real_browser(tmp_path: Path) -> None:
             page.on("pageerror", lambda e: errors.append(str(e)))
             page.goto(f"http://127.0.0.1:{port}/", timeout=20_000)
             assert page.locator("svg#graph .node").count() == 3
-            assert page.locator("svg#graph .edge").count() == 2
-            assert page.locator("#edges tr").count() == 3  # the header and two edges
+            assert page.locator("svg#graph .edge").count() == 4
+            assert page.locator("#edges tr").count() == 5  # the header and four edges
+            assert "4 deny not_allowed" in page.locator("#edges").inner_text()
             sidecars = page.locator("#sidecars").inner_text()
             assert "web-1" in sidecars and HOSTILE in sidecars  # shown as text, never run
             # the script swaps in a fresh copy without errors
