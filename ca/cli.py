@@ -25,8 +25,10 @@ from ca.cliopts import (
     passphrase_option,
     read_passphrase,
     state_option,
+    state_or_server_option,
 )
 from ca.jwtkeys import JwtKeyring, with_jwt_keys
+from ca.operator_cli import operator_group
 from ca.values import DEFAULT_ROOT_TTL, DEFAULT_SVID_TTL, DEFAULT_TOKEN_TTL
 from meshid.cli import Group
 from meshid.clock import system_clock
@@ -155,10 +157,19 @@ def token_cmd(
 
 
 @ca_group.command("revoke")
-@state_option
+@state_or_server_option
 @click.argument("spiffe_id", metavar="ID")
-def revoke_cmd(state: Path, spiffe_id: str) -> None:
+def revoke_cmd(state: Path | None, server: str | None, svid: Path | None, spiffe_id: str) -> None:
     """Revoke ID: no more enrollment or renewal; sidecars drop and refuse it."""
+    from ca.remote import echo_answer, remote_or_none
+    from meshid.adminwire import RevokeCall
+    from meshid.wire import ADMIN_REVOKE
+
+    remote = remote_or_none(state, server, svid)
+    if remote is not None:
+        echo_answer(remote.call(ADMIN_REVOKE, RevokeCall(spiffe_id).to_json()))
+        return
+    assert state is not None
     authority = open_authority(state)
     sid = authority.resolve(spiffe_id)
     version = authority.revoke(sid)
@@ -354,3 +365,4 @@ def status_cmd(state: Path) -> None:
 
 
 ca_group.add_command(attestor_group)
+ca_group.add_command(operator_group)
