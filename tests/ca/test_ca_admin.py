@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import sqlite3
 from pathlib import Path
 
-from ca_helpers import TD, run, serving_process, wait_event
+from ca_helpers import TD, run, serving_process, tls_exchange, wait_event
 
 from ca.authority import Authority
+from ca.store import DB_NAME
 from meshid.clock import system_clock
+from meshid.spiffeid import SpiffeId
 
 ALICE = f"spiffe://{TD.name}/meshid/operator/alice"
 
@@ -76,6 +79,19 @@ def test_operator_changes_policy_remotely_and_a_workload_is_refused(tmp_path: Pa
         # both ways at once is a usage error
         both = run("policy", "list", "--state", str(state), *as_alice)
         assert both.exit_code == 2
+        # no client certificate: not even authenticated
+        port = int(listen.rpartition(":")[2])
+        anonymous = tls_exchange(
+            port,
+            alice / "bundle.pem",
+            b"POST /v1/admin/policy HTTP/1.1\r\nhost: ca\r\nconnection: close\r\n"
+            b'content-length: 17\r\n\r\n{"action":"list"}',
+        )
+        assert anonymous.startswith(b"HTTP/1.1 401")
+        # taken off the list, alice is refused from the next call on
+        assert run("ca", "operator", "remove", ALICE, "--state", str(state)).exit_code == 0
+        gone = run("policy", "list", *as_alice)
+        assert gone.exit_code != 0 and "403" in gone.output
     rows = _audit(state)
     by_alice = [(a, d) for a, d in rows if d.get("operator") == ALICE]
     assert [a for a, _ in by_alice] == [
@@ -86,12 +102,31 @@ def test_operator_changes_policy_remotely_and_a_workload_is_refused(tmp_path: Pa
         "operator_call",  # the allow that changed nothing
         "policy_deny",
         "revoke",
+        "operator_call",  # refused, once off the list
     ]
-    [refusal] = [d for a, d in rows if a == "operator_call" and "refused" in d]
-    assert refusal["operator"] == f"spiffe://{TD.name}/web" and refusal["refused"] == "not_operator"
+    refusals = [d["operator"] for a, d in rows if a == "operator_call" and "refused" in d]
+    assert refusals == [f"spiffe://{TD.name}/web", ALICE]
     # the remote pair never reached the allow-list
     authority = Authority.open(state, clock=system_clock())
     try:
         assert authority.policy().pairs == frozenset()
+    finally:
+        authority.close()
+
+
+def test_a_database_of_the_version_before_gains_the_operator_list(tmp_path: Path) -> None:
+    state = tmp_path / "state"
+    Authority.init(state, TD, clock=system_clock()).close()
+    conn = sqlite3.connect(state / DB_NAME)
+    with conn:
+        conn.execute("DROP TABLE operators")
+        conn.execute("UPDATE settings SET value = '4' WHERE name = 'schema_version'")
+    conn.execute("PRAGMA user_version = 4")
+    conn.close()
+    authority = Authority.open(state, clock=system_clock())
+    try:
+        authority.operator_add(SpiffeId.parse(ALICE))
+        assert authority.operators() == [SpiffeId.parse(ALICE)]
+        assert authority.store.verify_audit()[1] is None
     finally:
         authority.close()

@@ -201,3 +201,24 @@ def test_page_in_a_real_browser(tmp_path: Path) -> None:
             assert errors == []
         finally:
             browser.close()
+
+
+def test_each_worker_serves_the_page_on_a_port_of_its_own(tmp_path: Path) -> None:
+    state = _populated_state(tmp_path)
+    log = tmp_path / "log.jsonl"
+    with serving_process(state, log, "--ui", "127.0.0.1:0", "--workers", "2") as proc:
+        lines = [wait_event(log, "ui_serving", proc, 30, worker=i) for i in (0, 1)]
+        ports = {_address(line)[1] for line in lines}
+        assert len(ports) == 2
+        for port in ports:
+            raw = _plain(port, b"GET /graph.json HTTP/1.1\r\nhost: u\r\nconnection: close\r\n\r\n")
+            doc = json.loads(raw.partition(b"\r\n\r\n")[2])
+            assert str(WEB) in doc["nodes"]
+
+
+def test_no_ui_unless_asked(tmp_path: Path) -> None:
+    state = _populated_state(tmp_path)
+    log = tmp_path / "log.jsonl"
+    with serving_process(state, log) as proc:
+        wait_event(log, "serving", proc, 30)
+        assert "ui_serving" not in log.read_text()
