@@ -197,12 +197,17 @@ def _svg(graph: Graph) -> str:
     at = _layout(graph.nodes, size)
     parts = [
         f'<svg id="graph" xmlns="http://www.w3.org/2000/svg" width="{size:.0f}" '
-        f'height="{size:.0f}" viewBox="0 0 {size:.0f} {size:.0f}" role="img">'
+        f'height="{size:.0f}" viewBox="0 0 {size:.0f} {size:.0f}" role="img" '
+        'style="overflow:visible;margin:0 12em">'
     ]
     for e in graph.edges:
         if e.source not in at or e.target not in at:
             continue
         (x1, y1), (x2, y2) = at[e.source], at[e.target]
+        # each direction 3 px to its own side, so A -> B and B -> A stay apart
+        length = math.hypot(x2 - x1, y2 - y1) or 1.0
+        dx, dy = 3 * (y2 - y1) / length, -3 * (x2 - x1) / length
+        x1, y1, x2, y2 = x1 + dx, y1 + dy, x2 + dx, y2 + dy
         colour = "#2a7" if e.allowed else "#c33"
         width = 1 + min(6, e.live)
         label = f"{e.source} → {e.target}: {e.live} live" + ("" if e.allowed else " (not allowed)")
@@ -215,7 +220,9 @@ def _svg(graph: Graph) -> str:
     for n, (x, y) in at.items():
         parts.append(
             f'<g class="node"><circle cx="{x:.1f}" cy="{y:.1f}" r="7" fill="#36c"/>'
-            f'<text x="{x + 10:.1f}" y="{y + 4:.1f}" font-size="11">{escape(n)}</text></g>'
+            f'<text x="{x + (10 if x >= size / 2 else -10):.1f}" y="{y + 4:.1f}" '
+            f'text-anchor="{"start" if x >= size / 2 else "end"}" font-size="11">'
+            f"{escape(n)}</text></g>"
         )
     parts.append("</svg>")
     return "".join(parts)
@@ -307,6 +314,8 @@ class ServiceGraph:
             waits = ", waiting for sidecars to hold it" if pending.wait_for_acks else ""
             takes = _iso(pending.activate_at)
             rollover += f"; generation {pending.generation} takes over at {takes}{waits}"
+        sequence = authority.versions()[2]
+        rollover += f"; current bundle sequence {sequence}"
         reports, _ = authority.reports()
         self.graph = build_graph(authority.policy(), reports, rollover, self.clock.wall())
 

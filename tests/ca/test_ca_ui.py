@@ -92,6 +92,7 @@ def test_page_shows_nodes_edges_and_sidecars_and_no_token(
     ]
     assert [s["instance"] for s in doc["sidecars"]] == ["api-1", "web-1"]
     assert "generation 1 active" in doc["rollover"]
+    assert "current bundle sequence" in doc["rollover"]
     page = graph.route("GET", "/").body.decode()
     assert page.count('class="edge"') == 4 and page.count('class="node"') == 3
     assert "4 deny not_allowed" in page
