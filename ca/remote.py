@@ -15,12 +15,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import click
+from cryptography import x509
 
 from ca.workers import parse_listen
 from meshid.adminwire import AdminAnswer
-from meshid.errors import AuthorityError, StateError
+from meshid.errors import AuthorityError, MeshIdError, StateError
 from meshid.reasons import Reason
-from meshid.wire import ErrorBody
+from meshid.svid import leaf_spiffe_id
+from meshid.wire import AUTHORITY_PATH, ErrorBody
 
 TIMEOUT = 30.0
 MAX_ANSWER = 16 * 1024 * 1024
@@ -59,6 +61,7 @@ class Remote:
                 socket.create_connection((self.host, self.port), timeout=TIMEOUT) as raw,
                 self._context().wrap_socket(raw) as tls,
             ):
+                _check_authority(tls.getpeercert(binary_form=True))
                 tls.sendall(request)
                 data = b""
                 while len(data) <= MAX_ANSWER and (chunk := tls.recv(65536)):
@@ -78,6 +81,19 @@ class Remote:
             err = ErrorBody.parse(parsed)
             raise RemoteRefused(f"refused ({status}): {err.message}", reason=err.error)
         return AdminAnswer.parse(parsed)
+
+
+def _check_authority(der: bytes | None) -> None:
+    """The server must hold the authority's own SVID (`/meshid/authority`), not a workload's."""
+    try:
+        sid = leaf_spiffe_id(x509.load_der_x509_certificate(der or b""))
+    except (MeshIdError, ValueError):
+        sid = None
+    if sid is None or sid.path != AUTHORITY_PATH:
+        raise StateError(
+            f"the server presented {sid or 'no SPIFFE ID'}, not the authority's identity",
+            reason=Reason.UNKNOWN_CERTIFICATE,
+        )
 
 
 def remote_options(func: click.decorators.FC) -> click.decorators.FC:

@@ -130,3 +130,19 @@ def test_a_database_of_the_version_before_gains_the_operator_list(tmp_path: Path
         assert authority.store.verify_audit()[1] is None
     finally:
         authority.close()
+
+
+def test_the_client_talks_only_to_the_authority_itself(tmp_path: Path) -> None:
+    import pytest
+    from cryptography import x509
+    from cryptography.hazmat.primitives.serialization import Encoding
+
+    from ca.remote import _check_authority
+    from meshid.errors import StateError
+
+    _, _, web = _setup(tmp_path)
+    leaf = x509.load_pem_x509_certificates((web / "svid.pem").read_bytes())[0]
+    with pytest.raises(StateError, match="not the authority's identity"):
+        _check_authority(leaf.public_bytes(Encoding.DER))
+    with pytest.raises(StateError):
+        _check_authority(None)
