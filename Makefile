@@ -14,9 +14,10 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install --quiet -e '.[dev]'
 	touch $(STAMP)
 
-# Debian packages the tests, the demo or the bench call (openssl, ip, promtool, stunnel).
+# Debian packages the tests, the demo or the bench call (openssl, ip, promtool, stunnel,
+# chromium for the service graph page).
 system-packages:
-	tools/ensure-debs openssl:openssl ip:iproute2 promtool:prometheus
+	tools/ensure-debs openssl:openssl ip:iproute2 promtool:prometheus chromium:chromium
 
 # Tests run in parallel (pytest-xdist), one worker per core. `make test` is the
 # fast suite; the tests marked slow wait on real certificate lifetimes or run

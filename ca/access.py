@@ -14,10 +14,15 @@ from meshid.policy import Decision, Policy
 from meshid.spiffeid import SpiffeId
 
 
+def _by(operator: SpiffeId | None) -> dict[str, str]:
+    """The audit row's `operator` field, for a change made through the control plane."""
+    return {} if operator is None else {"operator": str(operator)}
+
+
 class Access(Roots):
     # -- revocation --
 
-    def revoke(self, spiffe_id: SpiffeId) -> int:
+    def revoke(self, spiffe_id: SpiffeId, *, operator: SpiffeId | None = None) -> int:
         spiffe_id.require_workload()
         now = self._now().timestamp()
         with self.store.write() as conn:
@@ -34,7 +39,12 @@ class Access(Roots):
             )
             version = Store.bump(conn, "revocation_version")
             self.store.audit(
-                conn, now, "revoke", spiffe_id=str(spiffe_id), revocation_version=version
+                conn,
+                now,
+                "revoke",
+                spiffe_id=str(spiffe_id),
+                revocation_version=version,
+                **_by(operator),
             )
         return version
 
@@ -53,7 +63,7 @@ class Access(Roots):
             rversion,
         )
 
-    def allow(self, source: SpiffeId, target: SpiffeId) -> int:
+    def allow(self, source: SpiffeId, target: SpiffeId, *, operator: SpiffeId | None = None) -> int:
         check_not_reserved(source.require_workload())
         check_not_reserved(target.require_workload())
         now = self._now().timestamp()
@@ -71,11 +81,17 @@ class Access(Roots):
             )
             version = Store.bump(conn, "policy_version")
             self.store.audit(
-                conn, now, "policy_allow", source=str(source), target=str(target), version=version
+                conn,
+                now,
+                "policy_allow",
+                source=str(source),
+                target=str(target),
+                version=version,
+                **_by(operator),
             )
         return version
 
-    def deny(self, source: SpiffeId, target: SpiffeId) -> int:
+    def deny(self, source: SpiffeId, target: SpiffeId, *, operator: SpiffeId | None = None) -> int:
         now = self._now().timestamp()
         with self.store.write() as conn:
             cursor = conn.execute(
@@ -87,7 +103,13 @@ class Access(Roots):
                 )
             version = Store.bump(conn, "policy_version")
             self.store.audit(
-                conn, now, "policy_deny", source=str(source), target=str(target), version=version
+                conn,
+                now,
+                "policy_deny",
+                source=str(source),
+                target=str(target),
+                version=version,
+                **_by(operator),
             )
         return version
 

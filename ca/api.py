@@ -27,6 +27,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime
+from functools import partial
 from typing import Any
 
 from cryptography import x509
@@ -188,6 +189,10 @@ class ControlApi:
             ("GET", HEALTH): self._health,
             ("POST", JWT_SVID): self._jwt_svid,
         }
+        from ca.adminapi import ADMIN_ROUTES  # it builds on this module
+
+        for key, admin in ADMIN_ROUTES.items():
+            routes[key] = partial(admin, self)
         handler = routes.get((req.method, req.path))
         if handler is None:
             if any(path == req.path for _, path in routes):

@@ -37,6 +37,7 @@ from ca.access import Access
 from ca.attestors import Attestors
 from ca.audit import AUDIT_HEAD, AUDIT_KEY
 from ca.jwtkeys import JwtKeyring
+from ca.operators import Operators
 from ca.reports import Reports
 from ca.schema import SCHEMA_VERSION
 from ca.store import DB_NAME, Store
@@ -66,7 +67,7 @@ from meshid.svid import (
 __all__ = ["Authority", "IssuedSvid", "Prepared"]  # the façade, as ca.api imports it
 
 
-class Authority(Attestors, Access, Reports):
+class Authority(Attestors, Access, Reports, Operators):
     """The whole authority: one object composed of its parts (see ca.authority_base)."""
 
     # -- lifecycle --

@@ -25,8 +25,10 @@ from ca.cliopts import (
     passphrase_option,
     read_passphrase,
     state_option,
+    state_or_server_option,
 )
 from ca.jwtkeys import JwtKeyring, with_jwt_keys
+from ca.operator_cli import operator_group
 from ca.values import DEFAULT_ROOT_TTL, DEFAULT_SVID_TTL, DEFAULT_TOKEN_TTL
 from meshid.cli import Group
 from meshid.clock import system_clock
@@ -155,10 +157,19 @@ def token_cmd(
 
 
 @ca_group.command("revoke")
-@state_option
+@state_or_server_option
 @click.argument("spiffe_id", metavar="ID")
-def revoke_cmd(state: Path, spiffe_id: str) -> None:
+def revoke_cmd(state: Path | None, server: str | None, svid: Path | None, spiffe_id: str) -> None:
     """Revoke ID: no more enrollment or renewal; sidecars drop and refuse it."""
+    from ca.remote import echo_answer, remote_or_none
+    from meshid.adminwire import RevokeCall
+    from meshid.wire import ADMIN_REVOKE
+
+    remote = remote_or_none(state, server, svid)
+    if remote is not None:
+        echo_answer(remote.call(ADMIN_REVOKE, RevokeCall(spiffe_id).to_json()))
+        return
+    assert state is not None
     authority = open_authority(state)
     sid = authority.resolve(spiffe_id)
     version = authority.revoke(sid)
@@ -212,6 +223,12 @@ def bundle_cmd(state: Path, fmt: str) -> None:
     help="Serve Prometheus metrics over plain HTTP here (/metrics, /healthz, /version); "
     "with --workers N, worker i serves PORT+i. Off by default.",
 )
+@click.option(
+    "--ui",
+    metavar="HOST:PORT",
+    help="Serve the read-only service graph page over plain HTTP here; with --workers N, "
+    "worker i serves PORT+i. Off by default.",
+)
 @passphrase_option
 def serve_cmd(
     state: Path,
@@ -222,6 +239,7 @@ def serve_cmd(
     auto_rotate: bool,
     passphrase_file: Path | None,
     metrics: str | None,
+    ui: str | None,
 ) -> None:
     """Run the control plane: enrollment, renewal, bundle, policy and revocation feed."""
     from ca.plane import ServerOptions
@@ -231,6 +249,7 @@ def serve_cmd(
 
     host, port = parse_listen(listen)
     metrics_at = parse_listen(metrics, "--metrics") if metrics else None
+    ui_at = parse_listen(ui, "--ui") if ui else None
     names, ips = (tuple(dns), tuple(_ips(ip))) if dns or ip else default_names(host)
     passphrase = read_passphrase(passphrase_file)
     clock = system_clock()  # the process's one clock: every worker and the authority share it
@@ -249,6 +268,7 @@ def serve_cmd(
         ip_addresses=ips,
         auto_rotate=auto_rotate,
         metrics=metrics_at,
+        ui=ui_at,
     )
     try:
         status = run_server(
@@ -345,3 +365,4 @@ def status_cmd(state: Path) -> None:
 
 
 ca_group.add_command(attestor_group)
+ca_group.add_command(operator_group)

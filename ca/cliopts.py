@@ -52,6 +52,20 @@ def state_option(func: F) -> F:
     )(func)
 
 
+def state_or_server_option(func: F) -> F:
+    """--state DIR, or --server HOST:PORT --svid DIR (see `ca.remote`)."""
+    from ca.remote import remote_options
+
+    func = remote_options(func)
+    return click.option(
+        "--state",
+        "state",
+        envvar="MESHID_CA_STATE",
+        type=click.Path(path_type=Path, file_okay=False),
+        help="The authority's state directory [env MESHID_CA_STATE]; or --server/--svid.",
+    )(func)
+
+
 def passphrase_option(func: F) -> F:
     return click.option(
         "--passphrase-file",

@@ -38,6 +38,8 @@ class Dispatcher(PlaneState):
                 if ticks % max(1, round(1 / self.options.poll_interval)) == 0:
                     await self._db_call(self.root_keeper.tick)  # logs its own failures
                     await self._db_call(self.metrics.refresh, self.authority)
+                    if self.options.ui is not None:
+                        await self._db_call(self.graph.refresh, self.authority)
                     await self._db_call(self.authority.advance_roots)
                     await self._refresh_credentials()
                 versions = await self._db_call(self.authority.versions)

@@ -17,7 +17,17 @@ from ca.plane import _failure_fields, _retry_later, _unavailable
 from meshid.errors import MeshIdError
 from meshid.svid import leaf_spiffe_id
 from meshid.version import SERVER_HEADER
-from meshid.wire import BUNDLE, ENROLL, HEALTH, JWT_SVID, RENEW, REPORT, WATCH
+from meshid.wire import (
+    ADMIN_POLICY,
+    ADMIN_REVOKE,
+    BUNDLE,
+    ENROLL,
+    HEALTH,
+    JWT_SVID,
+    RENEW,
+    REPORT,
+    WATCH,
+)
 
 # method -> paths: what HEAD, 405 and Allow are computed from (ca.api routes the rest)
 ROUTES: dict[str, tuple[str, ...]] = {
@@ -28,6 +38,8 @@ ROUTES: dict[str, tuple[str, ...]] = {
     WATCH: ("GET", "HEAD"),
     HEALTH: ("GET", "HEAD"),
     JWT_SVID: ("POST",),
+    ADMIN_POLICY: ("POST",),
+    ADMIN_REVOKE: ("POST",),
 }
 # RFC 9110's methods: known to this server, so a path that does not take one says 405
 KNOWN_METHODS = frozenset(

@@ -126,7 +126,7 @@ class Issuance(Roots):
         """Sign for an identity the caller has already authorised (offline issue, renewal)."""
         spiffe_id.require_workload()
         if not internal:
-            check_not_reserved(spiffe_id)
+            check_not_reserved(spiffe_id, operators=True)
         dns = [check_dns_name(n) for n in dns_names]
         generation, leaf = self._sign(spiffe_id, public_key, ttl, dns, list(ip_addresses))
         with self.store.write() as conn:
@@ -144,7 +144,7 @@ class Issuance(Roots):
         dns_names: Iterable[str] = (),
         ip_addresses: Iterable[IpAddress] = (),
     ) -> str:
-        check_not_reserved(spiffe_id.require_workload())
+        check_not_reserved(spiffe_id.require_workload(), operators=True)
         dns = [check_dns_name(n) for n in dns_names]
         ips = [str(ip) for ip in ip_addresses]
         token = TOKEN_PREFIX + secrets.token_urlsafe(32)
@@ -298,7 +298,7 @@ class Issuance(Roots):
             ]
         except x509.ExtensionNotFound:
             dns, ips = [], []
-        check_not_reserved(sid)
+        check_not_reserved(sid, operators=True)
         generation, leaf = self._sign(sid, public_key, None, dns, ips)
         return Prepared(sid, generation, leaf, "renew", caller_serial=f"{caller.serial_number:x}")
 

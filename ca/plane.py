@@ -24,6 +24,7 @@ from ca.api import ControlApi, Reply, Request, error
 from ca.authority import Authority
 from ca.metrics import CaMetrics, Live
 from ca.rootkeeper import RootKeeper
+from ca.ui import ServiceGraph
 from meshid.clock import Clock
 from meshid.errors import MeshIdError, StorageUnavailable
 from meshid.ratelimit import FailureLimiter
@@ -55,6 +56,7 @@ class ServerOptions:
     max_watches_per_identity: int = 256  # parked by one SPIFFE ID (its replicas share it)
     auto_rotate: bool = True  # prepare and activate the next root by itself (ca.rootlife)
     metrics: tuple[str, int] | None = None  # HOST, PORT of the Prometheus listener (ca.metrics)
+    ui: tuple[str, int] | None = None  # HOST, PORT of the service graph page (ca.ui)
 
 
 @dataclass(slots=True)
@@ -91,6 +93,7 @@ class PlaneState:
     _queued: trio.Event = field(default_factory=trio.Event)
     root_keeper: RootKeeper = field(init=False)
     metrics: CaMetrics = field(init=False)
+    graph: ServiceGraph = field(init=False)
 
     def __post_init__(self) -> None:
         limiter = self.limiter if self.limiter is not None else FailureLimiter(max_failures=5)
@@ -103,6 +106,7 @@ class PlaneState:
         )
         pools = lambda: {"anonymous": len(self._anonymous), "authenticated": self._authenticated}  # noqa: E731
         self.metrics = CaMetrics(self.clock, Live(pools, lambda: self._watching))
+        self.graph = ServiceGraph(self.clock)
 
     @property
     def identity(self) -> SpiffeId:

@@ -3,15 +3,19 @@
 from __future__ import annotations
 
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import click
 
 from ca.authority import Authority
-from ca.cliopts import open_authority, state_option
+from ca.cliopts import open_authority, state_or_server_option
+from ca.remote import echo_answer, remote_or_none
+from meshid.adminwire import PolicyCall
 from meshid.cli import Group
 from meshid.errors import PolicyError
 from meshid.spiffeid import SpiffeId
+from meshid.wire import ADMIN_POLICY
 
 
 @click.group("policy", cls=Group)
@@ -40,14 +44,21 @@ def _warn_unknown(authority: Authority, *ids: SpiffeId) -> None:
 @policy_group.command("allow")
 @click.argument("source", metavar="FROM")
 @click.argument("target", metavar="TO")
-@state_option
-def allow_cmd(source: str, target: str, state: Path) -> None:
+@state_or_server_option
+def allow_cmd(
+    source: str, target: str, state: Path | None, server: str | None, svid: Path | None
+) -> None:
     """Let FROM open connections to TO (a pair already allowed is left as it is).
 
     Allowing a pair already on the list changes nothing: the policy version
     stays (every new version wakes every sidecar) and no audit row is
     written (the audit log records changes to what is enforced).
     """
+    remote = remote_or_none(state, server, svid)
+    if remote is not None:
+        echo_answer(remote.call(ADMIN_POLICY, PolicyCall("allow", source, target).to_json()))
+        return
+    assert state is not None
     authority = open_authority(state)
     src, dst = _pair(authority, source, target)
     try:
@@ -67,18 +78,32 @@ def allow_cmd(source: str, target: str, state: Path) -> None:
 @policy_group.command("deny")
 @click.argument("source", metavar="FROM")
 @click.argument("target", metavar="TO")
-@state_option
+@state_or_server_option
 @click.option(
     "--dry-run",
     is_flag=True,
     help="Change nothing; list the live connections the change would cut, as sidecars report.",
 )
-def deny_cmd(source: str, target: str, state: Path, dry_run: bool) -> None:
+def deny_cmd(
+    source: str,
+    target: str,
+    state: Path | None,
+    server: str | None,
+    svid: Path | None,
+    dry_run: bool,
+) -> None:
     """Remove the pair FROM -> TO from the allow-list (a pair not on it is left as it is).
 
     Like `allow`, denying a pair not on the list changes nothing, bumps no
     version and writes no audit row.
     """
+    remote = remote_or_none(state, server, svid)
+    if remote is not None:
+        if dry_run:
+            raise click.UsageError("--dry-run needs --state")
+        echo_answer(remote.call(ADMIN_POLICY, PolicyCall("deny", source, target).to_json()))
+        return
+    assert state is not None
     authority = open_authority(state)
     src, dst = _pair(authority, source, target)
     if dry_run:
@@ -99,9 +124,17 @@ def deny_cmd(source: str, target: str, state: Path, dry_run: bool) -> None:
 
 
 @policy_group.command("list")
-@state_option
-def list_cmd(state: Path) -> None:
+@state_or_server_option
+def list_cmd(state: Path | None, server: str | None, svid: Path | None) -> None:
     """Print the allow-list, one 'FROM -> TO' per line."""
+    remote = remote_or_none(state, server, svid)
+    if remote is not None:
+        answer = remote.call(ADMIN_POLICY, PolicyCall("list").to_json())
+        echo_answer(replace(answer, lines=answer.lines[:-1]))
+        if answer.lines:
+            click.echo(answer.lines[-1], err=True)
+        return
+    assert state is not None
     policy = open_authority(state).policy()
     for src, dst in sorted(policy.pairs):
         click.echo(f"{src} -> {dst}")
@@ -111,9 +144,17 @@ def list_cmd(state: Path) -> None:
 @policy_group.command("check")
 @click.argument("source", metavar="FROM")
 @click.argument("target", metavar="TO")
-@state_option
-def check_cmd(source: str, target: str, state: Path) -> None:
+@state_or_server_option
+def check_cmd(
+    source: str, target: str, state: Path | None, server: str | None, svid: Path | None
+) -> None:
     """Exit 0 if FROM may reach TO, 1 if not, with a one-line explanation."""
+    remote = remote_or_none(state, server, svid)
+    if remote is not None:
+        answer = remote.call(ADMIN_POLICY, PolicyCall("check", source, target).to_json())
+        echo_answer(answer)
+        sys.exit(0 if answer.ok else 1)
+    assert state is not None
     authority = open_authority(state)
     src, dst = _pair(authority, source, target)
     decision = authority.check(src, dst)

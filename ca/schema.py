@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-SCHEMA_VERSION = 4  # kept in PRAGMA user_version; 0 there is a version-1 database
+SCHEMA_VERSION = 5  # kept in PRAGMA user_version; 0 there is a version-1 database
 
 # Enrollment by platform identity (version 4): JWT attestors, and the JWTs used so far.
 # IF NOT EXISTS: a database whose version was set back still migrates.
@@ -21,6 +21,14 @@ CREATE TABLE IF NOT EXISTS used_jwts (
     subject TEXT NOT NULL,
     used_at REAL NOT NULL,
     expires_at REAL NOT NULL
+);
+"""
+
+# The operators the control plane takes management calls from (version 5).
+_OPERATOR_TABLES = """
+CREATE TABLE IF NOT EXISTS operators (
+    spiffe_id TEXT PRIMARY KEY,                -- spiffe://TD/meshid/operator/NAME
+    added_at REAL NOT NULL
 );
 """
 
@@ -81,6 +89,7 @@ CREATE TABLE audit (
 );
 """
 _SCHEMA += _ATTESTOR_TABLES
+_SCHEMA += _OPERATOR_TABLES
 
 # Each step takes a database from the version before it to its own version, in
 # the same transaction that records the new version.
@@ -106,6 +115,10 @@ _MIGRATIONS: dict[int, tuple[str, ...]] = {
     4: (  # enrollment by platform identity: JWT attestors, and the JWTs used so far
         *(t for t in _ATTESTOR_TABLES.split(";") if t.strip()),
         "UPDATE settings SET value = '4' WHERE name = 'schema_version'",
+    ),
+    5: (  # operators: who may manage the mesh through the control plane
+        *(t for t in _OPERATOR_TABLES.split(";") if t.strip()),
+        "UPDATE settings SET value = '5' WHERE name = 'schema_version'",
     ),
 }
 

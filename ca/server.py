@@ -82,6 +82,8 @@ class ControlPlane(HttpShell):
             await self._refresh_credentials()
             self._versions = await self._db_call(self.authority.versions)
             await self._db_call(self.metrics.refresh, self.authority)
+            if self.options.ui is not None:
+                await self._db_call(self.graph.refresh, self.authority)
         except Exception as exc:
             if isinstance(exc, MeshIdError) or not _is_storage_failure(exc):
                 raise

@@ -64,8 +64,18 @@ def check_ip(text: str) -> IpAddress:
         raise InvalidInput(f"{text[:80]!r}: not an IP address", reason="invalid_ip") from None
 
 
-def check_not_reserved(spiffe_id: SpiffeId) -> SpiffeId:
-    """Workloads may not hold the control plane's identities."""
+OPERATOR_PATH = re.compile(r"/meshid/operator/[A-Za-z0-9._-]{1,64}")
+
+
+def is_operator_id(spiffe_id: SpiffeId) -> bool:
+    """`/meshid/operator/NAME`: the one reserved shape a person's SVID may take."""
+    return OPERATOR_PATH.fullmatch(spiffe_id.path) is not None
+
+
+def check_not_reserved(spiffe_id: SpiffeId, *, operators: bool = False) -> SpiffeId:
+    """Workloads may not hold the control plane's identities (`operators`: but operators may)."""
+    if operators and is_operator_id(spiffe_id):
+        return spiffe_id
     if spiffe_id.path == RESERVED_PATH or spiffe_id.path.startswith(RESERVED_PATH + "/"):
         raise InvalidInput(
             f"{spiffe_id}: paths under {RESERVED_PATH}/ are reserved for the authority",

@@ -37,6 +37,7 @@ def _serve_one(
     log: Callable[..., None],
     limiter: FailureLimiter | None = None,
     metrics_sock: socket.socket | None = None,
+    ui_sock: socket.socket | None = None,
     *,
     clock: Clock,
 ) -> None:
@@ -50,6 +51,10 @@ def _serve_one(
                 await nursery.start(plane.serve, sock)
                 if metrics_sock is not None:
                     await nursery.start(serve_metrics, metrics_sock, plane.metrics, log)
+                if ui_sock is not None:
+                    from ca.ui import serve_ui
+
+                    await nursery.start(serve_ui, ui_sock, plane.graph, log)
                 async for signum in signals:
                     log("stopping", signal=signal.Signals(signum).name)
                     nursery.cancel_scope.cancel()
@@ -111,9 +116,18 @@ def run_server(
     """
     if workers <= 1:
         sock = bind_listener(options.host, options.port)
-        [metrics_sock] = _bind_metrics(options, 1)
+        [metrics_sock] = _bind_metrics(options.metrics, 1)
+        [ui_sock] = _bind_metrics(options.ui, 1, "--ui")
         _raise_file_limit(options, log)
-        _serve_one(open_authority, options, sock, log, metrics_sock=metrics_sock, clock=clock)
+        _serve_one(
+            open_authority,
+            options,
+            sock,
+            log,
+            metrics_sock=metrics_sock,
+            ui_sock=ui_sock,
+            clock=clock,
+        )
         return 0
     # One listening socket per worker in a SO_REUSEPORT group: the kernel spreads new
     # connections across them evenly (one shared socket let one worker take most).
@@ -126,7 +140,8 @@ def run_server(
         for sock in socks:
             sock.close()
         raise
-    metrics_socks = _bind_metrics(options, workers)
+    metrics_socks = _bind_metrics(options.metrics, workers)
+    ui_socks = _bind_metrics(options.ui, workers, "--ui")
     _raise_file_limit(options, log)
     # Created before the fork, so every worker counts enrollment failures in one table.
     limiter = SharedFailureLimiter(max_failures=5)
@@ -139,8 +154,8 @@ def run_server(
                 for other, sock in enumerate(socks):
                     if other != index:
                         sock.close()
-                for other, msock in enumerate(metrics_socks):
-                    if other != index and msock is not None:
+                for other, msock in enumerate(metrics_socks + ui_socks):
+                    if other % workers != index and msock is not None:
                         msock.close()
                 _serve_one(
                     open_authority,
@@ -149,6 +164,7 @@ def run_server(
                     lambda event, i=index, **f: log(event, worker=i, **f),
                     limiter,
                     metrics_socks[index],
+                    ui_socks[index],
                     clock=clock,
                 )
                 status = 0
@@ -161,7 +177,7 @@ def run_server(
         children[pid] = index
     for sock in socks:
         sock.close()
-    for msock in metrics_socks:
+    for msock in metrics_socks + ui_socks:
         if msock is not None:
             msock.close()
     stopping = False
@@ -201,14 +217,16 @@ def parse_listen(text: str, flag: str = "--listen") -> tuple[str, int]:
     return host, int(port)
 
 
-def _bind_metrics(options: ServerOptions, workers: int) -> list[socket.socket | None]:
-    """One metrics socket per worker, on consecutive ports (port 0: each its own), or none."""
-    if options.metrics is None:
+def _bind_metrics(
+    where: tuple[str, int] | None, workers: int, flag: str = "--metrics"
+) -> list[socket.socket | None]:
+    """One socket per worker (metrics or the UI), on consecutive ports (port 0: each its own)."""
+    if where is None:
         return [None] * workers
-    host, port = options.metrics
+    host, port = where
     if port and port + workers - 1 > 65535:
         raise StateError(
-            f"--metrics: ports {port}..{port + workers - 1} (one per worker) pass 65535",
+            f"{flag}: ports {port}..{port + workers - 1} (one per worker) pass 65535",
             reason="invalid_address",
         )
     socks: list[socket.socket | None] = []

@@ -154,6 +154,13 @@ class Reason(enum.StrEnum):
     POLICY_ERROR = "policy_error", "an allow-list change that makes no sense"
     ALREADY_ALLOWED = "already_allowed", "the pair is on the allow-list already"
     UNKNOWN_PAIR = "unknown_pair", "the pair is not on the allow-list"
+    NOT_OPERATOR = "not_operator", "the caller is not on the authority's operator list"
+    INVALID_OPERATOR_ID = (
+        "invalid_operator_id",
+        "an operator ID must be spiffe://TD/meshid/operator/NAME",
+    )
+    ALREADY_OPERATOR = "already_operator", "the identity is on the operator list already"
+    UNKNOWN_OPERATOR = "unknown_operator", "the identity is not on the operator list"
     ROTATION_IN_PROGRESS = "rotation_in_progress", "a root rollover is in progress already"
     ROOT_EXPIRED = "root_expired", "the signing root has expired"
     ROOT_EXPIRING = "root_expiring", "the signing root expires soon"

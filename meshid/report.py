@@ -19,6 +19,9 @@ Limits:
                        one by one               counted in `connections_omitted`
     MAX_QUARANTINED    16 quarantined peers     past it: the first 16 are kept, the rest
                                                 counted in `quarantined_omitted`
+    MAX_REFUSALS       32 (direction, peer,     past it: the first 32 are kept, the rest
+                       deny or cut, reason)     counted in `refusals_omitted`
+                       counts of the last hour
 
 The two lists kept in part are samples shown to an operator; every
 connection is still counted in `pairs` and `live_connections`, and a sidecar
@@ -48,6 +51,8 @@ MAX_REPORT_BYTES = 48 * 1024
 MAX_PAIRS = 256
 MAX_CONNECTIONS = 16
 MAX_QUARANTINED = 16
+MAX_REFUSALS = 32
+REASON = re.compile(r"[a-z0-9_]{1,64}")
 MAX_TEXT = 256  # an address, a serial, a timestamp, a quarantined peer
 MAX_INT = 2**63 - 1
 INSTANCE = re.compile(r"[A-Za-z0-9_.-]{1,64}")
@@ -62,6 +67,17 @@ TOO_LARGE = Reason.REPORT_TOO_LARGE
 class PairCount:
     direction: Direction
     peer_id: SpiffeId
+    count: int
+
+
+@dataclass(frozen=True, slots=True)
+class PairRefusal:
+    """Connections with one peer refused (`deny`) or closed by a change (`cut`) in the last hour."""
+
+    direction: Direction
+    peer_id: SpiffeId
+    kind: Literal["deny", "cut"]
+    reason: str
     count: int
 
 
@@ -96,6 +112,8 @@ class StatusReport:
     quarantined: tuple[QuarantinedPeer, ...] = ()
     connections_omitted: int = 0  # listed by the sidecar past MAX_CONNECTIONS
     quarantined_omitted: int = 0  # listed by the sidecar past MAX_QUARANTINED
+    refusals: tuple[PairRefusal, ...] = ()
+    refusals_omitted: int = 0  # listed by the sidecar past MAX_REFUSALS
 
     def to_json(self) -> dict[str, Any]:
         """The wire and storage form; `parse_report(r.to_json()) == r`."""
@@ -128,6 +146,17 @@ class StatusReport:
             ],
             "connections_omitted": self.connections_omitted,
             "quarantined_omitted": self.quarantined_omitted,
+            "refusals": [
+                {
+                    "direction": r.direction,
+                    "peer_id": str(r.peer_id),
+                    "kind": r.kind,
+                    "reason": r.reason,
+                    "count": r.count,
+                }
+                for r in self.refusals
+            ],
+            "refusals_omitted": self.refusals_omitted,
         }
 
     def encode(self) -> str:
@@ -160,6 +189,7 @@ def parse_report(doc: object) -> StatusReport:
         raise InvalidInput("instance: needs 1-64 of [A-Za-z0-9_.-]", reason=INVALID)
     connections, connections_omitted = _sample(fields, "connections", MAX_CONNECTIONS)
     quarantined, quarantined_omitted = _sample(fields, "quarantined", MAX_QUARANTINED)
+    refusals, refusals_omitted = _sample(fields, "refusals", MAX_REFUSALS)
     return StatusReport(
         instance=instance,
         bundle_sequence=_int(fields, "bundle_sequence", 0),
@@ -201,7 +231,34 @@ def parse_report(doc: object) -> StatusReport:
         quarantined_omitted=min(
             MAX_INT, quarantined_omitted + _int(fields, "quarantined_omitted", 0)
         ),
+        refusals=tuple(
+            PairRefusal(
+                _direction(item, where),
+                _spiffe_id(item, "peer_id", where),
+                _kind(item, where),
+                _reason(item, where),
+                _int(item, "count", None, where),
+            )
+            for item, where in refusals
+        ),
+        refusals_omitted=min(MAX_INT, refusals_omitted + _int(fields, "refusals_omitted", 0)),
     )
+
+
+def _kind(fields: dict[str, Any], where: str) -> Literal["deny", "cut"]:
+    value = fields.get("kind")
+    if value == "deny":
+        return "deny"
+    if value == "cut":
+        return "cut"
+    raise _bad(f"{where}.kind", 'must be "deny" or "cut"')
+
+
+def _reason(fields: dict[str, Any], where: str) -> str:
+    value = fields.get("reason")
+    if not isinstance(value, str) or not REASON.fullmatch(value):
+        raise _bad(f"{where}.reason", "needs 1-64 of [a-z0-9_]")
+    return value
 
 
 def _bad(where: str, what: str) -> InvalidInput:

@@ -65,6 +65,8 @@ REPORT = "/v1/report"
 BUNDLE = "/v1/bundle"
 WATCH = "/v1/watch"
 JWT_SVID = "/v1/jwt-svid"
+ADMIN_POLICY = "/v1/admin/policy"  # operators only (see ca.adminapi, meshid.adminwire)
+ADMIN_REVOKE = "/v1/admin/revoke"
 HEALTH = "/healthz"
 
 MAX_INT = 2**63 - 1

@@ -200,7 +200,7 @@ class Sidecar:
                 else Reason.POLICY_REVOKED
             )
 
-        closed = self.registry.close_where(now_denied)
+        closed = self.registry.close_where(self.gate.cutting(now_denied))
         self.changed()
         self.events.emit(
             "policy", version=policy.version, pairs=len(policy.pairs), closed_connections=closed
@@ -218,6 +218,7 @@ class Sidecar:
             self.registry.live(),
             len(self.registry),
             self.gate.quarantined(),
+            self.gate.refusals.recent(trio.current_time()),
         )
 
     # -- quarantine ------------------------------------------------------------
@@ -232,7 +233,8 @@ class Sidecar:
         """Idle timeout and peer-certificate expiry for live connections."""
         while True:
             await trio.sleep(self.sweep_interval)
-            self.registry.close_where(self._overdue(trio.current_time(), self.wall()))
+            overdue = self._overdue(trio.current_time(), self.wall())
+            self.registry.close_where(self.gate.cutting(overdue))
 
     def _overdue(self, now: float, wall: datetime) -> Callable[[LiveConnection], str | None]:
         idle = self.limits.idle_timeout

@@ -16,11 +16,13 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import cast
 
 import trio
 from OpenSSL import SSL, crypto
 
 from meshid.reasons import Reason
+from meshid.report import Direction
 from meshid.spiffeid import SpiffeId
 from sidecar.events import EventLog
 from sidecar.metrics import Metrics
@@ -36,6 +38,7 @@ from sidecar.peer import (
     leaf_facts,
 )
 from sidecar.quarantine import ADDRESS, QUARANTINED, SPIFFE_ID, Quarantine
+from sidecar.refusals import RecentRefusals
 from sidecar.registry import LiveConnection
 from sidecar.sockets import host_of, linger
 from sidecar.state import Current
@@ -76,6 +79,21 @@ class Gate:
         # present the same SVID again and again, and parsing it was a tenth of the
         # Python a new connection cost. Pure facts only; time and policy are per use.
         self._facts: dict[bytes, LeafFacts] = {}
+        self.refusals = RecentRefusals()  # the last hour's, for the status report
+
+    def cutting(
+        self, predicate: Callable[[LiveConnection], str | None]
+    ) -> Callable[[LiveConnection], str | None]:
+        """`predicate` for `close_where`, counting each close but idle ones as a cut."""
+
+        def cut(entry: LiveConnection) -> str | None:
+            reason = predicate(entry)
+            if reason is not None and reason != Reason.IDLE_TIMEOUT and entry.peer_id is not None:
+                direction = cast(Direction, entry.direction)
+                self.refusals.add(direction, entry.peer_id, "cut", reason, trio.current_time())
+            return reason
+
+        return cut
 
     def leaf_facts(self, cert: crypto.X509) -> LeafFacts:
         key = cert.digest("sha256")
@@ -180,6 +198,10 @@ class Gate:
     ) -> None:
         """Log and count a refusal. `proved`: the peer completed its handshake (see quarantine)."""
         self._count_refusal(entry, verdict, proved)
+        if verdict.peer_id is not None:
+            direction = cast(Direction, entry.direction)
+            now = trio.current_time()
+            self.refusals.add(direction, verdict.peer_id, "deny", verdict.reason, now)
         self.metrics.connections.labels(entry.direction, "deny", verdict.reason).inc()
         if handshake:
             self.metrics.handshake_failures.labels(entry.direction, verdict.reason).inc()

@@ -9,12 +9,20 @@ with the most connections first.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import replace
 from typing import cast
 
 from meshid import report as limits
 from meshid.policy import Policy
-from meshid.report import ConnectionInfo, Direction, PairCount, QuarantinedPeer, StatusReport
+from meshid.report import (
+    ConnectionInfo,
+    Direction,
+    PairCount,
+    PairRefusal,
+    QuarantinedPeer,
+    StatusReport,
+)
 from meshid.spiffeid import SpiffeId
 from sidecar.credentials import Svid
 from sidecar.registry import LiveConnection
@@ -27,6 +35,7 @@ def build_report(
     live: Iterable[LiveConnection],
     live_count: int,
     quarantined: Mapping[str, float],
+    refusals: Sequence[PairRefusal] = (),
 ) -> StatusReport:
     """What the control plane hears every few seconds (see `meshid ca status`)."""
     pairs: dict[tuple[str, str], tuple[Direction, SpiffeId, int]] = {}
@@ -53,7 +62,7 @@ def build_report(
     established = sum(count for _, _, count in pairs.values())
     busiest = sorted(pairs.items(), key=lambda item: -item[1][2])[: limits.MAX_PAIRS]
     peers = sorted(quarantined.items())
-    return StatusReport(
+    built = StatusReport(
         instance=instance,
         svid_serial=f"{svid.serial:x}" if svid else None,
         svid_not_after=svid.not_after if svid else None,
@@ -70,3 +79,23 @@ def build_report(
         ),
         quarantined_omitted=max(0, len(peers) - limits.MAX_QUARANTINED),
     )
+    return _with_refusals(built, refusals)
+
+
+def _with_refusals(built: StatusReport, refusals: Sequence[PairRefusal]) -> StatusReport:
+    """The largest counts first, as many as fit both MAX_REFUSALS and the report's byte limit.
+
+    Refusals are the one part a sidecar may shorten to stay within the limit
+    (the pair counts must be whole), so they get what room the rest leaves.
+    """
+    room = limits.MAX_REPORT_BYTES - len(built.encode()) - 64  # the two keys, the brackets
+    kept: list[PairRefusal] = []
+    for refusal in refusals[: limits.MAX_REFUSALS]:
+        size = len(StatusReport("x", refusals=(refusal,)).encode()) - len(
+            StatusReport("x").encode()
+        )
+        if size + 1 > room:
+            break
+        room -= size + 1
+        kept.append(refusal)
+    return replace(built, refusals=tuple(kept), refusals_omitted=len(refusals) - len(kept))

@@ -71,6 +71,10 @@ async def test_pair_missing_from_inbound_allow_list_is_refused(
     api = pair.api.sidecar
     assert metric(api, "meshid_connections_total", decision="deny", reason="not_allowed") == 1
     assert metric(api, "meshid_handshake_failures_total", reason="not_allowed") == 1
+    # the status report carries the last hour's refusals, per peer and reason
+    [refused] = api.status_report("api-0").refusals
+    assert (refused.direction, str(refused.peer_id), refused.kind) == ("inbound", WEB, "deny")
+    assert (refused.reason, refused.count) == ("not_allowed", 1)
 
 
 async def test_pair_missing_from_outbound_allow_list_is_never_dialled(
@@ -93,6 +97,8 @@ async def test_pair_missing_from_outbound_allow_list_is_never_dialled(
     web = pair.web.sidecar
     assert metric(web, "meshid_connections_total", decision="deny", reason="not_allowed") == 1
     assert metric(web, "meshid_handshake_failures_total", reason="not_allowed") == 0
+    [refused] = web.status_report("web-0").refusals
+    assert (refused.direction, str(refused.peer_id), refused.kind) == ("outbound", API, "deny")
 
 
 async def test_upstream_presenting_the_wrong_id_is_refused(mesh: Mesh, backend: Backend) -> None:

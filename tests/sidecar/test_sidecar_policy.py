@@ -71,6 +71,12 @@ async def test_install_policy_closes_exactly_the_denied_connections(
     assert api.log.find("policy", version=7, closed_connections=1)
     assert metric(api.sidecar, "meshid_connections_closed_total", reason="policy_revoked") == 1
     assert metric(api.sidecar, "meshid_policy_version") == 7
+    # both reach the status report: one cut by the change, one refused after it
+    refusals = api.sidecar.status_report("api-0").refusals
+    assert sorted((str(r.peer_id), r.kind, r.reason, r.count) for r in refusals) == [
+        (WEB, "cut", "policy_revoked", 1),
+        (WEB, "deny", "not_allowed", 1),
+    ]
 
 
 async def test_rewritten_policy_file_closes_exactly_the_denied_connections(
