@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sqlite3
+from collections.abc import Iterable
 
 from ca.roots import Roots
 from ca.store import Store
@@ -90,6 +91,45 @@ class Access(Roots):
                 conn, now, "policy_deny", source=str(source), target=str(target), version=version
             )
         return version
+
+    def apply_policy(
+        self, desired: Iterable[tuple[SpiffeId, SpiffeId]]
+    ) -> tuple[list[tuple[SpiffeId, SpiffeId]], list[tuple[SpiffeId, SpiffeId]], int]:
+        """Make the allow-list equal to `desired`: (added, removed, policy version).
+
+        One transaction, one version bump and one audit row for the whole
+        change; when nothing changes, no bump and no row (each new version
+        wakes every sidecar), so applying the same file twice is a no-op.
+        """
+        wanted = set(desired)
+        for src, dst in wanted:
+            check_not_reserved(src.require_workload())
+            check_not_reserved(dst.require_workload())
+        now = self._now().timestamp()
+        with self.store.write() as conn:
+            rows = conn.execute("SELECT source, target FROM policy").fetchall()
+            current = {(SpiffeId.parse(s), SpiffeId.parse(t)) for s, t in rows}
+            added, removed = sorted(wanted - current), sorted(current - wanted)
+            if not added and not removed:
+                return [], [], Store.counter(conn, "policy_version")
+            conn.executemany(
+                "DELETE FROM policy WHERE source = ? AND target = ?",
+                [(str(s), str(t)) for s, t in removed],
+            )
+            conn.executemany(
+                "INSERT INTO policy (source, target, created_at) VALUES (?, ?, ?)",
+                [(str(s), str(t), now) for s, t in added],
+            )
+            version = Store.bump(conn, "policy_version")
+            self.store.audit(
+                conn,
+                now,
+                "policy_apply",
+                added=[[str(s), str(t)] for s, t in added],
+                removed=[[str(s), str(t)] for s, t in removed],
+                version=version,
+            )
+        return added, removed, version
 
     def ever_known(self, spiffe_id: SpiffeId) -> bool:
         """Whether `spiffe_id` was ever issued an SVID or a join token here.

@@ -9,8 +9,9 @@ import click
 
 from ca.authority import Authority
 from ca.cliopts import open_authority, state_option
+from ca.policy_file import parse_policy_text, render_policy
 from meshid.cli import Group
-from meshid.errors import PolicyError
+from meshid.errors import InvalidInput, PolicyError
 from meshid.spiffeid import SpiffeId
 
 
@@ -119,6 +120,88 @@ def check_cmd(source: str, target: str, state: Path) -> None:
     decision = authority.check(src, dst)
     click.echo(f"{'allowed' if decision.allowed else 'denied'}: {decision.explanation}")
     sys.exit(0 if decision.allowed else 1)
+
+
+@policy_group.command("apply")
+@click.option(
+    "-f",
+    "--file",
+    "path",
+    required=True,
+    type=click.Path(path_type=Path, dir_okay=False),
+    help="The allow-list as a policy file ([[allow]] from = ... to = ...).",
+)
+@click.option(
+    "--dry-run",
+    is_flag=True,
+    help="Change nothing; print the diff and the live connections it would cut.",
+)
+@state_option
+def apply_cmd(path: Path, dry_run: bool, state: Path) -> None:
+    """Make the allow-list equal to FILE, printing '+ FROM -> TO' and '- FROM -> TO'.
+
+    Applying a file that matches the list changes nothing: no new policy
+    version and no audit row, so `export` then `apply` is a no-op.
+    """
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        detail = exc.strerror if isinstance(exc, OSError) else "not UTF-8"
+        raise InvalidInput(f"cannot read {path}: {detail}") from None
+    authority = open_authority(state)
+    desired = parse_policy_text(text, authority.resolve, name=str(path))
+    if dry_run:
+        policy = authority.policy()
+        added = sorted(desired - policy.pairs)
+        removed = sorted(policy.pairs - desired)
+        version = policy.version
+    else:
+        added, removed, version = authority.apply_policy(desired)
+    for src, dst in added:
+        click.echo(f"+ {src} -> {dst}")
+    for src, dst in removed:
+        click.echo(f"- {src} -> {dst}")
+    if not added and not removed:
+        click.echo(
+            f"the allow-list already matches {path} (policy version {version}); nothing changed"
+        )
+    elif dry_run:
+        _apply_dry_run_cuts(authority, removed, version)
+    else:
+        click.echo(
+            f"applied {path}: {len(added)} added, {len(removed)} removed (policy version {version})"
+        )
+    _warn_unknown(authority, *(sid for pair in added for sid in pair))
+
+
+def _apply_dry_run_cuts(
+    authority: Authority, removed: list[tuple[SpiffeId, SpiffeId]], version: int
+) -> None:
+    from ca.status import connections_of_pair
+
+    reports, skipped = authority.reports()
+    for note in skipped:
+        click.echo(f"note: {note}", err=True)
+    cut = 0
+    lines: list[str] = []
+    for src, dst in removed:
+        pair_lines, total = connections_of_pair(reports, src, dst, authority.clock_now())
+        cut += total
+        lines += pair_lines
+    click.echo(
+        f"dry run (policy version {version}): applying would cut {cut} live connection(s) "
+        "reported by sidecars; nothing was changed"
+    )
+    for line in lines:
+        click.echo(f"  {line}")
+
+
+@policy_group.command("export")
+@state_option
+def export_cmd(state: Path) -> None:
+    """Print the allow-list as a policy file, ready for `policy apply -f`."""
+    policy = open_authority(state).policy()
+    click.echo(render_policy(policy.pairs, policy.version), nl=False)
 
 
 def _deny_dry_run(authority: Authority, src: SpiffeId, dst: SpiffeId) -> None:
