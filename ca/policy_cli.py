@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import sys
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any, TypeVar
 
 import click
 
@@ -13,6 +16,8 @@ from ca.policy_file import parse_policy_text, render_policy
 from meshid.cli import Group
 from meshid.errors import InvalidInput, PolicyError
 from meshid.spiffeid import SpiffeId
+
+F = TypeVar("F", bound=Callable[..., Any])
 
 
 @click.group("policy", cls=Group)
@@ -99,11 +104,25 @@ def deny_cmd(source: str, target: str, state: Path, dry_run: bool) -> None:
     _warn_unknown(authority, src, dst)
 
 
+def json_option(func: F) -> F:
+    return click.option(
+        "--json", "as_json", is_flag=True, help="Print one JSON document on stdout."
+    )(func)
+
+
 @policy_group.command("list")
 @state_option
-def list_cmd(state: Path) -> None:
-    """Print the allow-list, one 'FROM -> TO' per line."""
+@json_option
+def list_cmd(state: Path, as_json: bool) -> None:
+    """Print the allow-list, one 'FROM -> TO' per line.
+
+    With --json: {"version": N, "pairs": [{"from": ID, "to": ID}, …]}, sorted.
+    """
     policy = open_authority(state).policy()
+    if as_json:
+        pairs = [{"from": str(s), "to": str(t)} for s, t in sorted(policy.pairs)]
+        click.echo(json.dumps({"version": policy.version, "pairs": pairs}))
+        return
     for src, dst in sorted(policy.pairs):
         click.echo(f"{src} -> {dst}")
     click.echo(f"# policy version {policy.version}, {len(policy.pairs)} pair(s)", err=True)
@@ -113,11 +132,27 @@ def list_cmd(state: Path) -> None:
 @click.argument("source", metavar="FROM")
 @click.argument("target", metavar="TO")
 @state_option
-def check_cmd(source: str, target: str, state: Path) -> None:
-    """Exit 0 if FROM may reach TO, 1 if not, with a one-line explanation."""
+@json_option
+def check_cmd(source: str, target: str, state: Path, as_json: bool) -> None:
+    """Exit 0 if FROM may reach TO, 1 if not, with a one-line explanation.
+
+    With --json: {"from", "to", "allowed", "reason", "version", "explanation"};
+    the exit status is the same.
+    """
     authority = open_authority(state)
     src, dst = _pair(authority, source, target)
     decision = authority.check(src, dst)
+    if as_json:
+        doc = {
+            "from": str(src),
+            "to": str(dst),
+            "allowed": decision.allowed,
+            "reason": decision.reason,
+            "version": decision.version,
+            "explanation": decision.explanation,
+        }
+        click.echo(json.dumps(doc))
+        sys.exit(0 if decision.allowed else 1)
     click.echo(f"{'allowed' if decision.allowed else 'denied'}: {decision.explanation}")
     sys.exit(0 if decision.allowed else 1)
 

@@ -161,3 +161,33 @@ def test_a_bad_file_is_one_line_and_changes_nothing(state: Path, tmp_path: Path)
     code, _, err = _apply(state, tmp_path / "missing.toml")
     assert code != 0 and err.count("\n") == 1
     assert snapshot(state) == before
+
+
+# -- machine-readable output ------------------------------------------------------
+
+
+def test_policy_list_json_is_one_document(state: Path) -> None:
+    authority = _open(state)
+    authority.allow(WEB, API)
+    authority.allow(API, DB)
+    authority.close()
+    result = run("policy", "list", "--json", "--state", str(state))
+    assert result.exit_code == 0
+    doc = json.loads(result.stdout)
+    assert doc == {
+        "version": 2,
+        "pairs": [{"from": str(API), "to": str(DB)}, {"from": str(WEB), "to": str(API)}],
+    }
+
+
+def test_policy_check_json_keeps_the_exit_status(state: Path) -> None:
+    authority = _open(state)
+    authority.allow(WEB, API)
+    authority.close()
+    allowed = run("policy", "check", "web", "api", "--json", "--state", str(state))
+    denied = run("policy", "check", "api", "web", "--json", "--state", str(state))
+    assert (allowed.exit_code, denied.exit_code) == (0, 1)
+    yes, no = json.loads(allowed.stdout), json.loads(denied.stdout)
+    assert set(yes) == {"from", "to", "allowed", "reason", "version", "explanation"}
+    assert (yes["allowed"], yes["reason"], yes["version"]) == (True, "allowed", 1)
+    assert (no["allowed"], no["reason"], no["from"]) == (False, "not_allowed", str(API))
