@@ -39,6 +39,23 @@ class Access(Roots):
             )
         return version
 
+    def unrevoke(self, spiffe_id: SpiffeId) -> int | None:
+        """Lift an identity's revocation: the new revocation version, or None if it was not revoked.
+
+        Join tokens that `revoke` spent stay spent: the workload re-enrolls
+        with a new token (or renews, if its SVID is still valid).
+        """
+        now = self._now().timestamp()
+        with self.store.write() as conn:
+            cursor = conn.execute("DELETE FROM revocations WHERE spiffe_id = ?", (str(spiffe_id),))
+            if cursor.rowcount == 0:
+                return None
+            version = Store.bump(conn, "revocation_version")
+            self.store.audit(
+                conn, now, "unrevoke", spiffe_id=str(spiffe_id), revocation_version=version
+            )
+        return version
+
     # -- allow-list --
 
     def policy(self) -> Policy:

@@ -165,6 +165,20 @@ def revoke_cmd(state: Path, spiffe_id: str) -> None:
     click.echo(f"revoked {sid} (revocation version {version})")
 
 
+@ca_group.command("unrevoke")
+@state_option
+@click.argument("spiffe_id", metavar="ID")
+def unrevoke_cmd(state: Path, spiffe_id: str) -> None:
+    """Lift ID's revocation: it may renew and connect again (an ID not revoked is left as it is)."""
+    authority = open_authority(state)
+    sid = authority.resolve(spiffe_id)
+    version = authority.unrevoke(sid)
+    if version is None:
+        click.echo(f"{sid} was not revoked; nothing changed")
+    else:
+        click.echo(f"unrevoked {sid} (revocation version {version})")
+
+
 @ca_group.command("bundle")
 @state_option
 @click.option(
