@@ -27,6 +27,7 @@ from ca.cliopts import (
     state_option,
 )
 from ca.jwtkeys import JwtKeyring, with_jwt_keys
+from ca.objects_cli import svid_group
 from ca.values import DEFAULT_ROOT_TTL, DEFAULT_SVID_TTL, DEFAULT_TOKEN_TTL
 from meshid.cli import Group
 from meshid.clock import system_clock
@@ -359,3 +360,4 @@ def status_cmd(state: Path) -> None:
 
 
 ca_group.add_command(attestor_group)
+ca_group.add_command(svid_group)

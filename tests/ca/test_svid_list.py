@@ -1,0 +1,61 @@
+"""`meshid ca svid list [ID] [--json]`: issued SVIDs by serial, with the instance holding each."""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import time
+from pathlib import Path
+
+from ca_helpers import run
+from cryptography import x509
+
+from ca.store import DB_NAME
+
+
+def _issue(state: Path, out: Path, name: str) -> str:
+    result = run("ca", "issue", name, "--out", str(out), "--state", str(state))
+    assert result.exit_code == 0, result.stderr
+    leaf = x509.load_pem_x509_certificates((out / "svid.pem").read_bytes())[0]
+    return f"{leaf.serial_number:x}"
+
+
+def test_svid_list_json_names_each_svid_and_the_instance_holding_it(
+    state: Path, tmp_path: Path
+) -> None:
+    web = _issue(state, tmp_path / "w", "web")
+    api = _issue(state, tmp_path / "a", "api")
+    conn = sqlite3.connect(state / DB_NAME)
+    conn.execute(
+        "INSERT INTO reports (spiffe_id, instance, seen_at, report) VALUES (?, ?, ?, ?)",
+        (
+            "spiffe://example.org/web",
+            "w1",
+            time.time(),
+            json.dumps({"instance": "w1", "svid_serial": web}),
+        ),
+    )
+    conn.commit()
+    conn.close()
+    result = run("ca", "svid", "list", "--json", "--state", str(state))
+    assert result.exit_code == 0, result.stderr
+    doc = json.loads(result.stdout)
+    by_serial = {row["serial"]: row for row in doc["svids"]}
+    assert set(by_serial) == {web, api}
+    assert set(by_serial[web]) == {"id", "serial", "not_after", "issued_at", "how", "instance"}
+    assert (by_serial[web]["id"], by_serial[web]["instance"]) == ("spiffe://example.org/web", "w1")
+    assert by_serial[api]["instance"] is None
+    only = run("ca", "svid", "list", "api", "--json", "--state", str(state))
+    assert [row["serial"] for row in json.loads(only.stdout)["svids"]] == [api]
+    text = run("ca", "svid", "list", "--state", str(state))
+    assert text.exit_code == 0
+    assert any(
+        line.startswith(f"spiffe://example.org/web serial {web} ") and "[w1]" in line
+        for line in text.stdout.splitlines()
+    )
+    assert "secret" not in text.stdout and "PRIVATE" not in text.stdout
+
+
+def test_svid_list_of_a_bad_id_is_one_line(state: Path) -> None:
+    result = run("ca", "svid", "list", "spiffe://other.org/x", "--state", str(state))
+    assert result.exit_code != 0 and result.stderr.count("\n") == 1
