@@ -27,7 +27,7 @@ from ca.cliopts import (
     state_option,
 )
 from ca.jwtkeys import JwtKeyring, with_jwt_keys
-from ca.objects_cli import svid_group
+from ca.objects_cli import CREATE, TokenGroup, svid_group, token_delete_cmd, token_list_cmd
 from ca.values import DEFAULT_ROOT_TTL, DEFAULT_SVID_TTL, DEFAULT_TOKEN_TTL
 from meshid.cli import Group
 from meshid.clock import system_clock
@@ -133,7 +133,12 @@ def issue_cmd(
         )
 
 
-@ca_group.command("token")
+@ca_group.group("token", cls=TokenGroup)
+def token_group() -> None:
+    """Join tokens: `ca token ID` prints a new one; `list` and `delete` manage them."""
+
+
+@token_group.command(CREATE, hidden=True)
 @state_option
 @click.argument("spiffe_id", metavar="ID")
 @click.option(
@@ -361,3 +366,5 @@ def status_cmd(state: Path) -> None:
 
 ca_group.add_command(attestor_group)
 ca_group.add_command(svid_group)
+token_group.add_command(token_list_cmd)
+token_group.add_command(token_delete_cmd)

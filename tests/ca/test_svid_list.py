@@ -59,3 +59,49 @@ def test_svid_list_json_names_each_svid_and_the_instance_holding_it(
 def test_svid_list_of_a_bad_id_is_one_line(state: Path) -> None:
     result = run("ca", "svid", "list", "spiffe://other.org/x", "--state", str(state))
     assert result.exit_code != 0 and result.stderr.count("\n") == 1
+
+
+# -- join tokens as objects -----------------------------------------------------
+
+
+def test_token_list_shows_outstanding_tokens_but_never_the_token(state: Path) -> None:
+    first = run("ca", "token", "--state", str(state), "web")  # options first still creates
+    second = run("ca", "token", "api", "--ttl", "1h", "--state", str(state))
+    assert first.exit_code == 0 and second.exit_code == 0
+    tokens = [first.stdout.strip(), second.stdout.strip()]
+    listed = run("ca", "token", "list", "--json", "--state", str(state))
+    assert listed.exit_code == 0, listed.stderr
+    doc = json.loads(listed.stdout)
+    assert [t["id"] for t in doc["tokens"]] == [
+        "spiffe://example.org/web",
+        "spiffe://example.org/api",
+    ]
+    assert set(doc["tokens"][0]) == {"id", "created_at", "expires_at", "used", "used_at", "expired"}
+    assert all(t["used"] is False and t["expired"] is False for t in doc["tokens"])
+    text = run("ca", "token", "--state", str(state), "list")
+    assert len(text.stdout.splitlines()) == 2
+    for token in tokens:
+        assert token not in listed.stdout and token not in text.stdout
+        assert token[4:20] not in listed.stdout + text.stdout
+
+
+def test_token_delete_removes_the_unused_tokens_of_an_id_and_is_audited(
+    state: Path, tmp_path: Path
+) -> None:
+    from ca.authority import Authority
+    from meshid.clock import system_clock
+
+    assert run("ca", "token", "web", "--state", str(state)).exit_code == 0
+    assert run("ca", "token", "api", "--state", str(state)).exit_code == 0
+    result = run("ca", "token", "delete", "web", "--state", str(state))
+    assert result.exit_code == 0, result.stderr
+    assert result.stdout == "deleted 1 unused token(s) of spiffe://example.org/web\n"
+    doc = json.loads(run("ca", "token", "list", "--json", "--state", str(state)).stdout)
+    assert [t["id"] for t in doc["tokens"]] == ["spiffe://example.org/api"]
+    authority = Authority.open(state, clock=system_clock())
+    try:
+        assert authority.store.audit_entries()[-1].action == "token_delete"
+    finally:
+        authority.close()
+    missing = run("ca", "token", "delete", "--state", str(state))
+    assert missing.exit_code == 2 and missing.stderr.count("\n") == 1
