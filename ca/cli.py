@@ -355,11 +355,15 @@ def audit_export_cmd(state: Path) -> None:
 
 @ca_group.command("status")
 @state_option
-def status_cmd(state: Path) -> None:
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON document on stdout.")
+def status_cmd(state: Path, as_json: bool) -> None:
     """Enrolled workloads, running sidecars, SVID expiry, bundle held; warnings first."""
-    from ca.status import render_status
+    from ca.status import render_status, status_document
 
     authority = open_authority(state)
+    if as_json:
+        click.echo(json.dumps(status_document(authority)))
+        return
     for line in render_status(authority):
         click.echo(line)
 

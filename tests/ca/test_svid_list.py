@@ -105,3 +105,40 @@ def test_token_delete_removes_the_unused_tokens_of_an_id_and_is_audited(
         authority.close()
     missing = run("ca", "token", "delete", "--state", str(state))
     assert missing.exit_code == 2 and missing.stderr.count("\n") == 1
+
+
+def test_ca_status_json_is_one_document_with_the_documented_keys(
+    state: Path, tmp_path: Path
+) -> None:
+    serial = _issue(state, tmp_path / "w", "web")
+    conn = sqlite3.connect(state / DB_NAME)
+    conn.execute(
+        "INSERT INTO reports (spiffe_id, instance, seen_at, report) VALUES (?, ?, ?, ?)",
+        (
+            "spiffe://example.org/web",
+            "w1",
+            time.time(),
+            json.dumps({"instance": "w1", "svid_serial": serial, "bundle_sequence": 0}),
+        ),
+    )
+    conn.commit()
+    conn.close()
+    result = run("ca", "status", "--json", "--state", str(state))
+    assert result.exit_code == 0, result.stderr
+    doc = json.loads(result.stdout)
+    assert set(doc) == {
+        "trust_domain",
+        "bundle_sequence",
+        "policy_version",
+        "revocation_version",
+        "active_root",
+        "warnings",
+        "sidecars",
+        "workloads",
+    }
+    assert doc["trust_domain"] == "example.org"
+    assert [(s["id"], s["instance"], s["svid_serial"]) for s in doc["sidecars"]] == [
+        ("spiffe://example.org/web", "w1", serial)
+    ]
+    assert doc["workloads"][0]["running"] is True
+    assert any("holds bundle 0" in w for w in doc["warnings"])  # the text view's warnings
