@@ -8,9 +8,7 @@ from collections.abc import Iterable
 from ca.roots import Roots
 from ca.store import Store
 from ca.values import check_not_reserved
-from meshid.errors import (
-    PolicyError,
-)
+from meshid.errors import InvalidInput, PolicyError
 from meshid.policy import Decision, Policy
 from meshid.spiffeid import SpiffeId
 
@@ -38,6 +36,40 @@ class Access(Roots):
                 conn, now, "revoke", spiffe_id=str(spiffe_id), revocation_version=version
             )
         return version
+
+    def revoke_serial(self, serial: str) -> tuple[SpiffeId, int]:
+        """Revoke one SVID by its serial (hex): (its ID, the new revocation version).
+
+        The identity keeps its other SVIDs; a sidecar presenting this one is
+        refused and its live connections are cut, and it cannot renew with it.
+        """
+        text = serial.lower().removeprefix("0x").lstrip("0") or "0"
+        try:
+            int(text, 16)
+        except ValueError:
+            raise InvalidInput(f"{serial!r} is not a hexadecimal serial") from None
+        now = self._now().timestamp()
+        with self.store.write() as conn:
+            row = conn.execute("SELECT spiffe_id FROM svids WHERE serial = ?", (text,)).fetchone()
+            if row is None:
+                raise PolicyError(f"no SVID with serial {text} was issued here")
+            try:
+                conn.execute(
+                    "INSERT INTO revoked_serials (serial, spiffe_id, revoked_at) VALUES (?, ?, ?)",
+                    (text, row[0], now),
+                )
+            except sqlite3.IntegrityError:
+                raise PolicyError(f"SVID {text} is already revoked") from None
+            version = Store.bump(conn, "revocation_version")
+            self.store.audit(
+                conn,
+                now,
+                "revoke_serial",
+                serial=text,
+                spiffe_id=row[0],
+                revocation_version=version,
+            )
+        return SpiffeId.parse(row[0]), version
 
     def unrevoke(self, spiffe_id: SpiffeId) -> int | None:
         """Lift an identity's revocation: the new revocation version, or None if it was not revoked.
@@ -188,6 +220,7 @@ class Access(Roots):
                 (me, me),
             ).fetchall()
             revoked = conn.execute("SELECT spiffe_id FROM revocations ORDER BY 1").fetchall()
+            serials = conn.execute("SELECT serial FROM revoked_serials ORDER BY 1").fetchall()
             policy_version = Store.counter(conn, "policy_version")
             revocation_version = Store.counter(conn, "revocation_version")
             bundle = self.bundle()  # inside the snapshot: fresh, and consistent with the rest
@@ -197,5 +230,6 @@ class Access(Roots):
             "bundle_sequence": bundle.sequence,
             "pairs": [[src, dst] for src, dst in pairs],
             "revoked": [r for (r,) in revoked],
+            "revoked_serials": [n for (n,) in serials],
             "bundle": bundle.to_pem().decode(),
         }

@@ -162,10 +162,18 @@ def token_cmd(
 
 @ca_group.command("revoke")
 @state_option
-@click.argument("spiffe_id", metavar="ID")
-def revoke_cmd(state: Path, spiffe_id: str) -> None:
-    """Revoke ID: no more enrollment or renewal; sidecars drop and refuse it."""
+@click.argument("spiffe_id", metavar="[ID]", required=False)
+@click.option("--serial", help="Revoke only the SVID with this serial (hex), not the identity.")
+def revoke_cmd(state: Path, spiffe_id: str | None, serial: str | None) -> None:
+    """Revoke ID (or one SVID by --serial): sidecars drop and refuse it; no renewal."""
+    if (spiffe_id is None) == (serial is None):
+        raise click.UsageError("give either ID or --serial SERIAL")
     authority = open_authority(state)
+    if serial is not None:
+        owner, version = authority.revoke_serial(serial)
+        click.echo(f"revoked SVID {serial.lower()} of {owner} (revocation version {version})")
+        return
+    assert spiffe_id is not None
     sid = authority.resolve(spiffe_id)
     version = authority.revoke(sid)
     click.echo(f"revoked {sid} (revocation version {version})")

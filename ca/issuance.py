@@ -257,6 +257,12 @@ class Issuance(Roots):
                         "this authority",
                         reason="unknown_certificate",
                     )
+                if conn.execute(
+                    "SELECT 1 FROM revoked_serials WHERE serial = ?", (prepared.caller_serial,)
+                ).fetchone():
+                    raise IdentityRevoked(
+                        f"{prepared.spiffe_id}: SVID {prepared.caller_serial} is revoked"
+                    )
             self._check_not_revoked(conn, prepared.spiffe_id)
             self._record(conn, prepared.generation, prepared.leaf, prepared.how)
         return IssuedSvid(prepared.spiffe_id, (prepared.leaf,), self.bundle())

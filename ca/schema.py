@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-SCHEMA_VERSION = 4  # kept in PRAGMA user_version; 0 there is a version-1 database
+SCHEMA_VERSION = 5  # kept in PRAGMA user_version; 0 there is a version-1 database
 
 # Enrollment by platform identity (version 4): JWT attestors, and the JWTs used so far.
 # IF NOT EXISTS: a database whose version was set back still migrates.
@@ -21,6 +21,15 @@ CREATE TABLE IF NOT EXISTS used_jwts (
     subject TEXT NOT NULL,
     used_at REAL NOT NULL,
     expires_at REAL NOT NULL
+);
+"""
+
+# Revocation of single SVIDs by serial (version 5), beside revocation by identity.
+_SERIAL_REVOCATIONS = """
+CREATE TABLE IF NOT EXISTS revoked_serials (
+    serial TEXT PRIMARY KEY,                   -- lowercase hex, as svids.serial
+    spiffe_id TEXT NOT NULL,
+    revoked_at REAL NOT NULL
 );
 """
 
@@ -80,7 +89,7 @@ CREATE TABLE audit (
     hash TEXT NOT NULL
 );
 """
-_SCHEMA += _ATTESTOR_TABLES
+_SCHEMA += _ATTESTOR_TABLES + _SERIAL_REVOCATIONS
 
 # Each step takes a database from the version before it to its own version, in
 # the same transaction that records the new version.
@@ -106,6 +115,10 @@ _MIGRATIONS: dict[int, tuple[str, ...]] = {
     4: (  # enrollment by platform identity: JWT attestors, and the JWTs used so far
         *(t for t in _ATTESTOR_TABLES.split(";") if t.strip()),
         "UPDATE settings SET value = '4' WHERE name = 'schema_version'",
+    ),
+    5: (  # revocation of one SVID by its serial
+        *(t for t in _SERIAL_REVOCATIONS.split(";") if t.strip()),
+        "UPDATE settings SET value = '5' WHERE name = 'schema_version'",
     ),
 }
 

@@ -33,6 +33,9 @@ class Policy:
     version: int = 0
     revoked: frozenset[SpiffeId] = frozenset()
     revocation_version: int = 0
+    # Single SVIDs revoked by serial (versioned with `revoked`): the identity
+    # keeps its other certificates, this one is refused wherever it shows up.
+    revoked_serials: frozenset[int] = frozenset()
 
     @classmethod
     def build(
@@ -41,8 +44,32 @@ class Policy:
         version: int = 0,
         revoked: Iterable[SpiffeId] = (),
         revocation_version: int = 0,
+        revoked_serials: Iterable[int] = (),
     ) -> Policy:
-        return cls(frozenset(pairs), version, frozenset(revoked), revocation_version)
+        return cls(
+            frozenset(pairs),
+            version,
+            frozenset(revoked),
+            revocation_version,
+            frozenset(revoked_serials),
+        )
+
+    def serial_decision(self, peer: SpiffeId, serial: int | None) -> Decision | None:
+        """A refusal if the peer's certificate was revoked by serial, else None.
+
+        Reported as ``identity_revoked``: to the sidecar and its metrics a
+        revoked certificate is a revoked credential of that identity, refused
+        and cut the same way.
+        """
+        if serial is None or serial not in self.revoked_serials:
+            return None
+        return Decision(
+            False,
+            IDENTITY_REVOKED,
+            self.version,
+            f"{peer}'s SVID {serial:x} is revoked (revocation version "
+            f"{self.revocation_version}, policy version {self.version})",
+        )
 
     def decide(self, source: SpiffeId, target: SpiffeId) -> Decision:
         for who in (source, target):

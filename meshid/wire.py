@@ -355,6 +355,9 @@ class Feed:
     pairs: tuple[tuple[SpiffeId, SpiffeId], ...]
     revoked: tuple[SpiffeId, ...]
     bundle: str
+    # Additive: SVIDs revoked by serial (lowercase hex); an older authority
+    # sends none, an older sidecar ignores them.
+    revoked_serials: tuple[int, ...] = ()
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -365,6 +368,7 @@ class Feed:
             "pairs": [[str(a), str(b)] for a, b in self.pairs],
             "revoked": [str(r) for r in self.revoked],
             "bundle": self.bundle,
+            "revoked_serials": [f"{n:x}" for n in self.revoked_serials],
         }
 
     @classmethod
@@ -395,7 +399,24 @@ class Feed:
                 _spiffe_id(r, f"revoked[{i}]", "authority") for i, r in enumerate(revoked)
             ),
             bundle=_text(fields, "bundle", "authority"),
+            revoked_serials=_serials(fields.get("revoked_serials", [])),
         )
+
+
+def _serials(value: object) -> tuple[int, ...]:
+    if not isinstance(value, list):
+        raise _bad("authority", "revoked_serials", "must be a list")
+    serials: list[int] = []
+    for i, item in enumerate(value):
+        if not isinstance(item, str) or not 0 < len(item) <= 64:
+            raise _bad("authority", f"revoked_serials[{i}]", "must be a hexadecimal serial")
+        try:
+            serials.append(int(item, 16))
+        except ValueError:
+            raise _bad(
+                "authority", f"revoked_serials[{i}]", "must be a hexadecimal serial"
+            ) from None
+    return tuple(serials)
 
 
 @dataclass(frozen=True, slots=True)

@@ -79,7 +79,11 @@ class FeedFollower:
                 )
         self.host.install_policy(
             Policy.build(
-                list(feed.pairs), feed.policy_version, list(feed.revoked), feed.revocation_version
+                list(feed.pairs),
+                feed.policy_version,
+                list(feed.revoked),
+                feed.revocation_version,
+                feed.revoked_serials,
             )
         )
         self.versions = (feed.policy_version, feed.revocation_version, feed.bundle_sequence)
