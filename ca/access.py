@@ -9,7 +9,7 @@ from ca.roots import Roots
 from ca.store import Store
 from ca.values import check_not_reserved
 from meshid.errors import InvalidInput, PolicyError
-from meshid.policy import Decision, Policy
+from meshid.policy import Decision, Policy, is_prefix, rule_ends
 from meshid.spiffeid import SpiffeId
 
 
@@ -94,18 +94,23 @@ class Access(Roots):
         with self.store.read() as conn:
             pairs = conn.execute("SELECT source, target FROM policy").fetchall()
             revoked = conn.execute("SELECT spiffe_id FROM revocations").fetchall()
+            serials = conn.execute("SELECT serial FROM revoked_serials").fetchall()
             version = Store.counter(conn, "policy_version")
             rversion = Store.counter(conn, "revocation_version")
+        exact = [(s, t) for s, t in pairs if not (is_prefix(s) or is_prefix(t))]
         return Policy.build(
-            ((SpiffeId.parse(s), SpiffeId.parse(t)) for s, t in pairs),
+            ((SpiffeId.parse(s), SpiffeId.parse(t)) for s, t in exact),
             version,
             (SpiffeId.parse(r) for (r,) in revoked),
             rversion,
+            (int(n, 16) for (n,) in serials),
+            (tuple(pair) for pair in pairs if is_prefix(pair[0]) or is_prefix(pair[1])),
         )
 
-    def allow(self, source: SpiffeId, target: SpiffeId) -> int:
-        check_not_reserved(source.require_workload())
-        check_not_reserved(target.require_workload())
+    def allow(self, source: SpiffeId | str, target: SpiffeId | str) -> int:
+        """Add one rule; each end an ID or a prefix rule end (`meshid.policy.rule_end`)."""
+        _check_end(str(source))
+        _check_end(str(target))
         now = self._now().timestamp()
         with self.store.write() as conn:
             exists = conn.execute(
@@ -125,7 +130,7 @@ class Access(Roots):
             )
         return version
 
-    def deny(self, source: SpiffeId, target: SpiffeId) -> int:
+    def deny(self, source: SpiffeId | str, target: SpiffeId | str) -> int:
         now = self._now().timestamp()
         with self.store.write() as conn:
             cursor = conn.execute(
@@ -142,8 +147,8 @@ class Access(Roots):
         return version
 
     def apply_policy(
-        self, desired: Iterable[tuple[SpiffeId, SpiffeId]]
-    ) -> tuple[list[tuple[SpiffeId, SpiffeId]], list[tuple[SpiffeId, SpiffeId]], int]:
+        self, desired: Iterable[tuple[str, str]]
+    ) -> tuple[list[tuple[str, str]], list[tuple[str, str]], int]:
         """Make the allow-list equal to `desired`: (added, removed, policy version).
 
         One transaction, one version bump and one audit row for the whole
@@ -152,30 +157,30 @@ class Access(Roots):
         """
         wanted = set(desired)
         for src, dst in wanted:
-            check_not_reserved(src.require_workload())
-            check_not_reserved(dst.require_workload())
+            _check_end(src)
+            _check_end(dst)
         now = self._now().timestamp()
         with self.store.write() as conn:
             rows = conn.execute("SELECT source, target FROM policy").fetchall()
-            current = {(SpiffeId.parse(s), SpiffeId.parse(t)) for s, t in rows}
+            current = {(str(s), str(t)) for s, t in rows}
             added, removed = sorted(wanted - current), sorted(current - wanted)
             if not added and not removed:
                 return [], [], Store.counter(conn, "policy_version")
             conn.executemany(
                 "DELETE FROM policy WHERE source = ? AND target = ?",
-                [(str(s), str(t)) for s, t in removed],
+                removed,
             )
             conn.executemany(
                 "INSERT INTO policy (source, target, created_at) VALUES (?, ?, ?)",
-                [(str(s), str(t), now) for s, t in added],
+                [(s, t, now) for s, t in added],
             )
             version = Store.bump(conn, "policy_version")
             self.store.audit(
                 conn,
                 now,
                 "policy_apply",
-                added=[[str(s), str(t)] for s, t in added],
-                removed=[[str(s), str(t)] for s, t in removed],
+                added=[list(pair) for pair in added],
+                removed=[list(pair) for pair in removed],
                 version=version,
             )
         return added, removed, version
@@ -219,6 +224,16 @@ class Access(Roots):
                 "ORDER BY source, target",
                 (me, me),
             ).fetchall()
+            # Prefix rules that can match this sidecar's ID on either side.
+            mine = set(rule_ends(spiffe_id))
+            prefixed = [
+                [src, dst]
+                for src, dst in conn.execute(
+                    "SELECT source, target FROM policy WHERE source LIKE '%/*' "
+                    "OR target LIKE '%/*' ORDER BY source, target"
+                ).fetchall()
+                if src in mine or dst in mine
+            ]
             revoked = conn.execute("SELECT spiffe_id FROM revocations ORDER BY 1").fetchall()
             serials = conn.execute("SELECT serial FROM revoked_serials ORDER BY 1").fetchall()
             policy_version = Store.counter(conn, "policy_version")
@@ -228,8 +243,15 @@ class Access(Roots):
             "policy_version": policy_version,
             "revocation_version": revocation_version,
             "bundle_sequence": bundle.sequence,
-            "pairs": [[src, dst] for src, dst in pairs],
+            "pairs": [[src, dst] for src, dst in pairs if not (is_prefix(src) or is_prefix(dst))],
+            "prefix_rules": prefixed,
             "revoked": [r for (r,) in revoked],
             "revoked_serials": [n for (n,) in serials],
             "bundle": bundle.to_pem().decode(),
         }
+
+
+def _check_end(end: str) -> None:
+    """A rule end (an ID, or an ID followed by /*) may not name the authority's own IDs."""
+    base = end.removesuffix("/*") if is_prefix(end) else end
+    check_not_reserved(SpiffeId.parse(base).require_workload())

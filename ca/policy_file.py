@@ -12,12 +12,11 @@ import tomllib
 from collections.abc import Callable, Iterable
 
 from meshid.errors import InvalidInput
-from meshid.spiffeid import SpiffeId
 
-Pair = tuple[SpiffeId, SpiffeId]
+Pair = tuple[str, str]  # rule ends: IDs, or prefixes ending in /* (meshid.policy.rule_end)
 
 
-def parse_policy_text(text: str, resolve: Callable[[str], SpiffeId], *, name: str) -> set[Pair]:
+def parse_policy_text(text: str, resolve: Callable[[str], str], *, name: str) -> set[Pair]:
     """The pairs of a policy file; a one-line InvalidInput naming the entry on any mistake.
 
     Unknown keys are refused rather than ignored: a misspelt ``form`` would
@@ -41,7 +40,7 @@ def parse_policy_text(text: str, resolve: Callable[[str], SpiffeId], *, name: st
         unknown = sorted(set(entry) - {"from", "to"})
         if unknown:
             raise InvalidInput(f"{where}: unknown key {unknown[0]!r}")
-        ends = []
+        ends: list[str] = []
         for key in ("from", "to"):
             value = entry.get(key)
             if not isinstance(value, str):
@@ -60,5 +59,5 @@ def render_policy(pairs: Iterable[Pair], version: int) -> str:
     for src, dst in sorted(pairs):
         # SPIFFE IDs hold no character a TOML basic string would need escaped
         # beyond what JSON escapes identically.
-        lines += ["", "[[allow]]", f"from = {json.dumps(str(src))}", f"to = {json.dumps(str(dst))}"]
+        lines += ["", "[[allow]]", f"from = {json.dumps(src)}", f"to = {json.dumps(dst)}"]
     return "\n".join(lines) + "\n"

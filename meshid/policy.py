@@ -77,8 +77,8 @@ class Policy:
             return str(source), str(target)
         if not self.prefix_rules:
             return None
-        targets = _ends(target)
-        for src in _ends(source):
+        targets = rule_ends(target)
+        for src in rule_ends(source):
             for dst in targets:
                 if (src, dst) in self.prefix_rules:
                     return src, dst
@@ -131,7 +131,7 @@ class Policy:
         )
 
 
-def _ends(sid: SpiffeId) -> list[str]:
+def rule_ends(sid: SpiffeId) -> list[str]:
     """The rule ends that match `sid`, most specific first: itself, then each prefix above it."""
     text = str(sid)
     ends = [text]

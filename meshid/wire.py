@@ -358,6 +358,9 @@ class Feed:
     # Additive: SVIDs revoked by serial (lowercase hex); an older authority
     # sends none, an older sidecar ignores them.
     revoked_serials: tuple[int, ...] = ()
+    # Additive: prefix rules that can match this sidecar, each end an ID or
+    # an ID followed by "/*" (`meshid.policy.rule_end`); versioned with pairs.
+    prefix_rules: tuple[tuple[str, str], ...] = ()
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -369,6 +372,7 @@ class Feed:
             "revoked": [str(r) for r in self.revoked],
             "bundle": self.bundle,
             "revoked_serials": [f"{n:x}" for n in self.revoked_serials],
+            "prefix_rules": [[a, b] for a, b in self.prefix_rules],
         }
 
     @classmethod
@@ -400,7 +404,26 @@ class Feed:
             ),
             bundle=_text(fields, "bundle", "authority"),
             revoked_serials=_serials(fields.get("revoked_serials", [])),
+            prefix_rules=_prefix_rules(fields.get("prefix_rules", [])),
         )
+
+
+def _prefix_rules(value: object) -> tuple[tuple[str, str], ...]:
+    if not isinstance(value, list):
+        raise _bad("authority", "prefix_rules", "must be a list")
+    rules: list[tuple[str, str]] = []
+    for i, rule in enumerate(value):
+        if not isinstance(rule, list) or len(rule) != 2:
+            raise _bad("authority", f"prefix_rules[{i}]", "must be a [source, target] pair")
+        ends = []
+        for j, end in enumerate(rule):
+            where = f"prefix_rules[{i}][{j}]"
+            if not isinstance(end, str):
+                raise _bad("authority", where, "must be a string")
+            base = end.removesuffix("/*")
+            ends.append(str(_spiffe_id(base, where, "authority")) + end[len(base) :])
+        rules.append((ends[0], ends[1]))
+    return tuple(rules)
 
 
 def _serials(value: object) -> tuple[int, ...]:

@@ -191,3 +191,75 @@ def test_policy_check_json_keeps_the_exit_status(state: Path) -> None:
     assert set(yes) == {"from", "to", "allowed", "reason", "version", "explanation"}
     assert (yes["allowed"], yes["reason"], yes["version"]) == (True, "allowed", 1)
     assert (no["allowed"], no["reason"], no["from"]) == (False, "not_allowed", str(API))
+
+
+# -- prefix rules ---------------------------------------------------------------
+
+
+def test_prefix_rules_apply_list_export_and_check_naming_the_rule(
+    state: Path, tmp_path: Path
+) -> None:
+    path = _write(tmp_path, ("ns/prod/*", "db"), ("ns/prod/sa/web", "db"))
+    code, out, err = _apply(state, path)
+    assert code == 0, err
+    assert "+ spiffe://example.org/ns/prod/* -> spiffe://example.org/db" in out
+    listed = json.loads(run("policy", "list", "--json", "--state", str(state)).stdout)
+    assert {"from": "spiffe://example.org/ns/prod/*", "to": str(DB)} in listed["pairs"]
+    by_prefix = run("policy", "check", "ns/prod/jobs/etl", "db", "--state", str(state))
+    assert by_prefix.exit_code == 0
+    assert "rule spiffe://example.org/ns/prod/* -> spiffe://example.org/db" in by_prefix.stdout
+    exact = run("policy", "check", "ns/prod/sa/web", "db", "--state", str(state))
+    assert "rule spiffe://example.org/ns/prod/sa/web -> spiffe://example.org/db" in exact.stdout
+    assert run("policy", "check", "ns/production/x", "db", "--state", str(state)).exit_code == 1
+    exported = tmp_path / "exported.toml"
+    exported.write_text(run("policy", "export", "--state", str(state)).stdout)
+    before = snapshot(state)
+    assert "nothing changed" in _apply(state, exported)[1]
+    assert snapshot(state) == before
+    # allow and deny take prefixes too
+    assert run("policy", "allow", "web", "ns/shared/*", "--state", str(state)).exit_code == 0
+    denied = run("policy", "deny", "ns/prod/*", "db", "--state", str(state))
+    assert denied.exit_code == 0 and denied.stdout.startswith("denied ")
+    assert run("policy", "check", "ns/prod/jobs/etl", "db", "--state", str(state)).exit_code == 1
+
+
+def test_the_feed_carries_the_prefix_rules_that_can_match_the_sidecar(state: Path) -> None:
+    from meshid.wire import Feed
+
+    authority = _open(state)
+    try:
+        authority.allow("spiffe://example.org/ns/prod/*", str(DB))
+        authority.allow(str(WEB), "spiffe://example.org/ns/other/*")
+        prod = Feed.parse(authority.feed(SpiffeId.parse("spiffe://example.org/ns/prod/sa/x")))
+        db = Feed.parse(authority.feed(DB))
+        api = Feed.parse(authority.feed(API))
+    finally:
+        authority.close()
+    rule = ("spiffe://example.org/ns/prod/*", str(DB))
+    assert prod.prefix_rules == (rule,) and db.prefix_rules == (rule,)
+    assert api.prefix_rules == ()
+    assert Feed.parse(prod.to_json()) == prod
+
+
+def test_dry_run_of_removing_a_prefix_counts_the_pairs_it_alone_allowed(
+    state: Path, tmp_path: Path
+) -> None:
+    etl = "spiffe://example.org/ns/prod/etl"
+    authority = _open(state)
+    authority.allow("spiffe://example.org/ns/prod/*", str(DB))
+    authority.close()
+    report = {
+        "instance": "e1",
+        "pairs": [{"direction": "outbound", "peer_id": str(DB), "count": 3}],
+    }
+    conn = sqlite3.connect(state / DB_NAME)
+    conn.execute(
+        "INSERT INTO reports (spiffe_id, instance, seen_at, report) VALUES (?, ?, ?, ?)",
+        (etl, "e1", time.time(), json.dumps(report)),
+    )
+    conn.commit()
+    conn.close()
+    code, out, _ = _apply(state, _write(tmp_path), "--dry-run")
+    assert code == 0 and "would cut 3 live connection(s)" in out
+    deny = run("policy", "deny", "ns/prod/*", "db", "--dry-run", "--state", str(state))
+    assert "would cut 3 live connection(s)" in deny.stdout
