@@ -3,8 +3,9 @@
 Read-only: the config parses; the files it names are readable, the private
 key 0600; in authority mode the state directory is a directory of ours,
 0700 and writable; and the SVID on disk, if any, is not expired or close
-to it. (Reaching the authority is what the sidecar's own start-up reports,
-with the failure classifier's one-line reason.)
+to it. In authority mode, one TLS request to the authority's health
+endpoint, verified against the configured bundle and the authority's
+SPIFFE ID exactly as the sidecar does, judged by `sidecar.failures`.
 """
 
 from __future__ import annotations
@@ -14,17 +15,20 @@ import stat
 from datetime import UTC, datetime
 from pathlib import Path
 
+import trio
 from cryptography import x509
 
 from meshid.doctor import Check
 from meshid.errors import MeshIdError
+from meshid.wire import HEALTH
 from sidecar.config import AuthoritySource, SidecarConfig, load_config
+from sidecar.control import ControlClient, ControlPlaneError
 from sidecar.statedir import KEY_FILE, SVID_FILE
 
 EXPIRY_SHARE = 0.25  # fail when less than this share of the SVID lifetime is left
 
 
-def check_config(path: Path, now: datetime | None = None) -> list[Check]:
+def check_config(path: Path, now: datetime | None = None, timeout: float = 5.0) -> list[Check]:
     try:
         config = load_config(path)
     except MeshIdError as exc:
@@ -32,7 +36,34 @@ def check_config(path: Path, now: datetime | None = None) -> list[Check]:
     checks = [Check("config", True, f"{path} loads; identity {config.identity}")]
     checks += _files(config)
     checks.append(_svid_expiry(config, now or datetime.now(UTC)))
+    if isinstance(config.source, AuthoritySource):
+        checks.append(_reachable(config, config.source, timeout))
     return checks
+
+
+def _reachable(config: SidecarConfig, source: AuthoritySource, timeout: float) -> Check:
+    """One unauthenticated GET /healthz over TLS: reachable, speaking TLS, with the right ID."""
+    address = source.server
+    client = ControlClient(address.host, address.port, config.trust_domain, timeout=timeout)
+    try:
+        bundle_pem = source.bundle.read_bytes()
+    except OSError as exc:
+        return Check(
+            "authority", False, f"{source.bundle}: {exc.strerror}", "fix [authority] bundle"
+        )
+
+    async def probe() -> None:
+        await client.request("GET", HEALTH, None, bundle_pem=bundle_pem, now=datetime.now(UTC))
+
+    try:
+        trio.run(probe)
+    except ControlPlaneError as exc:
+        if exc.status:  # it answered over verified TLS: reachable, even if unhealthy
+            return Check(
+                "authority", True, f"{address} answers as {client.expected} ({exc.status})"
+            )
+        return Check("authority", False, exc.message, exc.brief)
+    return Check("authority", True, f"{address} answers over TLS as {client.expected}")
 
 
 def _readable(path: Path, *, private: bool) -> str | None:

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import json
+import socket
 import sqlite3
+import threading
 import time
 from pathlib import Path
 
-from ca_helpers import run, snapshot
+from ca_helpers import run, serving_process, snapshot, wait_event
 
 from ca.store import DB_NAME
 
@@ -68,3 +70,58 @@ def test_doctor_needs_exactly_one_target(tmp_path: Path) -> None:
         assert result.exit_code == 2 and result.stderr.count("\n") == 1
     missing = run("doctor", "--state", str(tmp_path / "nothing"))
     assert missing.exit_code == 1 and "✗" in missing.stdout
+
+
+# -- a sidecar's config against a real, serving authority ---------------------------
+
+
+def _sidecar_config(tmp_path: Path, state: Path, server: str) -> Path:
+    (tmp_path / "side").mkdir(mode=0o700)
+    config = tmp_path / "side" / "sidecar.toml"
+    (tmp_path / "side" / "bundle.pem").write_bytes((state / "bundle.pem").read_bytes())
+    config.write_text(
+        'identity = "web"\ntrust_domain = "example.org"\n\n[authority]\n'
+        f'server = "{server}"\nbundle = "bundle.pem"\ntoken_file = "web.token"\n'
+        'state_dir = "st"\n\n[inbound]\nlisten = "127.0.0.1:0"\nforward = "127.0.0.1:9"\n'
+    )
+    (tmp_path / "side" / "web.token").write_text("mjt_x\n")
+    return config
+
+
+def test_the_sidecar_doctor_reaches_the_authority_over_verified_tls(
+    state: Path, tmp_path: Path
+) -> None:
+    log = tmp_path / "serve.log"
+    with serving_process(state, log) as proc:
+        host, _, port = str(wait_event(log, "serving", proc, 30)["listen"]).rpartition(":")
+        config = _sidecar_config(tmp_path, state, f"{host}:{port}")
+        result = run("doctor", "--config", str(config), "--json")
+        assert result.exit_code == 0, result.stdout
+        checks = {c["name"]: c for c in json.loads(result.stdout)["checks"]}
+        assert checks["authority"]["ok"] is True
+        assert "spiffe://example.org/meshid/authority" in str(checks["authority"]["detail"])
+
+
+def test_the_sidecar_doctor_names_a_server_that_does_not_speak_tls(tmp_path: Path) -> None:
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen()
+        port = listener.getsockname()[1]
+        state = tmp_path / "state"
+        assert (
+            run("ca", "init", "--state", str(state), "--trust-domain", "example.org").exit_code == 0
+        )
+        config = _sidecar_config(tmp_path, state, f"127.0.0.1:{port}")
+
+        def answer_plaintext() -> None:
+            conn, _ = listener.accept()
+            with conn:
+                conn.sendall(b"HTTP/1.1 400 Bad Request\r\n\r\n")
+
+        thread = threading.Thread(target=answer_plaintext, daemon=True)
+        thread.start()
+        result = run("doctor", "--config", str(config))
+        thread.join(timeout=10)
+    assert result.exit_code == 1
+    [line] = [line for line in result.stdout.splitlines() if line.startswith("✗ authority:")]
+    assert "hint:" in line
