@@ -15,7 +15,7 @@ from ca.authority import Authority
 from ca.rootlife import warning_text
 from ca.status import WARN_SHARE
 from ca.values import REPORT_FRESH, printable
-from meshid.clock import system_clock
+from meshid.clock import Clock
 from meshid.doctor import Check
 from meshid.errors import MeshIdError
 
@@ -23,10 +23,10 @@ SECRET_DIRS = ("keys", "jwt")  # every file in these holds key material
 SECRET_FILES = ("audit.key",)
 
 
-def check_state(state: Path) -> list[Check]:
+def check_state(state: Path, clock: Clock) -> list[Check]:
     checks = [_modes(state)]
     try:
-        authority = Authority.open(state, clock=system_clock())
+        authority = Authority.open(state, clock=clock)
     except MeshIdError as exc:
         checks.append(Check("authority", False, exc.message, "is --state the right directory?"))
         return checks

@@ -149,7 +149,9 @@ def doctor_cmd(state: str | None, config: str | None, as_json: bool) -> None:
     if (state is None) == (config is None):
         raise click.UsageError("give either --state DIR or --config FILE")
     if state is not None:
-        checks = importlib.import_module("ca.doctor").check_state(_path(state))
+        from meshid.clock import system_clock
+
+        checks = importlib.import_module("ca.doctor").check_state(_path(state), system_clock())
     else:
         checks = importlib.import_module("sidecar.doctor").check_config(_path(str(config)))
     if as_json:
