@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import sqlite3
+from collections.abc import Iterable
 
 from ca.roots import Roots
 from ca.store import Store
 from ca.values import check_not_reserved
-from meshid.errors import (
-    PolicyError,
-)
-from meshid.policy import Decision, Policy
+from meshid.errors import InvalidInput, PolicyError
+from meshid.policy import Decision, Policy, is_prefix, rule_ends
 from meshid.spiffeid import SpiffeId
 
 
@@ -48,24 +47,86 @@ class Access(Roots):
             )
         return version
 
+    def revoke_serial(self, serial: str) -> tuple[SpiffeId, int]:
+        """Revoke one SVID by its serial (hex): (its ID, the new revocation version).
+
+        The identity keeps its other SVIDs; a sidecar presenting this one is
+        refused and its live connections are cut, and it cannot renew with it.
+        """
+        text = serial.lower().removeprefix("0x").lstrip("0") or "0"
+        try:
+            int(text, 16)
+        except ValueError:
+            raise InvalidInput(f"{serial!r} is not a hexadecimal serial") from None
+        now = self._now().timestamp()
+        with self.store.write() as conn:
+            row = conn.execute("SELECT spiffe_id FROM svids WHERE serial = ?", (text,)).fetchone()
+            if row is None:
+                raise PolicyError(f"no SVID with serial {text} was issued here")
+            try:
+                conn.execute(
+                    "INSERT INTO revoked_serials (serial, spiffe_id, revoked_at) VALUES (?, ?, ?)",
+                    (text, row[0], now),
+                )
+            except sqlite3.IntegrityError:
+                raise PolicyError(f"SVID {text} is already revoked") from None
+            version = Store.bump(conn, "revocation_version")
+            self.store.audit(
+                conn,
+                now,
+                "revoke_serial",
+                serial=text,
+                spiffe_id=row[0],
+                revocation_version=version,
+            )
+        return SpiffeId.parse(row[0]), version
+
+    def unrevoke(self, spiffe_id: SpiffeId) -> int | None:
+        """Lift an identity's revocation: the new revocation version, or None if it was not revoked.
+
+        Join tokens that `revoke` spent stay spent: the workload re-enrolls
+        with a new token (or renews, if its SVID is still valid).
+        """
+        now = self._now().timestamp()
+        with self.store.write() as conn:
+            cursor = conn.execute("DELETE FROM revocations WHERE spiffe_id = ?", (str(spiffe_id),))
+            if cursor.rowcount == 0:
+                return None
+            version = Store.bump(conn, "revocation_version")
+            self.store.audit(
+                conn, now, "unrevoke", spiffe_id=str(spiffe_id), revocation_version=version
+            )
+        return version
+
     # -- allow-list --
 
     def policy(self) -> Policy:
         with self.store.read() as conn:
             pairs = conn.execute("SELECT source, target FROM policy").fetchall()
             revoked = conn.execute("SELECT spiffe_id FROM revocations").fetchall()
+            serials = conn.execute("SELECT serial FROM revoked_serials").fetchall()
             version = Store.counter(conn, "policy_version")
             rversion = Store.counter(conn, "revocation_version")
+        exact = [(s, t) for s, t in pairs if not (is_prefix(s) or is_prefix(t))]
         return Policy.build(
-            ((SpiffeId.parse(s), SpiffeId.parse(t)) for s, t in pairs),
+            ((SpiffeId.parse(s), SpiffeId.parse(t)) for s, t in exact),
             version,
             (SpiffeId.parse(r) for (r,) in revoked),
             rversion,
+            (int(n, 16) for (n,) in serials),
+            (tuple(pair) for pair in pairs if is_prefix(pair[0]) or is_prefix(pair[1])),
         )
 
-    def allow(self, source: SpiffeId, target: SpiffeId, *, operator: SpiffeId | None = None) -> int:
-        check_not_reserved(source.require_workload())
-        check_not_reserved(target.require_workload())
+    def allow(
+        self,
+        source: SpiffeId | str,
+        target: SpiffeId | str,
+        *,
+        operator: SpiffeId | None = None,
+    ) -> int:
+        """Add one rule; each end an ID or a prefix rule end (`meshid.policy.rule_end`)."""
+        _check_end(str(source))
+        _check_end(str(target))
         now = self._now().timestamp()
         with self.store.write() as conn:
             exists = conn.execute(
@@ -91,7 +152,13 @@ class Access(Roots):
             )
         return version
 
-    def deny(self, source: SpiffeId, target: SpiffeId, *, operator: SpiffeId | None = None) -> int:
+    def deny(
+        self,
+        source: SpiffeId | str,
+        target: SpiffeId | str,
+        *,
+        operator: SpiffeId | None = None,
+    ) -> int:
         now = self._now().timestamp()
         with self.store.write() as conn:
             cursor = conn.execute(
@@ -112,6 +179,45 @@ class Access(Roots):
                 **_by(operator),
             )
         return version
+
+    def apply_policy(
+        self, desired: Iterable[tuple[str, str]]
+    ) -> tuple[list[tuple[str, str]], list[tuple[str, str]], int]:
+        """Make the allow-list equal to `desired`: (added, removed, policy version).
+
+        One transaction, one version bump and one audit row for the whole
+        change; when nothing changes, no bump and no row (each new version
+        wakes every sidecar), so applying the same file twice is a no-op.
+        """
+        wanted = set(desired)
+        for src, dst in wanted:
+            _check_end(src)
+            _check_end(dst)
+        now = self._now().timestamp()
+        with self.store.write() as conn:
+            rows = conn.execute("SELECT source, target FROM policy").fetchall()
+            current = {(str(s), str(t)) for s, t in rows}
+            added, removed = sorted(wanted - current), sorted(current - wanted)
+            if not added and not removed:
+                return [], [], Store.counter(conn, "policy_version")
+            conn.executemany(
+                "DELETE FROM policy WHERE source = ? AND target = ?",
+                removed,
+            )
+            conn.executemany(
+                "INSERT INTO policy (source, target, created_at) VALUES (?, ?, ?)",
+                [(s, t, now) for s, t in added],
+            )
+            version = Store.bump(conn, "policy_version")
+            self.store.audit(
+                conn,
+                now,
+                "policy_apply",
+                added=[list(pair) for pair in added],
+                removed=[list(pair) for pair in removed],
+                version=version,
+            )
+        return added, removed, version
 
     def ever_known(self, spiffe_id: SpiffeId) -> bool:
         """Whether `spiffe_id` was ever issued an SVID or a join token here.
@@ -152,7 +258,18 @@ class Access(Roots):
                 "ORDER BY source, target",
                 (me, me),
             ).fetchall()
+            # Prefix rules that can match this sidecar's ID on either side.
+            mine = set(rule_ends(spiffe_id))
+            prefixed = [
+                [src, dst]
+                for src, dst in conn.execute(
+                    "SELECT source, target FROM policy WHERE source LIKE '%/*' "
+                    "OR target LIKE '%/*' ORDER BY source, target"
+                ).fetchall()
+                if src in mine or dst in mine
+            ]
             revoked = conn.execute("SELECT spiffe_id FROM revocations ORDER BY 1").fetchall()
+            serials = conn.execute("SELECT serial FROM revoked_serials ORDER BY 1").fetchall()
             policy_version = Store.counter(conn, "policy_version")
             revocation_version = Store.counter(conn, "revocation_version")
             bundle = self.bundle()  # inside the snapshot: fresh, and consistent with the rest
@@ -160,7 +277,15 @@ class Access(Roots):
             "policy_version": policy_version,
             "revocation_version": revocation_version,
             "bundle_sequence": bundle.sequence,
-            "pairs": [[src, dst] for src, dst in pairs],
+            "pairs": [[src, dst] for src, dst in pairs if not (is_prefix(src) or is_prefix(dst))],
+            "prefix_rules": prefixed,
             "revoked": [r for (r,) in revoked],
+            "revoked_serials": [n for (n,) in serials],
             "bundle": bundle.to_pem().decode(),
         }
+
+
+def _check_end(end: str) -> None:
+    """A rule end (an ID, or an ID followed by /*) may not name the authority's own IDs."""
+    base = end.removesuffix("/*") if is_prefix(end) else end
+    check_not_reserved(SpiffeId.parse(base).require_workload())

@@ -28,6 +28,7 @@ from ca.cliopts import (
     state_or_server_option,
 )
 from ca.jwtkeys import JwtKeyring, with_jwt_keys
+from ca.objects_cli import CREATE, TokenGroup, svid_group, token_delete_cmd, token_list_cmd
 from ca.operator_cli import operator_group
 from ca.values import DEFAULT_ROOT_TTL, DEFAULT_SVID_TTL, DEFAULT_TOKEN_TTL
 from meshid.cli import Group
@@ -134,7 +135,12 @@ def issue_cmd(
         )
 
 
-@ca_group.command("token")
+@ca_group.group("token", cls=TokenGroup)
+def token_group() -> None:
+    """Join tokens: `ca token ID` prints a new one; `list` and `delete` manage them."""
+
+
+@token_group.command(CREATE, hidden=True)
 @state_option
 @click.argument("spiffe_id", metavar="ID")
 @click.option(
@@ -158,22 +164,52 @@ def token_cmd(
 
 @ca_group.command("revoke")
 @state_or_server_option
-@click.argument("spiffe_id", metavar="ID")
-def revoke_cmd(state: Path | None, server: str | None, svid: Path | None, spiffe_id: str) -> None:
-    """Revoke ID: no more enrollment or renewal; sidecars drop and refuse it."""
+@click.argument("spiffe_id", metavar="[ID]", required=False)
+@click.option("--serial", help="Revoke only the SVID with this serial (hex), not the identity.")
+def revoke_cmd(
+    state: Path | None,
+    server: str | None,
+    svid: Path | None,
+    spiffe_id: str | None,
+    serial: str | None,
+) -> None:
+    """Revoke ID (or one SVID by --serial): sidecars drop and refuse it; no renewal."""
     from ca.remote import echo_answer, remote_or_none
     from meshid.adminwire import RevokeCall
     from meshid.wire import ADMIN_REVOKE
 
+    if (spiffe_id is None) == (serial is None):
+        raise click.UsageError("give either ID or --serial SERIAL")
     remote = remote_or_none(state, server, svid)
     if remote is not None:
+        if spiffe_id is None:
+            raise click.UsageError("--serial needs --state (the remote API revokes by ID)")
         echo_answer(remote.call(ADMIN_REVOKE, RevokeCall(spiffe_id).to_json()))
         return
     assert state is not None
     authority = open_authority(state)
+    if serial is not None:
+        owner, version = authority.revoke_serial(serial)
+        click.echo(f"revoked SVID {serial.lower()} of {owner} (revocation version {version})")
+        return
+    assert spiffe_id is not None
     sid = authority.resolve(spiffe_id)
     version = authority.revoke(sid)
     click.echo(f"revoked {sid} (revocation version {version})")
+
+
+@ca_group.command("unrevoke")
+@state_option
+@click.argument("spiffe_id", metavar="ID")
+def unrevoke_cmd(state: Path, spiffe_id: str) -> None:
+    """Lift ID's revocation: it may renew and connect again (an ID not revoked is left as it is)."""
+    authority = open_authority(state)
+    sid = authority.resolve(spiffe_id)
+    version = authority.unrevoke(sid)
+    if version is None:
+        click.echo(f"{sid} was not revoked; nothing changed")
+    else:
+        click.echo(f"unrevoked {sid} (revocation version {version})")
 
 
 @ca_group.command("bundle")
@@ -355,14 +391,21 @@ def audit_export_cmd(state: Path) -> None:
 
 @ca_group.command("status")
 @state_option
-def status_cmd(state: Path) -> None:
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON document on stdout.")
+def status_cmd(state: Path, as_json: bool) -> None:
     """Enrolled workloads, running sidecars, SVID expiry, bundle held; warnings first."""
-    from ca.status import render_status
+    from ca.status import render_status, status_document
 
     authority = open_authority(state)
+    if as_json:
+        click.echo(json.dumps(status_document(authority)))
+        return
     for line in render_status(authority):
         click.echo(line)
 
 
 ca_group.add_command(attestor_group)
 ca_group.add_command(operator_group)
+ca_group.add_command(svid_group)
+token_group.add_command(token_list_cmd)
+token_group.add_command(token_delete_cmd)

@@ -136,6 +136,27 @@ class Issuance(Roots):
 
     # -- join tokens --
 
+    def tokens(self) -> list[tuple[SpiffeId, float, float, float | None]]:
+        """(ID, created_at, expires_at, used_at) of every join token, oldest first; no hashes."""
+        with self.store.read() as conn:
+            rows = conn.execute(
+                "SELECT spiffe_id, created_at, expires_at, used_at FROM tokens "
+                "ORDER BY created_at, spiffe_id"
+            ).fetchall()
+        return [(SpiffeId.parse(s), float(c), float(e), u) for s, c, e, u in rows]
+
+    def delete_tokens(self, spiffe_id: SpiffeId) -> int:
+        """Delete the unused tokens of `spiffe_id`; how many. Used ones stay as history."""
+        now = self._now().timestamp()
+        with self.store.write() as conn:
+            cursor = conn.execute(
+                "DELETE FROM tokens WHERE spiffe_id = ? AND used_at IS NULL", (str(spiffe_id),)
+            )
+            count = cursor.rowcount
+            if count:
+                self.store.audit(conn, now, "token_delete", spiffe_id=str(spiffe_id), count=count)
+        return count
+
     def create_token(
         self,
         spiffe_id: SpiffeId,
@@ -235,6 +256,12 @@ class Issuance(Roots):
                         f"{prepared.spiffe_id}: the presented certificate was not issued by "
                         "this authority",
                         reason="unknown_certificate",
+                    )
+                if conn.execute(
+                    "SELECT 1 FROM revoked_serials WHERE serial = ?", (prepared.caller_serial,)
+                ).fetchone():
+                    raise IdentityRevoked(
+                        f"{prepared.spiffe_id}: SVID {prepared.caller_serial} is revoked"
                     )
             self._check_not_revoked(conn, prepared.spiffe_id)
             self._record(conn, prepared.generation, prepared.leaf, prepared.how)

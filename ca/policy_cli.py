@@ -2,20 +2,27 @@
 
 from __future__ import annotations
 
+import json
 import sys
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
+from typing import Any, TypeVar
 
 import click
 
 from ca.authority import Authority
-from ca.cliopts import open_authority, state_or_server_option
+from ca.cliopts import open_authority, state_option, state_or_server_option
+from ca.policy_file import parse_policy_text, render_policy
 from ca.remote import echo_answer, remote_or_none
 from meshid.adminwire import PolicyCall
 from meshid.cli import Group
-from meshid.errors import PolicyError
+from meshid.errors import InvalidInput, PolicyError
+from meshid.policy import Policy, is_prefix, rule_end
 from meshid.spiffeid import SpiffeId
 from meshid.wire import ADMIN_POLICY
+
+F = TypeVar("F", bound=Callable[..., Any])
 
 
 @click.group("policy", cls=Group)
@@ -23,17 +30,40 @@ def policy_group() -> None:
     """The allow-list of service pairs (default deny)."""
 
 
-def _pair(authority: Authority, source: str, target: str) -> tuple[SpiffeId, SpiffeId]:
-    return authority.resolve(source), authority.resolve(target)
+def _pair(authority: Authority, source: str, target: str) -> tuple[str, str]:
+    """A rule as typed: each end an ID, a bare path, or either followed by /* (a prefix)."""
+    td = authority.trust_domain
+    return rule_end(source, td), rule_end(target, td)
 
 
-def _warn_unknown(authority: Authority, *ids: SpiffeId) -> None:
+def rules_of(policy: Policy) -> set[tuple[str, str]]:
+    """Every rule, exact pairs and prefix rules alike, as text."""
+    return {(str(s), str(t)) for s, t in policy.pairs} | set(policy.prefix_rules)
+
+
+def _with_rules(policy: Policy, rules: set[tuple[str, str]]) -> Policy:
+    exact = [(s, t) for s, t in rules if not (is_prefix(s) or is_prefix(t))]
+    return Policy.build(
+        [(SpiffeId.parse(s), SpiffeId.parse(t)) for s, t in exact],
+        policy.version,
+        policy.revoked,
+        policy.revocation_version,
+        policy.revoked_serials,
+        rules - set(exact),
+    )
+
+
+def _warn_unknown(authority: Authority, *ends: str) -> None:
     """A warning on stderr for each identity never enrolled or issued: most often a typo.
 
     Only a warning, and only once the command has done its work (a failed
     command stays one line): operators write policy before the workloads exist.
+    Prefix ends are not checked: they name workloads to come.
     """
-    for sid in dict.fromkeys(ids):
+    for end in dict.fromkeys(ends):
+        if is_prefix(end):
+            continue
+        sid = SpiffeId.parse(end)
         if not authority.ever_known(sid):
             click.echo(
                 f"warning: {sid} has never been enrolled or issued; check the spelling",
@@ -123,12 +153,24 @@ def deny_cmd(
     _warn_unknown(authority, src, dst)
 
 
+def json_option(func: F) -> F:
+    return click.option(
+        "--json", "as_json", is_flag=True, help="Print one JSON document on stdout."
+    )(func)
+
+
 @policy_group.command("list")
 @state_or_server_option
-def list_cmd(state: Path | None, server: str | None, svid: Path | None) -> None:
-    """Print the allow-list, one 'FROM -> TO' per line."""
+@json_option
+def list_cmd(state: Path | None, server: str | None, svid: Path | None, as_json: bool) -> None:
+    """Print the allow-list, one 'FROM -> TO' per line.
+
+    With --json: {"version": N, "pairs": [{"from": ID, "to": ID}, …]}, sorted.
+    """
     remote = remote_or_none(state, server, svid)
     if remote is not None:
+        if as_json:
+            raise click.UsageError("--json needs --state")
         answer = remote.call(ADMIN_POLICY, PolicyCall("list").to_json())
         echo_answer(replace(answer, lines=answer.lines[:-1]))
         if answer.lines:
@@ -136,46 +178,167 @@ def list_cmd(state: Path | None, server: str | None, svid: Path | None) -> None:
         return
     assert state is not None
     policy = open_authority(state).policy()
-    for src, dst in sorted(policy.pairs):
+    rules = sorted(rules_of(policy))
+    if as_json:
+        pairs = [{"from": s, "to": t} for s, t in rules]
+        click.echo(json.dumps({"version": policy.version, "pairs": pairs}))
+        return
+    for src, dst in rules:
         click.echo(f"{src} -> {dst}")
-    click.echo(f"# policy version {policy.version}, {len(policy.pairs)} pair(s)", err=True)
+    click.echo(f"# policy version {policy.version}, {len(rules)} pair(s)", err=True)
 
 
 @policy_group.command("check")
 @click.argument("source", metavar="FROM")
 @click.argument("target", metavar="TO")
 @state_or_server_option
+@json_option
 def check_cmd(
-    source: str, target: str, state: Path | None, server: str | None, svid: Path | None
+    source: str,
+    target: str,
+    state: Path | None,
+    server: str | None,
+    svid: Path | None,
+    as_json: bool,
 ) -> None:
-    """Exit 0 if FROM may reach TO, 1 if not, with a one-line explanation."""
+    """Exit 0 if FROM may reach TO, 1 if not, with a one-line explanation.
+
+    With --json: {"from", "to", "allowed", "reason", "version", "explanation"};
+    the exit status is the same.
+    """
     remote = remote_or_none(state, server, svid)
     if remote is not None:
+        if as_json:
+            raise click.UsageError("--json needs --state")
         answer = remote.call(ADMIN_POLICY, PolicyCall("check", source, target).to_json())
         echo_answer(answer)
         sys.exit(0 if answer.ok else 1)
     assert state is not None
     authority = open_authority(state)
-    src, dst = _pair(authority, source, target)
+    src, dst = authority.resolve(source), authority.resolve(target)
     decision = authority.check(src, dst)
+    if as_json:
+        doc = {
+            "from": str(src),
+            "to": str(dst),
+            "allowed": decision.allowed,
+            "reason": decision.reason,
+            "version": decision.version,
+            "explanation": decision.explanation,
+        }
+        click.echo(json.dumps(doc))
+        sys.exit(0 if decision.allowed else 1)
     click.echo(f"{'allowed' if decision.allowed else 'denied'}: {decision.explanation}")
     sys.exit(0 if decision.allowed else 1)
 
 
-def _deny_dry_run(authority: Authority, src: SpiffeId, dst: SpiffeId) -> None:
+@policy_group.command("apply")
+@click.option(
+    "-f",
+    "--file",
+    "path",
+    required=True,
+    type=click.Path(path_type=Path, dir_okay=False),
+    help="The allow-list as a policy file ([[allow]] from = ... to = ...).",
+)
+@click.option(
+    "--dry-run",
+    is_flag=True,
+    help="Change nothing; print the diff and the live connections it would cut.",
+)
+@state_option
+def apply_cmd(path: Path, dry_run: bool, state: Path) -> None:
+    """Make the allow-list equal to FILE, printing '+ FROM -> TO' and '- FROM -> TO'.
+
+    Applying a file that matches the list changes nothing: no new policy
+    version and no audit row, so `export` then `apply` is a no-op.
+    """
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        detail = exc.strerror if isinstance(exc, OSError) else "not UTF-8"
+        raise InvalidInput(f"cannot read {path}: {detail}") from None
+    authority = open_authority(state)
+    td = authority.trust_domain
+    desired = parse_policy_text(text, lambda end: rule_end(end, td), name=str(path))
+    if dry_run:
+        policy = authority.policy()
+        added = sorted(desired - rules_of(policy))
+        removed = sorted(rules_of(policy) - desired)
+        version = policy.version
+    else:
+        added, removed, version = authority.apply_policy(desired)
+    for src, dst in added:
+        click.echo(f"+ {src} -> {dst}")
+    for src, dst in removed:
+        click.echo(f"- {src} -> {dst}")
+    if not added and not removed:
+        click.echo(
+            f"the allow-list already matches {path} (policy version {version}); nothing changed"
+        )
+    elif dry_run:
+        policy = authority.policy()
+        lines, cut = _cuts(authority, policy, _with_rules(policy, desired))
+        click.echo(
+            f"dry run (policy version {version}): applying would cut {cut} live connection(s) "
+            "reported by sidecars; nothing was changed"
+        )
+        for line in lines:
+            click.echo(f"  {line}")
+    else:
+        click.echo(
+            f"applied {path}: {len(added)} added, {len(removed)} removed (policy version {version})"
+        )
+    _warn_unknown(authority, *(sid for pair in added for sid in pair))
+
+
+def _cuts(authority: Authority, old: Policy, new: Policy) -> tuple[list[str], int]:
+    """The live connections sidecars report that `old` allows and `new` would not.
+
+    Every pair a fresh report names is judged under both policies, so a
+    removed prefix rule counts the concrete pairs it alone allowed.
+    """
     from ca.status import connections_of_pair
 
+    reports, skipped = authority.reports()
+    for note in skipped:
+        click.echo(f"note: {note}", err=True)
+    now = authority.clock_now()
+    seen: set[tuple[SpiffeId, SpiffeId]] = set()
+    for entry in reports:
+        for pair in entry.report.pairs:
+            if pair.direction == "outbound":
+                seen.add((entry.spiffe_id, pair.peer_id))
+            else:
+                seen.add((pair.peer_id, entry.spiffe_id))
+    lines: list[str] = []
+    cut = 0
+    for src, dst in sorted(seen):
+        if old.decide(src, dst).allowed and not new.decide(src, dst).allowed:
+            pair_lines, total = connections_of_pair(reports, src, dst, now)
+            lines += pair_lines
+            cut += total
+    return lines, cut
+
+
+@policy_group.command("export")
+@state_option
+def export_cmd(state: Path) -> None:
+    """Print the allow-list as a policy file, ready for `policy apply -f`."""
+    policy = open_authority(state).policy()
+    click.echo(render_policy(rules_of(policy), policy.version), nl=False)
+
+
+def _deny_dry_run(authority: Authority, src: str, dst: str) -> None:
     policy = authority.policy()
-    if (src, dst) not in policy.pairs:
+    rules = rules_of(policy)
+    if (src, dst) not in rules:
         click.echo(
             f"dry run: {src} -> {dst} was not allowed (policy version {policy.version}); "
             "denying it would change nothing"
         )
         return
-    reports, skipped = authority.reports()
-    lines, total = connections_of_pair(reports, src, dst, authority.clock_now())
-    for note in skipped:
-        click.echo(f"note: {note}", err=True)
+    lines, total = _cuts(authority, policy, _with_rules(policy, rules - {(src, dst)}))
     click.echo(
         f"dry run: denying {src} -> {dst} (policy version {policy.version}) would cut "
         f"{total} live connection(s) reported by sidecars; nothing was changed"

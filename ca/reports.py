@@ -78,6 +78,29 @@ class Reports(AuthorityBase):
                 )
         return good, skipped
 
+    def issued_svids(
+        self, spiffe_id: SpiffeId | None = None, valid_at: float | None = None
+    ) -> list[tuple[SpiffeId, str, float, float, str]]:
+        """(ID, serial, not_after, issued_at, how) of issued SVIDs, latest expiry first.
+
+        Only those of `spiffe_id` if given, only those still valid at
+        `valid_at` if given; the authority's own identities are left out.
+        """
+        sql = (
+            "SELECT spiffe_id, serial, not_after, issued_at, how FROM svids "
+            "WHERE spiffe_id NOT LIKE ?"
+        )
+        args: list[object] = [f"spiffe://{self.trust_domain.name}{RESERVED_PATH}/%"]
+        if spiffe_id is not None:
+            sql += " AND spiffe_id = ?"
+            args.append(str(spiffe_id))
+        if valid_at is not None:
+            sql += " AND not_after > ?"
+            args.append(valid_at)
+        with self.store.read() as conn:
+            rows = conn.execute(sql + " ORDER BY not_after DESC, serial", args).fetchall()
+        return [(SpiffeId.parse(s), str(n), float(a), float(i), str(h)) for s, n, a, i, h in rows]
+
     def workloads(self) -> list[tuple[SpiffeId, datetime, int, bool]]:
         """(ID, latest SVID expiry, SVIDs issued, revoked) for every identity ever issued."""
         with self.store.read() as conn:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-SCHEMA_VERSION = 5  # kept in PRAGMA user_version; 0 there is a version-1 database
+SCHEMA_VERSION = 6  # kept in PRAGMA user_version; 0 there is a version-1 database
 
 # Enrollment by platform identity (version 4): JWT attestors, and the JWTs used so far.
 # IF NOT EXISTS: a database whose version was set back still migrates.
@@ -29,6 +29,15 @@ _OPERATOR_TABLES = """
 CREATE TABLE IF NOT EXISTS operators (
     spiffe_id TEXT PRIMARY KEY,                -- spiffe://TD/meshid/operator/NAME
     added_at REAL NOT NULL
+);
+"""
+
+# Revocation of single SVIDs by serial (version 6), beside revocation by identity.
+_SERIAL_REVOCATIONS = """
+CREATE TABLE IF NOT EXISTS revoked_serials (
+    serial TEXT PRIMARY KEY,                   -- lowercase hex, as svids.serial
+    spiffe_id TEXT NOT NULL,
+    revoked_at REAL NOT NULL
 );
 """
 
@@ -90,6 +99,7 @@ CREATE TABLE audit (
 """
 _SCHEMA += _ATTESTOR_TABLES
 _SCHEMA += _OPERATOR_TABLES
+_SCHEMA += _SERIAL_REVOCATIONS
 
 # Each step takes a database from the version before it to its own version, in
 # the same transaction that records the new version.
@@ -119,6 +129,10 @@ _MIGRATIONS: dict[int, tuple[str, ...]] = {
     5: (  # operators: who may manage the mesh through the control plane
         *(t for t in _OPERATOR_TABLES.split(";") if t.strip()),
         "UPDATE settings SET value = '5' WHERE name = 'schema_version'",
+    ),
+    6: (  # revocation of one SVID by its serial
+        *(t for t in _SERIAL_REVOCATIONS.split(";") if t.strip()),
+        "UPDATE settings SET value = '6' WHERE name = 'schema_version'",
     ),
 }
 

@@ -161,3 +161,63 @@ def render_status(authority: Authority) -> list[str]:
     if warnings:
         return [*(f"WARNING {w}" for w in warnings), "", *body]
     return body
+
+
+def status_document(authority: Authority) -> dict[str, object]:
+    """`ca status --json`: the same facts as `render_status`, as one JSON-ready document.
+
+    Keys: trust_domain, bundle_sequence, policy_version, revocation_version,
+    active_root {generation, not_after}, warnings [text], sidecars [{id,
+    instance, seen, svid_serial, svid_not_after, bundle_sequence,
+    policy_version, live_connections}] (reports from the last 30s), and
+    workloads [{id, svids_issued, latest_not_after, revoked, running}].
+    Times are ISO 8601 UTC. Workload-supplied text is passed through as data
+    (JSON escapes it), not through `printable`.
+    """
+    now = authority.clock_now()
+    policy_version, revocation_version, sequence = authority.versions()
+    reports, _skipped = authority.reports()
+    active, _pending = authority.root_lifecycle()
+    sidecars: list[dict[str, object]] = []
+    running: set[SpiffeId] = set()
+    for entry in reports:
+        if now - entry.seen > REPORT_FRESH:
+            continue
+        running.add(entry.spiffe_id)
+        report = entry.report
+        sidecars.append(
+            {
+                "id": str(entry.spiffe_id),
+                "instance": entry.instance,
+                "seen": entry.seen.isoformat(),
+                "svid_serial": report.svid_serial,
+                "svid_not_after": report.svid_not_after.isoformat()
+                if report.svid_not_after
+                else None,
+                "bundle_sequence": report.bundle_sequence,
+                "policy_version": report.policy_version,
+                "live_connections": report.live_connections,
+            }
+        )
+    warnings = [
+        line[len("WARNING ") :] for line in render_status(authority) if line.startswith("WARNING ")
+    ]
+    return {
+        "trust_domain": authority.trust_domain.name,
+        "bundle_sequence": sequence,
+        "policy_version": policy_version,
+        "revocation_version": revocation_version,
+        "active_root": {"generation": active.generation, "not_after": active.not_after.isoformat()},
+        "warnings": warnings,
+        "sidecars": sidecars,
+        "workloads": [
+            {
+                "id": str(sid),
+                "svids_issued": issued,
+                "latest_not_after": latest.isoformat(),
+                "revoked": revoked,
+                "running": sid in running,
+            }
+            for sid, latest, issued, revoked in authority.workloads()
+        ],
+    }

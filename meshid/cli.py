@@ -27,6 +27,7 @@ _SUBCOMMANDS = {
     "policy": ("ca.policy_cli", "policy_group"),
     "sidecar": ("sidecar.cli", "sidecar_group"),
     "workload": ("sidecar.workload.cli", "workload_group"),
+    "doctor": ("meshid.cli", "doctor_cmd"),
 }
 
 
@@ -123,3 +124,44 @@ def main() -> None:
             err=True,
         )
         sys.exit(70)
+
+
+@click.command("doctor", cls=Command)
+@click.option(
+    "--state",
+    type=click.Path(file_okay=False),
+    help="Check the authority in this state directory.",
+)
+@click.option(
+    "--config", type=click.Path(dir_okay=False), help="Check the sidecar with this config."
+)
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON document on stdout.")
+def doctor_cmd(state: str | None, config: str | None, as_json: bool) -> None:
+    """Check an authority (--state) or a sidecar (--config): one line per check, ✓ or ✗.
+
+    Exits 1 if any check fails. The checks live with the side they check
+    (`ca.doctor`, `sidecar.doctor`), loaded only when named.
+    """
+    import json
+
+    from meshid.doctor import document, render
+
+    if (state is None) == (config is None):
+        raise click.UsageError("give either --state DIR or --config FILE")
+    if state is not None:
+        from meshid.clock import system_clock
+
+        checks = importlib.import_module("ca.doctor").check_state(_path(state), system_clock())
+    else:
+        checks = importlib.import_module("sidecar.doctor").check_config(_path(str(config)))
+    if as_json:
+        click.echo(json.dumps(document(checks)))
+    else:
+        for line in render(checks):
+            click.echo(line)
+    if not all(check.ok for check in checks):
+        sys.exit(1)
+
+
+def _path(text: str) -> Any:
+    return importlib.import_module("pathlib").Path(text)

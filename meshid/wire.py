@@ -357,6 +357,12 @@ class Feed:
     pairs: tuple[tuple[SpiffeId, SpiffeId], ...]
     revoked: tuple[SpiffeId, ...]
     bundle: str
+    # Additive: SVIDs revoked by serial (lowercase hex); an older authority
+    # sends none, an older sidecar ignores them.
+    revoked_serials: tuple[int, ...] = ()
+    # Additive: prefix rules that can match this sidecar, each end an ID or
+    # an ID followed by "/*" (`meshid.policy.rule_end`); versioned with pairs.
+    prefix_rules: tuple[tuple[str, str], ...] = ()
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -367,6 +373,8 @@ class Feed:
             "pairs": [[str(a), str(b)] for a, b in self.pairs],
             "revoked": [str(r) for r in self.revoked],
             "bundle": self.bundle,
+            "revoked_serials": [f"{n:x}" for n in self.revoked_serials],
+            "prefix_rules": [[a, b] for a, b in self.prefix_rules],
         }
 
     @classmethod
@@ -397,7 +405,43 @@ class Feed:
                 _spiffe_id(r, f"revoked[{i}]", "authority") for i, r in enumerate(revoked)
             ),
             bundle=_text(fields, "bundle", "authority"),
+            revoked_serials=_serials(fields.get("revoked_serials", [])),
+            prefix_rules=_prefix_rules(fields.get("prefix_rules", [])),
         )
+
+
+def _prefix_rules(value: object) -> tuple[tuple[str, str], ...]:
+    if not isinstance(value, list):
+        raise _bad("authority", "prefix_rules", "must be a list")
+    rules: list[tuple[str, str]] = []
+    for i, rule in enumerate(value):
+        if not isinstance(rule, list) or len(rule) != 2:
+            raise _bad("authority", f"prefix_rules[{i}]", "must be a [source, target] pair")
+        ends = []
+        for j, end in enumerate(rule):
+            where = f"prefix_rules[{i}][{j}]"
+            if not isinstance(end, str):
+                raise _bad("authority", where, "must be a string")
+            base = end.removesuffix("/*")
+            ends.append(str(_spiffe_id(base, where, "authority")) + end[len(base) :])
+        rules.append((ends[0], ends[1]))
+    return tuple(rules)
+
+
+def _serials(value: object) -> tuple[int, ...]:
+    if not isinstance(value, list):
+        raise _bad("authority", "revoked_serials", "must be a list")
+    serials: list[int] = []
+    for i, item in enumerate(value):
+        if not isinstance(item, str) or not 0 < len(item) <= 64:
+            raise _bad("authority", f"revoked_serials[{i}]", "must be a hexadecimal serial")
+        try:
+            serials.append(int(item, 16))
+        except ValueError:
+            raise _bad(
+                "authority", f"revoked_serials[{i}]", "must be a hexadecimal serial"
+            ) from None
+    return tuple(serials)
 
 
 @dataclass(frozen=True, slots=True)

@@ -191,7 +191,9 @@ class Sidecar:
         def now_denied(entry: LiveConnection) -> str | None:
             if entry.peer_id is None:
                 return None
-            decision = decide_pair(policy, entry.direction, self.identity, entry.peer_id)
+            decision = policy.serial_decision(entry.peer_id, entry.peer_serial) or decide_pair(
+                policy, entry.direction, self.identity, entry.peer_id
+            )
             if decision.allowed:
                 return None
             return (

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from meshid.errors import ConfigError, MeshIdError
+from meshid.policy import rule_end
 from meshid.spiffeid import SpiffeId, TrustDomain
 from sidecar.configtable import Table, tables
 from sidecar.workload.settings import KEYS as WORKLOAD_API_KEYS
@@ -330,12 +331,23 @@ def load_config(path: Path) -> SidecarConfig:
     return parse_config(doc, path.parent)
 
 
-def parse_policy_file(doc: Mapping[str, Any], td: TrustDomain) -> list[tuple[SpiffeId, SpiffeId]]:
-    """The static allow-list: ``[[allow]] from = "web" to = "api"``."""
+def parse_policy_file(doc: Mapping[str, Any], td: TrustDomain) -> list[tuple[str, str]]:
+    """The static allow-list: ``[[allow]] from = "web" to = "api"``, as rule ends.
+
+    Either end may be a prefix (``ns/prod/*``, see `meshid.policy`).
+    """
     top = Table(doc, "", POLICY_FILE_KEYS)
-    pairs = []
+    rules = []
     for table in tables(top.get("allow"), "allow", ALLOW_KEYS):
-        pairs.append((_id(table, "from", td), _id(table, "to", td)))
+        rules.append((_rule_end(table, "from", td), _rule_end(table, "to", td)))
         table.done()
     top.done()
-    return pairs
+    return rules
+
+
+def _rule_end(table: Table, name: str, td: TrustDomain) -> str:
+    text = table.string(name)
+    try:
+        return rule_end(text, td)
+    except MeshIdError as exc:
+        raise ConfigError(f"{table.path(name)}: {exc.message}") from None

@@ -24,6 +24,7 @@ from meshid.bundle import TrustBundle
 from meshid.errors import InvalidSvid
 from meshid.policy import Policy
 from meshid.reasons import Reason
+from meshid.spiffeid import SpiffeId
 from meshid.wire import Feed, WatchQuery, WireError
 from sidecar.control import ControlPlaneError
 from sidecar.credentials import Svid
@@ -72,14 +73,20 @@ class FeedFollower:
 
     def _apply_policy(self, feed: Feed) -> None:
         td = self.current.identity.trust_domain
-        for sid in [*feed.revoked, *(x for pair in feed.pairs for x in pair)]:
+        prefixed = [SpiffeId.parse(end.removesuffix("/*")) for r in feed.prefix_rules for end in r]
+        for sid in [*feed.revoked, *(x for pair in feed.pairs for x in pair), *prefixed]:
             if sid.trust_domain != td:
                 raise InvalidSvid(
                     f"feed names {sid} of another trust domain", reason=Reason.BAD_FEED
                 )
         self.host.install_policy(
             Policy.build(
-                list(feed.pairs), feed.policy_version, list(feed.revoked), feed.revocation_version
+                list(feed.pairs),
+                feed.policy_version,
+                list(feed.revoked),
+                feed.revocation_version,
+                feed.revoked_serials,
+                feed.prefix_rules,
             )
         )
         self.versions = (feed.policy_version, feed.revocation_version, feed.bundle_sequence)

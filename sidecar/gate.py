@@ -269,8 +269,9 @@ class Gate:
         elif verdict.allowed and verdict.peer_id is not None:
             # The callback judged under the policy of that moment; install_policy skips
             # connections still in their handshake, so judge the pair again under today's.
-            decision = decide_pair(
-                self.current.policy, hs.direction, self.current.identity, verdict.peer_id
+            policy = self.current.policy
+            decision = policy.serial_decision(verdict.peer_id, verdict.serial) or decide_pair(
+                policy, hs.direction, self.current.identity, verdict.peer_id
             )
             if not decision.allowed:
                 verdict = Verdict(

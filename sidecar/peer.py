@@ -223,5 +223,7 @@ def judge_facts(
             serial,
             not_after,
         )
-    decision = decide_pair(policy, direction, local_id, peer)
+    decision = policy.serial_decision(peer, serial) or decide_pair(
+        policy, direction, local_id, peer
+    )
     return Verdict(decision.allowed, decision.reason, decision.explanation, peer, serial, not_after)

@@ -19,7 +19,7 @@ import trio
 from adminhttp import Throttle
 from meshid.bundle import TrustBundle
 from meshid.errors import ConfigError, InvalidSvid, MeshIdError
-from meshid.policy import Policy
+from meshid.policy import Policy, is_prefix
 from meshid.reasons import Reason
 from meshid.spiffeid import SpiffeId, TrustDomain
 from meshid.svid import certs_from_pem, key_from_pem
@@ -69,10 +69,15 @@ def load_policy(path: Path, trust_domain: TrustDomain, version: int) -> Policy:
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
         raise ConfigError(f"policy {path}: not valid TOML: {exc}") from None
     try:
-        pairs = parse_policy_file(doc, trust_domain)
+        rules = parse_policy_file(doc, trust_domain)
     except MeshIdError as exc:
         raise ConfigError(f"policy {path}: {exc.message}") from None
-    return Policy.build(pairs, version)
+    exact = [(s, t) for s, t in rules if not (is_prefix(s) or is_prefix(t))]
+    return Policy.build(
+        [(SpiffeId.parse(s), SpiffeId.parse(t)) for s, t in exact],
+        version,
+        prefix_rules=set(rules) - set(exact),
+    )
 
 
 class StaticIdentity:

@@ -353,3 +353,23 @@ async def test_a_refused_peer_is_told_bad_certificate_not_internal_error(
         lambda: [e for e in mesh.api_log.events("decision") if e.get("peer_id") == f"{TD.id}/batch"]
     )
     assert refusal[0]["reason"] == "not_allowed"
+
+
+async def test_revoking_a_serial_cuts_that_svid_through_the_feed(mesh: Mesh) -> None:
+    """`ca revoke --serial`: the feed carries it, api's sidecar cuts web's live connection."""
+    stream = await open_through(mesh)
+    svid = mesh.web.current_svid()
+    assert svid is not None
+    result = await mesh.cli("ca", "revoke", "--serial", f"{svid.serial:x}")
+    assert result.exit_code == 0, result.output
+    with trio.fail_after(10):
+        try:
+            while await stream.receive_some(100):
+                pass
+        except trio.BrokenResourceError:
+            pass  # the cut ends the stream, by a close or a reset
+    closes = await wait_for(
+        lambda: [e for e in mesh.api_log.events("close") if e.get("reason") == "identity_revoked"]
+    )
+    assert closes[0]["peer_id"] == str(WEB)
+    await stream.aclose()

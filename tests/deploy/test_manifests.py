@@ -97,8 +97,15 @@ def resolve(argv: tuple[str, ...] | list[str]) -> Resolved:
     # command's help option from the first context that parses it.
     ctx = click.Context(cli, info_name="meshid", **cli.context_settings)
     path: list[str] = []
+    hidden: str | None = None  # a default subcommand the command line does not name
     while isinstance(command, click.Group):
         where = " ".join(["meshid", *path])
+        default = getattr(command, "default_command", None)  # `ca token ID` is `ca token create ID`
+        if default is not None and (
+            not rest or rest[0].startswith("-") or command.get_command(ctx, rest[0]) is None
+        ):
+            rest.insert(0, default)
+            hidden = default
         if not rest or rest[0].startswith("-"):
             raise CommandLineError(f"'{where}' is a group: a subcommand is missing")
         name = rest.pop(0)
@@ -113,7 +120,7 @@ def resolve(argv: tuple[str, ...] | list[str]) -> Resolved:
         leaf = command.make_context(path[-1], rest, parent=ctx)
     except click.UsageError as exc:  # unknown option, missing argument, bad value
         raise CommandLineError(f"meshid {' '.join(path)}: {exc.format_message()}") from None
-    return Resolved(tuple(path), dict(leaf.params))
+    return Resolved(tuple(p for p in path if p != hidden), dict(leaf.params))
 
 
 _COMMAND_PREFIXES = {"--", "exec", "sudo", "env", "if", "then", "else", "do", "time", "nohup"}

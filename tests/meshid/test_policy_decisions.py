@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from meshid.policy import ALLOWED, IDENTITY_REVOKED, NOT_ALLOWED, Policy
+from meshid.errors import InvalidIdentity
+from meshid.policy import ALLOWED, IDENTITY_REVOKED, NOT_ALLOWED, Policy, rule_end
 from meshid.spiffeid import SpiffeId, TrustDomain
 
 TD = TrustDomain("example.org")
@@ -43,3 +44,68 @@ def test_revocation_overrides_an_allow_rule(revoked: SpiffeId) -> None:
     assert not decision.allowed
     assert decision.reason == IDENTITY_REVOKED
     assert str(revoked) in decision.explanation
+
+
+# -- prefix rules ------------------------------------------------------------------
+
+
+def _sid(path: str) -> SpiffeId:
+    return SpiffeId.resolve(path, TD)
+
+
+PREFIXED = Policy.build(
+    [(_sid("ns/prod/sa/web"), _sid("ns/prod/sa/api"))],
+    version=9,
+    prefix_rules=[
+        (rule_end("ns/prod/*", TD), rule_end("db", TD)),
+        (rule_end("ns/prod/sa/*", TD), rule_end("ns/shared/*", TD)),
+        (rule_end("ns/prod/*", TD), rule_end("ns/shared/*", TD)),
+        (rule_end("monitor", TD), rule_end("ns/*", TD)),
+    ],
+)
+
+
+@pytest.mark.parametrize(
+    ("source", "target", "rule"),
+    [
+        ("ns/prod/sa/web", "ns/prod/sa/api", "ns/prod/sa/web -> ns/prod/sa/api"),  # exact first
+        ("ns/prod/sa/web", "db", "ns/prod/* -> db"),
+        ("ns/prod/x/y/z", "db", "ns/prod/* -> db"),
+        ("ns/prod/sa/web", "ns/shared/cache", "ns/prod/sa/* -> ns/shared/*"),  # longer source
+        ("ns/prod/jobs/etl", "ns/shared/cache", "ns/prod/* -> ns/shared/*"),
+        ("monitor", "ns/prod/sa/api", "monitor -> ns/*"),
+    ],
+)
+def test_prefix_rules_allow_and_name_the_most_specific_rule(
+    source: str, target: str, rule: str
+) -> None:
+    decision = PREFIXED.decide(_sid(source), _sid(target))
+    assert (decision.allowed, decision.reason) == (True, ALLOWED)
+    src, dst = rule.split(" -> ")
+    assert f"allowed by rule {rule_end(src, TD)} -> {rule_end(dst, TD)} " in decision.explanation
+
+
+@pytest.mark.parametrize(
+    ("source", "target"),
+    [
+        ("ns/prod", "db"),  # a prefix matches below the path, not the path itself
+        ("ns/production/x", "db"),  # whole segments only
+        ("db", "ns/prod/sa/web"),  # a rule has a direction
+        ("ns/prod/sa/api", "ns/prod/sa/web"),
+        ("monitor", "ns"),
+    ],
+)
+def test_prefix_rules_match_whole_segments_below_the_path_only(source: str, target: str) -> None:
+    assert PREFIXED.decide(_sid(source), _sid(target)).reason == NOT_ALLOWED
+
+
+def test_revocation_wins_over_a_prefix_rule() -> None:
+    web = _sid("ns/prod/sa/web")
+    revoked = Policy.build([], revoked=[web], prefix_rules=PREFIXED.prefix_rules)
+    assert revoked.decide(web, _sid("db")).reason == IDENTITY_REVOKED
+
+
+@pytest.mark.parametrize("text", ["*", "/*", "ns//*", "spiffe://example.org/*", "a/*/b", "x/*/*"])
+def test_malformed_prefixes_are_refused(text: str) -> None:
+    with pytest.raises(InvalidIdentity):
+        rule_end(text, TD)

@@ -139,3 +139,22 @@ def test_sidecar_run_reports_the_typo_in_one_line(tmp_path: Path) -> None:
     )
     assert done.returncode == 1
     assert done.stderr == ("Error: outbound[0].upstrem: unknown key (did you mean 'upstream'?)\n")
+
+
+def test_the_static_policy_file_takes_prefix_rules(tmp_path: Path) -> None:
+    from meshid.spiffeid import SpiffeId
+    from sidecar.static import load_policy
+
+    td = TrustDomain.parse("example.org")
+    path = tmp_path / "policy.toml"
+    path.write_text(
+        '[[allow]]\nfrom = "ns/prod/*"\nto = "api"\n\n[[allow]]\nfrom = "web"\nto = "api"\n'
+    )
+    policy = load_policy(path, td, 1)
+    api = SpiffeId.resolve("api", td)
+    assert policy.decide(SpiffeId.resolve("ns/prod/x", td), api).allowed
+    assert policy.decide(SpiffeId.resolve("web", td), api).allowed
+    assert not policy.decide(SpiffeId.resolve("ns/dev/x", td), api).allowed
+    path.write_text('[[allow]]\nfrom = "*"\nto = "api"\n')
+    with pytest.raises(ConfigError, match="allow"):
+        load_policy(path, td, 2)

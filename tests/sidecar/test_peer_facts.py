@@ -97,3 +97,16 @@ def test_the_pair_order_follows_the_direction() -> None:
     assert not decide_pair(one_way, OUTBOUND, API, WEB).allowed
     assert decide_pair(one_way, OUTBOUND, WEB, API).allowed
     assert not decide_pair(one_way, INBOUND, WEB, API).allowed
+
+
+def test_a_revoked_serial_is_refused_while_other_svids_of_the_id_pass() -> None:
+    ca = ForeignCa.create(TD)
+    revoked_leaf = ca.issue("web").chain[0]
+    fresh_leaf = ca.issue("web").chain[0]
+    policy = Policy.build(
+        [(WEB, API)], version=1, revocation_version=3, revoked_serials=[revoked_leaf.serial_number]
+    )
+    verdict = _judge(leaf_facts(revoked_leaf), policy, timedelta(0))
+    assert (verdict.allowed, verdict.reason) == (False, "identity_revoked")
+    assert f"{revoked_leaf.serial_number:x}" in verdict.detail
+    assert _judge(leaf_facts(fresh_leaf), policy, timedelta(0)).allowed

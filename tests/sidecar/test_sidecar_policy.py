@@ -209,3 +209,35 @@ async def test_policy_change_during_a_handshake_is_not_missed(
     else:
         assert reply == b"hello"
         assert (decision["decision"], decision["reason"]) == ("allow", "allowed")
+
+
+async def test_a_serial_revoked_by_the_feed_cuts_exactly_that_svids_connections(
+    mesh: Mesh, backend: Backend
+) -> None:
+    """Revocation by serial: web's live connection is cut, db's (same policy) lives on."""
+    both = [("web", "api"), ("db", "api")]
+    api = await mesh.start("api", forward=backend.addr, allow=both)
+    web = await mesh.start("web", outbound=[("api", api.inbound)], allow=both)
+    db = await mesh.start("db", outbound=[("api", api.inbound)], allow=both)
+    web_svid = web.sidecar.current_svid()
+    assert web_svid is not None
+    with trio.fail_after(20):
+        from_web = await connect(web.outbound())
+        from_db = await connect(db.outbound())
+        async with from_web, from_db:
+            await _echo(from_web, b"web")
+            await _echo(from_db, b"db")
+            current = api.sidecar.current_policy()
+            closed = api.sidecar.install_policy(
+                Policy.build(
+                    current.pairs,
+                    version=current.version,
+                    revocation_version=1,
+                    revoked_serials=[web_svid.serial],
+                )
+            )
+            assert await wait_cut(from_web) == b""
+            [cut] = await api.log.wait_for("close")
+            await _echo(from_db, b"db still talks")
+    assert closed == 1
+    assert cut["reason"] == "identity_revoked" and cut["peer_id"] == WEB
