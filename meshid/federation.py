@@ -1,0 +1,78 @@
+"""Trust across trust domains: each peer is verified against its own domain's bundle.
+
+Pure. Federation adds the bundles of other trust domains, but never merges
+them: a certificate is judged only against the bundle of the trust domain
+its SPIFFE ID names. Were the roots pooled, b.example's authority could sign
+`spiffe://a.example/web` and be believed; here that chain finds no anchor
+among a.example's roots and is refused as `untrusted_certificate`.
+
+The ID is read from the leaf before the leaf is trusted; it only selects
+which bundle to try, and the chain must then anchor in exactly that bundle.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+from datetime import datetime
+
+from cryptography import x509
+
+from meshid.bundle import TrustBundle
+from meshid.errors import InvalidSvid
+from meshid.reasons import Reason
+from meshid.spiffeid import TrustDomain
+from meshid.svid import VerifiedSvid, check_leaf_profile, verify_svid
+
+
+class Bundles:
+    """The bundles a workload trusts, one per trust domain, never merged.
+
+    Built from the own bundle and any number of federated ones; a second
+    bundle for one trust domain is a programming error, not a merge.
+    """
+
+    __slots__ = ("_by_domain", "local")
+
+    def __init__(self, local: TrustBundle, federated: Iterable[TrustBundle] = ()) -> None:
+        self.local = local.trust_domain
+        by_domain: dict[TrustDomain, TrustBundle] = {local.trust_domain: local}
+        for bundle in federated:
+            if bundle.trust_domain in by_domain:
+                raise ValueError(f"two bundles for trust domain {bundle.trust_domain}")
+            by_domain[bundle.trust_domain] = bundle
+        self._by_domain: Mapping[TrustDomain, TrustBundle] = by_domain
+
+    def get(self, trust_domain: TrustDomain) -> TrustBundle | None:
+        return self._by_domain.get(trust_domain)
+
+    def domains(self) -> frozenset[TrustDomain]:
+        return frozenset(self._by_domain)
+
+    def federated(self) -> tuple[TrustBundle, ...]:
+        """The foreign bundles, in trust-domain order (what the Workload API lists)."""
+        return tuple(
+            b
+            for td, b in sorted(self._by_domain.items(), key=lambda kv: str(kv[0]))
+            if td != self.local
+        )
+
+
+def verify_in_own_domain(
+    chain: Sequence[x509.Certificate], bundles: Bundles, now: datetime
+) -> VerifiedSvid:
+    """Path validation of `chain` (leaf first) against the bundle of the leaf's trust domain.
+
+    Raises InvalidSvid: `untrusted_trust_domain` when that domain is neither
+    ours nor federated, `untrusted_certificate` when the chain does not anchor
+    in that domain's roots (whatever other bundle it might anchor in).
+    """
+    if not chain:
+        raise InvalidSvid("no certificate presented", reason=Reason.NO_CERTIFICATE)
+    claimed = check_leaf_profile(chain[0])
+    bundle = bundles.get(claimed.trust_domain)
+    if bundle is None:
+        raise InvalidSvid(
+            f"{claimed} is from trust domain {claimed.trust_domain}, which we do not trust",
+            reason=Reason.UNTRUSTED_TRUST_DOMAIN,
+        )
+    return verify_svid(chain, bundle.roots, now)
