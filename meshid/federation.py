@@ -12,15 +12,15 @@ which bundle to try, and the chain must then anchor in exactly that bundle.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from datetime import datetime
 
 from cryptography import x509
 
 from meshid.bundle import TrustBundle
-from meshid.errors import InvalidSvid
+from meshid.errors import InvalidIdentity, InvalidSvid
 from meshid.reasons import Reason
-from meshid.spiffeid import TrustDomain
+from meshid.spiffeid import SpiffeId, TrustDomain
 from meshid.svid import VerifiedSvid, check_leaf_profile, verify_svid
 
 
@@ -28,7 +28,7 @@ class Bundles:
     """The bundles a workload trusts, one per trust domain, never merged.
 
     Built from the own bundle and any number of federated ones; a second
-    bundle for one trust domain is a programming error, not a merge.
+    bundle for one trust domain is refused (`invalid_bundle`), never merged.
     """
 
     __slots__ = ("_by_domain", "local")
@@ -38,7 +38,10 @@ class Bundles:
         by_domain: dict[TrustDomain, TrustBundle] = {local.trust_domain: local}
         for bundle in federated:
             if bundle.trust_domain in by_domain:
-                raise ValueError(f"two bundles for trust domain {bundle.trust_domain}")
+                raise InvalidSvid(
+                    f"two bundles for trust domain {bundle.trust_domain}",
+                    reason=Reason.INVALID_BUNDLE,
+                )
             by_domain[bundle.trust_domain] = bundle
         self._by_domain: Mapping[TrustDomain, TrustBundle] = by_domain
 
@@ -76,3 +79,18 @@ def verify_in_own_domain(
             reason=Reason.UNTRUSTED_TRUST_DOMAIN,
         )
     return verify_svid(chain, bundle.roots, now)
+
+
+def resolve_id(text: str, own: TrustDomain, federated: Collection[TrustDomain]) -> SpiffeId:
+    """A workload ID for an allow-list pair: a bare path in `own`, or a full ID of
+    `own` or of a federated trust domain. Any other domain is refused, by name."""
+    if "://" in text:
+        sid = SpiffeId.parse(text)
+        if sid.trust_domain != own and sid.trust_domain in federated:
+            return sid.require_workload()
+        if sid.trust_domain != own:
+            raise InvalidIdentity(
+                f"{sid}: trust domain {sid.trust_domain} is not federated with {own}",
+                reason=Reason.UNTRUSTED_TRUST_DOMAIN,
+            )
+    return SpiffeId.resolve(text, own).require_workload()

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import trio
 from OpenSSL import SSL, crypto
 
+from meshid.federation import Bundles
 from meshid.reasons import Reason
 from meshid.spiffeid import SpiffeId
 from sidecar.events import EventLog
@@ -28,6 +29,7 @@ from sidecar.peer import (
     INBOUND,
     LeafFacts,
     Verdict,
+    anchor_verdict,
     asn1_time,
     ca_time_verdict,
     chain_error_verdict,
@@ -51,6 +53,12 @@ class Handshake:
     direction: str
     expected: SpiffeId | None
     verdict: Verdict | None = None
+    # The trust bundles of the connection's credential generation, by trust domain.
+    bundles: Bundles | None = None
+    # The top of the chain OpenSSL built (the trust anchor from its store): OpenSSL
+    # calls `verify` from the top down, so the deepest certificate seen is it.
+    anchor: crypto.X509 | None = None
+    anchor_depth: int = -1
 
 
 class Gate:
@@ -97,9 +105,7 @@ class Gate:
             if not ok:
                 leaf = cert.to_cryptography() if depth == 0 else None
                 if hs.verdict is None:
-                    hs.verdict = chain_error_verdict(
-                        leaf, errnum, self.current.identity.trust_domain
-                    )
+                    hs.verdict = chain_error_verdict(leaf, errnum, self._bundles(hs).domains())
                 return False
             if depth > 0:
                 # OpenSSL checks no times (X509_V_FLAG_NO_CHECK_TIME): ours, on our clock.
@@ -112,15 +118,25 @@ class Gate:
                 if late is not None:
                     hs.verdict = late
                     return False
+                if depth > hs.anchor_depth:
+                    hs.anchor, hs.anchor_depth = cert, depth
                 return True
+            facts = self.leaf_facts(cert)
+            bundles = self._bundles(hs)
+            anchor = hs.anchor.to_cryptography() if hs.anchor is not None else None
+            wrong_anchor = anchor_verdict(facts, anchor, bundles)
+            if wrong_anchor is not None:
+                hs.verdict = wrong_anchor
+                return False
             hs.verdict = judge_facts(
-                self.leaf_facts(cert),
+                facts,
                 direction=hs.direction,
                 local_id=self.current.identity,
                 expected=hs.expected,
                 policy=self.current.policy,
                 now=self.current.wall(),
                 skew=self.current.skew,
+                federated=bundles.domains(),
             )
             # A quarantined ID is not refused here: the peer has not yet shown it holds
             # the key (CertificateVerify comes next), so _handshake checks, after it.
@@ -128,6 +144,15 @@ class Gate:
         except Exception as exc:  # never let a hostile certificate escape as a crash
             hs.verdict = Verdict(False, Reason.INVALID_CERTIFICATE, f"certificate rejected: {exc}")
             return False
+
+    def _bundles(self, hs: Handshake) -> Bundles:
+        """The connection's bundles; with none given, the current generation's (or none)."""
+        if hs.bundles is not None:
+            return hs.bundles
+        svid = self.current.svid()
+        if svid is None:
+            raise ValueError("no credentials in force")
+        return svid.bundles
 
     def quarantined(self) -> dict[str, float]:
         """Blocked peers (SPIFFE IDs or source addresses) and the seconds they have left."""
@@ -239,6 +264,8 @@ class Gate:
             if cert is None:
                 verdict = Verdict(False, Reason.NO_CLIENT_CERTIFICATE, "peer sent no certificate")
             else:
+                # The session was made by a full handshake whose anchor was judged;
+                # the session cache belongs to the same generation and its bundles.
                 verdict = judge_facts(
                     self.leaf_facts(cert),
                     direction=hs.direction,
@@ -247,6 +274,7 @@ class Gate:
                     policy=self.current.policy,
                     now=self.current.wall(),
                     skew=self.current.skew,
+                    federated=self._bundles(hs).domains(),
                 )
         elif verdict.allowed and verdict.peer_id is not None:
             # The callback judged under the policy of that moment; install_policy skips

@@ -12,8 +12,8 @@ import pytest
 from cryptography import x509
 
 from meshid.bundle import TrustBundle
-from meshid.errors import InvalidSvid
-from meshid.federation import Bundles, verify_in_own_domain
+from meshid.errors import InvalidIdentity, InvalidSvid
+from meshid.federation import Bundles, resolve_id, verify_in_own_domain
 from meshid.reasons import Reason
 from meshid.spiffeid import SpiffeId, TrustDomain
 from meshid.svid import PrivateKey, build_root, build_svid, generate_key
@@ -99,10 +99,21 @@ def test_a_domain_that_is_not_federated_is_untrusted_trust_domain(
 def test_bundles_of_one_domain_are_never_merged(
     cas: dict[TrustDomain, tuple[x509.Certificate, PrivateKey]],
 ) -> None:
-    with pytest.raises(ValueError, match="two bundles"):
+    with pytest.raises(InvalidSvid, match="two bundles"):
         Bundles(TrustBundle(A, (cas[A][0],)), [TrustBundle(A, (cas[B][0],))])
     both = Bundles(
         TrustBundle(A, (cas[A][0],)), [TrustBundle(C, (cas[C][0],)), TrustBundle(B, (cas[B][0],))]
     )
     assert both.domains() == {A, B, C}
     assert [b.trust_domain for b in both.federated()] == [B, C]
+
+
+def test_allow_list_ids_may_name_federated_domains_only() -> None:
+    assert str(resolve_id("web", A, {B})) == "spiffe://a.example/web"
+    assert str(resolve_id("spiffe://b.example/api", A, {B})) == "spiffe://b.example/api"
+    with pytest.raises(InvalidIdentity) as caught:
+        resolve_id("spiffe://c.example/db", A, {B})
+    assert caught.value.reason == Reason.UNTRUSTED_TRUST_DOMAIN
+    assert "c.example is not federated with a.example" in str(caught.value)
+    with pytest.raises(InvalidIdentity):
+        resolve_id("spiffe://b.example", A, {B})  # the trust domain itself is no workload
