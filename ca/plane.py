@@ -55,6 +55,7 @@ class ServerOptions:
     max_watches_per_identity: int = 256  # parked by one SPIFFE ID (its replicas share it)
     auto_rotate: bool = True  # prepare and activate the next root by itself (ca.rootlife)
     metrics: tuple[str, int] | None = None  # HOST, PORT of the Prometheus listener (ca.metrics)
+    bundle_endpoint: tuple[str, int] | None = None  # HOST, PORT of ca.bundle_endpoint
 
 
 @dataclass(slots=True)

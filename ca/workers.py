@@ -20,6 +20,7 @@ from collections.abc import Callable
 import trio
 
 from ca.authority import Authority
+from ca.bundle_endpoint import serve_bundle_endpoint
 from ca.limits import SharedFailureLimiter
 from ca.metrics import serve_metrics
 from ca.plane import ServerOptions
@@ -39,6 +40,7 @@ def _serve_one(
     metrics_sock: socket.socket | None = None,
     *,
     clock: Clock,
+    bundle_sock: socket.socket | None = None,
 ) -> None:
     """One worker: its own database connection, its own event loop, the shared socket."""
     authority = open_authority()
@@ -50,6 +52,8 @@ def _serve_one(
                 await nursery.start(plane.serve, sock)
                 if metrics_sock is not None:
                     await nursery.start(serve_metrics, metrics_sock, plane.metrics, log)
+                if bundle_sock is not None:
+                    await nursery.start(serve_bundle_endpoint, bundle_sock, plane, log)
                 async for signum in signals:
                     log("stopping", signal=signal.Signals(signum).name)
                     nursery.cancel_scope.cancel()
@@ -112,8 +116,17 @@ def run_server(
     if workers <= 1:
         sock = bind_listener(options.host, options.port)
         [metrics_sock] = _bind_metrics(options, 1)
+        bundle_sock = _bind_bundle_endpoint(options)
         _raise_file_limit(options, log)
-        _serve_one(open_authority, options, sock, log, metrics_sock=metrics_sock, clock=clock)
+        _serve_one(
+            open_authority,
+            options,
+            sock,
+            log,
+            metrics_sock=metrics_sock,
+            clock=clock,
+            bundle_sock=bundle_sock,
+        )
         return 0
     # One listening socket per worker in a SO_REUSEPORT group: the kernel spreads new
     # connections across them evenly (one shared socket let one worker take most).
@@ -127,6 +140,8 @@ def run_server(
             sock.close()
         raise
     metrics_socks = _bind_metrics(options, workers)
+    # One socket for all workers: each accepts from it (federation fetches are rare).
+    bundle_sock = _bind_bundle_endpoint(options)
     _raise_file_limit(options, log)
     # Created before the fork, so every worker counts enrollment failures in one table.
     limiter = SharedFailureLimiter(max_failures=5)
@@ -150,6 +165,7 @@ def run_server(
                     limiter,
                     metrics_socks[index],
                     clock=clock,
+                    bundle_sock=bundle_sock,
                 )
                 status = 0
             except MeshIdError as exc:
@@ -164,6 +180,8 @@ def run_server(
     for msock in metrics_socks:
         if msock is not None:
             msock.close()
+    if bundle_sock is not None:
+        bundle_sock.close()
     stopping = False
     status = 0
 
@@ -199,6 +217,12 @@ def parse_listen(text: str, flag: str = "--listen") -> tuple[str, int]:
     if not host:
         raise StateError(f"{flag} {text!r}: expected HOST:PORT", reason="invalid_address")
     return host, int(port)
+
+
+def _bind_bundle_endpoint(options: ServerOptions) -> socket.socket | None:
+    if options.bundle_endpoint is None:
+        return None
+    return bind_listener(*options.bundle_endpoint)
 
 
 def _bind_metrics(options: ServerOptions, workers: int) -> list[socket.socket | None]:

@@ -94,3 +94,24 @@ def resolve_id(text: str, own: TrustDomain, federated: Collection[TrustDomain]) 
                 reason=Reason.UNTRUSTED_TRUST_DOMAIN,
             )
     return SpiffeId.resolve(text, own).require_workload()
+
+
+def take_fetched(held: TrustBundle, fetched: TrustBundle) -> TrustBundle:
+    """The bundle to hold after a fetch: `fetched`, unless its sequence goes backwards.
+
+    A lower `spiffe_sequence` is an old bundle replayed (or a rolled-back
+    server): taking it could bring back a retired root, so it is refused
+    (`bundle_sequence_backwards`) and `held` stays.
+    """
+    if fetched.trust_domain != held.trust_domain:
+        raise InvalidSvid(
+            f"bundle is for {fetched.trust_domain}, not {held.trust_domain}",
+            reason=Reason.INVALID_BUNDLE,
+        )
+    if fetched.sequence < held.sequence:
+        raise InvalidSvid(
+            f"{held.trust_domain}: fetched bundle sequence {fetched.sequence} is below "
+            f"the held {held.sequence}",
+            reason=Reason.BUNDLE_SEQUENCE_BACKWARDS,
+        )
+    return fetched
