@@ -36,6 +36,7 @@ from pathlib import Path
 from ca.access import Access
 from ca.attestors import Attestors
 from ca.audit import AUDIT_HEAD, AUDIT_KEY
+from ca.federation import Federations
 from ca.jwtkeys import JwtKeyring
 from ca.reports import Reports
 from ca.schema import SCHEMA_VERSION
@@ -66,7 +67,7 @@ from meshid.svid import (
 __all__ = ["Authority", "IssuedSvid", "Prepared"]  # the façade, as ca.api imports it
 
 
-class Authority(Attestors, Access, Reports):
+class Authority(Federations, Attestors, Access, Reports):
     """The whole authority: one object composed of its parts (see ca.authority_base)."""
 
     # -- lifecycle --

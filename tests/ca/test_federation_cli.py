@@ -1,0 +1,119 @@
+"""`meshid federation add|list|remove|refresh` against a real bundle endpoint.
+
+b.example's authority serves its bundle endpoint in this process; the CLI
+runs for example.org's state in a worker thread (it runs its own event loop).
+"""
+
+from __future__ import annotations
+
+import json
+from datetime import timedelta
+from functools import partial
+from pathlib import Path
+
+import pytest
+import trio
+from ca_helpers import Clock, run, snapshot
+from click.testing import Result
+from test_bundle_endpoint import endpoint
+
+from ca.authority import Authority
+from meshid.spiffeid import TrustDomain
+
+B = TrustDomain("b.example")
+B_ENDPOINT = "spiffe://b.example/meshid/authority"
+
+
+@pytest.fixture
+def b_state(tmp_path: Path, clock: Clock) -> Path:
+    path = tmp_path / "b-state"
+    Authority.init(path, B, clock=clock).close()
+    return path
+
+
+async def cli(*args: str) -> Result:
+    return await trio.to_thread.run_sync(partial(run, *args))
+
+
+def _bootstrap(b_state: Path, clock: Clock, tmp_path: Path) -> Path:
+    b = Authority.open(b_state, clock=clock)
+    try:
+        path = tmp_path / "b-bundle.json"
+        path.write_text(b.bundle().to_spiffe_json())
+    finally:
+        b.close()
+    return path
+
+
+async def test_add_list_refresh_remove(
+    state: Path, b_state: Path, clock: Clock, tmp_path: Path
+) -> None:
+    bundle = _bootstrap(b_state, clock, tmp_path)
+    async with endpoint(b_state, clock) as (url, b_authority):
+        with trio.fail_after(30):
+            added = await cli(
+                "federation", "add", "b.example", "--url", url,
+                "--endpoint-id", B_ENDPOINT, "--bundle", str(bundle), "--state", str(state),
+            )  # fmt: skip
+            assert added.exit_code == 0, added.output
+            listed = await cli("federation", "list", "--json", "--state", str(state))
+            [row] = json.loads(listed.output)
+            assert row["trust_domain"] == "b.example"
+            assert row["endpoint_id"] == B_ENDPOINT
+            assert row["stale"] is False
+            first = row["sequence"]
+            b_authority.rotate(timedelta(0))  # a root rollover in b.example
+            refreshed = await cli("federation", "refresh", "b.example", "--state", str(state))
+            assert refreshed.exit_code == 0, refreshed.output
+            [row] = json.loads(
+                (await cli("federation", "list", "--json", "--state", str(state))).output
+            )
+            assert row["sequence"] > first
+            assert row["roots"] == 2
+    # The endpoint is gone: a refresh fails, says so, and keeps the last good bundle.
+    with trio.fail_after(30):
+        failed = await cli("federation", "refresh", "--state", str(state))
+        assert failed.exit_code == 1
+        assert "bundle_endpoint_unreachable" in failed.output
+        assert f"keeping bundle sequence {row['sequence']}" in failed.output
+        [after] = json.loads(
+            (await cli("federation", "list", "--json", "--state", str(state))).output
+        )
+        assert after["sequence"] == row["sequence"]
+        assert after["failures"] == 1
+        assert after["last_error"] == "bundle_endpoint_unreachable"
+        removed = await cli("federation", "remove", "b.example", "--state", str(state))
+        assert removed.exit_code == 0, removed.output
+        listed = await cli("federation", "list", "--json", "--state", str(state))
+        assert json.loads(listed.output) == []
+
+
+@pytest.mark.parametrize("case", ["own_domain", "malformed_bundle", "unreachable", "wrong_id"])
+async def test_bad_input_is_one_line_and_changes_nothing(
+    case: str, state: Path, b_state: Path, clock: Clock, tmp_path: Path
+) -> None:
+    bundle = _bootstrap(b_state, clock, tmp_path)
+    garbage = tmp_path / "garbage.json"
+    garbage.write_text('{"keys": [{"use": "x509-svid", "x5c": ["not base64!"]}]}')
+    async with endpoint(b_state, clock) as (url, _):
+        sock = trio.socket.socket()
+        await sock.bind(("127.0.0.1", 0))
+        closed = f"https://127.0.0.1:{sock.getsockname()[1]}/"
+        td, where, eid, file = {
+            "own_domain": ("example.org", url, "spiffe://example.org/meshid/authority", bundle),
+            "malformed_bundle": ("b.example", url, B_ENDPOINT, garbage),
+            "unreachable": ("b.example", closed, B_ENDPOINT, bundle),
+            "wrong_id": ("b.example", url, "spiffe://b.example/someone", bundle),
+        }[case]
+        before = snapshot(state)
+        with trio.fail_after(30):
+            result = await cli(
+                "federation", "add", td, "--url", where, "--endpoint-id", eid,
+                "--bundle", str(file), "--state", str(state),
+            )  # fmt: skip
+        sock.close()
+    assert result.exit_code != 0
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 1, result.output
+    assert "Traceback" not in result.output
+    assert snapshot(state) == before
