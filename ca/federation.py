@@ -10,7 +10,9 @@ good bundle, counts the failure and backs off: the next try comes after the
 refresh hint doubled per failure, at most MAX_BACKOFF. A bundle not
 refreshed for two of its hints is stale and `ca status` says so.
 
-The own trust domain is never a federated one: its bundle is ours.
+The own trust domain is never a federated one: its bundle is ours. Any
+change of the federated bundles (add, remove, a new sequence) is a new
+policy version: it changes whom sidecars trust, and wakes their feeds.
 """
 
 from __future__ import annotations
@@ -20,9 +22,10 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 
 from ca.reports import Reports
+from ca.store import Store
 from meshid.bundle import TrustBundle
 from meshid.errors import InvalidInput, MeshIdError, StateError
-from meshid.federation import take_fetched
+from meshid.federation import resolve_id, take_fetched
 from meshid.spiffeid import SpiffeId, TrustDomain
 
 MAX_BACKOFF = 3600.0  # seconds between two attempts after repeated failures
@@ -103,6 +106,7 @@ class Federations(Reports):
                     at,
                 ),
             )
+            Store.bump(conn, "policy_version")  # wakes every sidecar's feed
             self.store.audit(
                 conn, at, "federation_add", trust_domain=td.name, url=url, sequence=bundle.sequence
             )
@@ -116,6 +120,7 @@ class Federations(Reports):
             ).rowcount
             if not gone:
                 raise InvalidInput(f"{trust_domain} is not federated")
+            Store.bump(conn, "policy_version")
             self.store.audit(conn, at, "federation_remove", trust_domain=trust_domain.name)
 
     def federations(self) -> list[FederatedDomain]:
@@ -168,6 +173,7 @@ class Federations(Reports):
                         ),
                     )
                     if bundle.sequence != held.bundle.sequence:
+                        Store.bump(conn, "policy_version")
                         self.store.audit(
                             conn,
                             at,
@@ -192,6 +198,11 @@ class Federations(Reports):
     def federated_bundles(self) -> tuple[TrustBundle, ...]:
         """The last good bundle of each federated trust domain, for the feed."""
         return tuple(f.bundle for f in self.federations())
+
+    def resolve_pair_id(self, text: str) -> SpiffeId:
+        """An allow-list ID: ours (a bare path or a full ID), or a full ID of a federated
+        trust domain; any other trust domain is refused by name."""
+        return resolve_id(text, self.trust_domain, self.federated_domains())
 
     def federated_domains(self) -> frozenset[TrustDomain]:
         return frozenset(f.trust_domain for f in self.federations())

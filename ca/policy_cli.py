@@ -20,7 +20,7 @@ def policy_group() -> None:
 
 
 def _pair(authority: Authority, source: str, target: str) -> tuple[SpiffeId, SpiffeId]:
-    return authority.resolve(source), authority.resolve(target)
+    return authority.resolve_pair_id(source), authority.resolve_pair_id(target)
 
 
 def _warn_unknown(authority: Authority, *ids: SpiffeId) -> None:
@@ -30,6 +30,8 @@ def _warn_unknown(authority: Authority, *ids: SpiffeId) -> None:
     command stays one line): operators write policy before the workloads exist.
     """
     for sid in dict.fromkeys(ids):
+        if sid.trust_domain != authority.trust_domain:
+            continue  # a federated domain's workloads enroll with their own authority
         if not authority.ever_known(sid):
             click.echo(
                 f"warning: {sid} has never been enrolled or issued; check the spelling",

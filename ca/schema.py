@@ -32,7 +32,7 @@ CREATE TABLE IF NOT EXISTS federated_domains (
     endpoint_id TEXT NOT NULL,                 -- the SPIFFE ID that endpoint authenticates as
     bundle TEXT NOT NULL,                      -- the last good bundle, SPIFFE JSON
     sequence INTEGER NOT NULL,
-    fetched_at REAL,                           -- the last good fetch (NULL: the bootstrap bundle only)
+    fetched_at REAL,                           -- the last good fetch (NULL: bootstrap only)
     next_refresh REAL NOT NULL,
     failures INTEGER NOT NULL DEFAULT 0,       -- failed fetches since the last good one
     last_error TEXT,                           -- reason of the last failed fetch

@@ -12,6 +12,7 @@ which bundle to try, and the chain must then anchor in exactly that bundle.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Collection, Iterable, Mapping, Sequence
 from datetime import datetime
 
@@ -115,3 +116,26 @@ def take_fetched(held: TrustBundle, fetched: TrustBundle) -> TrustBundle:
             reason=Reason.BUNDLE_SEQUENCE_BACKWARDS,
         )
     return fetched
+
+
+def federated_to_json(bundles: Iterable[TrustBundle]) -> dict[str, object]:
+    """The feed's `federated_bundles`: trust domain -> its SPIFFE bundle (with its sequence)."""
+    return {b.trust_domain.name: b.to_spiffe() for b in bundles}
+
+
+def federated_from_json(value: object, own: TrustDomain) -> tuple[TrustBundle, ...]:
+    """Parse `federated_bundles`; InvalidSvid (`invalid_bundle`) on anything amiss."""
+    if value is None:
+        return ()  # an authority from before federation
+    if not isinstance(value, dict):
+        raise InvalidSvid("federated_bundles: must be an object", reason=Reason.INVALID_BUNDLE)
+    out = []
+    for name, doc in sorted(value.items()):
+        td = TrustDomain.parse(name)
+        if td == own:
+            raise InvalidSvid(
+                f"federated_bundles: names our own trust domain {td}",
+                reason=Reason.INVALID_BUNDLE,
+            )
+        out.append(TrustBundle.from_spiffe_json(td, json.dumps(doc)))
+    return tuple(out)
