@@ -190,6 +190,22 @@ def _id(
         raise ConfigError(f"{table.path(name)}: {exc.message}") from None
 
 
+def _upstream_id(table: Table, td: TrustDomain) -> SpiffeId:
+    """An upstream's ID: a bare path in our trust domain, or a full ID of any domain.
+
+    A full ID of another domain names a federated upstream; whether that domain
+    is federated is the gate's question when it connects (the authority's feed
+    may federate it later), and it refuses one that is not.
+    """
+    text = table.string("identity")
+    if "://" not in text:
+        return _id(table, "identity", td)
+    try:
+        return SpiffeId.parse(text).require_workload()
+    except MeshIdError as exc:
+        raise ConfigError(f"{table.path('identity')}: {exc.message}") from None
+
+
 def _server_name(table: Table) -> str | None:
     if "server_name" not in table.data:
         table.seen.add("server_name")
@@ -291,7 +307,7 @@ def parse_config(doc: Mapping[str, Any], base: Path = Path()) -> SidecarConfig:
             Outbound(
                 listen=parse_address(table.required("listen"), table.path("listen")),
                 upstream=upstream,
-                identity=_id(table, "identity", td),
+                identity=_upstream_id(table, td),
                 server_name=server_name,
                 sni=_sni(server_name, upstream),
             )
