@@ -21,6 +21,7 @@ import trio
 
 from ca.authority import Authority
 from ca.bundle_endpoint import serve_bundle_endpoint
+from ca.federation_refresh import refresh_federated_bundles
 from ca.limits import SharedFailureLimiter
 from ca.metrics import serve_metrics
 from ca.plane import ServerOptions
@@ -41,6 +42,7 @@ def _serve_one(
     *,
     clock: Clock,
     bundle_sock: socket.socket | None = None,
+    refresher: bool = True,
 ) -> None:
     """One worker: its own database connection, its own event loop, the shared socket."""
     authority = open_authority()
@@ -54,6 +56,8 @@ def _serve_one(
                     await nursery.start(serve_metrics, metrics_sock, plane.metrics, log)
                 if bundle_sock is not None:
                     await nursery.start(serve_bundle_endpoint, bundle_sock, plane, log)
+                if refresher:
+                    await nursery.start(refresh_federated_bundles, plane, log)
                 async for signum in signals:
                     log("stopping", signal=signal.Signals(signum).name)
                     nursery.cancel_scope.cancel()
@@ -166,6 +170,7 @@ def run_server(
                     metrics_socks[index],
                     clock=clock,
                     bundle_sock=bundle_sock,
+                    refresher=index == 0,  # one worker fetches federated bundles
                 )
                 status = 0
             except MeshIdError as exc:

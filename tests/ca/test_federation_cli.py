@@ -7,6 +7,7 @@ runs for example.org's state in a worker thread (it runs its own event loop).
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from datetime import timedelta
 from functools import partial
 from pathlib import Path
@@ -29,6 +30,15 @@ def b_state(tmp_path: Path, clock: Clock) -> Path:
     path = tmp_path / "b-state"
     Authority.init(path, B, clock=clock).close()
     return path
+
+
+async def until(condition: Callable[[], bool]) -> None:
+    """Poll `condition` (the caller bounds the wait with trio.fail_after)."""
+    for _ in range(10_000):
+        if condition():
+            return
+        await trio.sleep(0.05)
+    raise AssertionError("condition never held")
 
 
 async def cli(*args: str) -> Result:
@@ -117,3 +127,54 @@ async def test_bad_input_is_one_line_and_changes_nothing(
     assert len(lines) == 1, result.output
     assert "Traceback" not in result.output
     assert snapshot(state) == before
+
+
+async def test_the_serving_authority_refreshes_when_due_and_keeps_the_last_good(
+    state: Path, b_state: Path, clock: Clock, tmp_path: Path
+) -> None:
+    from ca.federation_refresh import refresh_federated_bundles
+    from ca.server import ControlPlane, ServerOptions
+
+    bundle = _bootstrap(b_state, clock, tmp_path)
+    a = Authority.open(state, clock=clock)
+    log: list[dict[str, object]] = []
+    plane = ControlPlane(
+        a,
+        ServerOptions(host="127.0.0.1", port=0),
+        log=lambda event, **f: log.append({"event": event, **f}),
+        clock=clock,
+    )
+    try:
+        async with endpoint(b_state, clock) as (url, b_authority):
+            with trio.fail_after(30):
+                added = await cli(
+                    "federation", "add", "b.example", "--url", url,
+                    "--endpoint-id", B_ENDPOINT, "--bundle", str(bundle), "--state", str(state),
+                )  # fmt: skip
+                assert added.exit_code == 0, added.output
+                first = a.federation(B)
+                b_authority.rotate(timedelta(0))
+                async with trio.open_nursery() as nursery:
+                    await nursery.start(refresh_federated_bundles, plane, plane.log)
+                    await trio.sleep(0.3)
+                    assert a.federation(B).bundle.sequence == first.bundle.sequence  # not due
+                    clock.advance(timedelta(seconds=first.bundle.refresh_hint + 1))
+                    await until(lambda: a.federation(B).bundle.sequence != first.bundle.sequence)
+                    nursery.cancel_scope.cancel()
+        assert [e["event"] for e in log if e["event"] == "federation_bundle"]
+        # The endpoint is gone: the next due refresh fails and keeps the last good bundle.
+        good = a.federation(B)
+        clock.advance(timedelta(seconds=good.bundle.refresh_hint + 1))
+        with trio.fail_after(30):
+            async with trio.open_nursery() as nursery:
+                await nursery.start(refresh_federated_bundles, plane, plane.log)
+                await until(lambda: a.federation(B).failures > 0)
+                nursery.cancel_scope.cancel()
+        after = a.federation(B)
+        assert after.bundle.sequence == good.bundle.sequence
+        assert after.last_error == "bundle_endpoint_unreachable"
+        assert after.next_refresh > good.next_refresh  # backed off
+        [failed] = [e for e in log if e["event"] == "federation_refresh_failed"]
+        assert failed["keeping_sequence"] == good.bundle.sequence
+    finally:
+        a.close()

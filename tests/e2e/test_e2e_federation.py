@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 import trio
-from harness import Addr, Mesh, Processes, meshid, request_ok, wait_until
+from harness import Addr, Mesh, Processes, meshid, receive_exactly, request_ok, wait_until
 
 A, B = "example.org", "b.example"
 
@@ -104,7 +104,22 @@ async def test_a_cross_domain_call_needs_the_pair_on_both_sides(
         assert stray.returncode != 0
         assert "c.example is not federated" in stray.stderr + stray.stdout
 
+        # A root rollover in b.example reaches example.org's api through b.example's
+        # bundle endpoint; a connection open across it is not broken.
+        held = await trio.open_tcp_stream(*web.outbound())
+        await held.send_all(b"before")
+        assert await receive_exactly(held, 6) == b"before"
+        mark = api.log.mark()
+        await ca_b.rotate("1h")  # the next root is published in b.example's bundle
+        refreshed = await meshid("federation", "refresh", B, "--state", ca_a.state)
+        assert "bundle sequence" in refreshed.check().stdout
+        await api.log.wait_for("credentials", how="bundle_updated", since=mark, within=20)
+        await held.send_all(b"after")
+        assert await receive_exactly(held, 5) == b"after"
+        await held.aclose()
+        assert await gets_through()
+
         # `federation list --json` shows the other domain's bundle, fresh.
         listed = await meshid("federation", "list", "--json", "--state", ca_a.state)
         [row] = json.loads(listed.check().stdout)
-        assert (row["trust_domain"], row["stale"]) == (B, False)
+        assert (row["trust_domain"], row["stale"], row["roots"]) == (B, False, 2)
