@@ -21,6 +21,7 @@ from ca_helpers import TD, Clock
 from ca.authority import Authority
 from ca.bundle_endpoint import serve_bundle_endpoint
 from ca.federation_fetch import fetch_bundle
+from ca.roots import BUNDLE_RECHECK
 from ca.server import ControlPlane, ServerOptions
 from meshid.bundle import TrustBundle
 from meshid.errors import MeshIdError
@@ -70,7 +71,8 @@ async def test_the_fetcher_reads_the_bundle_authenticated_by_the_held_one(
         assert fetched.refresh_hint == held.refresh_hint
         # A root rollover: the next root is published in the bundle the endpoint
         # serves, and the endpoint stays reachable with the bundle fetched before.
-        authority.rotate(timedelta(0))
+        authority.rotate(timedelta(hours=1))
+        clock.advance(timedelta(seconds=BUNDLE_RECHECK + 1))  # the server's bundle cache
         rolled = authority.bundle()
         with trio.fail_after(10):
             again = await fetch_bundle(url, ENDPOINT_ID, take_fetched(held, fetched))

@@ -19,6 +19,7 @@ from click.testing import Result
 from test_bundle_endpoint import endpoint
 
 from ca.authority import Authority
+from ca.roots import BUNDLE_RECHECK
 from meshid.spiffeid import TrustDomain
 
 B = TrustDomain("b.example")
@@ -72,7 +73,8 @@ async def test_add_list_refresh_remove(
             assert row["endpoint_id"] == B_ENDPOINT
             assert row["stale"] is False
             first = row["sequence"]
-            b_authority.rotate(timedelta(0))  # a root rollover in b.example
+            b_authority.rotate(timedelta(hours=1))  # a root rollover in b.example
+            clock.advance(timedelta(seconds=BUNDLE_RECHECK + 1))  # the server's bundle cache
             refreshed = await cli("federation", "refresh", "b.example", "--state", str(state))
             assert refreshed.exit_code == 0, refreshed.output
             [row] = json.loads(
@@ -145,7 +147,7 @@ async def test_the_serving_authority_refreshes_when_due_and_keeps_the_last_good(
         clock=clock,
     )
     try:
-        async with endpoint(b_state, clock) as (url, b_authority):
+        async with endpoint(b_state, clock) as (url, _):
             with trio.fail_after(30):
                 added = await cli(
                     "federation", "add", "b.example", "--url", url,
@@ -153,15 +155,17 @@ async def test_the_serving_authority_refreshes_when_due_and_keeps_the_last_good(
                 )  # fmt: skip
                 assert added.exit_code == 0, added.output
                 first = a.federation(B)
-                b_authority.rotate(timedelta(0))
+                assert first.fetched_at is not None
                 async with trio.open_nursery() as nursery:
                     await nursery.start(refresh_federated_bundles, plane, plane.log)
                     await trio.sleep(0.3)
-                    assert a.federation(B).bundle.sequence == first.bundle.sequence  # not due
+                    assert a.federation(B).fetched_at == first.fetched_at  # not due yet
                     clock.advance(timedelta(seconds=first.bundle.refresh_hint + 1))
-                    await until(lambda: a.federation(B).bundle.sequence != first.bundle.sequence)
+                    await until(lambda: a.federation(B).fetched_at != first.fetched_at)
                     nursery.cancel_scope.cancel()
-        assert [e["event"] for e in log if e["event"] == "federation_bundle"]
+        refreshed = a.federation(B)
+        assert (refreshed.failures, refreshed.last_error) == (0, None)
+        assert refreshed.next_refresh > first.next_refresh
         # The endpoint is gone: the next due refresh fails and keeps the last good bundle.
         good = a.federation(B)
         clock.advance(timedelta(seconds=good.bundle.refresh_hint + 1))
@@ -175,6 +179,15 @@ async def test_the_serving_authority_refreshes_when_due_and_keeps_the_last_good(
         assert after.last_error == "bundle_endpoint_unreachable"
         assert after.next_refresh > good.next_refresh  # backed off
         [failed] = [e for e in log if e["event"] == "federation_refresh_failed"]
+        assert failed["reason"] == "bundle_endpoint_unreachable"
         assert failed["keeping_sequence"] == good.bundle.sequence
+        # Two refresh hints without a good fetch: `ca status` warns, naming the domain.
+        from ca.status import render_status
+
+        assert not any("stale" in line for line in render_status(a))
+        clock.advance(timedelta(seconds=2 * good.bundle.refresh_hint))
+        [stale] = [line for line in render_status(a) if "stale" in line]
+        assert "b.example" in stale
+        assert "bundle_endpoint_unreachable" in stale
     finally:
         a.close()
