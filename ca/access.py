@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import sqlite3
 from collections.abc import Iterable
 
@@ -273,6 +274,9 @@ class Access(Roots):
             policy_version = Store.counter(conn, "policy_version")
             revocation_version = Store.counter(conn, "revocation_version")
             bundle = self.bundle()  # inside the snapshot: fresh, and consistent with the rest
+            federated = conn.execute(
+                "SELECT trust_domain, bundle FROM federated_domains ORDER BY 1"
+            ).fetchall()
         return {
             "policy_version": policy_version,
             "revocation_version": revocation_version,
@@ -282,6 +286,8 @@ class Access(Roots):
             "revoked": [r for (r,) in revoked],
             "revoked_serials": [n for (n,) in serials],
             "bundle": bundle.to_pem().decode(),
+            # each with its spiffe_sequence: a change bumps policy_version (ca.federation)
+            "federated_bundles": {td: json.loads(doc) for td, doc in federated},
         }
 
 

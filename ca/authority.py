@@ -36,6 +36,7 @@ from pathlib import Path
 from ca.access import Access
 from ca.attestors import Attestors
 from ca.audit import AUDIT_HEAD, AUDIT_KEY
+from ca.federation import Federations
 from ca.jwtkeys import JwtKeyring
 from ca.operators import Operators
 from ca.reports import Reports
@@ -67,7 +68,7 @@ from meshid.svid import (
 __all__ = ["Authority", "IssuedSvid", "Prepared"]  # the façade, as ca.api imports it
 
 
-class Authority(Attestors, Access, Reports, Operators):
+class Authority(Federations, Attestors, Access, Reports, Operators):
     """The whole authority: one object composed of its parts (see ca.authority_base)."""
 
     # -- lifecycle --

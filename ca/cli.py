@@ -265,6 +265,12 @@ def bundle_cmd(state: Path, fmt: str) -> None:
     help="Serve the read-only service graph page over plain HTTP here; with --workers N, "
     "worker i serves PORT+i. Off by default.",
 )
+@click.option(
+    "--bundle-endpoint",
+    metavar="HOST:PORT",
+    help="Serve the trust domain's SPIFFE bundle here for federation (SPIFFE Federation, "
+    "https_spiffe profile; endpoint ID spiffe://TD/meshid/authority). Off by default.",
+)
 @passphrase_option
 def serve_cmd(
     state: Path,
@@ -276,6 +282,7 @@ def serve_cmd(
     passphrase_file: Path | None,
     metrics: str | None,
     ui: str | None,
+    bundle_endpoint: str | None,
 ) -> None:
     """Run the control plane: enrollment, renewal, bundle, policy and revocation feed."""
     from ca.plane import ServerOptions
@@ -286,6 +293,7 @@ def serve_cmd(
     host, port = parse_listen(listen)
     metrics_at = parse_listen(metrics, "--metrics") if metrics else None
     ui_at = parse_listen(ui, "--ui") if ui else None
+    bundle_at = parse_listen(bundle_endpoint, "--bundle-endpoint") if bundle_endpoint else None
     names, ips = (tuple(dns), tuple(_ips(ip))) if dns or ip else default_names(host)
     passphrase = read_passphrase(passphrase_file)
     clock = system_clock()  # the process's one clock: every worker and the authority share it
@@ -305,6 +313,7 @@ def serve_cmd(
         auto_rotate=auto_rotate,
         metrics=metrics_at,
         ui=ui_at,
+        bundle_endpoint=bundle_at,
     )
     try:
         status = run_server(

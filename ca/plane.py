@@ -57,6 +57,7 @@ class ServerOptions:
     auto_rotate: bool = True  # prepare and activate the next root by itself (ca.rootlife)
     metrics: tuple[str, int] | None = None  # HOST, PORT of the Prometheus listener (ca.metrics)
     ui: tuple[str, int] | None = None  # HOST, PORT of the service graph page (ca.ui)
+    bundle_endpoint: tuple[str, int] | None = None  # HOST, PORT of ca.bundle_endpoint
 
 
 @dataclass(slots=True)

@@ -18,7 +18,8 @@ from ca.remote import echo_answer, remote_or_none
 from meshid.adminwire import PolicyCall
 from meshid.cli import Group
 from meshid.errors import InvalidInput, PolicyError
-from meshid.policy import Policy, is_prefix, rule_end
+from meshid.federation import resolve_rule_end
+from meshid.policy import Policy, is_prefix
 from meshid.spiffeid import SpiffeId
 from meshid.wire import ADMIN_POLICY
 
@@ -31,9 +32,14 @@ def policy_group() -> None:
 
 
 def _pair(authority: Authority, source: str, target: str) -> tuple[str, str]:
-    """A rule as typed: each end an ID, a bare path, or either followed by /* (a prefix)."""
-    td = authority.trust_domain
-    return rule_end(source, td), rule_end(target, td)
+    """A rule as typed: each end an ID (ours, or a federated trust domain's), a bare
+    path, or either followed by /* (a prefix)."""
+    return _end(authority, source), _end(authority, target)
+
+
+def _end(authority: Authority, text: str) -> str:
+    # Ours or a federated trust domain's; any other trust domain is refused by name.
+    return resolve_rule_end(text, authority.trust_domain, authority.federated_domains())
 
 
 def rules_of(policy: Policy) -> set[tuple[str, str]]:
@@ -64,6 +70,8 @@ def _warn_unknown(authority: Authority, *ends: str) -> None:
         if is_prefix(end):
             continue
         sid = SpiffeId.parse(end)
+        if sid.trust_domain != authority.trust_domain:
+            continue  # a federated domain's workloads enroll with their own authority
         if not authority.ever_known(sid):
             click.echo(
                 f"warning: {sid} has never been enrolled or issued; check the spelling",
@@ -259,8 +267,7 @@ def apply_cmd(path: Path, dry_run: bool, state: Path) -> None:
         detail = exc.strerror if isinstance(exc, OSError) else "not UTF-8"
         raise InvalidInput(f"cannot read {path}: {detail}") from None
     authority = open_authority(state)
-    td = authority.trust_domain
-    desired = parse_policy_text(text, lambda end: rule_end(end, td), name=str(path))
+    desired = parse_policy_text(text, lambda end: _end(authority, end), name=str(path))
     if dry_run:
         policy = authority.policy()
         added = sorted(desired - rules_of(policy))

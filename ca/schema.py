@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-SCHEMA_VERSION = 6  # kept in PRAGMA user_version; 0 there is a version-1 database
+SCHEMA_VERSION = 7  # kept in PRAGMA user_version; 0 there is a version-1 database
 
 # Enrollment by platform identity (version 4): JWT attestors, and the JWTs used so far.
 # IF NOT EXISTS: a database whose version was set back still migrates.
@@ -38,6 +38,22 @@ CREATE TABLE IF NOT EXISTS revoked_serials (
     serial TEXT PRIMARY KEY,                   -- lowercase hex, as svids.serial
     spiffe_id TEXT NOT NULL,
     revoked_at REAL NOT NULL
+);
+"""
+
+# Federation (version 7): the foreign trust domains trusted, each with its last good bundle.
+_FEDERATION_TABLES = """
+CREATE TABLE IF NOT EXISTS federated_domains (
+    trust_domain TEXT PRIMARY KEY,
+    url TEXT NOT NULL,                         -- its SPIFFE bundle endpoint (https_spiffe)
+    endpoint_id TEXT NOT NULL,                 -- the SPIFFE ID that endpoint authenticates as
+    bundle TEXT NOT NULL,                      -- the last good bundle, SPIFFE JSON
+    sequence INTEGER NOT NULL,
+    fetched_at REAL,                           -- the last good fetch (NULL: bootstrap only)
+    next_refresh REAL NOT NULL,
+    failures INTEGER NOT NULL DEFAULT 0,       -- failed fetches since the last good one
+    last_error TEXT,                           -- reason of the last failed fetch
+    created_at REAL NOT NULL
 );
 """
 
@@ -100,6 +116,7 @@ CREATE TABLE audit (
 _SCHEMA += _ATTESTOR_TABLES
 _SCHEMA += _OPERATOR_TABLES
 _SCHEMA += _SERIAL_REVOCATIONS
+_SCHEMA += _FEDERATION_TABLES
 
 # Each step takes a database from the version before it to its own version, in
 # the same transaction that records the new version.
@@ -133,6 +150,10 @@ _MIGRATIONS: dict[int, tuple[str, ...]] = {
     6: (  # revocation of one SVID by its serial
         *(t for t in _SERIAL_REVOCATIONS.split(";") if t.strip()),
         "UPDATE settings SET value = '6' WHERE name = 'schema_version'",
+    ),
+    7: (  # federation: foreign trust domains and their last good bundles
+        *(t for t in _FEDERATION_TABLES.split(";") if t.strip()),
+        "UPDATE settings SET value = '7' WHERE name = 'schema_version'",
     ),
 }
 

@@ -50,8 +50,9 @@ import errno
 import ipaddress
 import socket
 import ssl
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import trio
 from cryptography import x509
@@ -61,6 +62,8 @@ from ca.plane import SERVER_DIR, ServerOptions, _describe, _is_storage_failure
 from meshid.errors import MeshIdError, StateError, StorageUnavailable
 from meshid.version import VERSION
 
+T = TypeVar("T")
+
 __all__ = ["ControlPlane", "ServerOptions", "bind_listener"]  # ServerOptions: ca.plane
 
 
@@ -68,6 +71,16 @@ class ControlPlane(HttpShell):
     """The control plane: its state (ca.plane) and behaviour (ca.dispatch, ca.httpshell), served."""
 
     __slots__ = ()
+
+    # -- for the bundle endpoint (ca.bundle_endpoint) --
+
+    def server_context(self) -> ssl.SSLContext:
+        """The TLS context of the control plane's own SVID (no client certificate required)."""
+        assert self._creds is not None, "serve() loads the credentials first"
+        return self._creds.context
+
+    async def db_call(self, fn: Callable[..., T], *args: Any) -> T:
+        return await self._db_call(fn, *args)
 
     # -- connections --
 

@@ -112,6 +112,20 @@ def render_status(authority: Authority) -> list[str]:
             )
         else:
             body.append(f"root {generation} is published and activates on schedule")
+    for federated in authority.federations():
+        line = (
+            f"federated {federated.trust_domain}: bundle sequence {federated.bundle.sequence}"
+            f" from {federated.url}"
+        )
+        if federated.stale(now):
+            fetched = federated.fetched_at
+            since = f"last fetched {_ago(now - fetched)}" if fetched else "never fetched"
+            warnings.append(
+                f"federated bundle of {federated.trust_domain} is stale ({since}; "
+                f"{federated.failures} failed fetches, last: {federated.last_error}); "
+                "the last good one is kept"
+            )
+        body.append(line)
 
     body.append("")
     body.append("running sidecars (reports from the last 30s):")

@@ -20,6 +20,8 @@ from collections.abc import Callable
 import trio
 
 from ca.authority import Authority
+from ca.bundle_endpoint import serve_bundle_endpoint
+from ca.federation_refresh import refresh_federated_bundles
 from ca.limits import SharedFailureLimiter
 from ca.metrics import serve_metrics
 from ca.plane import ServerOptions
@@ -40,6 +42,8 @@ def _serve_one(
     ui_sock: socket.socket | None = None,
     *,
     clock: Clock,
+    bundle_sock: socket.socket | None = None,
+    refresher: bool = True,
 ) -> None:
     """One worker: its own database connection, its own event loop, the shared socket."""
     authority = open_authority()
@@ -55,6 +59,10 @@ def _serve_one(
                     from ca.ui import serve_ui
 
                     await nursery.start(serve_ui, ui_sock, plane.graph, log)
+                if bundle_sock is not None:
+                    await nursery.start(serve_bundle_endpoint, bundle_sock, plane, log)
+                if refresher:
+                    await nursery.start(refresh_federated_bundles, plane, log)
                 async for signum in signals:
                     log("stopping", signal=signal.Signals(signum).name)
                     nursery.cancel_scope.cancel()
@@ -118,6 +126,7 @@ def run_server(
         sock = bind_listener(options.host, options.port)
         [metrics_sock] = _bind_metrics(options.metrics, 1)
         [ui_sock] = _bind_metrics(options.ui, 1, "--ui")
+        bundle_sock = _bind_bundle_endpoint(options)
         _raise_file_limit(options, log)
         _serve_one(
             open_authority,
@@ -127,6 +136,7 @@ def run_server(
             metrics_sock=metrics_sock,
             ui_sock=ui_sock,
             clock=clock,
+            bundle_sock=bundle_sock,
         )
         return 0
     # One listening socket per worker in a SO_REUSEPORT group: the kernel spreads new
@@ -142,6 +152,8 @@ def run_server(
         raise
     metrics_socks = _bind_metrics(options.metrics, workers)
     ui_socks = _bind_metrics(options.ui, workers, "--ui")
+    # One socket for all workers: each accepts from it (federation fetches are rare).
+    bundle_sock = _bind_bundle_endpoint(options)
     _raise_file_limit(options, log)
     # Created before the fork, so every worker counts enrollment failures in one table.
     limiter = SharedFailureLimiter(max_failures=5)
@@ -166,6 +178,8 @@ def run_server(
                     metrics_socks[index],
                     ui_socks[index],
                     clock=clock,
+                    bundle_sock=bundle_sock,
+                    refresher=index == 0,  # one worker fetches federated bundles
                 )
                 status = 0
             except MeshIdError as exc:
@@ -180,6 +194,8 @@ def run_server(
     for msock in metrics_socks + ui_socks:
         if msock is not None:
             msock.close()
+    if bundle_sock is not None:
+        bundle_sock.close()
     stopping = False
     status = 0
 
@@ -215,6 +231,12 @@ def parse_listen(text: str, flag: str = "--listen") -> tuple[str, int]:
     if not host:
         raise StateError(f"{flag} {text!r}: expected HOST:PORT", reason="invalid_address")
     return host, int(port)
+
+
+def _bind_bundle_endpoint(options: ServerOptions) -> socket.socket | None:
+    if options.bundle_endpoint is None:
+        return None
+    return bind_listener(*options.bundle_endpoint)
 
 
 def _bind_metrics(

@@ -25,6 +25,7 @@ from meshid.errors import MeshIdError
 _SUBCOMMANDS = {
     "ca": ("ca.cli", "ca_group"),
     "policy": ("ca.policy_cli", "policy_group"),
+    "federation": ("ca.federation_cli", "federation_group"),
     "sidecar": ("sidecar.cli", "sidecar_group"),
     "workload": ("sidecar.workload.cli", "workload_group"),
     "doctor": ("meshid.cli", "doctor_cmd"),

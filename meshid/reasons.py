@@ -314,6 +314,20 @@ class Reason(enum.StrEnum):
     JWT_REPLAYED = "jwt_replayed", "the enrollment JWT was used already"
     JWKS_UNAVAILABLE = "jwks_unavailable", "the attestor's issuer keys cannot be read"
 
+    # -- federation between trust domains --
+    BUNDLE_ENDPOINT_UNREACHABLE = (
+        "bundle_endpoint_unreachable",
+        "a federated trust domain's bundle endpoint could not be read (the last good is kept)",
+    )
+    WRONG_ENDPOINT_ID = (
+        "wrong_endpoint_id",
+        "a bundle endpoint authenticated with another SPIFFE ID than the configured endpoint ID",
+    )
+    BUNDLE_SEQUENCE_BACKWARDS = (
+        "bundle_sequence_backwards",
+        "a fetched bundle's spiffe_sequence is below the one held: it is not taken",
+    )
+
 
 # The reasons the README lists: operators may alert on them, so they keep their names.
 PUBLISHED: tuple[Reason, ...] = (

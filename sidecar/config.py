@@ -14,13 +14,13 @@ from __future__ import annotations
 import ipaddress
 import re
 import tomllib
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
 from meshid.errors import ConfigError, MeshIdError
-from meshid.policy import rule_end
+from meshid.federation import resolve_id, resolve_rule_end
 from meshid.spiffeid import SpiffeId, TrustDomain
 from sidecar.configtable import Table, tables
 from sidecar.workload.settings import KEYS as WORKLOAD_API_KEYS
@@ -42,6 +42,16 @@ class StaticSource:
     key: Path
     bundle: Path
     policy: Path | None
+    # Bundles of federated trust domains (PEM), one file per trust domain.
+    federated: tuple[tuple[TrustDomain, Path], ...] = ()
+
+    def files(self) -> tuple[Path, ...]:
+        """The files of the credentials: a change in any of them reloads all."""
+        return (self.cert, self.key, self.bundle, *(path for _, path in self.federated))
+
+    def domains(self) -> frozenset[TrustDomain]:
+        """The federated trust domains, whose full IDs the allow-list may name."""
+        return frozenset(td for td, _ in self.federated)
 
 
 @dataclass(frozen=True, slots=True)
@@ -159,7 +169,7 @@ TOP_KEYS = (
     "log",
     "workload_api",
 )
-STATIC_KEYS = ("cert", "key", "bundle", "policy")
+STATIC_KEYS = ("cert", "key", "bundle", "policy", "federated")
 AUTHORITY_KEYS = ("server", "bundle", "token_file", "jwt_file", "state_dir")
 INBOUND_KEYS = ("listen", "forward", "proxy_protocol")
 OUTBOUND_KEYS = ("listen", "upstream", "identity", "server_name")
@@ -170,12 +180,30 @@ POLICY_FILE_KEYS = ("allow",)
 ALLOW_KEYS = ("from", "to")
 
 
-def _id(table: Table, name: str, td: TrustDomain) -> SpiffeId:
+def _id(
+    table: Table, name: str, td: TrustDomain, federated: Collection[TrustDomain] = ()
+) -> SpiffeId:
     text = table.string(name)
     try:
-        return SpiffeId.resolve(text, td).require_workload()
+        return resolve_id(text, td, federated)
     except MeshIdError as exc:
         raise ConfigError(f"{table.path(name)}: {exc.message}") from None
+
+
+def _upstream_id(table: Table, td: TrustDomain) -> SpiffeId:
+    """An upstream's ID: a bare path in our trust domain, or a full ID of any domain.
+
+    A full ID of another domain names a federated upstream; whether that domain
+    is federated is the gate's question when it connects (the authority's feed
+    may federate it later), and it refuses one that is not.
+    """
+    text = table.string("identity")
+    if "://" not in text:
+        return _id(table, "identity", td)
+    try:
+        return SpiffeId.parse(text).require_workload()
+    except MeshIdError as exc:
+        raise ConfigError(f"{table.path('identity')}: {exc.message}") from None
 
 
 def _server_name(table: Table) -> str | None:
@@ -201,6 +229,26 @@ def _sni(server_name: str | None, upstream: Address) -> bytes | None:
         return name.encode("idna")  # valid_hostname has checked that this encodes
 
 
+def _federated(static: Table, base: Path, own: TrustDomain) -> tuple[tuple[TrustDomain, Path], ...]:
+    """`federated = { "b.example" = "b-bundle.pem" }`: trust domain -> its bundle file."""
+    value = static.get("federated", {})
+    where = static.path("federated")
+    if not isinstance(value, Mapping):
+        raise ConfigError(f'{where}: expected a table such as {{ "b.example" = "b.pem" }}')
+    out: list[tuple[TrustDomain, Path]] = []
+    for name, path in value.items():
+        try:
+            td = TrustDomain.parse(name)
+        except MeshIdError as exc:
+            raise ConfigError(f"{where}.{name}: {exc.message}") from None
+        if td == own:
+            raise ConfigError(f"{where}.{name}: is this sidecar's own trust domain")
+        if not isinstance(path, str) or not path:
+            raise ConfigError(f"{where}.{name}: expected the path of a PEM bundle")
+        out.append((td, base / path))
+    return tuple(out)
+
+
 def parse_config(doc: Mapping[str, Any], base: Path = Path()) -> SidecarConfig:
     """Build the config from a parsed TOML document; relative paths are taken from `base`."""
     top = Table(doc, "", TOP_KEYS)
@@ -223,6 +271,7 @@ def parse_config(doc: Mapping[str, Any], base: Path = Path()) -> SidecarConfig:
             key=base / static.string("key"),
             bundle=base / static.string("bundle"),
             policy=static.path_value("policy", base, optional=True),
+            federated=_federated(static, base, td),
         )
         static.done()
     else:
@@ -258,7 +307,7 @@ def parse_config(doc: Mapping[str, Any], base: Path = Path()) -> SidecarConfig:
             Outbound(
                 listen=parse_address(table.required("listen"), table.path("listen")),
                 upstream=upstream,
-                identity=_id(table, "identity", td),
+                identity=_upstream_id(table, td),
                 server_name=server_name,
                 sni=_sni(server_name, upstream),
             )
@@ -331,23 +380,30 @@ def load_config(path: Path) -> SidecarConfig:
     return parse_config(doc, path.parent)
 
 
-def parse_policy_file(doc: Mapping[str, Any], td: TrustDomain) -> list[tuple[str, str]]:
+def parse_policy_file(
+    doc: Mapping[str, Any], td: TrustDomain, federated: Collection[TrustDomain] = ()
+) -> list[tuple[str, str]]:
     """The static allow-list: ``[[allow]] from = "web" to = "api"``, as rule ends.
 
-    Either end may be a prefix (``ns/prod/*``, see `meshid.policy`).
+    Either end may be a prefix (``ns/prod/*``, see `meshid.policy`), and either
+    may be a full ID of a federated trust domain.
     """
     top = Table(doc, "", POLICY_FILE_KEYS)
     rules = []
     for table in tables(top.get("allow"), "allow", ALLOW_KEYS):
-        rules.append((_rule_end(table, "from", td), _rule_end(table, "to", td)))
+        rules.append(
+            (_rule_end(table, "from", td, federated), _rule_end(table, "to", td, federated))
+        )
         table.done()
     top.done()
     return rules
 
 
-def _rule_end(table: Table, name: str, td: TrustDomain) -> str:
+def _rule_end(
+    table: Table, name: str, td: TrustDomain, federated: Collection[TrustDomain] = ()
+) -> str:
     text = table.string(name)
     try:
-        return rule_end(text, td)
+        return resolve_rule_end(text, td, federated)
     except MeshIdError as exc:
         raise ConfigError(f"{table.path(name)}: {exc.message}") from None

@@ -123,7 +123,7 @@ class Connections:
     ) -> tuple[socket.socket | None, TlsStream | None]:
         gen = self.current.generation
         assert gen is not None
-        hs = Handshake(INBOUND, None)
+        hs = Handshake(INBOUND, None, bundles=gen.svid.bundles)
         conn = SSL.Connection(gen.server, sock)
         conn.set_app_data(hs)
         conn.set_accept_state()
@@ -187,7 +187,7 @@ class Connections:
             )
             return None, None
         try:
-            hs = Handshake(OUTBOUND, route.identity)
+            hs = Handshake(OUTBOUND, route.identity, bundles=gen.svid.bundles)
             conn = SSL.Connection(gen.client, up)
             conn.set_app_data(hs)
             conn.set_connect_state()

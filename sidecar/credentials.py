@@ -27,6 +27,7 @@ from OpenSSL import SSL, crypto
 
 from meshid.bundle import TrustBundle
 from meshid.errors import InvalidSvid
+from meshid.federation import Bundles
 from meshid.spiffeid import SpiffeId
 from meshid.svid import PrivateKey, public_key_matches, verify_svid
 
@@ -53,6 +54,14 @@ class Svid:
     chain: tuple[x509.Certificate, ...]
     key: PrivateKey
     bundle: TrustBundle
+    # Bundles of federated trust domains: their roots join the OpenSSL store so a
+    # foreign chain can be built, but each peer is then judged against its own
+    # domain's bundle alone (Gate.verify, meshid.federation).
+    federated: tuple[TrustBundle, ...] = ()
+
+    @property
+    def bundles(self) -> Bundles:
+        return Bundles(self.bundle, self.federated)
 
     @property
     def leaf(self) -> x509.Certificate:
@@ -75,7 +84,9 @@ class Svid:
         identity: SpiffeId,
         now: datetime,
         skew: timedelta = timedelta(0),
+        federated: tuple[TrustBundle, ...] = (),
     ) -> Svid:
+        Bundles(bundle, federated)  # one bundle per trust domain, or InvalidSvid
         if not chain:
             raise InvalidSvid("certificate file holds no certificate", reason="no_certificate")
         if not public_key_matches(key, chain[0]):
@@ -90,7 +101,7 @@ class Svid:
                 f"certificate is for {verified.spiffe_id}, but this sidecar is {identity}",
                 reason="wrong_identity",
             )
-        return cls(identity, tuple(chain), key, bundle)
+        return cls(identity, tuple(chain), key, bundle, federated)
 
 
 def _base_context(method: int, svid: Svid, verify: VerifyCallback) -> SSL.Context:
@@ -107,8 +118,9 @@ def _base_context(method: int, svid: Svid, verify: VerifyCallback) -> SSL.Contex
     ctx.check_privatekey()
     store = ctx.get_cert_store()
     assert store is not None
-    for root in svid.bundle.roots:
-        store.add_cert(crypto.X509.from_cryptography(root))
+    for trusted in (svid.bundle, *svid.federated):
+        for root in trusted.roots:
+            store.add_cert(crypto.X509.from_cryptography(root))
     store.set_flags(X509_V_FLAG_NO_CHECK_TIME)
     _set_verify(ctx, SSL.VERIFY_PEER | SSL.VERIFY_FAIL_IF_NO_PEER_CERT, verify)
     ctx.set_verify_depth(4)

@@ -321,7 +321,13 @@ class DynamicIdentity(FeedFollower):
                 what="bundle from the control plane",
             )
         return Svid.check(
-            chain, key, bundle, self.current.identity, self.current.wall(), self._skew()
+            chain,
+            key,
+            bundle,
+            self.current.identity,
+            self.current.wall(),
+            self._skew(),
+            current.federated if current is not None else (),  # the feed moves these
         )
 
     def _learn_offset(self, svid: Svid) -> None:

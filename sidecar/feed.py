@@ -14,6 +14,7 @@ the state it declares below and the helpers it names.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from datetime import timedelta
 from typing import TYPE_CHECKING
@@ -22,6 +23,7 @@ import trio
 
 from meshid.bundle import TrustBundle
 from meshid.errors import InvalidSvid
+from meshid.federation import federated_from_json
 from meshid.policy import Policy
 from meshid.reasons import Reason
 from meshid.spiffeid import SpiffeId
@@ -44,6 +46,14 @@ from sidecar.statedir import BUNDLE, FEED, StateDir
 
 if TYPE_CHECKING:
     from sidecar.dynamic import Host
+
+
+def _same_bundles(a: tuple[TrustBundle, ...], b: tuple[TrustBundle, ...]) -> bool:
+    """The same federated trust domains, each with the same sequence and roots."""
+    return len(a) == len(b) and all(
+        x.trust_domain == y.trust_domain and x.sequence == y.sequence and x.same_roots(y)
+        for x, y in zip(a, b, strict=True)
+    )
 
 
 class FeedFollower:
@@ -74,10 +84,12 @@ class FeedFollower:
     def _apply_policy(self, feed: Feed) -> None:
         td = self.current.identity.trust_domain
         prefixed = [SpiffeId.parse(end.removesuffix("/*")) for r in feed.prefix_rules for end in r]
+        federated = {b.trust_domain for b in federated_from_json(json.loads(feed.federated), td)}
         for sid in [*feed.revoked, *(x for pair in feed.pairs for x in pair), *prefixed]:
-            if sid.trust_domain != td:
+            if sid.trust_domain != td and sid.trust_domain not in federated:
                 raise InvalidSvid(
-                    f"feed names {sid} of another trust domain", reason=Reason.BAD_FEED
+                    f"feed names {sid} of a trust domain that is not federated",
+                    reason=Reason.BAD_FEED,
                 )
         self.host.install_policy(
             Policy.build(
@@ -102,7 +114,14 @@ class FeedFollower:
             sequence=feed.bundle_sequence,
             what="bundle from the feed",
         )
-        if bundle.same_roots(svid.bundle) and bundle.sequence == svid.bundle.sequence:
+        federated = federated_from_json(
+            json.loads(feed.federated), self.current.identity.trust_domain
+        )
+        if (
+            bundle.same_roots(svid.bundle)
+            and bundle.sequence == svid.bundle.sequence
+            and _same_bundles(federated, svid.federated)
+        ):
             return False
         updated = Svid.check(
             list(svid.chain),
@@ -111,6 +130,7 @@ class FeedFollower:
             self.current.identity,
             self.current.wall(),
             self._skew(),
+            federated,
         )
         self.host.install_svid(updated, "bundle_updated")
         self.reporter.poke()  # a root rollover waits for this acknowledgement

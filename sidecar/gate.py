@@ -21,6 +21,7 @@ from typing import cast
 import trio
 from OpenSSL import SSL, crypto
 
+from meshid.federation import Bundles
 from meshid.reasons import Reason
 from meshid.report import Direction
 from meshid.spiffeid import SpiffeId
@@ -30,6 +31,7 @@ from sidecar.peer import (
     INBOUND,
     LeafFacts,
     Verdict,
+    anchor_verdict,
     asn1_time,
     ca_time_verdict,
     chain_error_verdict,
@@ -54,6 +56,12 @@ class Handshake:
     direction: str
     expected: SpiffeId | None
     verdict: Verdict | None = None
+    # The trust bundles of the connection's credential generation, by trust domain.
+    bundles: Bundles | None = None
+    # The top of the chain OpenSSL built (the trust anchor from its store): OpenSSL
+    # calls `verify` from the top down, so the deepest certificate seen is it.
+    anchor: crypto.X509 | None = None
+    anchor_depth: int = -1
 
 
 class Gate:
@@ -114,6 +122,7 @@ class Gate:
             policy=self.current.policy,
             now=self.current.wall(),
             skew=self.current.skew,
+            federated=self._bundles(hs).domains(),
         )
 
     def verify(
@@ -127,9 +136,7 @@ class Gate:
             if not ok:
                 leaf = cert.to_cryptography() if depth == 0 else None
                 if hs.verdict is None:
-                    hs.verdict = chain_error_verdict(
-                        leaf, errnum, self.current.identity.trust_domain
-                    )
+                    hs.verdict = chain_error_verdict(leaf, errnum, self._bundles(hs).domains())
                 return False
             if depth > 0:
                 # OpenSSL checks no times (X509_V_FLAG_NO_CHECK_TIME): ours, on our clock.
@@ -142,7 +149,16 @@ class Gate:
                 if late is not None:
                     hs.verdict = late
                     return False
+                if depth > hs.anchor_depth:
+                    hs.anchor, hs.anchor_depth = cert, depth
                 return True
+            facts = self.leaf_facts(cert)
+            bundles = self._bundles(hs)
+            anchor = hs.anchor.to_cryptography() if hs.anchor is not None else None
+            wrong_anchor = anchor_verdict(facts, anchor, bundles)
+            if wrong_anchor is not None:
+                hs.verdict = wrong_anchor
+                return False
             hs.verdict = self._judge(cert, hs)
             # A quarantined ID is not refused here: the peer has not yet shown it holds
             # the key (CertificateVerify comes next), so _handshake checks, after it.
@@ -150,6 +166,15 @@ class Gate:
         except Exception as exc:  # never let a hostile certificate escape as a crash
             hs.verdict = Verdict(False, Reason.INVALID_CERTIFICATE, f"certificate rejected: {exc}")
             return False
+
+    def _bundles(self, hs: Handshake) -> Bundles:
+        """The connection's bundles; with none given, the current generation's (or none)."""
+        if hs.bundles is not None:
+            return hs.bundles
+        svid = self.current.svid()
+        if svid is None:
+            raise ValueError("no credentials in force")
+        return svid.bundles
 
     def quarantined(self) -> dict[str, float]:
         """Blocked peers (SPIFFE IDs or source addresses) and the seconds they have left."""
@@ -265,6 +290,8 @@ class Gate:
             if cert is None:
                 verdict = Verdict(False, Reason.NO_CLIENT_CERTIFICATE, "peer sent no certificate")
             else:
+                # The session was made by a full handshake whose anchor was judged;
+                # the session cache belongs to the same generation and its bundles.
                 verdict = self._judge(cert, hs)
         elif verdict.allowed and verdict.peer_id is not None:
             # The callback judged under the policy of that moment; install_policy skips

@@ -10,12 +10,14 @@ every connection), the expected upstream identity, and the allow-list.
 from __future__ import annotations
 
 import functools
+from collections.abc import Collection
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
 from cryptography import x509
 
 from meshid.errors import InvalidSvid
+from meshid.federation import Bundles
 from meshid.policy import Decision, Policy
 from meshid.reasons import Reason
 from meshid.spiffeid import SpiffeId, TrustDomain
@@ -80,17 +82,18 @@ def _claimed_id(leaf: x509.Certificate) -> SpiffeId | None:
 
 
 def chain_error_verdict(
-    leaf: x509.Certificate | None, code: int, trust_domain: TrustDomain
+    leaf: x509.Certificate | None, code: int, trusted: TrustDomain | Collection[TrustDomain]
 ) -> Verdict:
     """Name what OpenSSL's path validation found wrong."""
     claimed = _claimed_id(leaf) if leaf is not None else None
     who = str(claimed) if claimed else "peer certificate"
+    domains = {trusted} if isinstance(trusted, TrustDomain) else set(trusted)
     if code == X509_CERT_HAS_EXPIRED:
         return Verdict(False, Reason.EXPIRED, f"{who} has expired", claimed)
     if code == X509_CERT_NOT_YET_VALID:
         return Verdict(False, Reason.NOT_YET_VALID, f"{who} is not valid yet", claimed)
     if code in _UNTRUSTED:
-        if claimed is not None and claimed.trust_domain != trust_domain:
+        if claimed is not None and claimed.trust_domain not in domains:
             return Verdict(
                 False,
                 Reason.UNTRUSTED_TRUST_DOMAIN,
@@ -100,7 +103,7 @@ def chain_error_verdict(
         return Verdict(
             False,
             Reason.UNTRUSTED_CERTIFICATE,
-            f"{who} does not chain to our trust bundle",
+            f"{who} does not chain to the bundle of its trust domain",
             claimed,
         )
     if code in (X509_INVALID_PURPOSE, X509_INVALID_CA):
@@ -185,18 +188,23 @@ def judge_facts(
     policy: Policy,
     now: datetime,
     skew: timedelta = timedelta(0),
+    federated: Collection[TrustDomain] = (),
 ) -> Verdict:
-    """The verdict on a peer whose chain OpenSSL accepted (or who resumed a session)."""
+    """The verdict on a peer whose chain OpenSSL accepted (or who resumed a session).
+
+    `federated`: the other trust domains whose bundles we hold; whether the
+    chain anchors in the right one is `anchor_verdict`'s question.
+    """
     peer = facts.peer
     if peer is None:
         return Verdict(False, Reason.INVALID_SVID, facts.problem, facts.claimed)
     serial = facts.serial
     not_after = facts.not_after
-    if peer.trust_domain != local_id.trust_domain:
+    if peer.trust_domain != local_id.trust_domain and peer.trust_domain not in federated:
         return Verdict(
             False,
             Reason.UNTRUSTED_TRUST_DOMAIN,
-            f"{peer} is not in trust domain {local_id.trust_domain}",
+            f"{peer} is not in trust domain {local_id.trust_domain} nor a federated one",
             peer,
             serial,
             not_after,
@@ -227,3 +235,39 @@ def judge_facts(
         policy, direction, local_id, peer
     )
     return Verdict(decision.allowed, decision.reason, decision.explanation, peer, serial, not_after)
+
+
+def anchor_verdict(
+    facts: LeafFacts, anchor: x509.Certificate | None, bundles: Bundles
+) -> Verdict | None:
+    """A refusal if the chain OpenSSL built does not anchor in the leaf's own trust domain.
+
+    OpenSSL's store holds the roots of every trusted domain, so it accepts a
+    chain that anchors in any of them; this is the check that a certificate
+    naming a.example was signed by a.example's roots, not by a federated
+    b.example's. None: the anchor is right (or the leaf names no valid ID,
+    which judge_facts refuses).
+    """
+    peer = facts.peer
+    if peer is None:
+        return None
+    bundle = bundles.get(peer.trust_domain)
+    if bundle is None:
+        return Verdict(
+            False,
+            Reason.UNTRUSTED_TRUST_DOMAIN,
+            f"{peer} is from trust domain {peer.trust_domain}, which we do not trust",
+            peer,
+            facts.serial,
+            facts.not_after,
+        )
+    if anchor is None or not bundle.contains(anchor):
+        return Verdict(
+            False,
+            Reason.UNTRUSTED_CERTIFICATE,
+            f"{peer} does not chain to a root of trust domain {peer.trust_domain}",
+            peer,
+            facts.serial,
+            facts.not_after,
+        )
+    return None

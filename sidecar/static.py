@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 import tomllib
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from datetime import datetime, timedelta
 from pathlib import Path
 
@@ -59,17 +59,23 @@ def load_svid(
     bundle = TrustBundle.from_pem(
         trust_domain, _read(source.bundle, "bundle"), what=f"bundle {source.bundle}"
     )
-    return Svid.check(chain, key, bundle, identity, now, skew)
+    federated = tuple(
+        TrustBundle.from_pem(td, _read(path, "bundle"), what=f"bundle {path}")
+        for td, path in source.federated
+    )
+    return Svid.check(chain, key, bundle, identity, now, skew, federated)
 
 
-def load_policy(path: Path, trust_domain: TrustDomain, version: int) -> Policy:
+def load_policy(
+    path: Path, trust_domain: TrustDomain, version: int, federated: Collection[TrustDomain] = ()
+) -> Policy:
     data = _read(path, "policy")
     try:
         doc = tomllib.loads(data.decode("utf-8"))
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
         raise ConfigError(f"policy {path}: not valid TOML: {exc}") from None
     try:
-        rules = parse_policy_file(doc, trust_domain)
+        rules = parse_policy_file(doc, trust_domain, federated)
     except MeshIdError as exc:
         raise ConfigError(f"policy {path}: {exc.message}") from None
     exact = [(s, t) for s, t in rules if not (is_prefix(s) or is_prefix(t))]
@@ -120,12 +126,12 @@ class StaticIdentity:
     async def start(self) -> None:
         """The first load: a failure here is the sidecar's, and ends it with one line."""
         source = self.source
-        self._seen_svid = tuple(stamp(p) for p in (source.cert, source.key, source.bundle))
+        self._seen_svid = tuple(stamp(p) for p in source.files())
         self._seen_policy = stamp(source.policy) if source.policy else None
         self._load_svid()
         if source.policy is not None:
             trust_domain = self.current.identity.trust_domain
-            self.install_policy(load_policy(source.policy, trust_domain, 1))
+            self.install_policy(load_policy(source.policy, trust_domain, 1, source.domains()))
         self._policy_version = self.current.policy.version
 
     async def run(self) -> None:
@@ -137,7 +143,7 @@ class StaticIdentity:
     def poll(self) -> None:
         """Load whatever changed since the last look."""
         source = self.source
-        now_svid = tuple(stamp(p) for p in (source.cert, source.key, source.bundle))
+        now_svid = tuple(stamp(p) for p in source.files())
         if now_svid != self._seen_svid:
             self._seen_svid = now_svid
             try:
@@ -159,7 +165,9 @@ class StaticIdentity:
                     self._policy_version += 1
                     trust_domain = self.current.identity.trust_domain
                     self.install_policy(
-                        load_policy(source.policy, trust_domain, self._policy_version)
+                        load_policy(
+                            source.policy, trust_domain, self._policy_version, source.domains()
+                        )
                     )
                 except MeshIdError as exc:
                     self._failed(exc)

@@ -108,12 +108,18 @@ def x509_svid_message(svid: Svid) -> bytes:
         x509_svid_key=key,
         bundle=_concat_der(list(svid.bundle.roots)),
     )
-    return proto.x509_svid_response([entry])
+    return proto.x509_svid_response([entry], _federated(svid))
+
+
+def _federated(svid: Svid) -> dict[str, bytes]:
+    """Federated trust domains' roots, by trust domain ID (never merged with ours)."""
+    return {str(b.trust_domain.id): _concat_der(list(b.roots)) for b in svid.federated}
 
 
 def x509_bundles_message(svid: Svid) -> bytes:
     return proto.x509_bundles_response(
         {str(svid.spiffe_id.trust_domain.id): _concat_der(list(svid.bundle.roots))}
+        | _federated(svid)
     )
 
 

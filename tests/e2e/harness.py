@@ -259,19 +259,29 @@ class Processes:
 class Authority:
     """`meshid ca …` and `meshid policy …` against one state directory."""
 
-    def __init__(self, root: Path, procs: Processes) -> None:
+    def __init__(self, root: Path, procs: Processes, td: str = TD) -> None:
         self.root = root
+        self.td = td
         self.state = root / "ca-state"
         self.procs = procs
         self.server: Proc | None = None
         self.addr: Addr | None = None
+        self.bundle_endpoint = False  # serve the SPIFFE bundle endpoint too (port 0)
+        self.bundle_url: str | None = None
         self.log: JsonLog | None = None
         self._runs = 0
 
     async def init(self, svid_ttl: str = "1h") -> None:
         (
             await meshid(
-                "ca", "init", "--state", self.state, "--trust-domain", TD, "--svid-ttl", svid_ttl
+                "ca",
+                "init",
+                "--state",
+                self.state,
+                "--trust-domain",
+                self.td,
+                "--svid-ttl",
+                svid_ttl,
             )
         ).check()
 
@@ -282,13 +292,18 @@ class Authority:
         port = self.addr[1] if self.addr else 0
         path = self.root / f"ca-serve-{self._runs}.log"
         self.log = JsonLog(path)
+        extra = ["--bundle-endpoint", f"{HOST}:0"] if self.bundle_endpoint else []
         self.server = await self.procs.spawn(
             "ca",
-            [MESHID, "ca", "serve", "--state", self.state, "--listen", f"{HOST}:{port}"],
+            [MESHID, "ca", "serve", "--state", self.state, "--listen", f"{HOST}:{port}", *extra],
             path,
         )
         [serving] = await self.wait_serving()
         self.addr = parse_addr(serving["listen"])
+        if self.bundle_endpoint:
+            [endpoint] = await self.log.wait_for("bundle_endpoint_serving", within=20.0)
+            host, bport = parse_addr(endpoint["listen"])
+            self.bundle_url = f"https://{host}:{bport}/"
         return self.server
 
     async def wait_serving(self) -> list[dict[str, Any]]:
@@ -365,8 +380,10 @@ class Sidecar:
         forward: Addr | None,
         outbound: Sequence[tuple[str, Addr]],
         limits: dict[str, Any],
+        td: str = TD,
     ) -> None:
         self.name = name
+        self.td = td
         self.dir = directory
         self.procs = procs
         self.authority = authority
@@ -387,7 +404,7 @@ class Sidecar:
 
         lines = [
             f"identity = {_toml(self.name)}",
-            f"trust_domain = {_toml(TD)}",
+            f"trust_domain = {_toml(self.td)}",
             "[authority]",
             f"server = {_toml(fmt(self.authority))}",
             'bundle = "bundle.pem"',
@@ -493,10 +510,11 @@ class Sidecar:
 class Mesh:
     """One authority, its sidecars and the processes behind them, under one directory."""
 
-    def __init__(self, root: Path, procs: Processes) -> None:
+    def __init__(self, root: Path, procs: Processes, td: str = TD) -> None:
         self.root = root
         self.procs = procs
-        self.authority = Authority(root, procs)
+        self.td = td
+        self.authority = Authority(root, procs, td)
         self.sidecars: dict[str, Sidecar] = {}
 
     async def start_authority(self, svid_ttl: str = "1h") -> Authority:
@@ -526,11 +544,12 @@ class Mesh:
             forward=forward,
             outbound=outbound,
             limits=dict(limits or {}),
+            td=self.td,
         )
         self.sidecars[name] = car
         await car.start()
         [enrolled] = car.log.find("credentials", how="enrolled")
-        assert enrolled["spiffe_id"] == sid(name)
+        assert enrolled["spiffe_id"] == f"spiffe://{self.td}/{name}"
         return car
 
 

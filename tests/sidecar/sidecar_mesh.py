@@ -129,6 +129,7 @@ class Mesh:
         sweep_interval: float = 0.05,
         clock: Clock | None = None,
         workload_api: Mapping[str, Any] | None = None,
+        federated: Mapping[str, bytes] | None = None,
     ) -> Running:
         directory = self.root / name
         directory.mkdir(parents=True)
@@ -148,6 +149,10 @@ class Mesh:
             },
             "admin": {"listen": fmt((host, 0))},
         }
+        if federated:
+            for td, pem in federated.items():
+                (directory / f"bundle-{td}.pem").write_bytes(pem)
+            doc["static"]["federated"] = {td: f"bundle-{td}.pem" for td in federated}
         if forward is not None:
             doc["inbound"] = {
                 "listen": fmt(listen or (host, 0)),

@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 
 from meshid.errors import ConfigError
-from sidecar.config import parse_config, valid_hostname
+from sidecar.config import StaticSource, parse_config, valid_hostname
 
 
 def _doc(**extra: Any) -> dict[str, Any]:
@@ -147,3 +147,28 @@ def test_ports_are_checked(port: str) -> None:
     doc = _doc()
     doc["outbound"][0]["upstream"] = f"api:{port}"
     assert _refused(doc).startswith("outbound[0].upstream:")
+
+
+def _static_federated(value: object) -> dict[str, Any]:
+    return _doc(static={"cert": "c.pem", "key": "k.pem", "bundle": "b.pem", "federated": value})
+
+
+@pytest.mark.parametrize(
+    ("value", "says"),
+    [
+        ({"example.org": "own.pem"}, "own trust domain"),
+        ({"Not A Domain!": "x.pem"}, "static.federated.Not A Domain!"),
+        ({"b.example": 7}, "expected the path of a PEM bundle"),
+        ("b.pem", "expected a table"),
+    ],
+)
+def test_federated_bundles_are_checked(value: object, says: str) -> None:
+    assert says in _refused(_static_federated(value))
+
+
+def test_federated_bundles_are_kept_by_trust_domain() -> None:
+    config = parse_config(_static_federated({"b.example": "fed/b.pem"}))
+    source = config.source
+    assert isinstance(source, StaticSource)
+    assert [(str(td), path.name) for td, path in source.federated] == [("b.example", "b.pem")]
+    assert {str(td) for td in source.domains()} == {"b.example"}
