@@ -70,6 +70,10 @@ class Reason(enum.StrEnum):
     TLS_ERROR = "tls_error", "another TLS failure"
     UPSTREAM_UNREACHABLE = "upstream_unreachable", "the upstream sidecar could not be reached"
     APP_UNREACHABLE = "app_unreachable", "the local application could not be reached"
+    UNKNOWN_DESTINATION = (
+        "unknown_destination",
+        "a captured connection went to an address no identity is known to serve",
+    )
     CONNECTION_LIMIT = "connection_limit", "too many connections open at once"
     SOURCE_LIMIT = "source_limit", "too many connections open at once from one source"
     PEER_QUARANTINED = "peer_quarantined", "the peer failed too often and is refused for a while"
@@ -330,6 +334,7 @@ PUBLISHED: tuple[Reason, ...] = (
     Reason.TLS_ERROR,
     Reason.UPSTREAM_UNREACHABLE,
     Reason.APP_UNREACHABLE,
+    Reason.UNKNOWN_DESTINATION,
     Reason.CONNECTION_LIMIT,
     Reason.SOURCE_LIMIT,
     Reason.PEER_QUARANTINED,

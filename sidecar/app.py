@@ -35,6 +35,7 @@ from meshid.reasons import Reason
 from meshid.report import StatusReport
 from meshid.version import VERSION
 from sidecar.admin import Response, serve_admin
+from sidecar.capture import Capture
 from sidecar.config import SidecarConfig, StaticSource
 from sidecar.connection import Connections
 from sidecar.control import ControlClient
@@ -142,6 +143,7 @@ class Sidecar:
             throttle=self.throttle,
             changed=lambda: self.changed(),
         )
+        self.capture = Capture(self.connections, config.transparent) if config.transparent else None
 
     @property
     def generation(self) -> Generation | None:
@@ -365,6 +367,8 @@ class Sidecar:
                 lsock = bind(ob.listen)
                 self.bound[f"outbound[{i}]"] = lsock.getsockname()[:2]
                 listeners.append((lsock, self.connections.outbound_handler(ob), OUTBOUND))
+            if self.capture is not None:
+                self.capture.bind(listeners, self.bound)
             if self.config.workload_api is not None:  # bound here: a config error stays one line
                 workload = prepare_workload_api(self.config.workload_api)
             async with trio.open_nursery() as nursery:
