@@ -350,6 +350,7 @@ class Sidecar:
                     source.server.port,
                     self.identity.trust_domain,
                     skew=self.skew,
+                    mark=self.config.transparent.mark if self.config.transparent else None,
                 ),
                 pacing=self.pacing,
             )
