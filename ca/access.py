@@ -5,6 +5,7 @@ from __future__ import annotations
 import sqlite3
 
 from ca.roots import Roots
+from ca.services import build_map, read_entries
 from ca.store import Store
 from ca.values import check_not_reserved
 from meshid.errors import (
@@ -134,6 +135,7 @@ class Access(Roots):
             policy_version = Store.counter(conn, "policy_version")
             revocation_version = Store.counter(conn, "revocation_version")
             bundle = self.bundle()  # inside the snapshot: fresh, and consistent with the rest
+            addresses, _conflicts = build_map(read_entries(conn))
         return {
             "policy_version": policy_version,
             "revocation_version": revocation_version,
@@ -141,4 +143,5 @@ class Access(Roots):
             "pairs": [[src, dst] for src, dst in pairs],
             "revoked": [r for (r,) in revoked],
             "bundle": bundle.to_pem().decode(),
+            "addresses": [[h, p, str(sid)] for (h, p), sid in sorted(addresses.items())],
         }

@@ -39,6 +39,7 @@ from ca.audit import AUDIT_HEAD, AUDIT_KEY
 from ca.jwtkeys import JwtKeyring
 from ca.reports import Reports
 from ca.schema import SCHEMA_VERSION
+from ca.services import Services
 from ca.store import DB_NAME, Store
 from ca.values import (
     BUNDLE_FILE,
@@ -66,7 +67,7 @@ from meshid.svid import (
 __all__ = ["Authority", "IssuedSvid", "Prepared"]  # the façade, as ca.api imports it
 
 
-class Authority(Attestors, Access, Reports):
+class Authority(Attestors, Access, Services, Reports):
     """The whole authority: one object composed of its parts (see ca.authority_base)."""
 
     # -- lifecycle --

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-SCHEMA_VERSION = 4  # kept in PRAGMA user_version; 0 there is a version-1 database
+SCHEMA_VERSION = 5  # kept in PRAGMA user_version; 0 there is a version-1 database
 
 # Enrollment by platform identity (version 4): JWT attestors, and the JWTs used so far.
 # IF NOT EXISTS: a database whose version was set back still migrates.
@@ -21,6 +21,19 @@ CREATE TABLE IF NOT EXISTS used_jwts (
     subject TEXT NOT NULL,
     used_at REAL NOT NULL,
     expires_at REAL NOT NULL
+);
+"""
+
+# Transparent interception (version 5): the map from address to the identity serving it,
+# fed by `meshid service add` and by the addresses inbound sidecars advertise.
+_SERVICE_TABLES = """
+CREATE TABLE IF NOT EXISTS services (
+    host TEXT NOT NULL,                        -- an IP literal, as SO_ORIGINAL_DST gives it
+    port INTEGER NOT NULL,
+    spiffe_id TEXT NOT NULL,
+    origin TEXT NOT NULL CHECK (origin IN ('operator', 'advertised')),
+    created_at REAL NOT NULL,
+    PRIMARY KEY (host, port, spiffe_id, origin)
 );
 """
 
@@ -80,7 +93,7 @@ CREATE TABLE audit (
     hash TEXT NOT NULL
 );
 """
-_SCHEMA += _ATTESTOR_TABLES
+_SCHEMA += _ATTESTOR_TABLES + _SERVICE_TABLES
 
 # Each step takes a database from the version before it to its own version, in
 # the same transaction that records the new version.
@@ -106,6 +119,10 @@ _MIGRATIONS: dict[int, tuple[str, ...]] = {
     4: (  # enrollment by platform identity: JWT attestors, and the JWTs used so far
         *(t for t in _ATTESTOR_TABLES.split(";") if t.strip()),
         "UPDATE settings SET value = '4' WHERE name = 'schema_version'",
+    ),
+    5: (  # transparent interception: the address map
+        *(t for t in _SERVICE_TABLES.split(";") if t.strip()),
+        "UPDATE settings SET value = '5' WHERE name = 'schema_version'",
     ),
 }
 

@@ -25,6 +25,7 @@ from meshid.errors import MeshIdError
 _SUBCOMMANDS = {
     "ca": ("ca.cli", "ca_group"),
     "policy": ("ca.policy_cli", "policy_group"),
+    "service": ("ca.service_cli", "service_group"),
     "sidecar": ("sidecar.cli", "sidecar_group"),
     "workload": ("sidecar.workload.cli", "workload_group"),
 }

@@ -43,6 +43,7 @@ a file written before versioning reads as version 1 too.
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import math
 import re
@@ -69,6 +70,7 @@ HEALTH = "/healthz"
 
 MAX_INT = 2**63 - 1
 MAX_WAIT = 3600.0
+MAX_ADDRESSES = 100_000  # entries in the address map one feed carries
 _PRINTABLE = re.compile(r"[\x20-\x7e]*")
 
 Sender = Literal["sidecar", "authority"]
@@ -355,6 +357,10 @@ class Feed:
     pairs: tuple[tuple[SpiffeId, SpiffeId], ...]
     revoked: tuple[SpiffeId, ...]
     bundle: str
+    # Added without a version bump (an older authority sends none, an older sidecar
+    # ignores it): the address map for transparent interception, (IP, port, identity).
+    # It changes under the policy version, so that a watcher wakes for it.
+    addresses: tuple[tuple[str, int, SpiffeId], ...] = ()
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -365,6 +371,7 @@ class Feed:
             "pairs": [[str(a), str(b)] for a, b in self.pairs],
             "revoked": [str(r) for r in self.revoked],
             "bundle": self.bundle,
+            "addresses": [[h, p, str(sid)] for h, p, sid in self.addresses],
         }
 
     @classmethod
@@ -395,7 +402,30 @@ class Feed:
                 _spiffe_id(r, f"revoked[{i}]", "authority") for i, r in enumerate(revoked)
             ),
             bundle=_text(fields, "bundle", "authority"),
+            addresses=_addresses(fields.get("addresses", [])),
         )
+
+
+def _addresses(value: object) -> tuple[tuple[str, int, SpiffeId], ...]:
+    if not isinstance(value, list) or len(value) > MAX_ADDRESSES:
+        raise _bad("authority", "addresses", f"must be a list of at most {MAX_ADDRESSES}")
+    out: list[tuple[str, int, SpiffeId]] = []
+    for i, item in enumerate(value):
+        if (
+            not isinstance(item, list)
+            or len(item) != 3
+            or not isinstance(item[0], str)
+            or not isinstance(item[1], int)
+            or isinstance(item[1], bool)
+            or not 1 <= item[1] <= 65535
+        ):
+            raise _bad("authority", f"addresses[{i}]", "must be [ip, port, spiffe_id]")
+        try:
+            ip = str(ipaddress.ip_address(item[0]))
+        except ValueError:
+            raise _bad("authority", f"addresses[{i}][0]", "must be an IP address") from None
+        out.append((ip, item[1], _spiffe_id(item[2], f"addresses[{i}][2]", "authority")))
+    return tuple(out)
 
 
 @dataclass(frozen=True, slots=True)

@@ -22,7 +22,7 @@ from __future__ import annotations
 import functools
 import json
 import socket
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from datetime import datetime, timedelta
 
 import trio
@@ -33,6 +33,7 @@ from meshid.errors import MeshIdError
 from meshid.policy import IDENTITY_REVOKED, Policy
 from meshid.reasons import Reason
 from meshid.report import StatusReport
+from meshid.spiffeid import SpiffeId
 from meshid.version import VERSION
 from sidecar.admin import Response, serve_admin
 from sidecar.capture import Capture
@@ -208,6 +209,11 @@ class Sidecar:
             "policy", version=policy.version, pairs=len(policy.pairs), closed_connections=closed
         )
         return closed
+
+    def install_addresses(self, addresses: Mapping[tuple[str, int], SpiffeId]) -> None:
+        """The address map from the feed, for captured connections (none without [transparent])."""
+        if self.capture is not None:
+            self.capture.install_map(addresses)
 
     # -- decisions -------------------------------------------------------------
 

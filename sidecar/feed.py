@@ -82,6 +82,7 @@ class FeedFollower:
                 list(feed.pairs), feed.policy_version, list(feed.revoked), feed.revocation_version
             )
         )
+        self.host.install_addresses({(h, p): sid for h, p, sid in feed.addresses})
         self.versions = (feed.policy_version, feed.revocation_version, feed.bundle_sequence)
 
     def _apply_bundle(self, feed: Feed) -> bool:
