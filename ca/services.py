@@ -13,6 +13,7 @@ once, versioned like the allow-list.
 from __future__ import annotations
 
 import ipaddress
+import json
 import sqlite3
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -122,6 +123,27 @@ class Services(Roots):
                 conn, now, "service_remove", spiffe_id=str(spiffe_id), host=host, port=port
             )
         return version
+
+    def record_advertised(self, spiffe_id: SpiffeId) -> bool:
+        """Take what `spiffe_id`'s live sidecars advertise (the union of their latest
+        reports) into the map; an address that is not IP:PORT is ignored."""
+        with self.store.read() as conn:
+            rows = conn.execute(
+                "SELECT report FROM reports WHERE spiffe_id = ?", (str(spiffe_id),)
+            ).fetchall()
+        wanted: set[tuple[str, int]] = set()
+        for (text,) in rows:
+            try:
+                doc = json.loads(text)
+            except ValueError:
+                continue
+            advertised = doc.get("advertise") if isinstance(doc, dict) else None
+            for item in advertised if isinstance(advertised, list) else []:
+                try:
+                    wanted.add(parse_ip_port(str(item)))
+                except InvalidInput:
+                    continue
+        return self.set_advertised(spiffe_id, sorted(wanted))
 
     def set_advertised(self, spiffe_id: SpiffeId, addresses: Iterable[tuple[str, int]]) -> bool:
         """Replace what `spiffe_id`'s sidecars advertise; True if the map changed."""

@@ -48,6 +48,7 @@ MAX_REPORT_BYTES = 48 * 1024
 MAX_PAIRS = 256
 MAX_CONNECTIONS = 16
 MAX_QUARANTINED = 16
+MAX_ADVERTISE = 64
 MAX_TEXT = 256  # an address, a serial, a timestamp, a quarantined peer
 MAX_INT = 2**63 - 1
 INSTANCE = re.compile(r"[A-Za-z0-9_.-]{1,64}")
@@ -96,6 +97,9 @@ class StatusReport:
     quarantined: tuple[QuarantinedPeer, ...] = ()
     connections_omitted: int = 0  # listed by the sidecar past MAX_CONNECTIONS
     quarantined_omitted: int = 0  # listed by the sidecar past MAX_QUARANTINED
+    # Added later (an older sidecar sends none): the IP:PORT addresses at which this
+    # workload is reached, for the authority's address map (transparent interception).
+    advertise: tuple[str, ...] = ()
 
     def to_json(self) -> dict[str, Any]:
         """The wire and storage form; `parse_report(r.to_json()) == r`."""
@@ -128,6 +132,7 @@ class StatusReport:
             ],
             "connections_omitted": self.connections_omitted,
             "quarantined_omitted": self.quarantined_omitted,
+            "advertise": list(self.advertise),
         }
 
     def encode(self) -> str:
@@ -201,7 +206,18 @@ def parse_report(doc: object) -> StatusReport:
         quarantined_omitted=min(
             MAX_INT, quarantined_omitted + _int(fields, "quarantined_omitted", 0)
         ),
+        advertise=_advertise(fields.get("advertise", [])),
     )
+
+
+def _advertise(value: object) -> tuple[str, ...]:
+    """Short strings only; whether each is an IP:PORT is the authority's to judge."""
+    if not isinstance(value, list) or len(value) > MAX_ADVERTISE:
+        raise _bad("advertise", f"must be a list of at most {MAX_ADVERTISE} addresses")
+    for i, item in enumerate(value):
+        if not isinstance(item, str) or not 0 < len(item) <= 64:
+            raise _bad(f"advertise[{i}]", "must be an address of 1-64 characters")
+    return tuple(value)
 
 
 def _bad(where: str, what: str) -> InvalidInput:

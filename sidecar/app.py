@@ -226,6 +226,7 @@ class Sidecar:
             self.registry.live(),
             len(self.registry),
             self.gate.quarantined(),
+            self.capture.advertised() if self.capture is not None else (),
         )
 
     # -- quarantine ------------------------------------------------------------

@@ -67,6 +67,10 @@ class Capture:
                 bound[f"{name}[{j}]"] = lsock.getsockname()[:2]
                 listeners.append((lsock, handler, direction))
 
+    def advertised(self) -> tuple[str, ...]:
+        """`advertise` as the status report carries it: IP:PORT, IPv6 in brackets."""
+        return tuple(f"[{h}]:{p}" if ":" in h else f"{h}:{p}" for h, p in self.config.advertise)
+
     def install_map(self, addresses: Mapping[Endpoint, SpiffeId]) -> None:
         """The address map as the control plane sent it; connections take it when they start."""
         self.addresses = dict(addresses)

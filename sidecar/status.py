@@ -27,6 +27,7 @@ def build_report(
     live: Iterable[LiveConnection],
     live_count: int,
     quarantined: Mapping[str, float],
+    advertise: tuple[str, ...] = (),
 ) -> StatusReport:
     """What the control plane hears every few seconds (see `meshid ca status`)."""
     pairs: dict[tuple[str, str], tuple[Direction, SpiffeId, int]] = {}
@@ -69,4 +70,5 @@ def build_report(
             for peer, left in peers[: limits.MAX_QUARANTINED]
         ),
         quarantined_omitted=max(0, len(peers) - limits.MAX_QUARANTINED),
+        advertise=advertise,
     )

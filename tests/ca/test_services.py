@@ -13,6 +13,7 @@ from pathlib import Path
 from ca_helpers import run
 
 from ca.authority import Authority
+from meshid.report import StatusReport, parse_report
 from meshid.spiffeid import SpiffeId
 from meshid.wire import Feed
 
@@ -69,3 +70,19 @@ def test_advertised_addresses_replace_their_own_and_move_the_version(
     assert authority.policy().version == before + 1
     assert authority.set_advertised(api, [("198.18.0.4", 8080)])
     assert [(e.host, e.port) for e in authority.services()] == [("198.18.0.4", 8080)]
+
+
+def test_reports_advertise_into_the_map(authority: Authority) -> None:
+    api = SpiffeId.parse(API)
+    report = parse_report(
+        StatusReport(instance="a", advertise=("198.18.0.3:8080", "not-an-address")).to_json()
+    )
+    authority.record_report(api, report)
+    assert authority.record_advertised(api)
+    assert [(e.host, e.port, e.origin) for e in authority.services()] == [
+        ("198.18.0.3", 8080, "advertised")
+    ]
+    authority.record_report(api, StatusReport(instance="b", advertise=("198.18.0.9:8080",)))
+    assert authority.record_advertised(api)  # two instances: the union of what they say
+    assert len(authority.services()) == 2
+    assert not authority.record_advertised(api)
