@@ -86,3 +86,11 @@ def test_reports_advertise_into_the_map(authority: Authority) -> None:
     assert authority.record_advertised(api)  # two instances: the union of what they say
     assert len(authority.services()) == 2
     assert not authority.record_advertised(api)
+
+
+def test_ca_status_shows_a_conflict(authority: Authority, state: Path) -> None:
+    authority.add_service(SpiffeId.parse(API), "198.18.0.3", 8080)
+    authority.add_service(SpiffeId.parse(DB), "198.18.0.3", 8080)
+    status = run("ca", "status", "--state", str(state))
+    assert status.exit_code == 0, status.stderr
+    assert f"WARNING address 198.18.0.3:8080 is claimed by {API}, {DB}: a conflict" in status.stdout
