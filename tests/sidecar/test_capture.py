@@ -13,7 +13,7 @@ import socket
 
 import pytest
 import trio
-from sidecar_helpers import Addr, Backend, connect, receive_all, roundtrip, sid
+from sidecar_helpers import Addr, Backend, connect, receive_all, roundtrip, sid, wait_cut
 from sidecar_mesh import Pair, Running
 
 from meshid.spiffeid import SpiffeId
@@ -145,3 +145,20 @@ async def test_inbound_capture_refuses_a_port_that_is_not_an_app_port(
             assert await read_to_end(stream) == b""
         await pair.api.log.wait_for("decision", reason="unknown_destination")
     assert backend.accepted == 0
+
+
+async def test_policy_deny_cuts_a_live_captured_connection(
+    nursery: trio.Nursery, pair: Pair
+) -> None:
+    api = pair.api.inbound
+    capture, port = await capture_listener(nursery, pair.web, Transparent(), api)
+    capture.install_map({api: api_id()})
+    with trio.fail_after(10):
+        async with await connect(port) as stream:
+            await stream.send_all(b"ping")
+            assert await stream.receive_some(4) == b"ping"  # established, through to the echo
+            pair.web.write_policy([])
+            with trio.fail_after(2):
+                await wait_cut(stream)
+            closed = await pair.web.log.wait_for("close", reason="policy_revoked")
+    assert closed[0]["peer_id"] == sid("api")
