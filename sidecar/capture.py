@@ -75,11 +75,14 @@ class Capture:
         """The address map as the control plane sent it; connections take it when they start."""
         self.addresses = dict(addresses)
 
-    def _destination(self, sock: socket.socket) -> Endpoint | None:
+    def _destination(self, sock: socket.socket, entry: LiveConnection) -> Endpoint | None:
+        """The original destination, recorded on the connection for its decision line."""
         try:
-            return self.original_dst(sock)
+            dst = self.original_dst(sock)
         except (OSError, ValueError):
             return None  # not redirected: someone connected to the capture port itself
+        entry.original_dst = f"[{dst[0]}]:{dst[1]}" if ":" in dst[0] else f"{dst[0]}:{dst[1]}"
+        return dst
 
     def _refuse(self, entry: LiveConnection, detail: str) -> Setup:
         verdict = Verdict(False, Reason.UNKNOWN_DESTINATION, detail)
@@ -87,7 +90,7 @@ class Capture:
         return None, None
 
     async def _outbound(self, sock: socket.socket, entry: LiveConnection) -> Setup:
-        dst = self._destination(sock)
+        dst = self._destination(sock, entry)
         if dst is None:
             return self._refuse(entry, "no original destination: the connection was not captured")
         upstream = Address(dst[0], dst[1])
@@ -101,7 +104,7 @@ class Capture:
         return await self.connections.setup_outbound(sock, entry, route)
 
     async def _inbound(self, sock: socket.socket, entry: LiveConnection, peer: Endpoint) -> Setup:
-        dst = self._destination(sock)
+        dst = self._destination(sock, entry)
         if dst is None or dst[1] not in self.config.app_ports:
             return self._refuse(entry, "not a captured connection to an app port")
         app = Address(dst[0], dst[1])
@@ -124,6 +127,7 @@ class Capture:
             local_id=str(self.connections.current.identity),
             peer_addr=entry.peer_addr,
             upstream=str(to),
+            original_dst=entry.original_dst,
             conn_id=entry.id,
         )
         try:

@@ -125,8 +125,10 @@ def test_unchanged_client_is_meshed_across_hosts(net: Network) -> None:  # noqa:
         watch,
     )
     assert allowed["upstream"] == APP_URL and allowed["peer_id"] == sid("api")
+    assert allowed["original_dst"] == APP_URL
     inbound = api.log.first("decision", decision="allow", peer_id=sid("web"))
     assert inbound is not None and inbound["peer_addr"].startswith(f"{WEB_ADDR}:")
+    assert inbound["original_dst"] == APP_URL
     # No routing loop: the sidecar's own upstream connection was not captured again.
     assert len(web.log.find("decision", direction="outbound")) == 1
     assert len(api.log.find("decision", direction="inbound")) == 1

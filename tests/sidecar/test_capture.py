@@ -74,6 +74,7 @@ async def test_mapped_destination_gets_mtls_with_the_mapped_identity(
         assert await roundtrip(port, b"hello through the capture") == b"hello through the capture"
         allowed = await pair.web.log.wait_for("decision", decision="allow", direction=OUTBOUND)
     assert allowed[-1]["upstream"] == f"{api[0]}:{api[1]}"
+    assert allowed[-1]["original_dst"] == f"{api[0]}:{api[1]}"
     assert allowed[-1]["peer_id"] == sid("api")
 
 
@@ -95,6 +96,7 @@ async def test_unmapped_destination_is_refused(nursery: trio.Nursery, pair: Pair
             assert await read_to_end(stream) == b""
         denied = await pair.web.log.wait_for("decision", reason="unknown_destination")
     assert denied[0]["decision"] == "deny"
+    assert denied[0]["original_dst"] == "{}:{}".format(*pair.api.inbound)
     assert pair.api.log.find("decision") == []  # nothing reached api
 
 
