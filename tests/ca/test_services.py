@@ -10,12 +10,13 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
 from ca_helpers import run
 
 from ca.authority import Authority
 from meshid.report import StatusReport, parse_report
 from meshid.spiffeid import SpiffeId
-from meshid.wire import Feed
+from meshid.wire import Feed, WireError
 
 API = "spiffe://example.org/api"
 DB = "spiffe://example.org/db"
@@ -94,3 +95,28 @@ def test_ca_status_shows_a_conflict(authority: Authority, state: Path) -> None:
     status = run("ca", "status", "--state", str(state))
     assert status.exit_code == 0, status.stderr
     assert f"WARNING address 198.18.0.3:8080 is claimed by {API}, {DB}: a conflict" in status.stdout
+
+
+def test_feed_addresses_are_additive_and_checked() -> None:
+    base = {
+        "v": 1,
+        "policy_version": 1,
+        "revocation_version": 0,
+        "bundle_sequence": 1,
+        "pairs": [],
+        "revoked": [],
+        "bundle": "pem",
+    }
+    assert Feed.parse(base).addresses == ()  # an older authority sends none
+    feed = Feed.parse({**base, "addresses": [["2001:DB8::3", 8080, API]]})
+    assert feed.addresses == (("2001:db8::3", 8080, SpiffeId.parse(API)),)
+    assert Feed.parse(feed.to_json()) == feed
+    for bad in (
+        [["api.internal", 8080, API]],
+        [["198.18.0.3", 0, API]],
+        [["198.18.0.3", 8080]],
+        [["198.18.0.3", 8080, "not an id"]],
+        "198.18.0.3:8080",
+    ):
+        with pytest.raises(WireError, match="addresses"):
+            Feed.parse({**base, "addresses": bad})
