@@ -11,6 +11,7 @@ from ca.cliopts import open_authority, state_option
 from ca.services import build_map, parse_ip_port
 from meshid.cli import Group
 from meshid.errors import PolicyError
+from meshid.reasons import Reason
 
 
 @click.group("service", cls=Group)
@@ -30,7 +31,7 @@ def add_cmd(identity: str, address: str, state: Path) -> None:
     try:
         version = authority.add_service(sid, host, port)
     except PolicyError as exc:
-        if exc.reason != "already_mapped":
+        if exc.reason != Reason.ALREADY_MAPPED:
             raise
         click.echo(f"{exc.message}; nothing changed")
         return

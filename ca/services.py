@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from ca.roots import Roots
 from ca.store import Store
 from meshid.errors import InvalidInput, PolicyError
+from meshid.reasons import Reason
 from meshid.spiffeid import SpiffeId
 
 OPERATOR = "operator"
@@ -94,7 +95,7 @@ class Services(Roots):
             ).fetchone()
             if exists:
                 raise PolicyError(
-                    f"{spiffe_id} is already mapped at {host}:{port}", reason="already_mapped"
+                    f"{spiffe_id} is already mapped at {host}:{port}", reason=Reason.ALREADY_MAPPED
                 )
             conn.execute(
                 "INSERT INTO services (host, port, spiffe_id, origin, created_at) "
@@ -116,7 +117,7 @@ class Services(Roots):
             )
             if cursor.rowcount == 0:
                 raise PolicyError(
-                    f"{spiffe_id} is not mapped at {host}:{port}", reason="unknown_service"
+                    f"{spiffe_id} is not mapped at {host}:{port}", reason=Reason.UNKNOWN_SERVICE
                 )
             version = Store.bump(conn, "policy_version")
             self.store.audit(

@@ -158,6 +158,8 @@ class Reason(enum.StrEnum):
     POLICY_ERROR = "policy_error", "an allow-list change that makes no sense"
     ALREADY_ALLOWED = "already_allowed", "the pair is on the allow-list already"
     UNKNOWN_PAIR = "unknown_pair", "the pair is not on the allow-list"
+    ALREADY_MAPPED = "already_mapped", "the address is mapped to that identity already"
+    UNKNOWN_SERVICE = "unknown_service", "the address is not mapped to that identity"
     ROTATION_IN_PROGRESS = "rotation_in_progress", "a root rollover is in progress already"
     ROOT_EXPIRED = "root_expired", "the signing root has expired"
     ROOT_EXPIRING = "root_expiring", "the signing root expires soon"
