@@ -28,6 +28,7 @@ from tests.netns.test_multihost import (
     MESHID,
     TD,
     WEB_ADDR,
+    LogFile,
     Network,
     Proc,
     net,  # noqa: F401 - the fixture
@@ -164,3 +165,43 @@ def test_unchanged_client_is_meshed_across_hosts(net: Network) -> None:  # noqa:
         watch,
     )
     assert denied["direction"] == "outbound"
+
+
+@pytest.mark.timeout(60)
+def test_passthrough_to_an_unmeshed_destination(net: Network) -> None:  # noqa: F811
+    """With `unknown_destination = "passthrough"` an unmapped address is reached in plain TCP."""
+    if shutil.which("nft") is None and not Path("/usr/sbin/nft").exists():
+        pytest.skip("no 'nft' command; 'make system-packages' installs it")
+    net.run("auth", MESHID, "ca", "init", "--state", "ca", "--trust-domain", TD)
+    net.run("auth", MESHID, "ca", "issue", "--state", "ca", "web", "--out", "web-files")
+    (net.logs / "web.toml").write_text(
+        f'identity = "web"\ntrust_domain = "{TD}"\n'
+        '[static]\ncert = "web-files/svid.pem"\nkey = "web-files/svid.key"\n'
+        'bundle = "web-files/bundle.pem"\n'
+        '[log]\nfile = "web-events.jsonl"\n'
+        '[transparent]\nunknown_destination = "passthrough"\n'
+    )
+    outside = net.spawn(
+        "auth", "plain", sys.executable, "-u", "-m", "http.server", "8081", "--bind", CA_ADDR
+    )
+    watch = [outside]
+    wait_for("the plain server", lambda: any("Serving HTTP" in x for x in outside.log.lines()), 20)
+    web = net.spawn("web", "web", MESHID, "sidecar", "run", "--config", "web.toml")
+    watch.append(web)
+    events = LogFile(net.logs / "web-events.jsonl")
+    wait_for("'started' from web's sidecar", lambda: events.first("started"), 20, watch)
+    net.run("web", MESHID, "sidecar", "redirect", "--config", "web.toml", "--apply")
+
+    answer = net.run("web", sys.executable, APPS, "get", f"{CA_ADDR}:8081")
+    assert "Directory listing" in answer.stdout
+    passed = wait_for(
+        "the passthrough decision",
+        lambda: events.first("decision", decision="passthrough"),
+        5,
+        watch,
+    )
+    assert passed["original_dst"] == f"{CA_ADDR}:8081"
+    assert passed["reason"] == "unknown_destination"
+    assert len(events.find("decision")) == 1  # the sidecar's own connection was not captured
+    served = [x for x in outside.log.lines() if '"GET / HTTP' in x]
+    assert len(served) == 1 and served[0].startswith(WEB_ADDR), served
