@@ -119,6 +119,9 @@ class Capture:
             verdict = Verdict(False, Reason.UPSTREAM_UNREACHABLE, f"cannot reach {to}: {exc}")
             self.connections.gate.deny(entry, verdict, handshake=False)
             return
+        self.connections.metrics.connections.labels(
+            OUTBOUND, "passthrough", Reason.UNKNOWN_DESTINATION
+        ).inc()
         self.connections.events.emit(
             "decision",
             direction=OUTBOUND,

@@ -13,7 +13,16 @@ import socket
 
 import pytest
 import trio
-from sidecar_helpers import Addr, Backend, connect, receive_all, roundtrip, sid, wait_cut
+from sidecar_helpers import (
+    Addr,
+    Backend,
+    connect,
+    metric,
+    receive_all,
+    roundtrip,
+    sid,
+    wait_cut,
+)
 from sidecar_mesh import Pair, Running
 
 from meshid.spiffeid import SpiffeId
@@ -108,6 +117,7 @@ async def test_unmapped_destination_passes_through_when_configured(
     with trio.fail_after(10):
         assert await roundtrip(port, b"plain") == b"plain"
         await pair.web.log.wait_for("decision", decision="passthrough")
+    assert metric(pair.web.sidecar, "meshid_connections_total", decision="passthrough") == 1
 
 
 async def test_not_allowed_pair_is_refused_before_connecting(
