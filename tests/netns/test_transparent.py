@@ -205,3 +205,20 @@ def test_passthrough_to_an_unmeshed_destination(net: Network) -> None:  # noqa: 
     assert len(events.find("decision")) == 1  # the sidecar's own connection was not captured
     served = [x for x in outside.log.lines() if '"GET / HTTP' in x]
     assert len(served) == 1 and served[0].startswith(WEB_ADDR), served
+
+    # IPv6: the original destination of a captured IPv6 connection is recovered too.
+    for host, addr in (("auth", "2001:db8::1"), ("web", "2001:db8::2")):
+        net.ip("-n", net.ns(host), "addr", "add", f"{addr}/64", "dev", "eth0", "nodad")
+    outside6 = net.spawn(
+        "auth", "plain6", sys.executable, "-u", "-m", "http.server", "8082", "--bind", "2001:db8::1"
+    )
+    wait_for("the IPv6 server", lambda: any("Serving HTTP" in x for x in outside6.log.lines()), 20)
+    fetch = "import urllib.request as u; print(u.urlopen('http://[2001:db8::1]:8082/').status)"
+    assert net.run("web", sys.executable, "-c", fetch).stdout == "200\n"
+    passed6 = wait_for(
+        "the IPv6 passthrough decision",
+        lambda: events.first("decision", original_dst="[2001:db8::1]:8082"),
+        5,
+        watch,
+    )
+    assert passed6["decision"] == "passthrough"
