@@ -79,8 +79,13 @@ class Capture:
         """The original destination, recorded on the connection for its decision line."""
         try:
             dst = self.original_dst(sock)
+            local = sock.getsockname()
         except (OSError, ValueError):
-            return None  # not redirected: someone connected to the capture port itself
+            return None
+        if dst == (local[0], local[1]):
+            # Not redirected: someone dialled the capture port itself. Passing it on to
+            # where it was going would connect the sidecar to itself, again and again.
+            return None
         entry.original_dst = f"[{dst[0]}]:{dst[1]}" if ":" in dst[0] else f"{dst[0]}:{dst[1]}"
         return dst
 

@@ -174,3 +174,19 @@ async def test_policy_deny_cuts_a_live_captured_connection(
                 await wait_cut(stream)
             closed = await pair.web.log.wait_for("close", reason="policy_revoked")
     assert closed[0]["peer_id"] == sid("api")
+
+
+async def test_a_connection_to_the_capture_port_itself_is_refused_not_looped(
+    nursery: trio.Nursery, pair: Pair
+) -> None:
+    """Dialled directly, its original destination is the capture port: passing it on would loop."""
+    config = Transparent(unknown_destination="passthrough")
+    holder: list[Addr] = []
+    capture, port = await capture_listener(nursery, pair.web, config, ("127.0.0.1", 1))
+    capture.original_dst = lambda _s: holder[0]
+    holder.append(port)
+    with trio.fail_after(10):
+        async with await connect(port) as stream:
+            assert await read_to_end(stream) == b""
+        await pair.web.log.wait_for("decision", reason="unknown_destination", decision="deny")
+    assert pair.web.log.find("decision", decision="passthrough") == []
