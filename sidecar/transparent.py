@@ -108,7 +108,8 @@ def nft_ruleset(t: Transparent) -> str:
     is none, and the file is one transaction: applying it twice leaves one table.
     Output: every TCP connection the namespace opens is sent to the outbound
     port, but the sidecar's own (marked) and loopback. Prerouting: connections
-    from other hosts to an app port are sent to the inbound port.
+    from other hosts to an app port of a local address are sent to the inbound
+    port (traffic this host merely routes is left alone).
     """
     lines = [
         f"table inet {TABLE}",
@@ -129,7 +130,7 @@ def nft_ruleset(t: Transparent) -> str:
             "\tchain prerouting {",
             "\t\ttype nat hook prerouting priority -100; policy accept;",
             '\t\tiifname "lo" return',
-            f"\t\ttcp dport {{ {ports} }} redirect to :{t.inbound_port}",
+            f"\t\tfib daddr type local tcp dport {{ {ports} }} redirect to :{t.inbound_port}",
             "\t}",
         ]
     lines.append("}")

@@ -84,7 +84,7 @@ def test_rules_skip_marked_and_loopback_before_capturing() -> None:
     capture = lines.index("meta l4proto tcp redirect to :15001")
     assert lines.index("meta mark 0x42 return") < capture
     assert lines.index('oifname "lo" return') < capture
-    assert "tcp dport { 8080, 9090 } redirect to :15006" in text
+    assert "fib daddr type local tcp dport { 8080, 9090 } redirect to :15006" in text
     # one transaction that deletes any earlier table first: idempotent
     assert text.startswith("table inet meshid\ndelete table inet meshid\n")
     assert text.count("table inet meshid {") == 1
