@@ -169,5 +169,13 @@ class Services(Roots):
                 "VALUES (?, ?, ?, ?, ?)",
                 [(h, p, str(spiffe_id), ADVERTISED, now) for h, p in sorted(wanted)],
             )
-            Store.bump(conn, "policy_version")
+            version = Store.bump(conn, "policy_version")
+            self.store.audit(  # a claim on an address is a change to what is enforced
+                conn,
+                now,
+                "service_advertised",
+                spiffe_id=str(spiffe_id),
+                addresses=[f"{h}:{p}" for h, p in sorted(wanted)],
+                version=version,
+            )
         return True

@@ -69,6 +69,7 @@ def test_advertised_addresses_replace_their_own_and_move_the_version(
     assert authority.set_advertised(api, [("198.18.0.3", 8080)])
     assert not authority.set_advertised(api, [("198.18.0.3", 8080)])  # unchanged: no wake-up
     assert authority.policy().version == before + 1
+    assert [e.action for e in authority.store.audit_entries()][-1] == "service_advertised"
     assert authority.set_advertised(api, [("198.18.0.4", 8080)])
     assert [(e.host, e.port) for e in authority.services()] == [("198.18.0.4", 8080)]
 
