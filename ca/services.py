@@ -132,6 +132,13 @@ class Services(Roots):
             rows = conn.execute(
                 "SELECT report FROM reports WHERE spiffe_id = ?", (str(spiffe_id),)
             ).fetchall()
+            held = {
+                (h, p)
+                for h, p in conn.execute(
+                    "SELECT host, port FROM services WHERE spiffe_id = ? AND origin = ?",
+                    (str(spiffe_id), ADVERTISED),
+                )
+            }
         wanted: set[tuple[str, int]] = set()
         for (text,) in rows:
             try:
@@ -144,6 +151,8 @@ class Services(Roots):
                     wanted.add(parse_ip_port(str(item)))
                 except InvalidInput:
                     continue
+        if wanted == held:
+            return False  # the common case, every few seconds: no write lock taken
         return self.set_advertised(spiffe_id, sorted(wanted))
 
     def set_advertised(self, spiffe_id: SpiffeId, addresses: Iterable[tuple[str, int]]) -> bool:
