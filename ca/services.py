@@ -151,13 +151,14 @@ class Services(Roots):
                     wanted.add(parse_ip_port(str(item)))
                 except InvalidInput:
                     continue
+        wanted = set(sorted(wanted)[:MAX_ADVERTISED])
         if wanted == held:
             return False  # the common case, every few seconds: no write lock taken
         return self.set_advertised(spiffe_id, sorted(wanted))
 
     def set_advertised(self, spiffe_id: SpiffeId, addresses: Iterable[tuple[str, int]]) -> bool:
         """Replace what `spiffe_id`'s sidecars advertise; True if the map changed."""
-        wanted = set(list(addresses)[:MAX_ADVERTISED])
+        wanted = set(sorted(addresses)[:MAX_ADVERTISED])
         now = self._now().timestamp()
         with self.store.write() as conn:
             held = {
