@@ -17,7 +17,7 @@ $(STAMP): pyproject.toml
 # Debian packages the tests, the demo or the bench call (openssl, ip, promtool, stunnel,
 # chromium for the service graph page).
 system-packages:
-	tools/ensure-debs openssl:openssl ip:iproute2 promtool:prometheus chromium:chromium
+	tools/ensure-debs openssl:openssl ip:iproute2 promtool:prometheus chromium:chromium nft:nftables tcpdump:tcpdump
 
 # Tests run in parallel (pytest-xdist), one worker per core. `make test` is the
 # fast suite; the tests marked slow wait on real certificate lifetimes or run

@@ -7,6 +7,7 @@ import sqlite3
 from collections.abc import Iterable
 
 from ca.roots import Roots
+from ca.services import build_map, read_entries
 from ca.store import Store
 from ca.values import check_not_reserved
 from meshid.errors import InvalidInput, PolicyError
@@ -277,6 +278,7 @@ class Access(Roots):
             federated = conn.execute(
                 "SELECT trust_domain, bundle FROM federated_domains ORDER BY 1"
             ).fetchall()
+            addresses, _conflicts = build_map(read_entries(conn))
         return {
             "policy_version": policy_version,
             "revocation_version": revocation_version,
@@ -288,6 +290,7 @@ class Access(Roots):
             "bundle": bundle.to_pem().decode(),
             # each with its spiffe_sequence: a change bumps policy_version (ca.federation)
             "federated_bundles": {td: json.loads(doc) for td, doc in federated},
+            "addresses": [[h, p, str(sid)] for (h, p), sid in sorted(addresses.items())],
         }
 
 

@@ -334,6 +334,7 @@ class ControlApi:
         caller = self._caller(req)
         report = decode_report(req.body)
         self.authority.record_report(caller, report)
+        self.authority.record_advertised(caller)
         return Reply(200, ReportAck().to_json())
 
     def _bundle(self, req: Request) -> Reply:

@@ -41,6 +41,7 @@ from ca.jwtkeys import JwtKeyring
 from ca.operators import Operators
 from ca.reports import Reports
 from ca.schema import SCHEMA_VERSION
+from ca.services import Services
 from ca.store import DB_NAME, Store
 from ca.values import (
     BUNDLE_FILE,
@@ -68,7 +69,7 @@ from meshid.svid import (
 __all__ = ["Authority", "IssuedSvid", "Prepared"]  # the façade, as ca.api imports it
 
 
-class Authority(Federations, Attestors, Access, Reports, Operators):
+class Authority(Federations, Attestors, Access, Services, Reports, Operators):
     """The whole authority: one object composed of its parts (see ca.authority_base)."""
 
     # -- lifecycle --

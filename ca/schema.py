@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-SCHEMA_VERSION = 7  # kept in PRAGMA user_version; 0 there is a version-1 database
+SCHEMA_VERSION = 8  # kept in PRAGMA user_version; 0 there is a version-1 database
 
 # Enrollment by platform identity (version 4): JWT attestors, and the JWTs used so far.
 # IF NOT EXISTS: a database whose version was set back still migrates.
@@ -54,6 +54,19 @@ CREATE TABLE IF NOT EXISTS federated_domains (
     failures INTEGER NOT NULL DEFAULT 0,       -- failed fetches since the last good one
     last_error TEXT,                           -- reason of the last failed fetch
     created_at REAL NOT NULL
+);
+"""
+
+# Transparent interception (version 8): the map from address to the identity serving it,
+# fed by `meshid service add` and by the addresses inbound sidecars advertise.
+_SERVICE_TABLES = """
+CREATE TABLE IF NOT EXISTS services (
+    host TEXT NOT NULL,                        -- an IP literal, as SO_ORIGINAL_DST gives it
+    port INTEGER NOT NULL,
+    spiffe_id TEXT NOT NULL,
+    origin TEXT NOT NULL CHECK (origin IN ('operator', 'advertised')),
+    created_at REAL NOT NULL,
+    PRIMARY KEY (host, port, spiffe_id, origin)
 );
 """
 
@@ -117,6 +130,7 @@ _SCHEMA += _ATTESTOR_TABLES
 _SCHEMA += _OPERATOR_TABLES
 _SCHEMA += _SERIAL_REVOCATIONS
 _SCHEMA += _FEDERATION_TABLES
+_SCHEMA += _SERVICE_TABLES
 
 # Each step takes a database from the version before it to its own version, in
 # the same transaction that records the new version.
@@ -154,6 +168,10 @@ _MIGRATIONS: dict[int, tuple[str, ...]] = {
     7: (  # federation: foreign trust domains and their last good bundles
         *(t for t in _FEDERATION_TABLES.split(";") if t.strip()),
         "UPDATE settings SET value = '7' WHERE name = 'schema_version'",
+    ),
+    8: (  # transparent interception: the address map
+        *(t for t in _SERVICE_TABLES.split(";") if t.strip()),
+        "UPDATE settings SET value = '8' WHERE name = 'schema_version'",
     ),
 }
 

@@ -10,6 +10,7 @@ from datetime import datetime, timedelta
 
 from ca.authority import Authority
 from ca.rootlife import warning_text
+from ca.services import build_map
 from ca.values import REPORT_FRESH, SidecarReport, printable
 from meshid.spiffeid import SpiffeId
 
@@ -161,6 +162,13 @@ def render_status(authority: Authority) -> list[str]:
             )
     if not running:
         body.append("  (none)")
+    _, conflicts = build_map(authority.services())
+    for (host, port), ids in sorted(conflicts.items()):
+        where = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+        warnings.append(
+            f"address {where} is claimed by {', '.join(map(str, ids))}: a conflict, left out "
+            "of the address map (fix with `meshid service remove` or the sidecars' advertise)"
+        )
 
     body.append("")
     body.append("enrolled identities:")

@@ -26,6 +26,7 @@ _SUBCOMMANDS = {
     "ca": ("ca.cli", "ca_group"),
     "policy": ("ca.policy_cli", "policy_group"),
     "federation": ("ca.federation_cli", "federation_group"),
+    "service": ("ca.service_cli", "service_group"),
     "sidecar": ("sidecar.cli", "sidecar_group"),
     "workload": ("sidecar.workload.cli", "workload_group"),
     "doctor": ("meshid.cli", "doctor_cmd"),

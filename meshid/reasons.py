@@ -70,6 +70,10 @@ class Reason(enum.StrEnum):
     TLS_ERROR = "tls_error", "another TLS failure"
     UPSTREAM_UNREACHABLE = "upstream_unreachable", "the upstream sidecar could not be reached"
     APP_UNREACHABLE = "app_unreachable", "the local application could not be reached"
+    UNKNOWN_DESTINATION = (
+        "unknown_destination",
+        "a captured connection went to an address no identity is known to serve",
+    )
     CONNECTION_LIMIT = "connection_limit", "too many connections open at once"
     SOURCE_LIMIT = "source_limit", "too many connections open at once from one source"
     PEER_QUARANTINED = "peer_quarantined", "the peer failed too often and is refused for a while"
@@ -161,6 +165,8 @@ class Reason(enum.StrEnum):
     )
     ALREADY_OPERATOR = "already_operator", "the identity is on the operator list already"
     UNKNOWN_OPERATOR = "unknown_operator", "the identity is not on the operator list"
+    ALREADY_MAPPED = "already_mapped", "the address is mapped to that identity already"
+    UNKNOWN_SERVICE = "unknown_service", "the address is not mapped to that identity"
     ROTATION_IN_PROGRESS = "rotation_in_progress", "a root rollover is in progress already"
     ROOT_EXPIRED = "root_expired", "the signing root has expired"
     ROOT_EXPIRING = "root_expiring", "the signing root expires soon"
@@ -351,6 +357,7 @@ PUBLISHED: tuple[Reason, ...] = (
     Reason.TLS_ERROR,
     Reason.UPSTREAM_UNREACHABLE,
     Reason.APP_UNREACHABLE,
+    Reason.UNKNOWN_DESTINATION,
     Reason.CONNECTION_LIMIT,
     Reason.SOURCE_LIMIT,
     Reason.PEER_QUARANTINED,

@@ -53,6 +53,7 @@ MAX_CONNECTIONS = 16
 MAX_QUARANTINED = 16
 MAX_REFUSALS = 32
 REASON = re.compile(r"[a-z0-9_]{1,64}")
+MAX_ADVERTISE = 64
 MAX_TEXT = 256  # an address, a serial, a timestamp, a quarantined peer
 MAX_INT = 2**63 - 1
 INSTANCE = re.compile(r"[A-Za-z0-9_.-]{1,64}")
@@ -114,6 +115,9 @@ class StatusReport:
     quarantined_omitted: int = 0  # listed by the sidecar past MAX_QUARANTINED
     refusals: tuple[PairRefusal, ...] = ()
     refusals_omitted: int = 0  # listed by the sidecar past MAX_REFUSALS
+    # Added later (an older sidecar sends none): the IP:PORT addresses at which this
+    # workload is reached, for the authority's address map (transparent interception).
+    advertise: tuple[str, ...] = ()
 
     def to_json(self) -> dict[str, Any]:
         """The wire and storage form; `parse_report(r.to_json()) == r`."""
@@ -157,6 +161,7 @@ class StatusReport:
                 for r in self.refusals
             ],
             "refusals_omitted": self.refusals_omitted,
+            "advertise": list(self.advertise),
         }
 
     def encode(self) -> str:
@@ -242,6 +247,7 @@ def parse_report(doc: object) -> StatusReport:
             for item, where in refusals
         ),
         refusals_omitted=min(MAX_INT, refusals_omitted + _int(fields, "refusals_omitted", 0)),
+        advertise=_advertise(fields.get("advertise", [])),
     )
 
 
@@ -259,6 +265,16 @@ def _reason(fields: dict[str, Any], where: str) -> str:
     if not isinstance(value, str) or not REASON.fullmatch(value):
         raise _bad(f"{where}.reason", "needs 1-64 of [a-z0-9_]")
     return value
+
+
+def _advertise(value: object) -> tuple[str, ...]:
+    """Short strings only; whether each is an IP:PORT is the authority's to judge."""
+    if not isinstance(value, list) or len(value) > MAX_ADVERTISE:
+        raise _bad("advertise", f"must be a list of at most {MAX_ADVERTISE} addresses")
+    for i, item in enumerate(value):
+        if not isinstance(item, str) or not 0 < len(item) <= 64:
+            raise _bad(f"advertise[{i}]", "must be an address of 1-64 characters")
+    return tuple(value)
 
 
 def _bad(where: str, what: str) -> InvalidInput:

@@ -43,6 +43,7 @@ a file written before versioning reads as version 1 too.
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import math
 import re
@@ -71,6 +72,7 @@ HEALTH = "/healthz"
 
 MAX_INT = 2**63 - 1
 MAX_WAIT = 3600.0
+MAX_ADDRESSES = 100_000  # entries in the address map one feed carries
 _PRINTABLE = re.compile(r"[\x20-\x7e]*")
 
 Sender = Literal["sidecar", "authority"]
@@ -375,6 +377,10 @@ class Feed:
     # Federated trust domains' bundles, {TD: SPIFFE bundle}, as JSON text: judged by
     # the receiver (meshid.federation.federated_from_json), which knows its own domain.
     federated: str = "{}"
+    # Added without a version bump (an older authority sends none, an older sidecar
+    # ignores it): the address map for transparent interception, (IP, port, identity).
+    # It changes under the policy version, so that a watcher wakes for it.
+    addresses: tuple[tuple[str, int, SpiffeId], ...] = ()
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -388,6 +394,7 @@ class Feed:
             "revoked_serials": [f"{n:x}" for n in self.revoked_serials],
             "prefix_rules": [[a, b] for a, b in self.prefix_rules],
             "federated_bundles": json.loads(self.federated),
+            "addresses": [[h, p, str(sid)] for h, p, sid in self.addresses],
         }
 
     @classmethod
@@ -421,6 +428,7 @@ class Feed:
             revoked_serials=_serials(fields.get("revoked_serials", [])),
             prefix_rules=_prefix_rules(fields.get("prefix_rules", [])),
             federated=_federated(fields.get("federated_bundles")),
+            addresses=_addresses(fields.get("addresses", [])),
         )
 
 
@@ -456,6 +464,28 @@ def _serials(value: object) -> tuple[int, ...]:
                 "authority", f"revoked_serials[{i}]", "must be a hexadecimal serial"
             ) from None
     return tuple(serials)
+
+
+def _addresses(value: object) -> tuple[tuple[str, int, SpiffeId], ...]:
+    if not isinstance(value, list) or len(value) > MAX_ADDRESSES:
+        raise _bad("authority", "addresses", f"must be a list of at most {MAX_ADDRESSES}")
+    out: list[tuple[str, int, SpiffeId]] = []
+    for i, item in enumerate(value):
+        if (
+            not isinstance(item, list)
+            or len(item) != 3
+            or not isinstance(item[0], str)
+            or not isinstance(item[1], int)
+            or isinstance(item[1], bool)
+            or not 1 <= item[1] <= 65535
+        ):
+            raise _bad("authority", f"addresses[{i}]", "must be [ip, port, spiffe_id]")
+        try:
+            ip = str(ipaddress.ip_address(item[0]))
+        except ValueError:
+            raise _bad("authority", f"addresses[{i}][0]", "must be an IP address") from None
+        out.append((ip, item[1], _spiffe_id(item[2], f"addresses[{i}][2]", "authority")))
+    return tuple(out)
 
 
 @dataclass(frozen=True, slots=True)

@@ -22,7 +22,7 @@ from __future__ import annotations
 import functools
 import json
 import socket
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from datetime import datetime, timedelta
 
 import trio
@@ -33,8 +33,10 @@ from meshid.errors import MeshIdError
 from meshid.policy import IDENTITY_REVOKED, Policy
 from meshid.reasons import Reason
 from meshid.report import StatusReport
+from meshid.spiffeid import SpiffeId
 from meshid.version import VERSION
 from sidecar.admin import Response, serve_admin
+from sidecar.capture import Capture
 from sidecar.config import SidecarConfig, StaticSource
 from sidecar.connection import Connections
 from sidecar.control import ControlClient
@@ -142,6 +144,7 @@ class Sidecar:
             throttle=self.throttle,
             changed=lambda: self.changed(),
         )
+        self.capture = Capture(self.connections, config.transparent) if config.transparent else None
 
     @property
     def generation(self) -> Generation | None:
@@ -209,6 +212,11 @@ class Sidecar:
         )
         return closed
 
+    def install_addresses(self, addresses: Mapping[tuple[str, int], SpiffeId]) -> None:
+        """The address map from the feed, for captured connections (none without [transparent])."""
+        if self.capture is not None:
+            self.capture.install_map(addresses)
+
     # -- decisions -------------------------------------------------------------
 
     def status_report(self, instance: str) -> StatusReport:
@@ -221,6 +229,7 @@ class Sidecar:
             len(self.registry),
             self.gate.quarantined(),
             self.gate.refusals.recent(trio.current_time()),
+            advertise=self.capture.advertised() if self.capture is not None else (),
         )
 
     # -- quarantine ------------------------------------------------------------
@@ -352,6 +361,7 @@ class Sidecar:
                     source.server.port,
                     self.identity.trust_domain,
                     skew=self.skew,
+                    mark=self.config.transparent.mark if self.config.transparent else None,
                 ),
                 pacing=self.pacing,
             )
@@ -369,6 +379,8 @@ class Sidecar:
                 lsock = bind(ob.listen)
                 self.bound[f"outbound[{i}]"] = lsock.getsockname()[:2]
                 listeners.append((lsock, self.connections.outbound_handler(ob), OUTBOUND))
+            if self.capture is not None:
+                self.capture.bind(listeners, self.bound)
             if self.config.workload_api is not None:  # bound here: a config error stays one line
                 workload = prepare_workload_api(self.config.workload_api)
             async with trio.open_nursery() as nursery:

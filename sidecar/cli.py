@@ -16,6 +16,7 @@ from meshid.errors import ConfigError, MeshIdError
 from sidecar.app import Sidecar
 from sidecar.config import load_config
 from sidecar.events import EventLog
+from sidecar.redirect import redirect_cmd
 
 
 @click.group("sidecar", cls=Group)
@@ -90,3 +91,6 @@ def run_cmd(config_path: Path) -> None:
                 first = first.exceptions[0]
             raise first from None
         raise
+
+
+sidecar_group.add_command(redirect_cmd)

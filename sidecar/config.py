@@ -23,6 +23,8 @@ from meshid.errors import ConfigError, MeshIdError
 from meshid.federation import resolve_id, resolve_rule_end
 from meshid.spiffeid import SpiffeId, TrustDomain
 from sidecar.configtable import Table, tables
+from sidecar.transparent import KEYS as TRANSPARENT_KEYS
+from sidecar.transparent import Transparent, parse_transparent
 from sidecar.workload.settings import KEYS as WORKLOAD_API_KEYS
 from sidecar.workload.settings import WorkloadApiConfig, parse_workload_api
 
@@ -112,6 +114,7 @@ class SidecarConfig:
     limits: Limits
     log_file: Path | None = None
     workload_api: WorkloadApiConfig | None = None
+    transparent: Transparent | None = None
 
 
 _LABEL = re.compile(r"[A-Za-z0-9_]([A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?")
@@ -168,6 +171,7 @@ TOP_KEYS = (
     "limits",
     "log",
     "workload_api",
+    "transparent",
 )
 STATIC_KEYS = ("cert", "key", "bundle", "policy", "federated")
 AUTHORITY_KEYS = ("server", "bundle", "token_file", "jwt_file", "state_dir")
@@ -313,8 +317,12 @@ def parse_config(doc: Mapping[str, Any], base: Path = Path()) -> SidecarConfig:
             )
         )
         table.done()
-    if not inbound and not outbound and "workload_api" not in doc:
-        raise ConfigError("config: no [inbound] or [[outbound]] listener (nor [workload_api])")
+    if not inbound and not outbound and "workload_api" not in doc and "transparent" not in doc:
+        raise ConfigError(
+            "config: no [inbound] or [[outbound]] listener (nor [workload_api] or [transparent])"
+        )
+    transparent_table = top.table("transparent", TRANSPARENT_KEYS)
+    transparent = parse_transparent(transparent_table) if transparent_table is not None else None
 
     admin_table = top.table("admin", ADMIN_KEYS)
     admin = None
@@ -365,6 +373,7 @@ def parse_config(doc: Mapping[str, Any], base: Path = Path()) -> SidecarConfig:
         limits=limits,
         log_file=log_file,
         workload_api=workload_api,
+        transparent=transparent,
     )
 
 

@@ -72,6 +72,7 @@ class Connections:
         self.limits = limits
         self.throttle = throttle  # accept_failed lines, once a second at most
         self.changed = changed
+        self.mark: int | None = None  # SO_MARK for our own connections, under [transparent]
 
     async def accept_loop(
         self,
@@ -112,7 +113,7 @@ class Connections:
                 nursery.start_soon(handler, sock, peer)
 
     async def connect_to(self, addr: Address) -> socket.socket:
-        return await connect(addr, self.limits.connect_timeout)
+        return await connect(addr, self.limits.connect_timeout, self.mark)
 
     async def _inbound(
         self,
@@ -207,6 +208,17 @@ class Connections:
             return None, tls
         self.gate.allow(entry, verdict, upstream=str(route.upstream))
         return up, tls
+
+    # The setups of the captured listeners (sidecar/capture.py), which route per connection.
+    async def setup_inbound(
+        self, sock: socket.socket, entry: LiveConnection, listener: Inbound, peer: tuple[str, int]
+    ) -> tuple[socket.socket | None, TlsStream | None]:
+        return await self._inbound(sock, entry, listener, peer)
+
+    async def setup_outbound(
+        self, sock: socket.socket, entry: LiveConnection, route: Outbound
+    ) -> tuple[socket.socket | None, TlsStream | None]:
+        return await self._outbound(sock, entry, route)
 
     async def serve_connection(
         self,

@@ -36,7 +36,9 @@ from meshid.spiffeid import SpiffeId, TrustDomain
 from meshid.svid import leaf_spiffe_id
 from meshid.wire import AUTHORITY_PATH, ErrorBody
 from sidecar import failures
+from sidecar.config import Address
 from sidecar.failures import Failure, Verdict
+from sidecar.sockets import connect
 
 MAX_RESPONSE = 1024 * 1024
 _X509_V_FLAG_NO_CHECK_TIME = 0x200000  # times are checked below, with skew allowance
@@ -161,12 +163,20 @@ class ControlClient:
         *,
         timeout: float = 15.0,
         skew: timedelta = timedelta(seconds=60),
+        mark: int | None = None,
     ) -> None:
         self.host = host
         self.port = port
+        self.mark = mark  # SO_MARK under [transparent], so that the capture rules skip us
         self.expected = SpiffeId(trust_domain, AUTHORITY_PATH)
         self.timeout = timeout
         self.skew = skew
+
+    async def _open_tcp(self) -> trio.SocketStream:
+        if self.mark is None:
+            return await trio.open_tcp_stream(self.host, self.port)
+        sock = await connect(Address(self.host, self.port), self.timeout, self.mark)
+        return trio.SocketStream(trio.socket.from_stdlib_socket(sock))
 
     def _context(
         self, bundle_pem: bytes, identity: ClientIdentity | HeldIdentity | None
@@ -246,7 +256,7 @@ class ControlClient:
         where = self._where
         with trio.move_on_after(wait if wait is not None else self.timeout) as scope:
             try:
-                tcp = await trio.open_tcp_stream(self.host, self.port)
+                tcp = await self._open_tcp()
             except OSError as exc:
                 code, detail = _connect_errno(exc)
                 raise ControlPlaneError.judged(

@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import random
 import secrets
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from datetime import datetime, timedelta
 from typing import Any, Protocol
 
@@ -44,6 +44,7 @@ from meshid.events import EventLog
 from meshid.policy import Policy
 from meshid.reasons import Reason
 from meshid.report import StatusReport
+from meshid.spiffeid import SpiffeId
 from meshid.svid import certs_from_pem, generate_key
 from meshid.wire import (
     ENROLL,
@@ -101,6 +102,7 @@ class Host(Protocol):
 
     def install_svid(self, svid: Svid, how: str) -> None: ...
     def install_policy(self, policy: Policy) -> int: ...
+    def install_addresses(self, addresses: Mapping[tuple[str, int], SpiffeId]) -> None: ...
     def count_renewal(self, result: str) -> None: ...
     def status_report(self, instance: str) -> StatusReport: ...
 

@@ -101,6 +101,7 @@ class FeedFollower:
                 feed.prefix_rules,
             )
         )
+        self.host.install_addresses({(h, p): sid for h, p, sid in feed.addresses})
         self.versions = (feed.policy_version, feed.revocation_version, feed.bundle_sequence)
 
     def _apply_bundle(self, feed: Feed) -> bool:

@@ -239,6 +239,7 @@ class Gate:
             local_id=str(self.current.identity),
             peer_id=str(verdict.peer_id) if verdict.peer_id else None,
             peer_addr=entry.peer_addr,
+            original_dst=entry.original_dst,
             conn_id=entry.id,
         )
 
@@ -258,6 +259,7 @@ class Gate:
             peer_id=str(verdict.peer_id),
             peer_serial=f"{verdict.serial:x}" if verdict.serial is not None else None,
             peer_addr=entry.peer_addr,
+            original_dst=entry.original_dst,
             conn_id=entry.id,
             policy_version=self.current.policy.version,
             **extra,

@@ -37,6 +37,7 @@ class LiveConnection:
     last_activity: float = 0.0
     close_reason: str | None = None
     established: bool = False
+    original_dst: str | None = None  # a captured connection's destination (SO_ORIGINAL_DST)
 
     def close(self, reason: str) -> None:
         """Ask the connection to end; the first reason given is the one logged."""

@@ -19,6 +19,7 @@ from meshid.errors import MeshIdError
 from meshid.reasons import Reason
 from sidecar.config import Address
 
+SO_MARK = getattr(socket, "SO_MARK", 36)  # linux/socket.h
 ACCEPT_BACKOFF = 0.1  # seconds to wait after accept() failed in a way we did not foresee
 # accept(2) on Linux: errors of the connection being accepted, to be retried like EAGAIN
 ACCEPT_TRANSIENT = frozenset(
@@ -115,10 +116,15 @@ async def linger(sock: socket.socket, seconds: float = 1.0, limit: int = 65536) 
             seen += len(data)
 
 
-async def connect_one(family: socket.AddressFamily, sockaddr: tuple[str, int]) -> socket.socket:
+async def connect_one(
+    family: socket.AddressFamily, sockaddr: tuple[str, int], mark: int | None = None
+) -> socket.socket:
+    """`mark`: SO_MARK set before the SYN, so that the capture rules skip the sidecar's own."""
     sock = socket.socket(family, socket.SOCK_STREAM)
     sock.setblocking(False)
     try:
+        if mark is not None:
+            sock.setsockopt(socket.SOL_SOCKET, SO_MARK, mark)
         err = sock.connect_ex(sockaddr)
         if err == errno.EINPROGRESS:
             await trio.lowlevel.wait_writable(sock)
@@ -142,7 +148,7 @@ async def send_plain(sock: socket.socket, data: bytes) -> None:
             await trio.lowlevel.wait_writable(sock)
 
 
-async def connect(addr: Address, within: float) -> socket.socket:
+async def connect(addr: Address, within: float, mark: int | None = None) -> socket.socket:
     """A non-blocking TCP connection to `addr`, within `within` seconds. Raises OSError."""
     if is_ip(addr.host):
         family = socket.AF_INET6 if ":" in addr.host else socket.AF_INET
@@ -156,7 +162,7 @@ async def connect(addr: Address, within: float) -> socket.socket:
     with trio.move_on_after(within):
         for family, sockaddr in targets:
             try:
-                return await connect_one(family, sockaddr)
+                return await connect_one(family, sockaddr, mark)
             except OSError as exc:
                 last = exc
         raise last

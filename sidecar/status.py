@@ -36,6 +36,7 @@ def build_report(
     live_count: int,
     quarantined: Mapping[str, float],
     refusals: Sequence[PairRefusal] = (),
+    advertise: tuple[str, ...] = (),
 ) -> StatusReport:
     """What the control plane hears every few seconds (see `meshid ca status`)."""
     pairs: dict[tuple[str, str], tuple[Direction, SpiffeId, int]] = {}
@@ -78,6 +79,7 @@ def build_report(
             for peer, left in peers[: limits.MAX_QUARANTINED]
         ),
         quarantined_omitted=max(0, len(peers) - limits.MAX_QUARANTINED),
+        advertise=advertise,
     )
     return _with_refusals(built, refusals)
 
