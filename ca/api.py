@@ -47,6 +47,7 @@ from meshid.errors import (
     StorageUnavailable,
     TokenRejected,
 )
+from meshid.feedwire import Feed
 from meshid.ratelimit import FailureLimiter
 from meshid.reasons import Reason
 from meshid.report import TOO_LARGE, decode_report
@@ -63,7 +64,6 @@ from meshid.wire import (
     WATCH,
     EnrollRequest,
     ErrorBody,
-    Feed,
     JwtSvidRequest,
     RenewRequest,
     ReportAck,

@@ -41,21 +41,13 @@ import trio
 from meshid.bundle import TrustBundle
 from meshid.errors import ConfigError, InvalidSvid, MeshIdError
 from meshid.events import EventLog
+from meshid.feedwire import Feed
 from meshid.policy import Policy
 from meshid.reasons import Reason
 from meshid.report import StatusReport
 from meshid.spiffeid import SpiffeId
 from meshid.svid import certs_from_pem, generate_key
-from meshid.wire import (
-    ENROLL,
-    RENEW,
-    REPORT,
-    Feed,
-    RenewRequest,
-    SvidReply,
-    WatchQuery,
-    WireError,
-)
+from meshid.wire import ENROLL, RENEW, REPORT, RenewRequest, SvidReply, WatchQuery, WireError
 from sidecar import failures as failures_mod
 from sidecar.config import AuthoritySource
 from sidecar.control import ControlClient, ControlPlaneError

@@ -24,10 +24,11 @@ import trio
 from meshid.bundle import TrustBundle
 from meshid.errors import InvalidSvid
 from meshid.federation import federated_from_json
+from meshid.feedwire import Feed
 from meshid.policy import Policy
 from meshid.reasons import Reason
 from meshid.spiffeid import SpiffeId
-from meshid.wire import Feed, WatchQuery, WireError
+from meshid.wire import WatchQuery, WireError
 from sidecar.control import ControlPlaneError
 from sidecar.credentials import Svid
 from sidecar.link import AuthorityLink

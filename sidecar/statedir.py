@@ -143,7 +143,7 @@ class StateDir:
         return chain, key, self.file(BUNDLE_FILE).read_bytes()
 
     def read_feed(self) -> object:
-        """feed.json as JSON; `meshid.wire.Feed.parse` says whether it is a feed."""
+        """feed.json as JSON; `meshid.feedwire.Feed.parse` says whether it is a feed."""
         return json.loads(self.file(FEED_FILE).read_text())
 
     # -- writing --

@@ -224,7 +224,7 @@ def test_prefix_rules_apply_list_export_and_check_naming_the_rule(
 
 
 def test_the_feed_carries_the_prefix_rules_that_can_match_the_sidecar(state: Path) -> None:
-    from meshid.wire import Feed
+    from meshid.feedwire import Feed
 
     authority = _open(state)
     try:

@@ -11,8 +11,8 @@ from cryptography import x509
 from ca.authority import Authority
 from meshid.clock import system_clock
 from meshid.errors import IdentityRevoked
+from meshid.feedwire import Feed
 from meshid.spiffeid import SpiffeId
-from meshid.wire import Feed
 
 WEB = SpiffeId.parse("spiffe://example.org/web")
 

@@ -14,9 +14,10 @@ import pytest
 from ca_helpers import run
 
 from ca.authority import Authority
+from meshid.feedwire import Feed
 from meshid.report import StatusReport, parse_report
 from meshid.spiffeid import SpiffeId
-from meshid.wire import Feed, WireError
+from meshid.wire import WireError
 
 API = "spiffe://example.org/api"
 DB = "spiffe://example.org/db"

@@ -13,10 +13,11 @@ from cryptography import x509
 
 from ca.api import ControlApi, Reply, Request
 from ca.authority import Authority
+from meshid.feedwire import Feed
 from meshid.ratelimit import FailureLimiter
 from meshid.spiffeid import SpiffeId
 from meshid.svid import generate_key
-from meshid.wire import WIRE_VERSION, Feed, SvidReply, WatchQuery
+from meshid.wire import WIRE_VERSION, SvidReply, WatchQuery
 from sidecar.dynamic import build_csr
 
 WEB = SpiffeId(TD, "/web")

@@ -13,12 +13,12 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from meshid.feedwire import Feed
 from meshid.spiffeid import SpiffeId
 from meshid.wire import (
     WIRE_VERSION,
     EnrollRequest,
     ErrorBody,
-    Feed,
     RenewRequest,
     ReportAck,
     SvidReply,
