@@ -253,6 +253,19 @@ async def serve_metrics(
     task_status: trio.TaskStatus[tuple[str, int]] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serve /metrics on `sock` (bound and listening) until cancelled; logs where."""
+    await serve_routes(sock, metrics.route, log, "metrics_serving", task_status=task_status)
+
+
+async def serve_routes(
+    sock: socket.socket,
+    route: Callable[[str, str], Response],
+    log: Callable[..., None],
+    event: str,
+    *,
+    task_status: trio.TaskStatus[tuple[str, int]] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """A plain-HTTP listener of the authority's (metrics, the service graph) on `sock`,
+    with the shared admin listener's limits, until cancelled; logs `event` with where."""
     listener = trio.SocketListener(trio.socket.from_stdlib_socket(sock))
     host, port = sock.getsockname()[:2]
     where = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
@@ -261,10 +274,10 @@ async def serve_metrics(
             partial(
                 serve_admin_listeners,
                 [listener],
-                metrics.route,
+                route,
                 limits=AdminLimits(),
                 events=_Log(log),
             )
         )
-        log("metrics_serving", listen=where, version=VERSION)
+        log(event, listen=where, version=VERSION)
         task_status.started((str(host), int(port)))

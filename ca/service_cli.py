@@ -8,9 +8,10 @@ from pathlib import Path
 import click
 
 from ca.cliopts import open_authority, state_option
-from ca.services import build_map, parse_ip_port
+from ca.services import build_map
 from meshid.cli import Group
 from meshid.errors import PolicyError
+from meshid.netaddr import parse_ip_port
 from meshid.reasons import Reason
 
 

@@ -12,7 +12,6 @@ once, versioned like the allow-list.
 
 from __future__ import annotations
 
-import ipaddress
 import json
 import sqlite3
 from collections.abc import Iterable
@@ -21,6 +20,7 @@ from dataclasses import dataclass
 from ca.roots import Roots
 from ca.store import Store
 from meshid.errors import InvalidInput, PolicyError
+from meshid.netaddr import parse_ip_port
 from meshid.reasons import Reason
 from meshid.spiffeid import SpiffeId
 
@@ -39,24 +39,6 @@ class ServiceEntry:
     @property
     def address(self) -> str:
         return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
-
-
-def parse_ip_port(text: str) -> tuple[str, int]:
-    """IP:PORT ([v6]:PORT), the IP in its canonical form (the map is keyed by it)."""
-    if text.startswith("["):
-        host, sep, port_text = text[1:].partition("]:")
-    else:
-        host, sep, port_text = text.rpartition(":")
-    try:
-        ip = ipaddress.ip_address(host)
-    except ValueError:
-        raise InvalidInput(f"{text[:80]!r} is not IP:PORT (IPv6 as [::1]:PORT)") from None
-    if not sep or not port_text.isascii() or not port_text.isdigit():
-        raise InvalidInput(f"{text[:80]!r} is not IP:PORT (IPv6 as [::1]:PORT)")
-    port = int(port_text)
-    if not 1 <= port <= 65535:
-        raise InvalidInput(f"{port_text[:10]!r} is not a port number")
-    return str(ip), port
 
 
 def build_map(

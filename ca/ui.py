@@ -24,18 +24,16 @@ import socket
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from datetime import datetime
-from functools import partial
 from html import escape
 
 import trio
 
-from adminhttp import AdminLimits, Response, serve_admin_listeners
+from adminhttp import Response
 from ca.authority import Authority
-from ca.metrics import _Log
+from ca.metrics import serve_routes
 from ca.values import SidecarReport
 from meshid.clock import Clock
 from meshid.policy import Policy
-from meshid.version import VERSION
 
 REFRESH_EVERY = 5.0  # seconds between two reads of the database for the page
 MAX_NODES = 500  # drawn in the SVG; past it the tables still list everything
@@ -338,18 +336,4 @@ async def serve_ui(
     task_status: trio.TaskStatus[tuple[str, int]] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serve the page on `sock` (bound and listening) until cancelled; logs where."""
-    listener = trio.SocketListener(trio.socket.from_stdlib_socket(sock))
-    host, port = sock.getsockname()[:2]
-    where = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-    async with trio.open_nursery() as nursery:
-        await nursery.start(
-            partial(
-                serve_admin_listeners,
-                [listener],
-                graph.route,
-                limits=AdminLimits(),
-                events=_Log(log),
-            )
-        )
-        log("ui_serving", listen=where, version=VERSION)
-        task_status.started((str(host), int(port)))
+    await serve_routes(sock, graph.route, log, "ui_serving", task_status=task_status)

@@ -15,6 +15,7 @@ the state it declares below and the helpers it names.
 from __future__ import annotations
 
 import json
+from abc import ABC, abstractmethod
 from collections.abc import Callable
 from datetime import timedelta
 from typing import TYPE_CHECKING
@@ -57,7 +58,7 @@ def _same_bundles(a: tuple[TrustBundle, ...], b: tuple[TrustBundle, ...]) -> boo
     )
 
 
-class FeedFollower:
+class FeedFollower(ABC):
     current: Current
     host: Host
     link: AuthorityLink
@@ -69,18 +70,18 @@ class FeedFollower:
     versions: tuple[int, int, int]
     _feed: Feed | None
 
-    # Defined by DynamicIdentity.
-    def _skew(self) -> timedelta:
-        raise NotImplementedError
+    # Provided by DynamicIdentity, which this mixin's methods are part of.
+    @abstractmethod
+    def _skew(self) -> timedelta: ...
 
-    def _note(self, duty: str, exc: BaseException | None) -> None:
-        raise NotImplementedError
+    @abstractmethod
+    def _note(self, duty: str, exc: BaseException | None) -> None: ...
 
-    def _write_bundle(self) -> None:
-        raise NotImplementedError
+    @abstractmethod
+    def _write_bundle(self) -> None: ...
 
-    def _write_feed(self) -> None:
-        raise NotImplementedError
+    @abstractmethod
+    def _write_feed(self) -> None: ...
 
     def _apply_policy(self, feed: Feed) -> None:
         td = self.current.identity.trust_domain

@@ -19,7 +19,8 @@ import socket
 import struct
 from dataclasses import dataclass
 
-from meshid.errors import ConfigError
+from meshid.errors import ConfigError, InvalidInput
+from meshid.netaddr import parse_ip_port
 from sidecar.configtable import Table
 
 DEFAULT_MARK = 0x6D6964  # "mid"
@@ -48,20 +49,10 @@ def _host_port(text: object, key: str) -> tuple[str, int]:
     """An IP literal and a port: the map is keyed by what `SO_ORIGINAL_DST` returns."""
     if not isinstance(text, str):
         raise ConfigError(f'{key}: expected "IP:PORT"')
-    if text.startswith("["):
-        host, sep, port_text = text[1:].partition("]:")
-    else:
-        host, sep, port_text = text.rpartition(":")
     try:
-        ip = ipaddress.ip_address(host)
-    except ValueError:
-        raise ConfigError(f"{key}: {text[:80]!r} is not IP:PORT (IPv6 as [::1]:PORT)") from None
-    if not sep or not port_text.isascii() or not port_text.isdigit():
-        raise ConfigError(f"{key}: {text[:80]!r} is not IP:PORT (IPv6 as [::1]:PORT)")
-    port = int(port_text)
-    if not 1 <= port <= 65535:
-        raise ConfigError(f"{key}: {port_text[:10]!r} is not a port number")
-    return (str(ip), port)
+        return parse_ip_port(text)
+    except InvalidInput as exc:
+        raise ConfigError(f"{key}: {exc.message}") from None
 
 
 def parse_transparent(table: Table) -> Transparent:
