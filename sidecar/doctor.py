@@ -4,8 +4,9 @@ Read-only: the config parses; the files it names are readable, the private
 key 0600; in authority mode the state directory is a directory of ours,
 0700 and writable; and the SVID on disk, if any, is not expired or close
 to it. In authority mode, one TLS request to the health endpoint of each
-server `authority.server` names, verified against the configured bundle and the authority's
-SPIFFE ID exactly as the sidecar does, judged by `sidecar.failures`.
+server `authority.server` names, verified against the configured bundle
+and the authority's SPIFFE ID exactly as the sidecar does, judged by
+`sidecar.failures`.
 """
 
 from __future__ import annotations
