@@ -14,9 +14,10 @@ list, round robin, but not at once: the next attempt waits a delay drawn
 uniformly from zero to ``min(cap, base * 2 ** (failures - 1))`` ("full
 jitter"), where `failures` counts the failures since the last success. So
 the sidecars that lose the same instance arrive at the next one spread over
-that window, and while every instance is down they back off to `cap` and
-come back spread over it, rather than all in the same second when one
-returns. A success resets the count.
+that window (two seconds for the first move: not all in the same second,
+yet a deny still arrives within a few), and while every instance is down
+they back off to `cap` and come back spread over it, rather than all in the
+same second when one returns. A success resets the count.
 
 Several duties (renewal, the feed, the report) share one `ServerChoice`: a
 failure of a server that is no longer the current one (a request that was
@@ -34,7 +35,7 @@ import math
 from dataclasses import dataclass
 
 MAX_SERVERS = 16  # authority.server names at most this many
-FAILOVER_BASE = 1.0  # seconds: the first move waits up to this long
+FAILOVER_BASE = 2.0  # seconds: the first move waits up to this long
 FAILOVER_CAP = 30.0  # seconds: no move waits longer than this
 
 
