@@ -33,7 +33,14 @@ from sidecar_helpers import (
     tls_connect,
     wait_cut,
 )
-from test_sidecar_control_failures import FAST, Served, control_plane, http, make_authority
+from test_sidecar_control_failures import (
+    FAST,
+    Served,
+    control_plane,
+    enrollable,
+    http,
+    make_authority,
+)
 
 from ca.authority import Authority
 from ca.server import ControlPlane, ServerOptions
@@ -187,30 +194,30 @@ class World:
 
 
 @pytest.fixture
-async def world(tmp_path: Path, nursery: trio.Nursery, backend: Backend) -> AsyncIterator[World]:
-    auth_dir = tmp_path / "authority"
-    authority = make_authority(auth_dir)
-    handle = Authority.open(auth_dir, clock=system_clock())
-    config_dir = tmp_path / "api"
-    config_dir.mkdir()
-    (config_dir / "bundle.pem").write_bytes(authority.bundle().to_pem())
-    (config_dir / "token").write_text(authority.create_token(API))
+async def world(tmp_path: Path, backend: Backend) -> AsyncIterator[World]:
+    authority, config_dir = enrollable(tmp_path, API)
+    handle = Authority.open(tmp_path / "authority", clock=system_clock())
     handle.allow(WEB, API)
     served = control_plane(authority)
-    plane = await nursery.start(served.plane.serve)
-    first, second = Forwarder(plane), Forwarder(plane)
-    await first.up(nursery)
-    await second.up(nursery)
-    log = LogCapture()
-    doc = sidecar_doc([first.name, second.name], backend.addr, tmp_path / "state")
-    sidecar = Sidecar(parse_config(doc, config_dir), events=EventLog(log), pacing=PACING)
-    with trio.fail_after(20):
-        await nursery.start(sidecar.run)
+    first = second = None
     try:
-        yield World(sidecar, log, first, second, handle, served, nursery, tmp_path)
+        # The fixture's own nursery: everything using the authority stops before it closes.
+        async with trio.open_nursery() as nursery:
+            plane = await nursery.start(served.plane.serve)
+            first, second = Forwarder(plane), Forwarder(plane)
+            await first.up(nursery)
+            await second.up(nursery)
+            log = LogCapture()
+            doc = sidecar_doc([first.name, second.name], backend.addr, tmp_path / "state")
+            sidecar = Sidecar(parse_config(doc, config_dir), events=EventLog(log), pacing=PACING)
+            with trio.fail_after(20):
+                await nursery.start(sidecar.run)
+            yield World(sidecar, log, first, second, handle, served, nursery, tmp_path)
+            nursery.cancel_scope.cancel()
     finally:
-        first.close()
-        second.close()
+        for forwarder in (first, second):
+            if forwarder is not None:
+                forwarder.close()
         handle.close()
         authority.close()
 
@@ -289,43 +296,43 @@ async def test_with_every_server_down_a_serving_sidecar_degrades_as_before(world
 
 
 async def test_enrollment_waits_for_any_server_when_all_are_down(
-    tmp_path: Path, nursery: trio.Nursery, backend: Backend
+    tmp_path: Path, backend: Backend
 ) -> None:
-    authority = make_authority(tmp_path / "authority")
-    config_dir = tmp_path / "api"
-    config_dir.mkdir()
-    (config_dir / "bundle.pem").write_bytes(authority.bundle().to_pem())
-    (config_dir / "token").write_text(authority.create_token(API))
+    authority, config_dir = enrollable(tmp_path, API)
     dead = [Forwarder(("127.0.0.1", 9)), Forwarder(("127.0.0.1", 9))]  # never up: refused
     log = LogCapture()
     doc = sidecar_doc([d.name for d in dead], backend.addr, tmp_path / "state")
     sidecar = Sidecar(parse_config(doc, config_dir), events=EventLog(log), pacing=PACING)
     served = control_plane(authority)
     try:
-        with trio.fail_after(20):
-            nursery.start_soon(sidecar.run)
-            failed = await log.wait_for("enroll_failed", count=3)
-            assert {f["reason"] for f in failed} == {"authority_unreachable"}
-            moves = log.find("authority_failover")
-            assert {(m["left"], m["to"]) for m in moves} == {
-                (dead[0].name, dead[1].name),
-                (dead[1].name, dead[0].name),
-            }
-            # The failover waits grow with the failures, up to the cap.
-            assert all(0 <= m["retry_in_s"] <= 0.2 for m in moves)
-            status, body = await http(sidecar.bound["admin"], "/readyz")
-            assert status == 503
-            assert body.startswith(
-                "not ready: enrolling: authority unreachable (connection refused), attempt "
-            ), body
-            assert body.endswith(" of 2)\n") and "\nauthority server: " in body
-            # The authority comes up behind the second: the sidecar enrolls through it.
-            plane = await nursery.start(served.plane.serve)
-            dead[1].target = plane
-            await dead[1].up(nursery)
-            await log.wait_for("started")
-            [enrolled] = log.find("credentials", how="enrolled")
-            assert enrolled["spiffe_id"] == str(API)
+        async with trio.open_nursery() as nursery:  # stopped before the authority closes
+            with trio.fail_after(20):
+                nursery.start_soon(sidecar.run)
+                failed = await log.wait_for("enroll_failed", count=3)
+                assert {f["reason"] for f in failed} == {"authority_unreachable"}
+                moves = log.find("authority_failover")
+                assert {(m["left"], m["to"]) for m in moves} == {
+                    (dead[0].name, dead[1].name),
+                    (dead[1].name, dead[0].name),
+                }
+                # Each wait is drawn below a ceiling that doubles with the failures, to the cap.
+                ceilings = [min(0.2, 0.05 * 2 ** (m["failures"] - 1)) for m in moves]
+                assert all(0 <= m["retry_in_s"] <= c for m, c in zip(moves, ceilings, strict=True))
+                assert max(m["failures"] for m in moves) >= 2
+                status, body = await http(sidecar.bound["admin"], "/readyz")
+                assert status == 503
+                assert body.startswith(
+                    "not ready: enrolling: authority unreachable (connection refused), attempt "
+                ), body
+                assert body.endswith(" of 2)\n") and "\nauthority server: " in body
+                # The authority comes up behind the second: the sidecar enrolls through it.
+                plane = await nursery.start(served.plane.serve)
+                dead[1].target = plane
+                await dead[1].up(nursery)
+                await log.wait_for("started")
+                [enrolled] = log.find("credentials", how="enrolled")
+                assert enrolled["spiffe_id"] == str(API)
+            nursery.cancel_scope.cancel()
     finally:
         for d in dead:
             d.close()
@@ -354,18 +361,13 @@ def _presented(addr: Addr, bundle: bytes) -> Any:
 
 
 async def test_each_instance_is_verified_by_the_authority_identity_not_a_host_name(
-    tmp_path: Path, nursery: trio.Nursery, backend: Backend
+    tmp_path: Path, backend: Backend
 ) -> None:
     """Two instances, each with its own serving certificate, and an impostor listed first."""
-    auth_dir = tmp_path / "authority"
-    authority = make_authority(auth_dir)
-    other = Authority.open(auth_dir, clock=system_clock())  # the second instance's handle
+    authority, config_dir = enrollable(tmp_path, API)
+    other = Authority.open(tmp_path / "authority", clock=system_clock())  # the second instance's
     stranger = make_authority(tmp_path / "stranger")  # same trust domain, another root
-    config_dir = tmp_path / "api"
-    config_dir.mkdir()
     bundle = authority.bundle().to_pem()
-    (config_dir / "bundle.pem").write_bytes(bundle)
-    (config_dir / "token").write_text(authority.create_token(API))
     planes = []
     for handle, name in ((authority, "ca1.internal"), (other, "ca2.internal")):
         options = ServerOptions(host="127.0.0.1", port=0, poll_interval=0.05, dns_names=(name,))
@@ -373,33 +375,35 @@ async def test_each_instance_is_verified_by_the_authority_identity_not_a_host_na
     impostor = control_plane(stranger)
     scopes = [trio.CancelScope(), trio.CancelScope()]
     try:
-        addrs = [
-            await nursery.start(_serve_until, p, s) for p, s in zip(planes, scopes, strict=True)
-        ]
-        fake = await nursery.start(impostor.plane.serve)
-        serial1, names1 = await trio.to_thread.run_sync(_presented, addrs[0], bundle)
-        serial2, names2 = await trio.to_thread.run_sync(_presented, addrs[1], bundle)
-        assert serial1 != serial2 and names1 != names2  # each its own certificate
-        assert ("DNS", "ca1.internal") in names1 and ("DNS", "ca2.internal") in names2
-        log = LogCapture()
-        servers = [fmt(fake), fmt(addrs[0]), fmt(addrs[1])]
-        doc = sidecar_doc(servers, backend.addr, tmp_path / "state")
-        sidecar = Sidecar(parse_config(doc, config_dir), events=EventLog(log), pacing=PACING)
-        with trio.fail_after(30):
-            await nursery.start(sidecar.run)
-            # The impostor does not chain to our bundle: skipped, and nothing sent to it.
-            [skipped] = log.find("authority_failover", left=servers[0])
-            assert (skipped["reason"], skipped["to"]) == ("authority_untrusted", servers[1])
-            assert impostor.requests == []
-            # The first instance goes: the second, with another certificate and another
-            # host name, is the authority all the same.
-            scopes[0].cancel()
-            await log.wait_for("authority_failover", left=servers[1], to=servers[2])
-            assert sidecar.dynamic is not None
-            await sidecar.dynamic.renew()
-            assert log.find("credentials", how="renewed")
-            status, body = await http(sidecar.bound["admin"], "/readyz")
-            assert (status, body) == (200, f"ready\nauthority server: {servers[2]} (3 of 3)\n")
+        async with trio.open_nursery() as nursery:  # stopped before the authority closes
+            addrs = [
+                await nursery.start(_serve_until, p, s) for p, s in zip(planes, scopes, strict=True)
+            ]
+            fake = await nursery.start(impostor.plane.serve)
+            serial1, names1 = await trio.to_thread.run_sync(_presented, addrs[0], bundle)
+            serial2, names2 = await trio.to_thread.run_sync(_presented, addrs[1], bundle)
+            assert serial1 != serial2 and names1 != names2  # each its own certificate
+            assert ("DNS", "ca1.internal") in names1 and ("DNS", "ca2.internal") in names2
+            log = LogCapture()
+            servers = [fmt(fake), fmt(addrs[0]), fmt(addrs[1])]
+            doc = sidecar_doc(servers, backend.addr, tmp_path / "state")
+            sidecar = Sidecar(parse_config(doc, config_dir), events=EventLog(log), pacing=PACING)
+            with trio.fail_after(30):
+                await nursery.start(sidecar.run)
+                # The impostor does not chain to our bundle: skipped, and nothing sent to it.
+                [skipped] = log.find("authority_failover", left=servers[0])
+                assert (skipped["reason"], skipped["to"]) == ("authority_untrusted", servers[1])
+                assert impostor.requests == []
+                # The first instance goes: the second, with another certificate and another
+                # host name, is the authority all the same.
+                scopes[0].cancel()
+                await log.wait_for("authority_failover", left=servers[1], to=servers[2])
+                assert sidecar.dynamic is not None
+                await sidecar.dynamic.renew()
+                assert log.find("credentials", how="renewed")
+                status, body = await http(sidecar.bound["admin"], "/readyz")
+                assert (status, body) == (200, f"ready\nauthority server: {servers[2]} (3 of 3)\n")
+            nursery.cancel_scope.cancel()
     finally:
         other.close()
         stranger.close()
