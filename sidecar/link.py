@@ -52,6 +52,7 @@ class AuthorityLink:
         on_failover: Callable[[str], None] = lambda reason: None,
     ) -> None:
         self.clients = tuple(clients)  # one per server of `authority.server`, in its order
+        self._servers = tuple(Address(c.host, c.port) for c in self.clients)
         self.current = current
         self.source = source
         self.events = events
@@ -59,18 +60,12 @@ class AuthorityLink:
         self.choice = choice or ServerChoice(len(self.clients))
         self.on_failover = on_failover  # counts a move, by the reason of the failure
 
-    @property
-    def client(self) -> ControlClient:
-        """The client of the server in use."""
-        return self.clients[self.choice.index]
-
     def in_use(self) -> Address:
         """The server requests go to now, as /readyz and the metrics name it."""
-        client = self.client
-        return Address(client.host, client.port)
+        return self._servers[self.choice.index]
 
     def servers(self) -> tuple[Address, ...]:
-        return tuple(Address(c.host, c.port) for c in self.clients)
+        return self._servers
 
     async def ask(
         self,
@@ -91,7 +86,7 @@ class AuthorityLink:
         failed: list[ControlPlaneError] = []
         while True:
             delay = self.choice.wait(trio.current_time())
-            if delay > 0:
+            if delay > 0:  # the jittered wait after a move, for every request alike
                 await trio.sleep(delay)
             index = self.choice.index
             if index in tried:
@@ -122,14 +117,13 @@ class AuthorityLink:
 
     def _moved(self, move: Move, exc: ControlPlaneError) -> None:
         """Said once per move, with the reason of the failure that caused it."""
-        left, to = self.clients[move.left], self.clients[move.to]
         self.on_failover(exc.reason)
         if self.events is not None:
             self.events.emit(
                 FAILOVER_EVENT,
                 reason=exc.reason,
-                left=str(Address(left.host, left.port)),
-                to=str(Address(to.host, to.port)),
+                left=str(self._servers[move.left]),
+                to=str(self._servers[move.to]),
                 detail=exc.message,
                 retry_in_s=round(move.delay, 2),
                 failures=move.failures,
