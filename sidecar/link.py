@@ -86,7 +86,9 @@ class AuthorityLink:
         failed: list[ControlPlaneError] = []
         while True:
             delay = self.choice.wait(trio.current_time())
-            if delay > 0:  # the jittered wait after a move, for every request alike
+            # The jittered wait after a move, for every request alike; none when every
+            # server has been tried (this request fails now, its duty retries as it does).
+            if delay > 0 and self.choice.index not in tried:
                 await trio.sleep(delay)
             index = self.choice.index
             if index in tried:
