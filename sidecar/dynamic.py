@@ -18,6 +18,10 @@ Theory of operation:
   is called out with what the operator must do.
 - The watcher follows the feed (allow-list, revocations, bundle): see
   `sidecar.feed`. The report loop is `sidecar.reporting`.
+- Every request (enrollment, renewal, the feed, the report, a JWT-SVID for
+  the Workload API) goes through `sidecar.link`, which fails over between
+  the servers `authority.server` lists (`sidecar.failover`); what follows
+  is what happens when every one of them has failed.
 - Failures are judged by `sidecar.failures`. Before enrollment a permanent
   one (plain HTTP at the authority's address, another trust domain, a bundle
   the authority's certificate does not chain to, a refused token) ends the
