@@ -29,9 +29,12 @@ from sidecar_helpers import (
     client_context,
     fmt,
     metric,
+    read_events,
     receive_exactly,
+    running_cli,
     tls_connect,
     wait_cut,
+    wait_event,
 )
 from test_sidecar_control_failures import (
     FAST,
@@ -408,3 +411,35 @@ async def test_each_instance_is_verified_by_the_authority_identity_not_a_host_na
         other.close()
         stranger.close()
         authority.close()
+
+
+async def test_the_cli_reads_a_list_of_servers_from_toml(tmp_path: Path, backend: Backend) -> None:
+    """`meshid sidecar run` itself, with `server = [...]` in its file: the first is down."""
+    authority, config_dir = enrollable(tmp_path, API)
+    served = control_plane(authority)
+    down = Forwarder(("127.0.0.1", 9))  # its port is held and never listens: refused
+    try:
+        async with trio.open_nursery() as nursery:  # stopped before the authority closes
+            plane = await nursery.start(served.plane.serve)
+            config = config_dir / "sidecar.toml"
+            config.write_text(
+                'identity = "api"\ntrust_domain = "example.org"\n\n[authority]\n'
+                f'server = ["{down.name}", "{fmt(plane)}"]\n'
+                'bundle = "bundle.pem"\ntoken_file = "token"\nstate_dir = "state"\n\n'
+                f'[inbound]\nlisten = "127.0.0.1:0"\nforward = "{fmt(backend.addr)}"\n\n'
+                '[log]\nfile = "events.jsonl"\n'
+            )
+            events = config_dir / "events.jsonl"
+            with trio.fail_after(30):
+                async with running_cli(config, tmp_path / "stderr.txt") as proc:
+                    started = await wait_event(events, "started")
+                    moved = await wait_event(events, "authority_failover")
+                    assert proc.returncode is None
+            nursery.cancel_scope.cancel()
+    finally:
+        down.close()
+        authority.close()
+    assert started["spiffe_id"] == str(API)
+    assert (moved["left"], moved["to"]) == (down.name, fmt(plane))
+    assert moved["reason"] == "authority_unreachable"
+    assert [r["how"] for r in read_events(events) if r["event"] == "credentials"] == ["enrolled"]
