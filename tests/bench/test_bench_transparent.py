@@ -1,0 +1,94 @@
+"""The transparent part of the bench: reported as a pair with its ratio, or skipped in one line.
+
+The figures come from a real run (`make bench`); here the report is fed
+samples, and the one-line skip is checked against the reasons the machine
+could give (not root, no nft), with the rest of the bench untouched.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from bench import netns, report
+from bench.run import runnable
+from bench.workloads import (
+    WORKLOADS,
+    Sample,
+    SmallRequests,
+    TransparentNewConnections,
+    TransparentSmall,
+)
+
+
+def result(workload: object, samples: dict[str, list[float]], key: str) -> report.WorkloadResult:
+    assert isinstance(workload, SmallRequests | TransparentNewConnections)
+    r = report.WorkloadResult(workload)
+    for topo, values in samples.items():
+        r.samples[topo] = [Sample({key: v, "p50": 1.0, "p99": 2.0}) for v in values]
+    return r
+
+
+def run_with(*results: report.WorkloadResult) -> report.RunResult:
+    run = report.RunResult(reps=3, nofile=1024, workdir=Path("/nonexistent"))
+    run.workloads.extend(results)
+    return run
+
+
+def test_transparent_figures_are_a_pair_with_their_ratio_outside_the_stunnel_headline() -> None:
+    small = result(
+        TransparentSmall(), {"transparent": [900, 950, 1000], "explicit": [1000, 990, 1010]}, "rps"
+    )
+    newconn = result(
+        TransparentNewConnections(), {"transparent": [300, 310], "explicit": [320, 330]}, "cps"
+    )
+    plain = result(SmallRequests(), {"meshid": [14000], "stunnel": [14000]}, "rps")
+    run = run_with(plain, small, newconn)
+
+    table = "\n".join(report.comparison(run))
+    assert "| figure | transparent | explicit | transparent / explicit |" in table
+    assert "| small req/s (req/s) | 950 | 1,000 | 0.95x |" in table
+    assert "| new conns/s (conn/s) | 305 | 325 | 0.94x |" in table
+    headline = "\n".join(report.headline(run))
+    assert headline.count("small req/s") == 1  # the stunnel comparison's own row only
+    assert "new conns/s" not in headline
+    assert report.summary(run) == [
+        "transparent / explicit: small req/s 950 / 1,000 req/s = 0.95x",
+        "transparent / explicit: small p50 latency 1.000 / 1.000 ms = 1.00x",
+        "transparent / explicit: small p99 latency 2.000 / 2.000 ms = 1.00x",
+        "transparent / explicit: new conns/s 305 / 325 conn/s = 0.94x",
+        "transparent / explicit: new-conn p50 latency 1.000 / 1.000 ms = 1.00x",
+        "transparent / explicit: new-conn p99 latency 2.000 / 2.000 ms = 1.00x",
+    ]
+
+
+def test_without_root_the_transparent_part_is_skipped_in_one_line(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(os, "geteuid", lambda: 1000)
+    selected, skipped = runnable(WORKLOADS)
+    assert [w.name for w in selected] == ["bulk", "small", "newconn", "idle", "ca"]
+    assert skipped == {
+        "network namespaces and nftables need root": ["transparent-small", "transparent-newconn"]
+    }
+    run = run_with()
+    run.skipped = skipped
+    assert report.comparison(run) == [
+        "Not measured (transparent-small, transparent-newconn): "
+        "network namespaces and nftables need root.",
+        "",
+    ]
+
+
+def test_without_nft_the_transparent_part_says_so(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(os, "geteuid", lambda: 0)
+    monkeypatch.setattr(netns.shutil, "which", lambda name: f"/usr/bin/{name}")
+    monkeypatch.setattr(netns, "nft_path", lambda: None)
+    assert netns.unavailable() == "no 'nft' command (Debian package nftables)"
+
+
+def test_nothing_measured_nothing_said() -> None:
+    plain = result(SmallRequests(), {"meshid": [14000], "stunnel": [14000]}, "rps")
+    assert report.comparison(run_with(plain)) == []
