@@ -33,6 +33,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -183,8 +184,7 @@ def mesh(sup: Supervisor, workdir: Path, meshid: Path, app_argv: Sequence[str]) 
 
     `app_argv` starts the app on api's host, listening on 0.0.0.0:8080.
     """
-    d = workdir / "transparent"
-    d.mkdir(exist_ok=True)
+    d = Path(tempfile.mkdtemp(prefix="transparent-", dir=workdir))  # a fresh authority each time
     hosts = Hosts(f"meshid-bench-{os.getpid()}")
     started: list[Proc] = []
     commands: list[str] = []
