@@ -221,7 +221,10 @@ def _transparent_section(run: RunResult) -> list[str]:
         "up in the address map. The baseline is the same client, in the same run, asking web's "
         "explicit outbound listener (127.0.0.1:15002) instead; both reach api's captured "
         "inbound port, through the same two sidecars. The hosts are network namespaces on this "
-        "machine joined by a bridge (veth pairs, not loopback), made and removed by the bench.",
+        "machine joined by a bridge (veth pairs, not loopback), made and removed by the bench; "
+        "the sidecars are enrolled by a `meshid ca serve` on a third host (dynamic mode, so "
+        "that the address map reaches web), configured in `$WORK/transparent-*/{web,api}.toml` "
+        "(see `bench/netns.py`).",
         "",
         *lines,
     ]

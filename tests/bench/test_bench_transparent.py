@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from bench import netns, report
+from bench.analysis import analyse
 from bench.run import runnable
 from bench.workloads import (
     WORKLOADS,
@@ -92,3 +93,18 @@ def test_without_nft_the_transparent_part_says_so(monkeypatch: pytest.MonkeyPatc
 def test_nothing_measured_nothing_said() -> None:
     plain = result(SmallRequests(), {"meshid": [14000], "stunnel": [14000]}, "rps")
     assert report.comparison(run_with(plain)) == []
+
+
+def test_what_limits_the_transparent_figures_names_both_sidecars_costs() -> None:
+    small = result(TransparentSmall(), {"transparent": [900], "explicit": [1000]}, "rps")
+    for topo, web, api in (("transparent", 31.0, 30.0), ("explicit", 29.0, 30.5)):
+        small.samples[topo][0].details.update(
+            {
+                "netns-meshid-web: CPU µs per request": web,
+                "netns-meshid-api: CPU µs per request": api,
+            }
+        )
+    text = " ".join(analyse(run_with(small)))
+    assert "**Transparent interception, small requests** (transparent/explicit 0.90x)" in text
+    assert "web's sidecar: 31 µs captured, 29 µs explicit" in text
+    assert "api's, whose path is the same in both: 30 and 30 µs" in text
