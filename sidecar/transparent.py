@@ -159,11 +159,12 @@ def _endpoint(family: int, packed: bytes) -> tuple[str, int]:
 
 def original_destination(sock: socket.socket) -> tuple[str, int]:
     """Where the captured connection was going; OSError when it was not redirected."""
-    if sock.family == socket.AF_INET6:
+    family = sock.family  # asked once: each ask builds an AddressFamily enum
+    if family == socket.AF_INET6:
         raw = sock.getsockopt(socket.IPPROTO_IPV6, IP6T_SO_ORIGINAL_DST, 28)
     else:
         raw = sock.getsockopt(socket.IPPROTO_IP, SO_ORIGINAL_DST, 16)
-    return parse_original_dst(sock.family, raw)
+    return parse_original_dst(family, raw)
 
 
 def mark_socket(sock: socket.socket, mark: int) -> None:

@@ -144,3 +144,27 @@ def test_original_destination_is_parsed_once_per_destination_not_per_connection(
     other = struct.pack("!HH4s8x", socket.AF_INET, 8082, socket.inet_aton("198.18.7.1"))
     assert parse_original_dst(socket.AF_INET, other) == ("198.18.7.1", 8082)
     assert len(made) == 3
+
+
+class CountingSocket:
+    """Just what `original_destination` uses, counting how often the family is asked."""
+
+    def __init__(self, family: int, raw: bytes) -> None:
+        self._family = family
+        self.raw = raw
+        self.asked = 0
+
+    @property
+    def family(self) -> int:
+        self.asked += 1  # on a real socket, each ask builds an AddressFamily enum
+        return self._family
+
+    def getsockopt(self, level: int, option: int, size: int) -> bytes:
+        return self.raw[:size]
+
+
+def test_original_destination_asks_the_socket_its_family_once() -> None:
+    v4 = struct.pack("!HH4s8x", socket.AF_INET, 8083, socket.inet_aton("198.18.7.2"))
+    sock = CountingSocket(socket.AF_INET, v4)
+    assert transparent.original_destination(sock) == ("198.18.7.2", 8083)  # type: ignore[arg-type]
+    assert sock.asked == 1
