@@ -128,10 +128,10 @@ class Hosts:
         return [ns for ns in self.namespaces if re.search(rf"^{re.escape(ns)}\b", listed, re.M)]
 
 
-def events(proc: Proc, event: str, **match: object) -> list[dict[str, object]]:
-    """The JSON lines `proc` logged with this event and these fields."""
+def events(log: Path, event: str, **match: object) -> list[dict[str, object]]:
+    """The JSON lines of a process's log with this event and these fields."""
     try:
-        text = proc.log.read_text(errors="replace")
+        text = log.read_text(errors="replace")
     except FileNotFoundError:
         return []
     out = []
@@ -212,7 +212,7 @@ def mesh(sup: Supervisor, workdir: Path, meshid: Path, app_argv: Sequence[str]) 
         proc = spawn(
             host, f"netns-meshid-{name}", meshid, "sidecar", "run", "--config", f"{name}.toml"
         )
-        wait_until(f"'started' from {name}'s sidecar", lambda: events(proc, "started"), started)
+        wait_until(f"'started' from {name}'s sidecar", lambda: events(proc.log, "started"), started)
         cli(host, "sidecar", "redirect", "--config", f"{name}.toml", "--apply")
         return proc
 
@@ -251,7 +251,7 @@ def mesh(sup: Supervisor, workdir: Path, meshid: Path, app_argv: Sequence[str]) 
         for proc in (api, web):  # the address map comes with the policy
             wait_until(
                 f"policy {version} at {proc.name}",
-                functools.partial(events, proc, "policy", version=version),
+                functools.partial(events, proc.log, "policy", version=version),
                 started,
                 READY_TIMEOUT,
             )

@@ -8,13 +8,18 @@ could give (not root, no nft), with the rest of the bench untouched.
 from __future__ import annotations
 
 import os
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
 from bench import netns, report
 from bench.analysis import analyse
-from bench.run import runnable
+from bench.procs import Supervisor
+from bench.run import run_workload, runnable
+from bench.topology import Env
 from bench.workloads import (
     WORKLOADS,
     Sample,
@@ -108,3 +113,35 @@ def test_what_limits_the_transparent_figures_names_both_sidecars_costs() -> None
     assert "**Transparent interception, small requests** (transparent/explicit 0.90x)" in text
     assert "web's sidecar: 31 µs captured, 29 µs explicit" in text
     assert "api's, whose path is the same in both: 30 and 30 µs" in text
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(240)
+def test_the_transparent_workload_measures_both_paths_and_leaves_nothing_behind(
+    tmp_path: Path,
+) -> None:
+    """One short repetition on real hosts: both paths carry requests, the capture really routes."""
+    why = netns.unavailable()
+    if why is not None:
+        pytest.skip(why)
+    for tool in ("wrk", "nginx"):
+        if shutil.which(tool) is None and not Path(f"/usr/sbin/{tool}").exists():
+            pytest.skip(f"no '{tool}' command; 'make bench' installs it")
+    workload = TransparentSmall()
+    workload.duration = 1
+    with Supervisor(tmp_path) as sup:
+        env = Env(tmp_path, Path(sys.executable).with_name("meshid"), Path(sys.executable), sup)
+        measured = run_workload(workload, env, reps=1, profile=False, outdir=tmp_path)
+        assert sup.procs == []  # every process the hosts ran is stopped
+    assert measured.errors == {}
+    for topo in ("explicit", "transparent"):
+        [sample] = measured.samples[topo]
+        assert sample.values["rps"] > 0
+        assert sample.details["socket errors"] == 0 and sample.details["non-2xx responses"] == 0
+    log = tmp_path / "netns-meshid-web.log"
+    allowed = netns.events(log, "decision", decision="allow")
+    captured = [d for d in allowed if d.get("original_dst") == netns.APP]
+    explicit = [d for d in allowed if "original_dst" not in d]
+    assert captured and explicit
+    listed = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
+    assert f"meshid-bench-{os.getpid()}-" not in listed
