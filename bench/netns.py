@@ -193,7 +193,8 @@ def mesh(sup: Supervisor, workdir: Path, meshid: Path, app_argv: Sequence[str]) 
         argv = [str(meshid), *map(str, args)]
         if host is not None:
             argv = hosts.exec(host, *argv)
-        commands.append(" ".join(argv))
+        if " ".join(argv) not in commands:  # a command polled until it answers is listed once
+            commands.append(" ".join(argv))
         done = subprocess.run(argv, capture_output=True, text=True, timeout=CLI_TIMEOUT, cwd=d)
         if done.returncode != 0:
             raise BenchError(f"{' '.join(argv)}: {(done.stderr or done.stdout).strip()[:300]}")
@@ -207,7 +208,9 @@ def mesh(sup: Supervisor, workdir: Path, meshid: Path, app_argv: Sequence[str]) 
         return proc
 
     def sidecar(host: str, name: str, config: str) -> Proc:
-        (d / f"{name}.token").write_text(cli(None, "ca", "token", "--state", "ca", name))
+        token = d / f"{name}.token"
+        token.touch(mode=0o600)  # a one-time secret, in a directory of mode 0700 besides
+        token.write_text(cli(None, "ca", "token", "--state", "ca", name))
         (d / f"{name}.toml").write_text(config)
         proc = spawn(
             host, f"netns-meshid-{name}", meshid, "sidecar", "run", "--config", f"{name}.toml"
