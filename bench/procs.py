@@ -14,7 +14,7 @@ import signal
 import socket
 import subprocess
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -187,9 +187,11 @@ def thread_count(pid: int) -> int:
     return 0
 
 
-def listening_ports() -> set[int]:
+def listening_ports(pid: int | None = None) -> set[int]:
+    """Ports listening in our network namespace, or in that of process `pid`."""
     ports: set[int] = set()
-    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+    base = "/proc/net" if pid is None else f"/proc/{pid}/net"
+    for table in (f"{base}/tcp", f"{base}/tcp6"):
         with contextlib.suppress(OSError), open(table, encoding="ascii") as f:
             next(f)
             for line in f:
@@ -210,6 +212,19 @@ def wait_listening(procs: Sequence[Proc], ports: Sequence[int], timeout: float =
             return
         if time.monotonic() > deadline:
             raise BenchError(f"ports {sorted(missing)} not listening after {timeout:.0f}s")
+        time.sleep(0.05)
+
+
+def wait_until(
+    what: str, condition: Callable[[], object], procs: Sequence[Proc], timeout: float = 20.0
+) -> None:
+    """Poll `condition` until it holds; BenchError after `timeout` s or if a process dies."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        for proc in procs:
+            proc.check_alive()
+        if time.monotonic() > deadline:
+            raise BenchError(f"no {what} after {timeout:.0f}s")
         time.sleep(0.05)
 
 

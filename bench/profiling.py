@@ -73,6 +73,7 @@ INCLUSIVE = (
     "emit",
     "keep_session",
     "serve_connection",
+    "_destination",  # a captured connection's original destination and its identity
 )
 FRAME = re.compile(r"^(?P<func>[^ ]+) \((?P<file>[^:]+)(?::\d+)?\)$")
 

@@ -59,6 +59,7 @@ class RunResult:
     seconds: float = 0.0
     load_before: str = ""
     load_after: str = ""
+    skipped: dict[str, list[str]] = field(default_factory=dict)  # why -> workloads not run
 
 
 # -- versions -------------------------------------------------------------------
@@ -168,6 +169,8 @@ def headline(run: RunResult) -> list[str]:
         "|---|---|---|---|---|---|---|",
     ]
     for r in run.workloads:
+        if r.workload.compare is not None:
+            continue  # a pair of its own: see `comparison`
         for fig in r.workload.figures:
             m, s, d = (r.median(t, fig.key) for t in (primary(r), "stunnel", "direct"))
             target = f"{fig.target.text}: {target_status(r, fig)}" if fig.target else ""
@@ -176,6 +179,68 @@ def headline(run: RunResult) -> list[str]:
                 f"{_fmt(d, fig.digits)} | {_ratio(m, s)} | {_ratio(m, d)} | {target} |"
             )
     return rows
+
+
+def _pairs(run: RunResult) -> list[tuple[WorkloadResult, str, str]]:
+    """The workloads measured as a pair of topologies (measured, baseline), not against stunnel."""
+    return [(r, *r.workload.compare) for r in run.workloads if r.workload.compare is not None]
+
+
+def comparison(run: RunResult) -> list[str]:
+    """The paired figures (transparent against explicit) and their ratio, or why they are not."""
+    lines: list[str] = []
+    pairs = _pairs(run)
+    if pairs:
+        mine, base = pairs[0][1], pairs[0][2]
+        lines += [
+            f"| figure | {mine} | {base} | {mine} / {base} |",
+            "|---|---|---|---|",
+        ]
+        for r, mine, base in pairs:
+            for fig in r.workload.figures:
+                m, b = r.median(mine, fig.key), r.median(base, fig.key)
+                lines.append(
+                    f"| {fig.title} ({fig.unit}) | {_fmt(m, fig.digits)} | "
+                    f"{_fmt(b, fig.digits)} | {_ratio(m, b)} |"
+                )
+        lines.append("")
+    for why, names in run.skipped.items():
+        lines += [f"Not measured ({', '.join(names)}): {why}.", ""]
+    return lines
+
+
+def _transparent_section(run: RunResult) -> list[str]:
+    lines = comparison(run)
+    if not lines:
+        return []
+    return [
+        "### Transparent interception",
+        "",
+        "An unchanged client on web's host asks api's real address (198.18.0.3:8080): nftables "
+        "captures the connection, web's sidecar reads `SO_ORIGINAL_DST` and looks the identity "
+        "up in the address map. The baseline is the same client, in the same run, asking web's "
+        "explicit outbound listener (127.0.0.1:15002) instead; both reach api's captured "
+        "inbound port, through the same two sidecars. The hosts are network namespaces on this "
+        "machine joined by a bridge (veth pairs, not loopback), made and removed by the bench; "
+        "the sidecars are enrolled by a `meshid ca serve` on a third host (dynamic mode, so "
+        "that the address map reaches web), configured in `$WORK/transparent-*/{web,api}.toml` "
+        "(see `bench/netns.py`).",
+        "",
+        *lines,
+    ]
+
+
+def summary(run: RunResult) -> list[str]:
+    """The paired figures as the bench prints them when it ends, one line each."""
+    out = []
+    for r, mine, base in _pairs(run):
+        for fig in r.workload.figures:
+            m, b = r.median(mine, fig.key), r.median(base, fig.key)
+            out.append(
+                f"{mine} / {base}: {fig.title} {_fmt(m, fig.digits)} / {_fmt(b, fig.digits)} "
+                f"{fig.unit} = {_ratio(m, b)}"
+            )
+    return out
 
 
 def _reps_table(r: WorkloadResult) -> list[str]:
@@ -261,6 +326,7 @@ def render(run: RunResult) -> str:
         "",
         *headline(run),
         "",
+        *_transparent_section(run),
         *analyse(run),
         "",
         "## Versions",

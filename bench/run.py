@@ -96,6 +96,19 @@ def run_workload(
     return result
 
 
+def runnable(workloads: list[Workload]) -> tuple[list[Workload], dict[str, list[str]]]:
+    """The workloads this machine can run, and the others' names under the reason why not."""
+    selected: list[Workload] = []
+    skipped: dict[str, list[str]] = {}
+    for w in workloads:
+        why = w.unavailable()
+        if why is None:
+            selected.append(w)
+        else:
+            skipped.setdefault(why, []).append(w.name)
+    return selected, skipped
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.run", description=__doc__)
     parser.add_argument("--reps", type=int, default=5, help="repetitions per figure (median)")
@@ -113,8 +126,10 @@ def main(argv: list[str] | None = None) -> int:
     profile = not args.no_profile and py_spy_path() is not None
     if not args.no_profile and not profile:
         _log("py-spy not found: figures without profiles")
-    selected = [w for w in WORKLOADS if not args.only or w.name in args.only]
-    run = report.RunResult(reps=args.reps, nofile=nofile, workdir=workdir)
+    selected, skipped = runnable([w for w in WORKLOADS if not args.only or w.name in args.only])
+    run = report.RunResult(reps=args.reps, nofile=nofile, workdir=workdir, skipped=skipped)
+    for why, names in skipped.items():
+        _log(f"{', '.join(names)}: skipped: {why}")
     started = time.monotonic()
     run.load_before = _loadavg()
     _log(f"work directory {workdir}, RLIMIT_NOFILE {nofile}")
@@ -126,6 +141,8 @@ def main(argv: list[str] | None = None) -> int:
             _log(f"workload {w.name}: {w.title}")
             run.workloads.append(run_workload(w, env, args.reps, profile, workdir))
     run.seconds = time.monotonic() - started
+    for line in report.summary(run):
+        _log(line)
     run.load_after = _loadavg()
     # Commands name the venv by its path from the project root, as `make bench` runs them.
     text = report.render(run).replace(f"{Path.cwd().resolve()}/", "")

@@ -1,4 +1,4 @@
-"""What is measured: certificates, backends, and the three chains, all on 127.0.0.1.
+"""What is measured: certificates, backends, and the chains (three of them on 127.0.0.1).
 
 A *chain* carries each backend service (``http`` → nginx, ``iperf`` →
 iperf3) from a front port to the backend:
@@ -8,6 +8,11 @@ iperf3) from a front port to the backend:
   backend, two real ``meshid sidecar run --config`` processes in static mode;
 - ``stunnel``: client → stunnel (client mode) → stunnel (server mode, mutual
   TLS) → backend, with the same P-256 SVIDs, TLS 1.3 only.
+
+Two more chains measure transparent interception (`bench.netns`), on hosts
+in network namespaces that both share: ``transparent`` (an unchanged client
+asking the peer's real address, captured by nftables) and ``explicit`` (the
+same client pointed at the outbound sidecar's explicit listener).
 
 `TOPOLOGIES` maps a name to a context manager that starts the chain and stops
 exactly its own processes. A new kind of system under test (say the
@@ -24,6 +29,8 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from bench import netns
+from bench.netns import Shared
 from bench.procs import Proc, Supervisor, free_ports, wait_listening
 
 TRUST_DOMAIN = "bench.test"
@@ -40,6 +47,8 @@ class Env:
     sup: Supervisor
     backends: dict[str, int] = field(default_factory=dict)  # service -> backend port
     backend_procs: dict[str, Proc] = field(default_factory=dict)
+    # What the chains of several topologies share (the hosts of the transparent bench).
+    shared: dict[str, Shared] = field(default_factory=dict)
 
     def certs(self, name: str) -> Path:
         return self.workdir / "certs" / name
@@ -54,6 +63,9 @@ class Chain:
     procs: dict[str, Proc] = field(default_factory=dict)  # role -> process (proxies only)
     python: tuple[str, ...] = ()  # roles that are Python processes, for py-spy
     commands: list[str] = field(default_factory=list)  # how it was started, for the report
+    host: str = "127.0.0.1"  # the address a client connects to
+    client: tuple[str, ...] = ()  # a prefix that runs the client where it must run
+    own_backends: dict[str, Proc] | None = None  # backends of its own, instead of Env's
 
 
 def make_certs(env: Env) -> list[str]:
@@ -94,7 +106,7 @@ http {{
     uwsgi_temp_path {dir}/tmp;
     scgi_temp_path {dir}/tmp;
     server {{
-        listen 127.0.0.1:{port} backlog=4096;
+        listen {host}:{port} backlog=4096;
         location / {{ return 200 "ok\\n"; }}
     }}
 }}
@@ -107,7 +119,7 @@ def start_backends(env: Env) -> list[str]:
     ndir = env.workdir / "nginx"
     (ndir / "tmp").mkdir(parents=True, exist_ok=True)
     conf = ndir / "nginx.conf"
-    conf.write_text(NGINX_CONF.format(dir=ndir, port=http))
+    conf.write_text(NGINX_CONF.format(dir=ndir, host="127.0.0.1", port=http))
     nginx = ["nginx", "-p", str(ndir), "-e", str(ndir / "error.log"), "-c", str(conf)]
     iperf3 = ["iperf3", "-s", "-B", "127.0.0.1", "-p", str(iperf)]
     env.backend_procs["nginx"] = env.sup.start("nginx", nginx)
@@ -258,9 +270,55 @@ def authority(env: Env) -> Iterator[Chain]:
 
 CA_WORKERS = 2  # one per core on the benchmark machine
 
+
+def _hosts(env: Env) -> Shared:
+    """The transparent bench's hosts, with nginx as api's app on 0.0.0.0:8080."""
+    shared = env.shared.get("netns")
+    if shared is None:
+        ndir = env.workdir / "nginx-netns"
+        (ndir / "tmp").mkdir(parents=True, exist_ok=True)
+        conf = ndir / "nginx.conf"
+        conf.write_text(NGINX_CONF.format(dir=ndir, host="0.0.0.0", port=netns.APP_PORT))
+        nginx = ["nginx", "-p", str(ndir), "-e", str(ndir / "error.log"), "-c", str(conf)]
+        shared = env.shared["netns"] = Shared(
+            lambda: netns.mesh(env.sup, env.workdir, env.meshid, nginx)
+        )
+    return shared
+
+
+def _netns_chain(env: Env, kind: str, host: str, port: int) -> Iterator[Chain]:
+    with _hosts(env).use() as hosts:
+        yield Chain(
+            kind,
+            {"http": port},
+            {"web sidecar": hosts.web, "api sidecar": hosts.api},
+            # Only the outbound side differs between the two; profile it on the captured path.
+            python=("web sidecar",) if kind == "transparent" else (),
+            # One set of hosts serves both: its commands are listed once, under transparent.
+            commands=hosts.commands if kind == "transparent" else ["(the hosts of transparent)"],
+            host=host,
+            client=hosts.client(),
+            own_backends={"nginx": hosts.app},
+        )
+
+
+@contextlib.contextmanager
+def transparent(env: Env) -> Iterator[Chain]:
+    """An unchanged client on web's host asking api's real address, captured by nftables."""
+    yield from _netns_chain(env, "transparent", netns.HOSTS["api"], netns.APP_PORT)
+
+
+@contextlib.contextmanager
+def explicit(env: Env) -> Iterator[Chain]:
+    """The same client and hosts, pointed at web's explicit outbound listener instead."""
+    yield from _netns_chain(env, "explicit", "127.0.0.1", netns.EXPLICIT_PORT)
+
+
 TOPOLOGIES: dict[str, Callable[[Env], contextlib.AbstractContextManager[Chain]]] = {
     "ca": authority,
     "direct": direct,
     "meshid": meshid,
     "stunnel": stunnel,
+    "transparent": transparent,
+    "explicit": explicit,
 }

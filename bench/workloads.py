@@ -19,7 +19,7 @@ import json
 import re
 import time
 from abc import ABC, abstractmethod
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import trio
 
@@ -60,6 +60,12 @@ class Workload(ABC):
     topologies: tuple[str, ...] = ("direct", "meshid", "stunnel")
     fresh_per_rep = False  # restart the chain before every repetition
     profile_seconds = 0.0  # how long the profiled extra run loads the chain (0: one measure)
+    # (measured, baseline): figures reported as this pair and their ratio, not against stunnel
+    compare: tuple[str, str] | None = None
+
+    def unavailable(self) -> str | None:
+        """Why this machine cannot run the workload (one line), or None when it can."""
+        return None
 
     @abstractmethod
     def commands(self, chain: Chain) -> list[str]:
@@ -75,7 +81,8 @@ class Workload(ABC):
 
 def _watched(chain: Chain, env: Env) -> list[Proc]:
     """Processes whose CPU time explains a figure: the proxies and the backends."""
-    return [*chain.procs.values(), *env.backend_procs.values()]
+    backends = env.backend_procs if chain.own_backends is None else chain.own_backends
+    return [*chain.procs.values(), *backends.values()]
 
 
 def _cpu_details(cpu: dict[str, float], wall: float, per: float, unit: str) -> dict[str, float]:
@@ -203,13 +210,14 @@ class _Wrk(Workload):
 
     def _argv(self, chain: Chain, duration: int) -> list[str]:
         return [
+            *chain.client,
             "wrk",
             "-t1",
             f"-c{self.connections}",
             f"-d{duration}s",
             "--latency",
             *self.extra,
-            f"http://127.0.0.1:{chain.ports['http']}/",
+            f"http://{chain.host}:{chain.ports['http']}/",
         ]
 
     def commands(self, chain: Chain) -> list[str]:
@@ -260,6 +268,52 @@ class NewConnections(_Wrk):
     def measure(self, chain: Chain, env: Env) -> Sample:
         r, details = self.run_wrk(chain, env)
         return Sample({"cps": r.rps, "p50": r.p50_ms, "p99": r.p99_ms}, details)
+
+
+# -- transparent interception ---------------------------------------------------------
+
+
+class _Transparent(Workload):
+    """Mixed into a wrk workload: the captured path against the explicit one, same hosts."""
+
+    topologies: tuple[str, ...] = ("explicit", "transparent")
+    compare: tuple[str, str] | None = ("transparent", "explicit")
+
+    def unavailable(self) -> str | None:
+        from bench.netns import unavailable
+
+        return unavailable()
+
+
+def _untargeted(f: Figure) -> Figure:
+    """The figure without its stunnel target: here the baseline is the explicit path."""
+    return replace(f, target=None)
+
+
+class TransparentSmall(_Transparent, SmallRequests):
+    name = "transparent-small"
+    title = (
+        "Transparent interception, small requests on 50 persistent connections "
+        "(wrk on web's host → nginx on api's, across network namespaces)"
+    )
+    figures = (
+        _untargeted(SmallRequests.figures[0]),
+        _untargeted(SmallRequests.figures[1]),
+        _untargeted(SmallRequests.figures[2]),
+    )
+
+
+class TransparentNewConnections(_Transparent, NewConnections):
+    name = "transparent-newconn"
+    title = (
+        "Transparent interception, a new TCP + mTLS connection per request "
+        "(wrk `Connection: close`, across network namespaces)"
+    )
+    figures = (
+        _untargeted(NewConnections.figures[0]),
+        _untargeted(NewConnections.figures[1]),
+        _untargeted(NewConnections.figures[2]),
+    )
 
 
 # -- idle connections -------------------------------------------------------------
@@ -418,4 +472,6 @@ WORKLOADS: list[Workload] = [
     NewConnections(),
     IdleMemory(),
     CaSigning(),
+    TransparentSmall(),
+    TransparentNewConnections(),
 ]

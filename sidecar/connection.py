@@ -314,6 +314,7 @@ class Connections:
             local_id=str(self.current.identity),
             peer_id=str(entry.peer_id),
             peer_addr=entry.peer_addr,
+            original_dst=entry.original_dst,  # a captured connection's; a cut names it too
             conn_id=entry.id,
             bytes_in=entry.bytes_in,
             bytes_out=entry.bytes_out,

@@ -14,6 +14,7 @@ text is built from the config alone and tested without root; applying it is
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import socket
 import struct
@@ -134,23 +135,36 @@ def nft_remove() -> str:
 
 
 def parse_original_dst(family: int, raw: bytes) -> tuple[str, int]:
-    """A `sockaddr_in` / `sockaddr_in6` as returned by `SO_ORIGINAL_DST`, as (ip, port)."""
+    """A `sockaddr_in` / `sockaddr_in6` as returned by `SO_ORIGINAL_DST`, as (ip, port).
+
+    Only the port and the address are read: an IPv6 answer also carries the
+    connection's flow label, which differs from one connection to the next.
+    """
     if family == socket.AF_INET and len(raw) >= 8:
-        port = struct.unpack("!H", raw[2:4])[0]
-        return (str(ipaddress.IPv4Address(raw[4:8])), port)
+        return _endpoint(family, raw[2:8])
     if family == socket.AF_INET6 and len(raw) >= 24:
-        port = struct.unpack("!H", raw[2:4])[0]
-        return (str(ipaddress.IPv6Address(raw[8:24])), port)
+        return _endpoint(family, raw[2:4] + raw[8:24])
     raise ValueError("not a sockaddr of the socket's family")
+
+
+# Every captured connection asks, and the answers are the mesh's destinations: a few,
+# asked again and again. Text in the canonical form the address map is keyed by.
+@functools.lru_cache(maxsize=1024)
+def _endpoint(family: int, packed: bytes) -> tuple[str, int]:
+    port = struct.unpack("!H", packed[:2])[0]
+    if family == socket.AF_INET:
+        return (str(ipaddress.IPv4Address(packed[2:])), port)
+    return (str(ipaddress.IPv6Address(packed[2:])), port)
 
 
 def original_destination(sock: socket.socket) -> tuple[str, int]:
     """Where the captured connection was going; OSError when it was not redirected."""
-    if sock.family == socket.AF_INET6:
+    family = sock.family  # asked once: each ask builds an AddressFamily enum
+    if family == socket.AF_INET6:
         raw = sock.getsockopt(socket.IPPROTO_IPV6, IP6T_SO_ORIGINAL_DST, 28)
     else:
         raw = sock.getsockopt(socket.IPPROTO_IP, SO_ORIGINAL_DST, 16)
-    return parse_original_dst(sock.family, raw)
+    return parse_original_dst(family, raw)
 
 
 def mark_socket(sock: socket.socket, mark: int) -> None:

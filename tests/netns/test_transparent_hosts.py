@@ -6,7 +6,8 @@ run `meshid sidecar redirect --apply` and a sidecar with `[transparent]`.
 web's unchanged client asks http://198.18.0.3:8080/ and gets 200, while a
 packet capture on api's link shows TLS records and never the request line.
 A plaintext client on another host is refused at api's sidecar, an unmapped
-destination is refused with `unknown_destination`, and `policy deny` cuts.
+destination is refused with `unknown_destination`, and `policy deny` refuses
+new connections and cuts a live captured one within 2 s.
 Needs root, `ip netns`, `nft` and `tcpdump`.
 """
 
@@ -15,7 +16,9 @@ from __future__ import annotations
 import functools
 import shutil
 import signal
+import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -222,3 +225,92 @@ def test_passthrough_to_an_unmeshed_destination(net: Network) -> None:  # noqa: 
         watch,
     )
     assert passed6["decision"] == "passthrough"
+
+
+@pytest.mark.alone  # asserts a cut within 2 s of the deny, not on a crowded machine
+@pytest.mark.timeout(120)
+def test_policy_deny_cuts_a_live_captured_connection_across_hosts(net: Network) -> None:  # noqa: F811
+    """A captured connection carrying data is cut within 2 s of `policy deny` on the authority."""
+    if shutil.which("nft") is None and not Path("/usr/sbin/nft").exists():
+        pytest.skip("no 'nft' command; 'make system-packages' installs it")
+    net.run("auth", MESHID, "ca", "init", "--state", "ca", "--trust-domain", TD)
+    (net.logs / "bundle.pem").write_text(
+        net.run("auth", MESHID, "ca", "bundle", "--state", "ca").stdout
+    )
+    ca = net.spawn(
+        "auth", "ca", MESHID, "ca", "serve", "--state", "ca", "--listen", CA_LISTEN, "--ip", CA_ADDR
+    )
+    watch = [ca]
+    wait_for("'serving' from the control plane", lambda: ca.log.first("serving"), 20, watch)
+    app = net.spawn("api", "echo", sys.executable, "-u", APPS, "echo", "0.0.0.0:8080")
+    watch.append(app)
+    wait_for("the api app listening", lambda: "listening" in app.log.lines(), 20, watch)
+    api = start(
+        net, "api", "api", config("api", f'app_ports = [8080]\nadvertise = ["{APP_URL}"]\n'), watch
+    )
+    web = start(net, "web", "web", config("web", ""), watch)
+    wait_for(
+        "api's advertised address in the map",
+        lambda: APP_URL in net.run("auth", MESHID, "service", "list", "--state", "ca").stdout,
+        20,
+        watch,
+    )
+    version = policy_version(net, "policy", "allow", "web", "api")
+    for proc in (api, web):
+        wait_for(
+            f"policy {version} at {proc.name}",
+            functools.partial(proc.log.first, "policy", version=version),
+            10,
+            watch,
+        )
+
+    # web's unchanged client holds one connection to api's real address, fed from its stdin.
+    log = net.logs / "client.log"
+    with log.open("wb") as out:
+        popen = subprocess.Popen(
+            ["ip", "netns", "exec", net.ns("web"), sys.executable, "-u", APPS, "hold", APP_URL],
+            stdin=subprocess.PIPE,
+            stdout=out,
+            stderr=out,
+            cwd=net.logs,
+        )
+    client = Proc("client", popen, LogFile(log))
+    net.procs.append(client)
+    assert popen.stdin is not None
+    with popen.stdin as feed:  # closed however the test ends
+        wait_for("the client connected", lambda: "connected" in client.log.lines(), 10, [client])
+        for n in (1, 2):
+            feed.write(f"ping {n}\n".encode())
+            feed.flush()
+            wait_for(f"echo {n}", lambda n=n: f"echo ping {n}" in client.log.lines(), 10, [client])
+        allowed = wait_for(
+            "the allow decision at web",
+            lambda: web.log.first("decision", decision="allow", direction="outbound"),
+            5,
+            watch,
+        )
+        assert allowed["original_dst"] == APP_URL and allowed["peer_id"] == sid("api")
+        assert not [x for x in client.log.lines() if x.startswith("cut:")]
+
+        net.run("auth", MESHID, "policy", "deny", "web", "api", "--state", "ca")
+        denied_at = time.monotonic()  # the pair is gone from the authority's store
+        wait_for(
+            "the cut at the client",
+            lambda: [x for x in client.log.lines() if x.startswith("cut:")],
+            2.0,
+        )
+        elapsed = time.monotonic() - denied_at
+        assert elapsed <= 2.0, f"cut {elapsed:.2f}s after the deny"
+        assert popen.wait(5) == 0
+    # Whichever sidecar heard the deny first cut it, naming where the app was going.
+    cuts = wait_for(
+        "the cut in a sidecar's log",
+        lambda: [
+            *web.log.find("close", reason="policy_revoked"),
+            *api.log.find("close", reason="policy_revoked"),
+        ],
+        5,
+        watch,
+    )
+    assert [c["original_dst"] for c in cuts] == [APP_URL] * len(cuts)
+    assert {c["peer_id"] for c in cuts} <= {sid("web"), sid("api")}

@@ -174,6 +174,9 @@ async def test_policy_deny_cuts_a_live_captured_connection(
                 await wait_cut(stream)
             closed = await pair.web.log.wait_for("close", reason="policy_revoked")
     assert closed[0]["peer_id"] == sid("api")
+    # The cut names where the app was going, as the decision that let it through did.
+    host, port_ = api
+    assert closed[0]["original_dst"] == f"{host}:{port_}"
 
 
 async def test_a_connection_to_the_capture_port_itself_is_refused_not_looped(

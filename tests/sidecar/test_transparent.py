@@ -7,13 +7,16 @@ applying it twice must leave one table.
 
 from __future__ import annotations
 
+import ipaddress
 import socket
 import struct
 import tomllib
+import types
 
 import pytest
 
 from meshid.errors import ConfigError
+from sidecar import transparent
 from sidecar.config import parse_config
 from sidecar.transparent import (
     DEFAULT_MARK,
@@ -107,3 +110,61 @@ def test_original_destination_ipv4_and_ipv6() -> None:
     assert parse_original_dst(socket.AF_INET6, v6) == ("2001:db8::7", 443)
     with pytest.raises(ValueError):
         parse_original_dst(socket.AF_INET6, v4[:8])
+
+
+def test_original_destination_is_parsed_once_per_destination_not_per_connection(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Every captured connection asks; the answer is one of the mesh's few destinations."""
+    made: list[bytes] = []
+
+    def counted(kind: type[ipaddress.IPv4Address | ipaddress.IPv6Address]) -> object:
+        def make(packed: bytes) -> object:
+            made.append(packed)
+            return kind(packed)
+
+        return make
+
+    monkeypatch.setattr(
+        transparent,
+        "ipaddress",
+        types.SimpleNamespace(
+            IPv4Address=counted(ipaddress.IPv4Address), IPv6Address=counted(ipaddress.IPv6Address)
+        ),
+    )
+    v4 = struct.pack("!HH4s8x", socket.AF_INET, 8081, socket.inet_aton("198.18.7.1"))
+    six = socket.inet_pton(socket.AF_INET6, "2001:db8::71")
+    for conn in range(50):
+        assert parse_original_dst(socket.AF_INET, v4) == ("198.18.7.1", 8081)
+        # The flow label differs from one connection to the next; the destination does not.
+        v6 = struct.pack("!HHI16sI", socket.AF_INET6, 8081, conn, six, 0)
+        assert parse_original_dst(socket.AF_INET6, v6) == ("2001:db8::71", 8081)
+    assert len(made) == 2
+    # Another port is another destination.
+    other = struct.pack("!HH4s8x", socket.AF_INET, 8082, socket.inet_aton("198.18.7.1"))
+    assert parse_original_dst(socket.AF_INET, other) == ("198.18.7.1", 8082)
+    assert len(made) == 3
+
+
+class CountingSocket:
+    """Just what `original_destination` uses, counting how often the family is asked."""
+
+    def __init__(self, family: int, raw: bytes) -> None:
+        self._family = family
+        self.raw = raw
+        self.asked = 0
+
+    @property
+    def family(self) -> int:
+        self.asked += 1  # on a real socket, each ask builds an AddressFamily enum
+        return self._family
+
+    def getsockopt(self, level: int, option: int, size: int) -> bytes:
+        return self.raw[:size]
+
+
+def test_original_destination_asks_the_socket_its_family_once() -> None:
+    v4 = struct.pack("!HH4s8x", socket.AF_INET, 8083, socket.inet_aton("198.18.7.2"))
+    sock = CountingSocket(socket.AF_INET, v4)
+    assert transparent.original_destination(sock) == ("198.18.7.2", 8083)  # type: ignore[arg-type]
+    assert sock.asked == 1
