@@ -30,7 +30,7 @@ import trio
 from adminhttp import Throttle
 from meshid.clock import Clock
 from meshid.errors import MeshIdError
-from meshid.policy import IDENTITY_REVOKED, Policy
+from meshid.policy import Policy
 from meshid.reasons import Reason
 from meshid.report import StatusReport
 from meshid.spiffeid import SpiffeId
@@ -49,11 +49,11 @@ from sidecar.metrics import Gauges, Metrics
 from sidecar.peer import (
     INBOUND,
     OUTBOUND,
-    decide_pair,
 )
 from sidecar.pump import Pump
 from sidecar.quarantine import Quarantine
 from sidecar.registry import LiveConnection, Registry
+from sidecar.rejudge import affected_peers, rejudge
 from sidecar.renewal import Pacing
 from sidecar.sockets import (
     bind,
@@ -187,25 +187,28 @@ class Sidecar:
         self.metrics.renewals.labels(result=result).inc()
 
     def install_policy(self, policy: Policy) -> int:
-        """Swap in a new allow-list and close exactly the live connections it denies."""
-        self.current.policy = policy
+        """Swap in a new allow-list and close exactly the live connections it denies.
+
+        Only the peers the change concerns are judged again, each once
+        (sidecar/rejudge.py), however many connections it has.
+        """
+        old, self.current.policy = self.current.policy, policy
         self.metrics.policy_updates.inc()
-
-        def now_denied(entry: LiveConnection) -> str | None:
-            if entry.peer_id is None:
-                return None
-            decision = policy.serial_decision(entry.peer_id, entry.peer_serial) or decide_pair(
-                policy, entry.direction, self.identity, entry.peer_id
+        reasons = {
+            entry.id: reason
+            for entry, reason in rejudge(
+                policy,
+                self.identity,
+                self.registry.peers(),
+                affected_peers(old, policy, self.identity),
             )
-            if decision.allowed:
-                return None
-            return (
-                Reason.IDENTITY_REVOKED
-                if decision.reason == IDENTITY_REVOKED
-                else Reason.POLICY_REVOKED
+        }
+        if reasons:
+            closed = self.registry.close_where(
+                self.gate.cutting(lambda entry: reasons.get(entry.id)), among=reasons
             )
-
-        closed = self.registry.close_where(self.gate.cutting(now_denied))
+        else:
+            closed = 0
         self.changed()
         self.events.emit(
             "policy", version=policy.version, pairs=len(policy.pairs), closed_connections=closed
