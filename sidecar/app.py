@@ -53,7 +53,7 @@ from sidecar.peer import (
 from sidecar.pump import Pump
 from sidecar.quarantine import Quarantine
 from sidecar.registry import LiveConnection, Registry
-from sidecar.rejudge import affected_peers, rejudge
+from sidecar.rejudge import REJUDGE_CHUNK, affected_peers, rejudge
 from sidecar.renewal import Pacing
 from sidecar.sockets import (
     bind,
@@ -91,6 +91,12 @@ class Sidecar:
         self.reload_interval = reload_interval
         self.sweep_interval = sweep_interval
         self.registry = Registry()
+        # A change that makes more (direction, peer) groups to judge than this is judged
+        # by the re-judge duty, a chunk at a time with a checkpoint in between, so that
+        # 20,000 live connections never hold up the event loop for long.
+        self.rejudge_chunk = REJUDGE_CHUNK
+        self._rejudge_wanted: trio.Event | None = None  # set while the duty runs
+        self._rejudge_restarts = 0
         self.pump = Pump()
         self.quarantine = Quarantine(
             identity_failures=config.limits.quarantine_failures,
@@ -190,30 +196,78 @@ class Sidecar:
         """Swap in a new allow-list and close exactly the live connections it denies.
 
         Only the peers the change concerns are judged again, each once
-        (sidecar/rejudge.py), however many connections it has.
+        (sidecar/rejudge.py), however many connections it has. Returns the
+        number closed; 0 when the change is large enough to be left to the
+        re-judge duty (`_rejudge`), whose `policy` line then says the number.
         """
         old, self.current.policy = self.current.policy, policy
         self.metrics.policy_updates.inc()
-        reasons = {
-            entry.id: reason
-            for entry, reason in rejudge(
-                policy,
-                self.identity,
-                self.registry.peers(),
-                affected_peers(old, policy, self.identity),
-            )
-        }
-        if reasons:
-            closed = self.registry.close_where(
-                self.gate.cutting(lambda entry: reasons.get(entry.id)), among=reasons
-            )
-        else:
-            closed = 0
+        peers = affected_peers(old, policy, self.identity)
+        index = self.registry.peers()
+        groups = len(index) if peers is None else 2 * len(peers)
+        if groups > self.rejudge_chunk and self._rejudge_wanted is not None:
+            self._rejudge_wanted.set()
+            self.changed()
+            return 0
+        closed = self._close_denied(policy, index, peers)
         self.changed()
         self.events.emit(
             "policy", version=policy.version, pairs=len(policy.pairs), closed_connections=closed
         )
         return closed
+
+    def _close_denied(
+        self,
+        policy: Policy,
+        index: Mapping[tuple[str, SpiffeId], Mapping[int, LiveConnection]],
+        peers: set[SpiffeId] | None,
+    ) -> int:
+        reasons = {e.id: r for e, r in rejudge(policy, self.identity, index, peers)}
+        if not reasons:
+            return 0
+        return self.registry.close_where(
+            self.gate.cutting(lambda entry: reasons.get(entry.id)), among=reasons
+        )
+
+    async def _rejudge(self) -> None:
+        """The re-judge duty: every live connection under the newest policy, a chunk at a time.
+
+        Each chunk takes the policy in force when it starts: a change that
+        comes meanwhile and concerns few peers is judged at once by
+        install_policy, so the chunks already done need not see it; a large
+        one asks for another whole pass.
+        """
+        wanted = self._rejudge_wanted = trio.Event()
+        if self._rejudge_restarts:
+            wanted.set()  # restarted after a failure: the pass it was on is not lost
+        self._rejudge_restarts += 1
+        try:
+            await self._rejudge_passes(wanted)
+        finally:
+            self._rejudge_wanted = None  # judged at once from here on
+
+    async def _rejudge_passes(self, wanted: trio.Event) -> None:
+        while True:
+            await wanted.wait()
+            wanted = self._rejudge_wanted = trio.Event()
+            keys = list(self.registry.peers())
+            closed = 0
+            for start in range(0, len(keys), self.rejudge_chunk):
+                index = self.registry.peers()
+                chunk = {
+                    k: index[k] for k in keys[start : start + self.rejudge_chunk] if k in index
+                }
+                closed += self._close_denied(self.current.policy, chunk, None)
+                await trio.lowlevel.checkpoint()  # let the connections (and all else) run
+            policy = self.current.policy
+            self.changed()
+            self.events.emit(
+                "policy",
+                version=policy.version,
+                pairs=len(policy.pairs),
+                closed_connections=closed,
+                rejudged_groups=len(keys),
+            )
 
     def install_addresses(self, addresses: Mapping[tuple[str, int], SpiffeId]) -> None:
         """The address map from the feed, for captured connections (none without [transparent])."""
@@ -394,7 +448,11 @@ class Sidecar:
                     nursery.start_soon(
                         self.connections.accept_loop, lsock, scope, nursery, handler, direction
                     )
-                for task, duty in (("sweep", self._sweep), (identity.task, identity.run)):
+                for task, duty in (
+                    ("sweep", self._sweep),
+                    ("rejudge", self._rejudge),
+                    (identity.task, identity.run),
+                ):
                     nursery.start_soon(keep_running, task, duty, self.events, self.throttle)
                 if workload is not None:
                     self.workload_api = await nursery.start(

@@ -21,6 +21,8 @@ from meshid.spiffeid import SpiffeId
 from sidecar.peer import INBOUND, OUTBOUND, decide_pair
 from sidecar.registry import LiveConnection
 
+REJUDGE_CHUNK = 256  # (direction, peer) groups judged between two checkpoints
+
 
 def affected_peers(old: Policy, new: Policy, local: SpiffeId) -> set[SpiffeId] | None:
     """The peers whose connections a change from `old` to `new` can deny; None: any."""

@@ -243,13 +243,20 @@ async def test_a_serial_revoked_by_the_feed_cuts_exactly_that_svids_connections(
     assert cut["reason"] == "identity_revoked" and cut["peer_id"] == WEB
 
 
+@pytest.mark.parametrize("chunk", [None, 1], ids=["at-once", "by-the-duty-in-chunks"])
 async def test_a_change_cuts_exactly_the_denied_peers_among_hundreds_of_live_connections(
-    mesh: Mesh, backend: Backend
+    mesh: Mesh, backend: Backend, chunk: int | None
 ) -> None:
-    """Three peers, 60 live connections each: denying one cuts its 60, the 120 others talk on."""
+    """Three peers, 60 live connections each: denying one cuts its 60, the 120 others talk on.
+
+    With chunks of one peer, the change (which adds a prefix rule, so every peer is
+    judged) is left to the re-judge duty, which judges a peer between checkpoints.
+    """
     names = ("web", "db", "cache")
     allow = [(name, "api") for name in names]
     api = await mesh.start("api", forward=backend.addr, allow=allow)
+    if chunk is not None:
+        api.sidecar.rejudge_chunk = chunk
     clients = [
         await mesh.start(name, outbound=[("api", api.inbound)], allow=allow) for name in names
     ]
@@ -261,11 +268,14 @@ async def test_a_change_cuts_exactly_the_denied_peers_among_hundreds_of_live_con
                 stream = await connect(client.outbound())
                 streams[name].append(stream)
                 await _echo(stream, f"{name}{i}".encode())
-        kept = [(n, "api") for n in names if n != "db"]
-        closed = api.sidecar.install_policy(
-            Policy.build([(SpiffeId.parse(sid(s)), SpiffeId.parse(sid(t))) for s, t in kept], 9)
-        )
-        assert closed == per_peer
+        kept = [(SpiffeId.parse(sid(n)), SpiffeId.parse(API)) for n in names if n != "db"]
+        unrelated = [("spiffe://example.org/elsewhere/*", API)]
+        closed = api.sidecar.install_policy(Policy.build(kept, 9, prefix_rules=unrelated))
+        [done] = await api.log.wait_for("policy", version=9)
+        assert done["closed_connections"] == per_peer
+        assert closed == (per_peer if chunk is None else 0)
+        if chunk is not None:
+            assert done["rejudged_groups"] == 3
         for stream in streams["db"]:
             assert await wait_cut(stream) == b""
         for name in ("web", "cache"):
