@@ -92,6 +92,9 @@ bench: install
 	tools/ensure-debs openssl:openssl stunnel4:stunnel4 wrk:wrk iperf3:iperf3 nginx:nginx-light
 	$(BIN)/python -m pip install --quiet py-spy || echo "bench: py-spy unavailable, no profiles" >&2
 	$(BIN)/python -m bench.run
+	$(BIN)/python -m bench.idle_rss
+	$(BIN)/python -m bench.rejudge
+	$(BIN)/python -m bench.policy_decision
 
 bench-workload: install
 	$(BIN)/python -m bench.workload_api --streams 1000 --per-connection 1

@@ -15,6 +15,11 @@ its authority), then loads credentials, binds every listener, and only then
 reports started (and /readyz turns 200); the admin listener closes last.
 SIGTERM drains: stop accepting, let live connections finish up to
 `drain_timeout`, then cut.
+
+What a mode does not use is not imported: the control plane client
+(`sidecar.dynamic`), the static files' watcher (`sidecar.static`), the
+Workload API (gRPC, HTTP/2, JWT) and transparent capture are imported when
+the config asks for them, so an idle sidecar holds only what it runs.
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ import json
 import socket
 from collections.abc import Awaitable, Callable, Mapping
 from datetime import datetime, timedelta
+from typing import TYPE_CHECKING
 
 import trio
 
@@ -36,12 +42,9 @@ from meshid.report import StatusReport
 from meshid.spiffeid import SpiffeId
 from meshid.version import VERSION
 from sidecar.admin import Response, serve_admin
-from sidecar.capture import Capture
 from sidecar.config import SidecarConfig, StaticSource
 from sidecar.connection import Connections
-from sidecar.control import ControlClient
 from sidecar.credentials import Generation, Svid
-from sidecar.dynamic import DynamicIdentity
 from sidecar.events import EventLog
 from sidecar.gate import Gate
 from sidecar.lifecycle import DRAINING, SERVING, STOPPED, Lifecycle
@@ -54,17 +57,20 @@ from sidecar.pump import Pump
 from sidecar.quarantine import Quarantine
 from sidecar.registry import LiveConnection, Registry
 from sidecar.rejudge import REJUDGE_CHUNK, affected_peers, rejudge
-from sidecar.renewal import Pacing
 from sidecar.sockets import (
     bind,
     fmt_addr,
 )
 from sidecar.state import Current, IdentitySource
-from sidecar.static import StaticIdentity
 from sidecar.status import build_report
 from sidecar.tasks import keep_running
-from sidecar.workload.run import Prepared as PreparedWorkloadApi
-from sidecar.workload.run import WorkloadApi, prepare_workload_api, serve_workload_api
+
+if TYPE_CHECKING:
+    from sidecar.capture import Capture
+    from sidecar.dynamic import DynamicIdentity
+    from sidecar.renewal import Pacing
+    from sidecar.workload.run import Prepared as PreparedWorkloadApi
+    from sidecar.workload.run import WorkloadApi
 
 
 class Sidecar:
@@ -150,7 +156,11 @@ class Sidecar:
             throttle=self.throttle,
             changed=lambda: self.changed(),
         )
-        self.capture = Capture(self.connections, config.transparent) if config.transparent else None
+        self.capture: Capture | None = None
+        if config.transparent:
+            from sidecar.capture import Capture  # only a transparent sidecar captures
+
+            self.capture = Capture(self.connections, config.transparent)
 
     @property
     def generation(self) -> Generation | None:
@@ -398,6 +408,8 @@ class Sidecar:
         source = self.config.source
         identity: IdentitySource
         if isinstance(source, StaticSource):
+            from sidecar.static import StaticIdentity  # each mode imports its own source
+
             identity = StaticIdentity(
                 source,
                 self.current,
@@ -409,6 +421,9 @@ class Sidecar:
                 throttle=self.throttle,
             )
         else:
+            from sidecar.control import ControlClient
+            from sidecar.dynamic import DynamicIdentity
+
             self.dynamic = DynamicIdentity(
                 self,
                 self.current,
@@ -439,6 +454,8 @@ class Sidecar:
             if self.capture is not None:
                 self.capture.bind(listeners, self.bound)
             if self.config.workload_api is not None:  # bound here: a config error stays one line
+                from sidecar.workload.run import prepare_workload_api  # gRPC, h2, JWT
+
                 workload = prepare_workload_api(self.config.workload_api)
             async with trio.open_nursery() as nursery:
                 await nursery.start(self.pump.run)
@@ -455,6 +472,8 @@ class Sidecar:
                 ):
                     nursery.start_soon(keep_running, task, duty, self.events, self.throttle)
                 if workload is not None:
+                    from sidecar.workload.run import serve_workload_api
+
                     self.workload_api = await nursery.start(
                         functools.partial(
                             serve_workload_api,
