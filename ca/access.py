@@ -271,7 +271,43 @@ class Access(Roots):
         return bool(row[0])
 
     def check(self, source: SpiffeId, target: SpiffeId) -> Decision:
-        return self.policy().decide(source, target)
+        """The decision for source -> target, as the whole policy would make it.
+
+        Reads only the rules that can match (each end's ID and the prefixes
+        above it, at most (depth + 1)² keys off the primary key) and the two
+        IDs' revocations, so it costs the same with 100,000 rules as with 10.
+        """
+        sources, targets = rule_ends(source), rule_ends(target)
+        with self.store.read() as conn:
+            rules = conn.execute(
+                "SELECT source, target FROM policy "
+                "WHERE source IN (SELECT value FROM json_each(?)) "
+                "AND target IN (SELECT value FROM json_each(?))",
+                (json.dumps(sources), json.dumps(targets)),
+            ).fetchall()
+            revoked = conn.execute(
+                "SELECT spiffe_id FROM revocations WHERE spiffe_id IN (?, ?)",
+                (str(source), str(target)),
+            ).fetchall()
+            version = Store.counter(conn, "policy_version")
+            rversion = Store.counter(conn, "revocation_version")
+        exact = [(s, t) for s, t in rules if not (is_prefix(s) or is_prefix(t))]
+        return Policy.build(
+            ((SpiffeId.parse(s), SpiffeId.parse(t)) for s, t in exact),
+            version,
+            (SpiffeId.parse(r) for (r,) in revoked),
+            rversion,
+            (),
+            (tuple(rule) for rule in rules if is_prefix(rule[0]) or is_prefix(rule[1])),
+        ).decide(source, target)
+
+    def revocation(self, spiffe_id: SpiffeId) -> int | None:
+        """The revocation version in force if `spiffe_id` is revoked, else None (one lookup)."""
+        with self.store.read() as conn:
+            row = conn.execute(
+                "SELECT 1 FROM revocations WHERE spiffe_id = ?", (str(spiffe_id),)
+            ).fetchone()
+            return None if row is None else Store.counter(conn, "revocation_version")
 
     # -- the feed --
 

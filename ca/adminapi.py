@@ -69,7 +69,7 @@ def admin_policy(api: ControlApi, req: Request) -> Reply:
             operator, req.path, what=call.action, source=str(src), target=str(dst), noop=True
         )
         state = "already allowed" if call.action == "allow" else "not allowed"
-        version = authority.policy().version
+        version = authority.versions()[0]
         return _answer(
             True, f"{src} -> {dst} was {state} (policy version {version}); nothing changed"
         )

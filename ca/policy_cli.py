@@ -106,7 +106,7 @@ def allow_cmd(
             raise
         click.echo(
             f"{src} -> {dst} was already allowed (policy version "
-            f"{authority.policy().version}); nothing changed"
+            f"{authority.versions()[0]}); nothing changed"
         )
     else:
         click.echo(f"allowed {src} -> {dst} (policy version {version})")
@@ -154,7 +154,7 @@ def deny_cmd(
                 raise
             click.echo(
                 f"{src} -> {dst} was not allowed (policy version "
-                f"{authority.policy().version}); nothing changed"
+                f"{authority.versions()[0]}); nothing changed"
             )
         else:
             click.echo(f"denied {src} -> {dst} (policy version {version})")
