@@ -1,4 +1,4 @@
-"""`meshid policy list` a page at a time: --limit and --after, locally and through the control plane.
+"""`meshid policy list` a page at a time: --limit and --after, locally and over the control plane.
 
 The authority answers `list` in pages of at most MAX_PAGE rules with a cursor
 for the next; the CLI asks for PAGE at a time and prints as it goes, so a
