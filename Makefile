@@ -93,6 +93,9 @@ bench: install
 	$(BIN)/python -m pip install --quiet py-spy || echo "bench: py-spy unavailable, no profiles" >&2
 	tools/ensure-debs ip:iproute2 nft:nftables || echo "bench: no nft, no transparent figures" >&2
 	$(BIN)/python -m bench.run
+	$(BIN)/python -m bench.idle_rss
+	$(BIN)/python -m bench.rejudge
+	$(BIN)/python -m bench.policy_decision
 
 bench-workload: install
 	$(BIN)/python -m bench.workload_api --streams 1000 --per-connection 1

@@ -13,7 +13,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from ca.api import ControlApi, Reply, Request
-from meshid.adminwire import AdminAnswer, PolicyCall, RevokeCall
+from meshid.adminwire import MAX_PAGE, AdminAnswer, PolicyCall, RevokeCall
 from meshid.errors import AuthorityError, PolicyError
 from meshid.reasons import Reason
 from meshid.spiffeid import SpiffeId
@@ -41,10 +41,18 @@ def admin_policy(api: ControlApi, req: Request) -> Reply:
     call = PolicyCall.parse(decode(req.body, "policy call"))
     authority = api.authority
     if call.action == "list":
-        authority.audit_call(operator, req.path, what="list")
-        policy = authority.policy()
-        pairs = [f"{s} -> {t}" for s, t in sorted(policy.pairs)]
-        return _answer(True, *pairs, f"# policy version {policy.version}, {len(pairs)} pair(s)")
+        if call.after is None:  # a listing is audited once, at its first page
+            authority.audit_call(operator, req.path, what="list")
+        limit = min(call.limit or MAX_PAGE, MAX_PAGE)
+        rules, version, more = authority.rules_page(call.after, limit)
+        lines = [f"{s} -> {t}" for s, t in rules]
+        if more:  # an older CLI, which does not page, prints this last line too
+            summary = f"# policy version {version}, {len(lines)} pair(s) shown, more after the last"
+        else:
+            summary = f"# policy version {version}, {len(lines)} pair(s)"
+        return Reply(
+            200, AdminAnswer(True, (*lines, summary), rules[-1] if more else None).to_json()
+        )
     src, dst = authority.resolve(call.source), authority.resolve(call.target)
     if call.action == "check":
         authority.audit_call(operator, req.path, what="check", source=str(src), target=str(dst))
@@ -61,7 +69,7 @@ def admin_policy(api: ControlApi, req: Request) -> Reply:
             operator, req.path, what=call.action, source=str(src), target=str(dst), noop=True
         )
         state = "already allowed" if call.action == "allow" else "not allowed"
-        version = authority.policy().version
+        version = authority.versions()[0]
         return _answer(
             True, f"{src} -> {dst} was {state} (policy version {version}); nothing changed"
         )

@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import json
 import sys
-from collections.abc import Callable
-from dataclasses import replace
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -14,8 +13,9 @@ import click
 from ca.authority import Authority
 from ca.cliopts import open_authority, state_option, state_or_server_option
 from ca.policy_file import parse_policy_text, render_policy
-from ca.remote import echo_answer, remote_or_none
-from meshid.adminwire import PolicyCall
+from ca.remote import Remote, echo_answer, remote_or_none
+from ca.values import printable
+from meshid.adminwire import PAGE, PolicyCall
 from meshid.cli import Group
 from meshid.errors import InvalidInput, PolicyError
 from meshid.federation import resolve_rule_end
@@ -106,7 +106,7 @@ def allow_cmd(
             raise
         click.echo(
             f"{src} -> {dst} was already allowed (policy version "
-            f"{authority.policy().version}); nothing changed"
+            f"{authority.versions()[0]}); nothing changed"
         )
     else:
         click.echo(f"allowed {src} -> {dst} (policy version {version})")
@@ -154,7 +154,7 @@ def deny_cmd(
                 raise
             click.echo(
                 f"{src} -> {dst} was not allowed (policy version "
-                f"{authority.policy().version}); nothing changed"
+                f"{authority.versions()[0]}); nothing changed"
             )
         else:
             click.echo(f"denied {src} -> {dst} (policy version {version})")
@@ -167,33 +167,123 @@ def json_option(func: F) -> F:
     )(func)
 
 
+def _after(
+    _ctx: click.Context, _param: click.Parameter, text: str | None
+) -> tuple[str, str] | None:
+    return _cursor(text)
+
+
+def _cursor(text: str | None) -> tuple[str, str] | None:
+    """`--after 'FROM -> TO'`: a line `list` printed, as the rule to start after."""
+    if text is None:
+        return None
+    source, arrow, target = text.partition(" -> ")
+    if not arrow or not source or not target:
+        raise click.BadParameter("must be a line `policy list` printed: 'FROM -> TO'")
+    return source, target
+
+
+Page = Callable[[tuple[str, str] | None, int], tuple[list[tuple[str, str]], int, bool]]
+
+
+def _pages(
+    page: Page, after: tuple[str, str] | None, limit: int | None
+) -> Iterator[tuple[list[tuple[str, str]], int, bool]]:
+    """The pages of rules from after `after`, PAGE at a time, until `limit` rules or the end."""
+    left = limit
+    while True:
+        rules, version, more = page(after, PAGE if left is None else min(PAGE, left))
+        if left is not None:
+            left -= len(rules)
+        yield rules, version, more
+        if not more or not rules or left == 0:
+            return
+        after = rules[-1]
+
+
+def _remote_page(remote: Remote) -> Page:
+    def page(after: tuple[str, str] | None, limit: int) -> tuple[list[tuple[str, str]], int, bool]:
+        answer = remote.call(ADMIN_POLICY, PolicyCall("list", after=after, limit=limit).to_json())
+        *lines, summary = answer.lines or ("",)
+        rules = []
+        for line in lines:
+            source, arrow, target = printable(line).partition(" -> ")
+            if arrow:
+                rules.append((source, target))
+        words = summary.split()
+        number = words[3].rstrip(",") if len(words) > 3 else ""
+        version = int(number) if number.isdigit() else 0
+        # An authority from before paging answers everything, without a cursor.
+        return rules, version, answer.next is not None
+
+    return page
+
+
 @policy_group.command("list")
 @state_or_server_option
 @json_option
-def list_cmd(state: Path | None, server: str | None, svid: Path | None, as_json: bool) -> None:
-    """Print the allow-list, one 'FROM -> TO' per line.
+@click.option(
+    "--limit",
+    type=click.IntRange(min=1),
+    help="Print at most N rules; if more follow, say on stderr where to start the next page.",
+)
+@click.option(
+    "--after",
+    metavar="'FROM -> TO'",
+    callback=_after,
+    help="Start after this rule (a line `list` printed, such as the last of a page).",
+)
+def list_cmd(
+    state: Path | None,
+    server: str | None,
+    svid: Path | None,
+    as_json: bool,
+    limit: int | None,
+    after: tuple[str, str] | None,
+) -> None:
+    """Print the allow-list, one 'FROM -> TO' per line, sorted.
+
+    The rules are read and printed a page at a time, so a list of 100,000
+    takes no more memory than one of 1,000.
 
     With --json: {"version": N, "pairs": [{"from": ID, "to": ID}, …]}, sorted.
     """
+    start = after
     remote = remote_or_none(state, server, svid)
     if remote is not None:
         if as_json:
             raise click.UsageError("--json needs --state")
-        answer = remote.call(ADMIN_POLICY, PolicyCall("list").to_json())
-        echo_answer(replace(answer, lines=answer.lines[:-1]))
-        if answer.lines:
-            click.echo(answer.lines[-1], err=True)
-        return
-    assert state is not None
-    policy = open_authority(state).policy()
-    rules = sorted(rules_of(policy))
+        page = _remote_page(remote)
+    else:
+        assert state is not None
+        page = open_authority(state).rules_page
+    count, versions, more, last = 0, set(), False, start
     if as_json:
-        pairs = [{"from": s, "to": t} for s, t in rules]
-        click.echo(json.dumps({"version": policy.version, "pairs": pairs}))
+        click.echo('{"pairs": [', nl=False)
+    for rules, version, follows in _pages(page, start, limit):
+        versions.add(version)
+        more = follows
+        for src, dst in rules:
+            if as_json:
+                sep = ", " if count else ""
+                click.echo(sep + json.dumps({"from": src, "to": dst}), nl=False)
+            else:
+                click.echo(f"{src} -> {dst}")
+            count += 1
+        last = rules[-1] if rules else last
+    version = max(versions, default=0)
+    if as_json:
+        click.echo(f'], "version": {version}}}')
         return
-    for src, dst in rules:
-        click.echo(f"{src} -> {dst}")
-    click.echo(f"# policy version {policy.version}, {len(rules)} pair(s)", err=True)
+    click.echo(f"# policy version {version}, {count} pair(s)", err=True)
+    if len(versions) > 1:
+        click.echo(
+            f"# the allow-list changed while it was listed (versions {min(versions)} to "
+            f"{version}): list it again for one version",
+            err=True,
+        )
+    if more and last is not None:
+        click.echo(f"# more: --after '{last[0]} -> {last[1]}'", err=True)
 
 
 @policy_group.command("check")

@@ -16,6 +16,10 @@ from meshid.reasons import Reason
 PolicyAction = Literal["allow", "deny", "list", "check"]
 ACTIONS: tuple[PolicyAction, ...] = ("allow", "deny", "list", "check")
 MAX_ID = 2048
+# `list` answers a page of rules at a time, in (FROM, TO) order, after a cursor (the
+# last rule of the page before): 100,000 rules never make one answer.
+PAGE = 1_000  # rules per page the CLI asks for
+MAX_PAGE = 10_000  # rules per page the authority answers with, whatever is asked
 
 
 def _text(fields: dict[str, Any], key: str) -> str:
@@ -31,14 +35,36 @@ def _object(doc: object) -> dict[str, Any]:
     return doc
 
 
+def _rule(value: object, key: str) -> tuple[str, str] | None:
+    """An optional [FROM, TO] rule, as a cursor travels."""
+    if value is None:
+        return None
+    if (
+        not isinstance(value, list)
+        or len(value) != 2
+        or not all(isinstance(end, str) and 0 < len(end) <= MAX_ID for end in value)
+    ):
+        raise InvalidInput(f"{key}: must be a [from, to] rule", reason=Reason.INVALID_JSON)
+    return value[0], value[1]
+
+
 @dataclass(frozen=True, slots=True)
 class PolicyCall:
     action: PolicyAction
     source: str = ""  # FROM, for allow, deny and check
     target: str = ""  # TO
+    # For list (additive; an older authority ignores them and answers everything):
+    # the rules after this one, at most `limit` of them (cut to MAX_PAGE).
+    after: tuple[str, str] | None = None
+    limit: int | None = None
 
     def to_json(self) -> dict[str, Any]:
-        return {"action": self.action, "from": self.source, "to": self.target}
+        doc: dict[str, Any] = {"action": self.action, "from": self.source, "to": self.target}
+        if self.after is not None:
+            doc["after"] = list(self.after)
+        if self.limit is not None:
+            doc["limit"] = self.limit
+        return doc
 
     @classmethod
     def parse(cls, doc: object) -> PolicyCall:
@@ -47,7 +73,14 @@ class PolicyCall:
         for known in ACTIONS:
             if action == known:
                 if known == "list":
-                    return cls(known)
+                    limit = fields.get("limit")
+                    if limit is not None and (
+                        not isinstance(limit, int) or isinstance(limit, bool) or limit < 1
+                    ):
+                        raise InvalidInput(
+                            "limit: must be a positive integer", reason=Reason.INVALID_JSON
+                        )
+                    return cls(known, after=_rule(fields.get("after"), "after"), limit=limit)
                 return cls(known, _text(fields, "from"), _text(fields, "to"))
         raise InvalidInput("action: must be allow, deny, list or check", reason=Reason.INVALID_JSON)
 
@@ -70,9 +103,14 @@ class AdminAnswer:
 
     ok: bool
     lines: tuple[str, ...]
+    # A page of `list` that is not the last: the cursor for the next (additive).
+    next: tuple[str, str] | None = None
 
     def to_json(self) -> dict[str, Any]:
-        return {"ok": self.ok, "lines": list(self.lines)}
+        doc: dict[str, Any] = {"ok": self.ok, "lines": list(self.lines)}
+        if self.next is not None:
+            doc["next"] = list(self.next)
+        return doc
 
     @classmethod
     def parse(cls, doc: object) -> AdminAnswer:
@@ -80,4 +118,8 @@ class AdminAnswer:
         ok, lines = fields.get("ok"), fields.get("lines")
         if not isinstance(ok, bool) or not isinstance(lines, list):
             raise InvalidInput("answer: needs ok and lines", reason=Reason.INVALID_JSON)
-        return cls(ok, tuple(str(line)[:4096] for line in lines[:100_000]))
+        return cls(
+            ok,
+            tuple(str(line)[:4096] for line in lines[:100_000]),
+            _rule(fields.get("next"), "next"),
+        )

@@ -255,6 +255,11 @@ class Reason(enum.StrEnum):
         "the credentials for the control plane cannot be loaded",
     )
     BAD_FEED = "bad_feed", "the feed names an identity of another trust domain"
+    POLICY_DELTA_MISMATCH = (
+        "policy_delta_mismatch",
+        "a policy delta was cut from another version than the sidecar holds: it asks for the "
+        "whole list",
+    )
     MISSING_FILE = "missing_file", "a file the config names cannot be read"
     MISSING_TOKEN = "missing_token", "the join token file cannot be read"
     STATE_DIR = "state_dir", "the state directory cannot be used"

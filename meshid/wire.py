@@ -8,7 +8,8 @@ replies through it. Pure: no I/O, stdlib only.
     POST /v1/enroll   EnrollRequest {token, csr, jwt?}        -> SvidReply
     POST /v1/renew    RenewRequest {csr, bundle_sequence?}    -> SvidReply (mTLS)
     POST /v1/report   meshid.report.StatusReport              -> ReportAck (mTLS)
-    GET  /v1/watch?WatchQuery                                 -> Feed (mTLS; meshid.feedwire)
+    GET  /v1/watch?WatchQuery                                 -> Feed, whole or a delta (mTLS;
+                                                                 meshid.feedwire)
     GET  /v1/bundle                                           -> SPIFFE bundle (JWKS)
     POST /v1/jwt-svid JwtSvidRequest {spiffe_id, audience}    -> JwtSvidReply (mTLS)
     any refusal                                               -> ErrorBody {error, message}
@@ -280,12 +281,18 @@ class JwtSvidReply:
 
 @dataclass(frozen=True, slots=True)
 class WatchQuery:
-    """The versions a sidecar holds (-1: none yet), and how long it will wait for a change."""
+    """The versions a sidecar holds (-1: none yet), and how long it will wait for a change.
+
+    `delta`: the sidecar takes the allow-list changes since its policy version
+    instead of the whole list (`meshid.feedwire`); sent as ``delta=1``, absent
+    from an older sidecar's query, which therefore always gets whole lists.
+    """
 
     policy_version: int = -1
     revocation_version: int = -1
     bundle_sequence: int = -1
     wait: float | None = None
+    delta: bool = False
 
     def to_query(self) -> str:
         params = {
@@ -296,6 +303,8 @@ class WatchQuery:
         }
         if self.wait is not None:
             params["wait"] = f"{self.wait:g}"
+        if self.delta:
+            params["delta"] = "1"
         return urlencode(params)
 
     def target(self) -> str:
@@ -329,7 +338,7 @@ class WatchQuery:
             seconds = None
         elif seconds is not None:
             seconds = min(seconds, MAX_WAIT)  # the server cuts it shorter still
-        return cls(versions[0], versions[1], versions[2], seconds)
+        return cls(versions[0], versions[1], versions[2], seconds, query.get("delta") == "1")
 
     @property
     def versions(self) -> tuple[int, int, int]:

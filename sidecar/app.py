@@ -15,6 +15,11 @@ its authority), then loads credentials, binds every listener, and only then
 reports started (and /readyz turns 200); the admin listener closes last.
 SIGTERM drains: stop accepting, let live connections finish up to
 `drain_timeout`, then cut.
+
+What a mode does not use is not imported: the control plane client
+(`sidecar.dynamic`), the static files' watcher (`sidecar.static`), the
+Workload API (gRPC, HTTP/2, JWT) and transparent capture are imported when
+the config asks for them, so an idle sidecar holds only what it runs.
 """
 
 from __future__ import annotations
@@ -24,24 +29,22 @@ import json
 import socket
 from collections.abc import Awaitable, Callable, Mapping
 from datetime import datetime, timedelta
+from typing import TYPE_CHECKING
 
 import trio
 
 from adminhttp import Throttle
 from meshid.clock import Clock
 from meshid.errors import MeshIdError
-from meshid.policy import IDENTITY_REVOKED, Policy
+from meshid.policy import Policy
 from meshid.reasons import Reason
 from meshid.report import StatusReport
 from meshid.spiffeid import SpiffeId
 from meshid.version import VERSION
 from sidecar.admin import Response, serve_admin
-from sidecar.capture import Capture
 from sidecar.config import SidecarConfig, StaticSource
 from sidecar.connection import Connections
-from sidecar.control import ControlClient
 from sidecar.credentials import Generation, Svid
-from sidecar.dynamic import DynamicIdentity
 from sidecar.events import EventLog
 from sidecar.gate import Gate
 from sidecar.lifecycle import DRAINING, SERVING, STOPPED, Lifecycle
@@ -49,22 +52,25 @@ from sidecar.metrics import Gauges, Metrics
 from sidecar.peer import (
     INBOUND,
     OUTBOUND,
-    decide_pair,
 )
 from sidecar.pump import Pump
 from sidecar.quarantine import Quarantine
 from sidecar.registry import LiveConnection, Registry
-from sidecar.renewal import Pacing
+from sidecar.rejudge import REJUDGE_CHUNK, affected_peers, rejudge
 from sidecar.sockets import (
     bind,
     fmt_addr,
 )
 from sidecar.state import Current, IdentitySource
-from sidecar.static import StaticIdentity
 from sidecar.status import build_report
 from sidecar.tasks import keep_running
-from sidecar.workload.run import Prepared as PreparedWorkloadApi
-from sidecar.workload.run import WorkloadApi, prepare_workload_api, serve_workload_api
+
+if TYPE_CHECKING:
+    from sidecar.capture import Capture
+    from sidecar.dynamic import DynamicIdentity
+    from sidecar.renewal import Pacing
+    from sidecar.workload.run import Prepared as PreparedWorkloadApi
+    from sidecar.workload.run import WorkloadApi
 
 
 class Sidecar:
@@ -91,6 +97,12 @@ class Sidecar:
         self.reload_interval = reload_interval
         self.sweep_interval = sweep_interval
         self.registry = Registry()
+        # A change that makes more (direction, peer) groups to judge than this is judged
+        # by the re-judge duty, a chunk at a time with a checkpoint in between, so that
+        # 20,000 live connections never hold up the event loop for long.
+        self.rejudge_chunk = REJUDGE_CHUNK
+        self._rejudge_wanted: trio.Event | None = None  # set while the duty runs
+        self._rejudge_restarts = 0
         self.pump = Pump()
         self.quarantine = Quarantine(
             identity_failures=config.limits.quarantine_failures,
@@ -145,7 +157,11 @@ class Sidecar:
             throttle=self.throttle,
             changed=lambda: self.changed(),
         )
-        self.capture = Capture(self.connections, config.transparent) if config.transparent else None
+        self.capture: Capture | None = None
+        if config.transparent:
+            from sidecar.capture import Capture  # only a transparent sidecar captures
+
+            self.capture = Capture(self.connections, config.transparent)
 
     @property
     def generation(self) -> Generation | None:
@@ -198,30 +214,81 @@ class Sidecar:
         return {str(a): a == in_use for a in self.dynamic.link.servers()}
 
     def install_policy(self, policy: Policy) -> int:
-        """Swap in a new allow-list and close exactly the live connections it denies."""
-        self.current.policy = policy
+        """Swap in a new allow-list and close exactly the live connections it denies.
+
+        Only the peers the change concerns are judged again, each once
+        (sidecar/rejudge.py), however many connections it has. Returns the
+        number closed; 0 when the change is large enough to be left to the
+        re-judge duty (`_rejudge`), whose `policy` line then says the number.
+        """
+        old, self.current.policy = self.current.policy, policy
         self.metrics.policy_updates.inc()
-
-        def now_denied(entry: LiveConnection) -> str | None:
-            if entry.peer_id is None:
-                return None
-            decision = policy.serial_decision(entry.peer_id, entry.peer_serial) or decide_pair(
-                policy, entry.direction, self.identity, entry.peer_id
-            )
-            if decision.allowed:
-                return None
-            return (
-                Reason.IDENTITY_REVOKED
-                if decision.reason == IDENTITY_REVOKED
-                else Reason.POLICY_REVOKED
-            )
-
-        closed = self.registry.close_where(self.gate.cutting(now_denied))
+        peers = affected_peers(old, policy, self.identity)
+        index = self.registry.peers()
+        groups = len(index) if peers is None else 2 * len(peers)
+        if groups > self.rejudge_chunk and self._rejudge_wanted is not None:
+            self._rejudge_wanted.set()
+            self.changed()
+            return 0
+        closed = self._close_denied(policy, index, peers)
         self.changed()
         self.events.emit(
             "policy", version=policy.version, pairs=len(policy.pairs), closed_connections=closed
         )
         return closed
+
+    def _close_denied(
+        self,
+        policy: Policy,
+        index: Mapping[tuple[str, SpiffeId], Mapping[int, LiveConnection]],
+        peers: set[SpiffeId] | None,
+    ) -> int:
+        reasons = {e.id: r for e, r in rejudge(policy, self.identity, index, peers)}
+        if not reasons:
+            return 0
+        return self.registry.close_where(
+            self.gate.cutting(lambda entry: reasons.get(entry.id)), among=reasons
+        )
+
+    async def _rejudge(self) -> None:
+        """The re-judge duty: every live connection under the newest policy, a chunk at a time.
+
+        Each chunk takes the policy in force when it starts: a change that
+        comes meanwhile and concerns few peers is judged at once by
+        install_policy, so the chunks already done need not see it; a large
+        one asks for another whole pass.
+        """
+        wanted = self._rejudge_wanted = trio.Event()
+        if self._rejudge_restarts:
+            wanted.set()  # restarted after a failure: the pass it was on is not lost
+        self._rejudge_restarts += 1
+        try:
+            await self._rejudge_passes(wanted)
+        finally:
+            self._rejudge_wanted = None  # judged at once from here on
+
+    async def _rejudge_passes(self, wanted: trio.Event) -> None:
+        while True:
+            await wanted.wait()
+            wanted = self._rejudge_wanted = trio.Event()
+            keys = list(self.registry.peers())
+            closed = 0
+            for start in range(0, len(keys), self.rejudge_chunk):
+                index = self.registry.peers()
+                chunk = {
+                    k: index[k] for k in keys[start : start + self.rejudge_chunk] if k in index
+                }
+                closed += self._close_denied(self.current.policy, chunk, None)
+                await trio.lowlevel.checkpoint()  # let the connections (and all else) run
+            policy = self.current.policy
+            self.changed()
+            self.events.emit(
+                "policy",
+                version=policy.version,
+                pairs=len(policy.pairs),
+                closed_connections=closed,
+                rejudged_groups=len(keys),
+            )
 
     def install_addresses(self, addresses: Mapping[tuple[str, int], SpiffeId]) -> None:
         """The address map from the feed, for captured connections (none without [transparent])."""
@@ -360,6 +427,8 @@ class Sidecar:
         source = self.config.source
         identity: IdentitySource
         if isinstance(source, StaticSource):
+            from sidecar.static import StaticIdentity  # each mode imports its own source
+
             identity = StaticIdentity(
                 source,
                 self.current,
@@ -371,6 +440,9 @@ class Sidecar:
                 throttle=self.throttle,
             )
         else:
+            from sidecar.control import ControlClient
+            from sidecar.dynamic import DynamicIdentity
+
             self.dynamic = DynamicIdentity(
                 self,
                 self.current,
@@ -404,6 +476,8 @@ class Sidecar:
             if self.capture is not None:
                 self.capture.bind(listeners, self.bound)
             if self.config.workload_api is not None:  # bound here: a config error stays one line
+                from sidecar.workload.run import prepare_workload_api  # gRPC, h2, JWT
+
                 workload = prepare_workload_api(self.config.workload_api)
             async with trio.open_nursery() as nursery:
                 await nursery.start(self.pump.run)
@@ -413,9 +487,15 @@ class Sidecar:
                     nursery.start_soon(
                         self.connections.accept_loop, lsock, scope, nursery, handler, direction
                     )
-                for task, duty in (("sweep", self._sweep), (identity.task, identity.run)):
+                for task, duty in (
+                    ("sweep", self._sweep),
+                    ("rejudge", self._rejudge),
+                    (identity.task, identity.run),
+                ):
                     nursery.start_soon(keep_running, task, duty, self.events, self.throttle)
                 if workload is not None:
+                    from sidecar.workload.run import serve_workload_api
+
                     self.workload_api = await nursery.start(
                         functools.partial(
                             serve_workload_api,

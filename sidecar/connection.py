@@ -134,6 +134,7 @@ class Connections:
         if verdict is None:
             return None, tls
         self.gate.allow(entry, verdict)
+        self.registry.establish(entry)
         header = b""
         if listener.proxy_protocol:
             # The peer's address is the one accept() gave: by now the peer may have
@@ -207,6 +208,7 @@ class Connections:
         if verdict is None:
             return None, tls
         self.gate.allow(entry, verdict, upstream=str(route.upstream))
+        self.registry.establish(entry)
         return up, tls
 
     # The setups of the captured listeners (sidecar/capture.py), which route per connection.

@@ -8,6 +8,13 @@ before anything is signed by them. Both are in force before they are written
 to the state directory. The authority refusing us as revoked revokes us here
 too, once, with what the operator must do.
 
+Once it holds a whole feed, the watcher asks for deltas (`meshid.feedwire`):
+the authority then answers with the allow-list changes since our version, or
+with the whole list when its history no longer reaches back that far. A
+delta cut from another version than ours is refused (`feed_delta_refused`)
+and the whole list asked for at once. What is installed and saved is always
+the whole feed, the delta applied.
+
 `FeedFollower` is a part of `sidecar.dynamic.DynamicIdentity`, which holds
 the state it declares below and the helpers it names.
 """
@@ -25,7 +32,7 @@ import trio
 from meshid.bundle import TrustBundle
 from meshid.errors import InvalidSvid
 from meshid.federation import federated_from_json
-from meshid.feedwire import Feed
+from meshid.feedwire import DeltaMismatch, Feed
 from meshid.policy import Policy
 from meshid.reasons import Reason
 from meshid.spiffeid import SpiffeId
@@ -56,6 +63,15 @@ def _same_bundles(a: tuple[TrustBundle, ...], b: tuple[TrustBundle, ...]) -> boo
         x.trust_domain == y.trust_domain and x.sequence == y.sequence and x.same_roots(y)
         for x, y in zip(a, b, strict=True)
     )
+
+
+def _whole(feed: Feed, query: WatchQuery, held: Feed | None) -> Feed:
+    """The feed as a whole one: a delta applied to what we hold, if we asked for one."""
+    if feed.delta is None:
+        return feed
+    if not query.delta or held is None:
+        raise WireError("delta: sent, but this sidecar asked for the whole feed")
+    return feed.applied_to(held)
 
 
 class FeedFollower(ABC):
@@ -143,7 +159,12 @@ class FeedFollower(ABC):
         pv, rv, _ = self.versions
         doc = await self.link.ask("GET", query.target(), None, wait=wait)
         try:
-            feed = Feed.parse(doc)
+            feed = _whole(Feed.parse(doc), query, self._feed)
+        except DeltaMismatch as exc:
+            self.host.events.emit("feed_delta_refused", reason=exc.reason, detail=exc.message)
+            # -1: a version no authority holds, so the whole list comes back at once.
+            await self._poll_feed(WatchQuery(-1, rv, query.bundle_sequence, wait=0), wait)
+            return
         except WireError as exc:
             raise ControlPlaneError(
                 f"bad feed: {exc.message}", reason=Reason.AUTHORITY_PROTOCOL
@@ -161,11 +182,17 @@ class FeedFollower(ABC):
         if changed:
             self.state.request(FEED, self._write_feed)
 
+    def _watch_query(self) -> WatchQuery:
+        """The next long poll: deltas once the feed we hold is the version we enforce."""
+        held = self._feed
+        delta = held is not None and held.policy_version == self.versions[0]
+        return WatchQuery(*self.versions, wait=WATCH_WAIT, delta=delta)
+
     async def watch(self) -> None:
         """Follow the allow-list, revocations and bundle; never returns."""
         failures = 0
         while True:
-            query = WatchQuery(*self.versions, wait=WATCH_WAIT)
+            query = self._watch_query()
             try:
                 await self._poll_feed(query, WATCH_WAIT + 10)
                 failures = 0

@@ -5,13 +5,15 @@ what re-checks live connections when the policy or the peer's certificate
 changes (closing exactly those that became denied, with a reason), what
 enforces the idle timeout, and what drains on shutdown. Byte counts are
 plain integers on the entry, summed at scrape time, so the copy loop pays
-nothing for metrics.
+nothing for metrics. Established connections are also indexed by
+(direction, peer ID), so that a policy change looks only at the peers it
+concerns (sidecar/rejudge.py).
 """
 
 from __future__ import annotations
 
 import itertools
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
 
@@ -54,6 +56,7 @@ class Registry:
     closed_bytes_in: dict[str, int] = field(default_factory=dict)
     closed_bytes_out: dict[str, int] = field(default_factory=dict)
     _empty: trio.Event | None = None
+    _by_peer: dict[tuple[str, SpiffeId], dict[int, LiveConnection]] = field(default_factory=dict)
 
     def open(
         self,
@@ -70,9 +73,25 @@ class Registry:
         self._live[entry.id] = entry
         return entry
 
+    def establish(self, entry: LiveConnection) -> None:
+        """Index an entry the gate let in (its peer_id set) under (direction, peer)."""
+        if entry.peer_id is not None and entry.id in self._live:
+            self._by_peer.setdefault((entry.direction, entry.peer_id), {})[entry.id] = entry
+
+    def peers(self) -> Mapping[tuple[str, SpiffeId], Mapping[int, LiveConnection]]:
+        """Established connections by (direction, peer ID): the index itself, read-only."""
+        return self._by_peer
+
     def remove(self, entry: LiveConnection) -> None:
         if self._live.pop(entry.id, None) is None:
             return
+        if entry.peer_id is not None:
+            key = (entry.direction, entry.peer_id)
+            group = self._by_peer.get(key)
+            if group is not None:
+                group.pop(entry.id, None)
+                if not group:
+                    del self._by_peer[key]
         d = entry.direction
         self.closed_bytes_in[d] = self.closed_bytes_in.get(d, 0) + entry.bytes_in
         self.closed_bytes_out[d] = self.closed_bytes_out.get(d, 0) + entry.bytes_out
@@ -103,10 +122,22 @@ class Registry:
             self._empty = trio.Event()
         await self._empty.wait()
 
-    def close_where(self, predicate: Callable[[LiveConnection], str | None]) -> int:
-        """Close every established connection for which `predicate` names a reason."""
+    def close_where(
+        self,
+        predicate: Callable[[LiveConnection], str | None],
+        *,
+        among: Iterable[int] | None = None,
+    ) -> int:
+        """Close every established connection for which `predicate` names a reason.
+
+        `among`: look only at the connections of these ids (the others are kept).
+        """
+        if among is None:
+            entries = list(self._live.values())
+        else:
+            entries = [e for e in map(self._live.get, among) if e is not None]
         closed = 0
-        for entry in list(self._live.values()):
+        for entry in entries:
             if not entry.established:
                 continue
             reason = predicate(entry)

@@ -72,3 +72,11 @@ def test_dash_h_is_help_for_every_command() -> None:
         assert result.exit_code == 0, (path, result.output)
         assert result.stdout.startswith("Usage: "), path
         assert result.stdout == CliRunner().invoke(cli, [*path, "--help"]).stdout
+
+
+def test_the_version_reported_is_the_installed_one() -> None:
+    from importlib.metadata import version
+
+    from meshid.version import VERSION
+
+    assert VERSION == version("meshid") == __version__

@@ -13,7 +13,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from meshid.feedwire import Feed
+from meshid.feedwire import DeltaMismatch, Feed, PolicyDelta
 from meshid.spiffeid import SpiffeId
 from meshid.wire import (
     WIRE_VERSION,
@@ -39,6 +39,16 @@ MESSAGES: list[Any] = [
     SvidReply(WEB, PEM, "1f", "2030-01-01T00:00:00+00:00", 3),
     Feed(4, 2, 3, ((WEB, API),), (API,), PEM),
     Feed(0, 0, 1, (), (), PEM),
+    Feed(5, 2, 3, (), (), PEM, delta=PolicyDelta(4, ((WEB, API),), ((API, WEB),))),
+    Feed(
+        5,
+        2,
+        3,
+        (),
+        (),
+        PEM,
+        delta=PolicyDelta(3, prefix_added=((str(WEB), "spiffe://example.org/ns/*"),)),
+    ),
     ReportAck(),
 ]
 PARSERS = [
@@ -100,6 +110,7 @@ def test_an_odd_error_body_still_says_something_printable() -> None:
         WatchQuery(),
         WatchQuery(4, 2, 3, 25.0),
         WatchQuery(0, 0, 1, 0.0),
+        WatchQuery(4, 2, 3, 25.0, delta=True),
     ],
 )
 def test_the_watch_query_round_trips(query: WatchQuery) -> None:
@@ -217,3 +228,40 @@ def test_an_enrollment_by_jwt_carries_an_empty_token_for_older_authorities() -> 
         EnrollRequest.parse({"v": 1, "token": "", "csr": "PEM"})
     with pytest.raises(WireError, match="jwt"):
         EnrollRequest.parse({"v": 1, "token": "", "csr": "PEM", "jwt": 5})
+
+
+def test_a_delta_applies_only_to_the_version_it_was_cut_from() -> None:
+    held = Feed(4, 1, 3, ((WEB, API), (API, WEB)), (), PEM, prefix_rules=((str(API), "x/*"),))
+    other = SpiffeId.parse("spiffe://example.org/other")
+    delta = Feed(5, 2, 3, (), (API,), PEM, delta=PolicyDelta(4, ((WEB, other),), ((API, WEB),)))
+    full = delta.applied_to(held)
+    assert full.delta is None
+    assert set(full.pairs) == {(WEB, API), (WEB, other)}
+    assert full.prefix_rules == held.prefix_rules
+    assert (full.policy_version, full.revocation_version, full.revoked) == (5, 2, (API,))
+    with pytest.raises(DeltaMismatch, match="cut from policy version 4, this sidecar holds 5"):
+        delta.applied_to(full)
+    # A full feed applies to anything: it is what it is.
+    assert full.applied_to(held) is full
+
+
+def test_a_watch_query_asks_for_deltas_only_when_told() -> None:
+    assert "delta" not in WatchQuery(1, 1, 1).to_query()
+    assert WatchQuery.parse({"delta": "1"}).delta
+    assert not WatchQuery.parse({"delta": "yes"}).delta
+
+
+def test_an_old_reader_of_a_full_feed_never_sees_a_delta_field() -> None:
+    assert "delta" not in Feed(0, 0, 1, ((WEB, API),), (), PEM).to_json()
+
+
+def test_a_malformed_delta_names_the_field() -> None:
+    doc = Feed(5, 0, 1, (), (), PEM, delta=PolicyDelta(4, ((WEB, API),))).to_json()
+    doc["delta"]["pairs_added"][0] = ["spiffe://example.org/web"]
+    with pytest.raises(
+        WireError, match=r"delta.pairs_added\[0\]: must be a \[source, target\] pair"
+    ):
+        Feed.parse(doc)
+    doc["delta"] = {"base_version": -1}
+    with pytest.raises(WireError, match=r"delta.base_version"):
+        Feed.parse(doc)

@@ -241,3 +241,49 @@ async def test_a_serial_revoked_by_the_feed_cuts_exactly_that_svids_connections(
             await _echo(from_db, b"db still talks")
     assert closed == 1
     assert cut["reason"] == "identity_revoked" and cut["peer_id"] == WEB
+
+
+@pytest.mark.parametrize("chunk", [None, 1], ids=["at-once", "by-the-duty-in-chunks"])
+async def test_a_change_cuts_exactly_the_denied_peers_among_hundreds_of_live_connections(
+    mesh: Mesh, backend: Backend, chunk: int | None
+) -> None:
+    """Three peers, 60 live connections each: denying one cuts its 60, the 120 others talk on.
+
+    With chunks of one peer, the change (which adds a prefix rule, so every peer is
+    judged) is left to the re-judge duty, which judges a peer between checkpoints.
+    """
+    names = ("web", "db", "cache")
+    allow = [(name, "api") for name in names]
+    api = await mesh.start("api", forward=backend.addr, allow=allow)
+    if chunk is not None:
+        api.sidecar.rejudge_chunk = chunk
+    clients = [
+        await mesh.start(name, outbound=[("api", api.inbound)], allow=allow) for name in names
+    ]
+    per_peer = 60
+    with trio.fail_after(30):
+        streams: dict[str, list[trio.SocketStream]] = {name: [] for name in names}
+        for name, client in zip(names, clients, strict=True):
+            for i in range(per_peer):
+                stream = await connect(client.outbound())
+                streams[name].append(stream)
+                await _echo(stream, f"{name}{i}".encode())
+        kept = [(SpiffeId.parse(sid(n)), SpiffeId.parse(API)) for n in names if n != "db"]
+        unrelated = [("spiffe://example.org/elsewhere/*", API)]
+        closed = api.sidecar.install_policy(Policy.build(kept, 9, prefix_rules=unrelated))
+        [done] = await api.log.wait_for("policy", version=9)
+        assert done["closed_connections"] == per_peer
+        assert closed == (per_peer if chunk is None else 0)
+        if chunk is not None:
+            assert done["rejudged_groups"] == 3
+        for stream in streams["db"]:
+            assert await wait_cut(stream) == b""
+        for name in ("web", "cache"):
+            for i, stream in enumerate(streams[name]):
+                await _echo(stream, f"{name} still {i}".encode())
+        cuts = await api.log.wait_for("close", reason="policy_revoked", count=per_peer)
+        for stream in (s for group in streams.values() for s in group):
+            await stream.aclose()
+    assert {c["peer_id"] for c in cuts} == {DB}
+    assert len(api.log.find("close", reason="policy_revoked")) == per_peer
+    assert metric(api.sidecar, "meshid_connections_closed_total", reason="policy_revoked") == 60
