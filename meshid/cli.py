@@ -150,12 +150,14 @@ def doctor_cmd(state: str | None, config: str | None, as_json: bool) -> None:
 
     if (state is None) == (config is None):
         raise click.UsageError("give either --state DIR or --config FILE")
-    if state is not None:
-        from meshid.clock import system_clock
+    from meshid.clock import system_clock
 
+    if state is not None:
         checks = importlib.import_module("ca.doctor").check_state(_path(state), system_clock())
     else:
-        checks = importlib.import_module("sidecar.doctor").check_config(_path(str(config)))
+        checks = importlib.import_module("sidecar.doctor").check_config(
+            _path(str(config)), clock=system_clock()
+        )
     if as_json:
         click.echo(json.dumps(document(checks)))
     else:

@@ -118,6 +118,9 @@ class StatusReport:
     # Added later (an older sidecar sends none): the IP:PORT addresses at which this
     # workload is reached, for the authority's address map (transparent interception).
     advertise: tuple[str, ...] = ()
+    # Added later (an older sidecar sends none): the sidecar's wall clock as it sent the
+    # report, which the authority compares with its own (see `meshid.skew`).
+    sent_at: datetime | None = None
 
     def to_json(self) -> dict[str, Any]:
         """The wire and storage form; `parse_report(r.to_json()) == r`."""
@@ -162,6 +165,7 @@ class StatusReport:
             ],
             "refusals_omitted": self.refusals_omitted,
             "advertise": list(self.advertise),
+            "sent_at": _iso(self.sent_at),
         }
 
     def encode(self) -> str:
@@ -248,6 +252,7 @@ def parse_report(doc: object) -> StatusReport:
         ),
         refusals_omitted=min(MAX_INT, refusals_omitted + _int(fields, "refusals_omitted", 0)),
         advertise=_advertise(fields.get("advertise", [])),
+        sent_at=_opt_time(fields, "sent_at"),
     )
 
 

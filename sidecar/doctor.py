@@ -5,21 +5,27 @@ key 0600; in authority mode the state directory is a directory of ours,
 0700 and writable; and the SVID on disk, if any, is not expired or close
 to it. In authority mode, one TLS request to the authority's health
 endpoint, verified against the configured bundle and the authority's
-SPIFFE ID exactly as the sidecar does, judged by `sidecar.failures`.
+SPIFFE ID exactly as the sidecar does, judged by `sidecar.failures`; the
+authority's time in that answer judges this host's clock (`meshid.skew`:
+its reading against the window from just before the request to just after
+the answer).
 """
 
 from __future__ import annotations
 
 import os
 import stat
-from datetime import UTC, datetime
+from datetime import datetime
 from pathlib import Path
+from typing import Any
 
 import trio
 from cryptography import x509
 
+from meshid.clock import Clock
 from meshid.doctor import Check
 from meshid.errors import MeshIdError
+from meshid.skew import SKEW_LIMIT, clock_offset, format_skew, too_skewed
 from meshid.wire import HEALTH
 from sidecar.config import AuthoritySource, SidecarConfig, load_config
 from sidecar.control import ControlClient, ControlPlaneError
@@ -28,42 +34,77 @@ from sidecar.statedir import KEY_FILE, SVID_FILE
 EXPIRY_SHARE = 0.25  # fail when less than this share of the SVID lifetime is left
 
 
-def check_config(path: Path, now: datetime | None = None, timeout: float = 5.0) -> list[Check]:
+def check_config(
+    path: Path, now: datetime | None = None, timeout: float = 5.0, *, clock: Clock
+) -> list[Check]:
     try:
         config = load_config(path)
     except MeshIdError as exc:
         return [Check("config", False, exc.message, "fix the key the message names")]
     checks = [Check("config", True, f"{path} loads; identity {config.identity}")]
     checks += _files(config)
-    checks.append(_svid_expiry(config, now or datetime.now(UTC)))
+    checks.append(_svid_expiry(config, now or clock.wall()))
     if isinstance(config.source, AuthoritySource):
-        checks.append(_reachable(config, config.source, timeout))
+        checks += _reachable(config, config.source, timeout, clock)
     return checks
 
 
-def _reachable(config: SidecarConfig, source: AuthoritySource, timeout: float) -> Check:
-    """One unauthenticated GET /healthz over TLS: reachable, speaking TLS, with the right ID."""
+def _reachable(
+    config: SidecarConfig, source: AuthoritySource, timeout: float, clock: Clock
+) -> list[Check]:
+    """One unauthenticated GET /healthz over TLS: reachable, speaking TLS, with the right ID;
+    and, from its answer, this host's clock against the authority's."""
     address = source.server
     client = ControlClient(address.host, address.port, config.trust_domain, timeout=timeout)
     try:
         bundle_pem = source.bundle.read_bytes()
     except OSError as exc:
-        return Check(
-            "authority", False, f"{source.bundle}: {exc.strerror}", "fix [authority] bundle"
-        )
+        return [
+            Check("authority", False, f"{source.bundle}: {exc.strerror}", "fix [authority] bundle")
+        ]
+    before = clock.wall()
 
-    async def probe() -> None:
-        await client.request("GET", HEALTH, None, bundle_pem=bundle_pem, now=datetime.now(UTC))
+    async def probe() -> dict[str, Any]:
+        return await client.request("GET", HEALTH, None, bundle_pem=bundle_pem, now=before)
 
     try:
-        trio.run(probe)
+        answer = trio.run(probe)
     except ControlPlaneError as exc:
         if exc.status:  # it answered over verified TLS: reachable, even if unhealthy
-            return Check(
-                "authority", True, f"{address} answers as {client.expected} ({exc.status})"
-            )
-        return Check("authority", False, exc.message, exc.brief)
-    return Check("authority", True, f"{address} answers over TLS as {client.expected}")
+            return [
+                Check("authority", True, f"{address} answers as {client.expected} ({exc.status})")
+            ]
+        return [Check("authority", False, exc.message, exc.brief)]
+    after = clock.wall()
+    reached = Check("authority", True, f"{address} answers over TLS as {client.expected}")
+    return [reached, _clock_skew(answer.get("time"), before, after)]
+
+
+def _clock_skew(reading: object, before: datetime, after: datetime) -> Check:
+    limit = int(SKEW_LIMIT.total_seconds())
+    try:
+        theirs = datetime.fromisoformat(reading) if isinstance(reading, str) else None
+    except ValueError:
+        theirs = None
+    if theirs is None or theirs.tzinfo is None:
+        return Check("clock_skew", True, "the authority does not tell its time (older version)")
+    # the authority's clock against ours, turned round: this host's clock against the authority's
+    skew = -clock_offset(theirs, before, after).total_seconds()
+    data = {"limit_seconds": limit, "skew_seconds": round(skew, 3)}
+    if too_skewed(skew):
+        return Check(
+            "clock_skew",
+            False,
+            f"this host's clock is {format_skew(skew)} off the authority's, more than {limit}s",
+            "sync this host's clock (NTP); past the limit fresh SVIDs look not yet valid",
+            data,
+        )
+    return Check(
+        "clock_skew",
+        True,
+        f"this host's clock is within {limit}s of the authority's ({format_skew(skew)})",
+        data=data,
+    )
 
 
 def _readable(path: Path, *, private: bool) -> str | None:

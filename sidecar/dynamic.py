@@ -132,6 +132,7 @@ class DynamicIdentity(FeedFollower):
             self._note,
             self.pacing,
             rand,
+            wall=current.wall,
         )
 
     # -- files --
