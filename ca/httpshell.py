@@ -21,6 +21,7 @@ from meshid.version import SERVER_HEADER
 from meshid.wire import (
     ADMIN_POLICY,
     ADMIN_REVOKE,
+    ADMIN_RUN,
     BUNDLE,
     ENROLL,
     HEALTH,
@@ -41,6 +42,7 @@ ROUTES: dict[str, tuple[str, ...]] = {
     JWT_SVID: ("POST",),
     ADMIN_POLICY: ("POST",),
     ADMIN_REVOKE: ("POST",),
+    ADMIN_RUN: ("POST",),
 }
 # RFC 9110's methods: known to this server, so a path that does not take one says 405
 KNOWN_METHODS = frozenset(

@@ -67,6 +67,7 @@ WATCH = "/v1/watch"
 JWT_SVID = "/v1/jwt-svid"
 ADMIN_POLICY = "/v1/admin/policy"  # operators only (see ca.adminapi, meshid.adminwire)
 ADMIN_REVOKE = "/v1/admin/revoke"
+ADMIN_RUN = "/v1/admin/run"  # any command of `ca.remotetable`, run for an operator
 HEALTH = "/healthz"
 
 MAX_INT = 2**63 - 1
