@@ -22,7 +22,7 @@ from ca.values import REPORT_FRESH, printable
 from meshid.cli import Command, Group
 
 CREATE = "create"  # the hidden subcommand behind `meshid ca token ID`
-_VALUED = frozenset({"--state", "--ttl", "--dns", "--ip"})
+_VALUED = frozenset({"--state", "--server", "--svid", "--ttl", "--dns", "--ip"})
 
 
 class TokenGroup(Group):

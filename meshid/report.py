@@ -28,6 +28,11 @@ connection is still counted in `pairs` and `live_connections`, and a sidecar
 under attack (many quarantined sources) keeps reporting. A refused report
 leaves the sidecar's previous one in place.
 
+The sidecar stamps each report with its wall clock as it sends it
+(`sent_at`, added later: a report without it is still accepted); the
+authority measures the skew from it (`meshid.skew`) and keeps that beside
+the report, never taking a skew the sidecar claims.
+
 Anything else malformed is refused with reason ``invalid_report``. Fields
 this version does not know are dropped, so older authorities accept reports
 from newer sidecars.

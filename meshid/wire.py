@@ -11,6 +11,8 @@ replies through it. Pure: no I/O, stdlib only.
     GET  /v1/watch?WatchQuery                                 -> Feed (mTLS; meshid.feedwire)
     GET  /v1/bundle                                           -> SPIFFE bundle (JWKS)
     POST /v1/jwt-svid JwtSvidRequest {spiffe_id, audience}    -> JwtSvidReply (mTLS)
+    POST /v1/admin/run  meshid.adminwire.RunCall             -> RunAnswer (mTLS, operators)
+    GET  /healthz     {status, version, …, time}              (time: for doctor's clock check)
     any refusal                                               -> ErrorBody {error, message}
 
 Each parse checks the whole document and raises `WireError` (an

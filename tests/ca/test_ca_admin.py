@@ -127,27 +127,12 @@ def test_operator_changes_policy_remotely_and_a_workload_is_refused(tmp_path: Pa
 
 def _older_client_call(listen: str, svid: Path, body: bytes) -> bytes:
     """POST /v1/admin/policy as a client from before /v1/admin/run would."""
-    import socket
-    import ssl
-
-    host, _, port = listen.rpartition(":")
-    ctx = ssl.create_default_context(cafile=str(svid / "bundle.pem"))
-    ctx.check_hostname = False
-    ctx.load_cert_chain(svid / "svid.pem", svid / "svid.key")
     request = (
         b"POST /v1/admin/policy HTTP/1.1\r\nhost: ca\r\nconnection: close\r\n"
         + f"content-length: {len(body)}\r\n\r\n".encode()
         + body
     )
-    with (
-        socket.create_connection((host, int(port)), timeout=30) as raw,
-        ctx.wrap_socket(raw) as tls,
-    ):
-        tls.sendall(request)
-        data = b""
-        while chunk := tls.recv(65536):
-            data += chunk
-    return data
+    return tls_exchange(int(listen.rpartition(":")[2]), svid / "bundle.pem", request, svid)
 
 
 def test_a_database_of_the_version_before_gains_the_operator_list(tmp_path: Path) -> None:

@@ -81,7 +81,13 @@ def test_reads_print_the_same_remotely_as_locally(mesh: Mesh) -> None:
     assert "BEGIN CERTIFICATE" in mesh.same("ca", "bundle")
     mesh.same("ca", "attestor", "list", "--json")
     assert "intact" in mesh.same("ca", "audit", "verify")
-    # a usage error in the remote command is the same usage error
+    assert "would cut 0 live connection(s)" in mesh.same(
+        "policy", "deny", "/web", "/api", "--dry-run"
+    )
+    # options before the subcommand of `ca token` (its ID is optional there)
+    tokens = run("ca", "token", *mesh.alice, "list", "--json")
+    assert tokens.exit_code == 0 and json.loads(tokens.stdout)["tokens"]
+    # a usage error is the same usage error (click finds it before anything is sent)
     mesh.same("policy", "check", "/web")
 
 
