@@ -56,8 +56,19 @@ def _status(returncode: int) -> int:
 
 
 async def run_for_operator(
-    operator: SpiffeId, call: RunCall, state_dir: Path, limiter: trio.CapacityLimiter
+    operator: SpiffeId,
+    call: RunCall,
+    state_dir: Path,
+    limiter: trio.CapacityLimiter,
+    *,
+    entry: str = ENTRY,
+    time_limit: float = RUN_TIMEOUT,
 ) -> Reply:
+    """The command's output and exit status as a `RunAnswer`, or 504 past `time_limit`.
+
+    `entry` is the Python the child runs (the command line's `main`; a test
+    puts a stand-in there).
+    """
     with tempfile.TemporaryDirectory(prefix="meshid-run-") as tmp:
         args = list(call.args)
         names: dict[bytes, bytes] = {}
@@ -69,7 +80,7 @@ async def run_for_operator(
         argv = [
             sys.executable,
             "-c",
-            ENTRY,
+            entry,
             "--acting-operator",
             str(operator),
             *call.command,
@@ -78,7 +89,7 @@ async def run_for_operator(
             str(state_dir),
         ]
         async with limiter:
-            with trio.move_on_after(RUN_TIMEOUT) as scope:
+            with trio.move_on_after(time_limit) as scope:
                 done = await trio.run_process(
                     argv,
                     stdin=b"",
@@ -91,7 +102,7 @@ async def run_for_operator(
             return error(
                 504,
                 Reason.REMOTE_CALL_TIMEOUT,
-                f"'{' '.join(call.command)}' ran past {RUN_TIMEOUT:.0f}s on the authority "
+                f"'{' '.join(call.command)}' ran past {time_limit:.0f}s on the authority "
                 "and was stopped",
             )
     stdout, stderr = done.stdout, done.stderr

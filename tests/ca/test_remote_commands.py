@@ -215,3 +215,50 @@ def test_the_server_runs_only_what_the_table_allows(mesh: Mesh, tmp_path: Path) 
         with pytest.raises(RemoteRefused) as info:
             remote.run(call)
         assert info.value.reason == "remote_call_refused", call
+
+
+# -- the runner itself, with a stand-in for the command line ----------------------
+
+SHOW_FILE = (
+    "import os, sys; a = sys.argv; p = a[a.index('-f') + 1]; "
+    "print(p, oct(os.stat(p).st_mode & 0o777), open(p).read(), a[a.index('--state') + 1]); "
+    "print('to stderr: ' + p, file=sys.stderr); sys.exit(3)"
+)
+
+
+async def test_the_runner_sends_files_privately_and_names_them_as_typed(tmp_path: Path) -> None:
+    import trio
+
+    from ca.adminrun import run_for_operator
+    from meshid.adminwire import RunAnswer, RunCall, RunFile
+    from meshid.spiffeid import SpiffeId
+
+    call = RunCall(("policy", "apply"), ("-f", "mine.toml"), (RunFile(1, b"CONTENT"),))
+    reply = await run_for_operator(
+        SpiffeId.parse(ALICE), call, tmp_path, trio.CapacityLimiter(1), entry=SHOW_FILE
+    )
+    assert reply.status == 200
+    answer = RunAnswer.parse(reply.body)
+    assert answer.exit_code == 3
+    assert answer.stdout == f"mine.toml 0o600 CONTENT {tmp_path}\n".encode()
+    assert answer.stderr == b"to stderr: mine.toml\n"
+
+
+async def test_a_command_that_runs_too_long_is_stopped(tmp_path: Path) -> None:
+    import trio
+
+    from ca.adminrun import run_for_operator
+    from meshid.adminwire import RunCall
+    from meshid.spiffeid import SpiffeId
+
+    hang = "import time; time.sleep(60)"
+    with trio.fail_after(20):
+        reply = await run_for_operator(
+            SpiffeId.parse(ALICE),
+            RunCall(("ca", "status")),
+            tmp_path,
+            trio.CapacityLimiter(1),
+            entry=hang,
+            time_limit=0.5,
+        )
+    assert reply.status == 504 and reply.body["error"] == "remote_call_timeout"
