@@ -64,8 +64,9 @@ def state_or_server_option(func: F) -> F:
     from ca.remote import remote_options, remote_or_none, run_remotely
 
     @functools.wraps(func)
-    def either(*args: Any, state: Path | None, server: str | None, svid: Path | None,
-               **kwargs: Any) -> Any:  # fmt: skip
+    def either(
+        *args: Any, state: Path | None, server: str | None, svid: Path | None, **kwargs: Any
+    ) -> Any:
         remote = remote_or_none(state, server, svid)
         if remote is not None:
             run_remotely(remote, click.get_current_context())
