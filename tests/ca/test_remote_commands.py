@@ -84,6 +84,14 @@ def test_reads_print_the_same_remotely_as_locally(mesh: Mesh) -> None:
     assert "would cut 0 live connection(s)" in mesh.same(
         "policy", "deny", "/web", "/api", "--dry-run"
     )
+    mesh.same("federation", "remove", "b.example")  # an error: the same one line, exit 1
+    mesh.same("federation", "refresh")
+    mesh.same("ca", "attestor", "remove", "nobody")
+    mesh.same(  # the keys are fetched from the authority's host, and fail there alike
+        "ca", "attestor", "add", "k8s", "--issuer", "https://issuer.example",
+        "--jwks-url", "https://127.0.0.1:1/jwks", "--audience", "meshid", "--template", "ns/{ns}",
+    )  # fmt: skip
+    mesh.same("ca", "audit", "export")  # the remote call's own row is in both
     # options before the subcommand of `ca token` (its ID is optional there)
     tokens = run("ca", "token", *mesh.alice, "list", "--json")
     assert tokens.exit_code == 0 and json.loads(tokens.stdout)["tokens"]
