@@ -1,20 +1,25 @@
-"""Management calls over the control plane's mTLS: policy and revocation, by operators only.
+"""Management calls over the control plane's mTLS, by operators only.
 
 The caller is authenticated like any sidecar (a current SVID of ours, not
 revoked) and must then be on the authority's operator list; anyone else is
-refused 403 `not_operator`, and the refusal is audited too. Every call an
-operator makes is audited with its ID: changes in their own audit row
-(`policy_allow`, `policy_deny`, `revoke`, with `operator`), reads and
-no-op changes as `operator_call`.
+refused 403 `not_operator`, and the refusal is audited too.
+
+``POST /v1/admin/run`` (`authorise_run` here, then `ca.adminrun`) runs any
+command of `ca.remotetable` for the operator: the call is audited as
+`operator_call` with the operator, the command and its arguments before it
+runs, and every change the command makes is audited in its own row with
+`operator` as well. The older routes (`ADMIN_ROUTES`: policy and
+revocation by ID) stay for older clients and are audited the same way.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 
-from ca.api import ControlApi, Reply, Request
-from meshid.adminwire import MAX_PAGE, AdminAnswer, PolicyCall, RevokeCall
-from meshid.errors import AuthorityError, PolicyError
+from ca.api import ControlApi, Reply, Request, error_for
+from ca.remotetable import check_call
+from meshid.adminwire import MAX_PAGE, AdminAnswer, PolicyCall, RevokeCall, RunCall
+from meshid.errors import AuthorityError, InvalidInput, MeshIdError, PolicyError
 from meshid.reasons import Reason
 from meshid.spiffeid import SpiffeId
 from meshid.wire import ADMIN_POLICY, ADMIN_REVOKE, decode
@@ -89,3 +94,22 @@ ADMIN_ROUTES: dict[tuple[str, str], Callable[[ControlApi, Request], Reply]] = {
     ("POST", ADMIN_POLICY): admin_policy,
     ("POST", ADMIN_REVOKE): admin_revoke,
 }
+
+
+def authorise_run(api: ControlApi, req: Request) -> tuple[SpiffeId, RunCall] | Reply:
+    """An operator's run call, checked against `ca.remotetable` and audited; or the refusal."""
+    try:
+        operator = _operator(api, req)
+        call = RunCall.parse(decode(req.body, "run call"))
+        command = " ".join(call.command)[:128]
+        try:
+            check_call(call.command, call.args, frozenset(f.at for f in call.files))
+        except InvalidInput as exc:
+            api.authority.audit_call(
+                operator, req.path, command=command, refused=exc.reason, why=exc.message
+            )
+            raise
+        api.authority.audit_call(operator, req.path, command=command, args=list(call.args))
+    except MeshIdError as exc:
+        return error_for(exc)
+    return operator, call

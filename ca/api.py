@@ -50,6 +50,7 @@ from meshid.errors import (
 from meshid.ratelimit import FailureLimiter
 from meshid.reasons import Reason
 from meshid.report import TOO_LARGE, decode_report
+from meshid.skew import clock_offset
 from meshid.spiffeid import SpiffeId
 from meshid.svid import certs_to_pem, verify_svid
 from meshid.version import VERSION
@@ -84,6 +85,9 @@ class Request:
     body: bytes
     source: str  # the client's IP address, for rate limiting and the audit
     peer_cert: x509.Certificate | None = None
+    # When the request began to arrive (wall clock): with the time it is handled, the
+    # window a sidecar's clock reading is judged against (see `meshid.skew`).
+    received: datetime | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -333,7 +337,12 @@ class ControlApi:
         """
         caller = self._caller(req)
         report = decode_report(req.body)
-        self.authority.record_report(caller, report)
+        skew = None
+        if report.sent_at is not None:
+            now = self.clock()
+            earliest = min(req.received or now, now)
+            skew = clock_offset(report.sent_at, earliest, now).total_seconds()
+        self.authority.record_report(caller, report, skew=skew)
         self.authority.record_advertised(caller)
         return Reply(200, ReportAck().to_json())
 
@@ -362,6 +371,7 @@ class ControlApi:
                 "policy_version": policy,
                 "revocation_version": revocation,
                 "bundle_sequence": sequence,
+                "time": self.clock().isoformat(),  # for `meshid doctor --config`'s clock check
             },
         )
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from ca.cliopts import open_authority, state_option
+from ca.cliopts import open_authority, state_or_server_option
 from meshid.cli import Group
 from meshid.errors import InvalidInput
 from meshid.jwtattest import Attestor
@@ -29,7 +29,7 @@ def _claim_pairs(claims: tuple[str, ...]) -> tuple[tuple[str, str], ...]:
 
 
 @attestor_group.command("add")
-@state_option
+@state_or_server_option
 @click.argument("name")
 @click.option("--issuer", required=True, help="The tokens' iss, exactly.")
 @click.option(
@@ -72,7 +72,7 @@ def add_cmd(
 
 
 @attestor_group.command("list")
-@state_option
+@state_or_server_option
 @click.option("--json", "as_json", is_flag=True, help="One JSON array.")
 def list_cmd(state: Path, as_json: bool) -> None:
     """The attestors: name, issuer, audience, keys, template, required claims."""
@@ -99,7 +99,7 @@ def list_cmd(state: Path, as_json: bool) -> None:
 
 
 @attestor_group.command("remove")
-@state_option
+@state_or_server_option
 @click.argument("name")
 def remove_cmd(state: Path, name: str) -> None:
     """Stop trusting an attestor's tokens (SVIDs already issued stay valid until they expire)."""

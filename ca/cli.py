@@ -21,6 +21,7 @@ from ca.cliopts import (
     DURATION,
     _closed_with_command,
     _ips,
+    local_only,
     open_authority,
     passphrase_option,
     read_passphrase,
@@ -47,6 +48,7 @@ def ca_group() -> None:
 
 @ca_group.command("init")
 @state_option
+@local_only("ca", "init")
 @click.option("--trust-domain", required=True, help="Lowercase DNS-like name, e.g. example.org.")
 @click.option(
     "--svid-ttl",
@@ -91,6 +93,7 @@ def init_cmd(
 
 @ca_group.command("issue")
 @state_option
+@local_only("ca", "issue")
 @click.argument("spiffe_id", metavar="ID")
 @click.option(
     "--out", required=True, type=click.Path(path_type=Path, file_okay=False), help="Output dir."
@@ -141,7 +144,7 @@ def token_group() -> None:
 
 
 @token_group.command(CREATE, hidden=True)
-@state_option
+@state_or_server_option
 @click.argument("spiffe_id", metavar="ID")
 @click.option(
     "--ttl",
@@ -166,27 +169,10 @@ def token_cmd(
 @state_or_server_option
 @click.argument("spiffe_id", metavar="[ID]", required=False)
 @click.option("--serial", help="Revoke only the SVID with this serial (hex), not the identity.")
-def revoke_cmd(
-    state: Path | None,
-    server: str | None,
-    svid: Path | None,
-    spiffe_id: str | None,
-    serial: str | None,
-) -> None:
+def revoke_cmd(state: Path, spiffe_id: str | None, serial: str | None) -> None:
     """Revoke ID (or one SVID by --serial): sidecars drop and refuse it; no renewal."""
-    from ca.remote import echo_answer, remote_or_none
-    from meshid.adminwire import RevokeCall
-    from meshid.wire import ADMIN_REVOKE
-
     if (spiffe_id is None) == (serial is None):
         raise click.UsageError("give either ID or --serial SERIAL")
-    remote = remote_or_none(state, server, svid)
-    if remote is not None:
-        if spiffe_id is None:
-            raise click.UsageError("--serial needs --state (the remote API revokes by ID)")
-        echo_answer(remote.call(ADMIN_REVOKE, RevokeCall(spiffe_id).to_json()))
-        return
-    assert state is not None
     authority = open_authority(state)
     if serial is not None:
         owner, version = authority.revoke_serial(serial)
@@ -199,7 +185,7 @@ def revoke_cmd(
 
 
 @ca_group.command("unrevoke")
-@state_option
+@state_or_server_option
 @click.argument("spiffe_id", metavar="ID")
 def unrevoke_cmd(state: Path, spiffe_id: str) -> None:
     """Lift ID's revocation: it may renew and connect again (an ID not revoked is left as it is)."""
@@ -213,7 +199,7 @@ def unrevoke_cmd(state: Path, spiffe_id: str) -> None:
 
 
 @ca_group.command("bundle")
-@state_option
+@state_or_server_option
 @click.option(
     "--format",
     "fmt",
@@ -235,6 +221,7 @@ def bundle_cmd(state: Path, fmt: str) -> None:
 
 @ca_group.command("serve")
 @state_option
+@local_only("ca", "serve")
 @click.option("--listen", required=True, help="HOST:PORT to serve the control plane on (TLS).")
 @click.option("--dns", multiple=True, help="DNS name clients reach the server by (repeatable).")
 @click.option("--ip", multiple=True, help="IP address clients reach the server by (repeatable).")
@@ -330,6 +317,7 @@ def serve_cmd(
 
 @ca_group.command("rotate")
 @state_option
+@local_only("ca", "rotate")
 @click.option(
     "--propagation",
     type=DURATION,
@@ -369,7 +357,7 @@ def audit_group() -> None:
 
 
 @audit_group.command("verify")
-@state_option
+@state_or_server_option
 def audit_verify_cmd(state: Path) -> None:
     """Check the audit log's hash chain; exit 1 at the first broken entry."""
     authority = open_authority(state)
@@ -380,7 +368,7 @@ def audit_verify_cmd(state: Path) -> None:
 
 
 @audit_group.command("export")
-@state_option
+@state_or_server_option
 def audit_export_cmd(state: Path) -> None:
     """Print the audit log as JSON lines (oldest first)."""
     import json
@@ -399,7 +387,7 @@ def audit_export_cmd(state: Path) -> None:
 
 
 @ca_group.command("status")
-@state_option
+@state_or_server_option
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON document on stdout.")
 def status_cmd(state: Path, as_json: bool) -> None:
     """Enrolled workloads, running sidecars, SVID expiry, bundle held; warnings first."""

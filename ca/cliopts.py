@@ -7,17 +7,19 @@ never from argv, where every user of the machine could read them.
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import os
 from collections.abc import Callable
 from datetime import timedelta
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 import click
 
 from ca.authority import Authority
 from ca.values import check_ip
+from meshid.cli import ACTING_OPERATOR
 from meshid.clock import system_clock
 from meshid.duration import parse_duration
 from meshid.errors import InvalidInput, MeshIdError, StateError
@@ -53,17 +55,54 @@ def state_option(func: F) -> F:
 
 
 def state_or_server_option(func: F) -> F:
-    """--state DIR, or --server HOST:PORT --svid DIR (see `ca.remote`)."""
-    from ca.remote import remote_options
+    """--state DIR, or --server HOST:PORT --svid DIR (see `ca.remote`).
 
-    func = remote_options(func)
-    return click.option(
-        "--state",
-        "state",
-        envvar="MESHID_CA_STATE",
-        type=click.Path(path_type=Path, file_okay=False),
-        help="The authority's state directory [env MESHID_CA_STATE]; or --server/--svid.",
-    )(func)
+    The command itself takes `state: Path` and only ever runs locally: given
+    --server, the wrapper sends the command line to the control plane
+    instead, prints the answer and exits with its status.
+    """
+    from ca.remote import remote_options, remote_or_none, run_remotely
+
+    @functools.wraps(func)
+    def either(
+        *args: Any, state: Path | None, server: str | None, svid: Path | None, **kwargs: Any
+    ) -> Any:
+        remote = remote_or_none(state, server, svid)
+        if remote is not None:
+            run_remotely(remote, click.get_current_context())
+        return func(*args, state=state, **kwargs)
+
+    wrapped = remote_options(either)
+    return cast(
+        F,
+        click.option(
+            "--state",
+            "state",
+            envvar="MESHID_CA_STATE",
+            type=click.Path(path_type=Path, file_okay=False),
+            help="The authority's state directory [env MESHID_CA_STATE]; or --server/--svid.",
+        )(wrapped),
+    )
+
+
+def local_only(*words: str) -> Callable[[F], F]:
+    """For a command that acts on the authority's host itself (`ca.remotetable.LOCAL_ONLY`):
+    --server and --svid are accepted only to be refused with the reason, in one line,
+    before any other option is judged (a missing --state would otherwise speak first)."""
+    from ca.remote import refuse_server
+
+    def refuse(ctx: click.Context, param: click.Parameter, value: object) -> None:
+        if value is not None:
+            refuse_server(words)
+
+    def decorate(func: F) -> F:
+        for name in ("--svid", "--server"):
+            func = click.option(
+                name, hidden=True, expose_value=False, is_eager=True, callback=refuse
+            )(func)
+        return func
+
+    return decorate
 
 
 def passphrase_option(func: F) -> F:
@@ -89,9 +128,26 @@ def read_passphrase(path: Path | None) -> bytes | None:
 
 
 def _closed_with_command(authority: Authority) -> Authority:
-    """Close the database when the command ends, not whenever the GC gets to it."""
-    click.get_current_context().call_on_close(authority.close)
+    """Close the database when the command ends, not whenever the GC gets to it.
+
+    When the control plane runs the command for an operator (`ca.adminrun`),
+    every audit row it writes names that operator.
+    """
+    ctx = click.get_current_context()
+    ctx.call_on_close(authority.close)
+    operator = ctx.meta.get(ACTING_OPERATOR)
+    if isinstance(operator, str):
+        _attribute_audit(authority, operator)
     return authority
+
+
+def _attribute_audit(authority: Authority, operator: str) -> None:
+    plain = authority.store.audit
+
+    def audit(conn: Any, at: float, action: str, **details: Any) -> None:
+        plain(conn, at, action, **{"operator": operator, **details})
+
+    authority.store.audit = audit  # type: ignore[method-assign]
 
 
 def open_authority(state: Path, passphrase_file: Path | None = None) -> Authority:

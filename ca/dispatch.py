@@ -11,10 +11,12 @@ from __future__ import annotations
 
 import trio
 
+from ca.adminapi import authorise_run
+from ca.adminrun import run_for_operator
 from ca.api import Reply, Request, error
 from ca.plane import RETRY_AFTER, PlaneState, _failure_fields, _retry_later, _Slot, _unavailable
 from meshid.svid import leaf_spiffe_id
-from meshid.wire import ENROLL, RENEW, REPORT, WATCH, WatchQuery
+from meshid.wire import ADMIN_RUN, ENROLL, RENEW, REPORT, WATCH, WatchQuery
 
 BATCHED_PATHS = (ENROLL, RENEW, REPORT)  # writes: group-committed
 MAX_BATCH = 128
@@ -103,7 +105,17 @@ class Dispatcher(PlaneState):
                     self._watches[caller] -= 1
         if req.method == "POST" and req.path in BATCHED_PATHS:
             return await self._signed(req)
+        if req.method == "POST" and req.path == ADMIN_RUN:
+            return await self._admin_run(req)
         return await self._db_call(self.api.handle, req)
+
+    async def _admin_run(self, req: Request) -> Reply:
+        """An operator's command: authorised and audited in the database thread, run outside it."""
+        authorised = await self._db_call(authorise_run, self.api, req)
+        if isinstance(authorised, Reply):
+            return authorised
+        operator, call = authorised
+        return await run_for_operator(operator, call, self.authority.state_dir, self._runs)
 
     async def _signed(self, req: Request) -> Reply:
         """Queue a signing request; the batcher signs everything queued in one transaction."""

@@ -2,22 +2,24 @@
 
 Each check reads only; none changes the state directory. The sidecars'
 side is judged from the reports they sent: bundle agreement, SVID expiry,
-and who went silent. (Reports carry no clock reading, so clock skew is not
-judged here.)
+and who went silent, and each sidecar's clock against ours (measured when
+its report arrived, see `meshid.skew`).
 """
 
 from __future__ import annotations
 
 import stat
+from datetime import datetime
 from pathlib import Path
 
 from ca.authority import Authority
 from ca.rootlife import warning_text
 from ca.status import WARN_SHARE
-from ca.values import REPORT_FRESH, printable
+from ca.values import REPORT_FRESH, SidecarReport, printable
 from meshid.clock import Clock
 from meshid.doctor import Check
 from meshid.errors import MeshIdError
+from meshid.skew import SKEW_LIMIT, format_skew, too_skewed
 
 SECRET_DIRS = ("keys", "jwt")  # every file in these holds key material
 SECRET_FILES = ("audit.key",)
@@ -117,6 +119,7 @@ def _authority_checks(authority: Authority) -> list[Check]:
             "no reported SVID is close to expiry",
         )
     )
+    checks.append(_clock_skew(reports, now))
     if skipped:
         checks.append(
             Check("reports", False, printable("; ".join(skipped)), "a malformed report was skipped")
@@ -135,6 +138,40 @@ def _authority_checks(authority: Authority) -> list[Check]:
         )
     )
     return checks
+
+
+def _clock_skew(reports: list[SidecarReport], now: datetime) -> Check:
+    """Every fresh report with a clock reading, judged against `SKEW_LIMIT`."""
+    limit = int(SKEW_LIMIT.total_seconds())
+    measured = [e for e in reports if e.skew is not None and now - e.seen <= REPORT_FRESH]
+    data = {
+        "limit_seconds": limit,
+        "sidecars": [
+            {"spiffe_id": str(e.spiffe_id), "instance": e.instance, "skew_seconds": e.skew}
+            for e in measured
+        ],
+    }
+    off = [
+        f"{printable(str(e.spiffe_id))} [{printable(e.instance)}] {format_skew(e.skew)}"
+        for e in measured
+        if e.skew is not None and too_skewed(e.skew)
+    ]
+    if off:
+        return Check(
+            "clock_skew",
+            False,
+            f"{len(off)} sidecar clock(s) more than {limit}s off the authority's: "
+            + ", ".join(off),
+            "sync those hosts' clocks (NTP); past the limit fresh SVIDs look not yet valid",
+            data,
+        )
+    return Check(
+        "clock_skew",
+        True,
+        f"every sidecar clock reported is within {limit}s of the authority's "
+        f"({len(measured)} reading(s))",
+        data=data,
+    )
 
 
 def _listed(name: str, items: list[str], what: str, hint: str, fine: str) -> Check:

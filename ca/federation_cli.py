@@ -9,7 +9,7 @@ import click
 import trio
 
 from ca.authority import Authority
-from ca.cliopts import open_authority, state_option
+from ca.cliopts import open_authority, state_or_server_option
 from ca.federation import FederatedDomain
 from ca.federation_fetch import fetch_bundle, parse_endpoint_url
 from meshid.bundle import TrustBundle
@@ -53,7 +53,7 @@ def _line(f: FederatedDomain, authority: Authority) -> str:
 
 
 @federation_group.command("add")
-@state_option
+@state_or_server_option
 @click.argument("trust_domain")
 @click.option("--url", required=True, help="The trust domain's SPIFFE bundle endpoint (https).")
 @click.option("--endpoint-id", required=True, help="The SPIFFE ID that endpoint authenticates as.")
@@ -78,7 +78,7 @@ def add_cmd(state: Path, trust_domain: str, url: str, endpoint_id: str, bundle_f
 
 
 @federation_group.command("list")
-@state_option
+@state_or_server_option
 @click.option("--json", "as_json", is_flag=True, help="One JSON array.")
 def list_cmd(state: Path, as_json: bool) -> None:
     """The federated trust domains, their endpoints and the state of their bundles."""
@@ -93,7 +93,7 @@ def list_cmd(state: Path, as_json: bool) -> None:
 
 
 @federation_group.command("remove")
-@state_option
+@state_or_server_option
 @click.argument("trust_domain")
 def remove_cmd(state: Path, trust_domain: str) -> None:
     """Stop trusting TRUST_DOMAIN (its peers are refused from the next feed on)."""
@@ -103,7 +103,7 @@ def remove_cmd(state: Path, trust_domain: str) -> None:
 
 
 @federation_group.command("refresh")
-@state_option
+@state_or_server_option
 @click.argument("trust_domain", required=False)
 def refresh_cmd(state: Path, trust_domain: str | None) -> None:
     """Fetch the bundle of TRUST_DOMAIN (or of each federated one) now.

@@ -5,6 +5,7 @@ from __future__ import annotations
 import ssl
 from collections.abc import Sequence
 from dataclasses import dataclass
+from datetime import datetime
 from urllib.parse import parse_qsl, urlsplit
 
 import h11
@@ -20,6 +21,7 @@ from meshid.version import SERVER_HEADER
 from meshid.wire import (
     ADMIN_POLICY,
     ADMIN_REVOKE,
+    ADMIN_RUN,
     BUNDLE,
     ENROLL,
     HEALTH,
@@ -40,6 +42,7 @@ ROUTES: dict[str, tuple[str, ...]] = {
     JWT_SVID: ("POST",),
     ADMIN_POLICY: ("POST",),
     ADMIN_REVOKE: ("POST",),
+    ADMIN_RUN: ("POST",),
 }
 # RFC 9110's methods: known to this server, so a path that does not take one says 405
 KNOWN_METHODS = frozenset(
@@ -82,7 +85,7 @@ class HttpShell(Dispatcher):
             else:
                 if cycle.request is None:
                     return  # the client closed between requests
-                reply = await self._reply(cycle.request, body, source, cert)
+                reply = await self._reply(cycle, cycle.request, body, source, cert)
             # HEAD is answered without a body even when the request failed half-way
             await self._send(stream, conn, reply, head=cycle.method == "HEAD")
             if conn.our_state is h11.MUST_CLOSE or conn.their_state is not h11.DONE:
@@ -90,7 +93,12 @@ class HttpShell(Dispatcher):
             conn.start_next_cycle()
 
     async def _reply(
-        self, request: h11.Request, body: bytes, source: str, cert: x509.Certificate | None
+        self,
+        cycle: _Cycle,
+        request: h11.Request,
+        body: bytes,
+        source: str,
+        cert: x509.Certificate | None,
     ) -> Reply:
         method = request.method.decode("ascii", "replace")
         try:
@@ -104,6 +112,7 @@ class HttpShell(Dispatcher):
             body=body,
             source=source,
             peer_cert=cert,
+            received=cycle.started,
         )
         reply = _method_reply(method, req.path) or await self._answer(req)
         self.metrics.observe_reply(req.path, reply.status, reply.body.get("error"))
@@ -147,6 +156,8 @@ class HttpShell(Dispatcher):
                 with trio.fail_at(deadline):
                     data = await stream.receive_some(16384)
                 conn.receive_data(bytes(data))
+                if cycle.started is None and data:
+                    cycle.started = self.clock.wall()
                 if request is None and data:
                     deadline = min(deadline, trio.current_time() + self.options.request_timeout)
                 continue
@@ -199,6 +210,7 @@ class _Cycle:
     """What is known of the request being read: enough to answer even a broken one right."""
 
     request: h11.Request | None = None
+    started: datetime | None = None  # wall clock at the request's first byte
 
     @property
     def method(self) -> str | None:

@@ -17,12 +17,12 @@ from typing import Any
 
 import click
 
-from ca.cliopts import open_authority, state_option
+from ca.cliopts import open_authority, state_or_server_option
 from ca.values import REPORT_FRESH, printable
-from meshid.cli import Group
+from meshid.cli import Command, Group
 
 CREATE = "create"  # the hidden subcommand behind `meshid ca token ID`
-_VALUED = frozenset({"--state", "--ttl", "--dns", "--ip"})
+_VALUED = frozenset({"--state", "--server", "--svid", "--ttl", "--dns", "--ip"})
 
 
 class TokenGroup(Group):
@@ -72,7 +72,7 @@ def _iso(ts: float) -> str:
     "--expired/--no-expired", default=False, help="Include SVIDs already expired (default: no)."
 )
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON document on stdout.")
-@state_option
+@state_or_server_option
 def svid_list_cmd(spiffe_id: str | None, expired: bool, as_json: bool, state: Path) -> None:
     """Issued SVIDs (of ID, if given): ID, serial, expiry, how issued, instance if reported.
 
@@ -113,10 +113,10 @@ def svid_list_cmd(spiffe_id: str | None, expired: bool, as_json: bool, state: Pa
     click.echo(f"# {len(docs)} SVID(s)", err=True)
 
 
-@click.command("list")
+@click.command("list", cls=Command)
 @click.option("--all", "show_all", is_flag=True, help="Include used and expired tokens.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON document on stdout.")
-@state_option
+@state_or_server_option
 def token_list_cmd(show_all: bool, as_json: bool, state: Path) -> None:
     """Outstanding join tokens: ID, expiry, used or not (never the token itself).
 
@@ -146,9 +146,9 @@ def token_list_cmd(show_all: bool, as_json: bool, state: Path) -> None:
     click.echo(f"# {len(docs)} token(s)", err=True)
 
 
-@click.command("delete")
+@click.command("delete", cls=Command)
 @click.argument("spiffe_ids", metavar="ID...", nargs=-1, required=True)
-@state_option
+@state_or_server_option
 def token_delete_cmd(spiffe_ids: tuple[str, ...], state: Path) -> None:
     """Delete every unused join token of each ID; they can no longer enroll anything."""
     authority = open_authority(state)

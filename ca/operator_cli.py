@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from ca.cliopts import open_authority, state_option
+from ca.cliopts import open_authority, state_or_server_option
 from meshid.cli import Group
 from meshid.spiffeid import SpiffeId
 
@@ -17,7 +17,7 @@ def operator_group() -> None:
 
 
 @operator_group.command("add")
-@state_option
+@state_or_server_option
 @click.argument("spiffe_id", metavar="ID")
 def add_cmd(state: Path, spiffe_id: str) -> None:
     """Let ID manage the mesh with --server/--svid (audited)."""
@@ -28,7 +28,7 @@ def add_cmd(state: Path, spiffe_id: str) -> None:
 
 
 @operator_group.command("remove")
-@state_option
+@state_or_server_option
 @click.argument("spiffe_id", metavar="ID")
 def remove_cmd(state: Path, spiffe_id: str) -> None:
     """Take ID off the operator list (audited); its SVID stays valid for workloads' sake."""
@@ -39,7 +39,7 @@ def remove_cmd(state: Path, spiffe_id: str) -> None:
 
 
 @operator_group.command("list")
-@state_option
+@state_or_server_option
 def list_cmd(state: Path) -> None:
     """Print the operator list, one ID per line."""
     for sid in open_authority(state).operators():

@@ -11,17 +11,14 @@ from typing import Any, TypeVar
 import click
 
 from ca.authority import Authority
-from ca.cliopts import open_authority, state_option, state_or_server_option
+from ca.cliopts import open_authority, state_or_server_option
 from ca.policy_file import parse_policy_text, render_policy
-from ca.remote import Remote, echo_answer, remote_or_none
-from ca.values import printable
-from meshid.adminwire import PAGE, PolicyCall
+from meshid.adminwire import PAGE
 from meshid.cli import Group
 from meshid.errors import InvalidInput, PolicyError
 from meshid.federation import resolve_rule_end
 from meshid.policy import Policy, is_prefix
 from meshid.spiffeid import SpiffeId
-from meshid.wire import ADMIN_POLICY
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -83,20 +80,13 @@ def _warn_unknown(authority: Authority, *ends: str) -> None:
 @click.argument("source", metavar="FROM")
 @click.argument("target", metavar="TO")
 @state_or_server_option
-def allow_cmd(
-    source: str, target: str, state: Path | None, server: str | None, svid: Path | None
-) -> None:
+def allow_cmd(source: str, target: str, state: Path) -> None:
     """Let FROM open connections to TO (a pair already allowed is left as it is).
 
     Allowing a pair already on the list changes nothing: the policy version
     stays (every new version wakes every sidecar) and no audit row is
     written (the audit log records changes to what is enforced).
     """
-    remote = remote_or_none(state, server, svid)
-    if remote is not None:
-        echo_answer(remote.call(ADMIN_POLICY, PolicyCall("allow", source, target).to_json()))
-        return
-    assert state is not None
     authority = open_authority(state)
     src, dst = _pair(authority, source, target)
     try:
@@ -122,26 +112,12 @@ def allow_cmd(
     is_flag=True,
     help="Change nothing; list the live connections the change would cut, as sidecars report.",
 )
-def deny_cmd(
-    source: str,
-    target: str,
-    state: Path | None,
-    server: str | None,
-    svid: Path | None,
-    dry_run: bool,
-) -> None:
+def deny_cmd(source: str, target: str, state: Path, dry_run: bool) -> None:
     """Remove the pair FROM -> TO from the allow-list (a pair not on it is left as it is).
 
     Like `allow`, denying a pair not on the list changes nothing, bumps no
     version and writes no audit row.
     """
-    remote = remote_or_none(state, server, svid)
-    if remote is not None:
-        if dry_run:
-            raise click.UsageError("--dry-run needs --state")
-        echo_answer(remote.call(ADMIN_POLICY, PolicyCall("deny", source, target).to_json()))
-        return
-    assert state is not None
     authority = open_authority(state)
     src, dst = _pair(authority, source, target)
     if dry_run:
@@ -201,24 +177,6 @@ def _pages(
         after = rules[-1]
 
 
-def _remote_page(remote: Remote) -> Page:
-    def page(after: tuple[str, str] | None, limit: int) -> tuple[list[tuple[str, str]], int, bool]:
-        answer = remote.call(ADMIN_POLICY, PolicyCall("list", after=after, limit=limit).to_json())
-        *lines, summary = answer.lines or ("",)
-        rules = []
-        for line in lines:
-            source, arrow, target = printable(line).partition(" -> ")
-            if arrow:
-                rules.append((source, target))
-        words = summary.split()
-        number = words[3].rstrip(",") if len(words) > 3 else ""
-        version = int(number) if number.isdigit() else 0
-        # An authority from before paging answers everything, without a cursor.
-        return rules, version, answer.next is not None
-
-    return page
-
-
 @policy_group.command("list")
 @state_or_server_option
 @json_option
@@ -233,14 +191,7 @@ def _remote_page(remote: Remote) -> Page:
     callback=_after,
     help="Start after this rule (a line `list` printed, such as the last of a page).",
 )
-def list_cmd(
-    state: Path | None,
-    server: str | None,
-    svid: Path | None,
-    as_json: bool,
-    limit: int | None,
-    after: tuple[str, str] | None,
-) -> None:
+def list_cmd(state: Path, as_json: bool, limit: int | None, after: tuple[str, str] | None) -> None:
     """Print the allow-list, one 'FROM -> TO' per line, sorted.
 
     The rules are read and printed a page at a time, so a list of 100,000
@@ -249,14 +200,7 @@ def list_cmd(
     With --json: {"version": N, "pairs": [{"from": ID, "to": ID}, …]}, sorted.
     """
     start = after
-    remote = remote_or_none(state, server, svid)
-    if remote is not None:
-        if as_json:
-            raise click.UsageError("--json needs --state")
-        page = _remote_page(remote)
-    else:
-        assert state is not None
-        page = open_authority(state).rules_page
+    page: Page = open_authority(state).rules_page
     count, versions, more, last = 0, set(), False, start
     if as_json:
         click.echo('{"pairs": [', nl=False)
@@ -291,27 +235,12 @@ def list_cmd(
 @click.argument("target", metavar="TO")
 @state_or_server_option
 @json_option
-def check_cmd(
-    source: str,
-    target: str,
-    state: Path | None,
-    server: str | None,
-    svid: Path | None,
-    as_json: bool,
-) -> None:
+def check_cmd(source: str, target: str, state: Path, as_json: bool) -> None:
     """Exit 0 if FROM may reach TO, 1 if not, with a one-line explanation.
 
     With --json: {"from", "to", "allowed", "reason", "version", "explanation"};
     the exit status is the same.
     """
-    remote = remote_or_none(state, server, svid)
-    if remote is not None:
-        if as_json:
-            raise click.UsageError("--json needs --state")
-        answer = remote.call(ADMIN_POLICY, PolicyCall("check", source, target).to_json())
-        echo_answer(answer)
-        sys.exit(0 if answer.ok else 1)
-    assert state is not None
     authority = open_authority(state)
     src, dst = authority.resolve(source), authority.resolve(target)
     decision = authority.check(src, dst)
@@ -344,7 +273,7 @@ def check_cmd(
     is_flag=True,
     help="Change nothing; print the diff and the live connections it would cut.",
 )
-@state_option
+@state_or_server_option
 def apply_cmd(path: Path, dry_run: bool, state: Path) -> None:
     """Make the allow-list equal to FILE, printing '+ FROM -> TO' and '- FROM -> TO'.
 
@@ -419,7 +348,7 @@ def _cuts(authority: Authority, old: Policy, new: Policy) -> tuple[list[str], in
 
 
 @policy_group.command("export")
-@state_option
+@state_or_server_option
 def export_cmd(state: Path) -> None:
     """Print the allow-list as a policy file, ready for `policy apply -f`."""
     policy = open_authority(state).policy()

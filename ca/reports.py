@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from datetime import UTC, datetime
 
 from ca.authority_base import AuthorityBase
@@ -12,11 +13,25 @@ from meshid.errors import (
     MeshIdError,
 )
 from meshid.report import StatusReport, parse_report
+from meshid.skew import MAX_SKEW_SECONDS
 from meshid.spiffeid import SpiffeId
+
+SKEW_KEY = "authority_clock_skew"  # stored beside a report: the authority's measurement
+
+
+def _skew_of(doc: dict[str, object]) -> float | None:
+    value = doc.get(SKEW_KEY)
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return None
+    if not math.isfinite(value) or abs(value) > MAX_SKEW_SECONDS:
+        return None
+    return float(value)
 
 
 class Reports(AuthorityBase):
-    def record_report(self, spiffe_id: SpiffeId, report: StatusReport) -> None:
+    def record_report(
+        self, spiffe_id: SpiffeId, report: StatusReport, *, skew: float | None = None
+    ) -> None:
         """Keep a sidecar's latest report (not audited: it arrives every few seconds).
 
         Reports are keyed by the caller's authenticated identity and the
@@ -24,15 +39,22 @@ class Reports(AuthorityBase):
         keeps at most MAX_INSTANCES: a new instance past that replaces the one
         heard from least recently (a restarting pod is never locked out; only
         its own stale entries go). Reports older than REPORT_FORGET are deleted.
+
+        `skew` is the sidecar's clock against ours in seconds, as the API measured
+        it; it is kept beside the report (under a key the report type does not
+        have, so a sidecar cannot set it for itself).
         """
         now = self._now().timestamp()
         sid = str(spiffe_id)
+        doc = report.to_json()
+        if skew is not None:
+            doc[SKEW_KEY] = max(-MAX_SKEW_SECONDS, min(MAX_SKEW_SECONDS, round(skew, 3)))
         with self.store.write() as conn:
             conn.execute(
                 "INSERT INTO reports (spiffe_id, instance, seen_at, report) VALUES (?, ?, ?, ?) "
                 "ON CONFLICT (spiffe_id, instance) DO UPDATE SET "
                 "seen_at = excluded.seen_at, report = excluded.report",
-                (sid, report.instance, now, report.encode()),
+                (sid, report.instance, now, json.dumps(doc, separators=(",", ":"))),
             )
             conn.execute(
                 "DELETE FROM reports WHERE spiffe_id = ? AND instance NOT IN ("
@@ -59,7 +81,8 @@ class Reports(AuthorityBase):
         skipped: list[str] = []
         for instance, sid, seen, text in rows:
             try:
-                report = parse_report(json.loads(text))
+                doc = json.loads(text)
+                report = parse_report(doc)
                 if report.instance != instance:
                     raise InvalidInput("instance does not match its row", reason="invalid_report")
                 good.append(
@@ -68,6 +91,7 @@ class Reports(AuthorityBase):
                         SpiffeId.parse(sid),
                         datetime.fromtimestamp(float(seen), UTC),
                         report,
+                        _skew_of(doc),
                     )
                 )
             except (MeshIdError, ValueError, TypeError, OverflowError, RecursionError) as exc:

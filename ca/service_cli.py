@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from ca.cliopts import open_authority, state_option
+from ca.cliopts import open_authority, state_or_server_option
 from ca.services import build_map
 from meshid.cli import Group
 from meshid.errors import PolicyError
@@ -23,7 +23,7 @@ def service_group() -> None:
 @service_group.command("add")
 @click.argument("identity", metavar="ID")
 @click.argument("address", metavar="ADDR:PORT")
-@state_option
+@state_or_server_option
 def add_cmd(identity: str, address: str, state: Path) -> None:
     """Map ADDR:PORT to ID (an address mapped to two identities is a conflict, not an overwrite)."""
     authority = open_authority(state)
@@ -49,7 +49,7 @@ def add_cmd(identity: str, address: str, state: Path) -> None:
 @service_group.command("remove")
 @click.argument("identity", metavar="ID")
 @click.argument("address", metavar="ADDR:PORT")
-@state_option
+@state_or_server_option
 def remove_cmd(identity: str, address: str, state: Path) -> None:
     """Remove the mapping of ADDR:PORT to ID that `service add` made."""
     authority = open_authority(state)
@@ -60,7 +60,7 @@ def remove_cmd(identity: str, address: str, state: Path) -> None:
 
 
 @service_group.command("list")
-@state_option
+@state_or_server_option
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON document.")
 def list_cmd(state: Path, as_json: bool) -> None:
     """The address map: each address, its identity and where it came from; conflicts marked."""

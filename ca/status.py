@@ -12,6 +12,7 @@ from ca.authority import Authority
 from ca.rootlife import warning_text
 from ca.services import build_map
 from ca.values import REPORT_FRESH, SidecarReport, printable
+from meshid.skew import SKEW_LIMIT, format_skew, too_skewed
 from meshid.spiffeid import SpiffeId
 
 WARN_SHARE = 0.25  # warn when less than this share of the SVID lifetime is left
@@ -138,11 +139,17 @@ def render_status(authority: Authority) -> list[str]:
         report, who = entry.report, _who(entry)
         not_after = report.svid_not_after
         held = report.bundle_sequence
+        clock = "" if entry.skew is None else f", clock {format_skew(entry.skew)}"
         body.append(
             f"  {who} seen {_ago(now - entry.seen)}, SVID {printable(str(report.svid_serial))} "
             f"expires {_ago(now - not_after) if not_after else '?'}, bundle {held}, "
-            f"policy {report.policy_version}, live connections {report.live_connections}"
+            f"policy {report.policy_version}, live connections {report.live_connections}{clock}"
         )
+        if entry.skew is not None and too_skewed(entry.skew):
+            warnings.append(
+                f"{who}: clock {format_skew(entry.skew)} off the authority's, more than "
+                f"{int(SKEW_LIMIT.total_seconds())}s (sync it: fresh SVIDs look not yet valid)"
+            )
         if not_after is not None:
             left = not_after - now
             if left <= timedelta(0):
@@ -191,7 +198,8 @@ def status_document(authority: Authority) -> dict[str, object]:
     Keys: trust_domain, bundle_sequence, policy_version, revocation_version,
     active_root {generation, not_after}, warnings [text], sidecars [{id,
     instance, seen, svid_serial, svid_not_after, bundle_sequence,
-    policy_version, live_connections}] (reports from the last 30s), and
+    policy_version, live_connections, clock_skew}] (reports from the last 30s;
+    clock_skew in seconds, + ahead of the authority, null without a reading), and
     workloads [{id, svids_issued, latest_not_after, revoked, running}].
     Times are ISO 8601 UTC. Workload-supplied text is passed through as data
     (JSON escapes it), not through `printable`.
@@ -219,6 +227,7 @@ def status_document(authority: Authority) -> dict[str, object]:
                 "bundle_sequence": report.bundle_sequence,
                 "policy_version": report.policy_version,
                 "live_connections": report.live_connections,
+                "clock_skew": entry.skew,
             }
         )
     warnings = [

@@ -34,6 +34,7 @@ from ca.metrics import serve_routes
 from ca.values import SidecarReport
 from meshid.clock import Clock
 from meshid.policy import Policy
+from meshid.skew import format_skew
 
 REFRESH_EVERY = 5.0  # seconds between two reads of the database for the page
 MAX_NODES = 500  # drawn in the SVG; past it the tables still list everything
@@ -59,6 +60,7 @@ class Sidecar:
     svid_not_after: str
     bundle_sequence: int
     live_connections: int
+    clock_skew: float | None = None  # seconds against the authority's clock; None: no reading
 
 
 @dataclass(frozen=True, slots=True)
@@ -94,6 +96,7 @@ class Graph:
                     "svid_not_after": s.svid_not_after,
                     "bundle_sequence": s.bundle_sequence,
                     "live_connections": s.live_connections,
+                    "clock_skew": s.clock_skew,
                 }
                 for s in self.sidecars
             ],
@@ -159,6 +162,7 @@ def build_graph(
             _iso(r.report.svid_not_after),
             r.report.bundle_sequence,
             r.report.live_connections,
+            r.skew,
         )
         for r in reports
     )
@@ -269,6 +273,7 @@ def render_page(graph: Graph) -> str:
             s.svid_not_after,
             s.bundle_sequence,
             s.live_connections,
+            "-" if s.clock_skew is None else format_skew(s.clock_skew),
         )
         for s in graph.sidecars
     )
@@ -288,7 +293,8 @@ def render_page(graph: Graph) -> str:
         f"{edges}</table>"
         '<h2>Sidecars</h2><table id="sidecars"><tr><th>identity</th><th>instance</th>'
         "<th>last report</th><th>SVID serial</th><th>SVID expires</th>"
-        f"<th>bundle sequence</th><th>live connections</th></tr>{sidecars}</table>"
+        "<th>bundle sequence</th><th>live connections</th><th>clock skew</th></tr>"
+        f"{sidecars}</table>"
         f"</main><script>{SCRIPT}</script></body></html>"
     )
 

@@ -125,6 +125,7 @@ class SidecarReport:
     spiffe_id: SpiffeId
     seen: datetime
     report: StatusReport
+    skew: float | None = None  # the sidecar's clock against ours, seconds (None: no reading)
 
 
 def printable(text: str, limit: int = 256) -> str:

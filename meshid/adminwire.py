@@ -3,10 +3,18 @@
 Typed like `meshid.wire`: one parse per message that checks every field and
 raises `InvalidInput` naming the first bad one. IDs travel as text and are
 resolved by the authority (a bare path means this trust domain).
+
+`RunCall` is the one call every remote command makes: a command of the
+authority's command line (its words, e.g. ``policy apply``) and its
+arguments as typed, with the files it reads sent by value; `RunAnswer` is
+what it printed, byte for byte, and its exit status. `PolicyCall` and
+`RevokeCall` are the calls of older clients, still answered.
 """
 
 from __future__ import annotations
 
+import base64
+import binascii
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -122,4 +130,101 @@ class AdminAnswer:
             ok,
             tuple(str(line)[:4096] for line in lines[:100_000]),
             _rule(fields.get("next"), "next"),
+        )
+
+
+MAX_WORDS = 4  # `ca token delete`: the longest command path
+MAX_ARGS = 256
+MAX_ARG = 4096
+MAX_FILES = 4
+MAX_OUTPUT = 8 * 1024 * 1024  # of stdout and of stderr each, as the authority sends them
+INVALID = Reason.INVALID_JSON
+
+
+def _bytes(value: object, where: str) -> bytes:
+    if not isinstance(value, str):
+        raise InvalidInput(f"{where}: must be base64 text", reason=INVALID)
+    try:
+        return base64.b64decode(value, validate=True)
+    except (binascii.Error, ValueError):
+        raise InvalidInput(f"{where}: must be base64 text", reason=INVALID) from None
+
+
+def _words(value: object, where: str, limit: int) -> tuple[str, ...]:
+    if not isinstance(value, list) or len(value) > limit:
+        raise InvalidInput(f"{where}: must be a list of at most {limit} strings", reason=INVALID)
+    for item in value:
+        if not isinstance(item, str) or len(item) > MAX_ARG or "\x00" in item:
+            raise InvalidInput(
+                f"{where}: each must be a string of at most {MAX_ARG} characters", reason=INVALID
+            )
+    return tuple(value)
+
+
+@dataclass(frozen=True, slots=True)
+class RunFile:
+    """The contents of the file an argument names: `args[at]` is its name as typed."""
+
+    at: int
+    data: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class RunCall:
+    command: tuple[str, ...]  # e.g. ("policy", "apply")
+    args: tuple[str, ...] = ()  # as typed, without --server and --svid
+    files: tuple[RunFile, ...] = ()
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "command": list(self.command),
+            "args": list(self.args),
+            "files": [
+                {"at": f.at, "data": base64.b64encode(f.data).decode("ascii")} for f in self.files
+            ],
+        }
+
+    @classmethod
+    def parse(cls, doc: object) -> RunCall:
+        fields = _object(doc)
+        command = _words(fields.get("command"), "command", MAX_WORDS)
+        if not command:
+            raise InvalidInput("command: must name a command", reason=INVALID)
+        args = _words(fields.get("args", []), "args", MAX_ARGS)
+        files_doc = fields.get("files", [])
+        if not isinstance(files_doc, list) or len(files_doc) > MAX_FILES:
+            raise InvalidInput(f"files: at most {MAX_FILES}", reason=INVALID)
+        files: list[RunFile] = []
+        for i, item in enumerate(files_doc):
+            entry = _object(item)
+            at = entry.get("at")
+            if not isinstance(at, int) or isinstance(at, bool) or not 0 <= at < len(args):
+                raise InvalidInput(f"files[{i}].at: must index args", reason=INVALID)
+            files.append(RunFile(at, _bytes(entry.get("data"), f"files[{i}].data")))
+        return cls(command, args, tuple(files))
+
+
+@dataclass(frozen=True, slots=True)
+class RunAnswer:
+    """What the command printed, byte for byte, and how it exited."""
+
+    exit_code: int
+    stdout: bytes = b""
+    stderr: bytes = b""
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "exit": self.exit_code,
+            "stdout": base64.b64encode(self.stdout).decode("ascii"),
+            "stderr": base64.b64encode(self.stderr).decode("ascii"),
+        }
+
+    @classmethod
+    def parse(cls, doc: object) -> RunAnswer:
+        fields = _object(doc)
+        code = fields.get("exit")
+        if not isinstance(code, int) or isinstance(code, bool) or not 0 <= code <= 255:
+            raise InvalidInput("exit: must be an exit status", reason=INVALID)
+        return cls(
+            code, _bytes(fields.get("stdout"), "stdout"), _bytes(fields.get("stderr"), "stderr")
         )

@@ -58,12 +58,21 @@ def _one_line_usage_errors() -> Iterator[None]:
 HELP_OPTIONS = {"help_option_names": ["-h", "--help"]}
 
 
+RAW_ARGS = "meshid.raw_args"
+ACTING_OPERATOR = "meshid.acting_operator"
+
+
 class Command(click.Command):
-    """A command that knows `-h` whatever context first parses it."""
+    """A command that knows `-h` whatever context first parses it, and keeps its arguments
+    as typed (in `ctx.meta[RAW_ARGS]`), so that `--server` can send them on as they are."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         kwargs["context_settings"] = {**HELP_OPTIONS, **(kwargs.get("context_settings") or {})}
         super().__init__(*args, **kwargs)
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        ctx.meta[RAW_ARGS] = tuple(args)
+        return super().parse_args(ctx, args)
 
 
 class Group(click.Group):
@@ -109,8 +118,14 @@ class _RootGroup(Group):
 
 @click.group(cls=_RootGroup)
 @click.version_option(__version__, prog_name="meshid")
-def cli() -> None:
+@click.option("--acting-operator", hidden=True)
+@click.pass_context
+def cli(ctx: click.Context, acting_operator: str | None) -> None:
     """meshid: SPIFFE workload identity and mTLS for microservices."""
+    # Set only by the control plane when it runs a command for an operator: the
+    # operator the command's audit rows name (see `ca.cliopts`).
+    if acting_operator is not None:
+        ctx.meta[ACTING_OPERATOR] = acting_operator
 
 
 def main() -> None:
@@ -150,12 +165,14 @@ def doctor_cmd(state: str | None, config: str | None, as_json: bool) -> None:
 
     if (state is None) == (config is None):
         raise click.UsageError("give either --state DIR or --config FILE")
-    if state is not None:
-        from meshid.clock import system_clock
+    from meshid.clock import system_clock
 
+    if state is not None:
         checks = importlib.import_module("ca.doctor").check_state(_path(state), system_clock())
     else:
-        checks = importlib.import_module("sidecar.doctor").check_config(_path(str(config)))
+        checks = importlib.import_module("sidecar.doctor").check_config(
+            _path(str(config)), clock=system_clock()
+        )
     if as_json:
         click.echo(json.dumps(document(checks)))
     else:

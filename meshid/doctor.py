@@ -7,7 +7,7 @@ root command prints them, one line each, or as one JSON document.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 
@@ -19,6 +19,7 @@ class Check:
     ok: bool
     detail: str
     hint: str = ""
+    data: Mapping[str, object] | None = None  # what a script needs beyond the text, in --json
 
 
 def render(checks: Sequence[Check]) -> list[str]:
@@ -31,10 +32,21 @@ def render(checks: Sequence[Check]) -> list[str]:
 
 
 def document(checks: Sequence[Check]) -> dict[str, object]:
-    """{"ok": bool, "checks": [{"name", "ok", "detail", "hint"}]}."""
-    return {
-        "ok": all(c.ok for c in checks),
-        "checks": [
-            {"name": c.name, "ok": c.ok, "detail": c.detail, "hint": c.hint} for c in checks
-        ],
+    """{"ok": bool, "checks": [{"name", "ok", "detail", "hint", "data"?}]}.
+
+    `data` only on the checks that have it (e.g. `clock_skew`: the limit and
+    each sidecar's measured skew).
+    """
+    return {"ok": all(c.ok for c in checks), "checks": [_check_doc(c) for c in checks]}
+
+
+def _check_doc(check: Check) -> dict[str, object]:
+    doc: dict[str, object] = {
+        "name": check.name,
+        "ok": check.ok,
+        "detail": check.detail,
+        "hint": check.hint,
     }
+    if check.data is not None:
+        doc["data"] = dict(check.data)
+    return doc

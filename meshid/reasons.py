@@ -159,6 +159,14 @@ class Reason(enum.StrEnum):
     ALREADY_ALLOWED = "already_allowed", "the pair is on the allow-list already"
     UNKNOWN_PAIR = "unknown_pair", "the pair is not on the allow-list"
     NOT_OPERATOR = "not_operator", "the caller is not on the authority's operator list"
+    REMOTE_CALL_REFUSED = (
+        "remote_call_refused",
+        "an operator's call names a command or an argument the control plane does not run",
+    )
+    REMOTE_CALL_TIMEOUT = (
+        "remote_call_timeout",
+        "a command an operator ran through the control plane took too long and was stopped",
+    )
     INVALID_OPERATOR_ID = (
         "invalid_operator_id",
         "an operator ID must be spiffe://TD/meshid/operator/NAME",

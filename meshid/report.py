@@ -28,6 +28,11 @@ connection is still counted in `pairs` and `live_connections`, and a sidecar
 under attack (many quarantined sources) keeps reporting. A refused report
 leaves the sidecar's previous one in place.
 
+The sidecar stamps each report with its wall clock as it sends it
+(`sent_at`, added later: a report without it is still accepted); the
+authority measures the skew from it (`meshid.skew`) and keeps that beside
+the report, never taking a skew the sidecar claims.
+
 Anything else malformed is refused with reason ``invalid_report``. Fields
 this version does not know are dropped, so older authorities accept reports
 from newer sidecars.
@@ -118,6 +123,9 @@ class StatusReport:
     # Added later (an older sidecar sends none): the IP:PORT addresses at which this
     # workload is reached, for the authority's address map (transparent interception).
     advertise: tuple[str, ...] = ()
+    # Added later (an older sidecar sends none): the sidecar's wall clock as it sent the
+    # report, which the authority compares with its own (see `meshid.skew`).
+    sent_at: datetime | None = None
 
     def to_json(self) -> dict[str, Any]:
         """The wire and storage form; `parse_report(r.to_json()) == r`."""
@@ -162,6 +170,7 @@ class StatusReport:
             ],
             "refusals_omitted": self.refusals_omitted,
             "advertise": list(self.advertise),
+            "sent_at": _iso(self.sent_at),
         }
 
     def encode(self) -> str:
@@ -248,6 +257,7 @@ def parse_report(doc: object) -> StatusReport:
         ),
         refusals_omitted=min(MAX_INT, refusals_omitted + _int(fields, "refusals_omitted", 0)),
         advertise=_advertise(fields.get("advertise", [])),
+        sent_at=_opt_time(fields, "sent_at"),
     )
 
 

@@ -12,6 +12,8 @@ replies through it. Pure: no I/O, stdlib only.
                                                                  meshid.feedwire)
     GET  /v1/bundle                                           -> SPIFFE bundle (JWKS)
     POST /v1/jwt-svid JwtSvidRequest {spiffe_id, audience}    -> JwtSvidReply (mTLS)
+    POST /v1/admin/run  meshid.adminwire.RunCall             -> RunAnswer (mTLS, operators)
+    GET  /healthz     {status, version, …, time}              (time: for doctor's clock check)
     any refusal                                               -> ErrorBody {error, message}
 
 Each parse checks the whole document and raises `WireError` (an
@@ -68,6 +70,7 @@ WATCH = "/v1/watch"
 JWT_SVID = "/v1/jwt-svid"
 ADMIN_POLICY = "/v1/admin/policy"  # operators only (see ca.adminapi, meshid.adminwire)
 ADMIN_REVOKE = "/v1/admin/revoke"
+ADMIN_RUN = "/v1/admin/run"  # any command of `ca.remotetable`, run for an operator
 HEALTH = "/healthz"
 
 MAX_INT = 2**63 - 1

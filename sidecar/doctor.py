@@ -6,21 +6,26 @@ key 0600; in authority mode the state directory is a directory of ours,
 to it. In authority mode, one TLS request to the health endpoint of each
 server `authority.server` names, verified against the configured bundle
 and the authority's SPIFFE ID exactly as the sidecar does, judged by
-`sidecar.failures`.
+`sidecar.failures`; the authority's time in the first answer judges this
+host's clock (`meshid.skew`: its reading against the window from just
+before the request to just after the answer).
 """
 
 from __future__ import annotations
 
 import os
 import stat
-from datetime import UTC, datetime
+from datetime import datetime
 from pathlib import Path
+from typing import Any
 
 import trio
 from cryptography import x509
 
+from meshid.clock import Clock
 from meshid.doctor import Check
 from meshid.errors import MeshIdError
+from meshid.skew import SKEW_LIMIT, clock_offset, format_skew, too_skewed
 from meshid.wire import HEALTH
 from sidecar.config import Address, AuthoritySource, SidecarConfig, load_config
 from sidecar.control import ControlClient, ControlPlaneError
@@ -29,21 +34,26 @@ from sidecar.statedir import KEY_FILE, SVID_FILE
 EXPIRY_SHARE = 0.25  # fail when less than this share of the SVID lifetime is left
 
 
-def check_config(path: Path, now: datetime | None = None, timeout: float = 5.0) -> list[Check]:
+def check_config(
+    path: Path, now: datetime | None = None, timeout: float = 5.0, *, clock: Clock
+) -> list[Check]:
     try:
         config = load_config(path)
     except MeshIdError as exc:
         return [Check("config", False, exc.message, "fix the key the message names")]
     checks = [Check("config", True, f"{path} loads; identity {config.identity}")]
     checks += _files(config)
-    checks.append(_svid_expiry(config, now or datetime.now(UTC)))
+    checks.append(_svid_expiry(config, now or clock.wall()))
     if isinstance(config.source, AuthoritySource):
-        checks += _reachable(config, config.source, timeout)
+        checks += _reachable(config, config.source, timeout, clock)
     return checks
 
 
-def _reachable(config: SidecarConfig, source: AuthoritySource, timeout: float) -> list[Check]:
-    """Each server of `authority.server` on its own: `authority`, or `authority[i]` of several.
+def _reachable(
+    config: SidecarConfig, source: AuthoritySource, timeout: float, clock: Clock
+) -> list[Check]:
+    """Each server of `authority.server` on its own: `authority`, or `authority[i]` of several;
+    then, from the first that answers, this host's clock against the authority's.
 
     The sidecar serves while any one answers, but an operator wants to know
     which of them would not if it had to fail over.
@@ -55,30 +65,63 @@ def _reachable(config: SidecarConfig, source: AuthoritySource, timeout: float) -
             Check("authority", False, f"{source.bundle}: {exc.strerror}", "fix [authority] bundle")
         ]
     several = len(source.servers) > 1
-    return [
-        _probe(
-            f"authority[{i}]" if several else "authority",
-            address,
-            ControlClient(address.host, address.port, config.trust_domain, timeout=timeout),
-            bundle_pem,
-        )
-        for i, address in enumerate(source.servers)
-    ]
+    checks: list[Check] = []
+    skew: Check | None = None
+    for i, address in enumerate(source.servers):
+        client = ControlClient(address.host, address.port, config.trust_domain, timeout=timeout)
+        name = f"authority[{i}]" if several else "authority"
+        reached, judged = _probe(name, address, client, bundle_pem, clock)
+        checks.append(reached)
+        skew = skew or judged
+    return checks + ([skew] if skew is not None else [])
 
 
-def _probe(name: str, address: Address, client: ControlClient, bundle_pem: bytes) -> Check:
-    """One unauthenticated GET /healthz over TLS: reachable, speaking TLS, with the right ID."""
+def _probe(
+    name: str, address: Address, client: ControlClient, bundle_pem: bytes, clock: Clock
+) -> tuple[Check, Check | None]:
+    """One unauthenticated GET /healthz over TLS: reachable, speaking TLS, with the right ID;
+    and, from its answer, this host's clock against the authority's."""
+    before = clock.wall()
 
-    async def probe() -> None:
-        await client.request("GET", HEALTH, None, bundle_pem=bundle_pem, now=datetime.now(UTC))
+    async def probe() -> dict[str, Any]:
+        return await client.request("GET", HEALTH, None, bundle_pem=bundle_pem, now=before)
 
     try:
-        trio.run(probe)
+        answer = trio.run(probe)
     except ControlPlaneError as exc:
         if exc.status:  # it answered over verified TLS: reachable, even if unhealthy
-            return Check(name, True, f"{address} answers as {client.expected} ({exc.status})")
-        return Check(name, False, exc.message, exc.brief)
-    return Check(name, True, f"{address} answers over TLS as {client.expected}")
+            return Check(name, True, f"{address} answers as {client.expected} ({exc.status})"), None
+        return Check(name, False, exc.message, exc.brief), None
+    after = clock.wall()
+    reached = Check(name, True, f"{address} answers over TLS as {client.expected}")
+    return reached, _clock_skew(answer.get("time"), before, after)
+
+
+def _clock_skew(reading: object, before: datetime, after: datetime) -> Check:
+    limit = int(SKEW_LIMIT.total_seconds())
+    try:
+        theirs = datetime.fromisoformat(reading) if isinstance(reading, str) else None
+    except ValueError:
+        theirs = None
+    if theirs is None or theirs.tzinfo is None:
+        return Check("clock_skew", True, "the authority does not tell its time (older version)")
+    # the authority's clock against ours, turned round: this host's clock against the authority's
+    skew = -clock_offset(theirs, before, after).total_seconds()
+    data = {"limit_seconds": limit, "skew_seconds": round(skew, 3)}
+    if too_skewed(skew):
+        return Check(
+            "clock_skew",
+            False,
+            f"this host's clock is {format_skew(skew)} off the authority's, more than {limit}s",
+            "sync this host's clock (NTP); past the limit fresh SVIDs look not yet valid",
+            data,
+        )
+    return Check(
+        "clock_skew",
+        True,
+        f"this host's clock is within {limit}s of the authority's ({format_skew(skew)})",
+        data=data,
+    )
 
 
 def _readable(path: Path, *, private: bool) -> str | None:

@@ -148,6 +148,7 @@ class DynamicIdentity(FeedFollower):
             self._note,
             self.pacing,
             rand,
+            wall=current.wall,
         )
 
     # -- files --

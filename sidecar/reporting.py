@@ -11,6 +11,8 @@ report. An outage is logged once; a permanent failure slows the loop to
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
+from dataclasses import replace
+from datetime import datetime
 from typing import Any
 
 import trio
@@ -37,6 +39,8 @@ class Reporter:
         note: Callable[[str, BaseException | None], None],
         pacing: Pacing,
         rand: Callable[[], float],
+        *,
+        wall: Callable[[], datetime],
     ) -> None:
         self.send = send
         self.build = build
@@ -44,6 +48,7 @@ class Reporter:
         self.note = note  # shows (or clears) a failing duty in /readyz
         self.pacing = pacing
         self.rand = rand
+        self.wall = wall  # stamps each report, so the authority can judge our clock
         self._report_now = trio.Event()
 
     def poke(self) -> None:
@@ -54,7 +59,8 @@ class Reporter:
         """Report forever."""
         failing = False
         while True:
-            body = {"v": WIRE_VERSION, **self.build().to_json()}
+            report = replace(self.build(), sent_at=self.wall())
+            body = {"v": WIRE_VERSION, **report.to_json()}
             try:
                 await self.send(body)
                 failing = False

@@ -134,10 +134,15 @@ def rechain(state: Path, edit: str | None = None, upto: int | None = None) -> No
         conn.close()
 
 
-def tls_exchange(port: int, bundle: Path, data: bytes) -> bytes:
-    """Send `data` to 127.0.0.1:`port` over TLS (trusting `bundle`); all that comes back."""
+def tls_exchange(port: int, bundle: Path, data: bytes, svid: Path | None = None) -> bytes:
+    """Send `data` to 127.0.0.1:`port` over TLS (trusting `bundle`); all that comes back.
+
+    With `svid`, a directory holding svid.pem and svid.key: the client certificate.
+    """
     ctx = ssl.create_default_context(cafile=str(bundle))
     ctx.check_hostname = False
+    if svid is not None:
+        ctx.load_cert_chain(svid / "svid.pem", svid / "svid.key")
     with (
         socket.create_connection(("127.0.0.1", port), timeout=10) as raw,
         ctx.wrap_socket(raw) as tls,

@@ -76,6 +76,10 @@ def test_operator_changes_policy_remotely_and_a_workload_is_refused(tmp_path: Pa
         refused = run("policy", "allow", "/web", "/db", "--server", listen, "--svid", str(web))
         assert refused.exit_code != 0
         assert "403" in refused.output and "operator list" in refused.output
+        # an older client's call still works, and is audited the same way
+        older = _older_client_call(listen, alice, b'{"action":"allow","from":"/cron","to":"/db"}')
+        assert older.startswith(b"HTTP/1.1 200") and b"allowed spiffe://" in older
+        assert run("policy", "deny", "/cron", "/db", *as_alice).exit_code == 0
         # both ways at once is a usage error
         both = run("policy", "list", "--state", str(state), *as_alice)
         assert both.exit_code == 2
@@ -94,14 +98,21 @@ def test_operator_changes_policy_remotely_and_a_workload_is_refused(tmp_path: Pa
         assert gone.exit_code != 0 and "403" in gone.output
     rows = _audit(state)
     by_alice = [(a, d) for a, d in rows if d.get("operator") == ALICE]
+    # each call is audited as it arrives; each change it makes names alice too
     assert [a for a, _ in by_alice] == [
+        "operator_call",
         "policy_allow",
         "operator_call",  # list
         "operator_call",  # check
         "operator_call",  # check
         "operator_call",  # the allow that changed nothing
+        "operator_call",
         "policy_deny",
+        "operator_call",
         "revoke",
+        "policy_allow",  # the older client's
+        "operator_call",
+        "policy_deny",
         "operator_call",  # refused, once off the list
     ]
     refusals = [d["operator"] for a, d in rows if a == "operator_call" and "refused" in d]
@@ -112,6 +123,16 @@ def test_operator_changes_policy_remotely_and_a_workload_is_refused(tmp_path: Pa
         assert authority.policy().pairs == frozenset()
     finally:
         authority.close()
+
+
+def _older_client_call(listen: str, svid: Path, body: bytes) -> bytes:
+    """POST /v1/admin/policy as a client from before /v1/admin/run would."""
+    request = (
+        b"POST /v1/admin/policy HTTP/1.1\r\nhost: ca\r\nconnection: close\r\n"
+        + f"content-length: {len(body)}\r\n\r\n".encode()
+        + body
+    )
+    return tls_exchange(int(listen.rpartition(":")[2]), svid / "bundle.pem", request, svid)
 
 
 def test_a_database_of_the_version_before_gains_the_operator_list(tmp_path: Path) -> None:

@@ -7,6 +7,8 @@ import socket
 import sqlite3
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from ca_helpers import run, serving_process, snapshot, wait_event
@@ -88,13 +90,19 @@ def _sidecar_config(tmp_path: Path, state: Path, server: str) -> Path:
     return config
 
 
-def test_the_sidecar_doctor_reaches_the_authority_over_verified_tls(
-    state: Path, tmp_path: Path
-) -> None:
+@contextmanager
+def _served_sidecar_config(state: Path, tmp_path: Path) -> Iterator[Path]:
+    """A sidecar config naming a real `ca serve` on `state`, served while in the block."""
     log = tmp_path / "serve.log"
     with serving_process(state, log) as proc:
         host, _, port = str(wait_event(log, "serving", proc, 30)["listen"]).rpartition(":")
-        config = _sidecar_config(tmp_path, state, f"{host}:{port}")
+        yield _sidecar_config(tmp_path, state, f"{host}:{port}")
+
+
+def test_the_sidecar_doctor_reaches_the_authority_over_verified_tls(
+    state: Path, tmp_path: Path
+) -> None:
+    with _served_sidecar_config(state, tmp_path) as config:
         result = run("doctor", "--config", str(config), "--json")
         assert result.exit_code == 0, result.stdout
         checks = {c["name"]: c for c in json.loads(result.stdout)["checks"]}
@@ -125,3 +133,23 @@ def test_the_sidecar_doctor_names_a_server_that_does_not_speak_tls(tmp_path: Pat
     assert result.exit_code == 1
     [line] = [line for line in result.stdout.splitlines() if line.startswith("✗ authority:")]
     assert "hint:" in line
+
+
+def test_the_sidecar_doctor_judges_its_clock_against_the_authority(
+    state: Path, tmp_path: Path
+) -> None:
+    from datetime import UTC, datetime, timedelta
+
+    from meshid.clock import ManualClock
+    from sidecar.doctor import check_config
+
+    with _served_sidecar_config(state, tmp_path) as config:
+        ahead = ManualClock(datetime.now(UTC) + timedelta(minutes=10))
+        checks = {c.name: c for c in check_config(config, clock=ahead)}
+        in_sync = {c.name: c for c in check_config(config, clock=ManualClock())}
+    assert checks["authority"].ok
+    skew = checks["clock_skew"]
+    assert skew.ok is False and skew.hint and "+5" in skew.detail  # about +600s
+    assert skew.data is not None and skew.data["limit_seconds"] == 30
+    assert 590 < float(str(skew.data["skew_seconds"])) <= 600
+    assert in_sync["clock_skew"].ok is True and "30s" in in_sync["clock_skew"].detail

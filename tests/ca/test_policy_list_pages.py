@@ -106,5 +106,5 @@ def test_an_operator_lists_page_by_page_through_the_control_plane(
     finally:
         authority.close()
     # One row per listing, not per page.
-    assert [c.details.get("what") for c in calls] == ["list"]
+    assert [c.details.get("command") for c in calls] == ["policy list", "policy list"]
     assert MAX_PAGE >= 1000

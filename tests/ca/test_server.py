@@ -523,3 +523,18 @@ async def test_jwt_svid_for_the_caller_only(plane: Plane, tmp_path: Path) -> Non
     other.close()
     err = await refused(plane, "POST", "/v1/jwt-svid", body, identity=ident)
     assert (err.status, err.reason) == (403, "identity_revoked")
+
+
+async def test_a_report_over_tls_is_judged_against_the_request_window(
+    plane: Plane, tmp_path: Path
+) -> None:
+    """The shell stamps when a request began to arrive; the skew is measured from there."""
+    ident = write_identity(tmp_path / "web", plane.authority, SpiffeId(TD, "/web"))
+    ahead = (plane.clock.now + timedelta(minutes=10)).isoformat()
+    await plane.call("POST", "/v1/report", {"v": 1, "instance": "w1", "sent_at": ahead}, ident)
+    in_sync = plane.clock.now.isoformat()
+    await plane.call("POST", "/v1/report", {"v": 1, "instance": "w2", "sent_at": in_sync}, ident)
+    skews = {entry.instance: entry.skew for entry in plane.authority.reports()[0]}
+    assert skews == {"w1": 600.0, "w2": 0.0}
+    health = await plane.call("GET", "/healthz")
+    assert health["time"] == plane.clock.now.isoformat()

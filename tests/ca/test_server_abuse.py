@@ -268,7 +268,7 @@ async def test_storage_unavailable_from_within_a_batch_is_a_503(
     ident = write_identity(tmp_path / "web", plane.authority, WEB)
     report = json.dumps({"instance": "a"}).encode()
 
-    def full(*_args: Any) -> Any:
+    def full(*_args: Any, **_kwargs: Any) -> Any:
         raise StorageUnavailable("the disk is full")
 
     with monkeypatch.context() as fault:

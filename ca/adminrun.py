@@ -1,0 +1,123 @@
+"""Running an operator's command for it: the same command line, against our own state.
+
+Theory of operation: `ca.adminapi.authorise_run` has checked the caller
+against the operator list and the call against `ca.remotetable`, and
+audited it. Here the command runs as a child process of the control plane,
+``meshid --acting-operator ID WORDS… ARGS… --state OUR_STATE_DIR``, so it
+is exactly the command an operator would run on this host: same checks,
+same output, same exit status, and every audit row it writes names the
+operator. A child, not a call in this process: the command prints to its
+own stdout and may take its time (a federation fetch) without holding the
+server's database thread; at most `MAX_RUNS` at once per worker, each
+stopped after `RUN_TIMEOUT`.
+
+Files the client sent by value are written to a private temporary
+directory (0700, files 0600) for the child to read, and their paths in the
+output are turned back into the names the operator typed.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+import tempfile
+from pathlib import Path
+
+import trio
+
+from ca.api import Reply, error
+from meshid.adminwire import MAX_OUTPUT, RunAnswer, RunCall
+from meshid.reasons import Reason
+from meshid.spiffeid import SpiffeId
+
+RUN_TIMEOUT = 60.0
+MAX_RUNS = 2  # per worker: each is a Python process of its own
+ENTRY = "from meshid.cli import main; main()"
+
+
+def _write_private(path: Path, data: bytes) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "wb") as f:
+        f.write(data)
+
+
+def _capped(data: bytes, what: str) -> tuple[bytes, bytes]:
+    """At most MAX_OUTPUT bytes, and a note on stderr when cut."""
+    if len(data) <= MAX_OUTPUT:
+        return data, b""
+    note = f"note: the authority cut the command's {what} at {MAX_OUTPUT} bytes\n"
+    return data[:MAX_OUTPUT], note.encode()
+
+
+def _status(returncode: int) -> int:
+    """A shell's exit status: 128+N for a child ended by signal N."""
+    return returncode if returncode >= 0 else 128 + min(-returncode, 127)
+
+
+async def run_for_operator(
+    operator: SpiffeId,
+    call: RunCall,
+    state_dir: Path,
+    limiter: trio.CapacityLimiter,
+    *,
+    entry: str = ENTRY,
+    time_limit: float = RUN_TIMEOUT,
+) -> Reply:
+    """The command's output and exit status as a `RunAnswer`, or 504 past `time_limit`.
+
+    `entry` is the Python the child runs (the command line's `main`; a test
+    puts a stand-in there).
+    """
+    with tempfile.TemporaryDirectory(prefix="meshid-run-") as tmp:
+        args = list(call.args)
+        names: dict[bytes, bytes] = {}
+        for n, sent in enumerate(call.files):
+            path = Path(tmp) / f"file-{n}"
+            _write_private(path, sent.data)
+            names[str(path).encode()] = args[sent.at].encode()
+            args[sent.at] = str(path)
+        argv = [
+            sys.executable,
+            "-c",
+            entry,
+            "--acting-operator",
+            str(operator),
+            *call.command,
+            *args,
+            "--state",
+            str(state_dir),
+        ]
+        async with limiter:
+            with trio.move_on_after(time_limit) as scope:
+                done = await trio.run_process(
+                    argv,
+                    stdin=b"",
+                    capture_stdout=True,
+                    capture_stderr=True,
+                    check=False,
+                    deliver_cancel=_terminate,
+                )
+        if scope.cancelled_caught:
+            return error(
+                504,
+                Reason.REMOTE_CALL_TIMEOUT,
+                f"'{' '.join(call.command)}' ran past {time_limit:.0f}s on the authority "
+                "and was stopped",
+            )
+    stdout, stderr = done.stdout, done.stderr
+    for written, name in names.items():
+        stdout, stderr = stdout.replace(written, name), stderr.replace(written, name)
+    stdout, cut_out = _capped(stdout, "output")
+    stderr, cut_err = _capped(stderr, "error output")
+    answer = RunAnswer(_status(done.returncode), stdout, stderr + cut_out + cut_err)
+    return Reply(200, answer.to_json())
+
+
+async def _terminate(process: trio.Process) -> None:
+    """SIGTERM, then SIGKILL if the command has not ended within a few seconds."""
+    process.send_signal(signal.SIGTERM)
+    with trio.move_on_after(5):
+        await process.wait()
+        return
+    process.kill()
