@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import json
-import sqlite3
 from collections.abc import Iterable
 
+from ca.db import Conflict
 from ca.roots import Roots
 from ca.services import build_map, read_entries
 from ca.store import Store
@@ -32,7 +32,7 @@ class Access(Roots):
                     "INSERT INTO revocations (spiffe_id, revoked_at) VALUES (?, ?)",
                     (str(spiffe_id), now),
                 )
-            except sqlite3.IntegrityError:
+            except Conflict:
                 raise PolicyError(f"{spiffe_id} is already revoked") from None
             conn.execute(
                 "UPDATE tokens SET used_at = ? WHERE spiffe_id = ? AND used_at IS NULL",
@@ -70,7 +70,7 @@ class Access(Roots):
                     "INSERT INTO revoked_serials (serial, spiffe_id, revoked_at) VALUES (?, ?, ?)",
                     (text, row[0], now),
                 )
-            except sqlite3.IntegrityError:
+            except Conflict:
                 raise PolicyError(f"SVID {text} is already revoked") from None
             version = Store.bump(conn, "revocation_version")
             self.store.audit(

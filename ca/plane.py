@@ -11,7 +11,6 @@ from __future__ import annotations
 import errno
 import math
 import os
-import sqlite3
 import ssl
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -22,6 +21,7 @@ import trio
 
 from ca.api import ControlApi, Reply, Request, error
 from ca.authority import Authority
+from ca.db import is_driver_error
 from ca.metrics import CaMetrics, Live
 from ca.rootkeeper import RootKeeper
 from ca.ui import ServiceGraph
@@ -205,7 +205,7 @@ _STORAGE_ERRNOS = frozenset({errno.ENOSPC, errno.EROFS, errno.EDQUOT, errno.EIO}
 
 
 def _is_storage_failure(exc: BaseException) -> bool:
-    if isinstance(exc, StorageUnavailable | sqlite3.Error):
+    if isinstance(exc, StorageUnavailable) or is_driver_error(exc):
         return True
     return isinstance(exc, OSError) and exc.errno in _STORAGE_ERRNOS
 
@@ -214,7 +214,7 @@ def _describe(exc: BaseException) -> str:
     """What failed, in words that hold no secret: ours, or SQLite's, or the OS's."""
     if isinstance(exc, MeshIdError):
         return exc.message
-    if isinstance(exc, sqlite3.Error):
+    if is_driver_error(exc):
         return str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
     if isinstance(exc, OSError) and exc.strerror:
         return exc.strerror

@@ -14,7 +14,6 @@ import contextlib
 import fcntl
 import json
 import math
-import sqlite3
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
@@ -23,6 +22,7 @@ from pathlib import Path
 from cryptography import x509
 
 from ca.authority_base import AuthorityBase
+from ca.db import Connection
 from ca.rootlife import ActiveRoot, PendingRoot
 from ca.store import Store
 from ca.values import (
@@ -145,7 +145,7 @@ class Roots(AuthorityBase):
         except InvalidSvid as exc:
             raise StateError(exc.message, reason=exc.reason) from None
 
-    def _key_problem(self, conn: sqlite3.Connection, generation: int) -> str | None:
+    def _key_problem(self, conn: Connection, generation: int) -> str | None:
         """Why root `generation`'s key could not sign, as far as can be told without
         decrypting it: missing, unreadable, or less protected than the authority's keys."""
         row = conn.execute(
@@ -169,7 +169,7 @@ class Roots(AuthorityBase):
             row = conn.execute("SELECT generation FROM roots WHERE state = 'next'").fetchone()
             return None if row is None else self._key_problem(conn, int(row[0]))
 
-    def _new_key_protection(self, conn: sqlite3.Connection) -> bytes | None:
+    def _new_key_protection(self, conn: Connection) -> bytes | None:
         """The passphrase a new root key is written under: the one the active key opens with.
 
         A new key is never less protected than the existing ones: on an
@@ -332,7 +332,7 @@ class Roots(AuthorityBase):
     # -- what sidecars report --
 
     @staticmethod
-    def _lagging(conn: sqlite3.Connection, sequence: int, now: float) -> list[str]:
+    def _lagging(conn: Connection, sequence: int, now: float) -> list[str]:
         """Live sidecars whose last report holds a bundle older than `sequence`.
 
         A stored report that no longer parses counts as lagging: a rollover
