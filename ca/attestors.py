@@ -65,8 +65,9 @@ class Attestors(Issuance):
         *,
         passphrase: bytes | None = None,
         clock: Clock,
+        instance: str = "",
     ) -> None:
-        super().__init__(state_dir, store, passphrase=passphrase, clock=clock)
+        super().__init__(state_dir, store, passphrase=passphrase, clock=clock, instance=instance)
         # Where HTTPS JWKS URLs are verified against: the system's CAs unless set.
         self.jwks_tls: ssl.SSLContext | None = None
         self._key_sets: dict[str, _KeySet] = {}

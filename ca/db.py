@@ -81,6 +81,8 @@ class Engine(Protocol):
 
     def ddl(self, statement: str) -> str: ...
 
+    def has_column(self, table: str, column: str) -> bool: ...
+
     def host_failure(self, exc: BaseException) -> str | None: ...
 
     def close(self) -> None: ...
@@ -177,6 +179,10 @@ class SqliteEngine:
 
     def ddl(self, statement: str) -> str:
         return statement
+
+    def has_column(self, table: str, column: str) -> bool:
+        rows = self._conn.raw.execute("SELECT name FROM pragma_table_info(?)", (table,))
+        return any(name == column for (name,) in rows.fetchall())
 
     def host_failure(self, exc: BaseException) -> str | None:
         return sqlite_host_failure(exc)

@@ -271,10 +271,16 @@ class Issuance(Roots):
             row = self._usable_token(conn, prepared.token_digest)
             if row[0] != str(prepared.spiffe_id):  # pragma: no cover - hashes do not move
                 raise TokenRejected("join token changed", reason="token_unknown")
-            conn.execute(
-                "UPDATE tokens SET used_at = ? WHERE hash = ?",
-                (self._now().timestamp(), prepared.token_digest),
-            )
+            now = self._now().timestamp()
+            used = conn.execute(  # conditional: a second use, from any instance, changes nothing
+                "UPDATE tokens SET used_at = ? WHERE hash = ? AND used_at IS NULL "
+                "AND expires_at > ?",
+                (now, prepared.token_digest, now),
+            ).rowcount
+            if used != 1:
+                raise TokenRejected(
+                    f"join token for {prepared.spiffe_id} was already used", reason="token_used"
+                )
 
     def token_grant(self, token: str) -> TokenGrant | None:
         """What an unused, unexpired token would grant (None otherwise). Reads only."""

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-SCHEMA_VERSION = 8  # kept in PRAGMA user_version; 0 there is a version-1 database
+SCHEMA_VERSION = 9  # SQLite: PRAGMA user_version (0 is version 1); PostgreSQL: settings
 
 # Enrollment by platform identity (version 4): JWT attestors, and the JWTs used so far.
 # IF NOT EXISTS: a database whose version was set back still migrates.
@@ -70,6 +70,16 @@ CREATE TABLE IF NOT EXISTS services (
 );
 """
 
+# Several instances of one trust domain (version 9): each signs with a root of its own,
+# kept in its own state directory; `roots.instance` names it ('' on an embedded authority).
+_INSTANCE_TABLES = """
+CREATE TABLE IF NOT EXISTS instances (
+    name TEXT PRIMARY KEY,
+    created_at REAL NOT NULL,
+    last_heard REAL                            -- refreshed by its `ca serve`
+);
+"""
+
 _SCHEMA = """
 CREATE TABLE settings (name TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE counters (name TEXT PRIMARY KEY, value INTEGER NOT NULL);
@@ -82,7 +92,8 @@ CREATE TABLE roots (
     created_at REAL NOT NULL,
     activate_at REAL,
     published_sequence INTEGER,                -- the bundle sequence that first held it
-    wait_for_acks INTEGER NOT NULL DEFAULT 1   -- activate only once live sidecars hold it
+    wait_for_acks INTEGER NOT NULL DEFAULT 1,  -- activate only once live sidecars hold it
+    instance TEXT NOT NULL DEFAULT ''          -- the instance whose state directory holds the key
 );
 CREATE TABLE tokens (
     hash TEXT PRIMARY KEY,
@@ -131,6 +142,7 @@ _SCHEMA += _OPERATOR_TABLES
 _SCHEMA += _SERIAL_REVOCATIONS
 _SCHEMA += _FEDERATION_TABLES
 _SCHEMA += _SERVICE_TABLES
+_SCHEMA += _INSTANCE_TABLES
 
 # Each step takes a database from the version before it to its own version, in
 # the same transaction that records the new version.
@@ -173,6 +185,16 @@ _MIGRATIONS: dict[int, tuple[str, ...]] = {
         *(t for t in _SERVICE_TABLES.split(";") if t.strip()),
         "UPDATE settings SET value = '8' WHERE name = 'schema_version'",
     ),
+    9: (  # instances: each signs with its own root (roots.instance: see ADDED_COLUMNS)
+        *(t for t in _INSTANCE_TABLES.split(";") if t.strip()),
+        "UPDATE settings SET value = '9' WHERE name = 'schema_version'",
+    ),
+}
+
+# Columns a step adds to an existing table, added only where missing: a database whose
+# version was set back already has them.
+ADDED_COLUMNS: dict[int, tuple[tuple[str, str, str], ...]] = {
+    9: (("roots", "instance", "TEXT NOT NULL DEFAULT ''"),),
 }
 
 COUNTERS = ("policy_version", "revocation_version", "bundle_sequence")

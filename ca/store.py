@@ -30,7 +30,7 @@ from ca.audit import (
     read_head,
 )
 from ca.db import Connection, Engine, SqliteEngine
-from ca.schema import _MIGRATIONS, _SCHEMA, SCHEMA_VERSION
+from ca.schema import _MIGRATIONS, _SCHEMA, ADDED_COLUMNS, SCHEMA_VERSION
 from meshid.clock import Clock
 from meshid.errors import StateError, StorageUnavailable
 from meshid.files import write_atomic
@@ -99,6 +99,9 @@ class Store:
                     reason="schema_too_new",
                 )
             for step in range(version + 1, SCHEMA_VERSION + 1):
+                for table, column, spec in ADDED_COLUMNS.get(step, ()):
+                    if not self._engine.has_column(table, column):
+                        conn.execute(f"ALTER TABLE {table} ADD COLUMN {column} {spec}")
                 for statement in _MIGRATIONS[step]:
                     conn.execute(self._engine.ddl(statement))
                 if step == 3:
@@ -261,7 +264,7 @@ class Store:
     def bump(conn: Connection, name: str) -> int:
         conn.execute(
             "INSERT INTO counters (name, value) VALUES (?, 1) "
-            "ON CONFLICT(name) DO UPDATE SET value = value + 1",
+            "ON CONFLICT(name) DO UPDATE SET value = counters.value + 1",
             (name,),
         )
         return Store.counter(conn, name)

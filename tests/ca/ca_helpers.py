@@ -16,11 +16,13 @@ from contextlib import contextmanager
 from datetime import datetime
 from pathlib import Path
 
+import psycopg
 from click.testing import CliRunner, Result
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.x509.oid import NameOID
 
+from ca import backend
 from ca.audit import GENESIS_HASH, _row_hash
 from ca.store import DB_NAME
 from meshid.cli import cli
@@ -105,6 +107,11 @@ def raw_files(state: Path) -> dict[str, tuple[str, int]]:
 
 
 def query(state: Path, sql: str) -> list[tuple[object, ...]]:
+    """Rows straight from the state directory's database, whichever engine holds it."""
+    database = backend.load(state)
+    if database is not None:
+        with psycopg.connect(database.url, password=database.password()) as pg:
+            return [tuple(row) for row in pg.execute(sql).fetchall()]
     conn = sqlite3.connect(state / DB_NAME)
     try:
         return conn.execute(sql).fetchall()

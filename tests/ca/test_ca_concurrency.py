@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import pytest
 from ca_helpers import MESHID, make_csr, query
 
 from ca.authority import Authority
@@ -39,6 +40,12 @@ except MeshIdError as exc:
 authority.close()
 print(json.dumps(result), flush=True)
 """
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def backend(request: pytest.FixtureRequest) -> str:
+    """Every test here runs on both engines."""
+    return str(request.param)
 
 
 def race(state: Path, *argvs: list[str]) -> list[dict[str, Any]]:
