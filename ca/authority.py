@@ -41,6 +41,7 @@ from ca.audit import AUDIT_HEAD, AUDIT_KEY, AuditKey
 from ca.backend import Database
 from ca.db import Conflict, Engine
 from ca.federation import Federations
+from ca.instances import Instances
 from ca.jwtkeys import JwtKeyring
 from ca.operators import Operators
 from ca.reports import Reports
@@ -57,6 +58,7 @@ from ca.values import (
     _write_private,
     check_svid_ttl,
     printable,
+    propagation_default,
 )
 from meshid.clock import Clock
 from meshid.errors import (
@@ -74,7 +76,7 @@ from meshid.svid import (
 __all__ = ["Authority", "IssuedSvid", "Prepared"]  # the façade, as ca.api imports it
 
 
-class Authority(Federations, Attestors, Access, Services, Reports, Operators):
+class Authority(Federations, Attestors, Access, Services, Reports, Operators, Instances):
     """The whole authority: one object composed of its parts (see ca.authority_base)."""
 
     # -- lifecycle --
@@ -122,7 +124,7 @@ class Authority(Federations, Attestors, Access, Services, Reports, Operators):
         database: Database,
         *,
         audit_key: Path,
-        propagation: timedelta,
+        propagation: timedelta | None = None,
         passphrase: bytes | None = None,
         clock: Clock,
     ) -> Authority:
@@ -251,7 +253,7 @@ class Authority(Federations, Attestors, Access, Services, Reports, Operators):
         staging: Path,
         database: Database,
         audit_key: Path,
-        propagation: timedelta,
+        propagation: timedelta | None,
         passphrase: bytes | None,
         clock: Clock,
     ) -> None:
@@ -268,6 +270,7 @@ class Authority(Federations, Attestors, Access, Services, Reports, Operators):
             with store.read() as conn:
                 trust_domain = TrustDomain(Store.setting(conn, "trust_domain"))
                 root_ttl = timedelta(seconds=int(Store.setting(conn, "root_ttl")))
+                svid_ttl = timedelta(seconds=int(Store.setting(conn, "svid_ttl")))
                 encrypted = Store.setting(conn, "key_encrypted") == "1"
                 last = conn.execute("SELECT MAX(generation) FROM roots").fetchone()
             if encrypted and passphrase is None:
@@ -290,7 +293,9 @@ class Authority(Federations, Attestors, Access, Services, Reports, Operators):
             (staging / "keys").mkdir(mode=0o700)
             _write_private(staging / key_file, key_to_pem(key, passphrase if encrypted else None))
             at = now.timestamp()
-            activate_at = now + propagation
+            activate_at = now + (
+                propagation_default(svid_ttl) if propagation is None else propagation
+            )
             try:
                 with store.write() as conn:
                     conn.execute(

@@ -14,7 +14,7 @@ import os
 import ssl
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta
+from datetime import datetime
 from typing import Any, TypeVar
 
 import trio
@@ -25,6 +25,7 @@ from ca.db import is_driver_error
 from ca.metrics import CaMetrics, Live
 from ca.rootkeeper import RootKeeper
 from ca.ui import ServiceGraph
+from ca.values import propagation_default
 from meshid.clock import Clock
 from meshid.errors import MeshIdError, StorageUnavailable
 from meshid.ratelimit import FailureLimiter
@@ -263,8 +264,3 @@ def _load_chain_from_memory(context: ssl.SSLContext, pem: bytes) -> None:
         context.load_cert_chain(f"/proc/self/fd/{fd}")
     finally:
         os.close(fd)
-
-
-def propagation_default(svid_ttl: timedelta) -> timedelta:
-    """Long enough for every watcher to hear of the new root a few times over."""
-    return max(timedelta(seconds=10), min(svid_ttl / 2, timedelta(minutes=5)))

@@ -416,20 +416,26 @@ class Roots(AuthorityBase):
                 "WHERE state = 'active' AND instance = ?",
                 (self.instance,),
             ).fetchone()
-            nxt = conn.execute(
-                "SELECT generation, activate_at, created_at, wait_for_acks FROM roots "
-                "WHERE state = 'next' AND instance = ?",
-                (self.instance,),
-            ).fetchone()
+            pending = self.pending_root()
         if row is None:
             raise self._no_active_root()
         active = ActiveRoot(
             int(row[0]), datetime.fromtimestamp(row[1], UTC), datetime.fromtimestamp(row[2], UTC)
         )
+        return active, pending
+
+    def pending_root(self) -> PendingRoot | None:
+        """This instance's root waiting to take over, if any."""
+        with self.store.read() as conn:
+            nxt = conn.execute(
+                "SELECT generation, activate_at, created_at, wait_for_acks FROM roots "
+                "WHERE state = 'next' AND instance = ?",
+                (self.instance,),
+            ).fetchone()
         if nxt is None:
-            return active, None
+            return None
         at = nxt[1] if nxt[1] is not None else nxt[2]
-        return active, PendingRoot(int(nxt[0]), datetime.fromtimestamp(at, UTC), bool(nxt[3]))
+        return PendingRoot(int(nxt[0]), datetime.fromtimestamp(at, UTC), bool(nxt[3]))
 
     def rotate_unless_pending(
         self, propagation: timedelta, *, wait_for_acks: bool

@@ -113,6 +113,18 @@ def render_status(authority: Authority) -> list[str]:
             )
         else:
             body.append(f"root {generation} is published and activates on schedule")
+    for instance in authority.instances():
+        signs = (
+            f"signs with root {instance.generation}"
+            if instance.generation is not None
+            else f"waits for root {instance.pending} to join every sidecar's bundle"
+        )
+        heard = (
+            f"last heard {_ago(now - instance.last_heard)}"
+            if instance.last_heard is not None
+            else "never heard from"
+        )
+        body.append(f"instance {printable(instance.name)}: {signs}, {heard}")
     for federated in authority.federations():
         line = (
             f"federated {federated.trust_domain}: bundle sequence {federated.bundle.sequence}"
@@ -191,7 +203,8 @@ def status_document(authority: Authority) -> dict[str, object]:
     Keys: trust_domain, bundle_sequence, policy_version, revocation_version,
     active_root {generation, not_after}, warnings [text], sidecars [{id,
     instance, seen, svid_serial, svid_not_after, bundle_sequence,
-    policy_version, live_connections}] (reports from the last 30s), and
+    policy_version, live_connections}] (reports from the last 30s), instances
+    [{name, root_generation, pending_root_generation, last_heard}] (PostgreSQL), and
     workloads [{id, svids_issued, latest_not_after, revoked, running}].
     Times are ISO 8601 UTC. Workload-supplied text is passed through as data
     (JSON escapes it), not through `printable`.
@@ -231,6 +244,15 @@ def status_document(authority: Authority) -> dict[str, object]:
         "revocation_version": revocation_version,
         "active_root": {"generation": active.generation, "not_after": active.not_after.isoformat()},
         "warnings": warnings,
+        "instances": [
+            {
+                "name": instance.name,
+                "root_generation": instance.generation,
+                "pending_root_generation": instance.pending,
+                "last_heard": instance.last_heard.isoformat() if instance.last_heard else None,
+            }
+            for instance in authority.instances()
+        ],
         "sidecars": sidecars,
         "workloads": [
             {

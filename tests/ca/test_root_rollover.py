@@ -19,10 +19,9 @@ from ca_helpers import TD, Clock, make_csr, query, run
 from cryptography import x509
 
 from ca.authority import Authority
-from ca.plane import propagation_default
 from ca.rootkeeper import RootKeeper
 from ca.status import render_status
-from ca.values import BUNDLE_RECHECK
+from ca.values import BUNDLE_RECHECK, propagation_default
 from meshid.bundle import TrustBundle
 from meshid.clock import ManualClock
 from meshid.report import StatusReport

@@ -1,0 +1,198 @@
+"""Several authority instances, one trust domain in PostgreSQL: init, join, keys, status.
+
+Each instance is a state directory of its own on one throwaway PostgreSQL
+database (tests/ca/pg_cluster.py); they meet only through the database.
+"""
+
+from __future__ import annotations
+
+import json
+import stat
+from datetime import timedelta
+from pathlib import Path
+
+import pytest
+from ca_helpers import TD, Clock, make_csr, query, run
+from pg_cluster import PgCluster
+
+from ca.authority import Authority
+from ca.backend import DATABASE_FILE, Database
+from ca.store import DB_NAME
+from meshid.errors import StateError, TokenRejected
+from meshid.spiffeid import SpiffeId
+
+WEB = SpiffeId(TD, "/web")
+
+
+def two_instances(tmp_path: Path, url: str, clock: Clock) -> tuple[Authority, Authority]:
+    """Instance `one` made by init, `two` joined with a zero propagation delay."""
+    one = Authority.init(tmp_path / "one", TD, clock=clock, database=Database(url, "one"))
+    two = Authority.join(
+        tmp_path / "two",
+        Database(url, "two"),
+        audit_key=tmp_path / "one" / "audit.key",
+        propagation=timedelta(0),
+        clock=clock,
+    )
+    return one, two
+
+
+def test_init_puts_the_trust_domain_in_the_database_and_the_instance_in_the_directory(
+    tmp_path: Path, pg_url: str
+) -> None:
+    state = tmp_path / "one"
+    result = run("ca", "init", "--state", str(state), "--trust-domain", TD.name,
+                 "--database", pg_url, "--instance", "one")  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert "instance one" in result.output
+    assert not (state / DB_NAME).exists()
+    doc = json.loads((state / DATABASE_FILE).read_text())
+    assert doc == {"engine": "postgresql", "url": pg_url, "instance": "one", "password_file": None}
+    key = state / "keys" / "root-1.key"
+    assert stat.S_IMODE(key.stat().st_mode) == 0o600
+    rows = query(state, "SELECT value FROM settings WHERE name = 'trust_domain'")
+    assert rows == [(TD.name,)]
+    # the key is in the directory only: no column of the database holds it
+    key_pem = key.read_text()
+    assert not [r for r in query(state, "SELECT cert_pem, key_file FROM roots") if key_pem in r]
+    # every other command works unchanged on the instance's directory
+    assert run("ca", "token", "web", "--state", str(state)).exit_code == 0
+    again = run("ca", "init", "--state", str(tmp_path / "other"), "--trust-domain", TD.name,
+                "--database", pg_url)  # fmt: skip
+    assert again.exit_code == 1
+    assert "already holds trust domain example.org" in again.output
+    assert not (tmp_path / "other" / DATABASE_FILE).exists()
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "host=/tmp dbname=x password=hunter2secret",
+        "postgresql://meshid:hunter2secret@db.internal/meshid",
+        "postgresql://db.internal/meshid?password=hunter2secret",
+    ],
+)
+def test_a_url_carrying_a_password_is_refused_without_echoing_it(tmp_path: Path, url: str) -> None:
+    result = run("ca", "init", "--state", str(tmp_path / "s"), "--trust-domain", TD.name,
+                 "--database", url)  # fmt: skip
+    assert result.exit_code == 1
+    assert "carries a password" in result.output
+    assert "hunter2secret" not in result.output
+    assert len(result.output.strip().splitlines()) == 1
+    assert not (tmp_path / "s").exists()
+
+
+def test_an_unparsable_url_is_refused_without_quoting_it(tmp_path: Path) -> None:
+    result = run("ca", "init", "--state", str(tmp_path / "s"), "--trust-domain", TD.name,
+                 "--database", "host=x hunter2secret")  # fmt: skip
+    assert result.exit_code == 1
+    assert "not a libpq connection string" in result.output
+    assert "hunter2secret" not in result.output
+
+
+def test_join_publishes_the_new_root_before_it_signs(
+    tmp_path: Path, pg_url: str, clock: Clock
+) -> None:
+    one = Authority.init(tmp_path / "one", TD, clock=clock, database=Database(pg_url, "one"))
+    two = Authority.join(
+        tmp_path / "two",
+        Database(pg_url, "two"),
+        audit_key=tmp_path / "one" / "audit.key",
+        propagation=timedelta(minutes=5),
+        clock=clock,
+    )
+    try:
+        # both instances publish both roots at once, before the new one signs anything
+        assert len(one.bundle().roots) == len(two.bundle().roots) == 2
+        assert (tmp_path / "two" / "keys" / "root-2.key").is_file()
+        assert not (tmp_path / "one" / "keys" / "root-2.key").exists()
+        with pytest.raises(StateError, match="not in every sidecar's bundle yet"):
+            two.issue(WEB, make_csr()[0].public_key())
+        first = one.issue(WEB, make_csr()[0].public_key())  # the first instance carries on
+        clock.advance(timedelta(minutes=5, seconds=1))
+        second = two.issue(WEB, make_csr()[0].public_key())
+        assert first.leaf.issuer != second.leaf.issuer  # each signs with its own root
+        assert two.pending_root() is None
+        instances = {i.name: i for i in one.instances()}
+        assert instances["one"].generation == 1 and instances["two"].generation == 2
+        assert one.store.verify_audit() == two.store.verify_audit()
+        assert two.store.verify_audit()[1] is None
+    finally:
+        one.close()
+        two.close()
+
+
+def test_join_refuses_a_name_taken_and_a_database_without_a_trust_domain(
+    tmp_path: Path, pg_url: str, pg_cluster: PgCluster, clock: Clock
+) -> None:
+    Authority.init(tmp_path / "one", TD, clock=clock, database=Database(pg_url, "one")).close()
+    with pytest.raises(StateError, match="already in this trust domain"):
+        Authority.join(
+            tmp_path / "two",
+            Database(pg_url, "one"),
+            audit_key=tmp_path / "one" / "audit.key",
+            clock=clock,
+        )
+    assert not (tmp_path / "two" / DATABASE_FILE).exists()
+    empty = pg_cluster.url(pg_cluster.create_database())
+    with pytest.raises(StateError, match="holds no meshid trust domain"):
+        Authority.join(
+            tmp_path / "three",
+            Database(empty, "three"),
+            audit_key=tmp_path / "one" / "audit.key",
+            clock=clock,
+        )
+
+
+def test_a_token_made_on_one_instance_enrolls_through_the_other_once(
+    tmp_path: Path, pg_url: str, clock: Clock
+) -> None:
+    one, two = two_instances(tmp_path, pg_url, clock)
+    try:
+        token = one.create_token(WEB)
+        _key, csr = make_csr()
+        assert two.enroll(token, csr).spiffe_id == WEB
+        for instance in (one, two):
+            with pytest.raises(TokenRejected) as info:
+                instance.enroll(token, make_csr()[1])
+            assert info.value.reason == "token_used"
+    finally:
+        one.close()
+        two.close()
+
+
+def test_status_lists_the_instances_their_roots_and_when_each_was_heard(
+    tmp_path: Path, pg_url: str, clock: Clock
+) -> None:
+    one, two = two_instances(tmp_path, pg_url, clock)
+    two.issue(WEB, make_csr()[0].public_key())  # activates its root
+    one.heard()
+    one.close()
+    two.close()
+    text = run("ca", "status", "--state", str(tmp_path / "two"))
+    assert text.exit_code == 0, text.output
+    assert "instance one: signs with root 1, last heard" in text.output
+    assert "instance two: signs with root 2, never heard from" in text.output
+    doc = json.loads(run("ca", "status", "--json", "--state", str(tmp_path / "one")).output)
+    by_name = {i["name"]: i for i in doc["instances"]}
+    assert by_name["one"]["root_generation"] == 1 and by_name["one"]["last_heard"] is not None
+    assert by_name["two"]["root_generation"] == 2 and by_name["two"]["last_heard"] is None
+
+
+def test_join_through_the_cli(tmp_path: Path, pg_url: str) -> None:
+    one, two = tmp_path / "one", tmp_path / "two"
+    made = run("ca", "init", "--state", str(one), "--trust-domain", TD.name,
+               "--database", pg_url, "--instance", "one")  # fmt: skip
+    assert made.exit_code == 0, made.output
+    joined = run("ca", "join", "--state", str(two), "--database", pg_url, "--instance", "two",
+                 "--audit-key", str(one / "audit.key"), "--propagation", "10s")  # fmt: skip
+    assert joined.exit_code == 0, joined.output
+    assert f"instance two joined {TD.id}: its root 2 is in the bundle" in joined.output
+    assert stat.S_IMODE((two / "keys" / "root-2.key").stat().st_mode) == 0o600
+    assert (two / "bundle.pem").read_bytes().count(b"BEGIN CERTIFICATE") == 2
+    again = run("ca", "join", "--state", str(two), "--database", pg_url, "--instance", "three",
+                "--audit-key", str(one / "audit.key"))  # fmt: skip
+    assert again.exit_code == 1 and "already holds an authority" in again.output
+    missing = run("ca", "join", "--state", str(tmp_path / "x"), "--audit-key", "k")
+    assert missing.exit_code == 1 and "--database is required" in missing.output
+    assert run("ca", "audit", "verify", "--state", str(two)).exit_code == 0
