@@ -94,6 +94,7 @@ class ControlPlane(HttpShell):
         try:
             await self._refresh_credentials()
             self._versions = await self._db_call(self.authority.versions)
+            await self._db_call(self.authority.heard)
             await self._db_call(self.metrics.refresh, self.authority)
             if self.options.ui is not None:
                 await self._db_call(self.graph.refresh, self.authority)
