@@ -109,6 +109,11 @@ def test_join_publishes_the_new_root_before_it_signs(
         assert not (tmp_path / "one" / "keys" / "root-2.key").exists()
         with pytest.raises(StateError, match="not in every sidecar's bundle yet"):
             two.issue(WEB, make_csr()[0].public_key())
+        waiting = run("ca", "status", "--state", str(tmp_path / "two"))
+        assert waiting.exit_code == 0, waiting.output
+        assert "this instance signs nothing yet: its root 2 activates in " in waiting.output
+        doc = json.loads(run("ca", "status", "--json", "--state", str(tmp_path / "two")).output)
+        assert doc["active_root"] is None
         first = one.issue(WEB, make_csr()[0].public_key())  # the first instance carries on
         clock.advance(timedelta(minutes=5, seconds=1))
         second = two.issue(WEB, make_csr()[0].public_key())
