@@ -71,6 +71,7 @@ def test_init_puts_the_trust_domain_in_the_database_and_the_instance_in_the_dire
         "host=/tmp dbname=x password=hunter2secret",
         "postgresql://meshid:hunter2secret@db.internal/meshid",
         "postgresql://db.internal/meshid?password=hunter2secret",
+        "host=db.internal dbname=meshid sslpassword=hunter2secret",
     ],
 )
 def test_a_url_carrying_a_password_is_refused_without_echoing_it(tmp_path: Path, url: str) -> None:
