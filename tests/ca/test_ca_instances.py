@@ -233,3 +233,24 @@ def test_a_database_from_a_newer_version_is_refused(
         conn.execute("UPDATE settings SET value = '999' WHERE name = 'schema_version'")
     result = run("ca", "status", "--state", str(tmp_path / "one"))
     assert result.exit_code == 1 and "made by a newer meshid" in result.output
+
+
+def test_the_audit_chain_written_by_two_instances_verifies_on_each_and_catches_an_edit(
+    tmp_path: Path, pg_url: str, clock: Clock
+) -> None:
+    one, two = two_instances(tmp_path, pg_url, clock)
+    try:
+        for n in range(3):  # interleaved writers, one chain
+            one.create_token(SpiffeId(TD, f"/a{n}"))
+            two.create_token(SpiffeId(TD, f"/b{n}"))
+    finally:
+        one.close()
+        two.close()
+    for name in ("one", "two"):
+        verified = run("ca", "audit", "verify", "--state", str(tmp_path / name))
+        assert verified.exit_code == 0, verified.output
+    with psycopg.connect(pg_url, autocommit=True) as conn:
+        conn.execute("UPDATE audit SET details = '{}' WHERE seq = 3")
+    for name in ("one", "two"):
+        broken = run("ca", "audit", "verify", "--state", str(tmp_path / name))
+        assert broken.exit_code == 1 and "entry 3 was modified" in broken.output, broken.output
