@@ -29,7 +29,7 @@ from ca.cliopts import (
     state_option,
     state_or_server_option,
 )
-from ca.instance_cli import join_cmd
+from ca.instance_cli import instance_group, join_cmd
 from ca.jwtkeys import JwtKeyring, with_jwt_keys
 from ca.objects_cli import CREATE, TokenGroup, svid_group, token_delete_cmd, token_list_cmd
 from ca.operator_cli import operator_group
@@ -432,6 +432,7 @@ def status_cmd(state: Path, as_json: bool) -> None:
 
 ca_group.add_command(attestor_group)
 ca_group.add_command(join_cmd)
+ca_group.add_command(instance_group)
 ca_group.add_command(operator_group)
 ca_group.add_command(svid_group)
 token_group.add_command(token_list_cmd)

@@ -12,9 +12,11 @@ from ca.cliopts import (
     database_from_options,
     database_options,
     join_authority,
+    open_authority,
     passphrase_option,
     state_option,
 )
+from meshid.cli import Group
 from meshid.errors import InvalidInput, StateError
 
 
@@ -60,3 +62,31 @@ def join_cmd(
         f"{pending.generation} is in the bundle and signs from "
         f"{pending.activate_at:%Y-%m-%dT%H:%M:%SZ} once live sidecars hold it"
     )
+
+
+@click.group("instance", cls=Group)
+def instance_group() -> None:
+    """The instances of a trust domain kept in PostgreSQL (listed by 'meshid ca status')."""
+
+
+@instance_group.command("remove")
+@state_option
+@click.argument("name")
+@click.option(
+    "--now",
+    "at_once",
+    is_flag=True,
+    help="Drop its roots from the bundle at once (its key may be in other hands): "
+    "SVIDs they signed stop verifying.",
+)
+def remove_cmd(state: Path, name: str, at_once: bool) -> None:
+    """Take the lost instance NAME out of the trust domain; its roots sign no more."""
+    generations = open_authority(state).remove_instance(name, at_once=at_once)
+    roots = ", ".join(str(g) for g in generations) or "none"
+    if at_once:
+        click.echo(f"instance {name} removed: root {roots} left the bundle")
+    else:
+        click.echo(
+            f"instance {name} removed: root {roots} signs no more and leaves the bundle "
+            "once the SVIDs it signed have expired"
+        )

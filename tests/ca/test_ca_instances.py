@@ -19,7 +19,7 @@ from pg_cluster import PgCluster
 from ca.authority import Authority
 from ca.backend import DATABASE_FILE, Database
 from ca.store import DB_NAME
-from meshid.errors import StateError, TokenRejected
+from meshid.errors import PolicyError, StateError, TokenRejected
 from meshid.spiffeid import SpiffeId
 
 WEB = SpiffeId(TD, "/web")
@@ -254,3 +254,42 @@ def test_the_audit_chain_written_by_two_instances_verifies_on_each_and_catches_a
     for name in ("one", "two"):
         broken = run("ca", "audit", "verify", "--state", str(tmp_path / name))
         assert broken.exit_code == 1 and "entry 3 was modified" in broken.output, broken.output
+
+
+def test_removing_a_lost_instance_retires_its_root_after_its_svids_or_at_once(
+    tmp_path: Path, pg_url: str, clock: Clock
+) -> None:
+    one, two = two_instances(tmp_path, pg_url, clock)
+    try:
+        issued = two.issue(WEB, make_csr()[0].public_key())  # activates root 2
+        with pytest.raises(PolicyError, match="cannot remove itself"):
+            one.remove_instance("one")
+        with pytest.raises(PolicyError, match="no instance 'three'"):
+            one.remove_instance("three")
+        before = one.bundle().sequence
+        one.remove_instance("two")
+        assert [i.name for i in one.instances()] == ["one"]
+        # root 2 stays in the bundle while an SVID it signed is valid, then goes
+        assert len(one.bundle().roots) == 2 and one.bundle().sequence > before
+        clock.advance(issued.leaf.not_valid_after_utc - clock() + timedelta(seconds=1))
+        one.advance_roots()
+        assert len(one.bundle().roots) == 1
+    finally:
+        one.close()
+        two.close()
+    three = Authority.join(
+        tmp_path / "three",
+        Database(pg_url, "three"),
+        audit_key=tmp_path / "one" / "audit.key",
+        propagation=timedelta(0),
+        clock=clock,
+    )
+    three.issue(WEB, make_csr()[0].public_key())
+    three.close()
+    result = run("ca", "instance", "remove", "three", "--now", "--state", str(tmp_path / "one"))
+    assert result.exit_code == 0, result.output
+    assert "root 3 left the bundle" in result.output
+    rows = query(tmp_path / "one", "SELECT state FROM roots WHERE instance = 'three'")
+    assert rows == [("retired",)]
+    audit = query(tmp_path / "one", "SELECT action FROM audit WHERE action = 'instance_removed'")
+    assert len(audit) == 2
