@@ -350,7 +350,7 @@ def _holds_authority(state_dir: Path) -> bool:
 def _pg_engine(database: Database) -> Engine:
     from ca.pgengine import PgEngine  # the driver only where a database is named
 
-    return PgEngine.open(database.url, database.password())
+    return PgEngine.open(database.url, database.password)
 
 
 def _empty_pg_store(database: Database, staging: Path, clock: Clock) -> Store:

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import psycopg
@@ -97,14 +97,15 @@ class _PgConnection:
 class PgEngine:
     name = "postgresql"
 
-    def __init__(self, conninfo: str, password: str | None) -> None:
+    def __init__(self, conninfo: str, password: Callable[[], str | None]) -> None:
         self._conninfo = conninfo
-        self._password = password
+        self._password_source = password  # asked again at every connection: a rotated
+        self._password: str | None = None  # password takes effect without a restart
         self._raw: psycopg.Connection[Any] | None = None
         self._conn = _PgConnection(self)
 
     @classmethod
-    def open(cls, conninfo: str, password: str | None) -> PgEngine:
+    def open(cls, conninfo: str, password: Callable[[], str | None]) -> PgEngine:
         engine = cls(conninfo, password)
         engine.raw()
         return engine
@@ -120,6 +121,7 @@ class PgEngine:
                 raw.close()
             self._raw = None
         extra: dict[str, Any] = {}
+        self._password = self._password_source()
         if self._password is not None:
             extra["password"] = self._password
         try:

@@ -193,3 +193,23 @@ def test_serve_logs_the_outage_with_a_reason_recovers_and_never_logs_the_passwor
         wait_lines(log, '"poll_recovered"', 1, proc)
         assert proc.poll() is None  # it kept running through the outage
     assert PASSWORD not in log.read_text()
+
+
+def test_a_rotated_password_takes_effect_on_the_next_connection_without_a_restart(
+    tmp_path: Path, pg_cluster: PgCluster, clock: Clock
+) -> None:
+    pg_cluster.set_password(PASSWORD)
+    name = pg_cluster.create_database()
+    secret = tmp_path / "db.password"
+    secret.write_text(PASSWORD + "\n")
+    database = Database(pg_cluster.url(name, user=PASSWORD_ROLE), "one", password_file=secret)
+    authority = Authority.init(tmp_path / "s", TD, clock=clock, database=database)
+    try:
+        pg_cluster.set_password(PASSWORD + "-2")
+        secret.write_text(PASSWORD + "-2\n")
+        authority.create_token(WEB)  # the open connection carries on
+        cut_off(pg_cluster, name)
+        authority.create_token(WEB)  # a new connection, with the file's new password
+        assert query(tmp_path / "s", "SELECT COUNT(*) FROM tokens") == [(2,)]
+    finally:
+        authority.close()
