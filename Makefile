@@ -15,9 +15,9 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 # Debian packages the tests, the demo or the bench call (openssl, ip, promtool, stunnel,
-# chromium for the service graph page).
+# chromium for the service graph page, a PostgreSQL server for the shared-database tests).
 system-packages:
-	tools/ensure-debs openssl:openssl ip:iproute2 promtool:prometheus chromium:chromium nft:nftables tcpdump:tcpdump
+	tools/ensure-debs openssl:openssl ip:iproute2 promtool:prometheus chromium:chromium nft:nftables tcpdump:tcpdump pg_ctlcluster:postgresql
 
 # Tests run in parallel (pytest-xdist), one worker per core. `make test` is the
 # fast suite; the tests marked slow wait on real certificate lifetimes or run

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import json
 import os
-import sqlite3
 import ssl
 import threading
 import urllib.request
@@ -29,6 +28,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from ca.db import Connection
 from ca.issuance import Issuance
 from ca.issuer import check_csr_identity, csr_public_key, parse_csr
 from ca.store import Store
@@ -65,8 +65,9 @@ class Attestors(Issuance):
         *,
         passphrase: bytes | None = None,
         clock: Clock,
+        instance: str = "",
     ) -> None:
-        super().__init__(state_dir, store, passphrase=passphrase, clock=clock)
+        super().__init__(state_dir, store, passphrase=passphrase, clock=clock, instance=instance)
         # Where HTTPS JWKS URLs are verified against: the system's CAs unless set.
         self.jwks_tls: ssl.SSLContext | None = None
         self._key_sets: dict[str, _KeySet] = {}
@@ -106,7 +107,7 @@ class Attestors(Issuance):
             return self._attestors(conn)
 
     @staticmethod
-    def _attestors(conn: sqlite3.Connection) -> list[Attestor]:
+    def _attestors(conn: Connection) -> list[Attestor]:
         rows = conn.execute("SELECT spec FROM attestors ORDER BY name").fetchall()
         return [_attestor(json.loads(row[0])) for row in rows]
 
@@ -132,7 +133,7 @@ class Attestors(Issuance):
         generation, leaf = self._sign(spiffe_id, public_key, None, [], [])
         return Prepared(spiffe_id, generation, leaf, "enroll_jwt", attested=attested)
 
-    def _consume(self, conn: sqlite3.Connection, prepared: Prepared) -> None:
+    def _consume(self, conn: Connection, prepared: Prepared) -> None:
         super()._consume(conn, prepared)
         attested = prepared.attested
         if attested is None:
@@ -166,7 +167,7 @@ class Attestors(Issuance):
         )
 
     @staticmethod
-    def _check_not_replayed(conn: sqlite3.Connection, digest: str) -> None:
+    def _check_not_replayed(conn: Connection, digest: str) -> None:
         if conn.execute("SELECT 1 FROM used_jwts WHERE hash = ?", (digest,)).fetchone():
             raise AttestationRejected(
                 "this enrollment JWT was used already", reason=Reason.JWT_REPLAYED

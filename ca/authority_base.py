@@ -30,8 +30,11 @@ class AuthorityBase:
         *,
         passphrase: bytes | None = None,
         clock: Clock,
+        instance: str = "",
     ) -> None:
         self.state_dir = state_dir
+        # The instance whose roots this one signs with ('' on an embedded authority).
+        self.instance = instance
         self.store = store
         self._passphrase = passphrase
         self._clock = clock

@@ -21,6 +21,8 @@ from ca.cliopts import (
     DURATION,
     _closed_with_command,
     _ips,
+    database_from_options,
+    database_options,
     local_only,
     open_authority,
     passphrase_option,
@@ -28,6 +30,7 @@ from ca.cliopts import (
     state_option,
     state_or_server_option,
 )
+from ca.instance_cli import instance_group, join_cmd
 from ca.jwtkeys import JwtKeyring, with_jwt_keys
 from ca.objects_cli import CREATE, TokenGroup, svid_group, token_delete_cmd, token_list_cmd
 from ca.operator_cli import operator_group
@@ -65,15 +68,24 @@ def ca_group() -> None:
     help="Lifetime of the root certificate.",
 )
 @passphrase_option
+@database_options
 def init_cmd(
     state: Path,
     trust_domain: str,
     svid_ttl: timedelta,
     root_ttl: timedelta,
     passphrase_file: Path | None,
+    database_url: str | None,
+    database_password_file: Path | None,
+    instance: str | None,
 ) -> None:
-    """Create a new authority in STATE: root key and certificate, bundle, database."""
+    """Create a new authority in STATE: root key and certificate, bundle, database.
+
+    With --database, the trust domain lives in that PostgreSQL database and
+    STATE holds this host's instance; more join with 'meshid ca join'.
+    """
     td = TrustDomain.parse(trust_domain)
+    database = database_from_options(database_url, database_password_file, instance)
     authority = _closed_with_command(
         Authority.init(
             state,
@@ -81,12 +93,16 @@ def init_cmd(
             svid_ttl=svid_ttl,
             root_ttl=root_ttl,
             passphrase=read_passphrase(passphrase_file),
+            database=database,
             clock=system_clock(),
         )
     )
     root = authority.bundle().roots[0]
+    where = (
+        str(state) if database is None else f"the database, instance {database.instance} in {state}"
+    )
     click.echo(
-        f"initialised authority for {td.id} in {state}: root expires "
+        f"initialised authority for {td.id} in {where}: root expires "
         f"{root.not_valid_after_utc:%Y-%m-%d}, SVID lifetime {format_duration(svid_ttl)}"
     )
 
@@ -288,7 +304,8 @@ def serve_cmd(
     try:
         # held until the process and its workers exit: one control plane per state dir
         lock = hold_serve_lock(state)
-        probe.signer()  # fail now, with a clear message, on a missing key or wrong passphrase
+        if probe.own_root_pending() is None:  # a joining instance waits for its root instead
+            probe.signer()  # fail now, with a clear message, on a missing key or wrong passphrase
     finally:
         probe.close()  # each worker opens its own connection
     events = EventLog()
@@ -338,7 +355,7 @@ def rotate_cmd(
     Activation also waits until every live sidecar reports holding the new
     bundle (unless --force); `meshid ca status` shows who it waits for.
     """
-    from ca.plane import propagation_default
+    from ca.values import propagation_default
 
     authority = open_authority(state, passphrase_file)
     delay = propagation if propagation is not None else propagation_default(authority.svid_ttl)
@@ -402,6 +419,8 @@ def status_cmd(state: Path, as_json: bool) -> None:
 
 
 ca_group.add_command(attestor_group)
+ca_group.add_command(join_cmd)
+ca_group.add_command(instance_group)
 ca_group.add_command(operator_group)
 ca_group.add_command(svid_group)
 token_group.add_command(token_list_cmd)

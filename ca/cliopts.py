@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 import ipaddress
 import os
+import socket
 from collections.abc import Callable
 from datetime import timedelta
 from pathlib import Path
@@ -17,7 +18,9 @@ from typing import Any, TypeVar, cast
 
 import click
 
+from ca import backend
 from ca.authority import Authority
+from ca.backend import Database
 from ca.values import check_ip
 from meshid.cli import ACTING_OPERATOR
 from meshid.clock import system_clock
@@ -127,6 +130,43 @@ def read_passphrase(path: Path | None) -> bytes | None:
     return env.encode() if env else None
 
 
+def database_options(func: F) -> F:
+    """--database URL, --database-password-file FILE and --instance NAME (see ca.backend)."""
+    func = click.option(
+        "--instance",
+        help="This instance's name in the trust domain (default: the host name).",
+    )(func)
+    func = click.option(
+        "--database-password-file",
+        type=click.Path(path_type=Path, dir_okay=False),
+        help="File holding the database password (or libpq's PGPASSWORD / PGPASSFILE).",
+    )(func)
+    return click.option(
+        "--database",
+        "database_url",
+        metavar="URL",
+        help="PostgreSQL: a libpq connection string or postgresql:// URI, without a password.",
+    )(func)
+
+
+def database_from_options(
+    url: str | None, password_file: Path | None, instance: str | None
+) -> Database | None:
+    """The database named on the command line, checked; None for the embedded SQLite."""
+    if url is None:
+        if password_file is not None or instance is not None:
+            raise InvalidInput("--database-password-file and --instance go with --database")
+        return None
+    name = instance if instance is not None else socket.gethostname().split(".")[0].lower()
+    database = Database(
+        url=backend.check_url(url),
+        instance=backend.check_instance(name),
+        password_file=password_file.absolute() if password_file is not None else None,
+    )
+    database.password()  # a missing or empty password file is refused before anything is made
+    return database
+
+
 def _closed_with_command(authority: Authority) -> Authority:
     """Close the database when the command ends, not whenever the GC gets to it.
 
@@ -153,6 +193,25 @@ def _attribute_audit(authority: Authority, operator: str) -> None:
 def open_authority(state: Path, passphrase_file: Path | None = None) -> Authority:
     return _closed_with_command(
         Authority.open(state, passphrase=read_passphrase(passphrase_file), clock=system_clock())
+    )
+
+
+def join_authority(
+    state: Path,
+    database: Database,
+    audit_key: Path,
+    propagation: timedelta | None,
+    passphrase_file: Path | None,
+) -> Authority:
+    return _closed_with_command(
+        Authority.join(
+            state,
+            database,
+            audit_key=audit_key,
+            propagation=propagation,
+            passphrase=read_passphrase(passphrase_file),
+            clock=system_clock(),
+        )
     )
 
 

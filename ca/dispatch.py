@@ -23,6 +23,9 @@ MAX_BATCH = 128
 WATCH_EXPIRY_MARGIN = 1.0  # seconds: a long poll ends this long before the caller's SVID
 
 
+HEARD_EVERY = 5  # seconds between two "this instance is alive" rows (ca.instances)
+
+
 class Dispatcher(PlaneState):
     __slots__ = ()
 
@@ -37,7 +40,10 @@ class Dispatcher(PlaneState):
             await trio.sleep(self.options.poll_interval)
             ticks += 1
             try:
-                if ticks % max(1, round(1 / self.options.poll_interval)) == 0:
+                per_second = max(1, round(1 / self.options.poll_interval))
+                if ticks % (HEARD_EVERY * per_second) == 0:
+                    await self._db_call(self.authority.heard)
+                if ticks % per_second == 0:
                     await self._db_call(self.root_keeper.tick)  # logs its own failures
                     await self._db_call(self.metrics.refresh, self.authority)
                     if self.options.ui is not None:

@@ -17,10 +17,10 @@ policy version: it changes whom sidecars trust, and wakes their feeds.
 
 from __future__ import annotations
 
-import sqlite3
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
+from ca.db import Connection
 from ca.reports import Reports
 from ca.store import Store
 from meshid.bundle import TrustBundle
@@ -133,7 +133,7 @@ class Federations(Reports):
             return self._federation(conn, trust_domain)
 
     @staticmethod
-    def _federation(conn: sqlite3.Connection, trust_domain: TrustDomain) -> FederatedDomain:
+    def _federation(conn: Connection, trust_domain: TrustDomain) -> FederatedDomain:
         row = conn.execute(
             _SELECT + " WHERE trust_domain = ?",
             (trust_domain.name,),

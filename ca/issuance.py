@@ -12,13 +12,13 @@ from __future__ import annotations
 import ipaddress
 import json
 import secrets
-import sqlite3
 from collections.abc import Iterable, Sequence
 from datetime import UTC, datetime, timedelta
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes
 
+from ca.db import Connection
 from ca.issuer import check_csr_identity, csr_public_key, parse_csr
 from ca.roots import Roots
 from ca.values import (
@@ -52,7 +52,7 @@ from meshid.svid import (
 class Issuance(Roots):
     # -- issuing --
 
-    def _check_not_revoked(self, conn: sqlite3.Connection, spiffe_id: SpiffeId) -> None:
+    def _check_not_revoked(self, conn: Connection, spiffe_id: SpiffeId) -> None:
         row = conn.execute(
             "SELECT revoked_at FROM revocations WHERE spiffe_id = ?", (str(spiffe_id),)
         ).fetchone()
@@ -85,9 +85,7 @@ class Issuance(Roots):
             self.last_capped = (spiffe_id, leaf.not_valid_after_utc)
         return generation, leaf
 
-    def _record(
-        self, conn: sqlite3.Connection, generation: int, leaf: x509.Certificate, how: str
-    ) -> None:
+    def _record(self, conn: Connection, generation: int, leaf: x509.Certificate, how: str) -> None:
         at = self._now().timestamp()
         sid = str(leaf_spiffe_id(leaf))
         conn.execute(
@@ -221,7 +219,7 @@ class Issuance(Roots):
         generation, leaf = self._sign(spiffe_id, public_key, None, dns, ips)
         return Prepared(spiffe_id, generation, leaf, "enroll", token_digest=digest)
 
-    def _usable_token(self, conn: sqlite3.Connection, digest: str) -> tuple[str, str, str]:
+    def _usable_token(self, conn: Connection, digest: str) -> tuple[str, str, str]:
         row = conn.execute(
             "SELECT spiffe_id, dns, ips, expires_at, used_at FROM tokens WHERE hash = ?",
             (digest,),
@@ -267,16 +265,22 @@ class Issuance(Roots):
             self._record(conn, prepared.generation, prepared.leaf, prepared.how)
         return IssuedSvid(prepared.spiffe_id, (prepared.leaf,), self.bundle())
 
-    def _consume(self, conn: sqlite3.Connection, prepared: Prepared) -> None:
+    def _consume(self, conn: Connection, prepared: Prepared) -> None:
         """Use up what the enrollment traded (a join token here; ca.attestors adds JWTs)."""
         if prepared.token_digest is not None:
             row = self._usable_token(conn, prepared.token_digest)
             if row[0] != str(prepared.spiffe_id):  # pragma: no cover - hashes do not move
                 raise TokenRejected("join token changed", reason="token_unknown")
-            conn.execute(
-                "UPDATE tokens SET used_at = ? WHERE hash = ?",
-                (self._now().timestamp(), prepared.token_digest),
-            )
+            now = self._now().timestamp()
+            used = conn.execute(  # conditional: a second use, from any instance, changes nothing
+                "UPDATE tokens SET used_at = ? WHERE hash = ? AND used_at IS NULL "
+                "AND expires_at > ?",
+                (now, prepared.token_digest, now),
+            ).rowcount
+            if used != 1:
+                raise TokenRejected(
+                    f"join token for {prepared.spiffe_id} was already used", reason="token_used"
+                )
 
     def token_grant(self, token: str) -> TokenGrant | None:
         """What an unused, unexpired token would grant (None otherwise). Reads only."""

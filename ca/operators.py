@@ -8,9 +8,8 @@ its ID (see `ca.adminapi`).
 
 from __future__ import annotations
 
-import sqlite3
-
 from ca.authority_base import AuthorityBase
+from ca.db import Conflict
 from ca.values import is_operator_id
 from meshid.errors import InvalidInput, PolicyError
 from meshid.spiffeid import SpiffeId
@@ -35,7 +34,7 @@ class Operators(AuthorityBase):
                     "INSERT INTO operators (spiffe_id, added_at) VALUES (?, ?)",
                     (str(spiffe_id), now),
                 )
-            except sqlite3.IntegrityError:
+            except Conflict:
                 raise PolicyError(
                     f"{spiffe_id} is already an operator", reason="already_operator"
                 ) from None

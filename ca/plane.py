@@ -11,11 +11,10 @@ from __future__ import annotations
 import errno
 import math
 import os
-import sqlite3
 import ssl
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta
+from datetime import datetime
 from typing import Any, TypeVar
 
 import trio
@@ -23,9 +22,11 @@ import trio
 from ca.adminrun import MAX_RUNS
 from ca.api import ControlApi, Reply, Request, error
 from ca.authority import Authority
+from ca.db import is_driver_error
 from ca.metrics import CaMetrics, Live
 from ca.rootkeeper import RootKeeper
 from ca.ui import ServiceGraph
+from ca.values import propagation_default
 from meshid.clock import Clock
 from meshid.errors import MeshIdError, StorageUnavailable
 from meshid.ratelimit import FailureLimiter
@@ -207,7 +208,7 @@ _STORAGE_ERRNOS = frozenset({errno.ENOSPC, errno.EROFS, errno.EDQUOT, errno.EIO}
 
 
 def _is_storage_failure(exc: BaseException) -> bool:
-    if isinstance(exc, StorageUnavailable | sqlite3.Error):
+    if isinstance(exc, StorageUnavailable) or is_driver_error(exc):
         return True
     return isinstance(exc, OSError) and exc.errno in _STORAGE_ERRNOS
 
@@ -216,7 +217,7 @@ def _describe(exc: BaseException) -> str:
     """What failed, in words that hold no secret: ours, or SQLite's, or the OS's."""
     if isinstance(exc, MeshIdError):
         return exc.message
-    if isinstance(exc, sqlite3.Error):
+    if is_driver_error(exc):
         return str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
     if isinstance(exc, OSError) and exc.strerror:
         return exc.strerror
@@ -265,8 +266,3 @@ def _load_chain_from_memory(context: ssl.SSLContext, pem: bytes) -> None:
         context.load_cert_chain(f"/proc/self/fd/{fd}")
     finally:
         os.close(fd)
-
-
-def propagation_default(svid_ttl: timedelta) -> timedelta:
-    """Long enough for every watcher to hear of the new root a few times over."""
-    return max(timedelta(seconds=10), min(svid_ttl / 2, timedelta(minutes=5)))

@@ -14,7 +14,6 @@ import contextlib
 import fcntl
 import json
 import math
-import sqlite3
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
@@ -23,6 +22,7 @@ from pathlib import Path
 from cryptography import x509
 
 from ca.authority_base import AuthorityBase
+from ca.db import Conflict, Connection
 from ca.rootlife import ActiveRoot, PendingRoot
 from ca.store import Store
 from ca.values import (
@@ -44,6 +44,7 @@ from meshid.errors import (
     StorageUnavailable,
 )
 from meshid.files import write_atomic
+from meshid.reasons import Reason
 from meshid.report import parse_report
 from meshid.svid import (
     PrivateKey,
@@ -104,10 +105,12 @@ class Roots(AuthorityBase):
         self._signer_checked = now
         with self.store.read() as conn:
             row = conn.execute(
-                "SELECT generation, cert_pem, key_file FROM roots WHERE state = 'active'"
+                "SELECT generation, cert_pem, key_file FROM roots "
+                "WHERE state = 'active' AND instance = ?",
+                (self.instance,),
             ).fetchone()
         if row is None:
-            raise StateError("the authority has no active root; its database is damaged")
+            raise self._no_active_root()
         generation, cert_pem, key_file = int(row[0]), str(row[1]), str(row[2])
         if self._signer_cache is not None and self._signer_cache[0] == generation:
             return self._signer_cache
@@ -115,6 +118,34 @@ class Roots(AuthorityBase):
         key = self._load_key(self.state_dir / key_file)
         self._signer_cache = (generation, cert, key)
         return self._signer_cache
+
+    def _no_active_root(self) -> StateError:
+        """Why there is nothing to sign with: a joining instance's root still waits, or damage."""
+        with self.store.read() as conn:
+            row = conn.execute(
+                "SELECT generation, activate_at FROM roots WHERE state = 'next' AND instance = ?",
+                (self.instance,),
+            ).fetchone()
+        if row is None:
+            return StateError("the authority has no active root; its database is damaged")
+        at = datetime.fromtimestamp(float(row[1] or 0), UTC)
+        return StateError(
+            f"this instance's root {row[0]} is not in every sidecar's bundle yet; it signs "
+            f"from {at:%Y-%m-%dT%H:%M:%SZ} once live sidecars hold it ('meshid ca status')",
+            reason=Reason.ROOT_PENDING,
+        )
+
+    def own_root_pending(self) -> PendingRoot | None:
+        """This instance's first root, while it waits for the rollover gate (else None).
+
+        Moves it to active when its time has come, as the signing path would.
+        """
+        self.advance_roots()
+        with self.store.read() as conn:
+            active = conn.execute(
+                "SELECT 1 FROM roots WHERE state = 'active' AND instance = ?", (self.instance,)
+            ).fetchone()
+        return None if active is not None else self.pending_root()
 
     def _load_key(self, path: Path) -> PrivateKey:
         """One root key, held to the protection the authority's first key set.
@@ -145,7 +176,7 @@ class Roots(AuthorityBase):
         except InvalidSvid as exc:
             raise StateError(exc.message, reason=exc.reason) from None
 
-    def _key_problem(self, conn: sqlite3.Connection, generation: int) -> str | None:
+    def _key_problem(self, conn: Connection, generation: int) -> str | None:
         """Why root `generation`'s key could not sign, as far as can be told without
         decrypting it: missing, unreadable, or less protected than the authority's keys."""
         row = conn.execute(
@@ -166,10 +197,13 @@ class Roots(AuthorityBase):
     def next_root_problem(self) -> str | None:
         """Why a root waiting to activate could not take over, if its key is unusable."""
         with self.store.read() as conn:
-            row = conn.execute("SELECT generation FROM roots WHERE state = 'next'").fetchone()
+            row = conn.execute(
+                "SELECT generation FROM roots WHERE state = 'next' AND instance = ?",
+                (self.instance,),
+            ).fetchone()
             return None if row is None else self._key_problem(conn, int(row[0]))
 
-    def _new_key_protection(self, conn: sqlite3.Connection) -> bytes | None:
+    def _new_key_protection(self, conn: Connection) -> bytes | None:
         """The passphrase a new root key is written under: the one the active key opens with.
 
         A new key is never less protected than the existing ones: on an
@@ -178,9 +212,11 @@ class Roots(AuthorityBase):
         """
         if not self.key_encrypted:
             return None
-        row = conn.execute("SELECT key_file FROM roots WHERE state = 'active'").fetchone()
+        row = conn.execute(
+            "SELECT key_file FROM roots WHERE state = 'active' AND instance = ?", (self.instance,)
+        ).fetchone()
         if row is None:
-            raise StateError("the authority has no active root; its database is damaged")
+            raise self._no_active_root()
         self._load_key(self.state_dir / str(row[0]))  # proves the passphrase, or refuses
         return self._passphrase
 
@@ -194,7 +230,10 @@ class Roots(AuthorityBase):
         """
         now = self._now()
         with self.store.read() as conn:
-            pending = conn.execute("SELECT generation FROM roots WHERE state = 'next'").fetchone()
+            pending = conn.execute(
+                "SELECT generation FROM roots WHERE state = 'next' AND instance = ?",
+                (self.instance,),
+            ).fetchone()
             root_ttl = timedelta(seconds=int(Store.setting(conn, "root_ttl")))
             last = conn.execute("SELECT MAX(generation) FROM roots").fetchone()
             protection = self._new_key_protection(conn)
@@ -242,10 +281,11 @@ class Roots(AuthorityBase):
     ) -> None:
         with self.store.write() as conn:
             sequence = Store.bump(conn, "bundle_sequence")
-            conn.execute(
+            self._insert_root(
+                conn,
                 "INSERT INTO roots (generation, cert_pem, key_file, state, not_after, created_at, "
-                "activate_at, published_sequence, wait_for_acks) "
-                "VALUES (?, ?, ?, 'next', ?, ?, ?, ?, ?)",
+                "activate_at, published_sequence, wait_for_acks, instance) "
+                "VALUES (?, ?, ?, 'next', ?, ?, ?, ?, ?, ?)",
                 (
                     generation,
                     certs_to_pem([root]).decode(),
@@ -255,6 +295,7 @@ class Roots(AuthorityBase):
                     activate_at.timestamp(),
                     sequence,
                     1 if wait_for_acks else 0,
+                    self.instance,
                 ),
             )
             self.store.audit(
@@ -267,6 +308,16 @@ class Roots(AuthorityBase):
                 bundle_sequence=sequence,
             )
 
+    @staticmethod
+    def _insert_root(conn: Connection, sql: str, params: tuple[object, ...]) -> None:
+        try:
+            conn.execute(sql, params)
+        except Conflict:
+            raise StateError(
+                f"another instance published root {params[0]} at the same moment; "
+                "nothing was changed, try again"
+            ) from None
+
     def advance_roots(self) -> bool:
         """Activate a next root whose time has come; retire roots whose last SVID expired.
 
@@ -276,8 +327,8 @@ class Roots(AuthorityBase):
         with self.store.read() as conn:
             due = conn.execute(
                 "SELECT generation, published_sequence, wait_for_acks FROM roots "
-                "WHERE state = 'next' AND activate_at <= ?",
-                (now,),
+                "WHERE state = 'next' AND instance = ? AND activate_at <= ?",
+                (self.instance, now),
             ).fetchone()
             if due is not None and due[2] and self._lagging(conn, int(due[1] or 0), now):
                 due = None  # a live sidecar has not confirmed the new bundle yet
@@ -296,9 +347,13 @@ class Roots(AuthorityBase):
         changed = False
         with self.store.write() as conn:
             if due is not None:
-                old = conn.execute("SELECT generation FROM roots WHERE state = 'active'").fetchone()
+                old = conn.execute(
+                    "SELECT generation FROM roots WHERE state = 'active' AND instance = ?",
+                    (self.instance,),
+                ).fetchone()
                 conn.execute(
-                    "UPDATE roots SET state = 'retiring' WHERE state = 'active'",
+                    "UPDATE roots SET state = 'retiring' WHERE state = 'active' AND instance = ?",
+                    (self.instance,),
                 )
                 updated = conn.execute(
                     "UPDATE roots SET state = 'active' WHERE generation = ? AND state = 'next'",
@@ -332,7 +387,7 @@ class Roots(AuthorityBase):
     # -- what sidecars report --
 
     @staticmethod
-    def _lagging(conn: sqlite3.Connection, sequence: int, now: float) -> list[str]:
+    def _lagging(conn: Connection, sequence: int, now: float) -> list[str]:
         """Live sidecars whose last report holds a bundle older than `sequence`.
 
         A stored report that no longer parses counts as lagging: a rollover
@@ -357,7 +412,9 @@ class Roots(AuthorityBase):
         """(generation, sidecars not yet holding it) for a root waiting to activate."""
         with self.store.read() as conn:
             row = conn.execute(
-                "SELECT generation, published_sequence FROM roots WHERE state = 'next'"
+                "SELECT generation, published_sequence FROM roots "
+                "WHERE state = 'next' AND instance = ?",
+                (self.instance,),
             ).fetchone()
             if row is None:
                 return None
@@ -369,21 +426,30 @@ class Roots(AuthorityBase):
         """The active root's life, and the root waiting to take over, if any."""
         with self.store.read() as conn:
             row = conn.execute(
-                "SELECT generation, created_at, not_after FROM roots WHERE state = 'active'"
+                "SELECT generation, created_at, not_after FROM roots "
+                "WHERE state = 'active' AND instance = ?",
+                (self.instance,),
             ).fetchone()
-            nxt = conn.execute(
-                "SELECT generation, activate_at, created_at, wait_for_acks FROM roots "
-                "WHERE state = 'next'"
-            ).fetchone()
+            pending = self.pending_root()
         if row is None:
-            raise StateError("the authority has no active root; its database is damaged")
+            raise self._no_active_root()
         active = ActiveRoot(
             int(row[0]), datetime.fromtimestamp(row[1], UTC), datetime.fromtimestamp(row[2], UTC)
         )
+        return active, pending
+
+    def pending_root(self) -> PendingRoot | None:
+        """This instance's root waiting to take over, if any."""
+        with self.store.read() as conn:
+            nxt = conn.execute(
+                "SELECT generation, activate_at, created_at, wait_for_acks FROM roots "
+                "WHERE state = 'next' AND instance = ?",
+                (self.instance,),
+            ).fetchone()
         if nxt is None:
-            return active, None
+            return None
         at = nxt[1] if nxt[1] is not None else nxt[2]
-        return active, PendingRoot(int(nxt[0]), datetime.fromtimestamp(at, UTC), bool(nxt[3]))
+        return PendingRoot(int(nxt[0]), datetime.fromtimestamp(at, UTC), bool(nxt[3]))
 
     def rotate_unless_pending(
         self, propagation: timedelta, *, wait_for_acks: bool
@@ -395,7 +461,9 @@ class Roots(AuthorityBase):
         """
         with self.rotation_lock():
             with self.store.read() as conn:
-                pending = conn.execute("SELECT 1 FROM roots WHERE state = 'next'").fetchone()
+                pending = conn.execute(
+                    "SELECT 1 FROM roots WHERE state = 'next' AND instance = ?", (self.instance,)
+                ).fetchone()
             if pending is not None:
                 return None
             return self.rotate(propagation, wait_for_acks=wait_for_acks)
@@ -419,13 +487,17 @@ class Roots(AuthorityBase):
         """
         now = self._now().timestamp()
         with self.store.write() as conn:
-            row = conn.execute("SELECT generation FROM roots WHERE state = 'next'").fetchone()
+            row = conn.execute(
+                "SELECT generation FROM roots WHERE state = 'next' AND instance = ?",
+                (self.instance,),
+            ).fetchone()
             if row is None:
                 return None
             conn.execute(
-                "UPDATE roots SET wait_for_acks = 0, "
-                "activate_at = MIN(COALESCE(activate_at, ?), ?) WHERE state = 'next'",
-                (now, now),
+                "UPDATE roots SET wait_for_acks = 0, activate_at = CASE "
+                "WHEN activate_at IS NULL OR activate_at > ? THEN ? ELSE activate_at END "
+                "WHERE state = 'next' AND instance = ?",
+                (now, now, self.instance),
             )
             self.store.audit(conn, now, "root_released", generation=int(row[0]), reason=reason)
         self._signer_checked = None

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-SCHEMA_VERSION = 9  # kept in PRAGMA user_version; 0 there is a version-1 database
+SCHEMA_VERSION = 10  # SQLite: PRAGMA user_version (0 is version 1); PostgreSQL: settings
 
 # Enrollment by platform identity (version 4): JWT attestors, and the JWTs used so far.
 # IF NOT EXISTS: a database whose version was set back still migrates.
@@ -70,7 +70,17 @@ CREATE TABLE IF NOT EXISTS services (
 );
 """
 
-# The allow-list's recent changes (version 9), so that the feed can send a sidecar the
+# Several instances of one trust domain (version 9): each signs with a root of its own,
+# kept in its own state directory; `roots.instance` names it ('' on an embedded authority).
+_INSTANCE_TABLES = """
+CREATE TABLE IF NOT EXISTS instances (
+    name TEXT PRIMARY KEY,
+    created_at REAL NOT NULL,
+    last_heard REAL                            -- refreshed by its `ca serve`
+);
+"""
+
+# The allow-list's recent changes (version 10), so that the feed can send a sidecar the
 # changes since the version it holds instead of its whole list (ca.access bounds it);
 # and the allow-list indexed for the feed's queries, which must not scan 100,000 rules.
 _POLICY_HISTORY = """
@@ -98,7 +108,8 @@ CREATE TABLE roots (
     created_at REAL NOT NULL,
     activate_at REAL,
     published_sequence INTEGER,                -- the bundle sequence that first held it
-    wait_for_acks INTEGER NOT NULL DEFAULT 1   -- activate only once live sidecars hold it
+    wait_for_acks INTEGER NOT NULL DEFAULT 1,  -- activate only once live sidecars hold it
+    instance TEXT NOT NULL DEFAULT ''          -- the instance whose state directory holds the key
 );
 CREATE TABLE tokens (
     hash TEXT PRIMARY KEY,
@@ -147,6 +158,7 @@ _SCHEMA += _OPERATOR_TABLES
 _SCHEMA += _SERIAL_REVOCATIONS
 _SCHEMA += _FEDERATION_TABLES
 _SCHEMA += _SERVICE_TABLES
+_SCHEMA += _INSTANCE_TABLES
 _SCHEMA += _POLICY_HISTORY
 
 # Each step takes a database from the version before it to its own version, in
@@ -190,12 +202,23 @@ _MIGRATIONS: dict[int, tuple[str, ...]] = {
         *(t for t in _SERVICE_TABLES.split(";") if t.strip()),
         "UPDATE settings SET value = '8' WHERE name = 'schema_version'",
     ),
-    9: (  # the allow-list's recent changes, for deltas; its history starts now
-        *(t for t in _POLICY_HISTORY.split(";") if t.strip()),
-        "INSERT OR REPLACE INTO counters (name, value) SELECT 'policy_history_floor', "
-        "COALESCE(MAX(value), 0) FROM counters WHERE name = 'policy_version'",
+    9: (  # instances: each signs with its own root (roots.instance: see ADDED_COLUMNS)
+        *(t for t in _INSTANCE_TABLES.split(";") if t.strip()),
         "UPDATE settings SET value = '9' WHERE name = 'schema_version'",
     ),
+    10: (  # the allow-list's recent changes, for deltas; its history starts now
+        *(t for t in _POLICY_HISTORY.split(";") if t.strip()),
+        "INSERT INTO counters (name, value) SELECT 'policy_history_floor', "
+        "COALESCE(MAX(value), 0) FROM counters WHERE name = 'policy_version' "
+        "ON CONFLICT (name) DO UPDATE SET value = excluded.value",
+        "UPDATE settings SET value = '10' WHERE name = 'schema_version'",
+    ),
+}
+
+# Columns a step adds to an existing table, added only where missing: a database whose
+# version was set back already has them.
+ADDED_COLUMNS: dict[int, tuple[tuple[str, str, str], ...]] = {
+    9: (("roots", "instance", "TEXT NOT NULL DEFAULT ''"),),
 }
 
 COUNTERS = ("policy_version", "revocation_version", "bundle_sequence")

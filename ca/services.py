@@ -13,10 +13,10 @@ once, versioned like the allow-list.
 from __future__ import annotations
 
 import json
-import sqlite3
 from collections.abc import Iterable
 from dataclasses import dataclass
 
+from ca.db import Connection
 from ca.roots import Roots
 from ca.store import Store
 from meshid.errors import InvalidInput, PolicyError
@@ -53,7 +53,7 @@ def build_map(
     return mapped, conflicts
 
 
-def read_entries(conn: sqlite3.Connection) -> list[ServiceEntry]:
+def read_entries(conn: Connection) -> list[ServiceEntry]:
     rows = conn.execute(
         "SELECT host, port, spiffe_id, origin FROM services ORDER BY host, port, spiffe_id"
     ).fetchall()
@@ -119,7 +119,7 @@ class Services(Roots):
                 for h, p in conn.execute(
                     "SELECT host, port FROM services WHERE spiffe_id = ? AND origin = ?",
                     (str(spiffe_id), ADVERTISED),
-                )
+                ).fetchall()
             }
         wanted: set[tuple[str, int]] = set()
         for (text,) in rows:
@@ -148,7 +148,7 @@ class Services(Roots):
                 for h, p in conn.execute(
                     "SELECT host, port FROM services WHERE spiffe_id = ? AND origin = ?",
                     (str(spiffe_id), ADVERTISED),
-                )
+                ).fetchall()
             }
             if held == wanted:
                 return False

@@ -1,10 +1,11 @@
-"""The authority's database: one SQLite file in the state directory.
+"""The authority's database: SQLite in the state directory, or a shared PostgreSQL.
 
-Every change runs in one `BEGIN IMMEDIATE` transaction, so concurrent CLI
-invocations and the control-plane server serialise on SQLite's write lock
-instead of racing: a join token is consumed by exactly one caller, a version
-number is raised exactly once per change, and an audit row lands in the same
-transaction as the change it records.
+Every change runs in one write transaction that holds the database's one
+write lock (SQLite's `BEGIN IMMEDIATE`, or PostgreSQL's advisory lock: see
+ca.db and ca.pgengine), so concurrent CLI invocations, control-plane servers
+and instances on other hosts serialise instead of racing: a join token is
+consumed by exactly one caller, a version number is raised exactly once per
+change, and an audit row lands in the same transaction as the change it records.
 
 The tables are in `ca.schema`; the audit chain, and what it proves, in `ca.audit`.
 """
@@ -14,8 +15,7 @@ from __future__ import annotations
 import contextlib
 import hmac
 import json
-import sqlite3
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -30,7 +30,8 @@ from ca.audit import (
     _row_mac,
     read_head,
 )
-from ca.schema import _MIGRATIONS, _SCHEMA, SCHEMA_VERSION
+from ca.db import Connection, Engine, SqliteEngine
+from ca.schema import _MIGRATIONS, _SCHEMA, ADDED_COLUMNS, SCHEMA_VERSION
 from meshid.clock import Clock
 from meshid.errors import StateError, StorageUnavailable
 from meshid.files import write_atomic
@@ -38,41 +39,15 @@ from meshid.files import write_atomic
 DB_NAME = "authority.db"
 
 
-# SQLite's primary result codes for faults of the host rather than of the request
-_HOST_FAILURES = {
-    sqlite3.SQLITE_FULL: "the disk is full",
-    sqlite3.SQLITE_READONLY: "the database is read-only",
-    sqlite3.SQLITE_IOERR: "an I/O error",
-    sqlite3.SQLITE_CANTOPEN: "a journal file cannot be opened",
-    sqlite3.SQLITE_PERM: "permission denied",
-}
-
-
 _UNAVAILABLE = "cannot write the authority database; nothing was changed"
-
-
-def _host_failure(exc: BaseException) -> str | None:
-    """What went wrong, when `exc` is a sqlite3 error that the host caused."""
-    if not isinstance(exc, sqlite3.Error):
-        return None
-    code = getattr(exc, "sqlite_errorcode", None)
-    return _HOST_FAILURES.get(code & 0xFF) if isinstance(code, int) else None
-
-
-def _raise_host_failure(exc: BaseException) -> None:
-    """Raise StorageUnavailable in place of a sqlite3 error that the host caused."""
-    what = _host_failure(exc)
-    if what is not None:
-        raise StorageUnavailable(
-            f"cannot write the authority database: {what}; nothing was changed"
-        ) from None
 
 
 class Store:
     """A connection to the authority database, used by one thread at a time."""
 
-    def __init__(self, conn: sqlite3.Connection, state_dir: Path, clock: Clock) -> None:
-        self._conn = conn
+    def __init__(self, engine: Engine, state_dir: Path, clock: Clock) -> None:
+        self._engine = engine
+        self._conn = engine.conn
         self._clock = clock  # dates the rows a migration adds
         self._state_dir = state_dir
         self._writing = False  # inside write(): a nested write() is a savepoint
@@ -82,41 +57,35 @@ class Store:
 
     @classmethod
     def open(cls, path: Path, *, create: bool = False, clock: Clock) -> Store:
-        if not create and not path.is_file():
-            raise StateError(f"{path.parent}: no authority here (run 'meshid ca init')")
-        try:
-            conn = sqlite3.connect(
-                path, isolation_level=None, timeout=30.0, check_same_thread=False
-            )
-            conn.execute("PRAGMA busy_timeout = 30000")
-            conn.execute("PRAGMA journal_mode = WAL")
-            conn.execute("PRAGMA synchronous = FULL")
-            conn.execute("PRAGMA foreign_keys = ON")
-        except sqlite3.Error as exc:
-            conn_error = f"{path}: cannot open the authority database: {exc}"
-            if _host_failure(exc) is not None:
-                raise StorageUnavailable(conn_error) from None
-            raise StateError(conn_error) from None
-        store = cls(conn, path.parent, clock)
+        """The SQLite database at `path` (the embedded engine)."""
+        return cls.attach(SqliteEngine.open(path, create=create), path.parent, create, clock)
+
+    @classmethod
+    def attach(cls, engine: Engine, state_dir: Path, create: bool, clock: Clock) -> Store:
+        """A store on an open engine: its schema created, or migrated to this version."""
+        store = cls(engine, state_dir, clock)
         try:
             if create:
-                with store.write():
-                    # statement by statement: executescript() would COMMIT our transaction
+                with store.write() as conn:
                     for statement in _SCHEMA.split(";"):
                         if statement.strip():
-                            conn.execute(statement)
-                    conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
-                    store._audit_key = AuditKey.create(path.parent, keyed_from=1)
+                            conn.execute(engine.ddl(statement))
+                    engine.set_schema_version(SCHEMA_VERSION)
+                    store._audit_key = AuditKey.create(state_dir, keyed_from=1)
             else:
-                store._migrate(path)
-                store._audit_key = AuditKey.load(path.parent)
+                store._migrate(state_dir)
+                store._audit_key = AuditKey.load(state_dir)
         except BaseException:
-            conn.close()
+            engine.close()
             raise
         return store
 
+    @property
+    def engine_name(self) -> str:
+        return self._engine.name
+
     def _version(self) -> int:
-        return int(self._conn.execute("PRAGMA user_version").fetchone()[0]) or 1
+        return self._engine.schema_version()
 
     def _migrate(self, path: Path) -> None:
         """Bring an older database up to SCHEMA_VERSION, once, under the write lock."""
@@ -131,13 +100,16 @@ class Store:
                     reason="schema_too_new",
                 )
             for step in range(version + 1, SCHEMA_VERSION + 1):
+                for table, column, spec in ADDED_COLUMNS.get(step, ()):
+                    if not self._engine.has_column(table, column):
+                        conn.execute(f"ALTER TABLE {table} ADD COLUMN {column} {spec}")
                 for statement in _MIGRATIONS[step]:
-                    conn.execute(statement)
+                    conn.execute(self._engine.ddl(statement))
                 if step == 3:
                     self._key_audit_chain(conn)
-                conn.execute(f"PRAGMA user_version = {step}")
+                self._engine.set_schema_version(step)
 
-    def _key_audit_chain(self, conn: sqlite3.Connection) -> None:
+    def _key_audit_chain(self, conn: Connection) -> None:
         """Put the chain under a key from here on; the rows so far stay plain links."""
         last = conn.execute("SELECT MAX(seq) FROM audit").fetchone()[0]
         self._audit_key = AuditKey.create(self._state_dir, keyed_from=int(last or 0) + 1)
@@ -149,14 +121,22 @@ class Store:
         )
 
     def close(self) -> None:
-        self._conn.close()
+        self._engine.close()
 
     @property
     def in_transaction(self) -> bool:
-        return self._conn.in_transaction or self._writing
+        return self._engine.in_transaction() or self._writing
+
+    def _raise_host_failure(self, exc: BaseException) -> None:
+        """Raise StorageUnavailable in place of a driver error that the host caused."""
+        what = self._engine.host_failure(exc)
+        if what is not None:
+            raise StorageUnavailable(
+                f"cannot write the authority database: {what}; nothing was changed"
+            ) from None
 
     @contextmanager
-    def write(self) -> Iterator[sqlite3.Connection]:
+    def write(self) -> Iterator[Connection]:
         """One IMMEDIATE transaction: all of it lands, or none of it.
 
         Inside a `batch()` it is a savepoint instead: a failing request rolls
@@ -171,23 +151,19 @@ class Store:
         if self._writing:
             yield from self._savepoint(conn)
             return
-        try:
-            conn.execute("BEGIN IMMEDIATE")
-        except sqlite3.OperationalError as exc:
-            _raise_host_failure(exc)
-            raise StateError(f"authority database is busy or unwritable: {exc}") from None
+        self._engine.begin_write()
         self._writing, self._broken, self._head = True, False, None
         try:
             yield conn
         except BaseException as exc:
             self._rollback()
-            _raise_host_failure(exc)
+            self._raise_host_failure(exc)
             raise
         else:
             if self._broken:  # SQLite gave up the whole transaction under a savepoint
                 self._rollback()
                 raise StorageUnavailable(_UNAVAILABLE)
-            self._guarded(conn, "COMMIT")
+            self._guarded(self._engine.commit)
             if self._head is not None:
                 self._record_head(*self._head)
         finally:
@@ -206,8 +182,8 @@ class Store:
         with contextlib.suppress(OSError):  # the head is a lower bound; the data is committed
             write_atomic(self._state_dir / AUDIT_HEAD, doc, mode=0o600)
 
-    def _savepoint(self, conn: sqlite3.Connection) -> Iterator[sqlite3.Connection]:
-        if self._broken or not conn.in_transaction:
+    def _savepoint(self, conn: Connection) -> Iterator[Connection]:
+        if self._broken or not self._engine.in_transaction():
             self._broken = True
             raise StorageUnavailable(_UNAVAILABLE)
         conn.execute("SAVEPOINT request")
@@ -216,33 +192,31 @@ class Store:
             yield conn
         except BaseException as exc:
             self._head = head  # this request's audit rows are gone with it
-            if conn.in_transaction:
-                with contextlib.suppress(sqlite3.Error):
+            if self._engine.in_transaction():
+                with contextlib.suppress(Exception):
                     conn.execute("ROLLBACK TO request")
                     conn.execute("RELEASE request")
-            if not conn.in_transaction:  # on a full disk SQLite may roll back everything
+            if not self._engine.in_transaction():  # on a full disk SQLite may roll back all
                 self._broken = True
-            _raise_host_failure(exc)
+            self._raise_host_failure(exc)
             raise
         else:
             try:
                 conn.execute("RELEASE request")
-            except sqlite3.Error as exc:
+            except Exception as exc:
                 self._broken = True
-                _raise_host_failure(exc)
+                self._raise_host_failure(exc)
                 raise
 
     def _rollback(self) -> None:
-        if self._conn.in_transaction:
-            with contextlib.suppress(sqlite3.Error):
-                self._conn.execute("ROLLBACK")
+        self._engine.rollback()
 
-    def _guarded(self, conn: sqlite3.Connection, statement: str) -> None:
+    def _guarded(self, step: Callable[[], None]) -> None:
         try:
-            conn.execute(statement)
-        except sqlite3.Error as exc:
+            step()
+        except Exception as exc:
             self._rollback()
-            _raise_host_failure(exc)
+            self._raise_host_failure(exc)
             raise
 
     @contextmanager
@@ -257,46 +231,46 @@ class Store:
             yield
 
     @contextmanager
-    def read(self) -> Iterator[sqlite3.Connection]:
+    def read(self) -> Iterator[Connection]:
         """A consistent snapshot across several SELECTs.
 
         Inside a write() it joins that transaction, which already is one, rather
         than starting a second (SQLite refuses nested BEGINs).
         """
         conn = self._conn
-        if conn.in_transaction:
+        if self._engine.in_transaction():
             yield conn
             return
-        conn.execute("BEGIN")
+        self._engine.begin_read()
         try:
             yield conn
         finally:
-            conn.execute("COMMIT")
+            self._engine.commit()
 
     # -- small helpers used inside a transaction --
 
     @staticmethod
-    def setting(conn: sqlite3.Connection, name: str) -> str:
+    def setting(conn: Connection, name: str) -> str:
         row = conn.execute("SELECT value FROM settings WHERE name = ?", (name,)).fetchone()
         if row is None:
             raise StateError(f"authority database lacks setting {name!r}; it is damaged")
         return str(row[0])
 
     @staticmethod
-    def counter(conn: sqlite3.Connection, name: str) -> int:
+    def counter(conn: Connection, name: str) -> int:
         row = conn.execute("SELECT value FROM counters WHERE name = ?", (name,)).fetchone()
         return int(row[0]) if row else 0
 
     @staticmethod
-    def bump(conn: sqlite3.Connection, name: str) -> int:
+    def bump(conn: Connection, name: str) -> int:
         conn.execute(
             "INSERT INTO counters (name, value) VALUES (?, 1) "
-            "ON CONFLICT(name) DO UPDATE SET value = value + 1",
+            "ON CONFLICT(name) DO UPDATE SET value = counters.value + 1",
             (name,),
         )
         return Store.counter(conn, name)
 
-    def audit(self, conn: sqlite3.Connection, at: float, action: str, **details: Any) -> None:
+    def audit(self, conn: Connection, at: float, action: str, **details: Any) -> None:
         """Append one row to the chain, inside the caller's transaction."""
         key = self._audit_key
         if key is None:

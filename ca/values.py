@@ -174,3 +174,8 @@ def _dir_lock(state_dir: Path) -> Iterator[None]:
             yield
         finally:
             fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def propagation_default(svid_ttl: timedelta) -> timedelta:
+    """Long enough for every watcher to hear of the new root a few times over."""
+    return max(timedelta(seconds=10), min(svid_ttl / 2, timedelta(minutes=5)))

@@ -38,6 +38,7 @@ KERNEL_FORBIDDEN = frozenset(
         "os",
         "pathlib",
         "prometheus_client",
+        "psycopg",
         "select",
         "selectors",
         "shutil",

@@ -16,11 +16,13 @@ from contextlib import contextmanager
 from datetime import datetime
 from pathlib import Path
 
+import psycopg
 from click.testing import CliRunner, Result
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.x509.oid import NameOID
 
+from ca import backend
 from ca.audit import GENESIS_HASH, _row_hash
 from ca.store import DB_NAME
 from meshid.cli import cli
@@ -105,6 +107,11 @@ def raw_files(state: Path) -> dict[str, tuple[str, int]]:
 
 
 def query(state: Path, sql: str) -> list[tuple[object, ...]]:
+    """Rows straight from the state directory's database, whichever engine holds it."""
+    database = backend.load(state)
+    if database is not None:
+        with psycopg.connect(database.url, password=database.password()) as pg:
+            return [tuple(row) for row in pg.execute(sql).fetchall()]
     conn = sqlite3.connect(state / DB_NAME)
     try:
         return conn.execute(sql).fetchall()
@@ -179,6 +186,18 @@ def wait_event(
         assert proc.poll() is None, log.read_text()
         time.sleep(0.1)
     raise AssertionError(f"{event} {match} not logged in time:\n{log.read_text()}")
+
+
+def wait_lines(log: Path, needle: str, count: int, proc: subprocess.Popen[bytes]) -> list[str]:
+    """The log's lines holding `needle`, once there are `count` (30 s at most)."""
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        lines = [line for line in log.read_text().splitlines() if needle in line]
+        if len(lines) >= count:
+            return lines
+        assert proc.poll() is None, log.read_text()
+        time.sleep(0.05)
+    raise AssertionError(f"{count} x {needle!r} not logged in time:\n{log.read_text()}")
 
 
 @contextmanager

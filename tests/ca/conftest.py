@@ -11,8 +11,10 @@ from pathlib import Path
 
 import pytest
 from ca_helpers import TD, Clock
+from pg_cluster import PgCluster, running_cluster
 
 from ca.authority import Authority
+from ca.backend import Database
 
 
 @pytest.fixture
@@ -21,11 +23,48 @@ def clock() -> Clock:
     return Clock(datetime.now(UTC).replace(microsecond=0))
 
 
+@pytest.fixture(scope="session")
+def pg_cluster() -> Iterator[PgCluster]:
+    """One PostgreSQL server per test worker, started on first use."""
+    with running_cluster() as cluster:
+        yield cluster
+
+
 @pytest.fixture
-def state(tmp_path: Path, clock: Clock) -> Path:
+def pg_url(pg_cluster: PgCluster) -> Iterator[str]:
+    """A fresh, empty database on the worker's server, dropped after the test."""
+    name = pg_cluster.create_database()
+    yield pg_cluster.url(name)
+    pg_cluster.drop_database(name)
+
+
+@pytest.fixture
+def backend() -> str:
+    """The engine `state` uses: SQLite, unless MESHID_TEST_BACKEND says otherwise, or the
+    module runs on every engine (`pytest_generate_tests`)."""
+    return os.environ.get("MESHID_TEST_BACKEND", "sqlite")
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    """A module that sets `BACKENDS = ("sqlite", "postgresql")` runs each test on each."""
+    engines = getattr(metafunc.module, "BACKENDS", None)
+    if engines and "backend" in metafunc.fixturenames:
+        metafunc.parametrize("backend", engines)
+
+
+@pytest.fixture
+def database(backend: str, request: pytest.FixtureRequest) -> Database | None:
+    """Where a test's authority keeps its state: a fresh PostgreSQL database, or None (SQLite)."""
+    if backend == "postgresql":
+        return Database(url=request.getfixturevalue("pg_url"), instance="one")
+    return None
+
+
+@pytest.fixture
+def state(tmp_path: Path, clock: Clock, database: Database | None) -> Path:
     """An initialised authority's state directory (no connection left open)."""
     path = tmp_path / "state"
-    Authority.init(path, TD, clock=clock).close()
+    Authority.init(path, TD, clock=clock, database=database).close()
     return path
 
 

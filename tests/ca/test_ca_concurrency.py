@@ -41,6 +41,9 @@ print(json.dumps(result), flush=True)
 """
 
 
+BACKENDS = ("sqlite", "postgresql")  # every test here runs on both engines
+
+
 def race(state: Path, *argvs: list[str]) -> list[dict[str, Any]]:
     """Run one child per argv, release them together, return their results."""
     children = [

@@ -12,6 +12,8 @@ from ca.authority import Authority
 from ca.values import DEFAULT_TOKEN_TTL, TOKEN_PREFIX, token_hash
 from meshid.errors import IdentityRevoked, StateError, TokenRejected
 
+BACKENDS = ("sqlite", "postgresql")  # every test here runs on both engines
+
 
 def test_token_is_printed_alone_and_stored_only_as_a_hash(state: Path) -> None:
     result = run("ca", "token", "--state", str(state), "web", "--dns", "web.internal")

@@ -42,13 +42,13 @@ def test_a_check_reads_only_the_rows_that_can_match(authority: Authority, state:
             [(f"{TD}/ns/n{i}/sa/s{i}", f"{TD}/ns/n{i}/sa/t{i}") for i in range(100_000)],
         )
     plans = []
-    authority.store._conn.set_trace_callback(plans.append)
+    authority.store._conn.raw.set_trace_callback(plans.append)
     try:
         assert authority.check(WEB, API).allowed
         assert not authority.check(API, WEB).allowed
         assert authority.revocation(WEB) is None
     finally:
-        authority.store._conn.set_trace_callback(None)
+        authority.store._conn.raw.set_trace_callback(None)
     reads = [p for p in plans if "FROM policy" in p]
     assert reads and all("WHERE" in p for p in reads)
 

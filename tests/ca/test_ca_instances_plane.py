@@ -1,0 +1,128 @@
+"""Two control planes of one trust domain, on real sockets, over one PostgreSQL database."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import trio
+from ca_helpers import TD, Clock, query
+
+from ca.authority import Authority
+from ca.backend import Database
+from ca.server import ControlPlane, ServerOptions
+from meshid.spiffeid import SpiffeId
+from meshid.svid import generate_key
+from sidecar.control import ControlClient, ControlPlaneError
+from sidecar.dynamic import build_csr
+
+WEB = SpiffeId(TD, "/web")
+USES = 16
+
+
+@asynccontextmanager
+async def serving(
+    state: Path, clock: Clock, log: Callable[..., None] = lambda event, **f: None
+) -> AsyncIterator[tuple[Authority, int]]:
+    """One instance's control plane on 127.0.0.1 port 0, and a handle of its own."""
+    served = Authority.open(state, clock=clock)
+    mine = Authority.open(state, clock=clock)
+    server = ControlPlane(
+        served,
+        ServerOptions(host="127.0.0.1", port=0, request_timeout=5.0, poll_interval=0.05),
+        log=log,
+        clock=clock,
+    )
+    try:
+        async with trio.open_nursery() as nursery:
+            _host, port = await nursery.start(server.serve)
+            yield mine, port
+            nursery.cancel_scope.cancel()
+    finally:
+        mine.close()
+        served.close()
+
+
+async def test_one_token_used_sixteen_times_across_two_instances_gives_one_svid(
+    tmp_path: Path, pg_url: str, clock: Clock
+) -> None:
+    Authority.init(tmp_path / "one", TD, clock=clock, database=Database(pg_url, "one")).close()
+    Authority.join(
+        tmp_path / "two",
+        Database(pg_url, "two"),
+        audit_key=tmp_path / "one" / "audit.key",
+        propagation=timedelta(0),
+        clock=clock,
+    ).close()
+    with trio.fail_after(60):
+        async with (
+            serving(tmp_path / "one", clock) as (one, port_one),
+            serving(tmp_path / "two", clock) as (_two, port_two),
+        ):
+            token = one.create_token(WEB)
+            bundle = one.bundle().to_pem()
+            outcomes: list[Any] = []
+
+            async def use(port: int) -> None:
+                client = ControlClient("127.0.0.1", port, TD)
+                body = {"token": token, "csr": build_csr(generate_key(), WEB).decode()}
+                try:
+                    reply = await client.request(
+                        "POST", "/v1/enroll", body, bundle_pem=bundle, now=clock()
+                    )
+                    outcomes.append(("ok", port, reply["spiffe_id"]))
+                except ControlPlaneError as exc:
+                    outcomes.append((exc.reason, port, exc.status))
+
+            async with trio.open_nursery() as nursery:
+                for n in range(USES):
+                    nursery.start_soon(use, (port_one, port_two)[n % 2])
+    assert len(outcomes) == USES
+    assert [o[2] for o in outcomes if o[0] == "ok"] == [str(WEB)]
+    # the others are refused: the token is spent (or, past five failures, the source is
+    # rate-limited: the failure limiter sees one source here)
+    assert {o[0] for o in outcomes if o[0] != "ok"} <= {"token_used", "rate_limited"}
+    assert {o[1] for o in outcomes if o[0] == "token_used"} == {port_one, port_two}
+    enrolled = query(tmp_path / "one", "SELECT COUNT(*) FROM svids WHERE how = 'enroll'")
+    assert enrolled == [(1,)]
+    heard = query(tmp_path / "two", "SELECT name FROM instances WHERE last_heard IS NOT NULL")
+    assert sorted(heard) == [("one",), ("two",)]
+
+
+async def test_a_joining_instance_serves_once_its_root_passed_the_gate(
+    tmp_path: Path, pg_url: str, clock: Clock
+) -> None:
+    Authority.init(tmp_path / "one", TD, clock=clock, database=Database(pg_url, "one")).close()
+    Authority.join(
+        tmp_path / "two",
+        Database(pg_url, "two"),
+        audit_key=tmp_path / "one" / "audit.key",
+        propagation=timedelta(minutes=1),
+        clock=clock,
+    ).close()
+    log: list[tuple[str, dict[str, Any]]] = []
+    waiting, started = trio.Event(), trio.Event()
+
+    def record(event: str, **fields: Any) -> None:
+        log.append((event, fields))
+        if event == "waiting_for_root":
+            waiting.set()
+
+    async def serve_two() -> None:
+        async with serving(tmp_path / "two", clock, record) as (_two, _port):
+            started.set()
+
+    with trio.fail_after(30):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(serve_two)
+            await waiting.wait()
+            assert log[0][0] == "waiting_for_root"
+            assert log[0][1]["reason"] == "root_pending" and log[0][1]["generation"] == 2
+            assert not started.is_set()
+            clock.advance(timedelta(minutes=1, seconds=1))
+            await started.wait()
+    assert [event for event, _ in log].count("waiting_for_root") == 1
+    assert any(event == "serving" for event, _ in log)
