@@ -45,6 +45,8 @@ class Dispatcher(PlaneState):
                 per_second = max(1, round(1 / self.options.poll_interval))
                 if ticks % (HEARD_EVERY * per_second) == 0:
                     await self._db_call(self.authority.heard)
+                    if self.authority.store.instance:  # other instances' rows (ca.audit)
+                        await self._db_call(self.authority.store.witness_audit)
                 second = ticks % per_second == 0
                 if second:
                     await self._db_call(self.root_keeper.tick)  # logs its own failures

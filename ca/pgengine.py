@@ -41,9 +41,10 @@ LOCK_TIMEOUT = "30s"  # as long as SQLite's busy timeout
 # `ensure_shared_objects`. Every change a sidecar must hear of raises a row of `counters`;
 # the trigger turns each such statement into a notice on CHANGES, sent when (and only
 # if) its transaction commits. `enroll_failures` holds the shared failure counts of
-# `ca.pgshared.DbFailureLimiter`.
+# `ca.pgshared.DbFailureLimiter`; `audit_checkpoints` each instance's view of the audit
+# chain (`ca.audit`).
 CHANGES = "meshid_changes"
-SHARED_OBJECTS = "1"  # settings.pg_shared_objects: raise when the statements below change
+SHARED_OBJECTS = "2"  # settings.pg_shared_objects: raise when the statements below change
 _NOTICE_TRIGGER = "meshid_counters_notify"
 _SHARED_DDL = (
     f"CREATE OR REPLACE FUNCTION {_NOTICE_TRIGGER}() RETURNS trigger LANGUAGE plpgsql AS "
@@ -58,6 +59,12 @@ _SHARED_DDL = (
         last_seen DOUBLE PRECISION NOT NULL
     )""",
     "CREATE INDEX IF NOT EXISTS enroll_failures_by_seen ON enroll_failures (last_seen)",
+    """CREATE TABLE IF NOT EXISTS audit_checkpoints (
+        instance TEXT PRIMARY KEY,
+        seq BIGINT NOT NULL,
+        mac TEXT NOT NULL,
+        tag TEXT NOT NULL
+    )""",
 )
 
 _DDL_TYPES = (
