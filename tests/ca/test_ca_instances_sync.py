@@ -17,6 +17,7 @@ import pytest
 import trio
 from ca_helpers import TD, Clock
 
+from ca.audit import read_head
 from ca.authority import Authority
 from ca.backend import Database
 from ca.pgshared import ChangeListener, DbFailureLimiter
@@ -267,3 +268,35 @@ async def test_the_shared_limiter_blocks_for_its_time_then_forgets_and_fails_ope
     broken = DbFailureLimiter(_refuse)
     assert broken.failed("192.0.2.1", 0.0) is False
     assert broken.blocked("192.0.2.1", 0.0) == 0.0
+
+
+# -- the audit chain --
+
+
+async def test_serve_witnesses_the_rows_other_instances_write(
+    tmp_path: Path, pg_url: str, clock: Clock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Instance two's head record follows one's rows, so two sees them cut off (ca.audit)."""
+    monkeypatch.setattr("ca.dispatch.HEARD_EVERY", 1)
+    one_dir, two_dir = two_instances(tmp_path, pg_url, clock)
+    with trio.fail_after(30):
+        async with serving(two_dir, clock, poll_interval=0.05) as two:
+            one = Authority.open(one_dir, clock=clock)
+            try:
+                one.allow(WEB, API)
+                newest = one.store.audit_entries()[-1].seq
+            finally:
+                one.close()
+            await wait_until(lambda: (read_head(two_dir) or (0, ""))[0] == newest, 10)
+            assert two.handle.store.verify_audit() == (newest, None)
+    with psycopg.connect(pg_url, autocommit=True) as conn:
+        conn.execute("DELETE FROM audit WHERE seq = %s", (newest,))
+        conn.execute("DELETE FROM audit_checkpoints")
+    again = Authority.open(two_dir, clock=clock)
+    try:
+        assert again.store.verify_audit() == (
+            newest,
+            f"entries {newest} to {newest} are missing: the log was cut short",
+        )
+    finally:
+        again.close()
