@@ -172,9 +172,7 @@ class PgEngine:
         words = first_line(exc, self._password)
         if isinstance(exc, pg_errors.UniqueViolation):
             return Conflict(words)
-        raw = self._raw
-        lost = raw is None or raw.closed or raw.broken
-        if lost or isinstance(exc, psycopg.OperationalError):
+        if self._lost() or isinstance(exc, psycopg.OperationalError):
             return StorageUnavailable(
                 f"the authority database failed: {words}; nothing was changed"
             )
@@ -191,17 +189,37 @@ class PgEngine:
         return self._conn
 
     def in_transaction(self) -> bool:
-        raw = self._raw
-        if raw is None or raw.closed or raw.broken:
+        if self._lost():
             return False
-        return raw.info.transaction_status in _IN_TRANSACTION
+        assert self._raw is not None
+        return self._raw.info.transaction_status in _IN_TRANSACTION
 
     def begin_write(self) -> None:
-        self._conn.execute("BEGIN")
-        self._conn.execute("SELECT pg_advisory_xact_lock(?)", (WRITE_LOCK_KEY,))
+        self._begin("BEGIN", f"SELECT pg_advisory_xact_lock({WRITE_LOCK_KEY})")
 
     def begin_read(self) -> None:
-        self._conn.execute("BEGIN ISOLATION LEVEL REPEATABLE READ")
+        self._begin("BEGIN ISOLATION LEVEL REPEATABLE READ")
+
+    def _begin(self, *statements: str) -> None:
+        """Open a transaction; a connection found dead here is replaced once.
+
+        A connection can die while idle (a server restart, a failover, an
+        idle timeout) and say so only when next used. Nothing was done on it
+        yet, so opening the transaction again on a new one is safe; a loss in
+        the middle of a transaction is not retried: it is StorageUnavailable.
+        """
+        for attempt in (1, 2):
+            try:
+                for statement in statements:
+                    self._conn.execute(statement)
+                return
+            except StorageUnavailable:
+                if attempt == 2 or not self._lost():
+                    raise
+
+    def _lost(self) -> bool:
+        raw = self._raw
+        return raw is None or raw.closed or raw.broken
 
     def commit(self) -> None:
         self._conn.execute("COMMIT")

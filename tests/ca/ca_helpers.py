@@ -183,6 +183,18 @@ def wait_event(
     raise AssertionError(f"{event} {match} not logged in time:\n{log.read_text()}")
 
 
+def wait_lines(log: Path, needle: str, count: int, proc: subprocess.Popen[bytes]) -> list[str]:
+    """The log's lines holding `needle`, once there are `count` (30 s at most)."""
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        lines = [line for line in log.read_text().splitlines() if needle in line]
+        if len(lines) >= count:
+            return lines
+        assert proc.poll() is None, log.read_text()
+        time.sleep(0.05)
+    raise AssertionError(f"{count} x {needle!r} not logged in time:\n{log.read_text()}")
+
+
 @contextmanager
 def serving_process(state: Path, log: Path, *extra: str) -> Iterator[subprocess.Popen[bytes]]:
     """`meshid ca serve --listen 127.0.0.1:0 EXTRA` logging to `log`; stopped at the end."""

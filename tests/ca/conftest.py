@@ -41,7 +41,7 @@ def pg_url(pg_cluster: PgCluster) -> Iterator[str]:
 @pytest.fixture
 def backend() -> str:
     """The engine `state` uses; a module that overrides this runs on both."""
-    return "sqlite"
+    return os.environ.get("MESHID_TEST_BACKEND", "sqlite")
 
 
 @pytest.fixture

@@ -9,13 +9,12 @@ import signal
 import socket
 import ssl
 import subprocess
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
-from ca_helpers import MESHID, query, tls_exchange
+from ca_helpers import MESHID, query, tls_exchange, wait_lines
 from disk_helpers import fill
 
 
@@ -43,17 +42,6 @@ def _health(port: int, bundle: Path) -> dict[str, object]:
     return doc
 
 
-def _wait_lines(log: Path, needle: str, count: int, proc: subprocess.Popen[bytes]) -> list[str]:
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        lines = [line for line in log.read_text().splitlines() if needle in line]
-        if len(lines) >= count:
-            return lines
-        assert proc.poll() is None, log.read_text()
-        time.sleep(0.05)
-    raise AssertionError(f"{count} x {needle!r} not logged in time:\n{log.read_text()}")
-
-
 def _children(pid: int) -> list[int]:
     return [int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
 
@@ -76,7 +64,7 @@ def serving_two_workers(state: Path, log: Path) -> Iterator[tuple[subprocess.Pop
 def test_workers_share_the_port_and_stop_together(state: Path, tmp_path: Path) -> None:
     log = tmp_path / "ca.log"
     with serving_two_workers(state, log) as (proc, port):
-        serving = _wait_lines(log, '"serving"', 2, proc)
+        serving = wait_lines(log, '"serving"', 2, proc)
         assert {json.loads(line)["worker"] for line in serving} == {0, 1}
         workers = _children(proc.pid)
         assert len(workers) == 2
@@ -94,7 +82,7 @@ def test_workers_share_the_port_and_stop_together(state: Path, tmp_path: Path) -
 def test_a_dead_worker_takes_the_set_down_for_the_supervisor(state: Path, tmp_path: Path) -> None:
     log = tmp_path / "ca.log"
     with serving_two_workers(state, log) as (proc, _port):
-        _wait_lines(log, '"serving"', 2, proc)
+        wait_lines(log, '"serving"', 2, proc)
         os.kill(_children(proc.pid)[0], signal.SIGKILL)
         assert proc.wait(timeout=30) == 1
         assert '"worker_died"' in log.read_text()
@@ -137,7 +125,7 @@ _exchange = tls_exchange
 def test_head_is_answered_by_every_worker_and_ends_none(state: Path, tmp_path: Path) -> None:
     log = tmp_path / "ca.log"
     with serving_two_workers(state, log) as (proc, port):
-        _wait_lines(log, '"serving"', 2, proc)
+        wait_lines(log, '"serving"', 2, proc)
         workers = _children(proc.pid)
         for _ in range(8):  # the kernel spreads new connections over both workers
             raw = _exchange(
@@ -163,11 +151,11 @@ def test_workers_share_one_guessing_limit(state: Path, tmp_path: Path, backend: 
         b"content-length: %d\r\n\r\n%s" % (len(guess), guess)
     )
     with serving_two_workers(state, log) as (proc, port):
-        _wait_lines(log, '"serving"', 2, proc)
+        wait_lines(log, '"serving"', 2, proc)
         statuses = [
             int(_exchange(port, state / "bundle.pem", request).split(b" ")[1]) for _ in range(11)
         ]
-        logged = _wait_lines(log, '"request"', 11, proc)
+        logged = wait_lines(log, '"request"', 11, proc)
     # five failures in all, whichever worker saw them, block the source everywhere
     assert statuses[:5] == [400] * 5 and statuses[5:] == [429] * 6, statuses
     assert {json.loads(line)["worker"] for line in logged} == {0, 1}  # both took part
@@ -223,7 +211,7 @@ def test_serve_lifts_its_descriptor_limit_or_says_it_cannot(
             preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (256, hard)),
         )
     try:
-        _wait_lines(log, '"serving"', 1, proc)
+        wait_lines(log, '"serving"', 1, proc)
         unlimited = hard == resource.RLIM_INFINITY
         assert _open_files_limit(proc.pid) == (need if unlimited else min(hard, need))
         low = not unlimited and hard < 4096 + 64  # cannot hold the anonymous pool
