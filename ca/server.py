@@ -37,7 +37,9 @@ Theory of operation:
 - One poller reads the database's version counters a few times a second and
   wakes every long-polling watcher when one moves; changes made by other
   processes (`meshid policy deny`, `meshid ca revoke`) reach sidecars within
-  that interval plus one round trip.
+  that interval plus one round trip. On PostgreSQL every instance also
+  LISTENs for the notice each change sends when it commits, and wakes its
+  watchers at once (`ca.pgshared`); the poller is then the fallback.
 - Once a second the poller also lets `ca.rootkeeper` look at the root: it
   publishes the next root at half the active one's life and lets it activate
   (gated on sidecars) well before expiry; `--no-auto-rotate` turns that off.
