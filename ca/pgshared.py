@@ -210,7 +210,7 @@ class DbFailureLimiter(FailureLimiter):
                     conn = self._conn = self._connect_fn()
                 cursor = conn.execute(sql, params)
                 return cursor.fetchall() if cursor.description is not None else []
-            except psycopg.Error:
+            except (psycopg.Error, MeshIdError):  # unreachable, or its password unreadable
                 if self._conn is not None and (self._conn.closed or self._conn.broken):
                     self._conn = None
                 return None
