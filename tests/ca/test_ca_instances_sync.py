@@ -5,6 +5,7 @@ Two state directories, one database, two real control planes on 127.0.0.1.
 
 from __future__ import annotations
 
+import threading
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -15,7 +16,7 @@ from typing import Any
 import psycopg
 import pytest
 import trio
-from ca_helpers import TD, Clock
+from ca_helpers import TD, Clock, run
 
 from ca.audit import read_head
 from ca.authority import Authority
@@ -116,7 +117,8 @@ class Watcher:
 async def change_reaches_the_other_instance(
     one: Instance, two: Instance, tmp_path: Path, clock: Clock
 ) -> None:
-    """Park a watch on `two`, deny a pair through `one`: the watch answers within 2 s."""
+    """Park a watch on `two`, run `meshid policy deny` on `one`'s state directory: the
+    watch answers within 2 s of the command's end."""
     one.handle.allow(WEB, API)
     watcher = Watcher(two, tmp_path / "web", clock)
     first = await watcher.feed(WatchQuery(wait=0))
@@ -131,7 +133,11 @@ async def change_reaches_the_other_instance(
     async with trio.open_nursery() as nursery:
         nursery.start_soon(park)
         await wait_until(lambda: two.server._changed.statistics().tasks_waiting > 0)
-        one.handle.deny(WEB, API)
+        state = str(one.handle.state_dir)
+        denied = await trio.to_thread.run_sync(
+            lambda: run("policy", "deny", str(WEB), str(API), "--state", state)
+        )
+        assert denied.exit_code == 0, denied.output
         with trio.fail_after(2):
             while not got:  # noqa: ASYNC110 - the watch's own answer ends the loop
                 await trio.sleep(0.01)
@@ -300,3 +306,26 @@ async def test_serve_witnesses_the_rows_other_instances_write(
         )
     finally:
         again.close()
+
+
+async def test_a_listener_cancelled_while_connecting_closes_the_late_connection(
+    pg_url: str,
+) -> None:
+    """Stopping the server does not wait for a slow connect, and does not leak it."""
+    release = threading.Event()
+    made: list[psycopg.Connection[Any]] = []
+
+    def slow() -> psycopg.Connection[Any]:
+        release.wait(10)
+        made.append(psycopg.connect(pg_url, autocommit=True))
+        return made[-1]
+
+    async def wake() -> None:
+        raise AssertionError("never connected, never woken")
+
+    with trio.fail_after(10):
+        with trio.move_on_after(0.2) as scope:
+            await ChangeListener(slow).run(wake, lambda event, **f: None)
+        assert scope.cancelled_caught
+        release.set()
+        await wait_until(lambda: bool(made) and made[0].closed)
