@@ -112,12 +112,15 @@ class ChangeListener:
                 await trio.sleep(delay)
                 delay = min(delay * 2, BACKOFF_MAX)
                 continue
+            since = trio.current_time()
             try:
                 self.healthy = True
                 log("listening", channel=CHANGES)
                 await wake()  # what changed while nobody listened
                 await self._follow(conn, wake)
             except (psycopg.Error, OSError) as exc:
+                if trio.current_time() - since >= BACKOFF_MAX:
+                    delay = BACKOFF_MIN  # it held a while: the backoff starts again
                 log(
                     "listen_lost",
                     reason="storage_unavailable",

@@ -329,3 +329,37 @@ async def test_a_listener_cancelled_while_connecting_closes_the_late_connection(
         assert scope.cancelled_caught
         release.set()
         await wait_until(lambda: bool(made) and made[0].closed)
+
+
+async def test_the_listen_backoff_doubles_and_starts_again_after_a_long_connection(
+    pg_url: str, autojump_clock: trio.testing.MockClock
+) -> None:
+    """Refused four times, then a connection that holds a minute, lost: 0.5, 1, 2, 4, then
+    0.5 again."""
+    attempts = 0
+    done = trio.Event()
+    events: list[tuple[str, dict[str, Any]]] = []
+
+    def connect() -> psycopg.Connection[Any]:
+        nonlocal attempts
+        attempts += 1
+        if attempts <= 4 or attempts == 6:
+            raise psycopg.OperationalError("connection refused")
+        return psycopg.connect(pg_url, autocommit=True)
+
+    async def wake() -> None:
+        if attempts == 5:
+            await trio.sleep(60)  # the connection holds, then its socket is closed under it
+            raise psycopg.OperationalError("server closed the connection")
+        done.set()
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(
+            ChangeListener(connect).run, wake, lambda event, **f: events.append((event, f))
+        )
+        with trio.fail_after(600):
+            while attempts < 7:  # noqa: ASYNC110 - the mock clock jumps while we wait
+                await trio.sleep(0.1)
+        nursery.cancel_scope.cancel()
+    waits = [f["retry_in"] for e, f in events if e in ("listen_failed", "listen_lost")]
+    assert waits == [0.5, 1.0, 2.0, 4.0, 0.5, 1.0]
