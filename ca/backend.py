@@ -63,7 +63,7 @@ def check_url(url: str) -> str:
         raise InvalidInput(
             "--database: not a libpq connection string or postgresql:// URI"
         ) from None
-    if "password" in params:
+    if params.keys() & {"password", "sslpassword"}:  # libpq's two secrets
         raise InvalidInput(
             "--database: the URL carries a password; give it with --database-password-file, "
             "PGPASSWORD or PGPASSFILE instead (and change it: command lines are visible)"

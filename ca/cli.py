@@ -318,7 +318,8 @@ def serve_cmd(
     try:
         # held until the process and its workers exit: one control plane per state dir
         lock = hold_serve_lock(state)
-        probe.signer()  # fail now, with a clear message, on a missing key or wrong passphrase
+        if probe.own_root_pending() is None:  # a joining instance waits for its root instead
+            probe.signer()  # fail now, with a clear message, on a missing key or wrong passphrase
     finally:
         probe.close()  # each worker opens its own connection
     events = EventLog()

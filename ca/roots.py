@@ -44,6 +44,7 @@ from meshid.errors import (
     StorageUnavailable,
 )
 from meshid.files import write_atomic
+from meshid.reasons import Reason
 from meshid.report import parse_report
 from meshid.svid import (
     PrivateKey,
@@ -130,8 +131,21 @@ class Roots(AuthorityBase):
         at = datetime.fromtimestamp(float(row[1] or 0), UTC)
         return StateError(
             f"this instance's root {row[0]} is not in every sidecar's bundle yet; it signs "
-            f"from {at:%Y-%m-%dT%H:%M:%SZ} once live sidecars hold it ('meshid ca status')"
+            f"from {at:%Y-%m-%dT%H:%M:%SZ} once live sidecars hold it ('meshid ca status')",
+            reason=Reason.ROOT_PENDING,
         )
+
+    def own_root_pending(self) -> PendingRoot | None:
+        """This instance's first root, while it waits for the rollover gate (else None).
+
+        Moves it to active when its time has come, as the signing path would.
+        """
+        self.advance_roots()
+        with self.store.read() as conn:
+            active = conn.execute(
+                "SELECT 1 FROM roots WHERE state = 'active' AND instance = ?", (self.instance,)
+            ).fetchone()
+        return None if active is not None else self.pending_root()
 
     def _load_key(self, path: Path) -> PrivateKey:
         """One root key, held to the protection the authority's first key set.

@@ -62,6 +62,7 @@ from cryptography import x509
 from ca.httpshell import HttpShell
 from ca.plane import SERVER_DIR, ServerOptions, _describe, _is_storage_failure
 from meshid.errors import MeshIdError, StateError, StorageUnavailable
+from meshid.reasons import Reason
 from meshid.version import VERSION
 
 T = TypeVar("T")
@@ -94,6 +95,7 @@ class ControlPlane(HttpShell):
     ) -> None:
         """Serve on `sock` (bound and listening, perhaps shared with other workers)."""
         try:
+            await self._wait_for_own_root()
             await self._refresh_credentials()
             self._versions = await self._db_call(self.authority.versions)
             await self._db_call(self.authority.heard)
@@ -135,6 +137,24 @@ class ControlPlane(HttpShell):
         finally:
             if self._own_limiter is not None:  # its database connection, if it made one
                 self._own_limiter.close()
+
+    async def _wait_for_own_root(self) -> None:
+        """A joining instance serves once its root passed the rollover gate (ca.roots).
+
+        Until then it would sign nothing, not even its own server certificate:
+        it says so once and looks again every poll interval.
+        """
+        waiting = False
+        while (pending := await self._db_call(self.authority.own_root_pending)) is not None:
+            if not waiting:
+                waiting = True
+                self.log(
+                    "waiting_for_root",
+                    reason=Reason.ROOT_PENDING,
+                    generation=pending.generation,
+                    activate_at=pending.activate_at.isoformat(),
+                )
+            await trio.sleep(self.options.poll_interval)
 
     async def _connection(self, tcp: trio.SocketStream) -> None:
         """One connection, start to end; nothing it does can end the server."""

@@ -168,6 +168,11 @@ class Reason(enum.StrEnum):
     ALREADY_MAPPED = "already_mapped", "the address is mapped to that identity already"
     UNKNOWN_SERVICE = "unknown_service", "the address is not mapped to that identity"
     ROTATION_IN_PROGRESS = "rotation_in_progress", "a root rollover is in progress already"
+    ROOT_PENDING = (
+        "root_pending",
+        "this instance's root is published but not yet held by every live sidecar: "
+        "it signs nothing until then",
+    )
     ROOT_EXPIRED = "root_expired", "the signing root has expired"
     ROOT_EXPIRING = "root_expiring", "the signing root expires soon"
     ROOT_EXPIRY = "root_expiry", "SVIDs are cut short to the signing root's expiry"

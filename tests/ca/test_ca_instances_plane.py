@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from datetime import timedelta
 from pathlib import Path
@@ -24,14 +24,16 @@ USES = 16
 
 
 @asynccontextmanager
-async def serving(state: Path, clock: Clock) -> AsyncIterator[tuple[Authority, int]]:
+async def serving(
+    state: Path, clock: Clock, log: Callable[..., None] = lambda event, **f: None
+) -> AsyncIterator[tuple[Authority, int]]:
     """One instance's control plane on 127.0.0.1 port 0, and a handle of its own."""
     served = Authority.open(state, clock=clock)
     mine = Authority.open(state, clock=clock)
     server = ControlPlane(
         served,
         ServerOptions(host="127.0.0.1", port=0, request_timeout=5.0, poll_interval=0.05),
-        log=lambda event, **f: None,
+        log=log,
         clock=clock,
     )
     try:
@@ -88,3 +90,39 @@ async def test_one_token_used_sixteen_times_across_two_instances_gives_one_svid(
     assert enrolled == [(1,)]
     heard = query(tmp_path / "two", "SELECT name FROM instances WHERE last_heard IS NOT NULL")
     assert sorted(heard) == [("one",), ("two",)]
+
+
+async def test_a_joining_instance_serves_once_its_root_passed_the_gate(
+    tmp_path: Path, pg_url: str, clock: Clock
+) -> None:
+    Authority.init(tmp_path / "one", TD, clock=clock, database=Database(pg_url, "one")).close()
+    Authority.join(
+        tmp_path / "two",
+        Database(pg_url, "two"),
+        audit_key=tmp_path / "one" / "audit.key",
+        propagation=timedelta(minutes=1),
+        clock=clock,
+    ).close()
+    log: list[tuple[str, dict[str, Any]]] = []
+    waiting, started = trio.Event(), trio.Event()
+
+    def record(event: str, **fields: Any) -> None:
+        log.append((event, fields))
+        if event == "waiting_for_root":
+            waiting.set()
+
+    async def serve_two() -> None:
+        async with serving(tmp_path / "two", clock, record) as (_two, _port):
+            started.set()
+
+    with trio.fail_after(30):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(serve_two)
+            await waiting.wait()
+            assert log[0][0] == "waiting_for_root"
+            assert log[0][1]["reason"] == "root_pending" and log[0][1]["generation"] == 2
+            assert not started.is_set()
+            clock.advance(timedelta(minutes=1, seconds=1))
+            await started.wait()
+    assert [event for event, _ in log].count("waiting_for_root") == 1
+    assert any(event == "serving" for event, _ in log)
