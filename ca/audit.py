@@ -17,6 +17,30 @@ read ``audit.key`` (they can rewrite the whole chain) or write ``audit.head``
 written in the instant between a commit and the head update (the head is a
 lower bound: crash-safe, never ahead of the database).
 
+Several instances (PostgreSQL). Every instance extends the one chain, under
+the one key: `meshid ca join --audit-key` copies it into the new instance's
+state directory, so the key never enters the database. Each instance's
+``audit.head`` names the newest row that instance wrote, or saw with a valid
+MAC (its `ca serve` looks every few seconds: `Store.witness_audit`). Each
+instance also leaves a *checkpoint* in the database, in the transaction that
+adds its rows: (instance, seq, MAC) under a MAC of its own by the key
+(`checkpoint_tag`), so that any instance can check how far every other
+instance saw the chain. Verification on any instance's state directory then
+checks the links and MACs, its own head record, and every instance's
+checkpoint: each must be genuine, and name a row that is there with that MAC;
+every instance in the `instances` table must have one.
+
+Against someone who can write the database but not the instances' state
+directories, this detects on every instance: an edited, deleted or reordered
+row; rows cut off the end of the chain, when any instance wrote or witnessed a
+row past the cut (its checkpoint, or its head record, names it); a forged or
+edited checkpoint, and a deleted one. What one instance cannot see: newest
+rows cut off together with their writer's checkpoint put back to an earlier
+copy (a replayed genuine checkpoint), before that instance witnessed them;
+the writer's own verification detects it, and so does every instance once its
+`ca serve` has witnessed the newer row. Whoever holds the key (any
+instance's state directory) can rewrite the whole chain.
+
 Chains from before the key existed (schema version 2 and older) are kept:
 their rows stay plain SHA-256 links and are verified so; the key file records
 `keyed_from`, the first seq under the key, and the migration appends an
@@ -102,6 +126,12 @@ class AuditKey:
             (state_dir / AUDIT_KEY).unlink(missing_ok=True)
             raise StorageUnavailable(f"cannot write the audit key: {exc.strerror}") from None
         return made
+
+
+def checkpoint_tag(key: bytes, instance: str, seq: int, mac: str) -> str:
+    """An instance's checkpoint of the chain (its newest row), under the audit key."""
+    body = json.dumps(["checkpoint", instance, seq, mac], separators=(",", ":")).encode()
+    return hmac.new(key, body, hashlib.sha256).hexdigest()
 
 
 def read_head(state_dir: Path) -> tuple[int, str] | None:

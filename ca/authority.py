@@ -96,6 +96,7 @@ class Authority(Federations, Attestors, Access, Services, Reports, Operators, In
             store = Store.open(state_dir / DB_NAME, clock=clock)
             return cls(state_dir, store, passphrase=passphrase, clock=clock)
         store = Store.attach(_pg_engine(database), state_dir, False, clock)
+        store.instance = database.instance
         return cls(state_dir, store, passphrase=passphrase, clock=clock, instance=database.instance)
 
     @classmethod
@@ -211,6 +212,7 @@ class Authority(Federations, Attestors, Access, Services, Reports, Operators, In
         else:
             store = _empty_pg_store(database, staging, clock)
         instance = "" if database is None else database.instance
+        store.instance = instance
         try:
             at = now.timestamp()
             with store.write() as conn:
@@ -272,6 +274,7 @@ class Authority(Federations, Attestors, Access, Services, Reports, Operators, In
         if AuditKey.load(staging) is None:  # pragma: no cover - load raises on a bad key
             raise StateError(f"{audit_key}: not an audit key")
         store = Store.attach(_pg_engine(database), staging, False, clock)
+        store.instance = database.instance
         try:
             with store.read() as conn:
                 trust_domain = TrustDomain(Store.setting(conn, "trust_domain"))

@@ -37,7 +37,9 @@ Theory of operation:
 - One poller reads the database's version counters a few times a second and
   wakes every long-polling watcher when one moves; changes made by other
   processes (`meshid policy deny`, `meshid ca revoke`) reach sidecars within
-  that interval plus one round trip.
+  that interval plus one round trip. On PostgreSQL every instance also
+  LISTENs for the notice each change sends when it commits, and wakes its
+  watchers at once (`ca.pgshared`); the poller is then the fallback.
 - Once a second the poller also lets `ca.rootkeeper` look at the root: it
   publishes the next root at half the active one's life and lets it activate
   (gated on sidecars) well before expiry; `--no-auto-rotate` turns that off.
@@ -113,20 +115,28 @@ class ControlPlane(HttpShell):
         listeners = [trio.SocketListener(trio.socket.from_stdlib_socket(sock))]
         sockname = sock.getsockname()
         self.bound = (str(sockname[0]), int(sockname[1]))
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(self._poll)
-            nursery.start_soon(self._batcher)
-            self.log(
-                "serving",
-                listen=f"{self.bound[0]}:{self.bound[1]}",
-                trust_domain=self.authority.trust_domain.name,
-                spiffe_id=str(self.identity),
-                version=VERSION,
-            )
-            task_status.started(self.bound)
-            # Connections run in a nursery of their own; each is its own failure boundary.
-            async with trio.open_nursery() as handlers:
-                await trio.serve_listeners(self._connection, listeners, handler_nursery=handlers)
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._poll)
+                nursery.start_soon(self._batcher)
+                if self.listener is not None:
+                    nursery.start_soon(self._listen)
+                self.log(
+                    "serving",
+                    listen=f"{self.bound[0]}:{self.bound[1]}",
+                    trust_domain=self.authority.trust_domain.name,
+                    spiffe_id=str(self.identity),
+                    version=VERSION,
+                )
+                task_status.started(self.bound)
+                # Connections run in a nursery of their own; each is its own failure boundary.
+                async with trio.open_nursery() as handlers:
+                    await trio.serve_listeners(
+                        self._connection, listeners, handler_nursery=handlers
+                    )
+        finally:
+            if self._own_limiter is not None:  # its database connection, if it made one
+                self._own_limiter.close()
 
     async def _wait_for_own_root(self) -> None:
         """A joining instance serves once its root passed the rollover gate (ca.roots).

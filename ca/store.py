@@ -28,6 +28,7 @@ from ca.audit import (
     AuditKey,
     _row_hash,
     _row_mac,
+    checkpoint_tag,
     read_head,
 )
 from ca.db import Connection, Engine, SqliteEngine
@@ -54,6 +55,7 @@ class Store:
         self._broken = False  # the open transaction was lost to a host failure
         self._audit_key: AuditKey | None = None
         self._head: tuple[int, str] | None = None  # the newest row this transaction added
+        self.instance = ""  # one of several instances: it checkpoints the chain (ca.audit)
 
     @classmethod
     def open(cls, path: Path, *, create: bool = False, clock: Clock) -> Store:
@@ -75,6 +77,7 @@ class Store:
             else:
                 store._migrate(state_dir)
                 store._audit_key = AuditKey.load(state_dir)
+            engine.ensure_shared_objects()
         except BaseException:
             engine.close()
             raise
@@ -163,11 +166,47 @@ class Store:
             if self._broken:  # SQLite gave up the whole transaction under a savepoint
                 self._rollback()
                 raise StorageUnavailable(_UNAVAILABLE)
+            head = self._head
+            if head is not None and self.instance:
+                self._guarded(lambda: self._checkpoint(conn, *head))
             self._guarded(self._engine.commit)
             if self._head is not None:
                 self._record_head(*self._head)
         finally:
             self._writing, self._head = False, None
+
+    def _checkpoint(self, conn: Connection, seq: int, mac: str) -> None:
+        """This instance's newest row, for every other instance to check against."""
+        assert self._audit_key is not None  # audit() refused to add a row without it
+        conn.execute(
+            "INSERT INTO audit_checkpoints (instance, seq, mac, tag) VALUES (?, ?, ?, ?) "
+            "ON CONFLICT (instance) DO UPDATE SET seq = excluded.seq, mac = excluded.mac, "
+            "tag = excluded.tag",
+            (self.instance, seq, mac, checkpoint_tag(self._audit_key.key, self.instance, seq, mac)),
+        )
+
+    def witness_audit(self) -> int | None:
+        """Record the chain's newest row in this instance's head file, if its MAC holds.
+
+        Another instance's rows, once witnessed, cannot be cut off unnoticed here
+        (see ca.audit). Returns the seq recorded, or None.
+        """
+        key = self._audit_key
+        if key is None:
+            return None
+        with self.read() as conn:
+            row = conn.execute(
+                "SELECT seq, at, action, details, prev_hash, hash FROM audit "
+                "ORDER BY seq DESC LIMIT 1"
+            ).fetchone()
+        if row is None or int(row[0]) < key.keyed_from:
+            return None
+        seq, at, action, details, prev, mac = int(row[0]), row[1], row[2], row[3], row[4], row[5]
+        good = _row_mac(key.key, str(prev), seq, float(at), str(action), str(details))
+        if not hmac.compare_digest(good, str(mac)):
+            return None  # a forged row: verification names it
+        self._record_head(seq, str(mac))
+        return seq
 
     def _record_head(self, seq: int, mac: str) -> None:
         """Note the chain's newest row outside the database (never moving it backwards).
@@ -336,4 +375,35 @@ class Store:
             return last + 1, (f"entries {last + 1} to {head[0]} are missing: the log was cut short")
         elif not hmac.compare_digest(macs.get(head[0], ""), head[1]):
             return head[0], f"entry {head[0]} does not match the chain head record"
+        if self.instance:
+            broken = self._verify_checkpoints(key, macs, last)
+            if broken is not None:
+                return broken
         return len(rows), None
+
+    def _verify_checkpoints(
+        self, key: AuditKey, macs: dict[int, str], last: int
+    ) -> tuple[int, str] | None:
+        """Every instance's checkpoint is genuine and names a row that is there (ca.audit)."""
+        with self.read() as conn:
+            points = conn.execute(
+                "SELECT instance, seq, mac, tag FROM audit_checkpoints ORDER BY instance"
+            ).fetchall()
+            names = [str(r[0]) for r in conn.execute("SELECT name FROM instances").fetchall()]
+        seen: set[str] = set()
+        for instance, seq, mac, tag in points:
+            instance, seq, mac = str(instance), int(seq), str(mac)
+            seen.add(instance)
+            if not hmac.compare_digest(checkpoint_tag(key.key, instance, seq, mac), str(tag)):
+                return seq, f"the checkpoint of instance {instance} was forged or modified"
+            if seq > last:
+                return last + 1, (
+                    f"entries {last + 1} to {seq} are missing: the log was cut short "
+                    f"(instance {instance} wrote entry {seq})"
+                )
+            if not hmac.compare_digest(macs.get(seq, ""), mac):
+                return seq, f"entry {seq} does not match the checkpoint of instance {instance}"
+        missing = sorted(set(names) - seen)
+        if missing:
+            return last, f"the checkpoint of instance {missing[0]} is missing"
+        return None

@@ -14,7 +14,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
-from ca_helpers import MESHID, tls_exchange, wait_lines
+from ca_helpers import MESHID, query, tls_exchange, wait_lines
 from disk_helpers import fill
 
 
@@ -142,7 +142,8 @@ def test_head_is_answered_by_every_worker_and_ends_none(state: Path, tmp_path: P
         assert '"worker_died"' not in log.read_text()
 
 
-def test_workers_share_one_guessing_limit(state: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize("backend", ["sqlite", "postgresql"])  # memfd table / database rows
+def test_workers_share_one_guessing_limit(state: Path, tmp_path: Path, backend: str) -> None:
     log = tmp_path / "ca.log"
     guess = b'{"token":"mjt_guess","csr":"x"}'
     request = (
@@ -158,6 +159,8 @@ def test_workers_share_one_guessing_limit(state: Path, tmp_path: Path) -> None:
     # five failures in all, whichever worker saw them, block the source everywhere
     assert statuses[:5] == [400] * 5 and statuses[5:] == [429] * 6, statuses
     assert {json.loads(line)["worker"] for line in logged} == {0, 1}  # both took part
+    if backend == "postgresql":  # counted where other instances count too
+        assert query(state, "SELECT source FROM enroll_failures") == [("127.0.0.1",)]
 
 
 @pytest.mark.parametrize("fault", ["full", "read_only"])
