@@ -83,9 +83,10 @@ async def test_one_token_used_sixteen_times_across_two_instances_gives_one_svid(
     assert len(outcomes) == USES
     assert [o[2] for o in outcomes if o[0] == "ok"] == [str(WEB)]
     # the others are refused: the token is spent (or, past five failures, the source is
-    # rate-limited: the failure limiter sees one source here)
+    # rate-limited: the failure limiter, shared by the instances, sees one source here)
     assert {o[0] for o in outcomes if o[0] != "ok"} <= {"token_used", "rate_limited"}
-    assert {o[1] for o in outcomes if o[0] == "token_used"} == {port_one, port_two}
+    assert "token_used" in {o[0] for o in outcomes}
+    assert {o[1] for o in outcomes} == {port_one, port_two}  # both instances answered
     enrolled = query(tmp_path / "one", "SELECT COUNT(*) FROM svids WHERE how = 'enroll'")
     assert enrolled == [(1,)]
     heard = query(tmp_path / "two", "SELECT name FROM instances WHERE last_heard IS NOT NULL")
