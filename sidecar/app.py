@@ -120,6 +120,7 @@ class Sidecar:
                 state_dir_writable=lambda: self.dynamic.state.writable if self.dynamic else None,
                 state_write_failures=lambda: self.dynamic.state.failures if self.dynamic else {},
                 ready=lambda: self._readiness()[0] == 200,  # as /readyz
+                authority_servers=self.authority_servers,
             )
         )
         self.throttle = Throttle(trio.current_time)  # log lines that could come in a flood
@@ -185,6 +186,16 @@ class Sidecar:
 
     def count_renewal(self, result: str) -> None:
         self.metrics.renewals.labels(result=result).inc()
+
+    def count_failover(self, reason: str) -> None:
+        self.metrics.failovers.labels(reason=reason).inc()
+
+    def authority_servers(self) -> dict[str, bool]:
+        """Each of the authority's servers, and whether it is the one in use (dynamic mode)."""
+        if self.dynamic is None:
+            return {}
+        in_use = self.dynamic.link.in_use()
+        return {str(a): a == in_use for a in self.dynamic.link.servers()}
 
     def install_policy(self, policy: Policy) -> int:
         """Swap in a new allow-list and close exactly the live connections it denies."""
@@ -299,7 +310,15 @@ class Sidecar:
             svid_seconds_left=self.svid_seconds_left(),
             revoked=self.identity in self.policy.revoked,
             degraded=self.dynamic.state.describe() if self.dynamic else None,
+            authority=self._authority_note(),
         )
+
+    def _authority_note(self) -> str | None:
+        """Which of several authority servers is in use; nothing to say with only one."""
+        if self.dynamic is None or len(self.dynamic.link.clients) == 1:
+            return None
+        link = self.dynamic.link
+        return f"{link.in_use()} ({link.choice.index + 1} of {len(link.clients)})"
 
     # -- lifecycle -------------------------------------------------------------
 
@@ -356,13 +375,16 @@ class Sidecar:
                 self,
                 self.current,
                 source,
-                client=ControlClient(
-                    source.server.host,
-                    source.server.port,
-                    self.identity.trust_domain,
-                    skew=self.skew,
-                    mark=self.config.transparent.mark if self.config.transparent else None,
-                ),
+                client=[
+                    ControlClient(
+                        server.host,
+                        server.port,
+                        self.identity.trust_domain,
+                        skew=self.skew,
+                        mark=self.config.transparent.mark if self.config.transparent else None,
+                    )
+                    for server in source.servers
+                ],
                 pacing=self.pacing,
             )
             self.changed = self.dynamic.poke

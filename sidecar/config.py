@@ -23,6 +23,7 @@ from meshid.errors import ConfigError, MeshIdError
 from meshid.federation import resolve_id, resolve_rule_end
 from meshid.spiffeid import SpiffeId, TrustDomain
 from sidecar.configtable import Table, tables
+from sidecar.failover import MAX_SERVERS
 from sidecar.transparent import KEYS as TRANSPARENT_KEYS
 from sidecar.transparent import Transparent, parse_transparent
 from sidecar.workload.settings import KEYS as WORKLOAD_API_KEYS
@@ -58,11 +59,18 @@ class StaticSource:
 
 @dataclass(frozen=True, slots=True)
 class AuthoritySource:
-    server: Address
+    # The `meshid ca serve` instances of the trust domain, in the order they are tried
+    # (see `sidecar.failover`); one or more, at most `MAX_SERVERS`.
+    servers: tuple[Address, ...]
     bundle: Path
     token_file: Path | None
     state_dir: Path
     jwt_file: Path | None = None  # a platform-issued JWT, re-read on every enrollment attempt
+
+    @property
+    def server(self) -> Address:
+        """The first server: the one tried first, and the only one of a single-server config."""
+        return self.servers[0]
 
 
 @dataclass(frozen=True, slots=True)
@@ -210,6 +218,38 @@ def _upstream_id(table: Table, td: TrustDomain) -> SpiffeId:
         raise ConfigError(f"{table.path('identity')}: {exc.message}") from None
 
 
+def _same_host(host: str) -> str:
+    """A host as a duplicate check sees it: DNS case and a trailing dot do not make another."""
+    try:
+        return str(ipaddress.ip_address(host))
+    except ValueError:
+        return host.removesuffix(".").lower()
+
+
+def _servers(table: Table) -> tuple[Address, ...]:
+    """`server = "HOST:PORT"` or `server = ["HOST:PORT", ...]`: distinct, 1 to MAX_SERVERS."""
+    value = table.required("server")
+    where = table.path("server")
+    if isinstance(value, str):
+        return (parse_address(value, where, dial=True),)
+    if not isinstance(value, list):
+        raise ConfigError(f'{where}: expected "HOST:PORT" or a list of them')
+    if not value:
+        raise ConfigError(f"{where}: name at least one server")
+    if len(value) > MAX_SERVERS:
+        raise ConfigError(f"{where}: at most {MAX_SERVERS} servers, not {len(value)}")
+    servers: list[Address] = []
+    seen: set[tuple[str, int]] = set()
+    for i, text in enumerate(value):
+        address = parse_address(text, f"{where}[{i}]", dial=True)
+        key = (_same_host(address.host), address.port)
+        if key in seen:
+            raise ConfigError(f"{where}[{i}]: {text!r} is already listed")
+        seen.add(key)
+        servers.append(address)
+    return tuple(servers)
+
+
 def _server_name(table: Table) -> str | None:
     if "server_name" not in table.data:
         table.seen.add("server_name")
@@ -281,7 +321,7 @@ def parse_config(doc: Mapping[str, Any], base: Path = Path()) -> SidecarConfig:
     else:
         assert authority is not None
         source = AuthoritySource(
-            server=parse_address(authority.required("server"), authority.path("server"), dial=True),
+            servers=_servers(authority),
             bundle=base / authority.string("bundle"),
             token_file=authority.path_value("token_file", base, optional=True),
             state_dir=base / authority.string("state_dir"),

@@ -3,9 +3,10 @@
 Read-only: the config parses; the files it names are readable, the private
 key 0600; in authority mode the state directory is a directory of ours,
 0700 and writable; and the SVID on disk, if any, is not expired or close
-to it. In authority mode, one TLS request to the authority's health
-endpoint, verified against the configured bundle and the authority's
-SPIFFE ID exactly as the sidecar does, judged by `sidecar.failures`.
+to it. In authority mode, one TLS request to the health endpoint of each
+server `authority.server` names, verified against the configured bundle
+and the authority's SPIFFE ID exactly as the sidecar does, judged by
+`sidecar.failures`.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from cryptography import x509
 from meshid.doctor import Check
 from meshid.errors import MeshIdError
 from meshid.wire import HEALTH
-from sidecar.config import AuthoritySource, SidecarConfig, load_config
+from sidecar.config import Address, AuthoritySource, SidecarConfig, load_config
 from sidecar.control import ControlClient, ControlPlaneError
 from sidecar.statedir import KEY_FILE, SVID_FILE
 
@@ -37,20 +38,36 @@ def check_config(path: Path, now: datetime | None = None, timeout: float = 5.0) 
     checks += _files(config)
     checks.append(_svid_expiry(config, now or datetime.now(UTC)))
     if isinstance(config.source, AuthoritySource):
-        checks.append(_reachable(config, config.source, timeout))
+        checks += _reachable(config, config.source, timeout)
     return checks
 
 
-def _reachable(config: SidecarConfig, source: AuthoritySource, timeout: float) -> Check:
-    """One unauthenticated GET /healthz over TLS: reachable, speaking TLS, with the right ID."""
-    address = source.server
-    client = ControlClient(address.host, address.port, config.trust_domain, timeout=timeout)
+def _reachable(config: SidecarConfig, source: AuthoritySource, timeout: float) -> list[Check]:
+    """Each server of `authority.server` on its own: `authority`, or `authority[i]` of several.
+
+    The sidecar serves while any one answers, but an operator wants to know
+    which of them would not if it had to fail over.
+    """
     try:
         bundle_pem = source.bundle.read_bytes()
     except OSError as exc:
-        return Check(
-            "authority", False, f"{source.bundle}: {exc.strerror}", "fix [authority] bundle"
+        return [
+            Check("authority", False, f"{source.bundle}: {exc.strerror}", "fix [authority] bundle")
+        ]
+    several = len(source.servers) > 1
+    return [
+        _probe(
+            f"authority[{i}]" if several else "authority",
+            address,
+            ControlClient(address.host, address.port, config.trust_domain, timeout=timeout),
+            bundle_pem,
         )
+        for i, address in enumerate(source.servers)
+    ]
+
+
+def _probe(name: str, address: Address, client: ControlClient, bundle_pem: bytes) -> Check:
+    """One unauthenticated GET /healthz over TLS: reachable, speaking TLS, with the right ID."""
 
     async def probe() -> None:
         await client.request("GET", HEALTH, None, bundle_pem=bundle_pem, now=datetime.now(UTC))
@@ -59,11 +76,9 @@ def _reachable(config: SidecarConfig, source: AuthoritySource, timeout: float) -
         trio.run(probe)
     except ControlPlaneError as exc:
         if exc.status:  # it answered over verified TLS: reachable, even if unhealthy
-            return Check(
-                "authority", True, f"{address} answers as {client.expected} ({exc.status})"
-            )
-        return Check("authority", False, exc.message, exc.brief)
-    return Check("authority", True, f"{address} answers over TLS as {client.expected}")
+            return Check(name, True, f"{address} answers as {client.expected} ({exc.status})")
+        return Check(name, False, exc.message, exc.brief)
+    return Check(name, True, f"{address} answers over TLS as {client.expected}")
 
 
 def _readable(path: Path, *, private: bool) -> str | None:

@@ -18,6 +18,10 @@ Theory of operation:
   is called out with what the operator must do.
 - The watcher follows the feed (allow-list, revocations, bundle): see
   `sidecar.feed`. The report loop is `sidecar.reporting`.
+- Every request (enrollment, renewal, the feed, the report, a JWT-SVID for
+  the Workload API) goes through `sidecar.link`, which fails over between
+  the servers `authority.server` lists (`sidecar.failover`); what follows
+  is what happens when every one of them has failed.
 - Failures are judged by `sidecar.failures`. Before enrollment a permanent
   one (plain HTTP at the authority's address, another trust domain, a bundle
   the authority's certificate does not chain to, a refused token) ends the
@@ -32,7 +36,7 @@ from __future__ import annotations
 
 import random
 import secrets
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from datetime import datetime, timedelta
 from typing import Any, Protocol
 
@@ -53,6 +57,7 @@ from sidecar.config import AuthoritySource
 from sidecar.control import ControlClient, ControlPlaneError
 from sidecar.credentials import Svid
 from sidecar.enrollment import enroll_request, read_credential, refusal
+from sidecar.failover import ServerChoice
 from sidecar.feed import FeedFollower
 from sidecar.lifecycle import ENROLLING, Lifecycle
 from sidecar.link import AuthorityLink
@@ -96,6 +101,7 @@ class Host(Protocol):
     def install_policy(self, policy: Policy) -> int: ...
     def install_addresses(self, addresses: Mapping[tuple[str, int], SpiffeId]) -> None: ...
     def count_renewal(self, result: str) -> None: ...
+    def count_failover(self, reason: str) -> None: ...
     def status_report(self, instance: str) -> StatusReport: ...
 
 
@@ -108,16 +114,26 @@ class DynamicIdentity(FeedFollower):
         current: Current,
         source: AuthoritySource,
         *,
-        client: ControlClient,
+        client: ControlClient | Sequence[ControlClient],
         pacing: Pacing | None = None,
         rand: Callable[[], float] = random.random,
     ) -> None:
+        """`client`: one per server of `authority.server`, in its order (see `sidecar.link`)."""
         self.host = host
         self.current = current
         self.source = source
-        self.client = client
-        self.link = AuthorityLink(client, current, source)
         self.pacing = pacing or Pacing()
+        clients = (client,) if isinstance(client, ControlClient) else tuple(client)
+        self.link = AuthorityLink(
+            clients,
+            current,
+            source,
+            events=host.events,
+            rand=rand,
+            choice=ServerChoice(len(clients), self.pacing.failover),
+            on_failover=host.count_failover,
+        )
+        self.client = clients[0]  # every client has the same timeout and skew
         self.schedule = self.pacing.schedule
         self.rand = rand
         self.dir = source.state_dir
@@ -383,13 +399,18 @@ class DynamicIdentity(FeedFollower):
                 reason="svid_expired",
                 detail=(
                     f"the SVID of {self.current.identity} has expired and the control plane at "
-                    f"{self.client.host}:{self.client.port} could not renew it ({exc.message}); "
+                    f"{self._servers_named()} could not renew it ({exc.message}); "
                     "peers refuse this sidecar until the control plane is back and renewal "
                     f"succeeds, or until a new join token ('meshid ca token "
                     f"{self.current.identity}') is written to {self.source.token_file} and the "
                     "sidecar restarted"
                 ),
             )
+
+    def _servers_named(self) -> str:
+        """The authority's servers, for a message: `a:1`, or `a:1 (or b:2)`."""
+        first, *others = (str(a) for a in self.link.servers())
+        return f"{first} (or {', '.join(others)})" if others else first
 
     async def call(self, method: str, target: str, body: dict[str, Any] | None) -> dict[str, Any]:
         """One authenticated request to the control plane (e.g. a JWT-SVID for the Workload API)."""

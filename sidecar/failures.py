@@ -268,3 +268,19 @@ def _trust_domain_of(spiffe_id: str | None) -> str | None:
     if not spiffe_id or not spiffe_id.startswith("spiffe://"):
         return None
     return spiffe_id[len("spiffe://") :].split("/", 1)[0]
+
+
+def another_server_may_answer(status: int, reason: str) -> bool:
+    """Whether another instance of the authority may succeed where this one failed.
+
+    Yes when this one gave no answer of the authority's: it did not answer or
+    broke off, TLS failed, it is not the authority, it answered 5xx. No when it
+    answered no (4xx with its reason: every instance shares the state, so
+    every one would say the same; 429 included, since rate limits are shared
+    too), or when the failure is our own (credentials we cannot load).
+    """
+    if reason == LOCAL_CREDENTIALS:
+        return False
+    if status == 0 or status >= 500:
+        return True
+    return reason == NOT_AUTHORITY

@@ -8,6 +8,11 @@ why it is not ready yet, in words an operator can act on:
     not ready: revoked
     not ready: svid expired
 
+With several authority servers, a last line names the one in use:
+
+    ready
+    authority server: ca2.internal:8443 (2 of 2)
+
 Ready (200) means: serving, with an SVID that has not expired, of an identity
 the authority has not revoked. A serving sidecar whose control plane fails
 permanently (it now presents another trust domain, say) stays ready - it
@@ -66,11 +71,17 @@ class Lifecycle:
         svid_seconds_left: float | None,
         revoked: bool,
         degraded: str | None = None,
+        authority: str | None = None,
     ) -> tuple[int, str]:
-        """The /readyz status and body: "ready" or "not ready: WHY", then notes, one a line."""
+        """The /readyz status and body: "ready" or "not ready: WHY", then notes, one a line.
+
+        `authority` names the server in use when `authority.server` lists several.
+        """
         notes = [f"control plane: {brief}" for brief in sorted(set(self.problems.values()))]
         if degraded:
             notes.append(degraded)
+        if authority:
+            notes.append(f"authority server: {authority}")
         why = self._why_not(now, svid_seconds_left, revoked)
         first = "ready" if why is None else f"not ready: {why}"
         body = "".join(f"{line}\n" for line in [first, *notes])

@@ -5,26 +5,67 @@ One place decides what a request to the control plane is checked against
 configured one) and which identity it presents (the SVID in memory, since
 the state directory's copy may lag behind it or be unreadable), so that
 enrollment, renewal, the feed and the report all say the same.
+
+It is also where the sidecar fails over between the authority's servers
+(`authority.server` may list several instances): every request goes to the
+server in use; a failure another instance may not share
+(`sidecar.failures.another_server_may_answer`) moves to the next one, after
+the jittered wait `sidecar.failover` sets, and the same request is tried
+there, each server at most once per request. Only when every server has
+failed does the request fail, and the duty that made it retries as it
+always did. Each move is logged once (``authority_failover``, with the
+reason of the failure that caused it) and counted.
 """
 
 from __future__ import annotations
 
+import random
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+import trio
+
 from meshid.errors import ConfigError
+from meshid.events import EventLog
 from meshid.reasons import Reason
-from sidecar.config import AuthoritySource
-from sidecar.control import ClientIdentity, ControlClient, HeldIdentity
+from sidecar.config import Address, AuthoritySource
+from sidecar.control import ClientIdentity, ControlClient, ControlPlaneError, HeldIdentity
+from sidecar.failover import Move, ServerChoice
+from sidecar.failures import another_server_may_answer
 from sidecar.state import Current
 from sidecar.statedir import BUNDLE_FILE, KEY_FILE, SVID_FILE, identity_pem
 
+FAILOVER_EVENT = "authority_failover"
+
 
 class AuthorityLink:
-    def __init__(self, client: ControlClient, current: Current, source: AuthoritySource) -> None:
-        self.client = client
+    def __init__(
+        self,
+        clients: Sequence[ControlClient],
+        current: Current,
+        source: AuthoritySource,
+        *,
+        events: EventLog | None = None,
+        rand: Callable[[], float] = random.random,
+        choice: ServerChoice | None = None,
+        on_failover: Callable[[str], None] = lambda reason: None,
+    ) -> None:
+        self.clients = tuple(clients)  # one per server of `authority.server`, in its order
+        self._servers = tuple(Address(c.host, c.port) for c in self.clients)
         self.current = current
         self.source = source
+        self.events = events
+        self.rand = rand
+        self.choice = choice or ServerChoice(len(self.clients))
+        self.on_failover = on_failover  # counts a move, by the reason of the failure
+
+    def in_use(self) -> Address:
+        """The server requests go to now, as /readyz and the metrics name it."""
+        return self._servers[self.choice.index]
+
+    def servers(self) -> tuple[Address, ...]:
+        return self._servers
 
     async def ask(
         self,
@@ -35,17 +76,60 @@ class AuthorityLink:
         as_client: bool = True,
         wait: float | None = None,
     ) -> dict[str, Any]:
-        """One request; `as_client=False` presents no certificate (enrollment)."""
-        return await self.client.request(
-            method,
-            target,
-            body,
-            bundle_pem=self.trust_pem(),
-            now=self.current.wall(),
-            trust=self.trust_name(),
-            identity=self.client_identity() if as_client else None,
-            wait=wait,
-        )
+        """One request, failing over between the servers; `as_client=False` presents no
+        certificate (enrollment).
+
+        When every server failed, the failure raised is a transient one if
+        any was (so that enrollment waits rather than ends), else the last.
+        """
+        tried: set[int] = set()
+        failed: list[ControlPlaneError] = []
+        while True:
+            delay = self.choice.wait(trio.current_time())
+            # The jittered wait after a move, for every request alike; none when every
+            # server has been tried (this request fails now, its duty retries as it does).
+            if delay > 0 and self.choice.index not in tried:
+                await trio.sleep(delay)
+            index = self.choice.index
+            if index in tried:
+                transient = [exc for exc in failed if not exc.permanent]
+                raise transient[0] if transient else failed[-1]
+            tried.add(index)
+            try:
+                reply = await self.clients[index].request(
+                    method,
+                    target,
+                    body,
+                    bundle_pem=self.trust_pem(),
+                    now=self.current.wall(),
+                    trust=self.trust_name(),
+                    identity=self.client_identity() if as_client else None,
+                    wait=wait,
+                )
+            except ControlPlaneError as exc:
+                if not another_server_may_answer(exc.status, exc.reason):
+                    raise
+                failed.append(exc)
+                move = self.choice.failed(index, trio.current_time(), self.rand())
+                if move is not None:
+                    self._moved(move, exc)
+                continue
+            self.choice.succeeded(index)
+            return reply
+
+    def _moved(self, move: Move, exc: ControlPlaneError) -> None:
+        """Said once per move, with the reason of the failure that caused it."""
+        self.on_failover(exc.reason)
+        if self.events is not None:
+            self.events.emit(
+                FAILOVER_EVENT,
+                reason=exc.reason,
+                left=str(self._servers[move.left]),
+                to=str(self._servers[move.to]),
+                detail=exc.message,
+                retry_in_s=round(move.delay, 2),
+                failures=move.failures,
+            )
 
     def _path(self, name: str) -> Path:
         return self.source.state_dir / name

@@ -49,6 +49,8 @@ class Gauges:
     state_write_failures: Callable[[], Mapping[str, int]] = lambda: {}
     # What /readyz answers: started, with an SVID that has not expired.
     ready: Callable[[], bool | None] = lambda: None
+    # Dynamic mode only: each authority server, and whether it is the one in use.
+    authority_servers: Callable[[], Mapping[str, bool]] = lambda: {}
 
 
 class _LiveCollector(Collector):
@@ -95,6 +97,16 @@ class _LiveCollector(Collector):
             yield GaugeMetricFamily(
                 "meshid_ready", "1 while /readyz answers 200, else 0", value=1 if ready else 0
             )
+        servers = g.authority_servers()
+        if servers:
+            in_use = GaugeMetricFamily(
+                "meshid_authority_server",
+                "1 for the authority server in use now, 0 for the others it may fail over to",
+                labels=["server"],
+            )
+            for server, used in servers.items():
+                in_use.add_metric([server], 1 if used else 0)
+            yield in_use
         writable = g.state_dir_writable()
         if writable is not None:
             yield GaugeMetricFamily(
@@ -154,6 +166,12 @@ class Metrics:
             "meshid_svid_renewals",
             "SVID renewals and reloads",
             ["result"],
+            registry=self.registry,
+        )
+        self.failovers = Counter(
+            "meshid_authority_failovers",
+            "Moves from one authority server to the next, by the reason of the failure",
+            ["reason"],
             registry=self.registry,
         )
         self.policy_updates = Counter(

@@ -23,6 +23,7 @@ from meshid.errors import ConfigError, MeshIdError
 from meshid.reasons import Reason
 from meshid.spiffeid import SpiffeId
 from sidecar.control import ControlPlaneError
+from sidecar.failover import Backoff
 from sidecar.schedule import Schedule
 
 INTERNAL_ERROR = Reason.INTERNAL_ERROR
@@ -43,6 +44,7 @@ class Pacing:
     schedule: Schedule = field(default_factory=Schedule)
     slow_retry: float = SLOW_RETRY
     watch_retry_max: float = WATCH_RETRY_MAX
+    failover: Backoff = field(default_factory=Backoff)  # between the authority's servers
 
     def slow(self, rand: float) -> float:
         """The pause after a permanent failure: `slow_retry` ±10 %, so a fleet spreads out."""

@@ -204,3 +204,18 @@ def test_no_openssl_jargon_in_permanent_messages() -> None:
             message = classify(failure).message
             assert "WRONG_VERSION_NUMBER" not in message
             assert "VERIFY_FAILED" not in message
+
+
+# Where another instance of the authority may answer: no answer of the authority's at this
+# one. Not where it answered no (shared state: every instance says the same), nor for our
+# own credentials.
+STAYS = {"429", "token_refused", "revoked", "bad_local_bundle"}
+
+
+@pytest.mark.parametrize(
+    ("case", "failure"), [(c[0], c[1]) for c in CASES], ids=[c[0] for c in CASES]
+)
+def test_which_failures_move_to_another_server(case: str, failure: Failure) -> None:
+    verdict = classify(failure)
+    moves = failures.another_server_may_answer(failure.status, verdict.reason)
+    assert moves is (case not in STAYS)

@@ -13,7 +13,8 @@ from typing import Any
 import pytest
 
 from meshid.errors import ConfigError
-from sidecar.config import StaticSource, parse_config, valid_hostname
+from sidecar.config import Address, AuthoritySource, StaticSource, parse_config, valid_hostname
+from sidecar.failover import MAX_SERVERS
 
 
 def _doc(**extra: Any) -> dict[str, Any]:
@@ -172,3 +173,64 @@ def test_federated_bundles_are_kept_by_trust_domain() -> None:
     assert isinstance(source, StaticSource)
     assert [(str(td), path.name) for td, path in source.federated] == [("b.example", "b.pem")]
     assert {str(td) for td in source.domains()} == {"b.example"}
+
+
+# -- authority.server: one address, or a list of instances to fail over between --
+
+
+def _authority(server: object) -> dict[str, Any]:
+    doc = _doc()
+    del doc["static"]
+    doc["authority"] = {"server": server, "bundle": "b.pem", "state_dir": "state"}
+    return doc
+
+
+def test_a_single_server_string_still_works() -> None:
+    source = parse_config(_authority("ca.internal:8443")).source
+    assert isinstance(source, AuthoritySource)
+    assert source.servers == (Address("ca.internal", 8443),)
+    assert source.server == Address("ca.internal", 8443)
+
+
+def test_several_servers_are_kept_in_order() -> None:
+    servers = ["ca1.internal:8443", "ca2.internal:8443", "[::1]:8443"]
+    source = parse_config(_authority(servers)).source
+    assert isinstance(source, AuthoritySource)
+    assert [str(a) for a in source.servers] == servers
+    assert source.server == Address("ca1.internal", 8443)  # the first is tried first
+
+
+def test_sixteen_servers_are_the_most() -> None:
+    many = [f"ca{i}.internal:8443" for i in range(MAX_SERVERS)]
+    source = parse_config(_authority(many)).source
+    assert isinstance(source, AuthoritySource) and len(source.servers) == MAX_SERVERS
+
+
+@pytest.mark.parametrize(
+    ("value", "says"),
+    [
+        ([], "authority.server: name at least one server"),
+        (
+            [f"ca{i}.internal:8443" for i in range(MAX_SERVERS + 1)],
+            "authority.server: at most 16 servers, not 17",
+        ),
+        (
+            ["ca1.internal:8443", "ca2.internal:8443", "ca1.internal:8443"],
+            "authority.server[2]: 'ca1.internal:8443' is already listed",
+        ),
+        (["ca1.internal:8443", "ca1.internal"], "authority.server[1]: 'ca1.internal' is not HOST"),
+        (["ca1.internal:8443", 8443], 'authority.server[1]: expected "HOST:PORT"'),
+        (["ca1.internal:0"], "authority.server[0]: port 0 cannot be connected to"),
+        (["bad host!:1"], "authority.server[0]: 'bad host!' is not an IP address or a DNS name"),
+        (8443, 'authority.server: expected "HOST:PORT" or a list of them'),
+        ({"a": "b"}, 'authority.server: expected "HOST:PORT" or a list of them'),
+        ("ca1.internal", "authority.server: 'ca1.internal' is not HOST:PORT"),
+    ],
+)
+def test_bad_server_lists_are_refused_in_one_line(value: object, says: str) -> None:
+    assert _refused(_authority(value)).startswith(says)
+
+
+def test_a_duplicate_is_the_same_address_however_written() -> None:
+    message = _refused(_authority(["CA1.internal:8443", "ca1.internal.:8443"]))
+    assert message.startswith("authority.server[1]: 'ca1.internal.:8443' is already listed")

@@ -63,6 +63,17 @@ def make_authority(directory: Path, trust_domain: TrustDomain = TD) -> Authority
     return Authority.open(directory, clock=system_clock())
 
 
+def enrollable(tmp_path: Path, identity: SpiffeId) -> tuple[Authority, Path]:
+    """An authority in tmp_path/authority, and a sidecar's config directory holding its
+    bundle (`bundle.pem`) and a join token for `identity` (`token`)."""
+    authority = make_authority(tmp_path / "authority")
+    config_dir = tmp_path / identity.path.rsplit("/", 1)[-1]
+    config_dir.mkdir()
+    (config_dir / "bundle.pem").write_bytes(authority.bundle().to_pem())
+    (config_dir / "token").write_text(authority.create_token(identity))
+    return authority, config_dir
+
+
 @dataclass
 class Served:
     """Our authority's control plane in this process, and the requests it answered."""
@@ -273,13 +284,8 @@ class Enrolled:
 
 @pytest.fixture
 async def enrolled(tmp_path: Path) -> AsyncIterator[Enrolled]:
-    auth_dir = tmp_path / "authority"
-    authority = make_authority(auth_dir)
-    handle = Authority.open(auth_dir, clock=system_clock())
-    config_dir = tmp_path / "web"
-    config_dir.mkdir()
-    (config_dir / "bundle.pem").write_bytes(authority.bundle().to_pem())
-    (config_dir / "token").write_text(authority.create_token(WEB))
+    authority, config_dir = enrollable(tmp_path, WEB)
+    handle = Authority.open(tmp_path / "authority", clock=system_clock())
     served = control_plane(authority)
     log = LogCapture()
     async with trio.open_nursery() as nursery:
