@@ -15,6 +15,7 @@ from pathlib import Path
 
 import click
 
+from ca import backend
 from ca.attestor_cli import attestor_group
 from ca.authority import Authority
 from ca.cliopts import (
@@ -338,6 +339,7 @@ def serve_cmd(
             events.emit,
             workers,
             clock=clock,
+            shared_database=backend.load(state) is not None,
         )
     finally:
         lock.release()

@@ -85,6 +85,8 @@ class Engine(Protocol):
 
     def host_failure(self, exc: BaseException) -> str | None: ...
 
+    def ensure_shared_objects(self) -> None: ...
+
     def close(self) -> None: ...
 
 
@@ -186,6 +188,9 @@ class SqliteEngine:
 
     def host_failure(self, exc: BaseException) -> str | None:
         return sqlite_host_failure(exc)
+
+    def ensure_shared_objects(self) -> None:
+        """Nothing: one host's processes poll the versions and share limits in memory."""
 
     def close(self) -> None:
         self._conn.raw.close()

@@ -2,7 +2,11 @@
 
 Theory of operation: one poller reads the database's version counters every
 `poll_interval` and wakes every parked watch when one moves; once a second it
-also lets the root keeper act and refreshes the server's certificate. Signing
+also lets the root keeper act and refreshes the server's certificate. On
+PostgreSQL a listener (`ca.pgshared.ChangeListener`) reads the versions as
+soon as any instance commits a change; while its LISTEN stands, the poller
+reads them only once a second, as the fallback for a notice lost with a
+connection, and at `poll_interval` again as soon as the LISTEN is down. Signing
 requests (enroll, renew, report) queue for the batcher, which answers up to
 MAX_BATCH of them in one database transaction: one fsync for many SVIDs.
 """
@@ -41,14 +45,20 @@ class Dispatcher(PlaneState):
                 per_second = max(1, round(1 / self.options.poll_interval))
                 if ticks % (HEARD_EVERY * per_second) == 0:
                     await self._db_call(self.authority.heard)
-                if ticks % per_second == 0:
+                second = ticks % per_second == 0
+                if second:
                     await self._db_call(self.root_keeper.tick)  # logs its own failures
                     await self._db_call(self.metrics.refresh, self.authority)
                     if self.options.ui is not None:
                         await self._db_call(self.graph.refresh, self.authority)
                     await self._db_call(self.authority.advance_roots)
                     await self._refresh_credentials()
-                versions = await self._db_call(self.authority.versions)
+                listening = self.listener is not None and self.listener.healthy
+                versions = (
+                    await self._db_call(self.authority.versions)
+                    if second or not listening
+                    else None
+                )
             except Exception as exc:  # a full disk, a locked or broken database: try again
                 fields = _failure_fields(exc)
                 if fields["reason"] != failing:
@@ -58,7 +68,20 @@ class Dispatcher(PlaneState):
             if failing is not None:
                 self.log("poll_recovered", reason=failing)
                 failing = None
-            self._observe(versions)
+            if versions is not None:
+                self._observe(versions)
+
+    async def _listen(self) -> None:
+        """Wake the watches as soon as another instance (or process) commits a change."""
+        assert self.listener is not None
+
+        async def wake() -> None:
+            try:
+                self._observe(await self._db_call(self.authority.versions))
+            except Exception as exc:  # the poller reports a failing database; it retries too
+                self.log("listen_read_failed", **_failure_fields(exc))
+
+        await self.listener.run(wake, self.log)
 
     def _observe(self, versions: tuple[int, int, int]) -> None:
         """Record the newest versions seen; wake every parked watcher when they move."""

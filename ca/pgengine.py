@@ -37,6 +37,28 @@ from meshid.errors import StateError, StorageUnavailable
 WRITE_LOCK_KEY = 0x6D657368
 CONNECT_TIMEOUT = 5  # seconds: an unreachable database is a quick 503, not a hang
 LOCK_TIMEOUT = "30s"  # as long as SQLite's busy timeout
+# Objects of PostgreSQL only, beside the portable schema (`ca.schema`), installed by
+# `ensure_shared_objects`. Every change a sidecar must hear of raises a row of `counters`;
+# the trigger turns each such statement into a notice on CHANGES, sent when (and only
+# if) its transaction commits. `enroll_failures` holds the shared failure counts of
+# `ca.pgshared.DbFailureLimiter`.
+CHANGES = "meshid_changes"
+SHARED_OBJECTS = "1"  # settings.pg_shared_objects: raise when the statements below change
+_NOTICE_TRIGGER = "meshid_counters_notify"
+_SHARED_DDL = (
+    f"CREATE OR REPLACE FUNCTION {_NOTICE_TRIGGER}() RETURNS trigger LANGUAGE plpgsql AS "
+    f"$$ BEGIN PERFORM pg_notify('{CHANGES}', ''); RETURN NULL; END $$",
+    f"CREATE OR REPLACE TRIGGER {_NOTICE_TRIGGER} AFTER INSERT OR UPDATE ON counters "
+    f"FOR EACH STATEMENT EXECUTE FUNCTION {_NOTICE_TRIGGER}()",
+    """CREATE TABLE IF NOT EXISTS enroll_failures (
+        source TEXT PRIMARY KEY,
+        window_start DOUBLE PRECISION NOT NULL,
+        failures BIGINT NOT NULL,
+        blocked_until DOUBLE PRECISION NOT NULL,
+        last_seen DOUBLE PRECISION NOT NULL
+    )""",
+    "CREATE INDEX IF NOT EXISTS enroll_failures_by_seen ON enroll_failures (last_seen)",
+)
 
 _DDL_TYPES = (
     # idempotent, so an init that died after its schema can be run again
@@ -223,6 +245,31 @@ class PgEngine:
             (table, column),
         ).fetchone()
         return row is not None
+
+    def ensure_shared_objects(self) -> None:
+        """Install what only PostgreSQL has (see SHARED_OBJECTS), once per database."""
+        if self._shared_objects() == SHARED_OBJECTS:
+            return
+        self.begin_write()  # two instances starting at once install them once
+        try:
+            if self._shared_objects() != SHARED_OBJECTS:
+                for statement in _SHARED_DDL:
+                    self.raw().execute(statement)
+                self._conn.execute(
+                    "INSERT INTO settings (name, value) VALUES ('pg_shared_objects', ?) "
+                    "ON CONFLICT (name) DO UPDATE SET value = excluded.value",
+                    (SHARED_OBJECTS,),
+                )
+            self.commit()
+        except BaseException:
+            self.rollback()
+            raise
+
+    def _shared_objects(self) -> str | None:
+        row = self._conn.execute(
+            "SELECT value FROM settings WHERE name = 'pg_shared_objects'"
+        ).fetchone()
+        return None if row is None else str(row[0])
 
     def host_failure(self, exc: BaseException) -> str | None:
         return None  # already StorageUnavailable when raised (see translate_error)

@@ -15,10 +15,11 @@ import ssl
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import trio
 
+from ca import backend
 from ca.api import ControlApi, Reply, Request, error
 from ca.authority import Authority
 from ca.db import is_driver_error
@@ -32,6 +33,9 @@ from meshid.ratelimit import FailureLimiter
 from meshid.spiffeid import SpiffeId
 from meshid.svid import IpAddress, certs_to_pem, generate_key, key_to_pem
 from meshid.wire import AUTHORITY_PATH
+
+if TYPE_CHECKING:
+    from ca.pgshared import ChangeListener, DbFailureLimiter
 
 SERVER_DIR = "server"
 RETRY_AFTER = 5  # seconds a caller is asked to wait when the authority cannot answer
@@ -85,6 +89,8 @@ class PlaneState:
     _changed: trio.Event = field(default_factory=trio.Event)
     _versions: tuple[int, int, int] = (0, 0, 0)
     limiter: FailureLimiter | None = None  # shared by the workers of one server, if given
+    listener: ChangeListener | None = None  # change notices from PostgreSQL (ca.pgshared)
+    _own_limiter: DbFailureLimiter | None = None  # made here: closed when serving ends
     _anonymous: dict[trio.CancelScope, None] = field(default_factory=dict)  # oldest first
     _per_source: dict[str, int] = field(default_factory=dict)  # anonymous, by `_source_key`
     _authenticated: int = 0
@@ -98,6 +104,14 @@ class PlaneState:
     graph: ServiceGraph = field(init=False)
 
     def __post_init__(self) -> None:
+        database = backend.load(self.authority.state_dir)
+        if database is not None:  # several instances: what they share lives in the database
+            from ca.pgshared import ChangeListener, DbFailureLimiter
+
+            if self.limiter is None:
+                self.limiter = self._own_limiter = DbFailureLimiter.for_database(database)
+            if self.listener is None:
+                self.listener = ChangeListener.for_database(database)
         limiter = self.limiter if self.limiter is not None else FailureLimiter(max_failures=5)
         self.api = ControlApi(self.authority, self.clock.wall, self.clock.monotonic, limiter)
         self.root_keeper = RootKeeper(

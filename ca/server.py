@@ -111,20 +111,28 @@ class ControlPlane(HttpShell):
         listeners = [trio.SocketListener(trio.socket.from_stdlib_socket(sock))]
         sockname = sock.getsockname()
         self.bound = (str(sockname[0]), int(sockname[1]))
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(self._poll)
-            nursery.start_soon(self._batcher)
-            self.log(
-                "serving",
-                listen=f"{self.bound[0]}:{self.bound[1]}",
-                trust_domain=self.authority.trust_domain.name,
-                spiffe_id=str(self.identity),
-                version=VERSION,
-            )
-            task_status.started(self.bound)
-            # Connections run in a nursery of their own; each is its own failure boundary.
-            async with trio.open_nursery() as handlers:
-                await trio.serve_listeners(self._connection, listeners, handler_nursery=handlers)
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._poll)
+                nursery.start_soon(self._batcher)
+                if self.listener is not None:
+                    nursery.start_soon(self._listen)
+                self.log(
+                    "serving",
+                    listen=f"{self.bound[0]}:{self.bound[1]}",
+                    trust_domain=self.authority.trust_domain.name,
+                    spiffe_id=str(self.identity),
+                    version=VERSION,
+                )
+                task_status.started(self.bound)
+                # Connections run in a nursery of their own; each is its own failure boundary.
+                async with trio.open_nursery() as handlers:
+                    await trio.serve_listeners(
+                        self._connection, listeners, handler_nursery=handlers
+                    )
+        finally:
+            if self._own_limiter is not None:  # its database connection, if it made one
+                self._own_limiter.close()
 
     async def _connection(self, tcp: trio.SocketStream) -> None:
         """One connection, start to end; nothing it does can end the server."""

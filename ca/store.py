@@ -74,6 +74,7 @@ class Store:
             else:
                 store._migrate(state_dir)
                 store._audit_key = AuditKey.load(state_dir)
+            engine.ensure_shared_objects()
         except BaseException:
             engine.close()
             raise

@@ -112,6 +112,7 @@ def run_server(
     workers: int = 1,
     *,
     clock: Clock,
+    shared_database: bool = False,
 ) -> int:
     """Serve until SIGTERM/SIGINT; returns the exit status.
 
@@ -155,8 +156,9 @@ def run_server(
     # One socket for all workers: each accepts from it (federation fetches are rare).
     bundle_sock = _bind_bundle_endpoint(options)
     _raise_file_limit(options, log)
-    # Created before the fork, so every worker counts enrollment failures in one table.
-    limiter = SharedFailureLimiter(max_failures=5)
+    # Created before the fork, so every worker counts enrollment failures in one table;
+    # on a shared database each worker counts in the database instead (ca.pgshared).
+    limiter = None if shared_database else SharedFailureLimiter(max_failures=5)
     children: dict[int, int] = {}
     for index in range(workers):
         pid = os.fork()
