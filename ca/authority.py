@@ -10,14 +10,20 @@ State directory layout (created by `init`, never half-written):
 
     authority.db      SQLite: settings, roots, tokens, allow-list, revocations,
                       issued SVIDs, the audit chain
+    database.json     in its place, for an instance of a trust domain in PostgreSQL:
+                      the URL and the instance's name (ca.backend); never a password
     keys/root-N.key   root private keys, mode 0600 in a 0700 directory,
                       optionally encrypted with a passphrase
     bundle.pem        the trust bundle, rewritten whenever it changes
     audit.key         the audit chain's MAC key, mode 0600 (see ca.store)
     audit.head        the audit chain's newest (seq, MAC), rewritten after each commit
 
-`init` builds everything in a hidden sibling directory and moves it in with the
-database last, so a directory either holds a whole authority or none.
+`init` (and `join`, for another instance) builds everything in a hidden sibling
+directory and moves it in with the database (or database.json) last, so a
+directory either holds a whole authority or none. With PostgreSQL the rows are
+committed first: a directory that failed to land after them leaves a trust
+domain (or an instance) in the database that `init` (or `join` under the same
+name) refuses; drop it, or join under another name.
 Actions that change state run in one database transaction together with
 their audit row. The root key is read only by the actions that sign. Every
 root generation is protected like the first: on an encrypted authority a new

@@ -37,7 +37,7 @@ class Reports(AuthorityBase):
             conn.execute(
                 "DELETE FROM reports WHERE spiffe_id = ? AND instance NOT IN ("
                 "SELECT instance FROM reports WHERE spiffe_id = ? "
-                "ORDER BY instance = ? DESC, seen_at DESC, rowid DESC LIMIT ?)",
+                "ORDER BY instance = ? DESC, seen_at DESC, instance LIMIT ?)",
                 (sid, sid, report.instance, MAX_INSTANCES),
             )
             conn.execute(

@@ -9,9 +9,10 @@ from __future__ import annotations
 from datetime import datetime, timedelta
 
 from ca.authority import Authority
-from ca.rootlife import warning_text
+from ca.rootlife import ActiveRoot, PendingRoot, warning_text
 from ca.services import build_map
 from ca.values import REPORT_FRESH, SidecarReport, printable
+from meshid.errors import StateError
 from meshid.spiffeid import SpiffeId
 
 WARN_SHARE = 0.25  # warn when less than this share of the SVID lifetime is left
@@ -82,6 +83,16 @@ def connections_of_pair(
     return lines, total
 
 
+def _lifecycle(authority: Authority) -> tuple[ActiveRoot, PendingRoot | None] | None:
+    """The active root's life; None while a joining instance's first root waits."""
+    if authority.pending_root() is not None:
+        try:
+            return authority.root_lifecycle()
+        except StateError:
+            return None
+    return authority.root_lifecycle()
+
+
 def render_status(authority: Authority) -> list[str]:
     now = authority.clock_now()
     policy_version, revocation_version, sequence = authority.versions()
@@ -92,11 +103,20 @@ def render_status(authority: Authority) -> list[str]:
         f"trust domain {authority.trust_domain.name}: bundle sequence {sequence}, "
         f"policy version {policy_version}, revocation version {revocation_version}",
     ]
-    active, pending = authority.root_lifecycle()
-    root_warning = warning_text(now, active, pending)  # thirty days, or 1/6 of a short life
-    if root_warning is not None:
-        warnings.append(root_warning)
-    body.append(f"active root {active.generation} expires {_ago(now - active.not_after)}")
+    lifecycle = _lifecycle(authority)
+    if lifecycle is None:
+        first = authority.pending_root()
+        assert first is not None  # _lifecycle returns None only then
+        body.append(
+            f"this instance signs nothing yet: its root {first.generation} activates "
+            f"{_ago(now - first.activate_at)} once live sidecars hold it"
+        )
+    else:
+        active, pending = lifecycle
+        root_warning = warning_text(now, active, pending)  # thirty days, or 1/6 of a short life
+        if root_warning is not None:
+            warnings.append(root_warning)
+        body.append(f"active root {active.generation} expires {_ago(now - active.not_after)}")
     rotation = authority.rotation_status()
     if rotation is not None:
         generation, lagging = rotation
@@ -201,7 +221,8 @@ def status_document(authority: Authority) -> dict[str, object]:
     """`ca status --json`: the same facts as `render_status`, as one JSON-ready document.
 
     Keys: trust_domain, bundle_sequence, policy_version, revocation_version,
-    active_root {generation, not_after}, warnings [text], sidecars [{id,
+    active_root {generation, not_after} (null while a joining instance waits),
+    warnings [text], sidecars [{id,
     instance, seen, svid_serial, svid_not_after, bundle_sequence,
     policy_version, live_connections}] (reports from the last 30s), instances
     [{name, root_generation, pending_root_generation, last_heard}] (PostgreSQL), and
@@ -212,7 +233,7 @@ def status_document(authority: Authority) -> dict[str, object]:
     now = authority.clock_now()
     policy_version, revocation_version, sequence = authority.versions()
     reports, _skipped = authority.reports()
-    active, _pending = authority.root_lifecycle()
+    lifecycle = _lifecycle(authority)
     sidecars: list[dict[str, object]] = []
     running: set[SpiffeId] = set()
     for entry in reports:
@@ -242,7 +263,12 @@ def status_document(authority: Authority) -> dict[str, object]:
         "bundle_sequence": sequence,
         "policy_version": policy_version,
         "revocation_version": revocation_version,
-        "active_root": {"generation": active.generation, "not_after": active.not_after.isoformat()},
+        "active_root": None
+        if lifecycle is None
+        else {
+            "generation": lifecycle[0].generation,
+            "not_after": lifecycle[0].not_after.isoformat(),
+        },
         "warnings": warnings,
         "instances": [
             {

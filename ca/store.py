@@ -1,10 +1,11 @@
-"""The authority's database: one SQLite file in the state directory.
+"""The authority's database: SQLite in the state directory, or a shared PostgreSQL.
 
-Every change runs in one `BEGIN IMMEDIATE` transaction, so concurrent CLI
-invocations and the control-plane server serialise on SQLite's write lock
-instead of racing: a join token is consumed by exactly one caller, a version
-number is raised exactly once per change, and an audit row lands in the same
-transaction as the change it records.
+Every change runs in one write transaction that holds the database's one
+write lock (SQLite's `BEGIN IMMEDIATE`, or PostgreSQL's advisory lock: see
+ca.db and ca.pgengine), so concurrent CLI invocations, control-plane servers
+and instances on other hosts serialise instead of racing: a join token is
+consumed by exactly one caller, a version number is raised exactly once per
+change, and an audit row lands in the same transaction as the change it records.
 
 The tables are in `ca.schema`; the audit chain, and what it proves, in `ca.audit`.
 """

@@ -40,17 +40,30 @@ def pg_url(pg_cluster: PgCluster) -> Iterator[str]:
 
 @pytest.fixture
 def backend() -> str:
-    """The engine `state` uses; a module that overrides this runs on both."""
-    return "sqlite"
+    """The engine `state` uses: SQLite, unless MESHID_TEST_BACKEND says otherwise, or the
+    module runs on every engine (`pytest_generate_tests`)."""
+    return os.environ.get("MESHID_TEST_BACKEND", "sqlite")
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    """A module that sets `BACKENDS = ("sqlite", "postgresql")` runs each test on each."""
+    engines = getattr(metafunc.module, "BACKENDS", None)
+    if engines and "backend" in metafunc.fixturenames:
+        metafunc.parametrize("backend", engines)
 
 
 @pytest.fixture
-def state(tmp_path: Path, clock: Clock, backend: str, request: pytest.FixtureRequest) -> Path:
+def database(backend: str, request: pytest.FixtureRequest) -> Database | None:
+    """Where a test's authority keeps its state: a fresh PostgreSQL database, or None (SQLite)."""
+    if backend == "postgresql":
+        return Database(url=request.getfixturevalue("pg_url"), instance="one")
+    return None
+
+
+@pytest.fixture
+def state(tmp_path: Path, clock: Clock, database: Database | None) -> Path:
     """An initialised authority's state directory (no connection left open)."""
     path = tmp_path / "state"
-    database = None
-    if backend == "postgresql":
-        database = Database(url=request.getfixturevalue("pg_url"), instance="one")
     Authority.init(path, TD, clock=clock, database=database).close()
     return path
 

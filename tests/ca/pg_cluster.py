@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import psycopg
+from psycopg import sql
 
 PASSWORD_ROLE = "meshid_pw"
 
@@ -72,8 +73,9 @@ class PgCluster:
     def set_password(self, password: str) -> None:
         with psycopg.connect(self.admin_url(), autocommit=True) as conn:
             conn.execute(
-                f"ALTER ROLE {PASSWORD_ROLE} PASSWORD "
-                + psycopg.sql.Literal(password).as_string(conn)
+                sql.SQL("ALTER ROLE {} PASSWORD {}").format(
+                    sql.Identifier(PASSWORD_ROLE), sql.Literal(password)
+                )
             )
 
     def pg_ctl(self, *args: str) -> None:

@@ -12,7 +12,6 @@ import sys
 from pathlib import Path
 from typing import Any
 
-import pytest
 from ca_helpers import MESHID, make_csr, query
 
 from ca.authority import Authority
@@ -42,10 +41,7 @@ print(json.dumps(result), flush=True)
 """
 
 
-@pytest.fixture(params=["sqlite", "postgresql"])
-def backend(request: pytest.FixtureRequest) -> str:
-    """Every test here runs on both engines."""
-    return str(request.param)
+BACKENDS = ("sqlite", "postgresql")  # every test here runs on both engines
 
 
 def race(state: Path, *argvs: list[str]) -> list[dict[str, Any]]:

@@ -11,6 +11,7 @@ import stat
 from datetime import timedelta
 from pathlib import Path
 
+import psycopg
 import pytest
 from ca_helpers import TD, Clock, make_csr, query, run
 from pg_cluster import PgCluster
@@ -108,6 +109,11 @@ def test_join_publishes_the_new_root_before_it_signs(
         assert not (tmp_path / "one" / "keys" / "root-2.key").exists()
         with pytest.raises(StateError, match="not in every sidecar's bundle yet"):
             two.issue(WEB, make_csr()[0].public_key())
+        waiting = run("ca", "status", "--state", str(tmp_path / "two"))
+        assert waiting.exit_code == 0, waiting.output
+        assert "this instance signs nothing yet: its root 2 activates in " in waiting.output
+        doc = json.loads(run("ca", "status", "--json", "--state", str(tmp_path / "two")).output)
+        assert doc["active_root"] is None
         first = one.issue(WEB, make_csr()[0].public_key())  # the first instance carries on
         clock.advance(timedelta(minutes=5, seconds=1))
         second = two.issue(WEB, make_csr()[0].public_key())
@@ -196,3 +202,33 @@ def test_join_through_the_cli(tmp_path: Path, pg_url: str) -> None:
     missing = run("ca", "join", "--state", str(tmp_path / "x"), "--audit-key", "k")
     assert missing.exit_code == 1 and "--database is required" in missing.output
     assert run("ca", "audit", "verify", "--state", str(two)).exit_code == 0
+
+
+def test_a_rotation_on_one_instance_leaves_the_other_signing_with_its_own_root(
+    tmp_path: Path, pg_url: str, clock: Clock
+) -> None:
+    one, two = two_instances(tmp_path, pg_url, clock)
+    try:
+        assert two.signer()[0] == 2
+        one.issue(WEB, make_csr()[0].public_key())  # keeps root 1 retiring, not retired
+        generation, _at = one.rotate(timedelta(0))
+        assert generation == 3
+        one.advance_roots()
+        two.advance_roots()  # sees one's new root; activates nothing of its own
+        assert one.signer()[0] == 3 and two.signer()[0] == 2
+        states = dict(query(tmp_path / "one", "SELECT generation, state FROM roots"))
+        assert states == {1: "retiring", 2: "active", 3: "active"}
+        assert len(two.bundle().roots) == 3  # the retiring root stays until its SVIDs expire
+    finally:
+        one.close()
+        two.close()
+
+
+def test_a_database_from_a_newer_version_is_refused(
+    tmp_path: Path, pg_url: str, clock: Clock
+) -> None:
+    Authority.init(tmp_path / "one", TD, clock=clock, database=Database(pg_url, "one")).close()
+    with psycopg.connect(pg_url, autocommit=True) as conn:
+        conn.execute("UPDATE settings SET value = '999' WHERE name = 'schema_version'")
+    result = run("ca", "status", "--state", str(tmp_path / "one"))
+    assert result.exit_code == 1 and "made by a newer meshid" in result.output

@@ -12,11 +12,7 @@ from ca.authority import Authority
 from ca.values import DEFAULT_TOKEN_TTL, TOKEN_PREFIX, token_hash
 from meshid.errors import IdentityRevoked, StateError, TokenRejected
 
-
-@pytest.fixture(params=["sqlite", "postgresql"])
-def backend(request: pytest.FixtureRequest) -> str:
-    """Every test here runs on both engines."""
-    return str(request.param)
+BACKENDS = ("sqlite", "postgresql")  # every test here runs on both engines
 
 
 def test_token_is_printed_alone_and_stored_only_as_a_hash(state: Path) -> None:

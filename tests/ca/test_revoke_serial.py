@@ -16,6 +16,8 @@ from meshid.spiffeid import SpiffeId
 
 WEB = SpiffeId.parse("spiffe://example.org/web")
 
+BACKENDS = ("sqlite", "postgresql")  # every test here runs on both engines
+
 
 def _issue(state: Path, out: Path) -> x509.Certificate:
     assert run("ca", "issue", "web", "--out", str(out), "--state", str(state)).exit_code == 0

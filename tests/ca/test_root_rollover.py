@@ -19,6 +19,7 @@ from ca_helpers import TD, Clock, make_csr, query, run
 from cryptography import x509
 
 from ca.authority import Authority
+from ca.backend import Database
 from ca.rootkeeper import RootKeeper
 from ca.status import render_status
 from ca.values import BUNDLE_RECHECK, propagation_default
@@ -27,6 +28,8 @@ from meshid.clock import ManualClock
 from meshid.report import StatusReport
 from meshid.spiffeid import SpiffeId
 from meshid.svid import generate_key, verify_svid
+
+BACKENDS = ("sqlite", "postgresql")  # every test here runs on both engines
 
 
 @dataclass
@@ -50,10 +53,21 @@ class Events:
 
 
 def _open(
-    tmp_path: Path, clock: Clock, root_ttl: timedelta, svid_ttl: timedelta, **kw: Any
+    tmp_path: Path,
+    database: Database | None,
+    clock: Clock,
+    root_ttl: timedelta,
+    svid_ttl: timedelta,
+    **kw: Any,
 ) -> Authority:
     return Authority.init(
-        tmp_path / "state", TD, svid_ttl=svid_ttl, root_ttl=root_ttl, clock=clock, **kw
+        tmp_path / "state",
+        TD,
+        svid_ttl=svid_ttl,
+        root_ttl=root_ttl,
+        clock=clock,
+        database=database,
+        **kw,
     )
 
 
@@ -95,13 +109,15 @@ def _simulate(
     return worst, signers
 
 
-def test_default_year_roots_roll_over_by_themselves(tmp_path: Path, clock: Clock) -> None:
+def test_default_year_roots_roll_over_by_themselves(
+    tmp_path: Path, clock: Clock, database: Database | None
+) -> None:
     """The default one-year root, nine-day SVIDs renewed every four days, for 500 days.
 
     Root 2 is published at day 182.5 and signs from day ~274; root 3 is
     published at day 365 and signs from day ~456.
     """
-    authority = _open(tmp_path, clock, timedelta(days=365), timedelta(days=9))
+    authority = _open(tmp_path, database, clock, timedelta(days=365), timedelta(days=9))
     events = Events()
     worst, signers = _simulate(authority, clock, timedelta(days=4), 125, events)
     assert worst <= timedelta(seconds=1)  # no SVID was cut short (NotAfter has whole seconds)
@@ -119,9 +135,11 @@ def test_default_year_roots_roll_over_by_themselves(tmp_path: Path, clock: Clock
     authority.close()
 
 
-def test_three_minute_roots_roll_over_many_times(tmp_path: Path, clock: Clock) -> None:
+def test_three_minute_roots_roll_over_many_times(
+    tmp_path: Path, clock: Clock, database: Database | None
+) -> None:
     """`ca init --root-ttl 3m --svid-ttl 1m`: five root lifetimes in fifteen-second steps."""
-    authority = _open(tmp_path, clock, timedelta(minutes=3), timedelta(minutes=1))
+    authority = _open(tmp_path, database, clock, timedelta(minutes=3), timedelta(minutes=1))
     events = Events()
     worst, signers = _simulate(authority, clock, timedelta(seconds=15), 60, events)
     assert worst <= timedelta(seconds=1)
@@ -133,14 +151,16 @@ def test_three_minute_roots_roll_over_many_times(tmp_path: Path, clock: Clock) -
     authority.close()
 
 
-def test_shortest_root_caps_svids_a_little_and_says_so(tmp_path: Path, clock: Clock) -> None:
+def test_shortest_root_caps_svids_a_little_and_says_so(
+    tmp_path: Path, clock: Clock, database: Database | None
+) -> None:
     """A 40s root with 30s SVIDs cannot avoid some capping; it stays bounded and is logged.
 
     The next root is published at once and may sign 15s later (the minimum
     propagation delay), later still while the laggard catches up (5s steps,
     it fetches every third): SVIDs signed meanwhile end with the old root.
     """
-    authority = _open(tmp_path, clock, timedelta(seconds=40), timedelta(seconds=30))
+    authority = _open(tmp_path, database, clock, timedelta(seconds=40), timedelta(seconds=30))
     events = Events()
     worst, signers = _simulate(authority, clock, timedelta(seconds=5), 60, events)
     assert timedelta(seconds=1) < worst <= timedelta(seconds=20)
@@ -152,9 +172,9 @@ def test_shortest_root_caps_svids_a_little_and_says_so(tmp_path: Path, clock: Cl
 
 
 def test_without_auto_rotation_the_root_expires_loudly_but_rarely(
-    tmp_path: Path, clock: Clock
+    tmp_path: Path, clock: Clock, database: Database | None
 ) -> None:
-    authority = _open(tmp_path, clock, timedelta(minutes=3), timedelta(minutes=1))
+    authority = _open(tmp_path, database, clock, timedelta(minutes=3), timedelta(minutes=1))
     events = Events()
     keeper = RootKeeper(authority, events, timedelta(seconds=30), auto=False)
     for _ in range(240):  # four minutes, a poll a second
@@ -172,9 +192,9 @@ def test_without_auto_rotation_the_root_expires_loudly_but_rarely(
 
 
 def test_expired_root_is_replaced_at_once_when_rotation_is_back_on(
-    tmp_path: Path, clock: Clock
+    tmp_path: Path, clock: Clock, database: Database | None
 ) -> None:
-    authority = _open(tmp_path, clock, timedelta(minutes=3), timedelta(minutes=1))
+    authority = _open(tmp_path, database, clock, timedelta(minutes=3), timedelta(minutes=1))
     clock.advance(timedelta(minutes=4))
     events = Events()
     RootKeeper(authority, events, timedelta(seconds=30)).tick()
@@ -187,9 +207,11 @@ def test_expired_root_is_replaced_at_once_when_rotation_is_back_on(
     authority.close()
 
 
-def test_laggard_holds_activation_until_expiry_is_near(tmp_path: Path, clock: Clock) -> None:
+def test_laggard_holds_activation_until_expiry_is_near(
+    tmp_path: Path, clock: Clock, database: Database | None
+) -> None:
     """A sidecar that never takes the new bundle delays the rollover, not past the force point."""
-    authority = _open(tmp_path, clock, timedelta(minutes=3), timedelta(minutes=1))
+    authority = _open(tmp_path, database, clock, timedelta(minutes=3), timedelta(minutes=1))
     events = Events()
     keeper = RootKeeper(authority, events, timedelta(seconds=30))
     stuck = SpiffeId(TD, "/stuck")
@@ -211,9 +233,11 @@ def test_laggard_holds_activation_until_expiry_is_near(tmp_path: Path, clock: Cl
     authority.close()
 
 
-def test_status_warns_inside_the_window(tmp_path: Path, clock: Clock) -> None:
+def test_status_warns_inside_the_window(
+    tmp_path: Path, clock: Clock, database: Database | None
+) -> None:
     """Thirty days before a one-year root expires, and not a day earlier."""
-    authority = _open(tmp_path, clock, timedelta(days=365), timedelta(hours=1))
+    authority = _open(tmp_path, database, clock, timedelta(days=365), timedelta(hours=1))
     quiet = run("ca", "status", "--state", str(authority.state_dir))  # the real clock
     assert "WARNING" not in quiet.output and "active root 1 expires in 364d" in quiet.output
     clock.advance(timedelta(days=334))
@@ -227,9 +251,16 @@ def test_status_warns_inside_the_window(tmp_path: Path, clock: Clock) -> None:
     authority.close()
 
 
-def test_automatic_rotation_keeps_the_key_encrypted(tmp_path: Path, clock: Clock) -> None:
+def test_automatic_rotation_keeps_the_key_encrypted(
+    tmp_path: Path, clock: Clock, database: Database | None
+) -> None:
     authority = _open(
-        tmp_path, clock, timedelta(minutes=3), timedelta(minutes=1), passphrase=b"correct horse"
+        tmp_path,
+        database,
+        clock,
+        timedelta(minutes=3),
+        timedelta(minutes=1),
+        passphrase=b"correct horse",
     )
     events = Events()
     keeper = RootKeeper(authority, events, timedelta(seconds=30))
@@ -242,8 +273,10 @@ def test_automatic_rotation_keeps_the_key_encrypted(tmp_path: Path, clock: Clock
     authority.close()
 
 
-def test_a_failing_rotation_is_logged_and_retried(tmp_path: Path, clock: Clock) -> None:
-    authority = _open(tmp_path, clock, timedelta(minutes=3), timedelta(minutes=1))
+def test_a_failing_rotation_is_logged_and_retried(
+    tmp_path: Path, clock: Clock, database: Database | None
+) -> None:
+    authority = _open(tmp_path, database, clock, timedelta(minutes=3), timedelta(minutes=1))
     blocker = authority.state_dir / "keys" / "root-2.key"
     blocker.mkdir()  # the next root's key cannot be written
     events = Events()
@@ -263,9 +296,11 @@ def test_a_failing_rotation_is_logged_and_retried(tmp_path: Path, clock: Clock) 
 
 
 @pytest.mark.parametrize("workers", [2])
-def test_two_workers_publish_one_next_root(tmp_path: Path, clock: Clock, workers: int) -> None:
+def test_two_workers_publish_one_next_root(
+    tmp_path: Path, clock: Clock, database: Database | None, workers: int
+) -> None:
     """Every server worker runs the hook; only one of them rotates."""
-    first = _open(tmp_path, clock, timedelta(minutes=3), timedelta(minutes=1))
+    first = _open(tmp_path, database, clock, timedelta(minutes=3), timedelta(minutes=1))
     others = [Authority.open(first.state_dir, clock=clock) for _ in range(workers - 1)]
     clock.advance(timedelta(seconds=95))
     for authority in (first, *others):
@@ -291,9 +326,11 @@ def test_offline_issue_says_when_the_root_cuts_an_svid_short(tmp_path: Path) -> 
     assert "warning: svid_capped_by_root: cut short to the root's own expiry" in cut.output
 
 
-def test_concurrent_rotations_make_one_root_whose_key_matches(tmp_path: Path, clock: Clock) -> None:
+def test_concurrent_rotations_make_one_root_whose_key_matches(
+    tmp_path: Path, clock: Clock, database: Database | None
+) -> None:
     """Workers (and an operator's `ca rotate`) racing to rotate: one wins, nothing clobbered."""
-    first = _open(tmp_path, clock, timedelta(minutes=3), timedelta(minutes=1))
+    first = _open(tmp_path, database, clock, timedelta(minutes=3), timedelta(minutes=1))
     racers = [Authority.open(first.state_dir, clock=clock) for _ in range(4)]
     barrier = threading.Barrier(len(racers))
     results: list[object] = []

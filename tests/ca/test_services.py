@@ -23,6 +23,8 @@ API = "spiffe://example.org/api"
 DB = "spiffe://example.org/db"
 WEB = "spiffe://example.org/web"
 
+BACKENDS = ("sqlite", "postgresql")  # every test here runs on both engines
+
 
 def test_add_list_remove(state: Path) -> None:
     added = run("service", "add", "api", "198.18.0.3:8080", "--state", str(state))

@@ -133,9 +133,11 @@ def test_ca_status_json_is_one_document_with_the_documented_keys(
         "revocation_version",
         "active_root",
         "warnings",
+        "instances",
         "sidecars",
         "workloads",
     }
+    assert doc["instances"] == []  # an embedded authority is no named instance
     assert doc["trust_domain"] == "example.org"
     assert [(s["id"], s["instance"], s["svid_serial"]) for s in doc["sidecars"]] == [
         ("spiffe://example.org/web", "w1", serial)

@@ -12,6 +12,8 @@ from meshid.spiffeid import SpiffeId
 
 WEB = SpiffeId.parse("spiffe://example.org/web")
 
+BACKENDS = ("sqlite", "postgresql")  # every test here runs on both engines
+
 
 def test_unrevoke_lifts_the_revocation_and_bumps_the_version(state: Path, tmp_path: Path) -> None:
     assert run("ca", "revoke", "web", "--state", str(state)).exit_code == 0
