@@ -550,13 +550,14 @@ class Mesh:
         await self.authority.serve()
         return self.authority
 
-    async def start_instances(self, database: str, svid_ttl: str = "1h") -> list[Authority]:
-        """Two instances of one trust domain in PostgreSQL (`database`, a libpq URL),
-        `one` made by init, `two` joined, both serving; new sidecars name both."""
+    async def start_instances(self, *database: str | Path, svid_ttl: str = "1h") -> list[Authority]:
+        """Two instances of one trust domain in PostgreSQL (`database`: `--database URL`
+        and any other option for it), `one` made by init, `two` joined, both serving;
+        new sidecars name both."""
         one = self.authority
         two = Authority(self.root / "two", self.procs, self.td)
-        await one.init(svid_ttl, "--database", database, "--instance", "one")
-        await two.join(one, "--database", database, "--instance", "two")
+        await one.init(svid_ttl, *database, "--instance", "one")
+        await two.join(one, *database, "--instance", "two")
         await one.serve()
         await two.serve()
         self.servers = [one, two]
