@@ -17,8 +17,11 @@ What is checked is what an operator relies on:
 from __future__ import annotations
 
 import json
+import signal
+import time
 from collections.abc import Iterator
 
+import psycopg
 import pytest
 import trio
 from harness import (
@@ -28,7 +31,9 @@ from harness import (
     Probe,
     Result,
     Traffic,
+    fmt,
     meshid,
+    now,
     sid,
     wait_until,
 )
@@ -122,6 +127,71 @@ async def test_a_deny_on_one_instance_cuts_connections_of_sidecars_on_the_other(
 
         # the instances are two: each sidecar only ever spoke to its own
         assert web.log.find("authority_failover") == api.log.find("authority_failover") == []
+
+
+RUN = 60.0  # seconds of traffic
+KILL_AT = 20.0  # seconds into the run: after the first renewals, before the second
+
+
+@pytest.mark.slow  # about 75 s
+@pytest.mark.alone  # zero failed requests at 10 a second, not on a crowded machine
+@pytest.mark.timeout(200)
+async def test_one_instance_killed_under_traffic_costs_no_request_and_renewals_go_on(
+    mesh: Mesh, app: Addr, pg_url: str
+) -> None:
+    """A new connection every 100 ms from web to api, both naming both instances, with
+    30 s SVIDs (renewed every 15 s or so); the instance they use is SIGKILLed a third of
+    the way in. No request fails, and every SVID issued after the kill is the
+    survivor's (signed by its own root, recorded as such in the database)."""
+    with trio.fail_after(180):
+        one, two = await mesh.start_instances("--database", pg_url, svid_ttl="30s")
+        await one.allow("web", "api")
+        steady = {"close_on_peer_expiry": False}  # the long-lived connection outlives SVIDs
+        api = await mesh.sidecar("api", forward=app, limits=steady)
+        web = await mesh.sidecar("web", outbound=[("api", api.inbound)], limits=steady)
+        await web.log.wait_for("policy", where=lambda r: r["pairs"] == 1)
+        for car in (api, web):
+            assert await car.metric("meshid_authority_server", server=fmt(one.addr)) == 1
+
+        traffic = Traffic(web.outbound, rate=10.0)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(traffic.run, RUN + 10)
+            start = now()
+            with trio.move_on_at(start + KILL_AT):
+                await traffic.stop.wait()  # pacing: the kill is due then
+            assert traffic.failures == [], traffic.failures
+            assert one.server is not None
+            killed_wall = time.time()
+            assert await one.server.stop(signal.SIGKILL) == -signal.SIGKILL
+            killed = now()
+            with trio.move_on_at(start + RUN):
+                await traffic.stop.wait()
+            traffic.stop.set()
+
+        assert traffic.failures == [], traffic.failures
+        assert traffic.ok >= RUN * 10 / 2, traffic.ok  # paced at 10/s: most were made
+        assert traffic.live_exchanges >= RUN / 2, traffic.live_exchanges
+        for car in (api, web):
+            [moved, *_] = await car.log.wait_for("authority_failover")
+            assert (moved["left"], moved["to"]) == (fmt(one.addr), fmt(two.addr))
+            assert moved["_seen"] >= killed
+            # every SVID issued after the kill is two's, and the sidecar installed it
+            signers = svid_instances(pg_url, sid(car.name), killed_wall)
+            assert set(signers.values()) == {"two"}, signers
+            assert set(signers) <= set(car.serials("renewed")), (signers, car.serials())
+            assert await car.metric("meshid_authority_server", server=fmt(two.addr)) == 1
+
+
+def svid_instances(url: str, spiffe_id: str, since: float) -> dict[str, str]:
+    """Serial -> the instance whose root signed it, for the SVIDs of `spiffe_id` issued
+    after `since` (a Unix time), read straight from the shared database."""
+    with psycopg.connect(url) as conn:
+        rows = conn.execute(
+            "SELECT s.serial, r.instance FROM svids s JOIN roots r USING (generation) "
+            "WHERE s.spiffe_id = %s AND s.issued_at > %s",
+            (spiffe_id, since),
+        ).fetchall()
+    return {str(serial): str(instance) for serial, instance in rows}
 
 
 @pytest.mark.slow
