@@ -16,9 +16,10 @@ host vanishes from the network without a word (no reset, no refusal): the
 sidecars must notice by their own timeouts, move to auth2 and renew there,
 while requests from web to api go on succeeding throughout.
 
-The SVIDs live 60 s, so renewal comes at about 30 s: a request already on its
-way to auth1 when it vanished waits out the sidecar's 15 s request timeout
-before that duty moves on, and a 30 s SVID's 15 s of margin would not cover it.
+The SVIDs live 60 s, so renewal comes at about 30 s: the first request to
+find auth1 silent waits out the sidecar's 15 s request timeout before it
+moves (the others waiting there follow it at once), and with 30 s SVIDs that
+would leave a renewal only a second or two to spare.
 """
 
 from __future__ import annotations
