@@ -18,9 +18,11 @@ yields a `Chain` whose `ports` name what the workload connects to and whose
 
 from __future__ import annotations
 
+import calendar
 import contextlib
 import functools
 import subprocess
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -292,8 +294,13 @@ def pg_authority(env: Env, instances: int) -> Iterator[Chain]:
                 for i, state in enumerate(states[1:])
             ],
         ]  # fmt: skip
+        signs_at = time.time()
         for argv in setup:
-            subprocess.run(argv, check=True, capture_output=True)
+            done = subprocess.run(argv, check=True, capture_output=True, text=True)
+            if " signs from " in done.stdout:  # `ca join`: its root, and its `ca serve`, wait
+                stamp = done.stdout.split(" signs from ", 1)[1].split()[0]
+                signs_at = calendar.timegm(time.strptime(stamp, "%Y-%m-%dT%H:%M:%SZ")) + 1
+        time.sleep(max(0.0, signs_at - time.time()))  # at most the 1 s given to --propagation
         ports = free_ports(instances)
         cmds = [
             [*(str(env.meshid), "ca", "serve", "--state", str(state)),

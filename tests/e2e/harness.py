@@ -32,7 +32,7 @@ import subprocess
 import sys
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import IO, Any
 
@@ -68,6 +68,13 @@ def utcnow() -> datetime:
 
 def now() -> float:
     return trio.current_time()
+
+
+def signs_from(joined: str) -> datetime:
+    """When the root of an instance `ca join` made may sign, from what join printed
+    ("... signs from 2026-01-01T00:00:00Z once ..."), rounded up to the next second."""
+    stamp = joined.split(" signs from ", 1)[1].split()[0]
+    return datetime.strptime(stamp, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=UTC) + timedelta(seconds=1)
 
 
 # -- the CLI -------------------------------------------------------------------
@@ -287,11 +294,12 @@ class Authority:
             )
         ).check()
 
-    async def join(self, first: Authority, *database: str | Path) -> None:
+    async def join(self, first: Authority, *database: str | Path) -> datetime:
         """`ca join` the trust domain `first` made in the database named by `database`
-        (`--database URL --instance NAME ...`). Its root signs after the shortest delay:
-        the test starts the sidecars after the join, so they all hold it already."""
-        (
+        (`--database URL --instance NAME ...`); returns when the new instance's root
+        may sign (and `ca serve` start): after the shortest delay, as no sidecar runs
+        yet to wait for."""
+        joined = (
             await meshid(
                 "ca",
                 "join",
@@ -304,6 +312,7 @@ class Authority:
                 "1s",
             )
         ).check()
+        return signs_from(joined.stdout)
 
     async def serve(self) -> Proc:
         """Start the control plane (on the port of the previous run, if any); wait for it."""
@@ -557,8 +566,10 @@ class Mesh:
         one = self.authority
         two = Authority(self.root / "two", self.procs, self.td)
         await one.init(svid_ttl, *database, "--instance", "one")
-        await two.join(one, *database, "--instance", "two")
+        signs_at = await two.join(one, *database, "--instance", "two")
         await one.serve()
+        # `ca serve` refuses to start an instance whose root may not sign yet
+        await trio.sleep_until(now() + max(0.0, (signs_at - utcnow()).total_seconds()))
         await two.serve()
         self.servers = [one, two]
         return self.servers

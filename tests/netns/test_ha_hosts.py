@@ -32,12 +32,14 @@ import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 
 import psycopg
 import pytest
 
 from tests.ca.pg_cluster import PASSWORD_ROLE, PgCluster, running_cluster
+from tests.e2e.harness import signs_from
 from tests.netns.test_multihost import (
     APPS,
     MESHID,
@@ -146,11 +148,14 @@ def test_an_authority_host_going_dark_stops_no_traffic(site: Site) -> None:
         net.run("auth2", MESHID, "ca", "join", "--state", "ca2", *database, "--instance", "two",
                 "--audit-key", "ca1/audit.key", "--propagation", "1s"),
     ]  # fmt: skip
+    signs_at = signs_from(outputs[-1].stdout)  # `ca serve` on auth2 may start from then
     bundle = net.run("auth2", MESHID, "ca", "bundle", "--state", "ca2").stdout
     assert bundle.count("BEGIN CERTIFICATE") >= 2  # both instances' roots
     (net.logs / "bundle.pem").write_text(bundle)
     watch: list[Proc] = []
     for host, state, addr in (("auth1", "ca1", SERVERS[0]), ("auth2", "ca2", SERVERS[1])):
+        if host == "auth2":
+            time.sleep(max(0.0, (signs_at - datetime.now(UTC)).total_seconds()))
         proc = net.spawn(host, host, MESHID, "ca", "serve", "--state", state, "--listen", addr,
                          "--ip", addr.split(":")[0])  # fmt: skip
         watch.append(proc)
