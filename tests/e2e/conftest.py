@@ -7,7 +7,6 @@ SIGKILL), whatever the test did; the echo app runs in the test's nursery.
 
 from __future__ import annotations
 
-import sys
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
@@ -15,9 +14,7 @@ import pytest
 import trio
 from harness import Addr, Mesh, Processes, serve_echo
 
-# The authority's tests own the throwaway PostgreSQL server; these runs share it.
-sys.path.append(str(Path(__file__).resolve().parent.parent / "ca"))
-from pg_cluster import PgCluster, running_cluster
+from tests.ca.pg_cluster import PgCluster, running_cluster  # the authority tests' server
 
 
 @pytest.fixture

@@ -37,11 +37,11 @@ from harness import (
     sid,
     wait_until,
 )
-from pg_cluster import PASSWORD_ROLE, PgCluster, running_cluster
 
 from meshid.spiffeid import SpiffeId
 from meshid.svid import generate_key
 from sidecar.renewal import build_csr
+from tests.ca.pg_cluster import PASSWORD_ROLE, PgCluster, running_cluster
 
 DEADLINE = 2.0  # seconds from the command's exit, as for one instance
 PASSWORD = "pw-Qe81x-must-never-show"
