@@ -89,7 +89,7 @@ demo: install system-packages
 	$(BIN)/python tools/demo.py
 
 bench: install
-	tools/ensure-debs openssl:openssl stunnel4:stunnel4 wrk:wrk iperf3:iperf3 nginx:nginx-light
+	tools/ensure-debs openssl:openssl stunnel4:stunnel4 wrk:wrk iperf3:iperf3 nginx:nginx-light pg_ctlcluster:postgresql
 	$(BIN)/python -m pip install --quiet py-spy || echo "bench: py-spy unavailable, no profiles" >&2
 	tools/ensure-debs ip:iproute2 nft:nftables || echo "bench: no nft, no transparent figures" >&2
 	$(BIN)/python -m bench.run

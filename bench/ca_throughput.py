@@ -24,6 +24,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -49,6 +50,7 @@ class Result:
     requests: int
     wall_s: float
     server_cpu_s: float
+    database_cpu_s: float  # a PostgreSQL server's, when there is one
     client_cpu_s: float
     errors: int
 
@@ -64,6 +66,10 @@ def _tree_cpu(pid: int) -> float:
         with contextlib.suppress(OSError):
             total += cpu_seconds(int(child))
     return total
+
+
+def _servers_cpu(pids: Sequence[int]) -> float:
+    return sum(_tree_cpu(pid) for pid in pids)
 
 
 def _self_cpu() -> float:
@@ -184,13 +190,23 @@ def measure(
         wait_listening([server], [port])
         contexts = client_contexts(state, workdir, clients)
         for _ in range(repetitions):
-            results.append(run_once(port, contexts, requests, server.pid))
+            results.append(run_once([port], contexts, requests, [server.pid]))
             server.check_alive()
     return results
 
 
-def run_once(port: int, contexts: list[ssl.SSLContext], requests: int, server_pid: int) -> Result:
-    """One repetition: every client renews its share of `requests`, concurrently."""
+def run_once(
+    ports: Sequence[int],
+    contexts: list[ssl.SSLContext],
+    requests: int,
+    server_pids: Sequence[int],
+    database_pids: Sequence[int] = (),
+) -> Result:
+    """One repetition: every client renews its share of `requests`, concurrently.
+
+    With several ports (instances of one trust domain), client i asks port
+    i mod len(ports), so the load is shared evenly; the server CPU is theirs summed.
+    """
     clients = len(contexts)
     wire = _requests(clients, max(1, requests // clients))
     counts = [0] * (clients + 1)
@@ -201,14 +217,17 @@ def run_once(port: int, contexts: list[ssl.SSLContext], requests: int, server_pi
         with trio.fail_after(300):
             async with trio.open_nursery() as nursery:
                 for i in range(clients):
+                    port = ports[i % len(ports)]
                     nursery.start_soon(_client, port, contexts[i], wire[i], counts, i, ready, go)
                 for _ in range(clients):
                     await ready.acquire()
-                clock["server_cpu"], clock["client_cpu"] = _tree_cpu(server_pid), _self_cpu()
+                clock["server_cpu"], clock["client_cpu"] = _servers_cpu(server_pids), _self_cpu()
+                clock["database_cpu"] = _servers_cpu(database_pids)
                 clock["start"] = time.perf_counter()
                 go.set()
         clock["wall"] = time.perf_counter() - clock["start"]
-        clock["server_cpu"] = _tree_cpu(server_pid) - clock["server_cpu"]
+        clock["server_cpu"] = _servers_cpu(server_pids) - clock["server_cpu"]
+        clock["database_cpu"] = _servers_cpu(database_pids) - clock["database_cpu"]
         clock["client_cpu"] = _self_cpu() - clock["client_cpu"]
 
     trio.run(main)
@@ -219,6 +238,7 @@ def run_once(port: int, contexts: list[ssl.SSLContext], requests: int, server_pi
         requests=ok,
         wall_s=wall,
         server_cpu_s=clock["server_cpu"],
+        database_cpu_s=clock["database_cpu"],
         client_cpu_s=clock["client_cpu"],
         errors=counts[-1],
     )

@@ -23,8 +23,11 @@ yields a `Chain` whose `ports` name what the workload connects to and whose
 
 from __future__ import annotations
 
+import calendar
 import contextlib
+import functools
 import subprocess
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -66,6 +69,8 @@ class Chain:
     host: str = "127.0.0.1"  # the address a client connects to
     client: tuple[str, ...] = ()  # a prefix that runs the client where it must run
     own_backends: dict[str, Proc] | None = None  # backends of its own, instead of Env's
+    state: Path | None = None  # an authority chain: the (first) instance's state directory
+    database_pid: int | None = None  # an authority chain on PostgreSQL: its server's pid
 
 
 def make_certs(env: Env) -> list[str]:
@@ -262,10 +267,75 @@ def authority(env: Env) -> Iterator[Chain]:
     try:
         wait_listening([proc], [port])
         yield Chain(
-            "ca", {"ca": port}, {"authority": proc}, python=("authority",), commands=[" ".join(cmd)]
+            "ca",
+            {"ca": port},
+            {"authority": proc},
+            python=("authority",),
+            commands=[" ".join(cmd)],
+            state=state,
         )
     finally:
         env.sup.stop(proc)
+
+
+@contextlib.contextmanager
+def pg_authority(env: Env, instances: int) -> Iterator[Chain]:
+    """`instances` x `meshid ca serve` of one trust domain on a throwaway PostgreSQL server.
+
+    The cluster is the tests' (tests/ca/pg_cluster.py: Unix socket only, no
+    durability, so the figure is the authority's cost, not a disk's). The
+    workers are shared out so that every topology runs CA_WORKERS processes:
+    on one machine a second instance brings no CPU of its own, so the figure
+    shows what sharing the trust domain costs, not how it scales across hosts.
+    """
+    from tests.ca.pg_cluster import running_cluster
+
+    kind = f"ca-pg{instances}"
+    root = env.workdir / "ca-bench" / kind
+    workers = max(1, CA_WORKERS // instances)
+    with running_cluster() as cluster:
+        url = cluster.url(cluster.create_database())
+        states = [root / f"instance-{i + 1}" for i in range(instances)]
+        setup = [
+            [*(str(env.meshid), "ca", "init", "--state", str(states[0])),
+             *("--trust-domain", "bench.example", "--database", url, "--instance", "i1")],
+            *[
+                [*(str(env.meshid), "ca", "join", "--state", str(state), "--database", url),
+                 *("--instance", f"i{i + 2}", "--audit-key", str(states[0] / "audit.key")),
+                 *("--propagation", "1s")]
+                for i, state in enumerate(states[1:])
+            ],
+        ]  # fmt: skip
+        signs_at = time.time()
+        for argv in setup:
+            done = subprocess.run(argv, check=True, capture_output=True, text=True)
+            if " signs from " in done.stdout:  # `ca join`: its root, and its `ca serve`, wait
+                stamp = done.stdout.split(" signs from ", 1)[1].split()[0]
+                signs_at = calendar.timegm(time.strptime(stamp, "%Y-%m-%dT%H:%M:%SZ")) + 1
+        time.sleep(max(0.0, signs_at - time.time()))  # at most the 1 s given to --propagation
+        ports = free_ports(instances)
+        cmds = [
+            [*(str(env.meshid), "ca", "serve", "--state", str(state)),
+             *("--listen", f"127.0.0.1:{port}", "--workers", str(workers))]
+            for state, port in zip(states, ports, strict=True)
+        ]  # fmt: skip
+        procs: dict[str, Proc] = {}
+        try:
+            for i, cmd in enumerate(cmds):
+                procs[f"authority {i + 1}"] = env.sup.start(f"meshid-{kind}-{i + 1}", cmd)
+            wait_listening(list(procs.values()), ports)
+            yield Chain(
+                kind,
+                {f"ca{i + 1}": port for i, port in enumerate(ports)},
+                procs,
+                python=tuple(procs),
+                commands=[" ".join(c) for c in [*setup, *cmds]],
+                state=states[0],
+                database_pid=int((cluster.data / "postmaster.pid").read_text().split()[0]),
+            )
+        finally:
+            for proc in reversed(procs.values()):
+                env.sup.stop(proc)
 
 
 CA_WORKERS = 2  # one per core on the benchmark machine
@@ -316,6 +386,8 @@ def explicit(env: Env) -> Iterator[Chain]:
 
 TOPOLOGIES: dict[str, Callable[[Env], contextlib.AbstractContextManager[Chain]]] = {
     "ca": authority,
+    "ca-pg1": functools.partial(pg_authority, instances=1),
+    "ca-pg2": functools.partial(pg_authority, instances=2),
     "direct": direct,
     "meshid": meshid,
     "stunnel": stunnel,

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import re
+import ssl
 import time
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field, replace
@@ -422,7 +423,9 @@ class CaSigning(Workload):
     title = (
         "Control plane: SVIDs signed per second over the API (mTLS renewals, concurrent clients)"
     )
-    topologies = ("ca",)
+    # SQLite in the state directory (the embedded default), then PostgreSQL with one
+    # instance and with two instances of the trust domain sharing the load
+    topologies = ("ca", "ca-pg1", "ca-pg2")
     clients = 128  # enough connections for the kernel to spread them evenly over the workers
     requests = 8000
     figures = (
@@ -431,24 +434,36 @@ class CaSigning(Workload):
         ),
     )
 
+    def __init__(self) -> None:
+        self._contexts: dict[str, list[ssl.SSLContext]] = {}  # chain kind -> client contexts
+
     def commands(self, chain: Chain) -> list[str]:
+        to = ", ".join(f"127.0.0.1:{p}" for p in chain.ports.values())
+        spread = " (client i to the i mod n-th)" if len(chain.ports) > 1 else ""
         return [
             f"python (bench.ca_throughput): {self.clients} clients, each on one kept-alive mTLS "
             f"connection with its own SVID, 4 renewals pipelined, {self.requests} POST /v1/renew "
-            "in all, each with a CSR for a fresh key made before the clock starts, to "
-            f"127.0.0.1:{chain.ports['ca']}"
+            f"in all, each with a CSR for a fresh key made before the clock starts, to {to}"
+            + spread
         ]
 
     def warmup(self, chain: Chain, env: Env) -> None:
         from bench.ca_throughput import client_contexts
 
-        self._contexts = client_contexts(env.workdir / "ca-bench" / "ca", env.workdir, self.clients)
+        assert chain.state is not None, "an authority chain names its state directory"
+        keys = env.workdir / "ca-bench" / f"{chain.kind}-clients"
+        keys.mkdir(parents=True, exist_ok=True)
+        self._contexts[chain.kind] = client_contexts(chain.state, keys, self.clients)
 
     def measure(self, chain: Chain, env: Env) -> Sample:
         from bench.ca_throughput import run_once
 
         result = run_once(
-            chain.ports["ca"], self._contexts, self.requests, chain.procs["authority"].pid
+            list(chain.ports.values()),
+            self._contexts[chain.kind],
+            self.requests,
+            [proc.pid for proc in chain.procs.values()],
+            [chain.database_pid] if chain.database_pid is not None else [],
         )
         if result.errors:
             raise BenchError(f"{result.errors} renewals failed")
@@ -462,6 +477,15 @@ class CaSigning(Workload):
                 * result.client_cpu_s
                 / max(result.requests, 1),
                 "authority: cores busy": result.server_cpu_s / result.wall_s,
+                **(
+                    {
+                        "database: CPU ms per SVID": 1000
+                        * result.database_cpu_s
+                        / max(result.requests, 1)
+                    }
+                    if chain.database_pid is not None
+                    else {}
+                ),
             },
         )
 

@@ -14,7 +14,10 @@ the jittered wait `sidecar.failover` sets, and the same request is tried
 there, each server at most once per request. Only when every server has
 failed does the request fail, and the duty that made it retries as it
 always did. Each move is logged once (``authority_failover``, with the
-reason of the failure that caused it) and counted.
+reason of the failure that caused it) and counted. A move also ends the
+other requests still waiting on the server left behind (a host that vanished
+answers nothing): they follow at once instead of each waiting out its own
+timeout.
 """
 
 from __future__ import annotations
@@ -29,10 +32,11 @@ import trio
 from meshid.errors import ConfigError
 from meshid.events import EventLog
 from meshid.reasons import Reason
+from sidecar import failures
 from sidecar.config import Address, AuthoritySource
 from sidecar.control import ClientIdentity, ControlClient, ControlPlaneError, HeldIdentity
 from sidecar.failover import Move, ServerChoice
-from sidecar.failures import another_server_may_answer
+from sidecar.failures import Failure, another_server_may_answer
 from sidecar.state import Current
 from sidecar.statedir import BUNDLE_FILE, KEY_FILE, SVID_FILE, identity_pem
 
@@ -59,6 +63,8 @@ class AuthorityLink:
         self.rand = rand
         self.choice = choice or ServerChoice(len(self.clients))
         self.on_failover = on_failover  # counts a move, by the reason of the failure
+        # The requests on their way to each server, so that a move away from it ends them.
+        self._in_flight: dict[int, set[trio.CancelScope]] = {}
 
     def in_use(self) -> Address:
         """The server requests go to now, as /readyz and the metrics name it."""
@@ -96,16 +102,7 @@ class AuthorityLink:
                 raise transient[0] if transient else failed[-1]
             tried.add(index)
             try:
-                reply = await self.clients[index].request(
-                    method,
-                    target,
-                    body,
-                    bundle_pem=self.trust_pem(),
-                    now=self.current.wall(),
-                    trust=self.trust_name(),
-                    identity=self.client_identity() if as_client else None,
-                    wait=wait,
-                )
+                reply = await self._request(index, method, target, body, as_client, wait)
             except ControlPlaneError as exc:
                 if not another_server_may_answer(exc.status, exc.reason):
                     raise
@@ -117,8 +114,45 @@ class AuthorityLink:
             self.choice.succeeded(index)
             return reply
 
+    async def _request(
+        self,
+        index: int,
+        method: str,
+        target: str,
+        body: dict[str, Any] | None,
+        as_client: bool,
+        wait: float | None,
+    ) -> dict[str, Any]:
+        """One request to server `index`, abandoned if another request moves away from it.
+
+        A host that vanished answers nothing: without this, each duty's request
+        already on its way there would wait out its own full timeout after the
+        first one gave up, which can outlast a short-lived SVID's margin.
+        """
+        with trio.CancelScope() as scope:
+            in_flight = self._in_flight.setdefault(index, set())
+            in_flight.add(scope)
+            try:
+                return await self.clients[index].request(
+                    method,
+                    target,
+                    body,
+                    bundle_pem=self.trust_pem(),
+                    now=self.current.wall(),
+                    trust=self.trust_name(),
+                    identity=self.client_identity() if as_client else None,
+                    wait=wait,
+                )
+            finally:
+                in_flight.discard(scope)
+        # only `_moved` cancels the scope: the server was found unreachable meanwhile
+        raise ControlPlaneError.judged(Failure(failures.TIMEOUT, str(self._servers[index])))
+
     def _moved(self, move: Move, exc: ControlPlaneError) -> None:
-        """Said once per move, with the reason of the failure that caused it."""
+        """Said once per move, with the reason of the failure that caused it; the other
+        requests still waiting on the server left behind follow at once."""
+        for scope in self._in_flight.get(move.left, ()):
+            scope.cancel()
         self.on_failover(exc.reason)
         if self.events is not None:
             self.events.emit(

@@ -41,6 +41,8 @@ def _bindir() -> Path:
 class PgCluster:
     root: Path
     owner: pwd.struct_passwd | None  # None: the tests' own user runs the server
+    listen: str = ""  # TCP addresses to listen on too (listen_addresses); none by default
+    netns: str | None = None  # the network namespace the server runs in (`ip netns exec`)
 
     @property
     def data(self) -> Path:
@@ -48,6 +50,8 @@ class PgCluster:
 
     def _run(self, *argv: str) -> None:
         prefix = ["runuser", "-u", self.owner.pw_name, "--"] if self.owner is not None else []
+        if self.netns is not None:
+            prefix = ["ip", "netns", "exec", self.netns, *prefix]
         subprocess.run([*prefix, *argv], check=True, capture_output=True, timeout=60)
 
     def admin_url(self, dbname: str = "postgres") -> str:
@@ -81,14 +85,31 @@ class PgCluster:
     def pg_ctl(self, *args: str) -> None:
         self._run(str(_bindir() / "pg_ctl"), "-D", str(self.data), *args)
 
+    def start(self) -> None:
+        """Start the server and wait until it accepts connections (again, after `stop`)."""
+        options = (
+            f"-c listen_addresses='{self.listen}' -c unix_socket_directories={self.root} "
+            "-c fsync=off -c synchronous_commit=off -c full_page_writes=off "
+            "-c max_connections=200"
+        )
+        self.pg_ctl("-w", "-t", "60", "-l", str(self.root / "log"), "-o", options, "start")
+
+    def stop(self) -> None:
+        """Stop the server at once, as a crash would: every client loses its connection."""
+        self.pg_ctl("-m", "immediate", "-w", "stop")
+
 
 @contextmanager
-def running_cluster() -> Iterator[PgCluster]:
-    """Start a cluster in a fresh directory; stop it (ours, by its data directory) and remove it."""
+def running_cluster(*, listen: str = "", netns: str | None = None) -> Iterator[PgCluster]:
+    """Start a cluster in a fresh directory; stop it (ours, by its data directory) and remove it.
+
+    With `listen`, it takes TCP connections on those addresses too (in network
+    namespace `netns`, if given), where every role must give a password.
+    """
     bindir = _bindir()
     owner = pwd.getpwnam("postgres") if os.geteuid() == 0 else None
     root = Path(tempfile.mkdtemp(prefix="mpg-"))  # short: a socket path has ~100 bytes
-    cluster = PgCluster(root, owner)
+    cluster = PgCluster(root, owner, listen, netns)
     if owner is not None:
         os.chown(root, owner.pw_uid, owner.pw_gid)
     os.chmod(root, 0o755)
@@ -106,18 +127,14 @@ def running_cluster() -> Iterator[PgCluster]:
         )
         (cluster.data / "pg_hba.conf").write_text(
             f"local all {PASSWORD_ROLE} scram-sha-256\nlocal all all trust\n"
+            "host all all all scram-sha-256\n"
         )
-        options = (
-            f"-c listen_addresses='' -c unix_socket_directories={root} "
-            "-c fsync=off -c synchronous_commit=off -c full_page_writes=off "
-            "-c max_connections=200"
-        )
-        cluster.pg_ctl("-w", "-t", "60", "-l", str(root / "log"), "-o", options, "start")
+        cluster.start()
         started = True
         with psycopg.connect(cluster.admin_url(), autocommit=True) as conn:
             conn.execute(f"CREATE ROLE {PASSWORD_ROLE} LOGIN PASSWORD NULL")
         yield cluster
     finally:
         if started:
-            cluster.pg_ctl("-m", "immediate", "-w", "stop")
+            cluster.stop()
         shutil.rmtree(root, ignore_errors=True)

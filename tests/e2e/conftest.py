@@ -1,4 +1,5 @@
-"""Fixtures for whole-system runs: a `Mesh` of real processes, an echo app behind it.
+"""Fixtures for whole-system runs: a `Mesh` of real processes, an echo app behind it,
+and a throwaway PostgreSQL server for the authority's instances.
 
 Every process a test starts is stopped in teardown (SIGTERM to its pid, then
 SIGKILL), whatever the test did; the echo app runs in the test's nursery.
@@ -6,12 +7,14 @@ SIGKILL), whatever the test did; the echo app runs in the test's nursery.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
 import trio
 from harness import Addr, Mesh, Processes, serve_echo
+
+from tests.ca.pg_cluster import PgCluster, running_cluster  # the authority tests' server
 
 
 @pytest.fixture
@@ -28,3 +31,18 @@ async def app(nursery: trio.Nursery) -> Addr:
     """Where the inbound sidecars forward: an echo server on 127.0.0.1."""
     addr: Addr = await nursery.start(serve_echo)
     return addr
+
+
+@pytest.fixture(scope="session")
+def pg_cluster() -> Iterator[PgCluster]:
+    """One PostgreSQL server per test worker, started on first use."""
+    with running_cluster() as cluster:
+        yield cluster
+
+
+@pytest.fixture
+def pg_url(pg_cluster: PgCluster) -> Iterator[str]:
+    """A fresh, empty database on the worker's server, dropped after the test."""
+    name = pg_cluster.create_database()
+    yield pg_cluster.url(name)
+    pg_cluster.drop_database(name)

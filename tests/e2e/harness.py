@@ -32,7 +32,7 @@ import subprocess
 import sys
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import IO, Any
 
@@ -68,6 +68,13 @@ def utcnow() -> datetime:
 
 def now() -> float:
     return trio.current_time()
+
+
+def signs_from(joined: str) -> datetime:
+    """When the root of an instance `ca join` made may sign, from what join printed
+    ("... signs from 2026-01-01T00:00:00Z once ..."), rounded up to the next second."""
+    stamp = joined.split(" signs from ", 1)[1].split()[0]
+    return datetime.strptime(stamp, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=UTC) + timedelta(seconds=1)
 
 
 # -- the CLI -------------------------------------------------------------------
@@ -271,7 +278,8 @@ class Authority:
         self.log: JsonLog | None = None
         self._runs = 0
 
-    async def init(self, svid_ttl: str = "1h") -> None:
+    async def init(self, svid_ttl: str = "1h", *extra: str | Path) -> None:
+        """`ca init`; `extra` adds options (`--database URL --instance NAME`)."""
         (
             await meshid(
                 "ca",
@@ -282,8 +290,29 @@ class Authority:
                 self.td,
                 "--svid-ttl",
                 svid_ttl,
+                *extra,
             )
         ).check()
+
+    async def join(self, first: Authority, *database: str | Path) -> datetime:
+        """`ca join` the trust domain `first` made in the database named by `database`
+        (`--database URL --instance NAME ...`); returns when the new instance's root
+        may sign (and `ca serve` start): after the shortest delay, as no sidecar runs
+        yet to wait for."""
+        joined = (
+            await meshid(
+                "ca",
+                "join",
+                "--state",
+                self.state,
+                *database,
+                "--audit-key",
+                first.state / "audit.key",
+                "--propagation",
+                "1s",
+            )
+        ).check()
+        return signs_from(joined.stdout)
 
     async def serve(self) -> Proc:
         """Start the control plane (on the port of the previous run, if any); wait for it."""
@@ -367,6 +396,13 @@ def _toml(value: Any) -> str:
     return json.dumps(str(value))  # a TOML basic string is a JSON string for our values
 
 
+def _servers(servers: Sequence[Addr]) -> str:
+    """`authority.server`: one string for one server, as before lists existed; else a list."""
+    if len(servers) == 1:
+        return _toml(fmt(servers[0]))
+    return "[" + ", ".join(_toml(fmt(s)) for s in servers) + "]"
+
+
 class Sidecar:
     """`meshid sidecar run --config` in dynamic mode, with its own directory and log file."""
 
@@ -376,7 +412,7 @@ class Sidecar:
         directory: Path,
         procs: Processes,
         *,
-        authority: Addr,
+        servers: Sequence[Addr],
         forward: Addr | None,
         outbound: Sequence[tuple[str, Addr]],
         limits: dict[str, Any],
@@ -386,7 +422,7 @@ class Sidecar:
         self.td = td
         self.dir = directory
         self.procs = procs
-        self.authority = authority
+        self.servers = list(servers)  # the authority's instances, in the order tried
         self.forward = forward
         self.outbound_routes = list(outbound)
         self.limits = limits
@@ -406,7 +442,7 @@ class Sidecar:
             f"identity = {_toml(self.name)}",
             f"trust_domain = {_toml(self.td)}",
             "[authority]",
-            f"server = {_toml(fmt(self.authority))}",
+            f"server = {_servers(self.servers)}",
             'bundle = "bundle.pem"',
             'token_file = "join.token"',
             'state_dir = "state"',
@@ -516,11 +552,27 @@ class Mesh:
         self.td = td
         self.authority = Authority(root, procs, td)
         self.sidecars: dict[str, Sidecar] = {}
+        self.servers = [self.authority]  # the instances a new sidecar names, in this order
 
     async def start_authority(self, svid_ttl: str = "1h") -> Authority:
         await self.authority.init(svid_ttl)
         await self.authority.serve()
         return self.authority
+
+    async def start_instances(self, *database: str | Path, svid_ttl: str = "1h") -> list[Authority]:
+        """Two instances of one trust domain in PostgreSQL (`database`: `--database URL`
+        and any other option for it), `one` made by init, `two` joined, both serving;
+        new sidecars name both."""
+        one = self.authority
+        two = Authority(self.root / "two", self.procs, self.td)
+        await one.init(svid_ttl, *database, "--instance", "one")
+        signs_at = await two.join(one, *database, "--instance", "two")
+        await one.serve()
+        # `ca serve` refuses to start an instance whose root may not sign yet
+        await trio.sleep_until(now() + max(0.0, (signs_at - utcnow()).total_seconds()))
+        await two.serve()
+        self.servers = [one, two]
+        return self.servers
 
     async def sidecar(
         self,
@@ -529,18 +581,25 @@ class Mesh:
         forward: Addr | None = None,
         outbound: Sequence[tuple[str, Addr]] = (),
         limits: dict[str, Any] | None = None,
+        servers: Sequence[Authority] | None = None,
     ) -> Sidecar:
-        """A new workload: a join token and the bootstrap bundle from the CLI, then `start`."""
-        assert self.authority.addr is not None, "start the authority first"
+        """A new workload: a join token and the bootstrap bundle from the CLI, then `start`.
+
+        `servers` are the instances its config names (default `self.servers`); the
+        token and the bundle come from the first.
+        """
+        servers = list(servers or self.servers)
+        addrs = [s.addr for s in servers]
+        assert None not in addrs, "start the authority first"
         directory = self.root / name
         directory.mkdir()
-        (directory / "join.token").write_text(await self.authority.token(name) + "\n")
-        (directory / "bundle.pem").write_bytes(self.authority.bundle_pem())
+        (directory / "join.token").write_text(await servers[0].token(name) + "\n")
+        (directory / "bundle.pem").write_bytes(servers[0].bundle_pem())
         car = Sidecar(
             name,
             directory,
             self.procs,
-            authority=self.authority.addr,
+            servers=[a for a in addrs if a is not None],
             forward=forward,
             outbound=outbound,
             limits=dict(limits or {}),

@@ -202,8 +202,8 @@ class Network:
         )
         return done
 
-    def destroy(self) -> list[str]:
-        """Stop our processes, delete our namespaces; return the names still present."""
+    def stop_processes(self) -> None:
+        """Stop the processes we started here (SIGTERM, then SIGKILL), newest first."""
         for proc in reversed(self.procs):
             if proc.popen.poll() is None:
                 proc.popen.send_signal(signal.SIGTERM)
@@ -212,6 +212,10 @@ class Network:
                 except subprocess.TimeoutExpired:
                     proc.popen.kill()
                     proc.popen.wait(5)
+
+    def destroy(self) -> list[str]:
+        """Stop our processes, delete our namespaces; return the names still present."""
+        self.stop_processes()
         for ns in reversed(self.namespaces):
             # A process left in the namespace would keep it alive after its name is gone;
             # only our own processes can be in a namespace named after this run.
