@@ -125,7 +125,7 @@ class Connections:
         gen = self.current.generation
         assert gen is not None
         hs = Handshake(INBOUND, None, bundles=gen.svid.bundles)
-        conn = SSL.Connection(gen.server, sock)
+        conn = SSL.Connection(gen.server_context(self.current.clock.monotonic()), sock)
         conn.set_app_data(hs)
         conn.set_accept_state()
         tls = TlsStream(conn, sock)
@@ -133,7 +133,7 @@ class Connections:
         conn.set_app_data(None)  # judged: an idle connection need not keep the verdict
         if verdict is None:
             return None, tls
-        self.gate.allow(entry, verdict)
+        self.gate.allow(entry, verdict, resumed=hs.resumed)
         header = b""
         if listener.proxy_protocol:
             # The peer's address is the one accept() gave: by now the peer may have
@@ -195,10 +195,10 @@ class Connections:
             if route.sni:
                 conn.set_tlsext_host_name(route.sni)
             key = str(route.upstream)
-            session = gen.sessions.get(key)
+            session = gen.sessions.take(key, self.current.clock.monotonic())
             if session is not None:
                 conn.set_session(session)
-            tls = TlsStream(conn, up, sessions=gen.sessions, session_key=key)
+            tls = TlsStream(conn, up, sessions=gen.sessions, session_key=key, offered=session)
             verdict = await self.gate.handshake(tls, hs, entry)
             conn.set_app_data(None)
         except BaseException:  # the caller closes only what we return: `up` is ours to close
@@ -206,7 +206,7 @@ class Connections:
             raise
         if verdict is None:
             return None, tls
-        self.gate.allow(entry, verdict, upstream=str(route.upstream))
+        self.gate.allow(entry, verdict, upstream=str(route.upstream), resumed=hs.resumed)
         return up, tls
 
     # The setups of the captured listeners (sidecar/capture.py), which route per connection.
@@ -279,7 +279,7 @@ class Connections:
                 if other is not None and tls is not None:
                     plain = sock if direction == OUTBOUND else other
                     await self.pump.copy(plain, tls, entry)
-                    tls.keep_session()
+                    tls.keep_session(self.current.clock.monotonic())
         except StreamAborted as exc:
             aborted = exc.reason
         except Exception as exc:  # the failure boundary: this connection ends, nothing else

@@ -13,10 +13,23 @@ stdlib cannot do: a verify callback that rejects a peer inside the handshake
 (so a refused client gets an alert, not a silent close), and a single
 `SSL_shutdown` that sends close_notify without reading, for a correct
 half-close with data still in flight.
+
+Resumption. Inbound, OpenSSL issues TLS 1.3 session tickets sealed with
+keys it draws at random when the server context is built; they live in
+memory only. Those keys could mint a session for any certificate, so they
+are rotated: the server context is rebuilt from the same credentials every
+TICKET_KEY_LIFETIME (a ticket sealed under the old keys then simply fails
+to open and that client does one full handshake), and every new generation
+has new keys of its own. Outbound, sessions are kept per upstream in the
+generation's `SessionCache` (sidecar/sessions.py). Either way a session
+resumes only within the generation that judged its full handshake, so its
+chain was judged under the trust bundles still in force; the gate judges
+its leaf again on every connection (sidecar/gate.py).
 """
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
@@ -24,12 +37,14 @@ from typing import Any
 
 from cryptography import x509
 from OpenSSL import SSL, crypto
+from OpenSSL._util import lib as _lib
 
 from meshid.bundle import TrustBundle
 from meshid.errors import InvalidSvid
 from meshid.federation import Bundles
 from meshid.spiffeid import SpiffeId
 from meshid.svid import PrivateKey, public_key_matches, verify_svid
+from sidecar.sessions import SessionCache
 
 # Modes pyOpenSSL does not name: write records as soon as one is ready (so
 # `send` reports progress record by record), and let a retried write come
@@ -37,7 +52,16 @@ from meshid.svid import PrivateKey, public_key_matches, verify_svid
 _MODE_ENABLE_PARTIAL_WRITE = 0x1
 _MODE_ACCEPT_MOVING_WRITE_BUFFER = 0x2
 SESSION_ID_CONTEXT = b"meshid"
-SESSION_TIMEOUT = 300
+SESSION_TIMEOUT = 300  # seconds a session may be resumed (the ticket's lifetime)
+# Seconds the inbound ticket keys are used before the server context is rebuilt:
+# a key is gone at most this long after the last ticket it sealed expired.
+TICKET_KEY_LIFETIME = 900.0
+# Key exchange groups, in order. The hybrid post-quantum group first, and it
+# alone gets a key share: OpenSSL's default also sends an X25519 share for
+# servers without ML-KEM, which our peers (sidecars on the same library) never
+# need; it cost a tenth of a resumed handshake. A peer without ML-KEM still
+# gets X25519 after one more round trip.
+GROUPS = b"X25519MLKEM768:X25519:secp256r1"
 # OpenSSL's X509_V_FLAG_NO_CHECK_TIME (pyOpenSSL does not name it): the verify
 # callback judges every certificate's times on the process's one clock
 # instead, so an injected clock governs expiry on the mTLS ports too.
@@ -124,7 +148,23 @@ def _base_context(method: int, svid: Svid, verify: VerifyCallback) -> SSL.Contex
     store.set_flags(X509_V_FLAG_NO_CHECK_TIME)
     _set_verify(ctx, SSL.VERIFY_PEER | SSL.VERIFY_FAIL_IF_NO_PEER_CERT, verify)
     ctx.set_verify_depth(4)
+    _set_groups(ctx)
     return ctx
+
+
+def _set_groups(ctx: SSL.Context) -> None:
+    """GROUPS, when this OpenSSL knows them all (else its defaults, which work too)."""
+    raw: Any = getattr(ctx, "_context", None)
+    setter = getattr(_lib, "SSL_CTX_set1_curves_list", None)
+    if raw is not None and setter is not None and setter(raw, GROUPS) != 1:
+        _lib.ERR_clear_error()
+
+
+def _server_context(svid: Svid, verify: VerifyCallback) -> SSL.Context:
+    server = _base_context(SSL.TLS_SERVER_METHOD, svid, verify)
+    server.set_session_id(SESSION_ID_CONTEXT)
+    server.set_timeout(SESSION_TIMEOUT)
+    return server
 
 
 def _set_verify(ctx: SSL.Context, mode: int, verify: VerifyCallback) -> None:
@@ -163,13 +203,17 @@ class Generation:
 
     number: int
     svid: Svid
-    server: SSL.Context
+    server: SSL.Context  # the current one: see server_context
     client: SSL.Context
+    verify: VerifyCallback
+    tickets_since: float  # monotonic time the server context (its ticket keys) was built
     # Client sessions for resumption, by upstream; bound to this generation's context.
-    sessions: dict[str, SSL.Session] = field(default_factory=dict)
+    sessions: SessionCache[SSL.Session] = field(
+        default_factory=lambda: SessionCache(max_age=SESSION_TIMEOUT)
+    )
 
     @classmethod
-    def build(cls, number: int, svid: Svid, verify: VerifyCallback) -> Generation:
+    def build(cls, number: int, svid: Svid, verify: VerifyCallback, now: float = 0.0) -> Generation:
         """Both TLS contexts, or InvalidSvid if OpenSSL refuses what our checks let through.
 
         A certificate can chain, match its key and name the right identity and
@@ -177,9 +221,7 @@ class Generation:
         is a bad credential like any other, which a reload reports and survives.
         """
         try:
-            server = _base_context(SSL.TLS_SERVER_METHOD, svid, verify)
-            server.set_session_id(SESSION_ID_CONTEXT)
-            server.set_timeout(SESSION_TIMEOUT)
+            server = _server_context(svid, verify)
             client = _base_context(SSL.TLS_CLIENT_METHOD, svid, verify)
             client.set_timeout(SESSION_TIMEOUT)
         except (SSL.Error, crypto.Error) as exc:
@@ -188,7 +230,20 @@ class Generation:
                 f"OpenSSL refuses these credentials: {_openssl_reason(exc)}",
                 reason="unusable_credentials",
             ) from None
-        return cls(number, svid, server, client)
+        return cls(number, svid, server, client, verify, now)
+
+    def server_context(self, now: float) -> SSL.Context:
+        """The server context for a new connection, with ticket keys younger than their lifetime.
+
+        Rebuilt from the same, already checked credentials: should OpenSSL
+        refuse them now, the old context is kept (a rotation is not worth a
+        refused connection) and tried again after another lifetime.
+        """
+        if now - self.tickets_since >= TICKET_KEY_LIFETIME:
+            self.tickets_since = now
+            with contextlib.suppress(SSL.Error, crypto.Error):
+                self.server = _server_context(self.svid, self.verify)
+        return self.server
 
 
 def _openssl_reason(exc: Exception) -> str:

@@ -19,6 +19,8 @@ import socket
 import trio
 from OpenSSL import SSL
 
+from sidecar.sessions import SessionCache
+
 RECORD = 16 * 1024  # one TLS record's worth of plaintext: the most one SSL_read returns
 
 # The copy loop's two calls, SSL_read and SSL_write, made straight through the
@@ -36,6 +38,7 @@ try:
     _SSL_read = _lib.SSL_read
     _SSL_write = _lib.SSL_write
     _SSL_get_error = _lib.SSL_get_error
+    _SSL_session_reused = _lib.SSL_session_reused
     _WANT_READ = _lib.SSL_ERROR_WANT_READ
     _WANT_WRITE = _lib.SSL_ERROR_WANT_WRITE
     _ZERO_RETURN = _lib.SSL_ERROR_ZERO_RETURN
@@ -47,6 +50,13 @@ except (ImportError, AttributeError):  # pyOpenSSL reorganised: the wrappers sti
     _SSL_read = None
 
 
+def _same_session(a: SSL.Session, b: SSL.Session | None) -> bool:
+    """Whether two pyOpenSSL sessions wrap the same OpenSSL session (one ticket)."""
+    if b is None:
+        return False
+    return bool(getattr(a, "_session", a) == getattr(b, "_session", b))
+
+
 class TruncatedError(Exception):
     """The peer closed TCP without close_notify."""
 
@@ -56,32 +66,47 @@ class PeerResetError(Exception):
 
 
 class TlsStream:
-    __slots__ = ("_ssl", "conn", "fd", "sent_close", "session_key", "sessions", "sock")
+    __slots__ = ("_ssl", "conn", "fd", "offered", "sent_close", "session_key", "sessions", "sock")
 
     def __init__(
         self,
         conn: SSL.Connection,
         sock: socket.socket,
         *,
-        sessions: dict[str, SSL.Session] | None = None,
+        sessions: SessionCache[SSL.Session] | None = None,
         session_key: str = "",
+        offered: SSL.Session | None = None,
     ) -> None:
         self.conn = conn
         self.sessions = sessions
         self.session_key = session_key
+        self.offered = offered
         self.sock = sock
         self.fd = sock.fileno()
         self.sent_close = False
         self._ssl = getattr(conn, "_ssl", None) if _SSL_read is not None else None
 
-    def keep_session(self) -> None:
-        """Remember a client session for resumption by the next connection to the same upstream."""
+    def keep_session(self, now: float) -> None:
+        """Keep the client session this connection ended with, for one later connection.
+
+        That is the upstream's newest ticket; should the upstream have sent
+        none, it is the session this connection was offered, already used.
+        """
         if self.sessions is None:
             return
         with contextlib.suppress(SSL.Error):
             session = self.conn.get_session()
-            if session is not None:
-                self.sessions[self.session_key] = session
+            if session is None or _same_session(session, self.offered):
+                return
+            self.sessions.put(self.session_key, session, now)
+
+    @property
+    def resumed(self) -> bool:
+        """Whether the handshake resumed a session (so no certificate was verified in it)."""
+        ssl = self._ssl
+        if ssl is None:
+            return False  # pyOpenSSL names no such call: treated as full (judged either way)
+        return bool(_SSL_session_reused(ssl))
 
     async def handshake(self) -> None:
         while True:
