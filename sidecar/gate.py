@@ -44,7 +44,7 @@ from sidecar.refusals import RecentRefusals
 from sidecar.registry import LiveConnection
 from sidecar.sockets import host_of, linger
 from sidecar.state import Current
-from sidecar.tlsio import TlsStream, handshake_failure_reason
+from sidecar.tlsio import TlsStream, cert_digest, handshake_failure_reason
 
 FACTS_CACHE = 4096  # peer certificates whose facts are remembered (a few hundred bytes each)
 
@@ -105,7 +105,7 @@ class Gate:
         return cut
 
     def leaf_facts(self, cert: crypto.X509) -> LeafFacts:
-        key = cert.digest("sha256")
+        key = cert_digest(cert)
         facts = self._facts.get(key)
         if facts is None:
             if len(self._facts) >= FACTS_CACHE:
