@@ -124,7 +124,7 @@ class Connections:
     ) -> tuple[socket.socket | None, TlsStream | None]:
         gen = self.current.generation
         assert gen is not None
-        hs = Handshake(INBOUND, None, bundles=gen.svid.bundles)
+        hs = Handshake(INBOUND, None, bundles=gen.bundles)
         conn = SSL.Connection(gen.server_context(self.current.clock.monotonic()), sock)
         conn.set_app_data(hs)
         conn.set_accept_state()
@@ -188,7 +188,7 @@ class Connections:
             )
             return None, None
         try:
-            hs = Handshake(OUTBOUND, route.identity, bundles=gen.svid.bundles)
+            hs = Handshake(OUTBOUND, route.identity, bundles=gen.bundles)
             conn = SSL.Connection(gen.client, up)
             conn.set_app_data(hs)
             conn.set_connect_state()
@@ -198,7 +198,14 @@ class Connections:
             session = gen.sessions.take(key, self.current.clock.monotonic())
             if session is not None:
                 conn.set_session(session)
-            tls = TlsStream(conn, up, sessions=gen.sessions, session_key=key, offered=session)
+            tls = TlsStream(
+                conn,
+                up,
+                sessions=gen.sessions,
+                session_key=key,
+                offered=session,
+                clock=self.current.clock.monotonic,
+            )
             verdict = await self.gate.handshake(tls, hs, entry)
             conn.set_app_data(None)
         except BaseException:  # the caller closes only what we return: `up` is ours to close
@@ -279,7 +286,7 @@ class Connections:
                 if other is not None and tls is not None:
                     plain = sock if direction == OUTBOUND else other
                     await self.pump.copy(plain, tls, entry)
-                    tls.keep_session(self.current.clock.monotonic())
+                    tls.keep_session()
         except StreamAborted as exc:
             aborted = exc.reason
         except Exception as exc:  # the failure boundary: this connection ends, nothing else

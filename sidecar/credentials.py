@@ -207,6 +207,7 @@ class Generation:
     client: SSL.Context
     verify: VerifyCallback
     tickets_since: float  # monotonic time the server context (its ticket keys) was built
+    bundles: Bundles  # svid.bundles, built once: every connection's judgement reads them
     # Client sessions for resumption, by upstream; bound to this generation's context.
     sessions: SessionCache[SSL.Session] = field(
         default_factory=lambda: SessionCache(max_age=SESSION_TIMEOUT)
@@ -230,7 +231,7 @@ class Generation:
                 f"OpenSSL refuses these credentials: {_openssl_reason(exc)}",
                 reason="unusable_credentials",
             ) from None
-        return cls(number, svid, server, client, verify, now)
+        return cls(number, svid, server, client, verify, now, svid.bundles)
 
     def server_context(self, now: float) -> SSL.Context:
         """The server context for a new connection, with ticket keys younger than their lifetime.

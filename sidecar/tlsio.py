@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import contextlib
 import socket
+import time
+from collections.abc import Callable
 
 import trio
 from OpenSSL import SSL, crypto
@@ -83,7 +85,17 @@ class PeerResetError(Exception):
 
 
 class TlsStream:
-    __slots__ = ("_ssl", "conn", "fd", "offered", "sent_close", "session_key", "sessions", "sock")
+    __slots__ = (
+        "_ssl",
+        "clock",
+        "conn",
+        "fd",
+        "offered",
+        "sent_close",
+        "session_key",
+        "sessions",
+        "sock",
+    )
 
     def __init__(
         self,
@@ -93,9 +105,11 @@ class TlsStream:
         sessions: SessionCache[SSL.Session] | None = None,
         session_key: str = "",
         offered: SSL.Session | None = None,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.conn = conn
-        self.sessions = sessions
+        self.clock = clock
+        self.sessions = sessions  # until this connection's session is kept
         self.session_key = session_key
         self.offered = offered
         self.sock = sock
@@ -103,11 +117,14 @@ class TlsStream:
         self.sent_close = False
         self._ssl = getattr(conn, "_ssl", None) if _SSL_read is not None else None
 
-    def keep_session(self, now: float) -> None:
-        """Keep the client session this connection ended with, for one later connection.
+    def keep_session(self) -> None:
+        """Keep this client connection's new session, once, for one later connection.
 
-        That is the upstream's newest ticket; should the upstream have sent
-        none, it is the session this connection was offered, already used.
+        Tried when the first bytes arrive from the upstream (its tickets come
+        first, right after the handshake), so that a connection that stays
+        open does not hold its upstream's next resumption; and tried again at
+        the end. A session is new when the upstream sent a ticket: without
+        one it is the session this connection was offered, already used.
         """
         if self.sessions is None:
             return
@@ -115,7 +132,8 @@ class TlsStream:
             session = self.conn.get_session()
             if session is None or _same_session(session, self.offered):
                 return
-            self.sessions.put(self.session_key, session, now)
+            self.sessions.put(self.session_key, session, self.clock())
+            self.sessions = None
 
     @property
     def resumed(self) -> bool:
@@ -140,9 +158,14 @@ class TlsStream:
         ssl = self._ssl
         try:
             if ssl is None:
-                return self.conn.recv_into(view, RECORD)
+                got = self.conn.recv_into(view, RECORD)
+                if self.sessions is not None:
+                    self.keep_session()
+                return got
             n: int = _SSL_read(ssl, _from_buffer(view), min(len(view), RECORD))
             if n > 0:
+                if self.sessions is not None:
+                    self.keep_session()
                 return n
             error = _SSL_get_error(ssl, n)
             if error == _WANT_READ:

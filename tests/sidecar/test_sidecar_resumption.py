@@ -28,6 +28,8 @@ from sidecar_helpers import (
     Creds,
     ForeignCa,
     client_context,
+    connect,
+    receive_exactly,
     refused_roundtrip,
     roundtrip,
     utcnow,
@@ -281,3 +283,18 @@ async def test_an_outbound_resumed_session_is_refused_like_a_full_handshake(
     # api finished the resumed handshake before web judged it, so api's app saw a
     # connection open; web refused it before sending a byte.
     assert [c["bytes_in"] for c in closes] == [5, 0]
+
+
+async def test_a_long_connection_leaves_its_session_for_the_next_at_once(
+    mesh: Mesh, backend: Backend, pki: Pki
+) -> None:
+    """The session is kept when the upstream's ticket arrives, not when the connection ends."""
+    web, _ = await _outbound_pair(mesh, backend, pki)
+    with trio.fail_after(20):
+        long = await connect(web.outbound())
+        async with long:
+            await long.send_all(b"hold")
+            assert await receive_exactly(long, 4) == b"hold"
+            assert await roundtrip(web.outbound(), b"meanwhile") == b"meanwhile"
+            out = await web.log.wait_for("decision", decision="allow", count=2)
+    assert [d["resumed"] for d in out] == [False, True]
