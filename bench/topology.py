@@ -54,6 +54,7 @@ class Chain:
     procs: dict[str, Proc] = field(default_factory=dict)  # role -> process (proxies only)
     python: tuple[str, ...] = ()  # roles that are Python processes, for py-spy
     commands: list[str] = field(default_factory=list)  # how it was started, for the report
+    event_logs: dict[str, Path] = field(default_factory=dict)  # process name -> decision log
 
 
 def make_certs(env: Env) -> list[str]:
@@ -172,6 +173,10 @@ def meshid(env: Env) -> Iterator[Chain]:
             {"web sidecar": started[1], "api sidecar": started[0]},
             python=("web sidecar", "api sidecar"),
             commands=[" ".join(api_cmd), " ".join(web_cmd)],
+            event_logs={
+                "meshid-web": web_conf.parent / "web-events.log",
+                "meshid-api": api_conf.parent / "api-events.log",
+            },
         )
     finally:
         for p in reversed(started):
