@@ -298,3 +298,25 @@ async def test_a_long_connection_leaves_its_session_for_the_next_at_once(
             assert await roundtrip(web.outbound(), b"meanwhile") == b"meanwhile"
             out = await web.log.wait_for("decision", decision="allow", count=2)
     assert [d["resumed"] for d in out] == [False, True]
+
+
+async def test_an_outbound_session_does_not_outlive_a_root_rollover(
+    mesh: Mesh, backend: Backend, pki: Pki
+) -> None:
+    """web moves to a new root and drops the old anchor: its cached session goes with it."""
+    web, _ = await _outbound_pair(mesh, backend, pki)
+    with trio.fail_after(20):
+        assert await roundtrip(web.outbound(), b"first") == b"first"
+        await web.log.wait_for("close")
+        old = web.sidecar.current.generation
+        assert old is not None and len(old.sessions) == 1
+        new = ForeignCa.create(TD)
+        mine = new.issue("web")
+        bundle = TrustBundle(TD, (new.root,))
+        svid = Svid.check(list(mine.chain), mine.key, bundle, SpiffeId.parse(WEB), utcnow())
+        web.sidecar.install_svid(svid, "rollover")
+        assert await refused_roundtrip(web.outbound()) == b""
+        [denied] = await web.log.wait_for("decision", decision="deny")
+    assert denied["reason"] == "untrusted_certificate"
+    assert "resumed" not in denied  # refused inside a full handshake: nothing was offered
+    assert len(old.sessions) == 1  # the old generation's session was never taken
