@@ -56,12 +56,16 @@ SESSION_TIMEOUT = 300  # seconds a session may be resumed (the ticket's lifetime
 # Seconds the inbound ticket keys are used before the server context is rebuilt:
 # a key is gone at most this long after the last ticket it sealed expired.
 TICKET_KEY_LIFETIME = 900.0
-# Key exchange groups, in order. The hybrid post-quantum group first, and it
-# alone gets a key share: OpenSSL's default also sends an X25519 share for
-# servers without ML-KEM, which our peers (sidecars on the same library) never
-# need; it cost a tenth of a resumed handshake. A peer without ML-KEM still
-# gets X25519 after one more round trip.
-GROUPS = b"X25519MLKEM768:X25519:secp256r1"
+# The key exchange groups a client offers, in order. The hybrid post-quantum
+# group first, and it alone gets a key share: OpenSSL's default also sends an
+# X25519 share, for servers without ML-KEM, which our peers (sidecars on the
+# same library) never need; it cost a tenth of a resumed handshake. A server
+# without ML-KEM asks for one of the others (one more round trip). Servers
+# keep OpenSSL's defaults, so no client's choice is refused.
+CLIENT_GROUPS = (
+    b"X25519MLKEM768:X25519:secp256r1:X448:secp384r1:secp521r1:"
+    b"ffdhe2048:ffdhe3072:ffdhe4096:ffdhe6144:ffdhe8192"
+)
 # OpenSSL's X509_V_FLAG_NO_CHECK_TIME (pyOpenSSL does not name it): the verify
 # callback judges every certificate's times on the process's one clock
 # instead, so an injected clock governs expiry on the mTLS ports too.
@@ -148,15 +152,14 @@ def _base_context(method: int, svid: Svid, verify: VerifyCallback) -> SSL.Contex
     store.set_flags(X509_V_FLAG_NO_CHECK_TIME)
     _set_verify(ctx, SSL.VERIFY_PEER | SSL.VERIFY_FAIL_IF_NO_PEER_CERT, verify)
     ctx.set_verify_depth(4)
-    _set_groups(ctx)
     return ctx
 
 
-def _set_groups(ctx: SSL.Context) -> None:
-    """GROUPS, when this OpenSSL knows them all (else its defaults, which work too)."""
+def _set_client_groups(ctx: SSL.Context) -> None:
+    """CLIENT_GROUPS, when this OpenSSL knows them all (else its defaults, which work too)."""
     raw: Any = getattr(ctx, "_context", None)
     setter = getattr(_lib, "SSL_CTX_set1_curves_list", None)
-    if raw is not None and setter is not None and setter(raw, GROUPS) != 1:
+    if raw is not None and setter is not None and setter(raw, CLIENT_GROUPS) != 1:
         _lib.ERR_clear_error()
 
 
@@ -224,6 +227,7 @@ class Generation:
         try:
             server = _server_context(svid, verify)
             client = _base_context(SSL.TLS_CLIENT_METHOD, svid, verify)
+            _set_client_groups(client)
             client.set_timeout(SESSION_TIMEOUT)
         except (SSL.Error, crypto.Error) as exc:
             # OpenSSL's error queue names routines and reasons, never key material.
