@@ -16,11 +16,13 @@ half-close with data still in flight.
 
 Resumption. Inbound, OpenSSL issues TLS 1.3 session tickets sealed with
 keys it draws at random when the server context is built; they live in
-memory only. Those keys could mint a session for any certificate, so they
-are rotated: the server context is rebuilt from the same credentials every
-TICKET_KEY_LIFETIME (a ticket sealed under the old keys then simply fails
-to open and that client does one full handshake), and every new generation
-has new keys of its own. Outbound, sessions are kept per upstream in the
+memory only, never on disk. Whoever held those keys could mint a session
+for any certificate, so they are rotated: pyOpenSSL offers no call to set
+or roll them, so the generation's server context (and only it: the
+credentials stay as they are) is rebuilt from the same credentials every
+TICKET_KEY_LIFETIME; a ticket sealed under the old keys then fails to open
+and that client does one full handshake. Every new generation has new keys
+of its own. Outbound, sessions are kept per upstream in the
 generation's `SessionCache` (sidecar/sessions.py). Either way a session
 resumes only within the generation that judged its full handshake, so its
 chain was judged under the trust bundles still in force; the gate judges
@@ -53,8 +55,10 @@ _MODE_ENABLE_PARTIAL_WRITE = 0x1
 _MODE_ACCEPT_MOVING_WRITE_BUFFER = 0x2
 SESSION_ID_CONTEXT = b"meshid"
 SESSION_TIMEOUT = 300  # seconds a session may be resumed (the ticket's lifetime)
-# Seconds the inbound ticket keys are used before the server context is rebuilt:
-# a key is gone at most this long after the last ticket it sealed expired.
+# Seconds the inbound ticket keys seal tickets before the server context is
+# rebuilt. A key read out of memory is useful for this long at most (plus a
+# ticket's lifetime); each rotation costs a client one full handshake per
+# ticket it holds, so every 15 minutes is cheap.
 TICKET_KEY_LIFETIME = 900.0
 # The key exchange groups a client offers, in order. The hybrid post-quantum
 # group first, and it alone gets a key share: OpenSSL's default also sends an
