@@ -1,9 +1,10 @@
-"""The key exchange a sidecar's client offers: hybrid post-quantum first, classical on request.
+"""What a sidecar's client offers: hybrid post-quantum key share, AES-128-GCM first.
 
 Handshakes in memory (no sockets) between real TLS contexts built from SVIDs
 of our own authority: two sidecars agree on X25519MLKEM768 with no extra
-round trip; a server without ML-KEM (the stdlib's OpenSSL here may be one)
-still gets a connection, after asking for another key share.
+round trip, and on TLS_AES_128_GCM_SHA256; a server without ML-KEM (the
+stdlib's OpenSSL here may be one) still gets a connection, after asking for
+another key share, and a server that wants AES-256 gets it.
 """
 
 from __future__ import annotations
@@ -87,16 +88,14 @@ def _flights(client: SSL.Connection, send: Callable[[bytes], bytes]) -> int:
     raise AssertionError("handshake did not finish")
 
 
-def test_a_sidecar_offers_one_key_share_the_hybrid_one(pki: Pki) -> None:
-    client = _client(_generation(pki, "web"))
-    assert not _step(client)
-    assert _key_shares(client.bio_read(1 << 20)) == [HYBRID_CODE]
+def _server(gen: Generation) -> SSL.Connection:
+    conn = SSL.Connection(gen.server_context(0.0), None)
+    conn.set_accept_state()
+    return conn
 
 
-def test_two_sidecars_agree_on_the_hybrid_group_in_one_round_trip(pki: Pki) -> None:
-    client = _client(_generation(pki, "web"))
-    server = SSL.Connection(_generation(pki, "api").server_context(0.0), None)
-    server.set_accept_state()
+def _handshake_with(client: SSL.Connection, server: SSL.Connection) -> int:
+    """A handshake between two sidecars' contexts; the server flights it took."""
 
     def send(data: bytes) -> bytes:
         server.bio_write(data)
@@ -106,7 +105,18 @@ def test_two_sidecars_agree_on_the_hybrid_group_in_one_round_trip(pki: Pki) -> N
         except SSL.WantReadError:
             return b""
 
-    flights = _flights(client, send)
+    return _flights(client, send)
+
+
+def test_a_sidecar_offers_one_key_share_the_hybrid_one(pki: Pki) -> None:
+    client = _client(_generation(pki, "web"))
+    assert not _step(client)
+    assert _key_shares(client.bio_read(1 << 20)) == [HYBRID_CODE]
+
+
+def test_two_sidecars_agree_on_the_hybrid_group_in_one_round_trip(pki: Pki) -> None:
+    client = _client(_generation(pki, "web"))
+    flights = _handshake_with(client, _server(_generation(pki, "api")))
     assert client.get_group_name() == HYBRID
     assert flights == 1  # no HelloRetryRequest: the one key share offered was taken
 
@@ -130,3 +140,17 @@ def test_a_server_without_ml_kem_still_gets_a_connection(pki: Pki, tmp_path: Pat
     flights = _flights(client, send)
     assert client.get_group_name() == "secp256r1"
     assert flights == 2  # a HelloRetryRequest, then the server's flight
+
+
+def test_two_sidecars_agree_on_aes_128_gcm(pki: Pki) -> None:
+    client = _client(_generation(pki, "web"))
+    _handshake_with(client, _server(_generation(pki, "api")))
+    assert client.get_cipher_name() == "TLS_AES_128_GCM_SHA256"
+
+
+def test_a_server_that_insists_on_aes_256_gets_it(pki: Pki) -> None:
+    api = _generation(pki, "api")
+    api.server.set_tls13_ciphersuites(b"TLS_AES_256_GCM_SHA384")
+    client = _client(_generation(pki, "web"))
+    _handshake_with(client, _server(api))
+    assert client.get_cipher_name() == "TLS_AES_256_GCM_SHA384"
