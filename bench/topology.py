@@ -71,6 +71,7 @@ class Chain:
     own_backends: dict[str, Proc] | None = None  # backends of its own, instead of Env's
     state: Path | None = None  # an authority chain: the (first) instance's state directory
     database_pid: int | None = None  # an authority chain on PostgreSQL: its server's pid
+    event_logs: dict[str, Path] = field(default_factory=dict)  # process name -> decision log
 
 
 def make_certs(env: Env) -> list[str]:
@@ -189,6 +190,10 @@ def meshid(env: Env) -> Iterator[Chain]:
             {"web sidecar": started[1], "api sidecar": started[0]},
             python=("web sidecar", "api sidecar"),
             commands=[" ".join(api_cmd), " ".join(web_cmd)],
+            event_logs={
+                "meshid-web": web_conf.parent / "web-events.log",
+                "meshid-api": api_conf.parent / "api-events.log",
+            },
         )
     finally:
         for p in reversed(started):

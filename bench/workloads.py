@@ -254,6 +254,30 @@ class SmallRequests(_Wrk):
         return Sample({"rps": r.rps, "p50": r.p50_ms, "p99": r.p99_ms}, details)
 
 
+def _log_sizes(chain: Chain) -> dict[str, int]:
+    return {name: path.stat().st_size for name, path in chain.event_logs.items() if path.exists()}
+
+
+def resumed_shares(chain: Chain, since: dict[str, int]) -> dict[str, float]:
+    """Per sidecar, the % of connections allowed since `since` whose TLS handshake resumed.
+
+    Read from each sidecar's decision log (the `resumed` field of its allow
+    lines), so that the figure shows resumption really happening.
+    """
+    out: dict[str, float] = {}
+    for name, path in chain.event_logs.items():
+        allowed = resumed = 0
+        with path.open("rb") as f:
+            f.seek(since.get(name, 0))
+            for line in f:
+                if b'"decision":"allow"' in line:
+                    allowed += 1
+                    resumed += b'"resumed":true' in line
+        if allowed:
+            out[f"{name}: % of connections resumed"] = 100 * resumed / allowed
+    return out
+
+
 class NewConnections(_Wrk):
     name = "newconn"
     title = "New connection per request (wrk, `Connection: close`; full mTLS between proxies)"
@@ -267,7 +291,9 @@ class NewConnections(_Wrk):
     )
 
     def measure(self, chain: Chain, env: Env) -> Sample:
+        since = _log_sizes(chain)
         r, details = self.run_wrk(chain, env)
+        details.update(resumed_shares(chain, since))
         return Sample({"cps": r.rps, "p50": r.p50_ms, "p99": r.p99_ms}, details)
 
 

@@ -13,6 +13,9 @@ from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any, TextIO
 
+# One encoder for every line: json.dumps with options builds a new one per call.
+_encode = json.JSONEncoder(separators=(",", ":"), default=str).encode
+
 
 def utcnow() -> datetime:
     return datetime.now(UTC)
@@ -28,9 +31,11 @@ class EventLog:
             "time": self._clock().isoformat(timespec="milliseconds").replace("+00:00", "Z"),
             "event": event,
         }
-        record.update((k, v) for k, v in fields.items() if v is not None)
+        for key, value in fields.items():
+            if value is not None:
+                record[key] = value
         try:
-            self._stream.write(json.dumps(record, default=str, separators=(",", ":")) + "\n")
+            self._stream.write(_encode(record) + "\n")
             self._stream.flush()
         except (OSError, ValueError):
             pass  # a full disk or closed stderr must not take connections down with it

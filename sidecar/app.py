@@ -179,7 +179,9 @@ class Sidecar:
     def install_svid(self, svid: Svid, how: str) -> None:
         """Swap in new credentials; live connections keep the generation they started with."""
         number = self.current.next_generation()
-        self.current.generation = Generation.build(number, svid, self.gate.verify)
+        self.current.generation = Generation.build(
+            number, svid, self.gate.verify, self.clock.monotonic()
+        )
         for listener in self.svid_listeners:
             listener(svid)
         self.events.emit(

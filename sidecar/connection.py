@@ -124,8 +124,8 @@ class Connections:
     ) -> tuple[socket.socket | None, TlsStream | None]:
         gen = self.current.generation
         assert gen is not None
-        hs = Handshake(INBOUND, None, bundles=gen.svid.bundles)
-        conn = SSL.Connection(gen.server, sock)
+        hs = Handshake(INBOUND, None, bundles=gen.bundles)
+        conn = SSL.Connection(gen.server_context(self.current.clock.monotonic()), sock)
         conn.set_app_data(hs)
         conn.set_accept_state()
         tls = TlsStream(conn, sock)
@@ -133,7 +133,7 @@ class Connections:
         conn.set_app_data(None)  # judged: an idle connection need not keep the verdict
         if verdict is None:
             return None, tls
-        self.gate.allow(entry, verdict)
+        self.gate.allow(entry, verdict, resumed=hs.resumed)
         self.registry.establish(entry)
         header = b""
         if listener.proxy_protocol:
@@ -189,17 +189,24 @@ class Connections:
             )
             return None, None
         try:
-            hs = Handshake(OUTBOUND, route.identity, bundles=gen.svid.bundles)
+            hs = Handshake(OUTBOUND, route.identity, bundles=gen.bundles)
             conn = SSL.Connection(gen.client, up)
             conn.set_app_data(hs)
             conn.set_connect_state()
             if route.sni:
                 conn.set_tlsext_host_name(route.sni)
             key = str(route.upstream)
-            session = gen.sessions.get(key)
+            session = gen.sessions.take(key, self.current.clock.monotonic())
             if session is not None:
                 conn.set_session(session)
-            tls = TlsStream(conn, up, sessions=gen.sessions, session_key=key)
+            tls = TlsStream(
+                conn,
+                up,
+                sessions=gen.sessions,
+                session_key=key,
+                offered=session,
+                clock=self.current.clock.monotonic,
+            )
             verdict = await self.gate.handshake(tls, hs, entry)
             conn.set_app_data(None)
         except BaseException:  # the caller closes only what we return: `up` is ours to close
@@ -207,7 +214,7 @@ class Connections:
             raise
         if verdict is None:
             return None, tls
-        self.gate.allow(entry, verdict, upstream=str(route.upstream))
+        self.gate.allow(entry, verdict, upstream=str(route.upstream), resumed=hs.resumed)
         self.registry.establish(entry)
         return up, tls
 

@@ -44,7 +44,7 @@ from sidecar.refusals import RecentRefusals
 from sidecar.registry import LiveConnection
 from sidecar.sockets import host_of, linger
 from sidecar.state import Current
-from sidecar.tlsio import TlsStream, handshake_failure_reason
+from sidecar.tlsio import TlsStream, cert_digest, handshake_failure_reason
 
 FACTS_CACHE = 4096  # peer certificates whose facts are remembered (a few hundred bytes each)
 
@@ -62,6 +62,7 @@ class Handshake:
     # calls `verify` from the top down, so the deepest certificate seen is it.
     anchor: crypto.X509 | None = None
     anchor_depth: int = -1
+    resumed: bool = False  # the handshake resumed a session: the callback never ran
 
 
 class Gate:
@@ -104,7 +105,7 @@ class Gate:
         return cut
 
     def leaf_facts(self, cert: crypto.X509) -> LeafFacts:
-        key = cert.digest("sha256")
+        key = cert_digest(cert)
         facts = self._facts.get(key)
         if facts is None:
             if len(self._facts) >= FACTS_CACHE:
@@ -220,6 +221,7 @@ class Gate:
         *,
         handshake: bool = True,
         proved: bool = False,
+        resumed: bool | None = None,
     ) -> None:
         """Log and count a refusal. `proved`: the peer completed its handshake (see quarantine)."""
         self._count_refusal(entry, verdict, proved)
@@ -241,6 +243,7 @@ class Gate:
             peer_addr=entry.peer_addr,
             original_dst=entry.original_dst,
             conn_id=entry.id,
+            resumed=resumed,
         )
 
     def allow(self, entry: LiveConnection, verdict: Verdict, **extra: object) -> None:
@@ -286,14 +289,18 @@ class Gate:
                 entry, Verdict(False, Reason.HANDSHAKE_TIMEOUT, "TLS handshake took too long")
             )
             return None
+        hs.resumed = tls.resumed
         verdict = hs.verdict
-        if verdict is None:  # a resumed session: OpenSSL did not call us, so judge now
+        if verdict is None or hs.resumed:  # OpenSSL did not call us: judge the session now
             cert = tls.conn.get_peer_certificate()
             if cert is None:
                 verdict = Verdict(False, Reason.NO_CLIENT_CERTIFICATE, "peer sent no certificate")
             else:
-                # The session was made by a full handshake whose anchor was judged;
-                # the session cache belongs to the same generation and its bundles.
+                # The session was made by a full handshake whose chain and anchor were
+                # judged under this same generation's bundles: a session resumes only
+                # within its generation (server tickets are sealed with keys of this
+                # generation's context, client sessions are cached in it). The leaf is
+                # judged again here, on today's clock, policy and revocations.
                 verdict = self._judge(cert, hs)
         elif verdict.allowed and verdict.peer_id is not None:
             # The callback judged under the policy of that moment; install_policy skips
@@ -329,7 +336,7 @@ class Gate:
                 verdict.not_after,
             )
         if not verdict.allowed:
-            self.deny(entry, verdict, proved=True)
+            self.deny(entry, verdict, proved=True, resumed=hs.resumed)
             return None
         return verdict
 

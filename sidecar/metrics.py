@@ -31,6 +31,7 @@ from sidecar.peer import INBOUND, OUTBOUND
 from sidecar.registry import Registry
 
 T = TypeVar("T")
+M = TypeVar("M", Counter, Histogram)
 # Seconds: loopback connects take microseconds, a handshake across a region tens of ms.
 LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
 
@@ -124,43 +125,77 @@ class _LiveCollector(Collector):
             yield failures
 
 
+def _remember_children(metric: M) -> M:
+    """`metric.labels`, remembering each child it returns.
+
+    prometheus_client validates the values and takes a lock on every call
+    (about 5 µs); a new connection asks four or five times, always for one
+    of the same few children (directions and reasons are fixed sets). The
+    child for given values never changes, so remembering it changes nothing
+    else. Named values go the long way.
+    """
+    labels = metric.labels
+    children: dict[tuple[object, ...], M] = {}
+
+    def remembered(*values: object, **named: object) -> M:
+        if named:
+            return labels(*values, **named)
+        child = children.get(values)
+        if child is None:
+            child = children[values] = labels(*values)
+        return child
+
+    metric.labels = remembered  # type: ignore[method-assign]
+    return metric
+
+
 class Metrics:
     def __init__(self, gauges: Gauges) -> None:
         # `*_created` series double the output and no dashboard of ours reads them.
         disable_created_metrics()  # type: ignore[no-untyped-call]
         self.registry = CollectorRegistry(auto_describe=False)
         register_process_metrics(self.registry, "sidecar")
-        self.handshake_seconds = Histogram(
-            "meshid_handshake_seconds",
-            "TLS handshakes that completed, by direction: how long they took",
-            ["direction"],
-            buckets=LATENCY_BUCKETS,
-            registry=self.registry,
+        self.handshake_seconds = _remember_children(
+            Histogram(
+                "meshid_handshake_seconds",
+                "TLS handshakes that completed, by direction: how long they took",
+                ["direction"],
+                buckets=LATENCY_BUCKETS,
+                registry=self.registry,
+            )
         )
-        self.connect_seconds = Histogram(
-            "meshid_connect_seconds",
-            "TCP connects that succeeded (inbound: to the app, outbound: to the upstream)",
-            ["direction"],
-            buckets=LATENCY_BUCKETS,
-            registry=self.registry,
+        self.connect_seconds = _remember_children(
+            Histogram(
+                "meshid_connect_seconds",
+                "TCP connects that succeeded (inbound: to the app, outbound: to the upstream)",
+                ["direction"],
+                buckets=LATENCY_BUCKETS,
+                registry=self.registry,
+            )
         )
-        self.connections = Counter(
-            "meshid_connections",
-            "Connection decisions",
-            ["direction", "decision", "reason"],
-            registry=self.registry,
+        self.connections = _remember_children(
+            Counter(
+                "meshid_connections",
+                "Connection decisions",
+                ["direction", "decision", "reason"],
+                registry=self.registry,
+            )
         )
-        self.handshake_failures = Counter(
-            "meshid_handshake_failures",
-            "TLS handshakes that failed or were refused",
-            ["direction", "reason"],
-            registry=self.registry,
+        self.handshake_failures = _remember_children(
+            Counter(
+                "meshid_handshake_failures",
+                "TLS handshakes that failed or were refused",
+                ["direction", "reason"],
+                registry=self.registry,
+            )
         )
-        self.closes = Counter(
-            "meshid_connections_closed",
-            "Connections closed, by reason",
-            ["direction", "reason"],
-            registry=self.registry,
+        self.closes = _remember_children(
+            Counter(
+                "meshid_connections_closed",
+                "Connections closed, by reason",
+                ["direction", "reason"],
+                registry=self.registry,
+            )
         )
         self.renewals = Counter(
             "meshid_svid_renewals",

@@ -15,9 +15,13 @@ from __future__ import annotations
 
 import contextlib
 import socket
+import time
+from collections.abc import Callable
 
 import trio
-from OpenSSL import SSL
+from OpenSSL import SSL, crypto
+
+from sidecar.sessions import SessionCache
 
 RECORD = 16 * 1024  # one TLS record's worth of plaintext: the most one SSL_read returns
 
@@ -36,6 +40,9 @@ try:
     _SSL_read = _lib.SSL_read
     _SSL_write = _lib.SSL_write
     _SSL_get_error = _lib.SSL_get_error
+    _SSL_session_reused = _lib.SSL_session_reused
+    _X509_digest = _lib.X509_digest
+    _SHA256 = _lib.EVP_get_digestbyname(b"sha256")
     _WANT_READ = _lib.SSL_ERROR_WANT_READ
     _WANT_WRITE = _lib.SSL_ERROR_WANT_WRITE
     _ZERO_RETURN = _lib.SSL_ERROR_ZERO_RETURN
@@ -47,6 +54,28 @@ except (ImportError, AttributeError):  # pyOpenSSL reorganised: the wrappers sti
     _SSL_read = None
 
 
+def cert_digest(cert: crypto.X509) -> bytes:
+    """The certificate's SHA-256, raw: a cache key, a quarter of the cost of `X509.digest`.
+
+    pyOpenSSL's digest spends most of its time spelling the hash in colon-separated hex.
+    """
+    raw = getattr(cert, "_x509", None) if _SSL_read is not None else None
+    if raw is None:
+        return cert.digest("sha256")
+    out = _ffi.new("unsigned char[]", 64)
+    size = _ffi.new("unsigned int *")
+    if not _X509_digest(raw, _SHA256, out, size):
+        return cert.digest("sha256")
+    return bytes(_ffi.buffer(out, size[0]))
+
+
+def _same_session(a: SSL.Session, b: SSL.Session | None) -> bool:
+    """Whether two pyOpenSSL sessions wrap the same OpenSSL session (one ticket)."""
+    if b is None:
+        return False
+    return bool(getattr(a, "_session", a) == getattr(b, "_session", b))
+
+
 class TruncatedError(Exception):
     """The peer closed TCP without close_notify."""
 
@@ -56,32 +85,63 @@ class PeerResetError(Exception):
 
 
 class TlsStream:
-    __slots__ = ("_ssl", "conn", "fd", "sent_close", "session_key", "sessions", "sock")
+    __slots__ = (
+        "_ssl",
+        "clock",
+        "conn",
+        "fd",
+        "offered",
+        "sent_close",
+        "session_key",
+        "sessions",
+        "sock",
+    )
 
     def __init__(
         self,
         conn: SSL.Connection,
         sock: socket.socket,
         *,
-        sessions: dict[str, SSL.Session] | None = None,
+        sessions: SessionCache[SSL.Session] | None = None,
         session_key: str = "",
+        offered: SSL.Session | None = None,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.conn = conn
-        self.sessions = sessions
+        self.clock = clock
+        self.sessions = sessions  # until this connection's session is kept
         self.session_key = session_key
+        self.offered = offered
         self.sock = sock
         self.fd = sock.fileno()
         self.sent_close = False
         self._ssl = getattr(conn, "_ssl", None) if _SSL_read is not None else None
 
     def keep_session(self) -> None:
-        """Remember a client session for resumption by the next connection to the same upstream."""
+        """Keep this client connection's new session, once, for one later connection.
+
+        Tried when the first bytes arrive from the upstream (its tickets come
+        first, right after the handshake), so that a connection that stays
+        open does not hold its upstream's next resumption; and tried again at
+        the end. A session is new when the upstream sent a ticket: without
+        one it is the session this connection was offered, already used.
+        """
         if self.sessions is None:
             return
         with contextlib.suppress(SSL.Error):
             session = self.conn.get_session()
-            if session is not None:
-                self.sessions[self.session_key] = session
+            if session is None or _same_session(session, self.offered):
+                return
+            self.sessions.put(self.session_key, session, self.clock())
+            self.sessions = None
+
+    @property
+    def resumed(self) -> bool:
+        """Whether the handshake resumed a session (so no certificate was verified in it)."""
+        ssl = self._ssl
+        if ssl is None:
+            return False  # pyOpenSSL names no such call: treated as full (judged either way)
+        return bool(_SSL_session_reused(ssl))
 
     async def handshake(self) -> None:
         while True:
@@ -98,9 +158,14 @@ class TlsStream:
         ssl = self._ssl
         try:
             if ssl is None:
-                return self.conn.recv_into(view, RECORD)
+                got = self.conn.recv_into(view, RECORD)
+                if self.sessions is not None:
+                    self.keep_session()
+                return got
             n: int = _SSL_read(ssl, _from_buffer(view), min(len(view), RECORD))
             if n > 0:
+                if self.sessions is not None:
+                    self.keep_session()
                 return n
             error = _SSL_get_error(ssl, n)
             if error == _WANT_READ:

@@ -326,6 +326,13 @@ async def roundtrip(addr: Addr, payload: bytes) -> bytes:
         return await receive_all(stream)
 
 
+async def refused_roundtrip(addr: Addr) -> bytes:
+    """`roundtrip` through a proxy expected to refuse: what came back (nothing, if refused)."""
+    with contextlib.suppress(trio.BrokenResourceError):
+        return await roundtrip(addr, b"hello")
+    return b""
+
+
 async def wait_cut(stream: trio.abc.ReceiveStream) -> bytes:
     """Read until the connection ends, by EOF or by reset; return what arrived."""
     out = bytearray()

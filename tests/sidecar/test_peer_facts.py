@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
 
+from cryptography.hazmat.primitives import hashes
+from OpenSSL import crypto
 from sidecar_helpers import ForeignCa, forge, utcnow
 
 from meshid.policy import Policy
@@ -24,6 +26,7 @@ from sidecar.peer import (
     judge_facts,
     leaf_facts,
 )
+from sidecar.tlsio import cert_digest
 
 TD = TrustDomain.parse("example.test")
 API = SpiffeId.parse("spiffe://example.test/api")
@@ -110,3 +113,12 @@ def test_a_revoked_serial_is_refused_while_other_svids_of_the_id_pass() -> None:
     assert (verdict.allowed, verdict.reason) == (False, "identity_revoked")
     assert f"{revoked_leaf.serial_number:x}" in verdict.detail
     assert _judge(leaf_facts(fresh_leaf), policy, timedelta(0)).allowed
+
+
+def test_the_facts_cache_key_is_the_certificates_sha256() -> None:
+    """Two certificates share remembered facts only if their bytes are the same."""
+    ca = ForeignCa.create(TD)
+    one, other = ca.issue("web").chain[0], ca.issue("web").chain[0]
+    key = cert_digest(crypto.X509.from_cryptography(one))
+    assert key == one.fingerprint(hashes.SHA256())
+    assert key != cert_digest(crypto.X509.from_cryptography(other))

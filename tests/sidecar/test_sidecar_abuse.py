@@ -206,6 +206,10 @@ OUTBOUND_STAGES = [
 ]
 
 
+# The ServerHello random that marks a HelloRetryRequest (RFC 8446, 4.1.3).
+HELLO_RETRY = bytes.fromhex("cf21ad74e59a6111be1d8c021e65b891c2a211167abb8c5e079e09e2c8a8339c")
+
+
 def _hostile_upstream(
     stage: str, ctx: ssl.SSLContext
 ) -> Callable[[trio.SocketStream], Awaitable[None]]:
@@ -220,13 +224,19 @@ def _hostile_upstream(
             incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
             tls = ctx.wrap_bio(incoming, outgoing, server_side=True)
             feed = _pump_until_done(tls, incoming)
+            flight = b""
             for _ in range(1000):  # the whole ClientHello, however it was cut into segments
                 data = await sock.recv(65536)
                 if not data:
                     return
                 feed(data)
                 if outgoing.pending:
-                    break
+                    flight = outgoing.read()
+                    if HELLO_RETRY not in flight:
+                        break
+                    # This server lacks the client's first key share: a HelloRetryRequest
+                    # and a second ClientHello come first, as with any such server.
+                    await _send(sock, flight)
             if stage == "garbage_reply":
                 await _send(sock, b"HTTP/1.1 400 Bad Request\r\n\r\n" + bytes(range(256)))
                 sock.shutdown(socket.SHUT_WR)
@@ -234,7 +244,6 @@ def _hostile_upstream(
                 return
             if stage == "hello_then_reset":
                 return
-            flight = outgoing.read()
             if stage.startswith("partial_flight"):
                 await _send(sock, flight[: len(flight) // 2])
                 if stage.endswith("eof"):

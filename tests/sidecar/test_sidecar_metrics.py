@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import trio
+from prometheus_client import CollectorRegistry, Counter, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 from sidecar_helpers import connect, receive_all, roundtrip
 from sidecar_mesh import Pair
 
 from meshid.version import VERSION
+from sidecar.metrics import _remember_children
 
 
 async def _scrape(
@@ -52,3 +54,16 @@ async def test_metrics_carry_process_build_and_latency_after_one_connection(pair
     assert web["meshid_handshake_seconds_count"][outbound] == 1
     assert web["meshid_connect_seconds_count"][outbound] == 1
     assert 0 < web["meshid_handshake_seconds_sum"][outbound] < 20
+
+
+def test_remembered_children_are_the_series_labels_would_give() -> None:
+    registry = CollectorRegistry()
+    counter = _remember_children(Counter("c", "doc", ["direction", "reason"], registry=registry))
+    first = counter.labels("inbound", "allowed")
+    assert counter.labels("inbound", "allowed") is first
+    first.inc()
+    counter.labels("inbound", "not_allowed").inc(2)
+    counter.labels(direction="inbound", reason="allowed").inc()  # named: the long way, same child
+    text = generate_latest(registry).decode()
+    assert 'c_total{direction="inbound",reason="allowed"} 2.0' in text
+    assert 'c_total{direction="inbound",reason="not_allowed"} 2.0' in text

@@ -29,6 +29,7 @@ from sidecar_helpers import (
     client_context,
     connect,
     metric,
+    refused_roundtrip,
     roundtrip,
     sid,
     tls_connect,
@@ -150,12 +151,6 @@ async def junk(addr: Addr, source: str = "127.0.0.1") -> None:
         await wait_cut(stream)
 
 
-async def refused_roundtrip(addr: Addr) -> bytes:
-    with contextlib.suppress(trio.BrokenResourceError):
-        return await roundtrip(addr, b"hello")
-    return b""
-
-
 # -- through real sidecars ----------------------------------------------------------
 
 
@@ -227,7 +222,12 @@ async def test_a_resumed_session_meets_the_quarantine_of_its_id(
     pair = await start_pair(mesh, backend, api_limits={"quarantine_failures": 2})
     api = pair.api
     with trio.fail_after(30):
-        assert await roundtrip(pair.app, b"first") == b"first"  # web keeps the session
+        # Two connections at once, two full handshakes: web keeps two sessions, each
+        # offered once (TLS 1.3 tickets are single use).
+        async with trio.open_nursery() as nursery:
+            for n in range(2):
+                nursery.start_soon(roundtrip, pair.app, b"first %d" % n)
+        await pair.web.log.wait_for("close", count=2)
         api.write_policy([])
         await api.log.wait_for("policy", version=2)
         for _ in range(2):  # resumed, so proven: each refusal is charged to web's ID
@@ -248,7 +248,8 @@ async def test_a_resumed_session_meets_the_quarantine_of_its_id(
         "not_allowed",
         "peer_quarantined",
     ]
-    assert backend.accepted == 1
+    assert [d["resumed"] for d in api.log.find("decision", decision="deny")] == [True, True, False]
+    assert backend.accepted == 2
 
 
 async def test_a_quarantined_id_is_refused_on_a_full_handshake_too(
