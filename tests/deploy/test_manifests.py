@@ -120,6 +120,10 @@ def resolve(argv: tuple[str, ...] | list[str]) -> Resolved:
         leaf = command.make_context(path[-1], rest, parent=ctx)
     except click.UsageError as exc:  # unknown option, missing argument, bad value
         raise CommandLineError(f"meshid {' '.join(path)}: {exc.format_message()}") from None
+    params = leaf.params
+    if {"state", "server"} <= params.keys() and params["state"] is params["server"] is None:
+        # `--state DIR` or `--server HOST:PORT --svid DIR`: meshid refuses neither given
+        raise CommandLineError(f"meshid {' '.join(path)}: needs --state DIR or --server HOST:PORT")
     return Resolved(tuple(p for p in path if p != hidden), dict(leaf.params))
 
 
