@@ -13,7 +13,7 @@ from pathlib import Path
 
 import psycopg
 import pytest
-from ca_helpers import TD, Clock, make_csr, query, run
+from ca_helpers import TD, Clock, make_csr, query, run, serving_process, wait_event
 from pg_cluster import PgCluster
 
 from ca.authority import Authority
@@ -293,3 +293,26 @@ def test_removing_a_lost_instance_retires_its_root_after_its_svids_or_at_once(
     assert rows == [("retired",)]
     audit = query(tmp_path / "one", "SELECT action FROM audit WHERE action = 'instance_removed'")
     assert len(audit) == 2
+
+
+def test_an_instance_is_removed_through_the_control_plane(tmp_path: Path, pg_url: str) -> None:
+    """`ca instance remove` changes only the database: an operator may run it with --server."""
+    one, two = tmp_path / "one", tmp_path / "two"
+    assert run("ca", "init", "--state", str(one), "--trust-domain", TD.name,
+               "--database", pg_url, "--instance", "one").exit_code == 0  # fmt: skip
+    assert run("ca", "join", "--state", str(two), "--database", pg_url, "--instance", "two",
+               "--audit-key", str(one / "audit.key")).exit_code == 0  # fmt: skip
+    alice = f"spiffe://{TD.name}/meshid/operator/alice"
+    issued = run("ca", "issue", alice, "--out", str(tmp_path / "alice"), "--state", str(one))
+    assert issued.exit_code == 0, issued.output
+    assert run("ca", "operator", "add", alice, "--state", str(one)).exit_code == 0
+    log = tmp_path / "serve.log"
+    with serving_process(one, log) as proc:
+        remote = ("--server", str(wait_event(log, "serving", proc, 30)["listen"]),
+                  "--svid", str(tmp_path / "alice"))  # fmt: skip
+        removed = run("ca", "instance", "remove", "two", *remote)
+        assert removed.exit_code == 0, removed.output
+        assert removed.output.startswith("instance two removed: root 2 ")
+        unknown = run("ca", "instance", "remove", "two", *remote)
+        assert unknown.exit_code == 1 and "no instance 'two'" in unknown.output
+    assert query(one, "SELECT name FROM instances") == [("one",)]
