@@ -10,10 +10,14 @@ from typing import Any
 
 import trio
 from ca_helpers import TD, Clock, query
+from test_server import write_identity
 
 from ca.authority import Authority
 from ca.backend import Database
+from ca.jwtkeys import JwtKeyring
 from ca.server import ControlPlane, ServerOptions
+from meshid.jwtsvid import MAX_TTL as JWT_MAX_TTL
+from meshid.jwtsvid import keys_from_jwks, validate
 from meshid.spiffeid import SpiffeId
 from meshid.svid import generate_key
 from sidecar.control import ControlClient, ControlPlaneError
@@ -127,3 +131,73 @@ async def test_a_joining_instance_serves_once_its_root_passed_the_gate(
             await started.wait()
     assert [event for event, _ in log].count("waiting_for_root") == 1
     assert any(event == "serving" for event, _ in log)
+
+
+async def test_a_jwt_svid_minted_by_one_instance_validates_with_the_other_s_bundle(
+    tmp_path: Path, pg_url: str, clock: Clock
+) -> None:
+    """Each instance signs with JWT keys of its own; every instance serves all of them,
+    a removed instance's until the tokens it may have signed have expired."""
+    Authority.init(tmp_path / "one", TD, clock=clock, database=Database(pg_url, "one")).close()
+    Authority.join(
+        tmp_path / "two",
+        Database(pg_url, "two"),
+        audit_key=tmp_path / "one" / "audit.key",
+        propagation=timedelta(0),
+        clock=clock,
+    ).close()
+    with trio.fail_after(60):
+        async with (
+            serving(tmp_path / "one", clock) as (one, port_one),
+            serving(tmp_path / "two", clock) as (two, port_two),
+        ):
+            bundle = one.bundle().to_pem()
+            web = write_identity(tmp_path / "web", two, WEB)
+
+            async def call(port: int, method: str, target: str, body: Any = None) -> Any:
+                client = ControlClient("127.0.0.1", port, TD)
+                return await client.request(
+                    method, target, body, bundle_pem=bundle, now=clock(), identity=web
+                )
+
+            async def validated_by_one(token: str) -> SpiffeId:
+                """As a sidecar of instance one validates: with the bundle one serves."""
+                keys = keys_from_jwks(await call(port_one, "GET", "/v1/bundle"))
+                subject, _claims = validate(token, "db", {TD: keys}, clock())
+                return subject
+
+            ask = {"spiffe_id": str(WEB), "audience": ["db"]}
+            by_two = (await call(port_two, "POST", "/v1/jwt-svid", ask))["token"]
+            by_one = (await call(port_one, "POST", "/v1/jwt-svid", ask))["token"]
+            assert await validated_by_one(by_two) == WEB
+            assert await validated_by_one(by_one) == WEB
+            own = JwtKeyring(tmp_path / "one", clock).bundle_entries()
+            assert len(keys_from_jwks(await call(port_two, "GET", "/v1/bundle"))) == 2 * len(own)
+            # the private halves never leave their state directories
+            rows = query(tmp_path / "one", "SELECT instance, jwk FROM jwt_keys ORDER BY instance")
+            assert [r[0] for r in rows] == ["one", "two"]
+            assert all('"d"' not in str(r[1]) for r in rows)
+
+            one.remove_instance("two")
+            assert await validated_by_one(by_two) == WEB  # its tokens may still be in use
+            # then its keys leave once the longest token they may have signed has expired
+            clock.advance(JWT_MAX_TTL - timedelta(seconds=1))
+            assert len(one.shared_jwt_keys()) == len(own)
+            clock.advance(timedelta(seconds=2))
+            assert one.shared_jwt_keys() == []
+    # at once, for a key that may be in other hands: what it signed validates nowhere now
+    three = Authority.join(
+        tmp_path / "three",
+        Database(pg_url, "three"),
+        audit_key=tmp_path / "one" / "audit.key",
+        propagation=timedelta(0),
+        clock=clock,
+    )
+    one = Authority.open(tmp_path / "one", clock=clock)
+    try:
+        assert len(one.shared_jwt_keys()) == len(own)  # three's, published by its join
+        one.remove_instance("three", at_once=True)
+        assert one.shared_jwt_keys() == []
+    finally:
+        one.close()
+        three.close()
