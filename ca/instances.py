@@ -149,14 +149,16 @@ class Instances(Roots):
 
     def shared_jwt_keys(self) -> list[dict[str, Any]]:
         """The public JWT keys the other instances published, while tokens they signed may
-        still be valid: bundle entries, oldest first."""
+        still be valid: bundle entries, oldest first. A removed instance that still runs
+        adds no key that is served."""
         if not self.instance:
             return []
         at = self._now().timestamp()
         with self.store.read() as conn:
             rows = conn.execute(
-                "SELECT jwk FROM jwt_keys WHERE instance <> ? "
-                "AND (leave_at IS NULL OR leave_at > ?) ORDER BY created_at, kid",
+                "SELECT jwk FROM jwt_keys WHERE instance <> ? AND (leave_at > ? OR "
+                "(leave_at IS NULL AND instance IN (SELECT name FROM instances))) "
+                "ORDER BY created_at, kid",
                 (self.instance, at),
             ).fetchall()
         entries = [json.loads(str(jwk)) for (jwk,) in rows]

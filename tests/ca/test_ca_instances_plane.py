@@ -198,6 +198,13 @@ async def test_a_jwt_svid_minted_by_one_instance_validates_with_the_other_s_bund
         assert len(one.shared_jwt_keys()) == len(own)  # three's, published by its join
         one.remove_instance("three", at_once=True)
         assert one.shared_jwt_keys() == []
+        # a removed instance still running, rotating its key: nobody serves the new one
+        keyring = JwtKeyring(tmp_path / "three", clock)
+        keyring.rotate()
+        three.publish_jwt_keys(keyring.bundle_entries())
+        rows = query(tmp_path / "one", "SELECT kid FROM jwt_keys WHERE instance = 'three'")
+        assert len(rows) == len(own)  # the new key is in the table, not in any bundle
+        assert one.shared_jwt_keys() == []
     finally:
         one.close()
         three.close()
