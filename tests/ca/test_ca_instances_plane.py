@@ -10,7 +10,7 @@ from typing import Any
 
 import trio
 from ca_helpers import TD, Clock, query
-from test_server import write_identity
+from test_server import csr_pem, write_identity
 
 from ca.authority import Authority
 from ca.backend import Database
@@ -146,10 +146,15 @@ async def test_a_jwt_svid_minted_by_one_instance_validates_with_the_other_s_bund
         propagation=timedelta(0),
         clock=clock,
     ).close()
+    logged: dict[str, list[dict[str, Any]]] = {"one": [], "two": []}
+
+    def logger(name: str) -> Callable[..., None]:
+        return lambda event, **fields: logged[name].append({"event": event, **fields})
+
     with trio.fail_after(60):
         async with (
-            serving(tmp_path / "one", clock) as (one, port_one),
-            serving(tmp_path / "two", clock) as (two, port_two),
+            serving(tmp_path / "one", clock, logger("one")) as (one, port_one),
+            serving(tmp_path / "two", clock, logger("two")) as (two, port_two),
         ):
             bundle = one.bundle().to_pem()
             web = write_identity(tmp_path / "web", two, WEB)
@@ -168,6 +173,11 @@ async def test_a_jwt_svid_minted_by_one_instance_validates_with_the_other_s_bund
 
             ask = {"spiffe_id": str(WEB), "audience": ["db"]}
             by_two = (await call(port_two, "POST", "/v1/jwt-svid", ask))["token"]
+            # which instance issued is in its log: a renewal through two names two
+            renewed = await call(port_two, "POST", "/v1/renew", {"csr": csr_pem(WEB)})
+            [line] = [e for e in logged["two"] if e.get("path") == "/v1/renew"]
+            assert (line["instance"], line["serial"]) == ("two", renewed["serial"])
+            assert not [e for e in logged["one"] if e.get("path") == "/v1/renew"]
             by_one = (await call(port_one, "POST", "/v1/jwt-svid", ask))["token"]
             assert await validated_by_one(by_two) == WEB
             assert await validated_by_one(by_one) == WEB
