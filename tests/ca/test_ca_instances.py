@@ -18,6 +18,7 @@ from pg_cluster import PgCluster
 
 from ca.authority import Authority
 from ca.backend import DATABASE_FILE, Database
+from ca.rootkeeper import RootKeeper
 from ca.store import DB_NAME
 from meshid.errors import PolicyError, StateError, TokenRejected
 from meshid.spiffeid import SpiffeId
@@ -316,3 +317,53 @@ def test_an_instance_is_removed_through_the_control_plane(tmp_path: Path, pg_url
         unknown = run("ca", "instance", "remove", "two", *remote)
         assert unknown.exit_code == 1 and "no instance 'two'" in unknown.output
     assert query(one, "SELECT name FROM instances") == [("one",)]
+
+
+def test_two_instances_keepers_rotating_at_once_each_publish_one_root(
+    tmp_path: Path, pg_url: str, clock: Clock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Both roots reach half-life together; the keepers race for the next generation
+    number. The database refuses the second insert of one number; the loser logs,
+    drops its unused key and publishes the next number on its retry."""
+    one, two = two_instances(tmp_path, pg_url, clock)
+    logged: dict[str, list[dict[str, object]]] = {"one": [], "two": []}
+
+    def keeper(authority: Authority, name: str) -> RootKeeper:
+        record = logged[name].append
+        return RootKeeper(authority, lambda event, **f: record({"event": event, **f}),
+                          timedelta(seconds=30))  # fmt: skip
+
+    try:
+        two.issue(WEB, make_csr()[0].public_key())  # activates root 2
+        keepers = {"one": keeper(one, "one"), "two": keeper(two, "two")}
+        clock.advance(timedelta(days=366) / 2 + timedelta(days=1))
+        publish = two._publish_root
+
+        def one_first(*args: object, **kwargs: object) -> None:
+            """Two has picked its number; one publishes the same number first."""
+            keepers["one"].tick()
+            publish(*args, **kwargs)  # type: ignore[arg-type]
+
+        monkeypatch.setattr(two, "_publish_root", one_first)
+        keepers["two"].tick()
+        monkeypatch.undo()
+        [failed] = [e for e in logged["two"] if e["event"] == "root_rotation_failed"]
+        assert "at the same moment" in str(failed["detail"])
+        assert not (tmp_path / "two" / "keys" / "root-3.key").exists()  # its key, dropped
+        clock.advance(timedelta(seconds=failed["retry_in"]) + timedelta(seconds=1))  # type: ignore[arg-type]
+        keepers["two"].tick()
+        keepers["one"].tick()  # one's root is pending: nothing more to do
+        rows = query(tmp_path / "one", "SELECT generation, instance, state FROM roots ORDER BY 1")
+        assert rows == [(1, "one", "active"), (2, "two", "active"), (3, "one", "next"),
+                        (4, "two", "next")]  # fmt: skip
+        assert [e["generation"] for e in logged["one"] if e["event"] == "root_prepared"] == [3]
+        assert [e["generation"] for e in logged["two"] if e["event"] == "root_prepared"] == [4]
+        assert sorted(p.name for p in (tmp_path / "two" / "keys").iterdir()) == [
+            "root-2.key",
+            "root-4.key",
+        ]
+        assert len(one.bundle().roots) == 4
+    finally:
+        one.close()
+        two.close()
+    assert run("ca", "audit", "verify", "--state", str(tmp_path / "two")).exit_code == 0
