@@ -20,8 +20,9 @@ from ca.authority import Authority
 from ca.backend import DATABASE_FILE, Database
 from ca.rootkeeper import RootKeeper
 from ca.store import DB_NAME
+from meshid.bundle import TrustBundle
 from meshid.errors import PolicyError, StateError, TokenRejected
-from meshid.spiffeid import SpiffeId
+from meshid.spiffeid import SpiffeId, TrustDomain
 
 WEB = SpiffeId(TD, "/web")
 
@@ -367,3 +368,31 @@ def test_two_instances_keepers_rotating_at_once_each_publish_one_root(
         one.close()
         two.close()
     assert run("ca", "audit", "verify", "--state", str(tmp_path / "two")).exit_code == 0
+
+
+def test_two_instances_refreshing_one_federated_bundle_at_once(
+    tmp_path: Path, pg_url: str, clock: Clock
+) -> None:
+    """Both instances fetch the same foreign bundle; the foreign side moves on between
+    their fetches and the older fetch is recorded last: it is merely late, not a
+    failure, and the newer bundle stays."""
+    one, two = two_instances(tmp_path, pg_url, clock)
+    other = Authority.init(tmp_path / "other", TrustDomain("other.org"), clock=clock)
+    try:
+        roots = other.bundle().roots
+        at = {n: TrustBundle(other.trust_domain, roots, sequence=n) for n in (1, 5, 6)}
+        endpoint = SpiffeId(other.trust_domain, "/meshid/bundle-endpoint")
+        one.add_federation("https://other.org:8443", endpoint, at[1], at[1])
+        seen_by_one = one.federation(other.trust_domain).bundle  # before each fetched
+        seen_by_two = two.federation(other.trust_domain).bundle
+        two.record_fetch(other.trust_domain, at[6], seen=seen_by_two)
+        late = one.record_fetch(other.trust_domain, at[5], seen=seen_by_one)
+        assert (late.bundle.sequence, late.failures, late.last_error) == (6, 0, None)
+        # a replayed older bundle, fetched after the newer one was held, is still refused
+        replayed = one.record_fetch(other.trust_domain, at[5], seen=late.bundle)
+        assert (replayed.bundle.sequence, replayed.failures) == (6, 1)
+        assert replayed.last_error == "bundle_sequence_backwards"
+    finally:
+        other.close()
+        one.close()
+        two.close()
