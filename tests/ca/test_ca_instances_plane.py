@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from datetime import timedelta
@@ -9,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import trio
-from ca_helpers import TD, Clock, query
+from ca_helpers import TD, Clock, query, run
 from test_server import csr_pem, write_identity
 
 from ca.authority import Authority
@@ -183,6 +184,8 @@ async def test_a_jwt_svid_minted_by_one_instance_validates_with_the_other_s_bund
             assert await validated_by_one(by_one) == WEB
             own = JwtKeyring(tmp_path / "one", clock).bundle_entries()
             assert len(keys_from_jwks(await call(port_two, "GET", "/v1/bundle"))) == 2 * len(own)
+            printed = run("ca", "bundle", "--format", "spiffe", "--state", str(tmp_path / "one"))
+            assert len(keys_from_jwks(json.loads(printed.stdout))) == 2 * len(own)
             # the private halves never leave their state directories
             rows = query(tmp_path / "one", "SELECT instance, jwk FROM jwt_keys ORDER BY instance")
             assert [r[0] for r in rows] == ["one", "two"]
