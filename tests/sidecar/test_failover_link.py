@@ -257,12 +257,15 @@ async def test_a_single_server_fails_as_it_always_did(
 class Silent(ControlClient):
     """A real client whose connection reaches a host that never says a word."""
 
-    def __init__(self, port: int, bundle: bytes) -> None:
+    def __init__(self, port: int, bundle: bytes, *, connects: bool = True) -> None:
         super().__init__("127.0.0.1", port, TD)
         self.bundle = bundle
+        self.connects = connects  # False: not even TCP completes (SYNs go unanswered)
         self.peers: list[trio.testing.MemoryReceiveStream] = []
 
     async def _open_tcp(self) -> trio.SocketStream:
+        if not self.connects:
+            await trio.sleep_forever()
         ours, theirs = trio.testing.memory_stream_pair()
         self.peers.append(theirs.receive_stream)  # kept open, never read
         return ours  # type: ignore[return-value]  # a stream, as the client uses it
@@ -276,10 +279,11 @@ def _a_bundle() -> bytes:
 
 
 @pytest.mark.parametrize("wait", [None, 300.0])  # an ordinary request, and a long poll
+@pytest.mark.parametrize("connects", [True, False])  # silent after TCP, or before it
 async def test_a_silent_host_fails_after_the_connect_deadline_not_the_request_s(
-    autojump_clock: trio.testing.MockClock, wait: float | None
+    autojump_clock: trio.testing.MockClock, wait: float | None, connects: bool
 ) -> None:
-    client = Silent(1000, _a_bundle())
+    client = Silent(1000, _a_bundle(), connects=connects)
     start = trio.current_time()
     with pytest.raises(ControlPlaneError) as info:
         await client.request("GET", "/v1/watch", None, now=utcnow(), wait=wait)
