@@ -348,16 +348,26 @@ class ControlApi:
 
     def _bundle(self, req: Request) -> Reply:
         self.authority.advance_roots()
-        return Reply(200, with_jwt_keys(self.authority.bundle().to_spiffe(), self._keyring()))
+        keyring = self._published_keyring()
+        doc = with_jwt_keys(
+            self.authority.bundle().to_spiffe(), keyring, self.authority.shared_jwt_keys()
+        )
+        return Reply(200, doc)
 
     def _keyring(self) -> JwtKeyring:
         if self.jwt_keys is None:
             self.jwt_keys = JwtKeyring(self.authority.state_dir, self.clock)
         return self.jwt_keys
 
+    def _published_keyring(self) -> JwtKeyring:
+        """The keyring, its public keys in the database (a key is there before it signs)."""
+        keyring = self._keyring()
+        self.authority.publish_jwt_keys(keyring.bundle_entries())
+        return keyring
+
     def _jwt_svid(self, req: Request) -> Reply:
         body = JwtSvidRequest.parse(decode(req.body, "request body"))
-        reply = jwtmint.mint(self._caller(req), body, self._keyring(), self.clock())
+        reply = jwtmint.mint(self._caller(req), body, self._published_keyring(), self.clock())
         return Reply(200, reply.to_json())
 
     def _health(self, req: Request) -> Reply:

@@ -121,8 +121,11 @@ class Authority(Federations, Attestors, Access, Services, Reports, Operators, In
             cls._build(staging, trust_domain, svid_ttl, root_ttl, passphrase, database, clock)
 
         cls._create_state(state_dir, build, database)
-        JwtKeyring(state_dir, clock.wall).keys()  # the first JWT-SVID key, so the bundle has one
-        return cls.open(state_dir, passphrase=passphrase, clock=clock)
+        # the first JWT-SVID key, so the bundle has one
+        keys = JwtKeyring(state_dir, clock.wall).bundle_entries()
+        made = cls.open(state_dir, passphrase=passphrase, clock=clock)
+        made.publish_jwt_keys(keys)
+        return made
 
     @classmethod
     def join(
@@ -148,8 +151,9 @@ class Authority(Federations, Attestors, Access, Services, Reports, Operators, In
             cls._build_instance(staging, database, audit_key, propagation, passphrase, clock)
 
         cls._create_state(state_dir, build, database)
-        JwtKeyring(state_dir, clock.wall).keys()
+        keys = JwtKeyring(state_dir, clock.wall).bundle_entries()
         joined = cls.open(state_dir, passphrase=passphrase, clock=clock)
+        joined.publish_jwt_keys(keys)  # served by every instance before it signs
         joined.write_bundle_file()
         return joined
 

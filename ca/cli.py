@@ -233,7 +233,8 @@ def bundle_cmd(state: Path, fmt: str) -> None:
         sys.stdout.buffer.write(bundle.to_pem())
     else:  # the SPIFFE bundle: X.509 roots and the JWT-SVID keys
         keyring = JwtKeyring(state, authority.clock_now)
-        click.echo(json.dumps(with_jwt_keys(bundle.to_spiffe(), keyring), indent=2))
+        doc = with_jwt_keys(bundle.to_spiffe(), keyring, authority.shared_jwt_keys())
+        click.echo(json.dumps(doc, indent=2))
 
 
 @ca_group.command("serve")

@@ -143,16 +143,29 @@ class Federations(Reports):
         return _row(row)
 
     def record_fetch(
-        self, trust_domain: TrustDomain, fetched: TrustBundle | MeshIdError
+        self,
+        trust_domain: TrustDomain,
+        fetched: TrustBundle | MeshIdError,
+        *,
+        seen: TrustBundle | None = None,
     ) -> FederatedDomain:
         """Keep a fetched bundle (if its sequence does not go backwards), or count a failure.
 
         A failure, a backwards sequence included, keeps the last good bundle.
+        `seen` is the bundle held when the fetch began: if another instance (or
+        worker) recorded a newer one meanwhile, a fetch between the two is late,
+        not backwards, and changes nothing.
         """
         now = self._now()
         at = now.timestamp()
         with self.store.write() as conn:
             held = self._federation(conn, trust_domain)
+            if (
+                isinstance(fetched, TrustBundle)
+                and seen is not None
+                and seen.sequence <= fetched.sequence < held.bundle.sequence
+            ):
+                return held  # overtaken by a newer fetch recorded meanwhile
             error = fetched if isinstance(fetched, MeshIdError) else None
             if isinstance(fetched, TrustBundle):
                 try:

@@ -4,12 +4,15 @@ Each federated trust domain is fetched when its `next_refresh` has come
 (the refresh hint after a good fetch; doubled per failure, see
 ca.federation.backoff). A failure keeps the last good bundle and is logged
 with its reason; a new bundle bumps the policy version, so sidecars get it
-through their feed. One fetch at a time, each bounded in time.
+through their feed. One fetch at a time, each bounded in time. Every instance
+of a trust domain refreshes; a fetch overtaken by another instance's newer one
+is dropped quietly (`record_fetch`'s `seen`), not counted as a failure.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from functools import partial
 
 import trio
 
@@ -43,7 +46,9 @@ async def refresh_federated_bundles(
                     fetched = await fetch_bundle(f.url, f.endpoint_id, f.bundle)
                 except MeshIdError as exc:
                     fetched = exc
-                after = await plane.db_call(authority.record_fetch, f.trust_domain, fetched)
+                after = await plane.db_call(
+                    partial(authority.record_fetch, f.trust_domain, fetched, seen=f.bundle)
+                )
                 if after.last_error is not None:
                     log(
                         "federation_refresh_failed",

@@ -116,7 +116,10 @@ class HttpShell(Dispatcher):
         )
         reply = _method_reply(method, req.path) or await self._answer(req)
         self.metrics.observe_reply(req.path, reply.status, reply.body.get("error"))
-        if reply.status >= 400 or req.path == ENROLL:  # renewals: see the audit log
+        if reply.status >= 400 or req.path in (ENROLL, RENEW):
+            # one line per SVID issued, naming the instance that signed it (on a trust
+            # domain of several), so an operator can see which one served a sidecar
+            instance = self.authority.instance
             self.log(
                 "request",
                 method=method[:16],
@@ -126,6 +129,7 @@ class HttpShell(Dispatcher):
                 reason=reply.body.get("error"),
                 spiffe_id=_who(reply, cert),
                 serial=reply.body.get("serial"),
+                **({"instance": instance} if instance else {}),
             )
         return reply
 

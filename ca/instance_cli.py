@@ -12,9 +12,11 @@ from ca.cliopts import (
     database_from_options,
     database_options,
     join_authority,
+    local_only,
     open_authority,
     passphrase_option,
     state_option,
+    state_or_server_option,
 )
 from meshid.cli import Group
 from meshid.errors import InvalidInput, StateError
@@ -22,6 +24,7 @@ from meshid.errors import InvalidInput, StateError
 
 @click.command("join")
 @state_option
+@local_only("ca", "join")
 @database_options
 @click.option(
     "--audit-key",
@@ -70,7 +73,7 @@ def instance_group() -> None:
 
 
 @instance_group.command("remove")
-@state_option
+@state_or_server_option
 @click.argument("name")
 @click.option(
     "--now",

@@ -1,4 +1,7 @@
-"""The trust domain's JWT-SVID signing keys: created, rotated, published, never shown.
+"""This instance's JWT-SVID signing keys: created, rotated, published, never shown.
+
+On a trust domain of several instances, each signs with keys of its own; their
+public halves meet in the database (`ca.instances.publish_jwt_keys`).
 
 Each key is one PEM file (PKCS#8, mode 0600) under ``<state>/jwt/``, named
 ``<created>-<kid>.pem``; the `kid` is the key's RFC 7638 thumbprint. The
@@ -18,7 +21,7 @@ import contextlib
 import fcntl
 import os
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -156,6 +159,12 @@ class JwtKeyring:
         return [public_jwk(k.key.public_key(), k.kid) for k in self.keys()]
 
 
-def with_jwt_keys(doc: dict[str, Any], keyring: JwtKeyring) -> dict[str, Any]:
-    """A SPIFFE bundle document with the JWT authorities added to its keys."""
-    return {**doc, "keys": [*doc.get("keys", []), *keyring.bundle_entries()]}
+def with_jwt_keys(
+    doc: dict[str, Any], keyring: JwtKeyring, shared: Sequence[dict[str, Any]] = ()
+) -> dict[str, Any]:
+    """A SPIFFE bundle document with the JWT authorities added to its keys: this
+    instance's, then those `shared` by the other instances of the trust domain."""
+    own = keyring.bundle_entries()
+    kids = {e["kid"] for e in own}
+    others = [e for e in shared if e.get("kid") not in kids]
+    return {**doc, "keys": [*doc.get("keys", []), *own, *others]}

@@ -43,6 +43,9 @@ REMOTE: Mapping[tuple[str, ...], RemoteSpec] = {
     ("ca", "token", "delete"): _PLAIN,
     ("ca", "svid", "list"): _PLAIN,
     ("ca", "status"): _PLAIN,
+    # it changes only the database (the instance's rows and its roots' ends), as
+    # `ca revoke` does; the removed instance's own state directory is not touched
+    ("ca", "instance", "remove"): _PLAIN,
     ("ca", "bundle"): _PLAIN,
     ("ca", "operator", "add"): _PLAIN,
     ("ca", "operator", "remove"): _PLAIN,
@@ -72,6 +75,8 @@ LOCAL_ONLY: Mapping[tuple[str, ...], str] = {
     ("ca", "init"): "it creates the authority's state directory, on the authority's host",
     ("ca", "serve"): "it is the control plane; run it on the authority's host",
     ("ca", "rotate"): "it writes a new root key, under the root key's passphrase, "
+    "on the authority's host",
+    ("ca", "join"): "it creates this host's instance and its root key in a state directory, "
     "on the authority's host",
     ("ca", "issue"): "it signs with the root key and writes a private key on the authority's "
     "host; use a join token (`meshid ca token ID --server …`) instead",

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-SCHEMA_VERSION = 10  # SQLite: PRAGMA user_version (0 is version 1); PostgreSQL: settings
+SCHEMA_VERSION = 11  # SQLite: PRAGMA user_version (0 is version 1); PostgreSQL: settings
 
 # Enrollment by platform identity (version 4): JWT attestors, and the JWTs used so far.
 # IF NOT EXISTS: a database whose version was set back still migrates.
@@ -96,6 +96,19 @@ CREATE INDEX IF NOT EXISTS policy_prefixed ON policy (source, target)
     WHERE source LIKE '%/*' OR target LIKE '%/*';
 """
 
+# The public JWT-SVID keys of every instance (version 11): each instance signs with keys
+# kept in its own state directory and publishes their public halves here, so that every
+# instance serves every instance's keys. Private keys never enter the database.
+_JWT_KEY_TABLES = """
+CREATE TABLE IF NOT EXISTS jwt_keys (
+    kid TEXT PRIMARY KEY,                      -- RFC 7638 thumbprint
+    instance TEXT NOT NULL,                    -- the instance that signs with it
+    jwk TEXT NOT NULL,                         -- the public JWK, as the bundle lists it
+    created_at REAL NOT NULL,
+    leave_at REAL                              -- its instance was removed: served until then
+);
+"""
+
 _SCHEMA = """
 CREATE TABLE settings (name TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE counters (name TEXT PRIMARY KEY, value INTEGER NOT NULL);
@@ -160,6 +173,7 @@ _SCHEMA += _FEDERATION_TABLES
 _SCHEMA += _SERVICE_TABLES
 _SCHEMA += _INSTANCE_TABLES
 _SCHEMA += _POLICY_HISTORY
+_SCHEMA += _JWT_KEY_TABLES
 
 # Each step takes a database from the version before it to its own version, in
 # the same transaction that records the new version.
@@ -212,6 +226,10 @@ _MIGRATIONS: dict[int, tuple[str, ...]] = {
         "COALESCE(MAX(value), 0) FROM counters WHERE name = 'policy_version' "
         "ON CONFLICT (name) DO UPDATE SET value = excluded.value",
         "UPDATE settings SET value = '10' WHERE name = 'schema_version'",
+    ),
+    11: (  # every instance's public JWT-SVID keys, for each to serve all
+        *(t for t in _JWT_KEY_TABLES.split(";") if t.strip()),
+        "UPDATE settings SET value = '11' WHERE name = 'schema_version'",
     ),
 }
 

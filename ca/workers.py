@@ -3,12 +3,15 @@
 Theory of operation: the listening sockets (one per worker, in a SO_REUSEPORT
 group) and the shared failure limiter are made before the fork; each worker
 opens its own authority and runs its own event loop. The parent only forwards
-signals and, if a worker dies, stops the others and exits non-zero.
+signals and, if a worker dies, stops the others and exits non-zero. A parent
+that dies without a word (SIGKILL, the OOM killer) cannot stop its workers, so
+each asks the kernel for SIGTERM when its parent goes (`_exit_with_parent`).
 """
 
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import ipaddress
 import os
 import resource
@@ -80,6 +83,23 @@ def _serve_one(
         raise first from None
     finally:
         authority.close()
+
+
+PR_SET_PDEATHSIG = 1  # linux/prctl.h
+
+
+def _exit_with_parent(parent: int) -> None:
+    """In a forked worker: be sent SIGTERM when the parent dies, or leave now if it has.
+
+    The request is for the thread that forked, and the parent may have died
+    between the fork and the request (the signal would then never come): so
+    the worker checks afterwards that its parent is still the one it had.
+    """
+    with contextlib.suppress(OSError, AttributeError):  # not Linux: the parent's SIGTERM only
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+    if os.getppid() != parent:
+        os._exit(1)
 
 
 FILE_RESERVE = 64  # descriptors beside connections: the database, listeners, logs
@@ -160,11 +180,13 @@ def run_server(
     # on a shared database each worker counts in the database instead (ca.pgshared).
     limiter = None if shared_database else SharedFailureLimiter(max_failures=5)
     children: dict[int, int] = {}
+    parent = os.getpid()
     for index in range(workers):
         pid = os.fork()
         if pid == 0:  # pragma: no cover - runs in the child, which never returns
             status = 1
             try:
+                _exit_with_parent(parent)
                 for other, sock in enumerate(socks):
                     if other != index:
                         sock.close()

@@ -87,7 +87,8 @@ class Reason(enum.StrEnum):
     )
     STORAGE_UNAVAILABLE = (
         "storage_unavailable",
-        "a write failed for a reason of the host (disk full, read-only); retried",
+        "state could not be written or reached for a reason of the host (disk full, "
+        "read-only, the authority's database unreachable); retried",
     )
     UNUSABLE_CREDENTIALS = (
         "unusable_credentials",
@@ -382,6 +383,7 @@ PUBLISHED: tuple[Reason, ...] = (
     Reason.INTERNAL_ERROR,
     Reason.KEY_NOT_PROVED,
     Reason.STORAGE_UNAVAILABLE,
+    Reason.ROOT_PENDING,
     Reason.UNUSABLE_CREDENTIALS,
     Reason.CLOSED,
     Reason.POLICY_REVOKED,

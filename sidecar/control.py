@@ -41,6 +41,7 @@ from sidecar.failures import Failure, Verdict
 from sidecar.sockets import connect
 
 MAX_RESPONSE = 1024 * 1024
+CONNECT_TIMEOUT = 3.0  # seconds to connect and finish TLS: a healthy authority takes far less
 _X509_V_FLAG_NO_CHECK_TIME = 0x200000  # times are checked below, with skew allowance
 
 UNREACHABLE = "authority_unreachable"
@@ -164,18 +165,22 @@ class ControlClient:
         timeout: float = 15.0,
         skew: timedelta = timedelta(seconds=60),
         mark: int | None = None,
+        connect_timeout: float = CONNECT_TIMEOUT,
     ) -> None:
         self.host = host
         self.port = port
         self.mark = mark  # SO_MARK under [transparent], so that the capture rules skip us
         self.expected = SpiffeId(trust_domain, AUTHORITY_PATH)
         self.timeout = timeout
+        # A host that is gone answers nothing, not even a reset: without a bound of its
+        # own, reaching it would cost the whole request's time before the next server.
+        self.connect_timeout = connect_timeout
         self.skew = skew
 
     async def _open_tcp(self) -> trio.SocketStream:
         if self.mark is None:
             return await trio.open_tcp_stream(self.host, self.port)
-        sock = await connect(Address(self.host, self.port), self.timeout, self.mark)
+        sock = await connect(Address(self.host, self.port), self.connect_timeout, self.mark)
         return trio.SocketStream(trio.socket.from_stdlib_socket(sock))
 
     def _context(
@@ -254,51 +259,27 @@ class ControlClient:
         """
         ctx = self._context(bundle_pem, identity)
         where = self._where
+        # Connecting and the TLS handshake have a shorter deadline than the request
+        # (a long poll's wait is the server's to spend, not the handshake's).
+        connected_by = trio.current_time() + self.connect_timeout
         with trio.move_on_after(wait if wait is not None else self.timeout) as scope:
-            try:
-                tcp = await self._open_tcp()
-            except OSError as exc:
-                code, detail = _connect_errno(exc)
-                raise ControlPlaneError.judged(
-                    Failure(failures.CONNECT, where, errno=code, detail=detail)
-                ) from None
+            with trio.move_on_at(connected_by) as connecting:
+                try:
+                    tcp = await self._open_tcp()
+                except OSError as exc:
+                    code, detail = _connect_errno(exc)
+                    raise ControlPlaneError.judged(
+                        Failure(failures.CONNECT, where, errno=code, detail=detail)
+                    ) from None
+            if connecting.cancelled_caught:
+                raise self._not_connected()
             raw = _FirstBytes(tcp)
             stream = trio.SSLStream(raw, ctx, server_hostname=None)
             try:
-                try:
-                    await stream.do_handshake()
-                except (trio.BrokenResourceError, ssl.SSLError) as exc:
-                    cause = exc.__cause__ if isinstance(exc, trio.BrokenResourceError) else exc
-                    if isinstance(cause, OSError) and not isinstance(cause, ssl.SSLError):
-                        raise ControlPlaneError.judged(
-                            Failure(
-                                failures.CLOSED,
-                                where,
-                                errno=cause.errno,
-                                detail=str(cause.strerror or cause),
-                            )
-                        ) from None
-                    tls_reason = getattr(cause, "reason", None)
-                    if isinstance(cause, ssl.SSLEOFError) or (
-                        cause is None and not raw.first
-                    ):  # closed during the handshake: restarting, overloaded
-                        raise ControlPlaneError.judged(
-                            Failure(
-                                failures.CLOSED, where, detail="closed during the TLS handshake"
-                            )
-                        ) from None
-                    raise ControlPlaneError.judged(
-                        Failure(
-                            failures.TLS,
-                            where,
-                            tls_reason=tls_reason if isinstance(tls_reason, str) else None,
-                            detail=str(
-                                getattr(cause, "verify_message", None) or tls_reason or cause or exc
-                            ),
-                            first_bytes=raw.first,
-                            trust=trust,
-                        )
-                    ) from None
+                with trio.move_on_at(connected_by) as connecting:
+                    await self._handshake(stream, raw, trust)
+                if connecting.cancelled_caught:
+                    raise self._not_connected()
                 self._check_server(stream.getpeercert(binary_form=True), now)
                 return await self._exchange(stream, method, target, body)
             except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
@@ -315,6 +296,51 @@ class ControlClient:
                 await trio.aclose_forcefully(stream)
         assert scope.cancelled_caught
         raise ControlPlaneError.judged(Failure(failures.TIMEOUT, where))
+
+    def _not_connected(self) -> ControlPlaneError:
+        return ControlPlaneError.judged(
+            Failure(
+                failures.TIMEOUT,
+                self._where,
+                detail=f"no TLS connection within {self.connect_timeout:g}s",
+            )
+        )
+
+    async def _handshake(self, stream: trio.SSLStream[Any], raw: _FirstBytes, trust: str) -> None:
+        """The TLS handshake; its failures judged by what broke it."""
+        where = self._where
+        try:
+            await stream.do_handshake()
+        except (trio.BrokenResourceError, ssl.SSLError) as exc:
+            cause = exc.__cause__ if isinstance(exc, trio.BrokenResourceError) else exc
+            if isinstance(cause, OSError) and not isinstance(cause, ssl.SSLError):
+                raise ControlPlaneError.judged(
+                    Failure(
+                        failures.CLOSED,
+                        where,
+                        errno=cause.errno,
+                        detail=str(cause.strerror or cause),
+                    )
+                ) from None
+            tls_reason = getattr(cause, "reason", None)
+            if isinstance(cause, ssl.SSLEOFError) or (
+                cause is None and not raw.first
+            ):  # closed during the handshake: restarting, overloaded
+                raise ControlPlaneError.judged(
+                    Failure(failures.CLOSED, where, detail="closed during the TLS handshake")
+                ) from None
+            raise ControlPlaneError.judged(
+                Failure(
+                    failures.TLS,
+                    where,
+                    tls_reason=tls_reason if isinstance(tls_reason, str) else None,
+                    detail=str(
+                        getattr(cause, "verify_message", None) or tls_reason or cause or exc
+                    ),
+                    first_bytes=raw.first,
+                    trust=trust,
+                )
+            ) from None
 
     async def _exchange(
         self,

@@ -149,7 +149,8 @@ def classify(f: Failure) -> Verdict:
     if f.stage == TIMEOUT:
         return _transient(
             UNREACHABLE,
-            f"control plane {where} did not answer in time",
+            f"control plane {where} did not answer in time"
+            + (f" ({f.detail})" if f.detail else ""),
             "authority unreachable (timed out)",
         )
     if f.stage in (CONNECT, CLOSED):

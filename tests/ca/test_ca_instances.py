@@ -13,14 +13,16 @@ from pathlib import Path
 
 import psycopg
 import pytest
-from ca_helpers import TD, Clock, make_csr, query, run
+from ca_helpers import TD, Clock, make_csr, query, run, serving_process, wait_event
 from pg_cluster import PgCluster
 
 from ca.authority import Authority
 from ca.backend import DATABASE_FILE, Database
+from ca.rootkeeper import RootKeeper
 from ca.store import DB_NAME
+from meshid.bundle import TrustBundle
 from meshid.errors import PolicyError, StateError, TokenRejected
-from meshid.spiffeid import SpiffeId
+from meshid.spiffeid import SpiffeId, TrustDomain
 
 WEB = SpiffeId(TD, "/web")
 
@@ -293,3 +295,104 @@ def test_removing_a_lost_instance_retires_its_root_after_its_svids_or_at_once(
     assert rows == [("retired",)]
     audit = query(tmp_path / "one", "SELECT action FROM audit WHERE action = 'instance_removed'")
     assert len(audit) == 2
+
+
+def test_an_instance_is_removed_through_the_control_plane(tmp_path: Path, pg_url: str) -> None:
+    """`ca instance remove` changes only the database: an operator may run it with --server."""
+    one, two = tmp_path / "one", tmp_path / "two"
+    assert run("ca", "init", "--state", str(one), "--trust-domain", TD.name,
+               "--database", pg_url, "--instance", "one").exit_code == 0  # fmt: skip
+    assert run("ca", "join", "--state", str(two), "--database", pg_url, "--instance", "two",
+               "--audit-key", str(one / "audit.key")).exit_code == 0  # fmt: skip
+    alice = f"spiffe://{TD.name}/meshid/operator/alice"
+    issued = run("ca", "issue", alice, "--out", str(tmp_path / "alice"), "--state", str(one))
+    assert issued.exit_code == 0, issued.output
+    assert run("ca", "operator", "add", alice, "--state", str(one)).exit_code == 0
+    log = tmp_path / "serve.log"
+    with serving_process(one, log) as proc:
+        remote = ("--server", str(wait_event(log, "serving", proc, 30)["listen"]),
+                  "--svid", str(tmp_path / "alice"))  # fmt: skip
+        removed = run("ca", "instance", "remove", "two", *remote)
+        assert removed.exit_code == 0, removed.output
+        assert removed.output.startswith("instance two removed: root 2 ")
+        unknown = run("ca", "instance", "remove", "two", *remote)
+        assert unknown.exit_code == 1 and "no instance 'two'" in unknown.output
+    assert query(one, "SELECT name FROM instances") == [("one",)]
+
+
+def test_two_instances_keepers_rotating_at_once_each_publish_one_root(
+    tmp_path: Path, pg_url: str, clock: Clock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Both roots reach half-life together; the keepers race for the next generation
+    number. The database refuses the second insert of one number; the loser logs,
+    drops its unused key and publishes the next number on its retry."""
+    one, two = two_instances(tmp_path, pg_url, clock)
+    logged: dict[str, list[dict[str, object]]] = {"one": [], "two": []}
+
+    def keeper(authority: Authority, name: str) -> RootKeeper:
+        record = logged[name].append
+        return RootKeeper(authority, lambda event, **f: record({"event": event, **f}),
+                          timedelta(seconds=30))  # fmt: skip
+
+    try:
+        two.issue(WEB, make_csr()[0].public_key())  # activates root 2
+        keepers = {"one": keeper(one, "one"), "two": keeper(two, "two")}
+        clock.advance(timedelta(days=366) / 2 + timedelta(days=1))
+        publish = two._publish_root
+
+        def one_first(*args: object, **kwargs: object) -> None:
+            """Two has picked its number; one publishes the same number first."""
+            keepers["one"].tick()
+            publish(*args, **kwargs)  # type: ignore[arg-type]
+
+        monkeypatch.setattr(two, "_publish_root", one_first)
+        keepers["two"].tick()
+        monkeypatch.undo()
+        [failed] = [e for e in logged["two"] if e["event"] == "root_rotation_failed"]
+        assert "at the same moment" in str(failed["detail"])
+        assert not (tmp_path / "two" / "keys" / "root-3.key").exists()  # its key, dropped
+        clock.advance(timedelta(seconds=failed["retry_in"]) + timedelta(seconds=1))  # type: ignore[arg-type]
+        keepers["two"].tick()
+        keepers["one"].tick()  # one's root is pending: nothing more to do
+        rows = query(tmp_path / "one", "SELECT generation, instance, state FROM roots ORDER BY 1")
+        assert rows == [(1, "one", "active"), (2, "two", "active"), (3, "one", "next"),
+                        (4, "two", "next")]  # fmt: skip
+        assert [e["generation"] for e in logged["one"] if e["event"] == "root_prepared"] == [3]
+        assert [e["generation"] for e in logged["two"] if e["event"] == "root_prepared"] == [4]
+        assert sorted(p.name for p in (tmp_path / "two" / "keys").iterdir()) == [
+            "root-2.key",
+            "root-4.key",
+        ]
+        assert len(one.bundle().roots) == 4
+    finally:
+        one.close()
+        two.close()
+    assert run("ca", "audit", "verify", "--state", str(tmp_path / "two")).exit_code == 0
+
+
+def test_two_instances_refreshing_one_federated_bundle_at_once(
+    tmp_path: Path, pg_url: str, clock: Clock
+) -> None:
+    """Both instances fetch the same foreign bundle; the foreign side moves on between
+    their fetches and the older fetch is recorded last: it is merely late, not a
+    failure, and the newer bundle stays."""
+    one, two = two_instances(tmp_path, pg_url, clock)
+    other = Authority.init(tmp_path / "other", TrustDomain("other.org"), clock=clock)
+    try:
+        roots = other.bundle().roots
+        at = {n: TrustBundle(other.trust_domain, roots, sequence=n) for n in (1, 5, 6)}
+        endpoint = SpiffeId(other.trust_domain, "/meshid/bundle-endpoint")
+        one.add_federation("https://other.org:8443", endpoint, at[1], at[1])
+        seen_by_one = one.federation(other.trust_domain).bundle  # before each fetched
+        seen_by_two = two.federation(other.trust_domain).bundle
+        two.record_fetch(other.trust_domain, at[6], seen=seen_by_two)
+        late = one.record_fetch(other.trust_domain, at[5], seen=seen_by_one)
+        assert (late.bundle.sequence, late.failures, late.last_error) == (6, 0, None)
+        # a replayed older bundle, fetched after the newer one was held, is still refused
+        replayed = one.record_fetch(other.trust_domain, at[5], seen=late.bundle)
+        assert (replayed.bundle.sequence, replayed.failures) == (6, 1)
+        assert replayed.last_error == "bundle_sequence_backwards"
+    finally:
+        other.close()
+        one.close()
+        two.close()

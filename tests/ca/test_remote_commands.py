@@ -193,6 +193,7 @@ def test_commands_that_need_the_authority_host_refuse_server(mesh: Mesh) -> None
         ("ca", "serve", "--listen", "127.0.0.1:0"),
         ("ca", "rotate"),
         ("ca", "issue", "/web", "--out", str(mesh.root / "x")),
+        ("ca", "join", "--audit-key", str(mesh.root / "k"), "--database", "host=x"),
     ):
         refused = run(*args, *mesh.alice)
         assert refused.exit_code == 2, refused.output

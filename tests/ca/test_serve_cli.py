@@ -9,6 +9,7 @@ import signal
 import socket
 import ssl
 import subprocess
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -86,6 +87,32 @@ def test_a_dead_worker_takes_the_set_down_for_the_supervisor(state: Path, tmp_pa
         os.kill(_children(proc.pid)[0], signal.SIGKILL)
         assert proc.wait(timeout=30) == 1
         assert '"worker_died"' in log.read_text()
+
+
+def _gone(pid: int) -> bool:
+    """The process has exited (reaped, or a zombie its new parent has yet to reap)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] in "ZX"
+    except FileNotFoundError:
+        return True
+
+
+def test_workers_exit_when_the_parent_is_killed(state: Path, tmp_path: Path) -> None:
+    """SIGKILL leaves the parent no chance to stop its workers: each notices on its own."""
+    log = tmp_path / "ca.log"
+    with serving_two_workers(state, log) as (proc, _port):
+        wait_lines(log, '"serving"', 2, proc)
+        workers = _children(proc.pid)
+        assert len(workers) == 2
+        proc.kill()
+        proc.wait()
+        deadline = time.monotonic() + 20
+        while not all(_gone(pid) for pid in workers) and time.monotonic() < deadline:
+            time.sleep(0.05)  # polling a condition, with a deadline
+        left = [pid for pid in workers if not _gone(pid)]
+        for pid in left:  # never leave them behind, even when the test fails
+            os.kill(pid, signal.SIGKILL)
+        assert left == []
 
 
 @pytest.mark.parametrize(

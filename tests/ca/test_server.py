@@ -477,10 +477,15 @@ async def test_enrollment_and_renewal_log_lines_name_the_identity(
     assert enrolled["path"] == "/v1/enroll" and enrolled["spiffe_id"] == str(WEB)
     assert enrolled["serial"] == reply["serial"]
     assert token not in json.dumps(plane.log)  # never the token
-    # a failed renewal says whose it was
+    assert "instance" not in enrolled  # an embedded authority is the one unnamed instance
+    # a renewal is one line too, with the serial it issued
     ident = write_identity(tmp_path / "web", plane.authority, WEB)
+    renewed = await plane.call("POST", "/v1/renew", {"csr": csr_pem()}, identity=ident)
+    (line,) = [e for e in plane.log if e["event"] == "request" and e["path"] == "/v1/renew"]
+    assert (line["status"], line["spiffe_id"], line["serial"]) == (200, str(WEB), renewed["serial"])
+    # a failed renewal says whose it was
     await refused(plane, "POST", "/v1/renew", {"csr": csr_pem(API)}, identity=ident)
-    (failed,) = [e for e in plane.log if e["event"] == "request" and e["path"] == "/v1/renew"]
+    failed = [e for e in plane.log if e["event"] == "request" and e["path"] == "/v1/renew"][-1]
     assert failed["status"] == 403 and failed["spiffe_id"] == str(WEB)
     # and an anonymous failure names nobody
     await refused(plane, "POST", "/v1/enroll", {"token": "mjt_wrong", "csr": csr_pem()})

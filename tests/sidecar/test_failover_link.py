@@ -18,14 +18,15 @@ from typing import Any
 import pytest
 import trio
 import trio.testing
-from sidecar_helpers import TD, LogCapture
+from cryptography.hazmat.primitives import serialization
+from sidecar_helpers import TD, ForeignCa, LogCapture, utcnow
 
 from meshid.clock import ManualClock
 from meshid.events import EventLog
 from meshid.spiffeid import SpiffeId
 from sidecar import failures
 from sidecar.config import Address, AuthoritySource
-from sidecar.control import ControlClient, ControlPlaneError
+from sidecar.control import CONNECT_TIMEOUT, ControlClient, ControlPlaneError
 from sidecar.failover import Backoff, ServerChoice
 from sidecar.failures import Failure
 from sidecar.link import AuthorityLink
@@ -248,3 +249,57 @@ async def test_a_single_server_fails_as_it_always_did(
     assert not log.find("authority_failover") and counted == []
     assert await ask(link) == {"ok": only.port}  # and the next goes at once
     assert only.asked[-1] == start
+
+
+# -- a host that answers nothing: the connection's own deadline -------------------
+
+
+class Silent(ControlClient):
+    """A real client whose connection reaches a host that never says a word."""
+
+    def __init__(self, port: int, bundle: bytes, *, connects: bool = True) -> None:
+        super().__init__("127.0.0.1", port, TD)
+        self.bundle = bundle
+        self.connects = connects  # False: not even TCP completes (SYNs go unanswered)
+        self.peers: list[trio.testing.MemoryReceiveStream] = []
+
+    async def _open_tcp(self) -> trio.SocketStream:
+        if not self.connects:
+            await trio.sleep_forever()
+        ours, theirs = trio.testing.memory_stream_pair()
+        self.peers.append(theirs.receive_stream)  # kept open, never read
+        return ours  # type: ignore[return-value]  # a stream, as the client uses it
+
+    async def request(self, method: str, target: str, body: Any, **kw: Any) -> dict[str, Any]:
+        return await super().request(method, target, body, **{**kw, "bundle_pem": self.bundle})
+
+
+def _a_bundle() -> bytes:
+    return ForeignCa.create(TD).root.public_bytes(serialization.Encoding.PEM)
+
+
+@pytest.mark.parametrize("wait", [None, 300.0])  # an ordinary request, and a long poll
+@pytest.mark.parametrize("connects", [True, False])  # silent after TCP, or before it
+async def test_a_silent_host_fails_after_the_connect_deadline_not_the_request_s(
+    autojump_clock: trio.testing.MockClock, wait: float | None, connects: bool
+) -> None:
+    client = Silent(1000, _a_bundle(), connects=connects)
+    start = trio.current_time()
+    with pytest.raises(ControlPlaneError) as info:
+        await client.request("GET", "/v1/watch", None, now=utcnow(), wait=wait)
+    assert trio.current_time() - start == pytest.approx(CONNECT_TIMEOUT)
+    assert client.timeout > CONNECT_TIMEOUT
+    assert info.value.reason == "authority_unreachable" and not info.value.permanent
+    assert "no TLS connection within 3s" in info.value.message
+
+
+async def test_a_silent_host_costs_the_connect_deadline_before_the_next_server(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    link, (_, second), log, _ = make_link(tmp_path, 2, rand=0.5)
+    silent = Silent(1000, _a_bundle())
+    link.clients = (silent, second)
+    start = trio.current_time()
+    assert await ask(link) == {"ok": second.port}
+    assert second.asked == [pytest.approx(start + CONNECT_TIMEOUT + 0.5 * 2.0)]
+    assert log.find("authority_failover")[0]["reason"] == "authority_unreachable"

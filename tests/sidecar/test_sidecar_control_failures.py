@@ -40,6 +40,7 @@ from meshid.events import EventLog
 from meshid.spiffeid import SpiffeId, TrustDomain
 from sidecar.app import Sidecar
 from sidecar.config import parse_config
+from sidecar.control import ControlClient, ControlPlaneError
 from sidecar.renewal import Pacing
 from sidecar.schedule import Schedule
 
@@ -365,3 +366,23 @@ async def test_a_serving_sidecar_outlives_a_permanent_control_plane_failure(
     assert not sidecar.stopped.is_set()
     # watch and report, each every 0.5 s (±10 %), not every 0.02-0.05 s
     assert 1 <= attempts <= 10, (attempts, trio.current_time() - start)
+
+
+async def test_a_host_that_never_answers_fails_at_the_connect_deadline(tmp_path: Path) -> None:
+    """A listener that never accepts: the kernel completes TCP, nobody speaks TLS."""
+    with socket.socket() as mute:
+        mute.bind(("127.0.0.1", 0))
+        mute.listen(0)
+        port = mute.getsockname()[1]
+        authority = make_authority(tmp_path / "ca")
+        try:
+            bundle = authority.bundle().to_pem()
+        finally:
+            authority.close()
+        client = ControlClient("127.0.0.1", port, TD, timeout=30.0, connect_timeout=0.3)
+        start = trio.current_time()
+        with trio.fail_after(10), pytest.raises(ControlPlaneError) as info:
+            await client.request("GET", "/v1/watch", None, bundle_pem=bundle, now=utcnow())
+        assert trio.current_time() - start < 5  # the connect deadline, not the request's 30 s
+        assert info.value.reason == "authority_unreachable" and not info.value.permanent
+        assert "no TLS connection within 0.3s" in info.value.message
