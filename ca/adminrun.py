@@ -34,12 +34,22 @@ from meshid.spiffeid import SpiffeId
 RUN_TIMEOUT = 60.0
 MAX_RUNS = 2  # per worker: each is a Python process of its own
 ENTRY = "from meshid.cli import main; main()"
+# Not passed to the child: no command of the table signs, so it needs no root
+# passphrase; a traceback (MESHID_DEBUG) would show the host's internals to a
+# remote caller; and the state directory is named on its command line, never
+# found in the environment. The rest (libpq's PGPASSWORD, PATH) it needs as the
+# server does.
+WITHHELD = ("MESHID_CA_PASSPHRASE", "MESHID_DEBUG", "MESHID_CA_STATE")
 
 
 def _write_private(path: Path, data: bytes) -> None:
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     with os.fdopen(fd, "wb") as f:
         f.write(data)
+
+
+def _child_env() -> dict[str, str]:
+    return {k: v for k, v in os.environ.items() if k not in WITHHELD}
 
 
 def _capped(data: bytes, what: str) -> tuple[bytes, bytes]:
@@ -96,6 +106,7 @@ async def run_for_operator(
                     capture_stdout=True,
                     capture_stderr=True,
                     check=False,
+                    env=_child_env(),
                     deliver_cancel=_terminate,
                 )
         if scope.cancelled_caught:

@@ -270,3 +270,43 @@ async def test_a_command_that_runs_too_long_is_stopped(tmp_path: Path) -> None:
             time_limit=0.5,
         )
     assert reply.status == 504 and reply.body["error"] == "remote_call_timeout"
+
+
+SHOW_ENV = (
+    "import json, os, sys; a = sys.argv; keys = a[a.index('--keys') + 1 : a.index('--state')]; "
+    "print(json.dumps({k: os.environ.get(k) for k in keys}))"
+)
+
+
+async def test_the_command_run_for_an_operator_gets_no_root_passphrase_and_no_debug(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The child needs no root key (the table has no signing command), and a traceback
+    (MESHID_DEBUG) would hand the host's internals to a remote caller; the database
+    password it needs (libpq's PGPASSWORD) and the rest of the environment stay."""
+    import trio
+
+    from ca.adminrun import run_for_operator
+    from meshid.adminwire import RunAnswer, RunCall
+    from meshid.spiffeid import SpiffeId
+
+    monkeypatch.setenv("MESHID_CA_PASSPHRASE", "root-secret")
+    monkeypatch.setenv("MESHID_DEBUG", "1")
+    monkeypatch.setenv("MESHID_CA_STATE", str(tmp_path / "elsewhere"))
+    monkeypatch.setenv("PGPASSWORD", "db-secret")
+    keys = ("MESHID_CA_PASSPHRASE", "MESHID_DEBUG", "MESHID_CA_STATE", "PGPASSWORD")
+    with trio.fail_after(20):
+        reply = await run_for_operator(
+            SpiffeId.parse(ALICE),
+            RunCall(("ca", "status"), ("--keys", *keys)),
+            tmp_path,
+            trio.CapacityLimiter(1),
+            entry=SHOW_ENV,
+        )
+    seen = json.loads(RunAnswer.parse(reply.body).stdout)
+    assert seen == {
+        "MESHID_CA_PASSPHRASE": None,
+        "MESHID_DEBUG": None,
+        "MESHID_CA_STATE": None,
+        "PGPASSWORD": "db-secret",
+    }
