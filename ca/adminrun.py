@@ -9,7 +9,9 @@ same output, same exit status, and every audit row it writes names the
 operator. A child, not a call in this process: the command prints to its
 own stdout and may take its time (a federation fetch) without holding the
 server's database thread; at most `MAX_RUNS` at once per worker, each
-stopped after `RUN_TIMEOUT`.
+stopped after `RUN_TIMEOUT`, and one per operator (`RunSlots`): an operator
+who starts a slow command, then more, is refused the second at once rather
+than taking every slot from the other operators.
 
 Files the client sent by value are written to a private temporary
 directory (0700, files 0600) for the child to read, and their paths in the
@@ -22,6 +24,7 @@ import os
 import signal
 import sys
 import tempfile
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import trio
@@ -40,6 +43,18 @@ ENTRY = "from meshid.cli import main; main()"
 # found in the environment. The rest (libpq's PGPASSWORD, PATH) it needs as the
 # server does.
 WITHHELD = ("MESHID_CA_PASSPHRASE", "MESHID_DEBUG", "MESHID_CA_STATE")
+
+
+@dataclass
+class RunSlots:
+    """The worker's run slots, and which operators hold or wait for one."""
+
+    limit: int
+    limiter: trio.CapacityLimiter = field(init=False)
+    busy: set[SpiffeId] = field(default_factory=set)
+
+    def __post_init__(self) -> None:
+        self.limiter = trio.CapacityLimiter(self.limit)
 
 
 def _write_private(path: Path, data: bytes) -> None:
@@ -69,16 +84,38 @@ async def run_for_operator(
     operator: SpiffeId,
     call: RunCall,
     state_dir: Path,
-    limiter: trio.CapacityLimiter,
+    slots: RunSlots,
     *,
     entry: str = ENTRY,
     time_limit: float = RUN_TIMEOUT,
 ) -> Reply:
-    """The command's output and exit status as a `RunAnswer`, or 504 past `time_limit`.
+    """The command's output and exit status as a `RunAnswer`, 504 past `time_limit`,
+    or 429 while the same operator has a command running or waiting.
 
     `entry` is the Python the child runs (the command line's `main`; a test
     puts a stand-in there).
     """
+    if operator in slots.busy:
+        return error(
+            429,
+            Reason.REMOTE_CALL_BUSY,
+            f"{operator} already has a command running on the authority; retry when it ends",
+        )
+    slots.busy.add(operator)
+    try:
+        return await _run(operator, call, state_dir, slots.limiter, entry, time_limit)
+    finally:
+        slots.busy.discard(operator)
+
+
+async def _run(
+    operator: SpiffeId,
+    call: RunCall,
+    state_dir: Path,
+    limiter: trio.CapacityLimiter,
+    entry: str,
+    time_limit: float,
+) -> Reply:
     with tempfile.TemporaryDirectory(prefix="meshid-run-") as tmp:
         args = list(call.args)
         names: dict[bytes, bytes] = {}

@@ -7,6 +7,7 @@ One real `meshid ca serve` for the module; the client is the real CLI, in proces
 
 from __future__ import annotations
 
+import functools
 import json
 from collections.abc import Iterator
 from pathlib import Path
@@ -235,15 +236,14 @@ SHOW_FILE = (
 
 
 async def test_the_runner_sends_files_privately_and_names_them_as_typed(tmp_path: Path) -> None:
-    import trio
 
-    from ca.adminrun import run_for_operator
+    from ca.adminrun import RunSlots, run_for_operator
     from meshid.adminwire import RunAnswer, RunCall, RunFile
     from meshid.spiffeid import SpiffeId
 
     call = RunCall(("policy", "apply"), ("-f", "mine.toml"), (RunFile(1, b"CONTENT"),))
     reply = await run_for_operator(
-        SpiffeId.parse(ALICE), call, tmp_path, trio.CapacityLimiter(1), entry=SHOW_FILE
+        SpiffeId.parse(ALICE), call, tmp_path, RunSlots(1), entry=SHOW_FILE
     )
     assert reply.status == 200
     answer = RunAnswer.parse(reply.body)
@@ -255,7 +255,7 @@ async def test_the_runner_sends_files_privately_and_names_them_as_typed(tmp_path
 async def test_a_command_that_runs_too_long_is_stopped(tmp_path: Path) -> None:
     import trio
 
-    from ca.adminrun import run_for_operator
+    from ca.adminrun import RunSlots, run_for_operator
     from meshid.adminwire import RunCall
     from meshid.spiffeid import SpiffeId
 
@@ -265,7 +265,7 @@ async def test_a_command_that_runs_too_long_is_stopped(tmp_path: Path) -> None:
             SpiffeId.parse(ALICE),
             RunCall(("ca", "status")),
             tmp_path,
-            trio.CapacityLimiter(1),
+            RunSlots(1),
             entry=hang,
             time_limit=0.5,
         )
@@ -286,7 +286,7 @@ async def test_the_command_run_for_an_operator_gets_no_root_passphrase_and_no_de
     password it needs (libpq's PGPASSWORD) and the rest of the environment stay."""
     import trio
 
-    from ca.adminrun import run_for_operator
+    from ca.adminrun import RunSlots, run_for_operator
     from meshid.adminwire import RunAnswer, RunCall
     from meshid.spiffeid import SpiffeId
 
@@ -300,7 +300,7 @@ async def test_the_command_run_for_an_operator_gets_no_root_passphrase_and_no_de
             SpiffeId.parse(ALICE),
             RunCall(("ca", "status"), ("--keys", *keys)),
             tmp_path,
-            trio.CapacityLimiter(1),
+            RunSlots(1),
             entry=SHOW_ENV,
         )
     seen = json.loads(RunAnswer.parse(reply.body).stdout)
@@ -310,3 +310,33 @@ async def test_the_command_run_for_an_operator_gets_no_root_passphrase_and_no_de
         "MESHID_CA_STATE": None,
         "PGPASSWORD": "db-secret",
     }
+
+
+async def test_one_operator_cannot_take_every_run_slot(tmp_path: Path) -> None:
+    """An operator running a slow command, then more, does not make the others wait:
+    its second command at once is refused (429, a reason), another operator's runs."""
+    import trio
+    import trio.testing
+
+    from ca.adminrun import MAX_RUNS, RunSlots, run_for_operator
+    from meshid.adminwire import RunAnswer, RunCall
+    from meshid.spiffeid import SpiffeId
+
+    alice, bob = SpiffeId.parse(ALICE), SpiffeId.parse(BOB)
+    slots = RunSlots(MAX_RUNS)
+    status = RunCall(("ca", "status"))
+    with trio.fail_after(20):
+        async with trio.open_nursery() as nursery:
+            slow = "import time; time.sleep(30)"  # until cancelled below
+            nursery.start_soon(
+                functools.partial(run_for_operator, alice, status, tmp_path, slots, entry=slow)
+            )
+            await trio.testing.wait_all_tasks_blocked()
+            again = await run_for_operator(alice, status, tmp_path, slots, entry="print('x')")
+            assert again.status == 429 and again.body["error"] == "remote_call_busy"
+            other = await run_for_operator(bob, status, tmp_path, slots, entry="print('bob')")
+            assert other.status == 200 and RunAnswer.parse(other.body).stdout == b"bob\n"
+            nursery.cancel_scope.cancel()
+        # once alice's first command has ended, she runs again
+        done = await run_for_operator(alice, status, tmp_path, slots, entry="print('x')")
+        assert done.status == 200
