@@ -188,6 +188,26 @@ def test_a_non_operator_is_refused_and_audited(mesh: Mesh) -> None:
     assert BOB not in run("ca", "operator", "list", *mesh.local).stdout
 
 
+def test_an_operator_svid_revoked_by_serial_is_refused(mesh: Mesh) -> None:
+    """An operator's lost laptop: its one SVID revoked by serial, the person kept. The
+    control plane refuses that certificate as it refuses a revoked identity; the
+    operator's other SVID still works."""
+    from cryptography import x509
+
+    lost = mesh.root / "alice-lost"
+    issued = run("ca", "issue", ALICE, "--out", str(lost), *mesh.local)
+    assert issued.exit_code == 0, issued.output
+    serial = f"{x509.load_pem_x509_certificate((lost / 'svid.pem').read_bytes()).serial_number:x}"
+    assert run("ca", "revoke", "--serial", serial, *mesh.local).exit_code == 0
+    before = len(mesh.audit())
+    refused = run("ca", "operator", "add", BOB, "--server", mesh.listen, "--svid", str(lost))
+    assert refused.exit_code == 1, refused.output
+    assert "revoked" in refused.stderr and refused.stderr.count("\n") == 1
+    assert BOB not in run("ca", "operator", "list", *mesh.local).stdout
+    assert [a for a, _ in mesh.audit()[before:]] == []  # nothing ran
+    assert run("ca", "status", *mesh.alice).exit_code == 0
+
+
 def test_commands_that_need_the_authority_host_refuse_server(mesh: Mesh) -> None:
     for args in (
         ("ca", "init", "--trust-domain", "x.org"),
