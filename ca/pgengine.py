@@ -88,10 +88,10 @@ def translate(sql: str) -> str:
 
 def first_line(exc: BaseException, secret: str | None) -> str:
     """The driver's words, safe to log: one line, the password cut out."""
-    text = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
-    if secret:
+    text = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+    if secret:  # before the cut: a password across it would leave its first characters
         text = text.replace(secret, "***")
-    return text
+    return text[:200]
 
 
 class _PgConnection:
