@@ -3,7 +3,7 @@
 Theory of operation: `ca.adminapi.authorise_run` has checked the caller
 against the operator list and the call against `ca.remotetable`, and
 audited it. Here the command runs as a child process of the control plane,
-``meshid --acting-operator ID WORDS… ARGS… --state OUR_STATE_DIR``, so it
+``meshid --acting-operator ID WORDS… --state OUR_STATE_DIR ARGS…``, so it
 is exactly the command an operator would run on this host: same checks,
 same output, same exit status, and every audit row it writes names the
 operator. A child, not a call in this process: the command prints to its
@@ -131,9 +131,11 @@ async def _run(
             "--acting-operator",
             str(operator),
             *call.command,
-            *args,
+            # Before the operator's arguments: a last option given without its value
+            # would otherwise take "--state" as that value.
             "--state",
             str(state_dir),
+            *args,
         ]
         async with limiter:
             with trio.move_on_after(time_limit) as scope:

@@ -293,7 +293,7 @@ async def test_a_command_that_runs_too_long_is_stopped(tmp_path: Path) -> None:
 
 
 SHOW_ENV = (
-    "import json, os, sys; a = sys.argv; keys = a[a.index('--keys') + 1 : a.index('--state')]; "
+    "import json, os, sys; a = sys.argv; keys = a[a.index('--keys') + 1 :]; "
     "print(json.dumps({k: os.environ.get(k) for k in keys}))"
 )
 
@@ -360,3 +360,23 @@ async def test_one_operator_cannot_take_every_run_slot(tmp_path: Path) -> None:
         # once alice's first command has ended, she runs again
         done = await run_for_operator(alice, status, tmp_path, slots, entry="print('x')")
         assert done.status == 200
+
+
+async def test_a_last_option_without_its_value_cannot_swallow_the_state_directory(
+    tmp_path: Path,
+) -> None:
+    """`ca revoke --serial` with no serial: the authority's own `--state` is not taken as
+    the serial (and its directory as the ID); the command says the value is missing."""
+    import trio
+
+    from ca.adminrun import RunSlots, run_for_operator
+    from meshid.adminwire import RunAnswer, RunCall
+    from meshid.spiffeid import SpiffeId
+
+    with trio.fail_after(30):
+        reply = await run_for_operator(
+            SpiffeId.parse(ALICE), RunCall(("ca", "revoke"), ("--serial",)), tmp_path, RunSlots(1)
+        )
+    answer = RunAnswer.parse(reply.body)
+    assert answer.exit_code == 2, answer
+    assert b"'--serial' requires an argument" in answer.stderr, answer
