@@ -20,8 +20,10 @@ output are turned back into the names the operator typed.
 
 from __future__ import annotations
 
+import functools
 import os
 import signal
+import subprocess
 import sys
 import tempfile
 from dataclasses import dataclass, field
@@ -30,13 +32,16 @@ from pathlib import Path
 import trio
 
 from ca.api import Reply, error
-from meshid.adminwire import MAX_OUTPUT, RunAnswer, RunCall
+from meshid.adminwire import MAX_ARG, MAX_FILES, MAX_OUTPUT, RunAnswer, RunCall
 from meshid.reasons import Reason
 from meshid.spiffeid import SpiffeId
 
 RUN_TIMEOUT = 60.0
 MAX_RUNS = 2  # per worker: each is a Python process of its own
 ENTRY = "from meshid.cli import main; main()"
+# What is read of each output: past the cap by the length of a few temporary paths,
+# which are replaced by the names the operator typed before the cut (each may be longer).
+KEEP = MAX_OUTPUT + MAX_FILES * MAX_ARG
 # Not passed to the child: no command of the table signs, so it needs no root
 # passphrase; a traceback (MESHID_DEBUG) would show the host's internals to a
 # remote caller; and the state directory is named on its command line, never
@@ -67,9 +72,9 @@ def _child_env() -> dict[str, str]:
     return {k: v for k, v in os.environ.items() if k not in WITHHELD}
 
 
-def _capped(data: bytes, what: str) -> tuple[bytes, bytes]:
-    """At most MAX_OUTPUT bytes, and a note on stderr when cut."""
-    if len(data) <= MAX_OUTPUT:
+def _capped(data: bytes, what: str, *, dropped: bool) -> tuple[bytes, bytes]:
+    """At most MAX_OUTPUT bytes, and a note on stderr when cut (or `dropped` as read)."""
+    if len(data) <= MAX_OUTPUT and not dropped:
         return data, b""
     note = f"note: the authority cut the command's {what} at {MAX_OUTPUT} bytes\n"
     return data[:MAX_OUTPUT], note.encode()
@@ -139,15 +144,7 @@ async def _run(
         ]
         async with limiter:
             with trio.move_on_after(time_limit) as scope:
-                done = await trio.run_process(
-                    argv,
-                    stdin=b"",
-                    capture_stdout=True,
-                    capture_stderr=True,
-                    check=False,
-                    env=_child_env(),
-                    deliver_cancel=_terminate,
-                )
+                returncode, out, err = await _child(argv)
         if scope.cancelled_caught:
             return error(
                 504,
@@ -155,13 +152,47 @@ async def _run(
                 f"'{' '.join(call.command)}' ran past {time_limit:.0f}s on the authority "
                 "and was stopped",
             )
-    stdout, stderr = done.stdout, done.stderr
+    stdout, stderr = bytes(out), bytes(err)
     for written, name in names.items():
         stdout, stderr = stdout.replace(written, name), stderr.replace(written, name)
-    stdout, cut_out = _capped(stdout, "output")
-    stderr, cut_err = _capped(stderr, "error output")
-    answer = RunAnswer(_status(done.returncode), stdout, stderr + cut_out + cut_err)
+    stdout, cut_out = _capped(stdout, "output", dropped=len(out) > KEEP)
+    stderr, cut_err = _capped(stderr, "error output", dropped=len(err) > KEEP)
+    answer = RunAnswer(_status(returncode), stdout, stderr + cut_out + cut_err)
     return Reply(200, answer.to_json())
+
+
+async def _child(argv: list[str]) -> tuple[int, bytearray, bytearray]:
+    """Run `argv`: its exit status, and what it printed up to a little past `MAX_OUTPUT`.
+
+    The rest is read and dropped, so that the child never blocks on a full pipe
+    and the control plane never holds more than the cap of it.
+    """
+    out, err = bytearray(), bytearray()
+    async with trio.open_nursery() as nursery:
+        process: trio.Process = await nursery.start(
+            functools.partial(
+                trio.run_process,
+                argv,
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                check=False,
+                env=_child_env(),
+                deliver_cancel=_terminate,
+            )
+        )
+        assert process.stdout is not None and process.stderr is not None  # PIPE
+        nursery.start_soon(_keep, process.stdout, out)
+        nursery.start_soon(_keep, process.stderr, err)
+    assert process.returncode is not None  # run_process returns once it has ended
+    return process.returncode, out, err
+
+
+async def _keep(stream: trio.abc.ReceiveStream, into: bytearray) -> None:
+    """Up to one byte past `KEEP` (which says the rest was dropped) of `stream`."""
+    async for chunk in stream:
+        if len(into) <= KEEP:
+            into += chunk[: KEEP + 1 - len(into)]
 
 
 async def _terminate(process: trio.Process) -> None:

@@ -380,3 +380,34 @@ async def test_a_last_option_without_its_value_cannot_swallow_the_state_director
     answer = RunAnswer.parse(reply.body)
     assert answer.exit_code == 2, answer
     assert b"'--serial' requires an argument" in answer.stderr, answer
+
+
+@pytest.mark.slow  # 64 MiB through a pipe, traced
+async def test_a_command_that_prints_without_end_costs_the_authority_bounded_memory(
+    tmp_path: Path,
+) -> None:
+    """What a command prints past the cap is read and dropped, not held: a huge
+    `ca audit export` does not make the control plane hold all of it at once."""
+    import tracemalloc
+
+    import trio
+
+    from ca.adminrun import RunSlots, run_for_operator
+    from meshid.adminwire import MAX_OUTPUT, RunAnswer, RunCall
+    from meshid.spiffeid import SpiffeId
+
+    flood = "import sys; b = b'x' * (1 << 20); [sys.stdout.buffer.write(b) for _ in range(64)]"
+    tracemalloc.start()
+    try:
+        with trio.fail_after(60):
+            reply = await run_for_operator(
+                SpiffeId.parse(ALICE), RunCall(("ca", "audit", "export")), tmp_path,
+                RunSlots(1), entry=flood,
+            )  # fmt: skip
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    answer = RunAnswer.parse(reply.body)
+    assert answer.exit_code == 0 and answer.stdout == b"x" * MAX_OUTPUT
+    assert b"cut the command's output" in answer.stderr
+    assert peak < 48 * 1024 * 1024, peak  # the answer itself is ~3x the cap; 64 MiB were sent
