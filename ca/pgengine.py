@@ -209,14 +209,18 @@ class PgEngine:
         idle timeout) and say so only when next used. Nothing was done on it
         yet, so opening the transaction again on a new one is safe; a loss in
         the middle of a transaction is not retried: it is StorageUnavailable.
+        A statement after BEGIN that fails (the write lock not had within
+        LOCK_TIMEOUT) leaves no transaction open: an aborted one would refuse
+        every later statement on this connection.
         """
         for attempt in (1, 2):
             try:
                 for statement in statements:
                     self._conn.execute(statement)
                 return
-            except StorageUnavailable:
-                if attempt == 2 or not self._lost():
+            except Exception as exc:
+                self.rollback()
+                if not isinstance(exc, StorageUnavailable) or attempt == 2 or not self._lost():
                     raise
 
     def _lost(self) -> bool:
