@@ -301,11 +301,16 @@ class Access(Roots):
             (tuple(rule) for rule in rules if is_prefix(rule[0]) or is_prefix(rule[1])),
         ).decide(source, target)
 
-    def revocation(self, spiffe_id: SpiffeId) -> int | None:
-        """The revocation version in force if `spiffe_id` is revoked, else None (one lookup)."""
+    def revocation(self, spiffe_id: SpiffeId, serial: int | None = None) -> int | None:
+        """The revocation version in force if `spiffe_id` is revoked, or its SVID `serial`
+        is (`ca revoke --serial`), else None (one lookup)."""
+        # Serials are kept as `revoke_serial` writes them: lowercase hex, no leading zeros.
+        serial_text = "" if serial is None else f"{serial:x}"
         with self.store.read() as conn:
             row = conn.execute(
-                "SELECT 1 FROM revocations WHERE spiffe_id = ?", (str(spiffe_id),)
+                "SELECT 1 FROM revocations WHERE spiffe_id = ? "
+                "UNION ALL SELECT 1 FROM revoked_serials WHERE serial = ?",
+                (str(spiffe_id), serial_text),
             ).fetchone()
             return None if row is None else Store.counter(conn, "revocation_version")
 

@@ -88,10 +88,10 @@ def translate(sql: str) -> str:
 
 def first_line(exc: BaseException, secret: str | None) -> str:
     """The driver's words, safe to log: one line, the password cut out."""
-    text = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
-    if secret:
+    text = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+    if secret:  # before the cut: a password across it would leave its first characters
         text = text.replace(secret, "***")
-    return text
+    return text[:200]
 
 
 class _PgConnection:
@@ -209,14 +209,18 @@ class PgEngine:
         idle timeout) and say so only when next used. Nothing was done on it
         yet, so opening the transaction again on a new one is safe; a loss in
         the middle of a transaction is not retried: it is StorageUnavailable.
+        A statement after BEGIN that fails (the write lock not had within
+        LOCK_TIMEOUT) leaves no transaction open: an aborted one would refuse
+        every later statement on this connection.
         """
         for attempt in (1, 2):
             try:
                 for statement in statements:
                     self._conn.execute(statement)
                 return
-            except StorageUnavailable:
-                if attempt == 2 or not self._lost():
+            except Exception as exc:
+                self.rollback()
+                if not isinstance(exc, StorageUnavailable) or attempt == 2 or not self._lost():
                     raise
 
     def _lost(self) -> bool:

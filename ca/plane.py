@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import trio
 
 from ca import backend
-from ca.adminrun import MAX_RUNS
+from ca.adminrun import MAX_RUNS, RunSlots
 from ca.api import ControlApi, Reply, Request, error
 from ca.authority import Authority
 from ca.db import is_driver_error
@@ -100,7 +100,7 @@ class PlaneState:
     _throttle: _Throttle = field(default_factory=lambda: _Throttle(per_second=10))
     _queue: list[_Slot] = field(default_factory=list)
     _queued: trio.Event = field(default_factory=trio.Event)
-    _runs: trio.CapacityLimiter = field(default_factory=lambda: trio.CapacityLimiter(MAX_RUNS))
+    _runs: RunSlots = field(default_factory=lambda: RunSlots(MAX_RUNS))
     root_keeper: RootKeeper = field(init=False)
     metrics: CaMetrics = field(init=False)
     graph: ServiceGraph = field(init=False)

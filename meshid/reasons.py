@@ -168,6 +168,10 @@ class Reason(enum.StrEnum):
         "remote_call_timeout",
         "a command an operator ran through the control plane took too long and was stopped",
     )
+    REMOTE_CALL_BUSY = (
+        "remote_call_busy",
+        "the operator already has a command running through the control plane",
+    )
     INVALID_OPERATOR_ID = (
         "invalid_operator_id",
         "an operator ID must be spiffe://TD/meshid/operator/NAME",

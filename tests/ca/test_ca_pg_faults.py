@@ -93,6 +93,28 @@ def test_a_connection_lost_inside_a_transaction_changes_nothing(
         authority.close()
 
 
+def test_a_write_that_waited_out_the_lock_leaves_the_connection_usable(
+    tmp_path: Path, pg_url: str, clock: Clock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Another instance holds the write lock past the wait: this write fails with
+    storage_unavailable, and the next one, the lock free, lands on the same connection."""
+    from ca import pgengine
+
+    monkeypatch.setattr(pgengine, "LOCK_TIMEOUT", "200ms")
+    authority = Authority.init(tmp_path / "s", TD, clock=clock, database=Database(pg_url, "one"))
+    try:
+        with psycopg.connect(pg_url) as holder:
+            holder.execute("SELECT pg_advisory_xact_lock(%s)", (pgengine.WRITE_LOCK_KEY,))
+            with pytest.raises(StorageUnavailable) as info:
+                authority.create_token(WEB)
+            assert info.value.reason == "storage_unavailable"
+            holder.rollback()
+        authority.create_token(WEB)
+        assert query(tmp_path / "s", "SELECT COUNT(*) FROM tokens") == [(1,)]
+    finally:
+        authority.close()
+
+
 def test_the_api_answers_503_while_the_database_is_unreachable_and_recovers(
     tmp_path: Path, pg_url: str, pg_cluster: PgCluster, clock: Clock
 ) -> None:

@@ -7,6 +7,7 @@ One real `meshid ca serve` for the module; the client is the real CLI, in proces
 
 from __future__ import annotations
 
+import functools
 import json
 from collections.abc import Iterator
 from pathlib import Path
@@ -187,6 +188,26 @@ def test_a_non_operator_is_refused_and_audited(mesh: Mesh) -> None:
     assert BOB not in run("ca", "operator", "list", *mesh.local).stdout
 
 
+def test_an_operator_svid_revoked_by_serial_is_refused(mesh: Mesh) -> None:
+    """An operator's lost laptop: its one SVID revoked by serial, the person kept. The
+    control plane refuses that certificate as it refuses a revoked identity; the
+    operator's other SVID still works."""
+    from cryptography import x509
+
+    lost = mesh.root / "alice-lost"
+    issued = run("ca", "issue", ALICE, "--out", str(lost), *mesh.local)
+    assert issued.exit_code == 0, issued.output
+    serial = f"{x509.load_pem_x509_certificate((lost / 'svid.pem').read_bytes()).serial_number:x}"
+    assert run("ca", "revoke", "--serial", serial, *mesh.local).exit_code == 0
+    before = len(mesh.audit())
+    refused = run("ca", "operator", "add", BOB, "--server", mesh.listen, "--svid", str(lost))
+    assert refused.exit_code == 1, refused.output
+    assert "revoked" in refused.stderr and refused.stderr.count("\n") == 1
+    assert BOB not in run("ca", "operator", "list", *mesh.local).stdout
+    assert [a for a, _ in mesh.audit()[before:]] == []  # nothing ran
+    assert run("ca", "status", *mesh.alice).exit_code == 0
+
+
 def test_commands_that_need_the_authority_host_refuse_server(mesh: Mesh) -> None:
     for args in (
         ("ca", "init", "--trust-domain", "x.org"),
@@ -236,15 +257,14 @@ SHOW_FILE = (
 
 
 async def test_the_runner_sends_files_privately_and_names_them_as_typed(tmp_path: Path) -> None:
-    import trio
 
-    from ca.adminrun import run_for_operator
+    from ca.adminrun import RunSlots, run_for_operator
     from meshid.adminwire import RunAnswer, RunCall, RunFile
     from meshid.spiffeid import SpiffeId
 
     call = RunCall(("policy", "apply"), ("-f", "mine.toml"), (RunFile(1, b"CONTENT"),))
     reply = await run_for_operator(
-        SpiffeId.parse(ALICE), call, tmp_path, trio.CapacityLimiter(1), entry=SHOW_FILE
+        SpiffeId.parse(ALICE), call, tmp_path, RunSlots(1), entry=SHOW_FILE
     )
     assert reply.status == 200
     answer = RunAnswer.parse(reply.body)
@@ -256,7 +276,7 @@ async def test_the_runner_sends_files_privately_and_names_them_as_typed(tmp_path
 async def test_a_command_that_runs_too_long_is_stopped(tmp_path: Path) -> None:
     import trio
 
-    from ca.adminrun import run_for_operator
+    from ca.adminrun import RunSlots, run_for_operator
     from meshid.adminwire import RunCall
     from meshid.spiffeid import SpiffeId
 
@@ -266,8 +286,129 @@ async def test_a_command_that_runs_too_long_is_stopped(tmp_path: Path) -> None:
             SpiffeId.parse(ALICE),
             RunCall(("ca", "status")),
             tmp_path,
-            trio.CapacityLimiter(1),
+            RunSlots(1),
             entry=hang,
             time_limit=0.5,
         )
     assert reply.status == 504 and reply.body["error"] == "remote_call_timeout"
+
+
+SHOW_ENV = (
+    "import json, os, sys; a = sys.argv; keys = a[a.index('--keys') + 1 :]; "
+    "print(json.dumps({k: os.environ.get(k) for k in keys}))"
+)
+
+
+async def test_the_command_run_for_an_operator_gets_no_root_passphrase_and_no_debug(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The child needs no root key (the table has no signing command), and a traceback
+    (MESHID_DEBUG) would hand the host's internals to a remote caller; the database
+    password it needs (libpq's PGPASSWORD) and the rest of the environment stay."""
+    import trio
+
+    from ca.adminrun import RunSlots, run_for_operator
+    from meshid.adminwire import RunAnswer, RunCall
+    from meshid.spiffeid import SpiffeId
+
+    monkeypatch.setenv("MESHID_CA_PASSPHRASE", "root-secret")
+    monkeypatch.setenv("MESHID_DEBUG", "1")
+    monkeypatch.setenv("MESHID_CA_STATE", str(tmp_path / "elsewhere"))
+    monkeypatch.setenv("PGPASSWORD", "db-secret")
+    keys = ("MESHID_CA_PASSPHRASE", "MESHID_DEBUG", "MESHID_CA_STATE", "PGPASSWORD")
+    with trio.fail_after(20):
+        reply = await run_for_operator(
+            SpiffeId.parse(ALICE),
+            RunCall(("ca", "status"), ("--keys", *keys)),
+            tmp_path,
+            RunSlots(1),
+            entry=SHOW_ENV,
+        )
+    seen = json.loads(RunAnswer.parse(reply.body).stdout)
+    assert seen == {
+        "MESHID_CA_PASSPHRASE": None,
+        "MESHID_DEBUG": None,
+        "MESHID_CA_STATE": None,
+        "PGPASSWORD": "db-secret",
+    }
+
+
+async def test_one_operator_cannot_take_every_run_slot(tmp_path: Path) -> None:
+    """An operator running a slow command, then more, does not make the others wait:
+    its second command at once is refused (429, a reason), another operator's runs."""
+    import trio
+    import trio.testing
+
+    from ca.adminrun import MAX_RUNS, RunSlots, run_for_operator
+    from meshid.adminwire import RunAnswer, RunCall
+    from meshid.spiffeid import SpiffeId
+
+    alice, bob = SpiffeId.parse(ALICE), SpiffeId.parse(BOB)
+    slots = RunSlots(MAX_RUNS)
+    status = RunCall(("ca", "status"))
+    with trio.fail_after(20):
+        async with trio.open_nursery() as nursery:
+            slow = "import time; time.sleep(30)"  # until cancelled below
+            nursery.start_soon(
+                functools.partial(run_for_operator, alice, status, tmp_path, slots, entry=slow)
+            )
+            await trio.testing.wait_all_tasks_blocked()
+            again = await run_for_operator(alice, status, tmp_path, slots, entry="print('x')")
+            assert again.status == 429 and again.body["error"] == "remote_call_busy"
+            other = await run_for_operator(bob, status, tmp_path, slots, entry="print('bob')")
+            assert other.status == 200 and RunAnswer.parse(other.body).stdout == b"bob\n"
+            nursery.cancel_scope.cancel()
+        # once alice's first command has ended, she runs again
+        done = await run_for_operator(alice, status, tmp_path, slots, entry="print('x')")
+        assert done.status == 200
+
+
+async def test_a_last_option_without_its_value_cannot_swallow_the_state_directory(
+    tmp_path: Path,
+) -> None:
+    """`ca revoke --serial` with no serial: the authority's own `--state` is not taken as
+    the serial (and its directory as the ID); the command says the value is missing."""
+    import trio
+
+    from ca.adminrun import RunSlots, run_for_operator
+    from meshid.adminwire import RunAnswer, RunCall
+    from meshid.spiffeid import SpiffeId
+
+    with trio.fail_after(30):
+        reply = await run_for_operator(
+            SpiffeId.parse(ALICE), RunCall(("ca", "revoke"), ("--serial",)), tmp_path, RunSlots(1)
+        )
+    answer = RunAnswer.parse(reply.body)
+    assert answer.exit_code == 2, answer
+    assert b"'--serial' requires an argument" in answer.stderr, answer
+
+
+@pytest.mark.slow  # 64 MiB through a pipe, traced
+async def test_a_command_that_prints_without_end_costs_the_authority_bounded_memory(
+    tmp_path: Path,
+) -> None:
+    """What a command prints past the cap is read and dropped, not held: a huge
+    `ca audit export` does not make the control plane hold all of it at once."""
+    import tracemalloc
+
+    import trio
+
+    from ca.adminrun import RunSlots, run_for_operator
+    from meshid.adminwire import MAX_OUTPUT, RunAnswer, RunCall
+    from meshid.spiffeid import SpiffeId
+
+    flood = "import sys; b = b'x' * (1 << 20); [sys.stdout.buffer.write(b) for _ in range(64)]"
+    tracemalloc.start()
+    try:
+        with trio.fail_after(60):
+            reply = await run_for_operator(
+                SpiffeId.parse(ALICE), RunCall(("ca", "audit", "export")), tmp_path,
+                RunSlots(1), entry=flood,
+            )  # fmt: skip
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    answer = RunAnswer.parse(reply.body)
+    assert answer.exit_code == 0 and answer.stdout == b"x" * MAX_OUTPUT
+    assert b"cut the command's output" in answer.stderr
+    assert peak < 48 * 1024 * 1024, peak  # the answer itself is ~3x the cap; 64 MiB were sent

@@ -74,3 +74,18 @@ def test_revoke_serial_refuses_bad_input_in_one_line(state: Path, tmp_path: Path
     assert run("ca", "revoke", "--serial", serial, "--state", str(state)).exit_code == 0
     again = run("ca", "revoke", "--serial", serial, "--state", str(state))
     assert again.exit_code == 1 and "already revoked" in again.stderr
+
+
+def test_the_one_lookup_of_a_caller_sees_a_revoked_serial(state: Path, tmp_path: Path) -> None:
+    """What the management routes ask of each caller: its identity or this very SVID."""
+    revoked = _issue(state, tmp_path / "a")
+    kept = _issue(state, tmp_path / "b")
+    revoke = run("ca", "revoke", "--serial", f"{revoked.serial_number:x}", "--state", str(state))
+    assert revoke.exit_code == 0, revoke.output
+    authority = Authority.open(state, clock=system_clock())
+    try:
+        assert authority.revocation(WEB, revoked.serial_number) == 1
+        assert authority.revocation(WEB, kept.serial_number) is None
+        assert authority.revocation(WEB) is None  # the identity itself is not revoked
+    finally:
+        authority.close()
