@@ -251,12 +251,16 @@ async def metric(port: int, name: str) -> float | None:
     return None
 
 
-async def wait_parked(port: int, n: int, limit_s: float) -> float:
+async def wait_parked(port: int, n: int, limit_s: float, fleet: Fleet, log: Any) -> float:
     """Wait until the authority holds `n` watches parked; how long that took."""
     started = time.monotonic()
+    said = started
     with trio.fail_after(limit_s):
         # another process's gauge: nothing to wait on but the next sample
-        while (await metric(port, "meshid_ca_watches") or 0) < n:  # noqa: ASYNC110
+        while (parked := await metric(port, "meshid_ca_watches") or 0) < n:
+            if time.monotonic() - said > 10:
+                said = time.monotonic()
+                log(f"{parked:.0f} of {n} parked; client errors {dict(fleet.errors)}")
             await trio.sleep(0.2)
     return time.monotonic() - started
 
@@ -367,7 +371,9 @@ async def measure(run: Run, sims: list[Sim], rounds: int, log: Any) -> None:
         log(f"N={n}: enrolled in {result['enroll_all_s']}s")
         for sim in sims:
             nursery.start_soon(watch, sim, fleet)
-        result["park_all_s"] = round(await wait_parked(run.metrics_port, n, 60 + n * 0.05), 2)
+        result["park_all_s"] = round(
+            await wait_parked(run.metrics_port, n, 60 + n * 0.05, fleet, log), 2
+        )
         rss = rss_kib(server.pid) / 1024
         result["rss_connected_mib"] = round(rss, 1)
         result["rss_per_sidecar_kib"] = round((rss - result["rss_idle_mib"]) * 1024 / n, 1)
@@ -384,7 +390,7 @@ async def measure(run: Run, sims: list[Sim], rounds: int, log: Any) -> None:
             latencies += mine
             rounds_out.append(percentiles(mine))
             log(f"N={n}: round {round_ + 1} propagation {rounds_out[-1]}")
-            await wait_parked(run.metrics_port, n, 60 + n * 0.05)
+            await wait_parked(run.metrics_port, n, 60 + n * 0.05, fleet, log)
         result["propagation_s"] = percentiles(latencies)
         result["propagation_rounds"] = rounds_out
         result["rss_after_rounds_mib"] = round(rss_kib(server.pid) / 1024, 1)
@@ -402,7 +408,9 @@ async def measure(run: Run, sims: list[Sim], rounds: int, log: Any) -> None:
             "down_s": round(up - stopped, 2),
             "renew_s": percentiles(renewed),
             "parked_again_s": round(
-                time.monotonic() - up + await wait_parked(run.metrics_port, n, 120 + n * 0.05),
+                time.monotonic()
+                - up
+                + await wait_parked(run.metrics_port, n, 120 + n * 0.05, fleet, log),
                 2,
             ),
         }

@@ -83,6 +83,18 @@ class Access(Roots):
             )
         return SpiffeId.parse(row[0]), version
 
+    def revoked_since(self, spiffe_id: SpiffeId) -> int | None:
+        """The current revocation version if `spiffe_id` is revoked, else None.
+
+        What every authenticated request asks of its caller: one indexed
+        lookup, where `policy()` reads and parses the whole allow-list.
+        """
+        with self.store.read() as conn:
+            row = conn.execute(
+                "SELECT 1 FROM revocations WHERE spiffe_id = ?", (str(spiffe_id),)
+            ).fetchone()
+            return None if row is None else Store.counter(conn, "revocation_version")
+
     def unrevoke(self, spiffe_id: SpiffeId) -> int | None:
         """Lift an identity's revocation: the new revocation version, or None if it was not revoked.
 

@@ -389,12 +389,9 @@ class ControlApi:
             raise TokenRejected(
                 "caller is of another trust domain", reason=Reason.UNTRUSTED_TRUST_DOMAIN
             )
-        policy = self.authority.policy()
-        if verified.spiffe_id in policy.revoked:
-            raise CallerRevoked(
-                f"{verified.spiffe_id} is revoked",
-                revocation_version=policy.revocation_version,
-            )
+        revoked_at = self.authority.revoked_since(verified.spiffe_id)
+        if revoked_at is not None:
+            raise CallerRevoked(f"{verified.spiffe_id} is revoked", revocation_version=revoked_at)
         return verified.spiffe_id
 
     def watch_check(self, req: Request) -> tuple[Reply | None, tuple[int, int, int]]:
