@@ -203,6 +203,10 @@ class ControlApi:
         except MeshIdError as exc:
             return error_for(exc)
 
+    def handle_each(self, requests: list[Request]) -> list[Reply]:
+        """Several reading requests (the feeds of watches woken together), one by one."""
+        return [self.handle(req) for req in requests]
+
     def handle_batch(self, requests: list[Request]) -> list[Reply]:
         """Several writing requests, their writes in one database transaction.
 

@@ -90,8 +90,8 @@ class PlaneState:
     _watches: dict[SpiffeId, int] = field(default_factory=dict)
     _watching: int = 0
     _throttle: _Throttle = field(default_factory=lambda: _Throttle(per_second=10))
-    _queue: list[_Slot] = field(default_factory=list)
-    _queued: trio.Event = field(default_factory=trio.Event)
+    _signing: _Queue = field(default_factory=lambda: _Queue())  # enroll, renew, report
+    _feeds: _Queue = field(default_factory=lambda: _Queue())  # watches a change woke
     root_keeper: RootKeeper = field(init=False)
     metrics: CaMetrics = field(init=False)
     graph: ServiceGraph = field(init=False)
@@ -199,6 +199,30 @@ class _Slot:
     request: Request
     reply: Reply | None = None
     done: trio.Event = field(default_factory=trio.Event)
+
+
+@dataclass(eq=False, slots=True)
+class _Queue:
+    """Requests waiting for one call to the database thread that answers them all."""
+
+    slots: list[_Slot] = field(default_factory=list)
+    queued: trio.Event = field(default_factory=trio.Event)
+
+    async def ask(self, req: Request) -> Reply:
+        slot = _Slot(req)
+        self.slots.append(slot)
+        self.queued.set()
+        await slot.done.wait()
+        assert slot.reply is not None
+        return slot.reply
+
+    async def wait_batch(self, most: int) -> list[_Slot]:
+        """The next `most` queued requests at most, waiting for one if none is queued."""
+        while not self.slots:
+            await self.queued.wait()
+            self.queued = trio.Event()
+        batch, self.slots = self.slots[:most], self.slots[most:]
+        return batch
 
 
 _STORAGE_ERRNOS = frozenset({errno.ENOSPC, errno.EROFS, errno.EDQUOT, errno.EIO})

@@ -113,6 +113,7 @@ class ControlPlane(HttpShell):
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self._poll)
             nursery.start_soon(self._batcher)
+            nursery.start_soon(self._feed_reader)
             self.log(
                 "serving",
                 listen=f"{self.bound[0]}:{self.bound[1]}",
