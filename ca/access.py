@@ -6,12 +6,13 @@ import json
 import sqlite3
 from collections.abc import Iterable
 
+from ca.feedindex import FeedIndex, Versions
 from ca.roots import Roots
 from ca.services import build_map, read_entries
 from ca.store import Store
 from ca.values import check_not_reserved
 from meshid.errors import InvalidInput, PolicyError
-from meshid.policy import Decision, Policy, is_prefix, rule_ends
+from meshid.policy import Decision, Policy, is_prefix
 from meshid.spiffeid import SpiffeId
 
 
@@ -264,39 +265,35 @@ class Access(Roots):
             )
 
     def feed(self, spiffe_id: SpiffeId) -> dict[str, object]:
-        """What one sidecar needs to enforce: its own pairs, the revocations, the bundle."""
-        me = str(spiffe_id)
+        """What one sidecar needs to enforce: its own pairs, the revocations, the bundle.
+
+        Read from the index of the current versions (`ca.feedindex`), built when one moved.
+        """
         with self.store.read() as conn:
-            pairs = conn.execute(
-                "SELECT source, target FROM policy WHERE source = ? OR target = ? "
-                "ORDER BY source, target",
-                (me, me),
-            ).fetchall()
-            # Prefix rules that can match this sidecar's ID on either side.
-            mine = set(rule_ends(spiffe_id))
-            prefixed = [
-                [src, dst]
-                for src, dst in conn.execute(
-                    "SELECT source, target FROM policy WHERE source LIKE '%/*' "
-                    "OR target LIKE '%/*' ORDER BY source, target"
-                ).fetchall()
-                if src in mine or dst in mine
-            ]
-            revoked = conn.execute("SELECT spiffe_id FROM revocations ORDER BY 1").fetchall()
-            serials = conn.execute("SELECT serial FROM revoked_serials ORDER BY 1").fetchall()
-            policy_version = Store.counter(conn, "policy_version")
-            revocation_version = Store.counter(conn, "revocation_version")
             bundle = self.bundle()  # inside the snapshot: fresh, and consistent with the rest
-            federated = conn.execute(
-                "SELECT trust_domain, bundle FROM federated_domains ORDER BY 1"
-            ).fetchall()
-            addresses, _conflicts = build_map(read_entries(conn))
-        return {
-            "policy_version": policy_version,
-            "revocation_version": revocation_version,
-            "bundle_sequence": bundle.sequence,
-            "pairs": [[src, dst] for src, dst in pairs if not (is_prefix(src) or is_prefix(dst))],
-            "prefix_rules": prefixed,
+            versions = (
+                Store.counter(conn, "policy_version"),
+                Store.counter(conn, "revocation_version"),
+                bundle.sequence,
+            )
+            index = self._feed_index
+            if index is None or index.versions != versions:
+                index = self._feed_index = self._read_feed_index(conn, versions)
+        return index.feed(spiffe_id)
+
+    def _read_feed_index(self, conn: sqlite3.Connection, versions: Versions) -> FeedIndex:
+        rules = conn.execute("SELECT source, target FROM policy").fetchall()
+        revoked = conn.execute("SELECT spiffe_id FROM revocations ORDER BY 1").fetchall()
+        serials = conn.execute("SELECT serial FROM revoked_serials ORDER BY 1").fetchall()
+        bundle = self.bundle()
+        federated = conn.execute(
+            "SELECT trust_domain, bundle FROM federated_domains ORDER BY 1"
+        ).fetchall()
+        addresses, _conflicts = build_map(read_entries(conn))
+        shared: dict[str, object] = {
+            "policy_version": versions[0],
+            "revocation_version": versions[1],
+            "bundle_sequence": versions[2],
             "revoked": [r for (r,) in revoked],
             "revoked_serials": [n for (n,) in serials],
             "bundle": bundle.to_pem().decode(),
@@ -304,6 +301,7 @@ class Access(Roots):
             "federated_bundles": {td: json.loads(doc) for td, doc in federated},
             "addresses": [[h, p, str(sid)] for (h, p), sid in sorted(addresses.items())],
         }
+        return FeedIndex.build(versions, rules, shared)
 
 
 def _check_end(end: str) -> None:
