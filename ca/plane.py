@@ -13,7 +13,7 @@ import math
 import os
 import sqlite3
 import ssl
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any, TypeVar
@@ -26,7 +26,7 @@ from ca.metrics import CaMetrics, Live
 from ca.rootkeeper import RootKeeper
 from ca.ui import ServiceGraph
 from meshid.clock import Clock
-from meshid.errors import MeshIdError, StorageUnavailable
+from meshid.errors import InvalidInput, MeshIdError, StorageUnavailable
 from meshid.ratelimit import FailureLimiter
 from meshid.spiffeid import SpiffeId
 from meshid.svid import IpAddress, certs_to_pem, generate_key, key_to_pem
@@ -58,6 +58,38 @@ class ServerOptions:
     metrics: tuple[str, int] | None = None  # HOST, PORT of the Prometheus listener (ca.metrics)
     ui: tuple[str, int] | None = None  # HOST, PORT of the service graph page (ca.ui)
     bundle_endpoint: tuple[str, int] | None = None  # HOST, PORT of ca.bundle_endpoint
+
+
+# The admission caps an operator may size to the mesh (`meshid ca serve --limit NAME=N`).
+LIMITS = (
+    "max_authenticated",
+    "max_connections",
+    "max_per_source",
+    "max_watches",
+    "max_watches_per_identity",
+)
+MAX_LIMIT = 1_000_000
+
+
+def parse_limits(items: Iterable[str]) -> dict[str, int]:
+    """`NAME=N` items (the last of a name wins) as `ServerOptions` fields. Pure.
+
+    A cap can be raised or lowered, never switched off: N is a whole number
+    from 1 to MAX_LIMIT.
+    """
+    limits: dict[str, int] = {}
+    for item in items:
+        name, sep, value = item.partition("=")
+        name = name.strip()
+        if not sep or not name:
+            raise InvalidInput(f"--limit {item!r}: expected NAME=N")
+        if name not in LIMITS:
+            raise InvalidInput(f"--limit {name}: unknown; one of {', '.join(LIMITS)}")
+        value = value.strip()
+        if not value.isdigit() or not 1 <= int(value) <= MAX_LIMIT:
+            raise InvalidInput(f"--limit {name}: must be a whole number from 1 to {MAX_LIMIT}")
+        limits[name] = int(value)
+    return limits
 
 
 @dataclass(slots=True)
