@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import json
 import time
+from datetime import timedelta
+from typing import Any
 
 import pytest
 from ca_helpers import TD, Clock
@@ -120,3 +122,29 @@ def test_a_revoked_caller_is_refused_with_the_revocation_version(
     assert (reply.status, reply.body["error"]) == (403, "identity_revoked")
     assert reply.body["revocation_version"] == version
     assert _watch(authority, clock, API).status == 200  # its twin, not revoked
+
+
+def test_a_callers_chain_is_verified_once_and_its_expiry_every_time(
+    authority: Authority, clock: Clock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every watch checks its caller; a mesh asks thousands of times a minute with the same
+    certificates, so the signature check is remembered, while the time check is not."""
+    import ca.issuance
+
+    calls: list[object] = []
+    real = ca.issuance.verify_svid
+
+    def counted(*args: Any) -> Any:
+        calls.append(args)
+        return real(*args)
+
+    monkeypatch.setattr(ca.issuance, "verify_svid", counted)
+    cert = _cert(authority, WEB)
+    query = dict(q.split("=") for q in WatchQuery().to_query().split("&"))
+    api = _api(authority, clock)
+    for _ in range(3):
+        assert api.handle(Request("GET", "/v1/watch", query, b"", "127.0.0.1", cert)).status == 200
+    assert len(calls) == 1
+    clock.advance(cert.not_valid_after_utc - clock() + timedelta(seconds=1))
+    reply = api.handle(Request("GET", "/v1/watch", query, b"", "127.0.0.1", cert))
+    assert reply.status == 401 and reply.body["error"] == "expired", reply.body
