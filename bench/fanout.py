@@ -39,6 +39,7 @@ import argparse
 import collections
 import contextlib
 import json
+import math
 import random
 import re
 import resource
@@ -161,7 +162,7 @@ class Fleet:
 
 async def enroll(sim: Sim, fleet: Fleet, limit: trio.CapacityLimiter) -> None:
     """Enroll with the join token; retry with the sidecar's backoff, a bounded number of times."""
-    for failures in range(1, 20):
+    for failures in range(1, MAX_POLLS):
         async with limit:
             key = generate_key()
             csr = build_csr(key, sim.identity).decode()
@@ -181,7 +182,7 @@ async def enroll(sim: Sim, fleet: Fleet, limit: trio.CapacityLimiter) -> None:
                 _install(sim, key, reply)
                 return
         await trio.sleep(delay)
-    raise RuntimeError(f"{sim.identity} could not enroll")
+    fleet.errors["enroll_gave_up"] += 1  # the phase's deadline says the rest
 
 
 def _install(sim: Sim, key: Any, reply: SvidReply) -> None:
@@ -324,10 +325,16 @@ class Run:
     n: int
     workdir: Path
     sup: Supervisor
+    slack: float = 1.0  # a loaded machine needs longer deadlines (--slack)
     port: int = 0
     metrics_port: int = 0
     server: Proc | None = None
     result: dict[str, Any] = field(default_factory=dict)
+    ends: float = math.inf  # monotonic: past it, every phase gives up (--budget)
+
+    def limit(self, seconds: float) -> float:
+        """A phase's deadline, scaled by `--slack` and cut to what the run's budget leaves."""
+        return max(0.0, min(seconds * self.slack, self.ends - time.monotonic()))
 
     @property
     def state(self) -> Path:
@@ -428,13 +435,13 @@ async def phases(
     limit = trio.CapacityLimiter(ENROLL_CONCURRENCY)
     for sim in sims:
         nursery.start_soon(enroll_and_watch, sim, fleet, limit)
-    with trio.fail_after(60 + n * 0.05):
+    with trio.fail_after(run.limit(60 + n * 0.05)):
         await fleet.wait_until(lambda: fleet.enrolled >= n)
     result["enroll_all_s"] = round(time.monotonic() - started, 2)
     log(f"N={n}: enrolled in {result['enroll_all_s']}s")
     fleet.phase = "parking"
     result["park_all_s"] = round(
-        await wait_parked(run.metrics_port, n, 60 + n * 0.05, fleet, log), 2
+        await wait_parked(run.metrics_port, n, run.limit(60 + n * 0.05), fleet, log), 2
     )
     rss = rss_kib(server.pid) / 1024
     result["rss_connected_mib"] = round(rss, 1)
@@ -448,7 +455,7 @@ async def phases(
         cpu, own = cpu_seconds(server.pid), _self_cpu()
         version = await run.deny_one(round_)
         returned = time.monotonic()
-        with trio.fail_after(60 + n * 0.03):
+        with trio.fail_after(run.limit(60 + n * 0.03)):
             await fleet.wait_until(lambda v=version: fleet.holding[v] >= n)
         mine = [max(0.0, s.seen[version] - returned) for s in sims]
         latencies += mine
@@ -462,7 +469,7 @@ async def phases(
             }
         )
         log(f"N={n}: round {round_ + 1} propagation {rounds_out[-1]}")
-        await wait_parked(run.metrics_port, n, 60 + n * 0.05, fleet, log)
+        await wait_parked(run.metrics_port, n, run.limit(60 + n * 0.05), fleet, log)
     result["propagation_s"] = percentiles(latencies)
     result["server_cpu_per_change_s"] = min(r["server_cpu_s"] for r in rounds_out)
     result["propagation_rounds"] = rounds_out
@@ -475,7 +482,7 @@ async def phases(
     run.sup.stop(server, grace=30)
     run.start_server()
     up = time.monotonic()
-    with trio.fail_after(120 + n * 0.05):
+    with trio.fail_after(run.limit(120 + n * 0.05)):
         await fleet.wait_until(lambda: fleet.renewed >= n)
     renewed = [s.renewed_at - up for s in sims if s.renewed_at is not None]
     result["restart"] = {
@@ -484,7 +491,7 @@ async def phases(
         "parked_again_s": round(
             time.monotonic()
             - up
-            + await wait_parked(run.metrics_port, n, 120 + n * 0.05, fleet, log),
+            + await wait_parked(run.metrics_port, n, run.limit(120 + n * 0.05), fleet, log),
             2,
         ),
     }
@@ -505,11 +512,13 @@ def server_refusals(log_path: Path) -> dict[str, int]:
     return dict(counts)
 
 
-def run_size(n: int, rounds: int, keep: Path | None, log: Any) -> dict[str, Any]:
+def run_size(
+    n: int, rounds: int, keep: Path | None, log: Any, budget: float, slack: float
+) -> dict[str, Any]:
     workdir = Path(tempfile.mkdtemp(prefix=f"meshid-fanout-{n}-", dir=keep))
     try:
         with Supervisor(workdir) as sup:
-            run = Run(n, workdir, sup)
+            run = Run(n, workdir, sup, slack, ends=time.monotonic() + budget)
             started = time.monotonic()
             sims = run.prepare()
             run.result["setup_s"] = round(time.monotonic() - started, 1)
@@ -626,6 +635,12 @@ def main(argv: list[str] | None = None) -> int:
         help="comma-separated N (default 100,1000); empty: only redraw the report from --results",
     )
     parser.add_argument("--rounds", type=int, default=3, help="policy changes per size")
+    parser.add_argument(
+        "--budget", type=float, default=3600.0, help="seconds one size may take, at most"
+    )
+    parser.add_argument(
+        "--slack", type=float, default=1.0, help="multiply every phase's deadline (busy machine)"
+    )
     parser.add_argument("--results", type=Path, default=RESULTS)
     parser.add_argument("--out", type=Path, default=Path("bench/RESULTS.md"))
     parser.add_argument("--workdir", type=Path, help="keep the state and logs here")
@@ -646,7 +661,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.results.exists():
         results = json.loads(args.results.read_text())
     for n in sizes:
-        results[str(n)] = run_size(n, args.rounds, args.workdir, log)
+        results[str(n)] = run_size(n, args.rounds, args.workdir, log, args.budget, args.slack)
         args.results.write_text(json.dumps(results, indent=2, sort_keys=True) + "\n")
         log(f"N={n}: {json.dumps(results[str(n)])}")
     write_section(args.out, render(results))
