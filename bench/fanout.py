@@ -573,7 +573,9 @@ def render(results: dict[str, dict[str, Any]]) -> str:
         "",
         "![Fan-out cost as the mesh grows](fanout.png)",
         "",
-        "What a change costs the authority: the poller sees the new version within 0.2 s and "
+        "Propagation is counted from `meshid policy deny` returning (0: every sidecar held the "
+        "new version before the command had exited). What a change costs the authority: "
+        "the poller sees the new version within 0.2 s and "
         "wakes every parked watch; their feeds are read in batches of 256 per trip to the "
         "database thread, from an index of the allow-list built once per version, and each "
         "caller's certificate chain is checked once and remembered (its validity times every "
