@@ -622,14 +622,27 @@ def plot(results: dict[str, dict[str, Any]], path: Path) -> bool:
     sizes = sorted(int(k) for k in results)
     rows = [results[str(n)] for n in sizes]
     fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
-    left.plot(sizes, [r["propagation_s"]["p50"] for r in rows], "o-", label="p50")
-    left.plot(sizes, [r["propagation_s"]["p99"] for r in rows], "o-", label="p99")
-    left.plot(sizes, [r["propagation_s"]["max"] for r in rows], "o--", label="max")
-    left.plot(sizes, [r["server_cpu_per_change_s"] for r in rows], "s:", label="authority CPU")
+    done = [(n, r) for n, r in zip(sizes, rows, strict=True) if "propagation_s" in r]
+    for key, style in (("p50", "o-"), ("p99", "o-"), ("max", "o--")):
+        left.plot(
+            [n for n, _ in done], [r["propagation_s"][key] for _, r in done], style, label=key
+        )
+    left.plot(
+        [n for n, _ in done],
+        [r["server_cpu_per_change_s"] for _, r in done],
+        "s:",
+        label="authority CPU",
+    )
     left.axhline(2.0, color="grey", linestyle=":", label="target p99 (N=10,000)")
     left.set(xscale="log", xlabel="sidecars (N)", ylabel="seconds", title="deny -> all N hold it")
     left.legend()
-    right.plot(sizes, [r["rss_connected_mib"] for r in rows], "o-", label="RSS, N connected")
+    parked = [(n, r) for n, r in zip(sizes, rows, strict=True) if "rss_connected_mib" in r]
+    right.plot(
+        [n for n, _ in parked],
+        [r["rss_connected_mib"] for _, r in parked],
+        "o-",
+        label="RSS, N connected",
+    )
     right.plot(sizes, [r["rss_idle_mib"] for r in rows], "o--", label="RSS, idle")
     right.axhline(1024, color="grey", linestyle=":", label="target (N=10,000)")
     right.set(xscale="log", xlabel="sidecars (N)", ylabel="MiB", title="authority memory")
