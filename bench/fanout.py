@@ -50,7 +50,7 @@ import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -370,7 +370,8 @@ class Run:
         try:
             ring = [(str(ids[i]), str(ids[(i + 1) % self.n])) for i in range(self.n)]
             authority.apply_policy(ring)
-            tokens = [authority.create_token(sid) for sid in ids]
+            # long enough for the slowest rollout this bench waits for
+            tokens = [authority.create_token(sid, ttl=timedelta(hours=3)) for sid in ids]
             bundle = authority.bundle().to_pem()
         finally:
             authority.close()
