@@ -570,6 +570,9 @@ def render(results: dict[str, dict[str, Any]]) -> str:
             f"| {r['when']}, load {' '.join(r['loadavg'])}"
             f"{'; ' + r['incomplete'] if 'incomplete' in r else ''} |"
         )
+    notes = [f"- N = {int(k):,}: {results[k]['note']}" for k in results if "note" in results[k]]
+    if notes:
+        lines += ["", "Seen while it ran (samples taken by hand, kept in `fanout.json`):", *notes]
     lines += [
         "",
         "![Fan-out cost as the mesh grows](fanout.png)",
