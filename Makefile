@@ -88,14 +88,21 @@ check: lint typecheck deploy-check test-all
 demo: install system-packages
 	$(BIN)/python tools/demo.py
 
+# The control-plane fan-out (bench/fanout.py) runs after bench.run, which rewrites
+# RESULTS.md: it adds its own section. N = 10,000 takes the better part of an hour:
+# make bench FANOUT_SIZES=10000 (sizes not run keep their last figures in bench/fanout.json).
+FANOUT_SIZES ?= 100,1000
+
 bench: install
 	tools/ensure-debs openssl:openssl stunnel4:stunnel4 wrk:wrk iperf3:iperf3 nginx:nginx-light pg_ctlcluster:postgresql
 	$(BIN)/python -m pip install --quiet py-spy || echo "bench: py-spy unavailable, no profiles" >&2
 	tools/ensure-debs ip:iproute2 nft:nftables || echo "bench: no nft, no transparent figures" >&2
+	$(BIN)/python -m pip install --quiet -e '.[bench]' || echo "bench: matplotlib unavailable, no plot" >&2
 	$(BIN)/python -m bench.run
 	$(BIN)/python -m bench.idle_rss
 	$(BIN)/python -m bench.rejudge
 	$(BIN)/python -m bench.policy_decision
+	$(BIN)/python -m bench.fanout --sizes $(FANOUT_SIZES)
 
 bench-workload: install
 	$(BIN)/python -m bench.workload_api --streams 1000 --per-connection 1

@@ -16,10 +16,12 @@ import json
 from collections.abc import Iterable
 
 from ca.db import Conflict, Connection
+from ca.feedindex import FeedIndex, Versions
 from ca.roots import Roots
 from ca.services import build_map, read_entries
 from ca.store import Store
 from ca.values import check_not_reserved
+from meshid.bundle import TrustBundle
 from meshid.errors import InvalidInput, PolicyError
 from meshid.policy import Decision, Policy, is_prefix, rule_ends
 from meshid.spiffeid import SpiffeId
@@ -331,48 +333,47 @@ class Access(Roots):
         With `since` (the policy version the sidecar holds, when it asks for
         deltas) and a history that covers it, the rules come as a ``delta``
         from that version, and ``pairs`` and ``prefix_rules`` are empty.
+        Everything else, and whole lists, come from the index of the current
+        versions (`ca.feedindex`), read once when one of them moved: a change
+        wakes every sidecar at once, and each asking the database for its
+        own rows made that work grow with the square of the mesh.
         """
-        me = str(spiffe_id)
-        mine = set(rule_ends(spiffe_id))  # the rule ends that can match this sidecar's ID
         with self.store.read() as conn:
-            policy_version = Store.counter(conn, "policy_version")
-            delta = None
-            if since is not None and Store.counter(conn, FLOOR) <= since <= policy_version:
-                delta = _delta(conn, since, mine)
-            pairs: list[list[str]] = []
-            prefixed: list[list[str]] = []
-            if delta is None:
-                # Indexed both ways (the primary key, policy_by_target); rows stream into
-                # the one list the reply is made of.
-                for src, dst in conn.execute(
-                    "SELECT source, target FROM policy WHERE source = ? OR target = ? "
-                    "ORDER BY source, target",
-                    (me, me),
-                ):
-                    if not (is_prefix(src) or is_prefix(dst)):
-                        pairs.append([src, dst])
-                # Prefix rules that can match this sidecar's ID on either side (the partial
-                # index policy_prefixed holds only them).
-                for src, dst in conn.execute(
-                    "SELECT source, target FROM policy WHERE source LIKE '%/*' "
-                    "OR target LIKE '%/*' ORDER BY source, target"
-                ):
-                    if src in mine or dst in mine:
-                        prefixed.append([src, dst])
-            revoked = conn.execute("SELECT spiffe_id FROM revocations ORDER BY 1").fetchall()
-            serials = conn.execute("SELECT serial FROM revoked_serials ORDER BY 1").fetchall()
-            revocation_version = Store.counter(conn, "revocation_version")
             bundle = self.bundle()  # inside the snapshot: fresh, and consistent with the rest
-            federated = conn.execute(
-                "SELECT trust_domain, bundle FROM federated_domains ORDER BY 1"
-            ).fetchall()
-            addresses, _conflicts = build_map(read_entries(conn))
-        feed: dict[str, object] = {
-            "policy_version": policy_version,
-            "revocation_version": revocation_version,
-            "bundle_sequence": bundle.sequence,
-            "pairs": pairs,
-            "prefix_rules": prefixed,
+            versions = (
+                Store.counter(conn, "policy_version"),
+                Store.counter(conn, "revocation_version"),
+                bundle.sequence,
+            )
+            delta = None
+            if since is not None and Store.counter(conn, FLOOR) <= since <= versions[0]:
+                delta = _delta(conn, since, set(rule_ends(spiffe_id)))
+            index = self._feed_index
+            if index is None or index.versions != versions:
+                index = self._feed_index = self._read_feed_index(conn, versions, bundle)
+        if delta is None:
+            return index.feed(spiffe_id)
+        return {
+            **index.shared,
+            "pairs": [],
+            "prefix_rules": [],
+            "delta": {"base_version": since, **delta},
+        }
+
+    def _read_feed_index(
+        self, conn: Connection, versions: Versions, bundle: TrustBundle
+    ) -> FeedIndex:
+        rules = conn.execute("SELECT source, target FROM policy").fetchall()
+        revoked = conn.execute("SELECT spiffe_id FROM revocations ORDER BY 1").fetchall()
+        serials = conn.execute("SELECT serial FROM revoked_serials ORDER BY 1").fetchall()
+        federated = conn.execute(
+            "SELECT trust_domain, bundle FROM federated_domains ORDER BY 1"
+        ).fetchall()
+        addresses, _conflicts = build_map(read_entries(conn))
+        shared: dict[str, object] = {
+            "policy_version": versions[0],
+            "revocation_version": versions[1],
+            "bundle_sequence": versions[2],
             "revoked": [r for (r,) in revoked],
             "revoked_serials": [n for (n,) in serials],
             "bundle": bundle.to_pem().decode(),
@@ -380,9 +381,7 @@ class Access(Roots):
             "federated_bundles": {td: json.loads(doc) for td, doc in federated},
             "addresses": [[h, p, str(sid)] for (h, p), sid in sorted(addresses.items())],
         }
-        if delta is not None:
-            feed["delta"] = {"base_version": since, **delta}
-        return feed
+        return FeedIndex.build(versions, rules, shared)
 
 
 def _marks(values: list[str]) -> str:

@@ -52,7 +52,7 @@ from meshid.reasons import Reason
 from meshid.report import TOO_LARGE, decode_report
 from meshid.skew import clock_offset
 from meshid.spiffeid import SpiffeId
-from meshid.svid import certs_to_pem, verify_svid
+from meshid.svid import certs_to_pem
 from meshid.version import VERSION
 from meshid.wire import (
     BUNDLE,
@@ -206,6 +206,10 @@ class ControlApi:
             return handler(req)
         except MeshIdError as exc:
             return error_for(exc)
+
+    def handle_each(self, requests: list[Request]) -> list[Reply]:
+        """Several reading requests (the feeds of watches woken together), one by one."""
+        return [self.handle(req) for req in requests]
 
     def handle_batch(self, requests: list[Request]) -> list[Reply]:
         """Several writing requests, their writes in one database transaction.
@@ -404,20 +408,20 @@ class ControlApi:
                 reason=Reason.NO_CLIENT_CERTIFICATE,
             )
         try:
-            verified = verify_svid([req.peer_cert], self.authority.bundle().roots, self.clock())
+            caller = self.authority.verified_caller(req.peer_cert)
         except InvalidSvid as exc:
             raise TokenRejected(
                 f"client certificate refused: {exc.message}", reason=exc.reason
             ) from None
-        if verified.spiffe_id.trust_domain != self.authority.trust_domain:
+        if caller.trust_domain != self.authority.trust_domain:
             raise TokenRejected(
                 "caller is of another trust domain", reason=Reason.UNTRUSTED_TRUST_DOMAIN
             )
         # One lookup, not the whole allow-list: every authenticated request asks.
-        revoked_at = self.authority.revocation(verified.spiffe_id)
+        revoked_at = self.authority.revocation(caller)
         if revoked_at is not None:
-            raise CallerRevoked(f"{verified.spiffe_id} is revoked", revocation_version=revoked_at)
-        return verified.spiffe_id
+            raise CallerRevoked(f"{caller} is revoked", revocation_version=revoked_at)
+        return caller
 
     def watch_check(self, req: Request) -> tuple[Reply | None, tuple[int, int, int]]:
         """Authenticate a watch; answer now (a Reply) if the caller is behind or wrong.

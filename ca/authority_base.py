@@ -13,6 +13,7 @@ from pathlib import Path
 
 from cryptography import x509
 
+from ca.feedindex import FeedIndex
 from ca.store import Store
 from meshid.bundle import TrustBundle
 from meshid.clock import Clock
@@ -47,6 +48,7 @@ class AuthorityBase:
         self._verified: dict[bytes, tuple[SpiffeId, int]] = {}
         self._bundle_checked = -math.inf  # monotonic time: its origin is arbitrary
         self._bundle_cache: TrustBundle | None = None
+        self._feed_index: FeedIndex | None = None  # ca.access: every sidecar's feed, one version
         self.capped_svids = 0  # SVIDs cut short by the root's expiry, for the server to log
         self.last_capped: tuple[SpiffeId, datetime] | None = None
 

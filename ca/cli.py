@@ -276,6 +276,14 @@ def bundle_cmd(state: Path, fmt: str) -> None:
     help="Serve the trust domain's SPIFFE bundle here for federation (SPIFFE Federation, "
     "https_spiffe profile; endpoint ID spiffe://TD/meshid/authority). Off by default.",
 )
+@click.option(
+    "--limit",
+    "limits",
+    multiple=True,
+    metavar="NAME=N",
+    help="Size an admission cap to the mesh (repeatable): max_connections, max_per_source, "
+    "max_authenticated, max_watches, max_watches_per_identity. See the README's Limits.",
+)
 @passphrase_option
 def serve_cmd(
     state: Path,
@@ -288,9 +296,10 @@ def serve_cmd(
     metrics: str | None,
     ui: str | None,
     bundle_endpoint: str | None,
+    limits: tuple[str, ...],
 ) -> None:
     """Run the control plane: enrollment, renewal, bundle, policy and revocation feed."""
-    from ca.plane import ServerOptions
+    from ca.plane import ServerOptions, parse_limits
     from ca.servelock import hold_serve_lock
     from ca.workers import default_names, parse_listen, run_server
     from meshid.events import EventLog
@@ -300,6 +309,7 @@ def serve_cmd(
     ui_at = parse_listen(ui, "--ui") if ui else None
     bundle_at = parse_listen(bundle_endpoint, "--bundle-endpoint") if bundle_endpoint else None
     names, ips = (tuple(dns), tuple(_ips(ip))) if dns or ip else default_names(host)
+    caps = parse_limits(limits)
     passphrase = read_passphrase(passphrase_file)
     clock = system_clock()  # the process's one clock: every worker and the authority share it
     probe = Authority.open(state, passphrase=passphrase, clock=clock)
@@ -320,6 +330,7 @@ def serve_cmd(
         metrics=metrics_at,
         ui=ui_at,
         bundle_endpoint=bundle_at,
+        **caps,
     )
     try:
         status = run_server(

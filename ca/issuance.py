@@ -48,6 +48,10 @@ from meshid.svid import (
     verify_svid,
 )
 
+# Certificates remembered as verified: one per live sidecar and some (a mesh of tens of
+# thousands fits; past it the memory is forgotten at once, about 200 bytes an entry).
+VERIFIED_CALLERS = 65536
+
 
 class Issuance(Roots):
     # -- issuing --
@@ -310,7 +314,7 @@ class Issuance(Roots):
         return self.commit(self.prepare_renew(caller, csr_data))
 
     def prepare_renew(self, caller: x509.Certificate, csr_data: bytes) -> Prepared:
-        sid = self._verified_caller(caller)
+        sid = self.verified_caller(caller)
         csr = parse_csr(csr_data)
         check_csr_identity(csr, sid)
         public_key = csr_public_key(csr)
@@ -333,9 +337,10 @@ class Issuance(Roots):
         generation, leaf = self._sign(sid, public_key, None, dns, ips)
         return Prepared(sid, generation, leaf, "renew", caller_serial=f"{caller.serial_number:x}")
 
-    def _verified_caller(self, caller: x509.Certificate) -> SpiffeId:
-        """verify_svid, remembered per certificate and bundle: a sidecar renewing over
-        a kept-alive connection presents the same certificate every time."""
+    def verified_caller(self, caller: x509.Certificate) -> SpiffeId:
+        """verify_svid, remembered per certificate and bundle: a sidecar presents the same
+        certificate to every watch and every report until it renews. Its times are checked
+        on every call."""
         bundle = self.bundle()
         now = self._now()
         fingerprint = caller.fingerprint(hashes.SHA256())
@@ -344,7 +349,7 @@ class Issuance(Roots):
             check_validity(caller, now, f"{known[0]} certificate")
             return known[0]
         sid = verify_svid([caller], bundle.roots, now).spiffe_id
-        if len(self._verified) >= 4096:
+        if len(self._verified) >= VERIFIED_CALLERS:
             self._verified.clear()
         self._verified[fingerprint] = (sid, bundle.sequence)
         return sid

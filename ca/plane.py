@@ -12,7 +12,7 @@ import errno
 import math
 import os
 import ssl
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -29,7 +29,7 @@ from ca.rootkeeper import RootKeeper
 from ca.ui import ServiceGraph
 from ca.values import propagation_default
 from meshid.clock import Clock
-from meshid.errors import MeshIdError, StorageUnavailable
+from meshid.errors import InvalidInput, MeshIdError, StorageUnavailable
 from meshid.ratelimit import FailureLimiter
 from meshid.spiffeid import SpiffeId
 from meshid.svid import IpAddress, certs_to_pem, generate_key, key_to_pem
@@ -66,6 +66,38 @@ class ServerOptions:
     bundle_endpoint: tuple[str, int] | None = None  # HOST, PORT of ca.bundle_endpoint
 
 
+# The admission caps an operator may size to the mesh (`meshid ca serve --limit NAME=N`).
+LIMITS = (
+    "max_authenticated",
+    "max_connections",
+    "max_per_source",
+    "max_watches",
+    "max_watches_per_identity",
+)
+MAX_LIMIT = 1_000_000
+
+
+def parse_limits(items: Iterable[str]) -> dict[str, int]:
+    """`NAME=N` items (the last of a name wins) as `ServerOptions` fields. Pure.
+
+    A cap can be raised or lowered, never switched off: N is a whole number
+    from 1 to MAX_LIMIT.
+    """
+    limits: dict[str, int] = {}
+    for item in items:
+        name, sep, value = item.partition("=")
+        name = name.strip()
+        if not sep or not name:
+            raise InvalidInput(f"--limit {item!r}: expected NAME=N")
+        if name not in LIMITS:
+            raise InvalidInput(f"--limit {name}: unknown; one of {', '.join(LIMITS)}")
+        value = value.strip()
+        if not value.isdigit() or not 1 <= int(value) <= MAX_LIMIT:
+            raise InvalidInput(f"--limit {name}: must be a whole number from 1 to {MAX_LIMIT}")
+        limits[name] = int(value)
+    return limits
+
+
 @dataclass(slots=True)
 class _Credentials:
     context: ssl.SSLContext
@@ -98,8 +130,8 @@ class PlaneState:
     _watches: dict[SpiffeId, int] = field(default_factory=dict)
     _watching: int = 0
     _throttle: _Throttle = field(default_factory=lambda: _Throttle(per_second=10))
-    _queue: list[_Slot] = field(default_factory=list)
-    _queued: trio.Event = field(default_factory=trio.Event)
+    _signing: _Queue = field(default_factory=lambda: _Queue())  # enroll, renew, report
+    _feeds: _Queue = field(default_factory=lambda: _Queue())  # watches a change woke
     _runs: RunSlots = field(default_factory=lambda: RunSlots(MAX_RUNS))
     root_keeper: RootKeeper = field(init=False)
     metrics: CaMetrics = field(init=False)
@@ -216,6 +248,30 @@ class _Slot:
     request: Request
     reply: Reply | None = None
     done: trio.Event = field(default_factory=trio.Event)
+
+
+@dataclass(eq=False, slots=True)
+class _Queue:
+    """Requests waiting for one call to the database thread that answers them all."""
+
+    slots: list[_Slot] = field(default_factory=list)
+    queued: trio.Event = field(default_factory=trio.Event)
+
+    async def ask(self, req: Request) -> Reply:
+        slot = _Slot(req)
+        self.slots.append(slot)
+        self.queued.set()
+        await slot.done.wait()
+        assert slot.reply is not None
+        return slot.reply
+
+    async def wait_batch(self, most: int) -> list[_Slot]:
+        """The next `most` queued requests at most, waiting for one if none is queued."""
+        while not self.slots:
+            await self.queued.wait()
+            self.queued = trio.Event()
+        batch, self.slots = self.slots[:most], self.slots[most:]
+        return batch
 
 
 _STORAGE_ERRNOS = frozenset({errno.ENOSPC, errno.EROFS, errno.EDQUOT, errno.EIO})

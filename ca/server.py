@@ -119,6 +119,7 @@ class ControlPlane(HttpShell):
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._poll)
                 nursery.start_soon(self._batcher)
+                nursery.start_soon(self._feed_reader)
                 if self.listener is not None:
                     nursery.start_soon(self._listen)
                 self.log(

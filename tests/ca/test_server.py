@@ -543,3 +543,60 @@ async def test_a_report_over_tls_is_judged_against_the_request_window(
     assert skews == {"w1": 600.0, "w2": 0.0}
     health = await plane.call("GET", "/healthz")
     assert health["time"] == plane.clock.now.isoformat()
+
+
+def _db_calls(plane: Plane) -> float:
+    """Database calls so far: the count of the histogram that times them."""
+    return sum(
+        s.value
+        for m in plane.server.metrics.db_seconds.collect()
+        for s in m.samples
+        if s.name.endswith("_count")
+    )
+
+
+async def test_watchers_woken_together_are_answered_together(plane: Plane, tmp_path: Path) -> None:
+    """One change wakes every parked watch; their feeds are read in a few database calls,
+    not one each (each call is a trip to the database thread), and each caller still gets
+    its own feed."""
+    watchers = 40
+    ids = [SpiffeId(TD, f"/w{i}") for i in range(watchers)]
+    for i, sid in enumerate(ids):
+        plane.authority.allow(sid, ids[(i + 1) % watchers])
+    idents = [write_identity(tmp_path / f"w{i}", plane.authority, sid) for i, sid in enumerate(ids)]
+    first = await plane.call("GET", "/v1/watch", identity=idents[0])
+    target = "/v1/watch?policy_version={}&revocation_version={}&bundle_sequence={}&wait=20".format(
+        first["policy_version"], first["revocation_version"], first["bundle_sequence"]
+    )
+    got: dict[int, dict[str, Any]] = {}
+
+    async def watch(i: int) -> None:
+        got[i] = await plane.client().request(
+            "GET",
+            target,
+            None,
+            bundle_pem=plane.bundle_pem,
+            now=plane.clock(),
+            identity=idents[i],
+            wait=30,
+        )
+
+    async with trio.open_nursery() as nursery:
+        for i in range(watchers):
+            nursery.start_soon(watch, i)
+        with trio.fail_after(20):
+            while plane.server._watching < watchers:  # noqa: ASYNC110
+                await trio.sleep(0.01)
+        before = _db_calls(plane)
+        other = plane.other()
+        other.deny(ids[0], ids[1])
+        other.close()
+    calls = _db_calls(plane) - before
+    assert calls < watchers / 2, calls
+    assert len(got) == watchers
+    for i, feed in got.items():
+        assert feed["policy_version"] == first["policy_version"] + 1
+        mine = {tuple(p) for p in feed["pairs"]}
+        assert all(str(ids[i]) in pair for pair in mine)
+        expected = {(str(ids[i]), str(ids[(i + 1) % watchers])), (str(ids[i - 1]), str(ids[i]))}
+        assert mine == expected - {(str(ids[0]), str(ids[1]))}

@@ -7,7 +7,10 @@ from __future__ import annotations
 
 import json
 import time
+from datetime import timedelta
+from typing import Any
 
+import pytest
 from ca_helpers import TD, Clock
 from cryptography import x509
 
@@ -82,3 +85,66 @@ def test_a_malformed_watch_version_is_refused_naming_it(authority: Authority, cl
     assert reply is not None
     assert (reply.status, reply.body["error"]) == (400, "invalid_query")
     assert "policy_version" in reply.body["message"]
+
+
+def _watch(authority: Authority, clock: Clock, sid: SpiffeId) -> Reply:
+    query = dict(q.split("=") for q in WatchQuery().to_query().split("&"))
+    req = Request("GET", "/v1/watch", query, b"", "127.0.0.1", _cert(authority, sid))
+    return _api(authority, clock).handle(req)
+
+
+def test_a_caller_is_checked_without_reading_the_whole_allow_list(
+    authority: Authority, clock: Clock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every authenticated request asks whether its caller is revoked: one lookup, not the
+    whole allow-list, which a mesh of ten thousand sidecars made cost a second a request."""
+    authority.allow(WEB, API)
+
+    def whole_policy() -> None:
+        raise AssertionError("the whole allow-list was read to authenticate a caller")
+
+    monkeypatch.setattr(authority, "policy", whole_policy)
+    reply = _watch(authority, clock, WEB)
+    assert reply.status == 200, reply.body
+    assert Feed.parse(reply.body).pairs == ((WEB, API),)
+
+
+def test_a_revoked_caller_is_refused_with_the_revocation_version(
+    authority: Authority, clock: Clock
+) -> None:
+    cert = _cert(authority, WEB)
+    authority.revoke(SpiffeId(TD, "/other"))
+    version = authority.revoke(WEB)
+    query = dict(q.split("=") for q in WatchQuery().to_query().split("&"))
+    reply = _api(authority, clock).handle(
+        Request("GET", "/v1/watch", query, b"", "127.0.0.1", cert)
+    )
+    assert (reply.status, reply.body["error"]) == (403, "identity_revoked")
+    assert reply.body["revocation_version"] == version
+    assert _watch(authority, clock, API).status == 200  # its twin, not revoked
+
+
+def test_a_callers_chain_is_verified_once_and_its_expiry_every_time(
+    authority: Authority, clock: Clock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every watch checks its caller; a mesh asks thousands of times a minute with the same
+    certificates, so the signature check is remembered, while the time check is not."""
+    import ca.issuance
+
+    calls: list[object] = []
+    real = ca.issuance.verify_svid
+
+    def counted(*args: Any) -> Any:
+        calls.append(args)
+        return real(*args)
+
+    monkeypatch.setattr(ca.issuance, "verify_svid", counted)
+    cert = _cert(authority, WEB)
+    query = dict(q.split("=") for q in WatchQuery().to_query().split("&"))
+    api = _api(authority, clock)
+    for _ in range(3):
+        assert api.handle(Request("GET", "/v1/watch", query, b"", "127.0.0.1", cert)).status == 200
+    assert len(calls) == 1
+    clock.advance(cert.not_valid_after_utc - clock() + timedelta(seconds=1))
+    reply = api.handle(Request("GET", "/v1/watch", query, b"", "127.0.0.1", cert))
+    assert reply.status == 401 and reply.body["error"] == "expired", reply.body
