@@ -44,10 +44,11 @@ $(MIN_STAMP): pyproject.toml tools/min-pins
 	rm -rf $(MIN_VENV)
 	$(PYTHON) -m venv $(MIN_VENV)
 	$(PYTHON) tools/min-pins > $(MIN_VENV)/pins.txt
+	$(PYTHON) tools/min-pins --constraints > $(MIN_VENV)/constraints.txt
 	$(MIN_VENV)/bin/python -m pip install --quiet --upgrade pip
 	$(MIN_VENV)/bin/python -m pip install --quiet -r $(MIN_VENV)/pins.txt
 	$(MIN_VENV)/bin/python -m pip install --quiet --no-deps -e .
-	$(MIN_VENV)/bin/python -m pip install --quiet -c $(MIN_VENV)/pins.txt $$($(PYTHON) tools/min-pins --dev)
+	$(MIN_VENV)/bin/python -m pip install --quiet -c $(MIN_VENV)/constraints.txt $$($(PYTHON) tools/min-pins --dev)
 	touch $(MIN_STAMP)
 
 test-min: $(MIN_STAMP) system-packages

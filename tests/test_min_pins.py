@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.machinery
 import importlib.util
+import re
 from pathlib import Path
 from types import ModuleType
 
@@ -44,3 +45,13 @@ def test_a_dependency_without_a_plain_lower_bound_is_refused(
 def test_the_real_pyproject_pins_every_runtime_dependency() -> None:
     pins = load().pins(ROOT / "pyproject.toml")
     assert {p.split("==")[0].lower() for p in pins} >= {"trio", "cryptography", "pyopenssl"}
+
+
+def test_the_constraints_carry_no_extras(capsys: pytest.CaptureFixture[str]) -> None:
+    """pip refuses `name[extra]==v` in a constraints file: `--constraints` drops the extra."""
+    assert load().main(["--constraints"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines and all("[" not in line and "==" in line for line in lines)
+    assert load().main([]) == 0
+    pinned = capsys.readouterr().out.splitlines()
+    assert [re.sub(r"\[[^]]*\]", "", line) for line in pinned] == lines
