@@ -12,8 +12,8 @@ import json
 import sqlite3
 from pathlib import Path
 
-from ca.access import HISTORY_ROWS
 from ca.authority import Authority
+from ca.policyhistory import HISTORY_ROWS
 from ca.store import DB_NAME
 from meshid.feedwire import Feed
 from meshid.spiffeid import SpiffeId
