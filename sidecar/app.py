@@ -7,7 +7,8 @@ holder (`sidecar.state`), the gate (`sidecar.gate`), one connection's life
 failure boundary (`sidecar.tasks`). What stays here: swapping credentials
 and policy in (a policy change closes exactly the live connections it now
 denies), the sweep of idle and expired connections, the admin answers, and
-the lifecycle.
+the lifecycle. Installing a policy and re-judging live connections under it
+is `sidecar.enforcement`'s.
 
 Theory of operation. `Sidecar.run` opens the admin listener first (so
 /healthz answers, and /readyz says why not ready, while the sidecar waits for
@@ -45,6 +46,7 @@ from sidecar.admin import Response, serve_admin
 from sidecar.config import SidecarConfig, StaticSource
 from sidecar.connection import Connections
 from sidecar.credentials import Generation, Svid
+from sidecar.enforcement import Enforcement
 from sidecar.events import EventLog
 from sidecar.gate import Gate
 from sidecar.lifecycle import DRAINING, SERVING, STOPPED, Lifecycle
@@ -56,7 +58,7 @@ from sidecar.peer import (
 from sidecar.pump import Pump
 from sidecar.quarantine import Quarantine
 from sidecar.registry import LiveConnection, Registry
-from sidecar.rejudge import REJUDGE_CHUNK, affected_peers, rejudge
+from sidecar.rejudge import REJUDGE_CHUNK
 from sidecar.sockets import (
     bind,
     fmt_addr,
@@ -73,7 +75,7 @@ if TYPE_CHECKING:
     from sidecar.workload.run import WorkloadApi
 
 
-class Sidecar:
+class Sidecar(Enforcement):
     def __init__(
         self,
         config: SidecarConfig,
@@ -215,83 +217,6 @@ class Sidecar:
         in_use = self.dynamic.link.in_use()
         return {str(a): a == in_use for a in self.dynamic.link.servers()}
 
-    def install_policy(self, policy: Policy) -> int:
-        """Swap in a new allow-list and close exactly the live connections it denies.
-
-        Only the peers the change concerns are judged again, each once
-        (sidecar/rejudge.py), however many connections it has. Returns the
-        number closed; 0 when the change is large enough to be left to the
-        re-judge duty (`_rejudge`), whose `policy` line then says the number.
-        """
-        old, self.current.policy = self.current.policy, policy
-        self.metrics.policy_updates.inc()
-        peers = affected_peers(old, policy, self.identity)
-        index = self.registry.peers()
-        groups = len(index) if peers is None else 2 * len(peers)
-        if groups > self.rejudge_chunk and self._rejudge_wanted is not None:
-            self._rejudge_wanted.set()
-            self.changed()
-            return 0
-        closed = self._close_denied(policy, index, peers)
-        self.changed()
-        self.events.emit(
-            "policy", version=policy.version, pairs=len(policy.pairs), closed_connections=closed
-        )
-        return closed
-
-    def _close_denied(
-        self,
-        policy: Policy,
-        index: Mapping[tuple[str, SpiffeId], Mapping[int, LiveConnection]],
-        peers: set[SpiffeId] | None,
-    ) -> int:
-        reasons = {e.id: r for e, r in rejudge(policy, self.identity, index, peers)}
-        if not reasons:
-            return 0
-        return self.registry.close_where(
-            self.gate.cutting(lambda entry: reasons.get(entry.id)), among=reasons
-        )
-
-    async def _rejudge(self) -> None:
-        """The re-judge duty: every live connection under the newest policy, a chunk at a time.
-
-        Each chunk takes the policy in force when it starts: a change that
-        comes meanwhile and concerns few peers is judged at once by
-        install_policy, so the chunks already done need not see it; a large
-        one asks for another whole pass.
-        """
-        wanted = self._rejudge_wanted = trio.Event()
-        if self._rejudge_restarts:
-            wanted.set()  # restarted after a failure: the pass it was on is not lost
-        self._rejudge_restarts += 1
-        try:
-            await self._rejudge_passes(wanted)
-        finally:
-            self._rejudge_wanted = None  # judged at once from here on
-
-    async def _rejudge_passes(self, wanted: trio.Event) -> None:
-        while True:
-            await wanted.wait()
-            wanted = self._rejudge_wanted = trio.Event()
-            keys = list(self.registry.peers())
-            closed = 0
-            for start in range(0, len(keys), self.rejudge_chunk):
-                index = self.registry.peers()
-                chunk = {
-                    k: index[k] for k in keys[start : start + self.rejudge_chunk] if k in index
-                }
-                closed += self._close_denied(self.current.policy, chunk, None)
-                await trio.lowlevel.checkpoint()  # let the connections (and all else) run
-            policy = self.current.policy
-            self.changed()
-            self.events.emit(
-                "policy",
-                version=policy.version,
-                pairs=len(policy.pairs),
-                closed_connections=closed,
-                rejudged_groups=len(keys),
-            )
-
     def install_addresses(self, addresses: Mapping[tuple[str, int], SpiffeId]) -> None:
         """The address map from the feed, for captured connections (none without [transparent])."""
         if self.capture is not None:
@@ -311,12 +236,6 @@ class Sidecar:
             self.gate.refusals.recent(trio.current_time()),
             advertise=self.capture.advertised() if self.capture is not None else (),
         )
-
-    # -- quarantine ------------------------------------------------------------
-
-    # -- connection handling ---------------------------------------------------
-
-    # -- listeners -------------------------------------------------------------
 
     # -- background duties -----------------------------------------------------
 

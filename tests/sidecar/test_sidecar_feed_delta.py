@@ -21,7 +21,7 @@ import pytest
 import trio
 from sidecar_helpers import TD, Backend, LogCapture, fmt, utcnow
 
-import ca.access
+import ca.policyhistory
 from ca.authority import Authority
 from ca.server import ControlPlane, ServerOptions
 from meshid.clock import ManualClock, system_clock
@@ -169,7 +169,7 @@ async def test_one_change_reaches_the_sidecar_as_a_delta_of_one_rule(world: Worl
 async def test_a_sidecar_behind_the_history_gets_the_whole_list(
     world: World, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(ca.access, "HISTORY_ROWS", 2)
+    monkeypatch.setattr(ca.policyhistory, "HISTORY_ROWS", 2)
     with trio.fail_after(20):
         held = world.sidecar.current_policy().version
         await _settled(world, held)
