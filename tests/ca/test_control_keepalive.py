@@ -20,8 +20,8 @@ from ca.authority import Authority
 from ca.server import ControlPlane, ServerOptions
 from meshid.spiffeid import SpiffeId
 from meshid.svid import certs_to_pem, generate_key, key_to_pem
-from meshid.wire import BUNDLE, RENEW
-from sidecar.control import POOL_SIZE, ControlClient, HeldIdentity
+from meshid.wire import BUNDLE, RENEW, WatchQuery
+from sidecar.control import POOL_SIZE, ControlClient, ControlPlaneError, HeldIdentity
 from sidecar.dynamic import build_csr
 
 WEB = SpiffeId(TD, "/web")
@@ -191,3 +191,17 @@ async def test_an_authority_restarted_on_the_same_port_is_reached_again(
             again.authority.close()
     finally:
         authority.close()
+
+
+async def test_a_kept_connection_does_not_outlive_a_revocation(served: Served) -> None:
+    """The authority judges the caller's certificate on every request, not only at the
+    handshake: the request after a revocation, on the same connection, is refused."""
+    ident = held(served.authority)
+    feed = WatchQuery(wait=0).target()
+    with trio.fail_after(10):
+        assert "policy_version" in await served.get(ident, feed)
+        served.authority.revoke(WEB)
+        with pytest.raises(ControlPlaneError) as info:
+            await served.get(ident, feed)
+    assert info.value.reason == "identity_revoked"
+    assert served.server.serials == [serial(ident)]  # the same connection
