@@ -207,6 +207,7 @@ class ControlClient:
         mark: int | None = None,
         connect_timeout: float = CONNECT_TIMEOUT,
         pool_size: int = 0,
+        pool_idle: float = POOL_IDLE,
     ) -> None:
         self.host = host
         self.port = port
@@ -220,6 +221,7 @@ class ControlClient:
         # Idle connections kept: 0 for a one-shot caller (doctor, a CLI command), which
         # has no later request to spare a handshake for; the sidecar keeps POOL_SIZE.
         self.pool_size = min(max(pool_size, 0), POOL_SIZE)
+        self.pool_idle = pool_idle
         self._idle: list[_Kept] = []  # oldest first
         self._latest: bytes | None = None  # the credentials of the newest request
 
@@ -347,7 +349,7 @@ class ControlClient:
         for kept in self._idle:
             usable = (
                 kept.key == self._latest
-                and clock - kept.idle_since < POOL_IDLE
+                and clock - kept.idle_since < self.pool_idle
                 and clock - kept.opened < POOL_LIFETIME
                 and now <= kept.server_not_after + self.skew
                 and not kept.closed_by_peer()

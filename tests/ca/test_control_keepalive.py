@@ -21,7 +21,7 @@ from ca.server import ControlPlane, ServerOptions
 from meshid.spiffeid import SpiffeId
 from meshid.svid import certs_to_pem, generate_key, key_to_pem
 from meshid.wire import BUNDLE, RENEW, WatchQuery
-from sidecar.control import POOL_SIZE, ControlClient, ControlPlaneError, HeldIdentity
+from sidecar.control import POOL_IDLE, POOL_SIZE, ControlClient, ControlPlaneError, HeldIdentity
 from sidecar.dynamic import build_csr
 
 WEB = SpiffeId(TD, "/web")
@@ -205,3 +205,16 @@ async def test_a_kept_connection_does_not_outlive_a_revocation(served: Served) -
             await served.get(ident, feed)
     assert info.value.reason == "identity_revoked"
     assert served.server.serials == [serial(ident)]  # the same connection
+
+
+async def test_a_connection_idle_past_our_own_timeout_is_not_used(served: Served) -> None:
+    """Ours is shorter than the authority's, so it is not the authority that closes a
+    connection just as a request goes out on it."""
+    assert ServerOptions("127.0.0.1", 0).idle_timeout > POOL_IDLE
+    ident = held(served.authority)
+    served.client.pool_idle = 0.0  # every kept connection has been idle too long
+    with trio.fail_after(10):
+        await served.get(ident)
+        await served.get(ident)
+        await served.wait_closed(1)  # closed by us, not left to the authority
+    assert served.server.serials == [serial(ident)] * 2
