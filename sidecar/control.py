@@ -19,16 +19,16 @@ the old one are closed as soon as they are idle.
 
 A kept connection may have been closed by the authority meanwhile (its
 idle timeout, a restart). One the peer already closed is seen before it is
-used (it is readable while no request is outstanding) and dropped; one
-that breaks under the request before any answer is replaced, and the
-request is sent again on a fresh connection, once, only when that is
-safe: a GET (the feed, the bundle) that broke within `STALE_WINDOW` of
-being sent (a close crossing it; a watch parked longer than that lost its
-server, and a whole fleet must not come back at once: the feed's jittered
-retry follows), any request when none of it was sent. A POST (renewal,
-enrollment, report) that may have reached the authority is not repeated
-here (a repeated renewal would issue a second SVID): its duty retries as it
-always did.
+used (it is readable while no request is outstanding) and dropped, and the
+request goes out on a fresh connection instead; so is one that breaks
+before any of the request could be sent. A request that went out and then
+lost its connection before a word of the answer is not sent again here,
+not even a GET: with our idle limit half the authority's, that is the
+authority going away under it (a restart ends every parked watch of the
+fleet at once), and an immediate retry from every sidecar would be the very
+herd the feed's fully jittered retry spreads out. A POST (renewal,
+enrollment, report) is never repeated here either: a repeated renewal
+issues a second SVID. The duties retry as they always did.
 `drop` closes every idle connection at once (failover moves away from
 this server).
 
@@ -80,11 +80,6 @@ UNREACHABLE = "authority_unreachable"
 POOL_SIZE = 3  # idle connections the sidecar keeps per authority server
 POOL_IDLE = 30.0  # seconds an idle connection is kept: the authority keeps one for 60 s
 POOL_LIFETIME = 600.0  # seconds a connection is used at most, so a new handshake rechecks all
-SAFE_METHODS = frozenset({"GET", "HEAD"})  # sent again after a broken kept connection
-# ... when it broke this soon after the request went out: a close that crossed the
-# request. Later, the authority went away under it (a parked watch at a restart), and
-# the duty's jittered retry, not an immediate one from every sidecar at once, follows.
-STALE_WINDOW = 1.0
 
 
 class ControlPlaneError(AuthorityError):
@@ -316,15 +311,13 @@ class ControlClient:
             if kept is not None:
                 try:
                     return await self._on(kept, method, target, body)
-                except _Lost as lost:
-                    if lost.sent and (method not in SAFE_METHODS or lost.after > STALE_WINDOW):
-                        raise lost.error from None
-                    # the authority closed it meanwhile: once more, on a fresh one
+                except _Unsent:
+                    pass  # the authority closed it meanwhile: on a fresh one instead
             kept = await self._connect(bundle_pem, identity, key, now, trust)
             try:
                 return await self._on(kept, method, target, body)
-            except _Lost as lost:
-                raise lost.error from None
+            except _Unsent as unsent:
+                raise unsent.error from None
         assert scope.cancelled_caught
         raise ControlPlaneError.judged(Failure(failures.TIMEOUT, self._where))
 
@@ -497,21 +490,20 @@ class ControlClient:
         if payload:
             data += conn.send(h11.Data(data=payload)) or b""
         data += conn.send(h11.EndOfMessage()) or b""
-        sent, sent_at = False, trio.current_time()
-        heard = False  # a byte of the answer arrived: the request was not lost unheard
+        try:
+            await kept.stream.send_all(data)
+        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
+            raise _Unsent(self._closed(exc)) from None
+        heard = False  # a byte of the answer arrived
         status = 0
         received = bytearray()
         try:
-            await kept.stream.send_all(data)
-            sent, sent_at = True, trio.current_time()
             while True:
                 try:
                     event = conn.next_event()
                 except h11.RemoteProtocolError as exc:
                     if not heard:  # closed before a word of the answer
-                        raise _Lost(
-                            sent, trio.current_time() - sent_at, self._closed(exc)
-                        ) from None
+                        raise self._closed(exc) from None
                     raise ControlPlaneError.judged(
                         Failure(failures.PROTOCOL, self._where, detail=str(exc))
                     ) from None
@@ -530,8 +522,6 @@ class ControlClient:
                 elif isinstance(event, h11.EndOfMessage | h11.ConnectionClosed):
                     break
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
-            if not heard:
-                raise _Lost(sent, trio.current_time() - sent_at, self._closed(exc)) from None
             raise self._closed(exc) from None
         if conn.our_state is h11.DONE and conn.their_state is h11.DONE:
             conn.start_next_cycle()
@@ -609,12 +599,9 @@ class _Kept:
         self.tcp.socket.close()
 
 
-class _Lost(Exception):
-    """A connection broke before a byte of the answer; `sent`: the request went out whole,
-    `after` seconds before it broke."""
+class _Unsent(Exception):
+    """A connection broke before the request could be sent: safe to send on another."""
 
-    def __init__(self, sent: bool, after: float, error: ControlPlaneError) -> None:
+    def __init__(self, error: ControlPlaneError) -> None:
         super().__init__(error.message)
-        self.sent = sent
-        self.after = after
         self.error = error
