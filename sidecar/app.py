@@ -361,7 +361,7 @@ class Sidecar(Enforcement):
                 throttle=self.throttle,
             )
         else:
-            from sidecar.control import ControlClient
+            from sidecar.control import POOL_SIZE, ControlClient
             from sidecar.dynamic import DynamicIdentity
 
             self.dynamic = DynamicIdentity(
@@ -375,6 +375,7 @@ class Sidecar(Enforcement):
                         self.identity.trust_domain,
                         skew=self.skew,
                         mark=self.config.transparent.mark if self.config.transparent else None,
+                        pool_size=POOL_SIZE,
                     )
                     for server in source.servers
                 ],

@@ -1,8 +1,36 @@
 """The sidecar's client for the control plane (`meshid ca serve`): enroll, renew, watch.
 
-One HTTPS request per connection (h11 over trio's SSLStream, stdlib ssl):
-the calls are rare (a renewal every half-lifetime, a long poll every ~25 s),
-so keeping connections alive would buy nothing but state.
+HTTPS with h11 over trio's SSLStream (stdlib ssl), on connections kept
+alive between requests. Theory of operation: every long poll (re-parked
+every ~25 s), report and renewal used to cost a TCP connection and a full
+TLS 1.3 handshake with a client certificate, and across a fleet those
+handshakes were most of the authority's work. So each `ControlClient` (one
+per authority server) keeps the connections it finished with, at most
+`POOL_SIZE` of them, each for at most `POOL_IDLE` seconds (well under the
+authority's 60 s, so that it is not the authority that closes them under
+a request). A request takes the newest idle connection made with the same
+client credentials and trust bundle, or opens one; requests in flight at
+once (a parked watch and a report) each hold their own, so a sidecar keeps
+about two. The server's identity was checked at the handshake; the
+authority judges the client certificate (expiry, revocation) on every
+request, not only at the handshake. After a renewal the credentials differ:
+new requests open a connection with the new SVID, and the connections of
+the old one are closed as soon as they are idle.
+
+A kept connection may have been closed by the authority meanwhile (its
+idle timeout, a restart). One the peer already closed is seen before it is
+used (it is readable while no request is outstanding) and dropped, and the
+request goes out on a fresh connection instead; so is one that breaks
+before any of the request could be sent. A request that went out and then
+lost its connection before a word of the answer is not sent again here,
+not even a GET: with our idle limit half the authority's, that is the
+authority going away under it (a restart ends every parked watch of the
+fleet at once), and an immediate retry from every sidecar would be the very
+herd the feed's fully jittered retry spreads out. A POST (renewal,
+enrollment, report) is never repeated here either: a repeated renewal
+issues a second SVID. The duties retry as they always did.
+`drop` closes every idle connection at once (failover moves away from
+this server).
 
 The control plane is authenticated by its SPIFFE ID,
 ``spiffe://TD/meshid/authority``, against the current trust bundle, not by
@@ -19,8 +47,11 @@ anonymous in-memory file (memfd) that is closed as soon as it is loaded.
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import json
 import os
+import select
 import ssl
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
@@ -45,6 +76,10 @@ CONNECT_TIMEOUT = 3.0  # seconds to connect and finish TLS: a healthy authority 
 _X509_V_FLAG_NO_CHECK_TIME = 0x200000  # times are checked below, with skew allowance
 
 UNREACHABLE = "authority_unreachable"
+
+POOL_SIZE = 3  # idle connections the sidecar keeps per authority server
+POOL_IDLE = 30.0  # seconds an idle connection is kept: the authority keeps one for 60 s
+POOL_LIFETIME = 600.0  # seconds a connection is used at most, so a new handshake rechecks all
 
 
 class ControlPlaneError(AuthorityError):
@@ -166,6 +201,8 @@ class ControlClient:
         skew: timedelta = timedelta(seconds=60),
         mark: int | None = None,
         connect_timeout: float = CONNECT_TIMEOUT,
+        pool_size: int = 0,
+        pool_idle: float = POOL_IDLE,
     ) -> None:
         self.host = host
         self.port = port
@@ -176,6 +213,12 @@ class ControlClient:
         # own, reaching it would cost the whole request's time before the next server.
         self.connect_timeout = connect_timeout
         self.skew = skew
+        # Idle connections kept: 0 for a one-shot caller (doctor, a CLI command), which
+        # has no later request to spare a handshake for; the sidecar keeps POOL_SIZE.
+        self.pool_size = min(max(pool_size, 0), POOL_SIZE)
+        self.pool_idle = pool_idle
+        self._idle: list[_Kept] = []  # oldest first
+        self._latest: bytes | None = None  # the credentials of the newest request
 
     async def _open_tcp(self) -> trio.SocketStream:
         if self.mark is None:
@@ -208,7 +251,8 @@ class ControlClient:
     def _where(self) -> str:
         return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
 
-    def _check_server(self, der: bytes | None, now: datetime) -> None:
+    def _check_server(self, der: bytes | None, now: datetime) -> datetime:
+        """Check the server is the authority, valid now; its certificate's end."""
         if not der:
             raise ControlPlaneError("control plane sent no certificate", reason="authority_tls")
         cert = x509.load_der_x509_certificate(der)
@@ -238,6 +282,7 @@ class ControlClient:
                 reason="authority_tls",
                 brief="authority certificate not valid now (clock?)",
             )
+        return cert.not_valid_after_utc
 
     async def request(
         self,
@@ -257,45 +302,136 @@ class ControlClient:
         `trust` names what the server's certificate is checked against, for
         the message when it does not chain.
         """
+        # Anonymous connections (enrollment) are rare and the authority keeps them
+        # only briefly: they are not kept.
+        key = None if identity is None else _credentials_key(bundle_pem, identity)
+        self._tidy(key, now)
+        with trio.move_on_after(wait if wait is not None else self.timeout) as scope:
+            kept = self._take(key)
+            if kept is not None:
+                try:
+                    return await self._on(kept, method, target, body)
+                except _Unsent:
+                    pass  # the authority closed it meanwhile: on a fresh one instead
+            kept = await self._connect(bundle_pem, identity, key, now, trust)
+            try:
+                return await self._on(kept, method, target, body)
+            except _Unsent as unsent:
+                raise unsent.error from None
+        assert scope.cancelled_caught
+        raise ControlPlaneError.judged(Failure(failures.TIMEOUT, self._where))
+
+    def drop(self) -> None:
+        """Close every idle connection now (failover moved away from this server)."""
+        idle, self._idle = self._idle, []
+        for kept in idle:
+            kept.close()
+
+    def idle(self) -> int:
+        """How many connections are kept idle now."""
+        return len(self._idle)
+
+    def _tidy(self, key: bytes | None, now: datetime) -> None:
+        """Close the idle connections no request may use: other credentials (a renewal,
+        a new bundle), idle or open too long, a server certificate expired, closed by the
+        authority."""
+        clock = trio.current_time()
+        if key is not None:
+            self._latest = key
+        keep: list[_Kept] = []
+        for kept in self._idle:
+            usable = (
+                kept.key == self._latest
+                and clock - kept.idle_since < self.pool_idle
+                and clock - kept.opened < POOL_LIFETIME
+                and now <= kept.server_not_after + self.skew
+                and not kept.closed_by_peer()
+            )
+            if usable:
+                keep.append(kept)
+            else:
+                kept.close()
+        self._idle = keep
+
+    def _take(self, key: bytes | None) -> _Kept | None:
+        """The newest idle connection made with these credentials, if any."""
+        for i in range(len(self._idle) - 1, -1, -1):
+            if self._idle[i].key == key:
+                return self._idle.pop(i)
+        return None
+
+    async def _on(
+        self, kept: _Kept, method: str, target: str, body: dict[str, Any] | None
+    ) -> dict[str, Any]:
+        """The request on `kept`, which goes back to the pool if it may serve another."""
+        try:
+            return await self._exchange(kept, method, target, body)
+        finally:
+            if (
+                kept.reusable
+                and kept.key is not None
+                and kept.key == self._latest
+                and len(self._idle) < self.pool_size
+            ):
+                kept.reusable = False
+                kept.idle_since = trio.current_time()
+                self._idle.append(kept)
+            else:
+                await trio.aclose_forcefully(kept.stream)
+
+    async def _connect(
+        self,
+        bundle_pem: bytes,
+        identity: ClientIdentity | HeldIdentity | None,
+        key: bytes | None,
+        now: datetime,
+        trust: str,
+    ) -> _Kept:
+        """A new connection, the TLS handshake done and the server's identity checked."""
         ctx = self._context(bundle_pem, identity)
         where = self._where
         # Connecting and the TLS handshake have a shorter deadline than the request
         # (a long poll's wait is the server's to spend, not the handshake's).
         connected_by = trio.current_time() + self.connect_timeout
-        with trio.move_on_after(wait if wait is not None else self.timeout) as scope:
+        with trio.move_on_at(connected_by) as connecting:
+            try:
+                tcp = await self._open_tcp()
+            except OSError as exc:
+                code, detail = _connect_errno(exc)
+                raise ControlPlaneError.judged(
+                    Failure(failures.CONNECT, where, errno=code, detail=detail)
+                ) from None
+        if connecting.cancelled_caught:
+            raise self._not_connected()
+        raw = _FirstBytes(tcp)
+        stream = trio.SSLStream(raw, ctx, server_hostname=None)
+        done = False
+        try:
             with trio.move_on_at(connected_by) as connecting:
-                try:
-                    tcp = await self._open_tcp()
-                except OSError as exc:
-                    code, detail = _connect_errno(exc)
-                    raise ControlPlaneError.judged(
-                        Failure(failures.CONNECT, where, errno=code, detail=detail)
-                    ) from None
+                await self._handshake(stream, raw, trust)
             if connecting.cancelled_caught:
                 raise self._not_connected()
-            raw = _FirstBytes(tcp)
-            stream = trio.SSLStream(raw, ctx, server_hostname=None)
-            try:
-                with trio.move_on_at(connected_by) as connecting:
-                    await self._handshake(stream, raw, trust)
-                if connecting.cancelled_caught:
-                    raise self._not_connected()
-                self._check_server(stream.getpeercert(binary_form=True), now)
-                return await self._exchange(stream, method, target, body)
-            except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
-                cause = exc.__cause__ if isinstance(exc, trio.BrokenResourceError) else exc
-                raise ControlPlaneError.judged(
-                    Failure(
-                        failures.CLOSED,
-                        where,
-                        errno=getattr(cause, "errno", None),
-                        detail=str(cause or exc) or "connection closed",
-                    )
-                ) from None
-            finally:
+            der = stream.getpeercert(binary_form=True)
+            server_not_after = self._check_server(der, now)
+            done = True
+        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
+            raise self._closed(exc) from None
+        finally:
+            if not done:
                 await trio.aclose_forcefully(stream)
-        assert scope.cancelled_caught
-        raise ControlPlaneError.judged(Failure(failures.TIMEOUT, where))
+        opened = trio.current_time()
+        return _Kept(stream, tcp, h11.Connection(h11.CLIENT), key, server_not_after, opened)
+
+    def _closed(self, exc: BaseException) -> ControlPlaneError:
+        cause = exc.__cause__ if isinstance(exc, trio.BrokenResourceError) else exc
+        return ControlPlaneError.judged(
+            Failure(
+                failures.CLOSED,
+                self._where,
+                errno=getattr(cause, "errno", None),
+                detail=str(cause or exc) or "connection closed",
+            )
+        )
 
     def _not_connected(self) -> ControlPlaneError:
         return ControlPlaneError.judged(
@@ -343,44 +479,57 @@ class ControlClient:
             ) from None
 
     async def _exchange(
-        self,
-        stream: trio.SSLStream[_FirstBytes],
-        method: str,
-        target: str,
-        body: dict[str, Any] | None,
+        self, kept: _Kept, method: str, target: str, body: dict[str, Any] | None
     ) -> dict[str, Any]:
-        conn = h11.Connection(h11.CLIENT)
+        conn = kept.http
         payload = json.dumps(body).encode() if body is not None else b""
-        headers = [("host", self.host), ("connection", "close"), ("accept", "application/json")]
+        headers = [("host", self.host), ("accept", "application/json")]
         if body is not None:
             headers += [("content-type", "application/json"), ("content-length", str(len(payload)))]
         data = conn.send(h11.Request(method=method, target=target, headers=headers)) or b""
         if payload:
             data += conn.send(h11.Data(data=payload)) or b""
         data += conn.send(h11.EndOfMessage()) or b""
-        await stream.send_all(data)
+        try:
+            await kept.stream.send_all(data)
+        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
+            raise _Unsent(self._closed(exc)) from None
+        heard = False  # a byte of the answer arrived
         status = 0
         received = bytearray()
-        while True:
-            try:
-                event = conn.next_event()
-            except h11.RemoteProtocolError as exc:
-                raise ControlPlaneError.judged(
-                    Failure(failures.PROTOCOL, self._where, detail=str(exc))
-                ) from None
-            if event is h11.NEED_DATA:
-                chunk = await stream.receive_some(65536)
-                conn.receive_data(bytes(chunk))
-            elif isinstance(event, h11.Response):
-                status = event.status_code
-            elif isinstance(event, h11.Data):
-                received += event.data
-                if len(received) > MAX_RESPONSE:
-                    raise ControlPlaneError(
-                        "control plane response too large", reason="authority_protocol"
-                    )
-            elif isinstance(event, h11.EndOfMessage | h11.ConnectionClosed):
-                break
+        try:
+            while True:
+                try:
+                    event = conn.next_event()
+                except h11.RemoteProtocolError as exc:
+                    if not heard:  # closed before a word of the answer
+                        raise self._closed(exc) from None
+                    raise ControlPlaneError.judged(
+                        Failure(failures.PROTOCOL, self._where, detail=str(exc))
+                    ) from None
+                if event is h11.NEED_DATA:
+                    chunk = await kept.stream.receive_some(65536)
+                    heard = heard or bool(chunk)
+                    conn.receive_data(bytes(chunk))
+                elif isinstance(event, h11.Response):
+                    status = event.status_code
+                elif isinstance(event, h11.Data):
+                    received += event.data
+                    if len(received) > MAX_RESPONSE:
+                        raise ControlPlaneError(
+                            "control plane response too large", reason="authority_protocol"
+                        )
+                elif isinstance(event, h11.EndOfMessage | h11.ConnectionClosed):
+                    break
+        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
+            raise self._closed(exc) from None
+        if conn.our_state is h11.DONE and conn.their_state is h11.DONE:
+            conn.start_next_cycle()
+            kept.reusable = True
+        return self._judge(status, received)
+
+    def _judge(self, status: int, received: bytearray) -> dict[str, Any]:
+        """The answer's document, or the refusal it carries as an error."""
         try:
             doc = json.loads(bytes(received))
         except (UnicodeDecodeError, json.JSONDecodeError):
@@ -403,3 +552,56 @@ class ControlClient:
                 ),
             )
         return doc
+
+
+def _credentials_key(bundle_pem: bytes, identity: ClientIdentity | HeldIdentity) -> bytes:
+    """What a kept connection was made with: reused only for a request presenting the same
+    (a digest, so that no key material is kept beyond what the TLS context holds)."""
+    digest = hashlib.sha256(bundle_pem)
+    if isinstance(identity, HeldIdentity):
+        digest.update(b"\0held\0" + identity.pem)
+    else:
+        digest.update(b"\0files\0")
+        for path in (identity.cert, identity.key):
+            digest.update(os.fsencode(path) + b"\0")
+            with contextlib.suppress(OSError):  # unreadable: the handshake will say so
+                digest.update(str(path.stat().st_mtime_ns).encode())
+    return digest.digest()
+
+
+@dataclass(slots=True, eq=False)
+class _Kept:
+    """One connection to the authority, open between requests."""
+
+    stream: trio.SSLStream[_FirstBytes]
+    tcp: trio.SocketStream
+    http: h11.Connection
+    key: bytes | None  # the credentials it was made with (None: anonymous, never kept)
+    server_not_after: datetime
+    opened: float  # trio time
+    idle_since: float = 0.0
+    reusable: bool = False  # the last answer ended cleanly and the server keeps it open
+
+    def closed_by_peer(self) -> bool:
+        """True when the authority sent something while no request was outstanding: it
+        can only be a close (its idle timeout, a restart)."""
+        try:
+            fd = self.tcp.socket.fileno()
+            if fd < 0:
+                return True
+            readable, _, _ = select.select([fd], [], [], 0)
+        except (OSError, ValueError):
+            return True
+        return bool(readable)
+
+    def close(self) -> None:
+        """Closed at once, without a TLS goodbye: synchronous, so no cancellation skips it."""
+        self.tcp.socket.close()
+
+
+class _Unsent(Exception):
+    """A connection broke before the request could be sent: safe to send on another."""
+
+    def __init__(self, error: ControlPlaneError) -> None:
+        super().__init__(error.message)
+        self.error = error

@@ -425,20 +425,23 @@ class DynamicIdentity(FeedFollower):
         self.reporter.poke()
 
     async def run(self) -> None:
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(self.reporter.run)
-            nursery.start_soon(
-                renewal_loop,
-                self.schedule,
-                self.validity,
-                self.renew,
-                self.current.wall,
-                self._on_renewal_failure,
-                self.rand,
-                self.pacing.slow,
-            )
-            nursery.start_soon(self.watch)
-            nursery.start_soon(self.state.run, self._state_retry_delay)
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self.reporter.run)
+                nursery.start_soon(
+                    renewal_loop,
+                    self.schedule,
+                    self.validity,
+                    self.renew,
+                    self.current.wall,
+                    self._on_renewal_failure,
+                    self.rand,
+                    self.pacing.slow,
+                )
+                nursery.start_soon(self.watch)
+                nursery.start_soon(self.state.run, self._state_retry_delay)
+        finally:
+            self.link.close()
 
     def _state_retry_delay(self, failures: int) -> float:
         return min(STATE_RETRY_MAX, self.schedule.retry_delay(failures, 0.0, self.rand()))

@@ -205,10 +205,7 @@ class FeedFollower(ABC):
                 if slow:
                     delay = self.pacing.slow(self.rand())
                 else:
-                    delay = min(
-                        self.pacing.watch_retry_max,
-                        self.schedule.retry_delay(failures, 0.0, self.rand()),
-                    )
+                    delay = self.pacing.watch_retry(failures, self.rand())
                 self._note(DUTY_WATCH, exc)
                 self.host.events.emit(
                     "watch_failed",

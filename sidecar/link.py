@@ -17,7 +17,7 @@ always did. Each move is logged once (``authority_failover``, with the
 reason of the failure that caused it) and counted. A move also ends the
 other requests still waiting on the server left behind (a host that vanished
 answers nothing): they follow at once instead of each waiting out its own
-timeout.
+timeout, and the connections kept open to it (`sidecar.control`) are closed.
 """
 
 from __future__ import annotations
@@ -153,6 +153,7 @@ class AuthorityLink:
         requests still waiting on the server left behind follow at once."""
         for scope in self._in_flight.get(move.left, ()):
             scope.cancel()
+        self.clients[move.left].drop()  # its kept connections would only go stale
         self.on_failover(exc.reason)
         if self.events is not None:
             self.events.emit(
@@ -164,6 +165,11 @@ class AuthorityLink:
                 retry_in_s=round(move.delay, 2),
                 failures=move.failures,
             )
+
+    def close(self) -> None:
+        """Close every connection kept to any server (the sidecar is stopping)."""
+        for client in self.clients:
+            client.drop()
 
     def _path(self, name: str) -> Path:
         return self.source.state_dir / name

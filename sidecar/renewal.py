@@ -33,6 +33,7 @@ REPORT_MIN_INTERVAL = 1.0
 STATE_RETRY_MAX = 30.0  # seconds between two attempts to write a pending state file
 SLOW_RETRY = 60.0  # seconds between attempts after a permanent failure, or while revoked
 WATCH_RETRY_MAX = 10.0
+WATCH_RETRY_FIRST = 2.0  # seconds: a lost watch is parked again within this, fully jittered
 IDENTITY_REVOKED = "identity_revoked"
 DUTY_RENEW, DUTY_WATCH, DUTY_REPORT = "renew", "watch", "report"  # as /readyz names them
 
@@ -45,6 +46,16 @@ class Pacing:
     slow_retry: float = SLOW_RETRY
     watch_retry_max: float = WATCH_RETRY_MAX
     failover: Backoff = field(default_factory=Backoff)  # between the authority's servers
+
+    def watch_retry(self, failures: int, rand: float) -> float:
+        """The pause after `failures` failed long polls in a row: full jitter over
+        [0, 2 s), doubling up to `watch_retry_max`.
+
+        An authority that restarts ends every parked watch of the fleet at the
+        same instant; drawn from the whole window (not its upper half), the
+        sidecars come back spread over it instead of in the same half second.
+        """
+        return Backoff(WATCH_RETRY_FIRST, self.watch_retry_max).delay(failures, rand)
 
     def slow(self, rand: float) -> float:
         """The pause after a permanent failure: `slow_retry` ±10 %, so a fleet spreads out."""

@@ -59,6 +59,10 @@ class Scripted(ControlClient):
         self.script: list[Callable[[str], ControlPlaneError] | dict[str, Any]] = []
         self.hold = trio.Event()  # requests wait for this when `holding`
         self.holding = False
+        self.dropped = 0  # how often its kept connections were dropped
+
+    def drop(self) -> None:
+        self.dropped += 1
 
     async def request(self, method: str, target: str, body: Any, **_: Any) -> dict[str, Any]:
         self.asked.append(trio.current_time())
@@ -127,6 +131,8 @@ async def test_a_failure_moves_to_the_next_server_after_the_jittered_wait(
     assert await ask(link) == {"ok": second.port}
     assert second.asked[-1] == again and len(first.asked) == 1
     assert link.in_use() == Address("127.0.0.1", 1001)
+    # the connections kept to the server left behind are closed, not those of the next
+    assert (first.dropped, second.dropped) == (1, 0)
 
 
 @pytest.mark.parametrize(

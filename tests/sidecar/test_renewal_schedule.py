@@ -15,7 +15,7 @@ import trio.testing
 
 from meshid.errors import MeshIdError
 from sidecar.control import ControlPlaneError
-from sidecar.renewal import renewal_loop
+from sidecar.renewal import WATCH_RETRY_MAX, Pacing, renewal_loop
 from sidecar.schedule import EXPIRED, EXPIRING, OK, Schedule
 
 T0 = datetime(2026, 1, 1, tzinfo=UTC)
@@ -56,6 +56,20 @@ def test_backoff_tightens_near_expiry_but_not_below_the_floor() -> None:
     s = Schedule(backoff_initial=1, backoff_max=60)
     assert s.retry_delay(8, 9.0, 0.999999) == pytest.approx(3.0)  # a third of what is left
     assert s.retry_delay(8, 1.5, 0.999999) == pytest.approx(1.0)  # never hammer the authority
+
+
+def test_a_lost_watch_comes_back_fully_jittered_over_two_seconds() -> None:
+    """After an authority restart every sidecar loses its parked watch at once: the
+    first retries are spread over [0, 2 s), not bunched in the same half second."""
+    pacing = Pacing()
+    draws = [i / 1000 for i in range(1000)]
+    first = [pacing.watch_retry(1, r) for r in draws]
+    assert all(0.0 <= d < 2.0 for d in first)
+    assert min(first) == 0.0 and max(first) > 1.99
+    assert sum(d < 0.5 for d in first) == 250  # a quarter comes back in the first half second
+    # then the window doubles, up to the cap
+    assert [pacing.watch_retry(n, 0.999999) // 1 for n in (2, 3, 4, 9)] == [3, 7, 9, 9]
+    assert pacing.watch_retry(50, 0.999999) < WATCH_RETRY_MAX
 
 
 def test_expiry_state() -> None:

@@ -443,3 +443,18 @@ async def test_the_cli_reads_a_list_of_servers_from_toml(tmp_path: Path, backend
     assert (moved["left"], moved["to"]) == (down.name, fmt(plane))
     assert moved["reason"] == "authority_unreachable"
     assert [r["how"] for r in read_events(events) if r["event"] == "credentials"] == ["enrolled"]
+
+
+async def test_the_sidecar_keeps_its_connections_to_the_authority(world: World) -> None:
+    """Each change wakes the parked watch and parks the next one; the reports go out
+    too. None of it costs a new connection once the sidecar holds its few."""
+    first, log = world.first, world.log
+    with trio.fail_after(20):
+        before = first.accepted
+        for change in range(6):
+            policies = len(log.find("policy"))
+            (world.handle.deny if change % 2 == 0 else world.handle.allow)(WEB, API)
+            await log.wait_for("policy", count=policies + 1)
+    # at most one more: a report that met the watch parked, before either was kept
+    assert first.accepted - before <= 1, first.accepted - before
+    assert world.second.accepted == 0
