@@ -100,9 +100,7 @@ bench: install
 	tools/ensure-debs ip:iproute2 nft:nftables || echo "bench: no nft, no transparent figures" >&2
 	$(BIN)/python -m pip install --quiet -e '.[bench]' || echo "bench: matplotlib unavailable, no plot" >&2
 	$(BIN)/python -m bench.run
-	$(BIN)/python -m bench.idle_rss
-	$(BIN)/python -m bench.rejudge
-	$(BIN)/python -m bench.policy_decision
+	$(BIN)/python -m bench.scale
 	$(BIN)/python -m bench.fanout --sizes $(FANOUT_SIZES)
 
 bench-workload: install
