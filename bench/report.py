@@ -347,7 +347,7 @@ def render(run: RunResult) -> str:
         'Backends (nginx-light in one process, `return 200 "ok\\n"`, keep-alive; iperf3 server):',
         "",
         "```",
-        *[re.sub(r"/tmp/meshid-bench-\w+", "$WORK", c) for c in run.backend_commands],
+        *[_portable(c) for c in run.backend_commands],
         "```",
         "",
         f"RLIMIT_NOFILE raised to {run.nofile} for the bench and every process it starts.",
@@ -363,7 +363,7 @@ def render(run: RunResult) -> str:
             cmds = r.chain_commands.get(topo, []) + r.commands.get(topo, [])
             if cmds:
                 lines += [f"{topo}:", "", "```"]
-                lines += [re.sub(r"/tmp/meshid-bench-\w+", "$WORK", c) for c in cmds]
+                lines += [_portable(c) for c in cmds]
                 lines += ["```", ""]
         for topo, err in r.errors.items():
             lines += [f"**{topo} failed**: {err}", ""]
@@ -383,3 +383,9 @@ def to_json(run: RunResult) -> str:
         for r in run.workloads
     }
     return json.dumps(data, indent=1, sort_keys=True)
+
+
+def _portable(command: str) -> str:
+    """A command as the report shows it: the run's temporary directories named, not spelled."""
+    command = re.sub(r"/tmp/meshid-bench-\w+", "$WORK", command)
+    return re.sub(r"/tmp/mpg-\w+", "$PGSOCKETDIR", command)  # the throwaway PostgreSQL's socket

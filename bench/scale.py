@@ -15,15 +15,17 @@ status; the others still run.
 from __future__ import annotations
 
 import argparse
+import re
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 from bench.fanout import MARKER as FANOUT_MARKER
 
 MARKER = "<!-- scale: written by python -m bench.scale -->"
 PARTS = (
-    ("Idle sidecar memory", "bench.idle_rss", "the 30 MiB target is the issue's; RSS after start"),
+    ("Idle sidecar memory", "bench.idle_rss", "RSS after start, against a 30 MiB target"),
     ("Policy decision cost", "bench.policy_decision", "median per decision; ratios to 10 rules"),
     ("Re-judging 20,000 live connections", "bench.rejudge", "median of the rounds"),
 )
@@ -58,6 +60,13 @@ def insert(text: str, new: str) -> str:
     return joined + ("\n" + marker + rest if marker else "")
 
 
+def portable(printed: str, root: Path, tmp: str) -> str:
+    """What a part printed, with this checkout's and the temporary directory's paths made
+    relative (`.venv/bin/meshid`, `$WORK/…`): the results read the same on any machine."""
+    printed = printed.replace(f"{root}/", "")
+    return re.sub(re.escape(tmp.rstrip("/")) + r"/[^/\s]+", "$WORK", printed)
+
+
 def run(module: str) -> str:
     try:
         done = subprocess.run(
@@ -81,7 +90,7 @@ def main() -> int:
     args = parser.parse_args()
     outputs = []
     for title, module, note in PARTS:
-        printed = run(module)
+        printed = portable(run(module), Path.cwd(), tempfile.gettempdir())
         print(f"{module}:\n{printed}", flush=True)
         outputs.append((title, module, note, printed))
     old = args.out.read_text() if args.out.exists() else ""

@@ -34,3 +34,15 @@ def test_it_goes_before_the_fan_out_section_and_replaces_itself() -> None:
     assert "```text\nb\n```" in second and "```text\na\n```" not in second
     assert second.endswith(FAN) and second.startswith(HEAD.rstrip("\n"))
     assert insert(second, one("b\n")) == second
+
+
+def test_paths_of_this_machine_do_not_reach_the_results() -> None:
+    from pathlib import Path
+
+    from bench.scale import portable
+
+    printed = (
+        "static: idle RSS 44.9 MiB: /src/m/.venv/bin/meshid run --config /tmp/meshid-idle-x1/s.toml"
+    )
+    out = portable(printed, Path("/src/m"), "/tmp")
+    assert out == "static: idle RSS 44.9 MiB: .venv/bin/meshid run --config $WORK/s.toml"
