@@ -72,12 +72,12 @@ from meshid.spiffeid import SpiffeId, TrustDomain
 from meshid.svid import generate_key, key_to_pem
 from meshid.wire import ENROLL, RENEW, EnrollRequest, RenewRequest, SvidReply, WatchQuery
 from sidecar.control import (
-    POOL_SIZE,
     ClientIdentity,
     ControlClient,
     ControlPlaneError,
     HeldIdentity,
 )
+from sidecar.controlpool import POOL_SIZE
 from sidecar.renewal import WATCH_WAIT, Pacing, build_csr
 
 TD = TrustDomain("fanout.example")

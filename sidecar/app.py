@@ -361,7 +361,8 @@ class Sidecar(Enforcement):
                 throttle=self.throttle,
             )
         else:
-            from sidecar.control import POOL_SIZE, ControlClient
+            from sidecar.control import ControlClient
+            from sidecar.controlpool import POOL_SIZE
             from sidecar.dynamic import DynamicIdentity
 
             self.dynamic = DynamicIdentity(

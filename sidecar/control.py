@@ -51,7 +51,6 @@ import contextlib
 import hashlib
 import json
 import os
-import select
 import ssl
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
@@ -68,6 +67,7 @@ from meshid.svid import leaf_spiffe_id
 from meshid.wire import AUTHORITY_PATH, ErrorBody
 from sidecar import failures
 from sidecar.config import Address
+from sidecar.controlpool import POOL_IDLE, POOL_SIZE, Kept, KeptPool
 from sidecar.failures import Failure, Verdict
 from sidecar.sockets import connect
 
@@ -76,10 +76,6 @@ CONNECT_TIMEOUT = 3.0  # seconds to connect and finish TLS: a healthy authority 
 _X509_V_FLAG_NO_CHECK_TIME = 0x200000  # times are checked below, with skew allowance
 
 UNREACHABLE = "authority_unreachable"
-
-POOL_SIZE = 3  # idle connections the sidecar keeps per authority server
-POOL_IDLE = 30.0  # seconds an idle connection is kept: the authority keeps one for 60 s
-POOL_LIFETIME = 600.0  # seconds a connection is used at most, so a new handshake rechecks all
 
 
 class ControlPlaneError(AuthorityError):
@@ -217,8 +213,7 @@ class ControlClient:
         # has no later request to spare a handshake for; the sidecar keeps POOL_SIZE.
         self.pool_size = min(max(pool_size, 0), POOL_SIZE)
         self.pool_idle = pool_idle
-        self._idle: list[_Kept] = []  # oldest first
-        self._latest: bytes | None = None  # the credentials of the newest request
+        self._pool = KeptPool()
 
     async def _open_tcp(self) -> trio.SocketStream:
         if self.mark is None:
@@ -305,9 +300,9 @@ class ControlClient:
         # Anonymous connections (enrollment) are rare and the authority keeps them
         # only briefly: they are not kept.
         key = None if identity is None else _credentials_key(bundle_pem, identity)
-        self._tidy(key, now)
+        self._pool.tidy(key, now, idle_limit=self.pool_idle, skew=self.skew)
         with trio.move_on_after(wait if wait is not None else self.timeout) as scope:
-            kept = self._take(key)
+            kept = self._pool.take(key)
             if kept is not None:
                 try:
                     return await self._on(kept, method, target, body)
@@ -323,60 +318,20 @@ class ControlClient:
 
     def drop(self) -> None:
         """Close every idle connection now (failover moved away from this server)."""
-        idle, self._idle = self._idle, []
-        for kept in idle:
-            kept.close()
+        self._pool.drop()
 
     def idle(self) -> int:
         """How many connections are kept idle now."""
-        return len(self._idle)
-
-    def _tidy(self, key: bytes | None, now: datetime) -> None:
-        """Close the idle connections no request may use: other credentials (a renewal,
-        a new bundle), idle or open too long, a server certificate expired, closed by the
-        authority."""
-        clock = trio.current_time()
-        if key is not None:
-            self._latest = key
-        keep: list[_Kept] = []
-        for kept in self._idle:
-            usable = (
-                kept.key == self._latest
-                and clock - kept.idle_since < self.pool_idle
-                and clock - kept.opened < POOL_LIFETIME
-                and now <= kept.server_not_after + self.skew
-                and not kept.closed_by_peer()
-            )
-            if usable:
-                keep.append(kept)
-            else:
-                kept.close()
-        self._idle = keep
-
-    def _take(self, key: bytes | None) -> _Kept | None:
-        """The newest idle connection made with these credentials, if any."""
-        for i in range(len(self._idle) - 1, -1, -1):
-            if self._idle[i].key == key:
-                return self._idle.pop(i)
-        return None
+        return len(self._pool)
 
     async def _on(
-        self, kept: _Kept, method: str, target: str, body: dict[str, Any] | None
+        self, kept: Kept, method: str, target: str, body: dict[str, Any] | None
     ) -> dict[str, Any]:
         """The request on `kept`, which goes back to the pool if it may serve another."""
         try:
             return await self._exchange(kept, method, target, body)
         finally:
-            if (
-                kept.reusable
-                and kept.key is not None
-                and kept.key == self._latest
-                and len(self._idle) < self.pool_size
-            ):
-                kept.reusable = False
-                kept.idle_since = trio.current_time()
-                self._idle.append(kept)
-            else:
+            if not self._pool.put_back(kept, self.pool_size):
                 await trio.aclose_forcefully(kept.stream)
 
     async def _connect(
@@ -386,7 +341,7 @@ class ControlClient:
         key: bytes | None,
         now: datetime,
         trust: str,
-    ) -> _Kept:
+    ) -> Kept:
         """A new connection, the TLS handshake done and the server's identity checked."""
         ctx = self._context(bundle_pem, identity)
         where = self._where
@@ -420,7 +375,7 @@ class ControlClient:
             if not done:
                 await trio.aclose_forcefully(stream)
         opened = trio.current_time()
-        return _Kept(stream, tcp, h11.Connection(h11.CLIENT), key, server_not_after, opened)
+        return Kept(stream, tcp, h11.Connection(h11.CLIENT), key, server_not_after, opened)
 
     def _closed(self, exc: BaseException) -> ControlPlaneError:
         cause = exc.__cause__ if isinstance(exc, trio.BrokenResourceError) else exc
@@ -479,7 +434,7 @@ class ControlClient:
             ) from None
 
     async def _exchange(
-        self, kept: _Kept, method: str, target: str, body: dict[str, Any] | None
+        self, kept: Kept, method: str, target: str, body: dict[str, Any] | None
     ) -> dict[str, Any]:
         conn = kept.http
         payload = json.dumps(body).encode() if body is not None else b""
@@ -567,36 +522,6 @@ def _credentials_key(bundle_pem: bytes, identity: ClientIdentity | HeldIdentity)
             with contextlib.suppress(OSError):  # unreadable: the handshake will say so
                 digest.update(str(path.stat().st_mtime_ns).encode())
     return digest.digest()
-
-
-@dataclass(slots=True, eq=False)
-class _Kept:
-    """One connection to the authority, open between requests."""
-
-    stream: trio.SSLStream[_FirstBytes]
-    tcp: trio.SocketStream
-    http: h11.Connection
-    key: bytes | None  # the credentials it was made with (None: anonymous, never kept)
-    server_not_after: datetime
-    opened: float  # trio time
-    idle_since: float = 0.0
-    reusable: bool = False  # the last answer ended cleanly and the server keeps it open
-
-    def closed_by_peer(self) -> bool:
-        """True when the authority sent something while no request was outstanding: it
-        can only be a close (its idle timeout, a restart)."""
-        try:
-            fd = self.tcp.socket.fileno()
-            if fd < 0:
-                return True
-            readable, _, _ = select.select([fd], [], [], 0)
-        except (OSError, ValueError):
-            return True
-        return bool(readable)
-
-    def close(self) -> None:
-        """Closed at once, without a TLS goodbye: synchronous, so no cancellation skips it."""
-        self.tcp.socket.close()
 
 
 class _Unsent(Exception):

@@ -21,7 +21,8 @@ from ca.server import ControlPlane, ServerOptions
 from meshid.spiffeid import SpiffeId
 from meshid.svid import certs_to_pem, generate_key, key_to_pem
 from meshid.wire import BUNDLE, RENEW, WatchQuery
-from sidecar.control import POOL_IDLE, POOL_SIZE, ControlClient, ControlPlaneError, HeldIdentity
+from sidecar.control import ControlClient, ControlPlaneError, HeldIdentity
+from sidecar.controlpool import POOL_IDLE, POOL_SIZE
 from sidecar.dynamic import build_csr
 
 WEB = SpiffeId(TD, "/web")

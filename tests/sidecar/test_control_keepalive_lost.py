@@ -21,7 +21,8 @@ from test_sidecar_control_failures import control_plane, make_authority
 
 from meshid.spiffeid import SpiffeId
 from meshid.svid import certs_to_pem, generate_key, key_to_pem
-from sidecar.control import POOL_SIZE, ControlClient, ControlPlaneError, HeldIdentity
+from sidecar.control import ControlClient, ControlPlaneError, HeldIdentity
+from sidecar.controlpool import POOL_SIZE
 
 OK = b'HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: 11\r\n\r\n{"n": 1234}'
 
