@@ -70,6 +70,28 @@ def policy_version(network: Network, *args: str) -> int:
 
 
 @pytest.mark.timeout(120)
+def mesh_web_and_api(network: Network, watch: list[Proc]) -> tuple[Proc, Proc]:
+    """api's and web's sidecars started, api's address in the map, web -> api allowed at both."""
+    api_extra = f'app_ports = [8080]\nadvertise = ["{APP_URL}"]\n'
+    api = start(network, "api", "api", config("api", api_extra), watch)
+    web = start(network, "web", "web", config("web", ""), watch)
+    wait_for(
+        "api's advertised address in the map",
+        lambda: APP_URL in network.run("auth", MESHID, "service", "list", "--state", "ca").stdout,
+        20,
+        watch,
+    )
+    version = policy_version(network, "policy", "allow", "web", "api")
+    for proc in (api, web):
+        wait_for(
+            f"policy {version} at {proc.name}",
+            functools.partial(proc.log.first, "policy", version=version),
+            10,
+            watch,
+        )
+    return api, web
+
+
 def test_unchanged_client_is_meshed_across_hosts(net: Network) -> None:  # noqa: F811
     for tool in ("nft", "tcpdump"):
         if shutil.which(tool) is None and not Path(f"/usr/sbin/{tool}").exists():
@@ -89,24 +111,7 @@ def test_unchanged_client_is_meshed_across_hosts(net: Network) -> None:  # noqa:
     watch.append(app)
     wait_for("the api app", lambda: any("Serving HTTP" in x for x in app.log.lines()), 20, watch)
 
-    api = start(
-        net, "api", "api", config("api", f'app_ports = [8080]\nadvertise = ["{APP_URL}"]\n'), watch
-    )
-    web = start(net, "web", "web", config("web", ""), watch)
-    wait_for(
-        "api's advertised address in the map",
-        lambda: APP_URL in net.run("auth", MESHID, "service", "list", "--state", "ca").stdout,
-        20,
-        watch,
-    )
-    version = policy_version(net, "policy", "allow", "web", "api")
-    for proc in (api, web):
-        wait_for(
-            f"policy {version} at {proc.name}",
-            functools.partial(proc.log.first, "policy", version=version),
-            10,
-            watch,
-        )
+    api, web = mesh_web_and_api(net, watch)
 
     # The unchanged client, while tcpdump watches api's link.
     dump = net.logs / "link.pcap"
@@ -245,24 +250,7 @@ def test_policy_deny_cuts_a_live_captured_connection_across_hosts(net: Network) 
     app = net.spawn("api", "echo", sys.executable, "-u", APPS, "echo", "0.0.0.0:8080")
     watch.append(app)
     wait_for("the api app listening", lambda: "listening" in app.log.lines(), 20, watch)
-    api = start(
-        net, "api", "api", config("api", f'app_ports = [8080]\nadvertise = ["{APP_URL}"]\n'), watch
-    )
-    web = start(net, "web", "web", config("web", ""), watch)
-    wait_for(
-        "api's advertised address in the map",
-        lambda: APP_URL in net.run("auth", MESHID, "service", "list", "--state", "ca").stdout,
-        20,
-        watch,
-    )
-    version = policy_version(net, "policy", "allow", "web", "api")
-    for proc in (api, web):
-        wait_for(
-            f"policy {version} at {proc.name}",
-            functools.partial(proc.log.first, "policy", version=version),
-            10,
-            watch,
-        )
+    api, web = mesh_web_and_api(net, watch)
 
     # web's unchanged client holds one connection to api's real address, fed from its stdin.
     log = net.logs / "client.log"
