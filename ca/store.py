@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import hmac
 import json
+import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -44,10 +45,18 @@ _UNAVAILABLE = "cannot write the authority database; nothing was changed"
 
 
 class Store:
-    """A connection to the authority database, used by one thread at a time."""
+    """A connection to the authority database, used by one thread at a time.
+
+    The control plane calls it from worker threads; `_lock` makes "one at a
+    time" a fact rather than a convention, and lets `close()` wait for the
+    transaction in flight: closing an SQLite connection under a statement that
+    another thread is stepping frees memory that statement still uses.
+    """
 
     def __init__(self, engine: Engine, state_dir: Path, clock: Clock) -> None:
         self._engine = engine
+        self._lock = threading.RLock()  # held by each outermost transaction, and by close()
+        self._closed = False
         self._conn = engine.conn
         self._clock = clock  # dates the rows a migration adds
         self._state_dir = state_dir
@@ -124,7 +133,18 @@ class Store:
         )
 
     def close(self) -> None:
-        self._engine.close()
+        """Close the connection once no transaction is in flight; later use is refused."""
+        with self._lock:
+            if not self._closed:
+                self._closed = True
+                self._engine.close()
+
+    @contextmanager
+    def _held(self) -> Iterator[None]:
+        with self._lock:
+            if self._closed:
+                raise StateError("the authority database is closed")
+            yield
 
     @property
     def in_transaction(self) -> bool:
@@ -150,30 +170,31 @@ class Store:
         raises `StorageUnavailable`: the caller keeps running, nothing is
         half-written.
         """
-        conn = self._conn
-        if self._writing:
-            yield from self._savepoint(conn)
-            return
-        self._engine.begin_write()
-        self._writing, self._broken, self._head = True, False, None
-        try:
-            yield conn
-        except BaseException as exc:
-            self._rollback()
-            self._raise_host_failure(exc)
-            raise
-        else:
-            if self._broken:  # SQLite gave up the whole transaction under a savepoint
+        with self._held():
+            conn = self._conn
+            if self._writing:
+                yield from self._savepoint(conn)
+                return
+            self._engine.begin_write()
+            self._writing, self._broken, self._head = True, False, None
+            try:
+                yield conn
+            except BaseException as exc:
                 self._rollback()
-                raise StorageUnavailable(_UNAVAILABLE)
-            head = self._head
-            if head is not None and self.instance:
-                self._guarded(lambda: self._checkpoint(conn, *head))
-            self._guarded(self._engine.commit)
-            if self._head is not None:
-                self._record_head(*self._head)
-        finally:
-            self._writing, self._head = False, None
+                self._raise_host_failure(exc)
+                raise
+            else:
+                if self._broken:  # SQLite gave up the whole transaction under a savepoint
+                    self._rollback()
+                    raise StorageUnavailable(_UNAVAILABLE)
+                head = self._head
+                if head is not None and self.instance:
+                    self._guarded(lambda: self._checkpoint(conn, *head))
+                self._guarded(self._engine.commit)
+                if self._head is not None:
+                    self._record_head(*self._head)
+            finally:
+                self._writing, self._head = False, None
 
     def _checkpoint(self, conn: Connection, seq: int, mac: str) -> None:
         """This instance's newest row, for every other instance to check against."""
@@ -276,15 +297,16 @@ class Store:
         Inside a write() it joins that transaction, which already is one, rather
         than starting a second (SQLite refuses nested BEGINs).
         """
-        conn = self._conn
-        if self._engine.in_transaction():
-            yield conn
-            return
-        self._engine.begin_read()
-        try:
-            yield conn
-        finally:
-            self._engine.commit()
+        with self._held():
+            conn = self._conn
+            if self._engine.in_transaction():
+                yield conn
+                return
+            self._engine.begin_read()
+            try:
+                yield conn
+            finally:
+                self._engine.commit()
 
     # -- small helpers used inside a transaction --
 
@@ -328,9 +350,10 @@ class Store:
         self._head = (seq, mac)
 
     def audit_entries(self) -> list[AuditEntry]:
-        rows = self._conn.execute(
-            "SELECT seq, at, action, details, prev_hash, hash FROM audit ORDER BY seq"
-        ).fetchall()
+        with self.read() as conn:
+            rows = conn.execute(
+                "SELECT seq, at, action, details, prev_hash, hash FROM audit ORDER BY seq"
+            ).fetchall()
         return [
             AuditEntry(int(r[0]), float(r[1]), str(r[2]), json.loads(r[3]), str(r[4]), str(r[5]))
             for r in rows
