@@ -15,6 +15,14 @@ RSS has held still for `--settle` seconds (bounded):
 Each sidecar is stopped by its pid before the next starts; the authority
 last. Prints one line per mode with the exact command. The target is
 ≤ 30 MiB; ghostunnel idles at about 25 MiB.
+
+The baseline, measured the same way in the same run, is a Python process
+that imports only the third-party libraries a sidecar loads (trio, pyOpenSSL
+and cryptography with their OpenSSL, h11, prometheus_client, click, ...) and
+waits: the floor no Python sidecar on these libraries can go below. Each
+mode's line gives its ratio to that floor, and its private memory (USS, from
+/proc/PID/smaps_rollup): what one more sidecar on the same host costs, the
+libraries' shared pages aside.
 """
 
 from __future__ import annotations
@@ -29,6 +37,21 @@ from pathlib import Path
 from bench.procs import BenchError, Proc, Supervisor, free_ports, rss_kib, wait_listening
 
 TARGET_MIB = 30.0
+
+# Run in a child: the third-party top-level packages that the sidecar's code loads.
+_LIBRARIES_OF_A_SIDECAR = (
+    "import sys; std = set(sys.stdlib_module_names); import meshid.cli, sidecar.app; "
+    "ours = {'meshid', 'sidecar', 'adminhttp', '__main__'}; "
+    "tops = {m.split('.')[0] for m in sys.modules} - std - ours; "
+    "print(' '.join(sorted(m for m in tops if not m.startswith('_'))))"
+)
+_IMPORT_AND_WAIT = (
+    "import importlib, signal, sys\n"
+    "for name in sys.argv[1:]:\n"
+    "    importlib.import_module(name)\n"
+    'print(\'"event":"started"\', flush=True)\n'
+    "signal.pause()\n"
+)
 
 
 def _meshid(*args: str) -> str:
@@ -63,6 +86,29 @@ def _settled_rss(proc: Proc, settle: float) -> int:
             return now
         last = now
     return last
+
+
+def _uss_kib(pid: int) -> int:
+    """Private (unshared) resident memory: Private_Clean + Private_Dirty."""
+    total = 0
+    with open(f"/proc/{pid}/smaps_rollup", encoding="ascii") as f:
+        for line in f:
+            if line.startswith(("Private_Clean:", "Private_Dirty:")):
+                total += int(line.split()[1])
+    return total
+
+
+def _libraries() -> list[str]:
+    done = subprocess.run(
+        [sys.executable, "-c", _LIBRARIES_OF_A_SIDECAR],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    if done.returncode != 0:
+        raise BenchError(f"cannot list the sidecar's libraries: {done.stderr.strip()}")
+    return done.stdout.split()
 
 
 def _configs(d: Path, server: str) -> dict[str, str]:
@@ -115,12 +161,25 @@ def main() -> int:
         authority = sup.start("authority", serve)
         wait_listening([authority], [port])
         print(f"authority: {' '.join(serve)}")
+        libraries = _libraries()
+        floor_argv = [sys.executable, "-c", _IMPORT_AND_WAIT, *libraries]
+        floor = sup.start("libraries", floor_argv)
+        try:
+            _wait_started(floor)
+            floor_kib = _settled_rss(floor, args.settle)
+        finally:
+            sup.stop(floor)
+        print(
+            f"baseline: idle RSS {floor_kib / 1024:.1f} MiB for Python importing only "
+            f"the sidecar's libraries ({', '.join(libraries)})"
+        )
         for mode, config in _configs(d, f"127.0.0.1:{port}").items():
             argv = [meshid, "sidecar", "run", "--config", config]
             proc = sup.start(f"sidecar-{mode.replace(' ', '-')}", argv)
             try:
                 _wait_started(proc)
                 kib = _settled_rss(proc, args.settle)
+                uss = _uss_kib(proc.pid)
             except BenchError as exc:
                 print(f"{mode}: FAILED ({str(exc).splitlines()[0]}): {' '.join(argv)}")
                 failed = True
@@ -129,7 +188,10 @@ def main() -> int:
                 sup.stop(proc)
             mib = kib / 1024
             verdict = "ok" if mib <= TARGET_MIB else f"over the {TARGET_MIB:.0f} MiB target"
-            print(f"{mode}: idle RSS {mib:.1f} MiB ({verdict}): {' '.join(argv)}")
+            print(
+                f"{mode}: idle RSS {mib:.1f} MiB ({verdict}; {kib / floor_kib:.2f}x the "
+                f"baseline, private {uss / 1024:.1f} MiB): {' '.join(argv)}"
+            )
     return 1 if failed else 0
 
 

@@ -25,7 +25,11 @@ from bench.fanout import MARKER as FANOUT_MARKER
 
 MARKER = "<!-- scale: written by python -m bench.scale -->"
 PARTS = (
-    ("Idle sidecar memory", "bench.idle_rss", "RSS after start, against a 30 MiB target"),
+    (
+        "Idle sidecar memory",
+        "bench.idle_rss",
+        "RSS after start, against a 30 MiB target and the libraries alone",
+    ),
     ("Policy decision cost", "bench.policy_decision", "median per decision; ratios to 10 rules"),
     ("Re-judging 20,000 live connections", "bench.rejudge", "median of the rounds"),
 )
