@@ -54,17 +54,16 @@ _IMPORT_AND_WAIT = (
 )
 
 
-def _meshid(*args: str) -> str:
-    done = subprocess.run(
-        [str(Path(sys.executable).parent / "meshid"), *args],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
+def _output(argv: list[str], what: str) -> str:
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=60, check=False)
     if done.returncode != 0:
-        raise BenchError(f"meshid {' '.join(args)}: {done.stderr.strip()}")
+        raise BenchError(f"{what}: {done.stderr.strip()}")
     return done.stdout
+
+
+def _meshid(*args: str) -> str:
+    meshid = str(Path(sys.executable).parent / "meshid")
+    return _output([meshid, *args], f"meshid {' '.join(args)}")
 
 
 def _wait_started(proc: Proc, timeout: float = 30.0) -> None:
@@ -99,16 +98,8 @@ def _uss_kib(pid: int) -> int:
 
 
 def _libraries() -> list[str]:
-    done = subprocess.run(
-        [sys.executable, "-c", _LIBRARIES_OF_A_SIDECAR],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
-    if done.returncode != 0:
-        raise BenchError(f"cannot list the sidecar's libraries: {done.stderr.strip()}")
-    return done.stdout.split()
+    argv = [sys.executable, "-c", _LIBRARIES_OF_A_SIDECAR]
+    return _output(argv, "cannot list the sidecar's libraries").split()
 
 
 def _configs(d: Path, server: str) -> dict[str, str]:
