@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from ca.api import CallerRevoked, ControlApi, Reply, Request, error_for
+from ca.api import ControlApi, Reply, Request, error_for
 from ca.remotetable import check_call
 from meshid.adminwire import MAX_PAGE, AdminAnswer, PolicyCall, RevokeCall, RunCall
 from meshid.errors import AuthorityError, InvalidInput, MeshIdError, PolicyError
@@ -30,14 +30,9 @@ class NotOperator(AuthorityError):
 
 
 def _operator(api: ControlApi, req: Request) -> SpiffeId:
-    caller = api._caller(req)
     # An operator's lost laptop is revoked by its SVID's serial, the person kept: that
-    # certificate acts for no one (`_caller` judges the identity only).
-    assert req.peer_cert is not None  # `_caller` refused a call without one
-    serial = req.peer_cert.serial_number
-    revoked_at = api.authority.revocation(caller, serial)
-    if revoked_at is not None:
-        raise CallerRevoked(f"{caller}: SVID {serial:x} is revoked", revocation_version=revoked_at)
+    # certificate acts for no one (`_caller` refuses it as it refuses a revoked identity).
+    caller = api._caller(req)
     if not api.authority.is_operator(caller):
         api.authority.audit_call(caller, req.path, refused=Reason.NOT_OPERATOR)
         raise NotOperator(f"{caller} is not on this authority's operator list")

@@ -138,11 +138,17 @@ class CallerRevoked(IdentityRevoked):
     The feed is refused to a revoked caller, so this reply is all its sidecar
     hears of the revocation: with the version, the revoked sidecar says the
     same "revocation version N" as everyone else, not the last one it saw.
+
+    `serial` is set when the identity is not revoked but the very SVID the
+    caller presented is (`ca revoke --serial`): the reply names it, so that its
+    holder can tell "this certificate is revoked, enroll again" from "this
+    workload is revoked". The reason is the same either way, as peers log it.
     """
 
-    def __init__(self, message: str, *, revocation_version: int) -> None:
+    def __init__(self, message: str, *, revocation_version: int, serial: int | None = None) -> None:
         super().__init__(message)
         self.revocation_version = revocation_version
+        self.serial = serial
 
 
 def error_for(exc: MeshIdError) -> Reply:
@@ -152,6 +158,8 @@ def error_for(exc: MeshIdError) -> Reply:
     reply = error(_status_for(exc), exc.reason, exc.message)
     if isinstance(exc, CallerRevoked):
         reply.body["revocation_version"] = exc.revocation_version
+        if exc.serial is not None:
+            reply.body["revoked_serial"] = f"{exc.serial:x}"
     return reply
 
 
@@ -316,13 +324,12 @@ class ControlApi:
         return staged if isinstance(staged, Reply) else self._finish(staged)
 
     def _prepare_renew(self, req: Request) -> _Staged:
-        if req.peer_cert is None:
-            raise TokenRejected(
-                "this endpoint needs a client certificate (the caller's SVID)",
-                reason=Reason.NO_CLIENT_CERTIFICATE,
-            )
+        # A revoked SVID must not renew into a fresh one (that would launder the
+        # revocation); the commit checks again, in the transaction that records it.
+        self._caller(req)
+        assert req.peer_cert is not None  # `_caller` refused a call without one
         body = RenewRequest.parse(decode(req.body, "request body"))
-        try:  # this verifies the caller's SVID and refuses a revoked identity
+        try:
             prepared = self.authority.prepare_renew(req.peer_cert, body.csr.encode())
         except InvalidSvid as exc:
             raise TokenRejected(
@@ -401,7 +408,8 @@ class ControlApi:
     # -- helpers the shell uses --
 
     def _caller(self, req: Request) -> SpiffeId:
-        """The authenticated caller: a current SVID of ours, not revoked."""
+        """The authenticated caller: a current SVID of ours, neither its identity nor this
+        very certificate (its serial) revoked."""
         if req.peer_cert is None:
             raise TokenRejected(
                 "this endpoint needs a client certificate (the caller's SVID)",
@@ -418,10 +426,17 @@ class ControlApi:
                 "caller is of another trust domain", reason=Reason.UNTRUSTED_TRUST_DOMAIN
             )
         # One lookup, not the whole allow-list: every authenticated request asks.
-        revoked_at = self.authority.revocation(caller)
-        if revoked_at is not None:
+        serial = req.peer_cert.serial_number
+        revoked_at = self.authority.revocation(caller, serial)
+        if revoked_at is None:
+            return caller
+        if self.authority.revocation(caller) is not None:  # asked on a refusal only
             raise CallerRevoked(f"{caller} is revoked", revocation_version=revoked_at)
-        return caller
+        raise CallerRevoked(
+            f"{caller}: SVID {serial:x} is revoked (the identity is not)",
+            revocation_version=revoked_at,
+            serial=serial,
+        )
 
     def watch_check(self, req: Request) -> tuple[Reply | None, tuple[int, int, int]]:
         """Authenticate a watch; answer now (a Reply) if the caller is behind or wrong.
