@@ -140,6 +140,7 @@ class DynamicIdentity(FeedFollower):
         self.state = StateDir(source.state_dir, host.events)
         self._feed: Feed | None = None  # the last feed applied, as feed.json holds it
         self.versions: tuple[int, int, int] = (-1, -1, -1)
+        self._revoked_svid: int | None = None
         self.instance = secrets.token_hex(6)  # this run of the sidecar, as `ca status` lists it
         self.reporter = Reporter(
             self._post_report,
@@ -287,6 +288,10 @@ class DynamicIdentity(FeedFollower):
         self.host.count_renewal("ok")
         self.state.request(IDENTITY, self._write_identity)
 
+    async def _enroll_again(self) -> None:
+        """Enroll anew, as at first start: the SVID we hold is revoked (see `sidecar.feed`)."""
+        await self._enroll(self._read_token())
+
     async def renew(self) -> None:
         key = generate_key()
         reply = await self.link.ask(
@@ -378,6 +383,8 @@ class DynamicIdentity(FeedFollower):
     ) -> None:
         self.host.count_renewal("error")
         self._note(DUTY_RENEW, exc)
+        if isinstance(exc, ControlPlaneError):
+            self._refused_as_revoked(exc)
         validity = self.validity()
         state = (
             self.schedule.state(validity[0], validity[1], self.current.wall())
