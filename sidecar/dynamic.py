@@ -34,6 +34,7 @@ Theory of operation:
 
 from __future__ import annotations
 
+import hashlib
 import random
 import secrets
 from collections.abc import Callable, Mapping, Sequence
@@ -141,6 +142,7 @@ class DynamicIdentity(FeedFollower):
         self._feed: Feed | None = None  # the last feed applied, as feed.json holds it
         self.versions: tuple[int, int, int] = (-1, -1, -1)
         self._revoked_svid: int | None = None
+        self._refused_credential: bytes | None = None  # digest of a token the authority refused
         self.instance = secrets.token_hex(6)  # this run of the sidecar, as `ca status` lists it
         self.reporter = Reporter(
             self._post_report,
@@ -289,8 +291,26 @@ class DynamicIdentity(FeedFollower):
         self.state.request(IDENTITY, self._write_identity)
 
     async def _enroll_again(self) -> None:
-        """Enroll anew, as at first start: the SVID we hold is revoked (see `sidecar.feed`)."""
-        await self._enroll(self._read_token())
+        """Enroll anew, as at first start: the SVID we hold is revoked (see `sidecar.feed`).
+
+        A token the authority refused is not sent again: the file still holding
+        it is waited on, so a spent token costs one refusal, not one a minute
+        (each counts against the enrollment rate limit of our address).
+        """
+        token = self._read_token()
+        digest = hashlib.sha256(token.encode()).digest()
+        if digest == self._refused_credential:
+            raise MeshIdError(
+                "the authority refused the token in the enrollment file already: write a new "
+                "one there to enroll again",
+                reason=Reason.TOKEN_USED,
+            )
+        try:
+            await self._enroll(token)
+        except ControlPlaneError as exc:
+            if exc.refused:
+                self._refused_credential = digest
+            raise
 
     async def renew(self) -> None:
         key = generate_key()
