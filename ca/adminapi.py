@@ -2,7 +2,12 @@
 
 The caller is authenticated like any sidecar (a current SVID of ours, not
 revoked) and must then be on the authority's operator list; anyone else is
-refused 403 `not_operator`, and the refusal is audited too.
+refused 403 `not_operator`, and the refusal is audited too: once per
+caller per `REFUSAL_AUDIT_WINDOW` (per serving process), the row counting
+as `suppressed` the refusals left out since the caller's last row. A
+workload probing the management routes shows in the audit log within a
+minute, and cannot write a row per call; every refusal is counted in
+``meshid_ca_refusals_total{reason="not_operator"}``.
 
 ``POST /v1/admin/run`` (`authorise_run` here, then `ca.adminrun`) runs any
 command of `ca.remotetable` for the operator: the call is audited as
@@ -37,7 +42,10 @@ def _operator(api: ControlApi, req: Request) -> SpiffeId:
     # certificate acts for no one (`_caller` refuses it as it refuses a revoked identity).
     caller = api._caller(req)
     if not api.authority.is_operator(caller):
-        api.authority.audit_call(caller, req.path, refused=Reason.NOT_OPERATOR)
+        left_out = api.refusals.admit(str(caller), api.monotonic())
+        if left_out is not None:
+            more = {"suppressed": left_out} if left_out else {}
+            api.authority.audit_call(caller, req.path, refused=Reason.NOT_OPERATOR, **more)
         raise NotOperator(f"{caller} is not on this authority's operator list")
     return caller
 

@@ -47,7 +47,7 @@ from meshid.errors import (
     StorageUnavailable,
     TokenRejected,
 )
-from meshid.ratelimit import FailureLimiter
+from meshid.ratelimit import FailureLimiter, OncePerWindow
 from meshid.reasons import Reason
 from meshid.report import TOO_LARGE, decode_report
 from meshid.skew import clock_offset
@@ -74,6 +74,9 @@ from meshid.wire import (
 )
 
 MAX_BODY = 64 * 1024
+# A caller refused on the management routes is audited once per this many seconds
+# (per serving process); the row counts the refusals left out since the last one.
+REFUSAL_AUDIT_WINDOW = 60.0
 STORAGE_RETRY_AFTER = 5  # seconds a client waits after a full or read-only disk
 
 
@@ -186,6 +189,8 @@ class ControlApi:
     clock: Callable[[], datetime]
     monotonic: Callable[[], float]
     limiter: FailureLimiter = field(default_factory=FailureLimiter)
+    # which refused management callers to audit (see `ca.adminapi`)
+    refusals: OncePerWindow = field(default_factory=lambda: OncePerWindow(REFUSAL_AUDIT_WINDOW))
     _lock_fd: int | None = None
     _pem: tuple[TrustBundle, str] | None = None  # the bundle last encoded, and its PEM
     jwt_keys: JwtKeyring | None = None  # JWT-SVID signing keys, loaded on first use

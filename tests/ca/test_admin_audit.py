@@ -19,6 +19,7 @@ from test_server import Plane, write_identity
 from test_server_abuse import serving
 
 from ca import adminrun
+from ca.api import REFUSAL_AUDIT_WINDOW
 from meshid.spiffeid import SpiffeId
 from sidecar.control import ControlPlaneError
 
@@ -90,3 +91,33 @@ async def test_a_run_stopped_at_its_time_limit_is_audited_as_stopped(
     assert "refused" not in admitted and admitted["command"] == "policy list"
     assert stopped["command"] == "policy list" and stopped["stopped"] == "remote_call_timeout"
     assert not plane.server._runs.busy  # the slot is given back
+
+
+# -- a workload on the management routes: audited, but not once per call -------------
+
+
+async def test_refused_management_calls_write_one_row_per_caller_per_window(
+    plane: Plane, clock: Clock, tmp_path: Path
+) -> None:
+    web = write_identity(tmp_path / "web", plane.authority, WEB)
+    start = len(plane.authority.store.audit_entries())
+    refused_before = _refused_metric(plane, "not_operator")
+    calls = 30
+    for n in range(calls):  # a bounded probe, over both kinds of management route
+        route = ("/v1/admin/run", RUN_LIST) if n % 2 else ("/v1/admin/policy", POLICY_CHECK)
+        err = await _refusal(plane, "POST", *route, identity=web)
+        assert (err.status, err.reason) == (403, "not_operator")
+    [first] = _calls(plane, start)
+    assert first["operator"] == str(WEB) and first["refused"] == "not_operator"
+    assert "suppressed" not in first
+    assert _refused_metric(plane, "not_operator") - refused_before == calls  # every one
+    # another caller is audited on its own
+    other = write_identity(tmp_path / "db", plane.authority, SpiffeId(TD, "/db"))
+    await _refusal(plane, "POST", "/v1/admin/policy", POLICY_CHECK, identity=other)
+    assert [c["operator"] for c in _calls(plane, start)] == [str(WEB), f"spiffe://{TD.name}/db"]
+    # a window later the prober is audited again, with the calls left out meanwhile
+    clock.advance(REFUSAL_AUDIT_WINDOW)
+    await _refusal(plane, "POST", "/v1/admin/policy", POLICY_CHECK, identity=web)
+    *_, again = _calls(plane, start)
+    assert again["operator"] == str(WEB) and again["suppressed"] == calls - 1
+    assert len(_calls(plane, start)) == 3
