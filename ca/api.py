@@ -77,6 +77,10 @@ MAX_BODY = 64 * 1024
 # A caller refused on the management routes is audited once per this many seconds
 # (per serving process); the row counts the refusals left out since the last one.
 REFUSAL_AUDIT_WINDOW = 60.0
+# A change of the addresses a workload's reports advertise is taken at most once per
+# this many seconds per identity (per serving process): each moves the policy version,
+# which wakes every watch of the fleet, and writes an audit row. The rest wait.
+ADVERTISE_CHANGE_INTERVAL = 30.0
 STORAGE_RETRY_AFTER = 5  # seconds a client waits after a full or read-only disk
 
 
@@ -191,6 +195,10 @@ class ControlApi:
     limiter: FailureLimiter = field(default_factory=FailureLimiter)
     # which refused management callers to audit (see `ca.adminapi`)
     refusals: OncePerWindow = field(default_factory=lambda: OncePerWindow(REFUSAL_AUDIT_WINDOW))
+    # which callers changed the addresses they advertise lately (see `_report`)
+    advertising: OncePerWindow = field(
+        default_factory=lambda: OncePerWindow(ADVERTISE_CHANGE_INTERVAL)
+    )
     _lock_fd: int | None = None
     _pem: tuple[TrustBundle, str] | None = None  # the bundle last encoded, and its PEM
     jwt_keys: JwtKeyring | None = None  # JWT-SVID signing keys, loaded on first use
@@ -359,7 +367,11 @@ class ControlApi:
             earliest = min(req.received or now, now)
             skew = clock_offset(report.sent_at, earliest, now).total_seconds()
         self.authority.record_report(caller, report, skew=skew)
-        self.authority.record_advertised(caller)
+        # A change of the map wakes the fleet and is audited: one per caller per interval.
+        # A report within it is stored all the same, and the next one after it is taken.
+        key, at = str(caller), self.monotonic()
+        if not self.advertising.recent(key, at) and self.authority.record_advertised(caller):
+            self.advertising.admit(key, at)
         return Reply(200, ReportAck().to_json())
 
     def _bundle(self, req: Request) -> Reply:

@@ -5,7 +5,8 @@ down token guessing (join tokens carry 256 bits, so this protects the
 database and the logs more than the tokens); the sidecar uses it to
 quarantine a peer that keeps failing authentication or authorisation.
 `OncePerWindow` lets one event per key through per window and counts the
-rest: the control plane audits a refused management call with it.
+rest: the control plane audits a refused management call with it, and lets
+a workload's reports change the addresses it advertises at that pace.
 """
 
 from __future__ import annotations
@@ -72,6 +73,11 @@ class OncePerWindow:
     max_keys: int = 10000
     # key: (when its last event was recorded, how many were left out since)
     _seen: dict[str, tuple[float, int]] = field(default_factory=dict)
+
+    def recent(self, key: str, now: float) -> bool:
+        """Whether an event of `key` was recorded less than a window ago."""
+        seen = self._seen.get(key)
+        return seen is not None and now - seen[0] < self.window
 
     def admit(self, key: str, now: float) -> int | None:
         """None to leave this event out; else the number left out before it."""

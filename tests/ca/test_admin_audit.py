@@ -1,10 +1,12 @@
-"""The audit of management calls tells the truth, and refusals cannot flood it.
+"""The audit log tells the truth about management calls, and no workload can flood it.
 
 An operator's run is audited once admitted, as refused when the operator is
 busy, and again when it is stopped at its time limit. A workload knocking on
 the management routes is audited once per window, the calls it made meanwhile
-counted in the next row and every one in the refusal metric. Real TLS on
-127.0.0.1, the real control plane and API.
+counted in the next row and every one in the refusal metric. A workload whose
+reports keep changing the addresses it advertises changes the map (an audit
+row, and a policy version that wakes every watch) once per interval. Real TLS
+on 127.0.0.1, the real control plane and API.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from test_server import Plane, write_identity
 from test_server_abuse import serving
 
 from ca import adminrun
-from ca.api import REFUSAL_AUDIT_WINDOW
+from ca.api import ADVERTISE_CHANGE_INTERVAL, REFUSAL_AUDIT_WINDOW
 from meshid.spiffeid import SpiffeId
 from sidecar.control import ControlPlaneError
 
@@ -121,3 +123,30 @@ async def test_refused_management_calls_write_one_row_per_caller_per_window(
     *_, again = _calls(plane, start)
     assert again["operator"] == str(WEB) and again["suppressed"] == calls - 1
     assert len(_calls(plane, start)) == 3
+
+
+# -- a workload's reports: the addresses it advertises change the map at a bounded rate --
+
+
+async def test_reports_that_keep_changing_their_addresses_change_the_map_once_per_interval(
+    plane: Plane, clock: Clock, tmp_path: Path
+) -> None:
+    web = write_identity(tmp_path / "web", plane.authority, WEB)
+    start = len(plane.authority.store.audit_entries())
+    version = plane.authority.versions()[0]
+
+    async def advertise(n: int) -> None:
+        report = {"v": 1, "instance": "w1", "advertise": [f"198.18.0.{n}:8080"]}
+        await plane.call("POST", "/v1/report", report, identity=web)
+
+    for n in range(1, 21):  # a bounded flapping: every report says something new
+        await advertise(n)
+    entries = plane.authority.store.audit_entries()[start:]
+    assert [e.action for e in entries] == ["service_advertised"]
+    assert plane.authority.versions()[0] == version + 1  # the fleet was woken once
+    assert [(s.host, s.port) for s in plane.authority.services()] == [("198.18.0.1", 8080)]
+    # an interval later, the latest report is taken
+    clock.advance(ADVERTISE_CHANGE_INTERVAL)
+    await advertise(21)
+    assert [(s.host, s.port) for s in plane.authority.services()] == [("198.18.0.21", 8080)]
+    assert plane.authority.versions()[0] == version + 2
