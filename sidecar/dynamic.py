@@ -30,6 +30,8 @@ Theory of operation:
   permanent failure of renewal, watch or report is logged, shown in /readyz
   and retried every `Pacing.slow_retry` (±10 %) instead of at full rate, and
   so is the authority refusing a revoked identity; the first success clears it.
+  The SVID it holds revoked by serial (the identity not) is the one case where
+  a serving sidecar enrolls again, with a new token: see `sidecar.feed`.
 """
 
 from __future__ import annotations
