@@ -2,12 +2,20 @@
 
 The caller is authenticated like any sidecar (a current SVID of ours, not
 revoked) and must then be on the authority's operator list; anyone else is
-refused 403 `not_operator`, and the refusal is audited too.
+refused 403 `not_operator`, and the refusal is audited too: once per
+caller per `REFUSAL_AUDIT_WINDOW` (per serving process), the row counting
+as `suppressed` the refusals left out since the caller's last row. A
+workload probing the management routes shows in the audit log within a
+minute, and cannot write a row per call; every refusal is counted in
+``meshid_ca_refusals_total{reason="not_operator"}``.
 
 ``POST /v1/admin/run`` (`authorise_run` here, then `ca.adminrun`) runs any
 command of `ca.remotetable` for the operator: the call is audited as
-`operator_call` with the operator, the command and its arguments before it
-runs, and every change the command makes is audited in its own row with
+`operator_call` with the operator, the command and its arguments once it is
+admitted, before it runs (`audit_run`); a call refused (not in the table, or
+the operator busy with another) is audited with `refused` and its reason
+instead, and a run stopped at its time limit gets a second row with
+`stopped`. Every change the command makes is audited in its own row with
 `operator` as well. The older routes (`ADMIN_ROUTES`: policy and
 revocation by ID) stay for older clients and are audited the same way.
 """
@@ -16,13 +24,13 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from ca.api import CallerRevoked, ControlApi, Reply, Request, error_for
+from ca.api import ControlApi, Reply, Request, error_for
 from ca.remotetable import check_call
 from meshid.adminwire import MAX_PAGE, AdminAnswer, PolicyCall, RevokeCall, RunCall
 from meshid.errors import AuthorityError, InvalidInput, MeshIdError, PolicyError
 from meshid.reasons import Reason
 from meshid.spiffeid import SpiffeId
-from meshid.wire import ADMIN_POLICY, ADMIN_REVOKE, decode
+from meshid.wire import ADMIN_POLICY, ADMIN_REVOKE, ADMIN_RUN, decode
 
 
 class NotOperator(AuthorityError):
@@ -30,16 +38,14 @@ class NotOperator(AuthorityError):
 
 
 def _operator(api: ControlApi, req: Request) -> SpiffeId:
-    caller = api._caller(req)
     # An operator's lost laptop is revoked by its SVID's serial, the person kept: that
-    # certificate acts for no one (`_caller` judges the identity only).
-    assert req.peer_cert is not None  # `_caller` refused a call without one
-    serial = req.peer_cert.serial_number
-    revoked_at = api.authority.revocation(caller, serial)
-    if revoked_at is not None:
-        raise CallerRevoked(f"{caller}: SVID {serial:x} is revoked", revocation_version=revoked_at)
+    # certificate acts for no one (`_caller` refuses it as it refuses a revoked identity).
+    caller = api._caller(req)
     if not api.authority.is_operator(caller):
-        api.authority.audit_call(caller, req.path, refused=Reason.NOT_OPERATOR)
+        left_out = api.refusals.admit(str(caller), api.monotonic())
+        if left_out is not None:
+            more = {"suppressed": left_out} if left_out else {}
+            api.authority.audit_call(caller, req.path, refused=Reason.NOT_OPERATOR, **more)
         raise NotOperator(f"{caller} is not on this authority's operator list")
     return caller
 
@@ -104,19 +110,28 @@ ADMIN_ROUTES: dict[tuple[str, str], Callable[[ControlApi, Request], Reply]] = {
 
 
 def authorise_run(api: ControlApi, req: Request) -> tuple[SpiffeId, RunCall] | Reply:
-    """An operator's run call, checked against `ca.remotetable` and audited; or the refusal."""
+    """An operator's run call, checked against `ca.remotetable`; or the refusal, audited.
+
+    Not audited yet when it passes: the run may still be refused (the operator
+    busy), so `ca.adminrun` writes its row, through `audit_run`, once admitted.
+    """
     try:
         operator = _operator(api, req)
         call = RunCall.parse(decode(req.body, "run call"))
-        command = " ".join(call.command)[:128]
         try:
             check_call(call.command, call.args, frozenset(f.at for f in call.files))
         except InvalidInput as exc:
-            api.authority.audit_call(
-                operator, req.path, command=command, refused=exc.reason, why=exc.message
-            )
+            audit_run(api, operator, call, refused=exc.reason, why=exc.message)
             raise
-        api.authority.audit_call(operator, req.path, command=command, args=list(call.args))
     except MeshIdError as exc:
         return error_for(exc)
     return operator, call
+
+
+def audit_run(api: ControlApi, operator: SpiffeId, call: RunCall, **outcome: object) -> None:
+    """The `operator_call` row of a run: admitted (no `outcome`: with its arguments),
+    refused (`refused=REASON`) or stopped (`stopped=REASON`)."""
+    details: dict[str, object] = {"command": " ".join(call.command)[:128], **outcome}
+    if not outcome:
+        details["args"] = list(call.args)
+    api.authority.audit_call(operator, ADMIN_RUN, **details)

@@ -1,8 +1,10 @@
 """Running an operator's command for it: the same command line, against our own state.
 
 Theory of operation: `ca.adminapi.authorise_run` has checked the caller
-against the operator list and the call against `ca.remotetable`, and
-audited it. Here the command runs as a child process of the control plane,
+against the operator list and the call against `ca.remotetable`. Here the
+call is admitted or refused (the operator busy), audited as such through
+the `audit` it is given (`ca.adminapi.audit_run`, in the database thread),
+and, admitted, the command runs as a child process of the control plane,
 ``meshid --acting-operator ID WORDS… --state OUR_STATE_DIR ARGS…``, so it
 is exactly the command an operator would run on this host: same checks,
 same output, same exit status, and every audit row it writes names the
@@ -26,6 +28,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -48,6 +51,10 @@ KEEP = MAX_OUTPUT + MAX_FILES * MAX_ARG
 # found in the environment. The rest (libpq's PGPASSWORD, PATH) it needs as the
 # server does.
 WITHHELD = ("MESHID_CA_PASSPHRASE", "MESHID_DEBUG", "MESHID_CA_STATE")
+
+
+# Writes a run's audit row (see `run_for_operator`); raises when it cannot.
+RunAudit = Callable[..., Awaitable[None]]
 
 
 @dataclass
@@ -91,24 +98,34 @@ async def run_for_operator(
     state_dir: Path,
     slots: RunSlots,
     *,
+    audit: RunAudit,
     entry: str = ENTRY,
-    time_limit: float = RUN_TIMEOUT,
+    time_limit: float | None = None,
 ) -> Reply:
-    """The command's output and exit status as a `RunAnswer`, 504 past `time_limit`,
-    or 429 while the same operator has a command running or waiting.
+    """The command's output and exit status as a `RunAnswer`, 504 past `time_limit`
+    (`RUN_TIMEOUT` by default), or 429 while the same operator has a command running
+    or waiting.
 
-    `entry` is the Python the child runs (the command line's `main`; a test
-    puts a stand-in there).
+    `audit(**outcome)` writes the call's audit row: with no outcome once it is
+    admitted, before the command runs (a run that cannot be audited does not
+    run); with `refused=` or `stopped=` and the reason otherwise. `entry` is the
+    Python the child runs (the command line's `main`; a test puts a stand-in there).
     """
     if operator in slots.busy:
+        await audit(refused=Reason.REMOTE_CALL_BUSY)
         return error(
             429,
             Reason.REMOTE_CALL_BUSY,
             f"{operator} already has a command running on the authority; retry when it ends",
         )
+    limit = RUN_TIMEOUT if time_limit is None else time_limit
     slots.busy.add(operator)
     try:
-        return await _run(operator, call, state_dir, slots.limiter, entry, time_limit)
+        await audit()
+        reply = await _run(operator, call, state_dir, slots.limiter, entry, limit)
+        if reply.status == 504:
+            await audit(stopped=Reason.REMOTE_CALL_TIMEOUT)
+        return reply
     finally:
         slots.busy.discard(operator)
 

@@ -47,7 +47,7 @@ from meshid.errors import (
     StorageUnavailable,
     TokenRejected,
 )
-from meshid.ratelimit import FailureLimiter
+from meshid.ratelimit import FailureLimiter, OncePerWindow
 from meshid.reasons import Reason
 from meshid.report import TOO_LARGE, decode_report
 from meshid.skew import clock_offset
@@ -74,6 +74,13 @@ from meshid.wire import (
 )
 
 MAX_BODY = 64 * 1024
+# A caller refused on the management routes is audited once per this many seconds
+# (per serving process); the row counts the refusals left out since the last one.
+REFUSAL_AUDIT_WINDOW = 60.0
+# A change of the addresses a workload's reports advertise is taken at most once per
+# this many seconds per identity (per serving process): each moves the policy version,
+# which wakes every watch of the fleet, and writes an audit row. The rest wait.
+ADVERTISE_CHANGE_INTERVAL = 30.0
 STORAGE_RETRY_AFTER = 5  # seconds a client waits after a full or read-only disk
 
 
@@ -138,11 +145,17 @@ class CallerRevoked(IdentityRevoked):
     The feed is refused to a revoked caller, so this reply is all its sidecar
     hears of the revocation: with the version, the revoked sidecar says the
     same "revocation version N" as everyone else, not the last one it saw.
+
+    `serial` is set when the identity is not revoked but the very SVID the
+    caller presented is (`ca revoke --serial`): the reply names it, so that its
+    holder can tell "this certificate is revoked, enroll again" from "this
+    workload is revoked". The reason is the same either way, as peers log it.
     """
 
-    def __init__(self, message: str, *, revocation_version: int) -> None:
+    def __init__(self, message: str, *, revocation_version: int, serial: int | None = None) -> None:
         super().__init__(message)
         self.revocation_version = revocation_version
+        self.serial = serial
 
 
 def error_for(exc: MeshIdError) -> Reply:
@@ -152,6 +165,8 @@ def error_for(exc: MeshIdError) -> Reply:
     reply = error(_status_for(exc), exc.reason, exc.message)
     if isinstance(exc, CallerRevoked):
         reply.body["revocation_version"] = exc.revocation_version
+        if exc.serial is not None:
+            reply.body["revoked_serial"] = f"{exc.serial:x}"
     return reply
 
 
@@ -178,6 +193,12 @@ class ControlApi:
     clock: Callable[[], datetime]
     monotonic: Callable[[], float]
     limiter: FailureLimiter = field(default_factory=FailureLimiter)
+    # which refused management callers to audit (see `ca.adminapi`)
+    refusals: OncePerWindow = field(default_factory=lambda: OncePerWindow(REFUSAL_AUDIT_WINDOW))
+    # which callers changed the addresses they advertise lately (see `_report`)
+    advertising: OncePerWindow = field(
+        default_factory=lambda: OncePerWindow(ADVERTISE_CHANGE_INTERVAL)
+    )
     _lock_fd: int | None = None
     _pem: tuple[TrustBundle, str] | None = None  # the bundle last encoded, and its PEM
     jwt_keys: JwtKeyring | None = None  # JWT-SVID signing keys, loaded on first use
@@ -316,13 +337,12 @@ class ControlApi:
         return staged if isinstance(staged, Reply) else self._finish(staged)
 
     def _prepare_renew(self, req: Request) -> _Staged:
-        if req.peer_cert is None:
-            raise TokenRejected(
-                "this endpoint needs a client certificate (the caller's SVID)",
-                reason=Reason.NO_CLIENT_CERTIFICATE,
-            )
+        # A revoked SVID must not renew into a fresh one (that would launder the
+        # revocation); the commit checks again, in the transaction that records it.
+        self._caller(req)
+        assert req.peer_cert is not None  # `_caller` refused a call without one
         body = RenewRequest.parse(decode(req.body, "request body"))
-        try:  # this verifies the caller's SVID and refuses a revoked identity
+        try:
             prepared = self.authority.prepare_renew(req.peer_cert, body.csr.encode())
         except InvalidSvid as exc:
             raise TokenRejected(
@@ -347,7 +367,11 @@ class ControlApi:
             earliest = min(req.received or now, now)
             skew = clock_offset(report.sent_at, earliest, now).total_seconds()
         self.authority.record_report(caller, report, skew=skew)
-        self.authority.record_advertised(caller)
+        # A change of the map wakes the fleet and is audited: one per caller per interval.
+        # A report within it is stored all the same, and the next one after it is taken.
+        key, at = str(caller), self.monotonic()
+        if not self.advertising.recent(key, at) and self.authority.record_advertised(caller):
+            self.advertising.admit(key, at)
         return Reply(200, ReportAck().to_json())
 
     def _bundle(self, req: Request) -> Reply:
@@ -401,7 +425,8 @@ class ControlApi:
     # -- helpers the shell uses --
 
     def _caller(self, req: Request) -> SpiffeId:
-        """The authenticated caller: a current SVID of ours, not revoked."""
+        """The authenticated caller: a current SVID of ours, neither its identity nor this
+        very certificate (its serial) revoked."""
         if req.peer_cert is None:
             raise TokenRejected(
                 "this endpoint needs a client certificate (the caller's SVID)",
@@ -418,10 +443,17 @@ class ControlApi:
                 "caller is of another trust domain", reason=Reason.UNTRUSTED_TRUST_DOMAIN
             )
         # One lookup, not the whole allow-list: every authenticated request asks.
-        revoked_at = self.authority.revocation(caller)
-        if revoked_at is not None:
+        serial = req.peer_cert.serial_number
+        revoked_at = self.authority.revocation(caller, serial)
+        if revoked_at is None:
+            return caller
+        if self.authority.revocation(caller) is not None:  # asked on a refusal only
             raise CallerRevoked(f"{caller} is revoked", revocation_version=revoked_at)
-        return caller
+        raise CallerRevoked(
+            f"{caller}: SVID {serial:x} is revoked (the identity is not)",
+            revocation_version=revoked_at,
+            serial=serial,
+        )
 
     def watch_check(self, req: Request) -> tuple[Reply | None, tuple[int, int, int]]:
         """Authenticate a watch; answer now (a Reply) if the caller is behind or wrong.

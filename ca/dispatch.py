@@ -20,10 +20,11 @@ sidecars in minutes rather than seconds.
 from __future__ import annotations
 
 from collections.abc import Callable
+from functools import partial
 
 import trio
 
-from ca.adminapi import authorise_run
+from ca.adminapi import audit_run, authorise_run
 from ca.adminrun import run_for_operator
 from ca.api import Reply, Request, error
 from ca.plane import (
@@ -163,7 +164,13 @@ class Dispatcher(PlaneState):
         if isinstance(authorised, Reply):
             return authorised
         operator, call = authorised
-        return await run_for_operator(operator, call, self.authority.state_dir, self._runs)
+
+        async def audit(**outcome: object) -> None:
+            await self._db_call(partial(audit_run, self.api, operator, call, **outcome))
+
+        return await run_for_operator(
+            operator, call, self.authority.state_dir, self._runs, audit=audit
+        )
 
     async def _signed(self, req: Request) -> Reply:
         """Queue a signing request; the batcher signs everything queued in one transaction."""

@@ -1,9 +1,12 @@
 """Failure-based rate limiting: a source that keeps failing is refused for a while.
 
-Pure: time is passed in. The control plane uses it to slow down token
-guessing (join tokens carry 256 bits, so this protects the database and the
-logs more than the tokens); the sidecar uses it to quarantine a peer that
-keeps failing authentication or authorisation.
+Pure: time is passed in. The control plane uses `FailureLimiter` to slow
+down token guessing (join tokens carry 256 bits, so this protects the
+database and the logs more than the tokens); the sidecar uses it to
+quarantine a peer that keeps failing authentication or authorisation.
+`OncePerWindow` lets one event per key through per window and counts the
+rest: the control plane audits a refused management call with it, and lets
+a workload's reports change the addresses it advertises at that pace.
 """
 
 from __future__ import annotations
@@ -54,3 +57,39 @@ class FailureLimiter:
             times = self._failures[source]
             if not times or times[-1] <= now - self.window:
                 del self._failures[source]
+
+
+@dataclass(slots=True)
+class OncePerWindow:
+    """One event per key per `window` let through; those left out meanwhile counted.
+
+    `admit` says, for each event, whether to record it and how many of the
+    key's events were left out since the last one recorded, so the record
+    still tells how many there were. At most `max_keys` keys are held: past
+    that the oldest is forgotten (its count is lost, its next event recorded).
+    """
+
+    window: float = 60.0
+    max_keys: int = 10000
+    # key: (when its last event was recorded, how many were left out since)
+    _seen: dict[str, tuple[float, int]] = field(default_factory=dict)
+
+    def recent(self, key: str, now: float) -> bool:
+        """Whether an event of `key` was recorded less than a window ago."""
+        seen = self._seen.get(key)
+        return seen is not None and now - seen[0] < self.window
+
+    def admit(self, key: str, now: float) -> int | None:
+        """None to leave this event out; else the number left out before it."""
+        seen = self._seen.get(key)
+        if seen is not None and now - seen[0] < self.window:
+            self._seen[key] = (seen[0], seen[1] + 1)
+            return None
+        if seen is None and len(self._seen) >= self.max_keys:
+            for old in [k for k, (at, _) in self._seen.items() if now - at >= self.window]:
+                del self._seen[old]
+            if len(self._seen) >= self.max_keys:
+                del self._seen[next(iter(self._seen))]
+        self._seen.pop(key, None)  # re-inserted last: the oldest stays first
+        self._seen[key] = (now, 0)
+        return 0 if seen is None else seen[1]

@@ -51,6 +51,7 @@ import contextlib
 import hashlib
 import json
 import os
+import re
 import ssl
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
@@ -76,6 +77,7 @@ CONNECT_TIMEOUT = 3.0  # seconds to connect and finish TLS: a healthy authority 
 _X509_V_FLAG_NO_CHECK_TIME = 0x200000  # times are checked below, with skew allowance
 
 UNREACHABLE = "authority_unreachable"
+_HEX_SERIAL = re.compile(r"[0-9a-f]{1,40}")  # a serial as the authority writes it
 
 
 class ControlPlaneError(AuthorityError):
@@ -85,6 +87,8 @@ class ControlPlaneError(AuthorityError):
     until an operator changes something; `brief` is a few words for /readyz.
     `revocation_version` comes with an `identity_revoked` refusal of the
     caller itself: the feed that would carry it is refused to a revoked caller.
+    `revoked_serial` comes with it when what is revoked is the SVID presented
+    (`ca revoke --serial`), not the identity.
     """
 
     def __init__(
@@ -96,16 +100,22 @@ class ControlPlaneError(AuthorityError):
         permanent: bool = False,
         brief: str | None = None,
         revocation_version: int | None = None,
+        revoked_serial: int | None = None,
     ) -> None:
         super().__init__(message, reason=reason)
         self.status = status
         self.permanent = permanent
         self.brief = brief or reason.replace("_", " ")
         self.revocation_version = revocation_version
+        self.revoked_serial = revoked_serial
 
     @classmethod
     def judged(
-        cls, failure: Failure, *, revocation_version: int | None = None
+        cls,
+        failure: Failure,
+        *,
+        revocation_version: int | None = None,
+        revoked_serial: int | None = None,
     ) -> ControlPlaneError:
         verdict: Verdict = failures.classify(failure)
         return cls(
@@ -115,6 +125,7 @@ class ControlPlaneError(AuthorityError):
             permanent=verdict.permanent,
             brief=verdict.brief,
             revocation_version=revocation_version,
+            revoked_serial=revoked_serial,
         )
 
     @property
@@ -505,8 +516,16 @@ class ControlClient:
                 revocation_version=(
                     version if isinstance(version, int) and not isinstance(version, bool) else None
                 ),
+                revoked_serial=_serial(doc.get("revoked_serial")),
             )
         return doc
+
+
+def _serial(value: object) -> int | None:
+    """A serial in hex as the authority writes it, or None for anything else."""
+    if not isinstance(value, str) or not _HEX_SERIAL.fullmatch(value):
+        return None
+    return int(value, 16)
 
 
 def _credentials_key(bundle_pem: bytes, identity: ClientIdentity | HeldIdentity) -> bytes:

@@ -30,10 +30,13 @@ Theory of operation:
   permanent failure of renewal, watch or report is logged, shown in /readyz
   and retried every `Pacing.slow_retry` (±10 %) instead of at full rate, and
   so is the authority refusing a revoked identity; the first success clears it.
+  The SVID it holds revoked by serial (the identity not) is the one case where
+  a serving sidecar enrolls again, with a new token: see `sidecar.feed`.
 """
 
 from __future__ import annotations
 
+import hashlib
 import random
 import secrets
 from collections.abc import Callable, Mapping, Sequence
@@ -140,6 +143,8 @@ class DynamicIdentity(FeedFollower):
         self.state = StateDir(source.state_dir, host.events)
         self._feed: Feed | None = None  # the last feed applied, as feed.json holds it
         self.versions: tuple[int, int, int] = (-1, -1, -1)
+        self._revoked_svid: int | None = None
+        self._refused_credential: bytes | None = None  # digest of a token the authority refused
         self.instance = secrets.token_hex(6)  # this run of the sidecar, as `ca status` lists it
         self.reporter = Reporter(
             self._post_report,
@@ -287,6 +292,28 @@ class DynamicIdentity(FeedFollower):
         self.host.count_renewal("ok")
         self.state.request(IDENTITY, self._write_identity)
 
+    async def _enroll_again(self) -> None:
+        """Enroll anew, as at first start: the SVID we hold is revoked (see `sidecar.feed`).
+
+        A token the authority refused is not sent again: the file still holding
+        it is waited on, so a spent token costs one refusal, not one a minute
+        (each counts against the enrollment rate limit of our address).
+        """
+        token = self._read_token()
+        digest = hashlib.sha256(token.encode()).digest()
+        if digest == self._refused_credential:
+            raise MeshIdError(
+                "the authority refused the token in the enrollment file already: write a new "
+                "one there to enroll again",
+                reason=Reason.TOKEN_USED,
+            )
+        try:
+            await self._enroll(token)
+        except ControlPlaneError as exc:
+            if exc.refused:
+                self._refused_credential = digest
+            raise
+
     async def renew(self) -> None:
         key = generate_key()
         reply = await self.link.ask(
@@ -378,6 +405,8 @@ class DynamicIdentity(FeedFollower):
     ) -> None:
         self.host.count_renewal("error")
         self._note(DUTY_RENEW, exc)
+        if isinstance(exc, ControlPlaneError):
+            self._refused_as_revoked(exc)
         validity = self.validity()
         state = (
             self.schedule.state(validity[0], validity[1], self.current.wall())

@@ -8,6 +8,15 @@ before anything is signed by them. Both are in force before they are written
 to the state directory. The authority refusing us as revoked revokes us here
 too, once, with what the operator must do.
 
+When what the authority revoked is the SVID we hold (`ca revoke --serial`,
+its refusal names the serial), the identity is fine but this certificate
+and its key are not: the sidecar cuts itself off as if revoked (peers refuse
+that SVID already), says so once, and at every slow retry of the watch
+enrolls again with `authority.token_file` (a new token the operator wrote
+there) or `jwt_file`. Renewing is no way out: the authority refuses to renew
+a revoked SVID, which would launder it. Once enrolled again, the whole feed
+is asked for, and the authority's allow-list replaces the cut-off.
+
 Once it holds a whole feed, the watcher asks for deltas (`meshid.feedwire`):
 the authority then answers with the allow-list changes since our version, or
 with the whole list when its history no longer reaches back that far. A
@@ -37,6 +46,7 @@ from meshid.policy import Policy
 from meshid.reasons import Reason
 from meshid.spiffeid import SpiffeId
 from meshid.wire import WatchQuery, WireError
+from sidecar.config import AuthoritySource
 from sidecar.control import ControlPlaneError
 from sidecar.credentials import Svid
 from sidecar.link import AuthorityLink
@@ -55,6 +65,8 @@ from sidecar.statedir import BUNDLE, FEED, StateDir
 
 if TYPE_CHECKING:
     from sidecar.dynamic import Host
+
+SVID_PROBLEM = "svid"  # what /readyz notes while the SVID we hold is revoked
 
 
 def _same_bundles(a: tuple[TrustBundle, ...], b: tuple[TrustBundle, ...]) -> bool:
@@ -83,8 +95,10 @@ class FeedFollower(ABC):
     schedule: Schedule
     rand: Callable[[], float]
     reporter: Reporter
+    source: AuthoritySource
     versions: tuple[int, int, int]
     _feed: Feed | None
+    _revoked_svid: int | None  # the serial of our SVID the authority said it revoked
 
     # Provided by DynamicIdentity, which this mixin's methods are part of.
     @abstractmethod
@@ -98,6 +112,9 @@ class FeedFollower(ABC):
 
     @abstractmethod
     def _write_feed(self) -> None: ...
+
+    @abstractmethod
+    async def _enroll_again(self) -> None: ...
 
     def _apply_policy(self, feed: Feed) -> None:
         td = self.current.identity.trust_domain
@@ -192,16 +209,19 @@ class FeedFollower(ABC):
         """Follow the allow-list, revocations and bundle; never returns."""
         failures = 0
         while True:
-            query = self._watch_query()
             try:
-                await self._poll_feed(query, WATCH_WAIT + 10)
+                if self._holds_revoked_svid():
+                    await self._enroll_again()
+                    self.versions, self._feed = (-1, -1, -1), None  # the whole feed, at once
+                    self.host.lifecycle.problem(SVID_PROBLEM, None)
+                await self._poll_feed(self._watch_query(), WATCH_WAIT + 10)
                 failures = 0
                 self._note(DUTY_WATCH, None)
             except Exception as exc:  # one failed poll, never the end of the watcher
                 failures += 1
                 err = as_meshid(exc)
                 reason, detail = err.reason, err.message
-                slow = permanent(exc)
+                slow = permanent(exc) or self._holds_revoked_svid()
                 if slow:
                     delay = self.pacing.slow(self.rand())
                 else:
@@ -214,9 +234,59 @@ class FeedFollower(ABC):
                     retry_in_s=round(delay, 1),
                     permanent=slow or None,
                 )
-                if reason == IDENTITY_REVOKED:
-                    self._revoked_self(getattr(exc, "revocation_version", None))
+                if isinstance(exc, ControlPlaneError):
+                    self._refused_as_revoked(exc)
                 await trio.sleep(delay)
+
+    def _refused_as_revoked(self, exc: ControlPlaneError) -> None:
+        """Take in the authority refusing us as revoked, if it did: the identity or our SVID."""
+        if exc.reason != IDENTITY_REVOKED:
+            return
+        if exc.revoked_serial is None:
+            self._revoked_self(exc.revocation_version)
+            return
+        svid = self.current.svid()
+        if svid is None or svid.serial != exc.revoked_serial or self._holds_revoked_svid():
+            return  # an SVID we no longer hold (renewed meanwhile), or said already
+        self._revoked_svid = svid.serial
+        self._cut_off(exc.revocation_version)
+        me = self.current.identity
+        if self.source.jwt_file is not None:
+            fix = f"it enrolls again with the platform's token in {self.source.jwt_file}"
+        else:
+            fix = (
+                f"to bring it back, create a join token with 'meshid ca token {me}' and write "
+                f"it to {self.source.token_file or 'the file authority.token_file names'}: the "
+                "sidecar enrolls with it at its next attempt, no restart needed"
+            )
+        self.host.lifecycle.problem(
+            SVID_PROBLEM, f"svid {svid.serial:x} revoked, waiting to enroll again"
+        )
+        self.host.events.emit(
+            "svid_revoked",
+            reason=Reason.IDENTITY_REVOKED,
+            serial=f"{svid.serial:x}",
+            detail=(
+                f"the authority revoked this sidecar's SVID {svid.serial:x} ({me} itself is not "
+                "revoked): this sidecar closed its connections and refuses new ones, as every "
+                f"peer refuses that SVID; {fix}"
+            ),
+        )
+
+    def _holds_revoked_svid(self) -> bool:
+        svid = self.current.svid()
+        return svid is not None and svid.serial == self._revoked_svid
+
+    def _cut_off(self, revocation_version: int | None) -> None:
+        """Refuse every connection, as for a revoked identity (see `_revoked_self`)."""
+        me = self.current.identity
+        policy = self.current.policy
+        version = policy.revocation_version
+        if revocation_version is not None:
+            version = max(version, revocation_version)
+        self.host.install_policy(
+            Policy.build(policy.pairs, policy.version, {*policy.revoked, me}, version)
+        )
 
     def _revoked_self(self, revocation_version: int | None = None) -> None:
         """The authority revoked this very workload: stop using the identity, say so once.
@@ -226,15 +296,9 @@ class FeedFollower(ABC):
         same version as everywhere else.
         """
         me = self.current.identity
-        policy = self.current.policy
-        if me in policy.revoked:
+        if me in self.current.policy.revoked:
             return
-        version = policy.revocation_version
-        if revocation_version is not None:
-            version = max(version, revocation_version)
-        self.host.install_policy(
-            Policy.build(policy.pairs, policy.version, {*policy.revoked, me}, version)
-        )
+        self._cut_off(revocation_version)
         self.host.events.emit(
             "identity_revoked",
             reason=Reason.IDENTITY_REVOKED,

@@ -356,7 +356,8 @@ async def test_a_refused_peer_is_told_bad_certificate_not_internal_error(
 
 
 async def test_revoking_a_serial_cuts_that_svid_through_the_feed(mesh: Mesh) -> None:
-    """`ca revoke --serial`: the feed carries it, api's sidecar cuts web's live connection."""
+    """`ca revoke --serial`: the feed carries it, api's sidecar cuts web's live connection,
+    and web's sidecar, refused by the authority with that SVID, cuts itself off."""
     stream = await open_through(mesh)
     svid = mesh.web.current_svid()
     assert svid is not None
@@ -372,4 +373,9 @@ async def test_revoking_a_serial_cuts_that_svid_through_the_feed(mesh: Mesh) -> 
         lambda: [e for e in mesh.api_log.events("close") if e.get("reason") == "identity_revoked"]
     )
     assert closes[0]["peer_id"] == str(WEB)
+    # web's own sidecar is refused its feed with that SVID: it cuts itself off until it
+    # enrolls again, and is not told that its identity is revoked (it is not)
+    said = await wait_for(lambda: mesh.web_log.events("svid_revoked"))
+    assert said[0]["serial"] == f"{svid.serial:x}" and said[0]["reason"] == "identity_revoked"
+    assert mesh.web_log.events("identity_revoked") == []
     await stream.aclose()

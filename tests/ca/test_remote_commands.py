@@ -249,6 +249,17 @@ def test_the_server_runs_only_what_the_table_allows(mesh: Mesh, tmp_path: Path) 
 
 # -- the runner itself, with a stand-in for the command line ----------------------
 
+
+class Audited:
+    """The rows the runner asks to audit (`ca.dispatch` writes them to the audit log)."""
+
+    def __init__(self) -> None:
+        self.rows: list[dict[str, object]] = []
+
+    async def __call__(self, **outcome: object) -> None:
+        self.rows.append(outcome)
+
+
 SHOW_FILE = (
     "import os, sys; a = sys.argv; p = a[a.index('-f') + 1]; "
     "print(p, oct(os.stat(p).st_mode & 0o777), open(p).read(), a[a.index('--state') + 1]); "
@@ -264,7 +275,7 @@ async def test_the_runner_sends_files_privately_and_names_them_as_typed(tmp_path
 
     call = RunCall(("policy", "apply"), ("-f", "mine.toml"), (RunFile(1, b"CONTENT"),))
     reply = await run_for_operator(
-        SpiffeId.parse(ALICE), call, tmp_path, RunSlots(1), entry=SHOW_FILE
+        SpiffeId.parse(ALICE), call, tmp_path, RunSlots(1), entry=SHOW_FILE, audit=Audited()
     )
     assert reply.status == 200
     answer = RunAnswer.parse(reply.body)
@@ -281,6 +292,7 @@ async def test_a_command_that_runs_too_long_is_stopped(tmp_path: Path) -> None:
     from meshid.spiffeid import SpiffeId
 
     hang = "import time; time.sleep(60)"
+    audited = Audited()
     with trio.fail_after(20):
         reply = await run_for_operator(
             SpiffeId.parse(ALICE),
@@ -289,8 +301,10 @@ async def test_a_command_that_runs_too_long_is_stopped(tmp_path: Path) -> None:
             RunSlots(1),
             entry=hang,
             time_limit=0.5,
+            audit=audited,
         )
     assert reply.status == 504 and reply.body["error"] == "remote_call_timeout"
+    assert audited.rows == [{}, {"stopped": "remote_call_timeout"}]  # admitted, then stopped
 
 
 SHOW_ENV = (
@@ -323,6 +337,7 @@ async def test_the_command_run_for_an_operator_gets_no_root_passphrase_and_no_de
             tmp_path,
             RunSlots(1),
             entry=SHOW_ENV,
+            audit=Audited(),
         )
     seen = json.loads(RunAnswer.parse(reply.body).stdout)
     assert seen == {
@@ -346,21 +361,22 @@ async def test_one_operator_cannot_take_every_run_slot(tmp_path: Path) -> None:
     alice, bob = SpiffeId.parse(ALICE), SpiffeId.parse(BOB)
     slots = RunSlots(MAX_RUNS)
     status = RunCall(("ca", "status"))
+    audited = Audited()
+    run = functools.partial(run_for_operator, call=status, state_dir=tmp_path, slots=slots)
     with trio.fail_after(20):
         async with trio.open_nursery() as nursery:
             slow = "import time; time.sleep(30)"  # until cancelled below
-            nursery.start_soon(
-                functools.partial(run_for_operator, alice, status, tmp_path, slots, entry=slow)
-            )
+            nursery.start_soon(functools.partial(run, alice, entry=slow, audit=audited))
             await trio.testing.wait_all_tasks_blocked()
-            again = await run_for_operator(alice, status, tmp_path, slots, entry="print('x')")
+            again = await run(alice, entry="print('x')", audit=audited)
             assert again.status == 429 and again.body["error"] == "remote_call_busy"
-            other = await run_for_operator(bob, status, tmp_path, slots, entry="print('bob')")
+            other = await run(bob, entry="print('bob')", audit=Audited())
             assert other.status == 200 and RunAnswer.parse(other.body).stdout == b"bob\n"
             nursery.cancel_scope.cancel()
         # once alice's first command has ended, she runs again
-        done = await run_for_operator(alice, status, tmp_path, slots, entry="print('x')")
+        done = await run(alice, entry="print('x')", audit=audited)
         assert done.status == 200
+    assert audited.rows == [{}, {"refused": "remote_call_busy"}, {}]
 
 
 async def test_a_last_option_without_its_value_cannot_swallow_the_state_directory(
@@ -376,7 +392,11 @@ async def test_a_last_option_without_its_value_cannot_swallow_the_state_director
 
     with trio.fail_after(30):
         reply = await run_for_operator(
-            SpiffeId.parse(ALICE), RunCall(("ca", "revoke"), ("--serial",)), tmp_path, RunSlots(1)
+            SpiffeId.parse(ALICE),
+            RunCall(("ca", "revoke"), ("--serial",)),
+            tmp_path,
+            RunSlots(1),
+            audit=Audited(),
         )
     answer = RunAnswer.parse(reply.body)
     assert answer.exit_code == 2, answer
@@ -403,7 +423,7 @@ async def test_a_command_that_prints_without_end_costs_the_authority_bounded_mem
         with trio.fail_after(60):
             reply = await run_for_operator(
                 SpiffeId.parse(ALICE), RunCall(("ca", "audit", "export")), tmp_path,
-                RunSlots(1), entry=flood,
+                RunSlots(1), entry=flood, audit=Audited(),
             )  # fmt: skip
         peak = tracemalloc.get_traced_memory()[1]
     finally:

@@ -336,6 +336,41 @@ async def test_a_revoked_sidecar_is_unready_and_polls_slowly_until_unrevoked(
         assert await enrolled.readyz() == (200, "ready\n")
 
 
+async def test_a_sidecar_whose_svid_is_revoked_by_serial_is_cut_off_until_a_new_token(
+    enrolled: Enrolled,
+) -> None:
+    """`ca revoke --serial` of the SVID a sidecar holds: not "change identity" (the identity
+    is fine) but cut off until it enrolls again, which a new join token in its token file
+    does at the next slow attempt, without a restart. The spent token is refused."""
+    dynamic = enrolled.sidecar.dynamic
+    assert dynamic is not None
+    with trio.fail_after(30):
+        assert await enrolled.readyz() == (200, "ready\n")
+        held = dynamic.current.svid()
+        assert held is not None
+        enrolled.authority.revoke_serial(f"{held.serial:x}")
+        [said] = await enrolled.log.wait_for("svid_revoked")
+        assert said["reason"] == "identity_revoked"
+        assert f"{held.serial:x}" in said["detail"] and f"meshid ca token {WEB}" in said["detail"]
+        status, body = await enrolled.readyz()
+        assert status == 503 and body.startswith("not ready: revoked\n"), body
+        assert f"svid {held.serial:x} revoked" in body
+        # the spent token still in the file is refused, once: it is not sent again
+        await enrolled.log.wait_for("watch_failed", reason="token_used", count=3)
+        enrolls = [r for r in enrolled.served.requests if r["path"] == "/v1/enroll"]
+        assert len(enrolls) == 2, enrolls  # the first start's, and the refused one
+        assert not enrolled.log.find("identity_revoked")  # not told to change identity
+        policies = len(enrolled.log.find("policy"))
+        (enrolled.tmp / "web" / "token").write_text(enrolled.authority.create_token(WEB))
+        await enrolled.log.wait_for("credentials", how="enrolled", count=2)
+        await enrolled.log.wait_for("policy", count=policies + 1)  # the authority's, whole
+        assert await enrolled.readyz() == (200, "ready\n")
+        again = dynamic.current.svid()
+        assert again is not None and again.serial != held.serial
+        assert len(enrolled.log.find("svid_revoked")) == 1  # said once
+    assert enrolled.authority.revocation(WEB) is None
+
+
 async def test_a_serving_sidecar_outlives_a_permanent_control_plane_failure(
     enrolled: Enrolled, nursery: trio.Nursery
 ) -> None:
