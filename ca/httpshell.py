@@ -116,9 +116,14 @@ class HttpShell(Dispatcher):
         )
         reply = _method_reply(method, req.path) or await self._answer(req)
         self.metrics.observe_reply(req.path, reply.status, reply.body.get("error"))
-        if reply.status >= 400 or req.path in (ENROLL, RENEW):
+        refused = reply.status >= 400
+        if refused or req.path in (ENROLL, RENEW):
             # one line per SVID issued, naming the instance that signed it (on a trust
-            # domain of several), so an operator can see which one served a sidecar
+            # domain of several), so an operator can see which one served a sidecar;
+            # refusals at most 20 a second (each is counted in the metrics regardless)
+            left_out = self._refusal_lines.allow(self.clock.monotonic()) if refused else 0
+            if left_out is None:
+                return reply
             instance = self.authority.instance
             self.log(
                 "request",
@@ -130,6 +135,7 @@ class HttpShell(Dispatcher):
                 spiffe_id=_who(reply, cert),
                 serial=reply.body.get("serial"),
                 **({"instance": instance} if instance else {}),
+                **({"suppressed": left_out} if left_out else {}),
             )
         return reply
 

@@ -130,6 +130,9 @@ class PlaneState:
     _watches: dict[SpiffeId, int] = field(default_factory=dict)
     _watching: int = 0
     _throttle: _Throttle = field(default_factory=lambda: _Throttle(per_second=10))
+    # `request` lines of refused or failed requests: a caller repeating a bad request
+    # must not write the log at its own pace (a line says how many were left out)
+    _refusal_lines: _Throttle = field(default_factory=lambda: _Throttle(per_second=20))
     _signing: _Queue = field(default_factory=lambda: _Queue())  # enroll, renew, report
     _feeds: _Queue = field(default_factory=lambda: _Queue())  # watches a change woke
     _runs: RunSlots = field(default_factory=lambda: RunSlots(MAX_RUNS))

@@ -30,7 +30,7 @@ from test_server import Plane, csr_pem, status_and_body, write_identity
 from ca.authority import Authority
 from ca.plane import _Throttle
 from ca.server import ControlPlane, ServerOptions, _source_key
-from meshid.clock import system_clock
+from meshid.clock import ManualClock, system_clock
 from meshid.errors import StorageUnavailable
 from meshid.spiffeid import SpiffeId
 from sidecar.control import ClientIdentity
@@ -660,3 +660,25 @@ async def test_a_flood_of_failed_handshakes_logs_a_bounded_number_of_lines(plane
     await healthy(plane)
     logged = [e for e in plane.log if e["event"] == "handshake_failed"]
     assert 1 <= len(logged) <= 20 and {e["reason"] for e in logged} == {"tls_error"}
+
+
+async def test_refused_requests_log_a_bounded_number_of_lines_and_count_them_all(
+    state: Path,
+) -> None:
+    # Monotonic time frozen: the throttle's second never ends until the test moves it.
+    clock = ManualClock(datetime.now(UTC).replace(microsecond=0))
+    async with serving(state, clock) as plane:  # type: ignore[arg-type]
+        with trio.fail_after(30):
+            for _ in range(40):
+                assert status_and_body(await exchange(plane, get("/v1/nothing")))[0] == 404
+        lines = [e for e in plane.log if e["event"] == "request"]
+        assert len(lines) == 20 and all("suppressed" not in e for e in lines)
+        clock.advance(1.0)
+        with trio.fail_after(10):
+            assert status_and_body(await exchange(plane, get("/v1/nothing")))[0] == 404
+        last = [e for e in plane.log if e["event"] == "request"][-1]
+        assert last["status"] == 404 and last["suppressed"] == 20
+        counted = plane.server.metrics.registry.get_sample_value(
+            "meshid_ca_refusals_total", {"reason": last["reason"]}
+        )
+        assert counted == 41
