@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import fcntl
 import json
+import math
 import os
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -47,7 +48,7 @@ from meshid.errors import (
     StorageUnavailable,
     TokenRejected,
 )
-from meshid.ratelimit import FailureLimiter, OncePerWindow
+from meshid.ratelimit import FailureLimiter, OncePerWindow, TokenBuckets
 from meshid.reasons import Reason
 from meshid.report import TOO_LARGE, decode_report
 from meshid.skew import clock_offset
@@ -82,6 +83,13 @@ REFUSAL_AUDIT_WINDOW = 60.0
 # which wakes every watch of the fleet, and writes an audit row. The rest wait.
 ADVERTISE_CHANGE_INTERVAL = 30.0
 STORAGE_RETRY_AFTER = 5  # seconds a client waits after a full or read-only disk
+# Renewals allowed per SPIFFE ID per SVID lifetime, in a burst or spread out (a token
+# bucket, per serving process): replicas share an identity, and each renews about twice
+# per lifetime (at 40-60 % of it), once more when a root rollover shortens its SVID, and
+# again after a lost reply. 1,024 covers 256 replicas (the per-identity watch budget) at
+# four renewals each; a workload renewing in a loop is held to that pace.
+RENEWALS_PER_IDENTITY = 1024
+RENEWAL_IDENTITIES = 10000  # identities whose budget is remembered; the oldest forgotten first
 
 
 @dataclass(frozen=True, slots=True)
@@ -199,6 +207,8 @@ class ControlApi:
     advertising: OncePerWindow = field(
         default_factory=lambda: OncePerWindow(ADVERTISE_CHANGE_INTERVAL)
     )
+    # how often each identity may renew (see RENEWALS_PER_IDENTITY); None: no limit
+    renewals: TokenBuckets | None = None
     _lock_fd: int | None = None
     _pem: tuple[TrustBundle, str] | None = None  # the bundle last encoded, and its PEM
     jwt_keys: JwtKeyring | None = None  # JWT-SVID signing keys, loaded on first use
@@ -336,11 +346,20 @@ class ControlApi:
         staged = self._stage_enroll(req)
         return staged if isinstance(staged, Reply) else self._finish(staged)
 
-    def _prepare_renew(self, req: Request) -> _Staged:
+    def _prepare_renew(self, req: Request) -> Reply | _Staged:
         # A revoked SVID must not renew into a fresh one (that would launder the
         # revocation); the commit checks again, in the transaction that records it.
-        self._caller(req)
+        caller = self._caller(req)
         assert req.peer_cert is not None  # `_caller` refused a call without one
+        # Before the CSR is read or anything signed: a caller past its budget costs a lookup.
+        wait = self.renewals.take(str(caller), self.monotonic()) if self.renewals else 0.0
+        if wait:
+            return error(
+                429,
+                Reason.RENEWAL_RATE_LIMITED,
+                f"{caller} renewed too often; retry in {math.ceil(wait)}s",
+                retry_after=str(max(1, math.ceil(wait))),
+            )
         body = RenewRequest.parse(decode(req.body, "request body"))
         try:
             prepared = self.authority.prepare_renew(req.peer_cert, body.csr.encode())
@@ -351,7 +370,8 @@ class ControlApi:
         return req, prepared, body.bundle_sequence
 
     def _renew(self, req: Request) -> Reply:
-        return self._finish(self._prepare_renew(req))
+        staged = self._prepare_renew(req)
+        return staged if isinstance(staged, Reply) else self._finish(staged)
 
     def _report(self, req: Request) -> Reply:
         """A sidecar's status: what `meshid ca status`, `--dry-run` and rollovers rely on.

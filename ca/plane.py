@@ -21,7 +21,7 @@ import trio
 
 from ca import backend
 from ca.adminrun import MAX_RUNS, RunSlots
-from ca.api import ControlApi, Reply, Request, error
+from ca.api import RENEWAL_IDENTITIES, RENEWALS_PER_IDENTITY, ControlApi, Reply, Request, error
 from ca.authority import Authority
 from ca.db import is_driver_error
 from ca.metrics import CaMetrics, Live
@@ -30,7 +30,7 @@ from ca.ui import ServiceGraph
 from ca.values import propagation_default
 from meshid.clock import Clock
 from meshid.errors import InvalidInput, MeshIdError, StorageUnavailable
-from meshid.ratelimit import FailureLimiter
+from meshid.ratelimit import FailureLimiter, TokenBuckets
 from meshid.spiffeid import SpiffeId
 from meshid.svid import IpAddress, certs_to_pem, generate_key, key_to_pem
 from meshid.wire import AUTHORITY_PATH
@@ -60,6 +60,7 @@ class ServerOptions:
     max_authenticated: int = 16384  # connections with a client certificate of ours
     max_watches: int = 16384  # long polls parked at once, in all
     max_watches_per_identity: int = 256  # parked by one SPIFFE ID (its replicas share it)
+    renewals_per_identity: int = RENEWALS_PER_IDENTITY  # per SVID lifetime (ca.api)
     auto_rotate: bool = True  # prepare and activate the next root by itself (ca.rootlife)
     metrics: tuple[str, int] | None = None  # HOST, PORT of the Prometheus listener (ca.metrics)
     ui: tuple[str, int] | None = None  # HOST, PORT of the service graph page (ca.ui)
@@ -73,6 +74,7 @@ LIMITS = (
     "max_per_source",
     "max_watches",
     "max_watches_per_identity",
+    "renewals_per_identity",
 )
 MAX_LIMIT = 1_000_000
 
@@ -148,6 +150,11 @@ class PlaneState:
                 self.listener = ChangeListener.for_database(database)
         limiter = self.limiter if self.limiter is not None else FailureLimiter(max_failures=5)
         self.api = ControlApi(self.authority, self.clock.wall, self.clock.monotonic, limiter)
+        self.api.renewals = TokenBuckets(
+            capacity=self.options.renewals_per_identity,
+            period=self.authority.svid_ttl.total_seconds(),
+            max_keys=RENEWAL_IDENTITIES,
+        )
         self.root_keeper = RootKeeper(
             self.authority,
             self.log,
