@@ -5,6 +5,13 @@ outside any transaction, then committed: the commit checks again what may have
 changed meanwhile (token used, identity revoked, caller unknown) and records the
 SVID with its audit row in one transaction, so concurrent workers never hold the
 database's write lock while they compute a signature.
+
+Records of SVIDs that expired more than SVID_RETENTION ago are pruned by the
+serving authority (`prune_svids`, a bounded batch per transaction): nothing
+can use such a certificate, and revoking its serial would change nothing.
+Each identity's newest record is kept whatever its age, so the identities
+ever issued and their latest expiry stay listed. The audit log, an HMAC
+chain, keeps every issuance for good.
 """
 
 from __future__ import annotations
@@ -51,6 +58,10 @@ from meshid.svid import (
 # Certificates remembered as verified: one per live sidecar and some (a mesh of tens of
 # thousands fits; past it the memory is forgotten at once, about 200 bytes an entry).
 VERIFIED_CALLERS = 65536
+
+
+SVID_RETENTION = timedelta(hours=24)  # how long the record of an expired SVID is kept
+PRUNE_BATCH = 500  # records deleted in one transaction at most
 
 
 class Issuance(Roots):
@@ -268,6 +279,19 @@ class Issuance(Roots):
             self._check_not_revoked(conn, prepared.spiffe_id)
             self._record(conn, prepared.generation, prepared.leaf, prepared.how)
         return IssuedSvid(prepared.spiffe_id, (prepared.leaf,), self.bundle())
+
+    def prune_svids(self, limit: int = PRUNE_BATCH) -> int:
+        """Delete up to `limit` records of SVIDs expired more than SVID_RETENTION ago,
+        oldest first, never an identity's newest; how many went. One transaction."""
+        cutoff = (self._now() - SVID_RETENTION).timestamp()
+        with self.store.write() as conn:
+            return conn.execute(
+                "DELETE FROM svids WHERE serial IN (SELECT s.serial FROM svids s "
+                "WHERE s.not_after < ? AND EXISTS (SELECT 1 FROM svids t "
+                "WHERE t.spiffe_id = s.spiffe_id AND t.not_after > s.not_after) "
+                "ORDER BY s.not_after LIMIT ?)",
+                (cutoff, limit),
+            ).rowcount
 
     def _consume(self, conn: Connection, prepared: Prepared) -> None:
         """Use up what the enrollment traded (a join token here; ca.attestors adds JWTs)."""

@@ -25,6 +25,7 @@ from ca.api import RENEWAL_IDENTITIES, RENEWALS_PER_IDENTITY, ControlApi, Reply,
 from ca.authority import Authority
 from ca.db import is_driver_error
 from ca.metrics import CaMetrics, Live
+from ca.retention import SvidPruner
 from ca.rootkeeper import RootKeeper
 from ca.ui import ServiceGraph
 from ca.values import propagation_default
@@ -136,6 +137,7 @@ class PlaneState:
     _feeds: _Queue = field(default_factory=lambda: _Queue())  # watches a change woke
     _runs: RunSlots = field(default_factory=lambda: RunSlots(MAX_RUNS))
     root_keeper: RootKeeper = field(init=False)
+    pruner: SvidPruner = field(init=False)
     metrics: CaMetrics = field(init=False)
     graph: ServiceGraph = field(init=False)
 
@@ -161,6 +163,7 @@ class PlaneState:
             propagation_default(self.authority.svid_ttl),
             auto=self.options.auto_rotate,
         )
+        self.pruner = SvidPruner(self.authority, self.log, self.clock.monotonic)
         pools = lambda: {"anonymous": len(self._anonymous), "authenticated": self._authenticated}  # noqa: E731
         self.metrics = CaMetrics(self.clock, Live(pools, lambda: self._watching))
         self.graph = ServiceGraph(self.clock)
