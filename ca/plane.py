@@ -21,7 +21,7 @@ import trio
 
 from ca import backend
 from ca.adminrun import MAX_RUNS, RunSlots
-from ca.api import RENEWAL_IDENTITIES, RENEWALS_PER_IDENTITY, ControlApi, Reply, Request, error
+from ca.api import RENEWALS_PER_IDENTITY, ControlApi, Reply, Request, error
 from ca.authority import Authority
 from ca.db import is_driver_error
 from ca.metrics import CaMetrics, Live
@@ -31,7 +31,7 @@ from ca.ui import ServiceGraph
 from ca.values import propagation_default
 from meshid.clock import Clock
 from meshid.errors import InvalidInput, MeshIdError, StorageUnavailable
-from meshid.ratelimit import FailureLimiter, TokenBuckets
+from meshid.ratelimit import FailureLimiter, TokenBucket
 from meshid.spiffeid import SpiffeId
 from meshid.svid import IpAddress, certs_to_pem, generate_key, key_to_pem
 from meshid.wire import AUTHORITY_PATH
@@ -152,10 +152,8 @@ class PlaneState:
                 self.listener = ChangeListener.for_database(database)
         limiter = self.limiter if self.limiter is not None else FailureLimiter(max_failures=5)
         self.api = ControlApi(self.authority, self.clock.wall, self.clock.monotonic, limiter)
-        self.api.renewals = TokenBuckets(
-            capacity=self.options.renewals_per_identity,
-            period=self.authority.svid_ttl.total_seconds(),
-            max_keys=RENEWAL_IDENTITIES,
+        self.api.renewals = TokenBucket(
+            self.options.renewals_per_identity, self.authority.svid_ttl.total_seconds()
         )
         self.root_keeper = RootKeeper(
             self.authority,

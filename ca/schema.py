@@ -109,9 +109,15 @@ CREATE TABLE IF NOT EXISTS jwt_keys (
 );
 """
 
-# Pruning SVID records that expired long ago (version 12): the oldest found by expiry,
-# and each identity's newest record, which is kept, by identity (ca.issuance).
-_SVID_INDEXES = """
+# Bounding renewals (version 12): each identity's renewal budget, a token bucket every
+# worker and instance spends from; and indexes to prune SVID records that expired long
+# ago, the oldest found by expiry, each identity's newest (kept) by identity (ca.issuance).
+_RENEWAL_TABLES = """
+CREATE TABLE IF NOT EXISTS renewal_budgets (
+    spiffe_id TEXT PRIMARY KEY,
+    tokens REAL NOT NULL,                      -- renewals left at `at` (meshid.ratelimit)
+    at REAL NOT NULL
+);
 CREATE INDEX IF NOT EXISTS svids_by_expiry ON svids (not_after);
 CREATE INDEX IF NOT EXISTS svids_by_identity ON svids (spiffe_id, not_after);
 """
@@ -181,7 +187,7 @@ _SCHEMA += _SERVICE_TABLES
 _SCHEMA += _INSTANCE_TABLES
 _SCHEMA += _POLICY_HISTORY
 _SCHEMA += _JWT_KEY_TABLES
-_SCHEMA += _SVID_INDEXES
+_SCHEMA += _RENEWAL_TABLES
 
 # Each step takes a database from the version before it to its own version, in
 # the same transaction that records the new version.
@@ -239,8 +245,8 @@ _MIGRATIONS: dict[int, tuple[str, ...]] = {
         *(t for t in _JWT_KEY_TABLES.split(";") if t.strip()),
         "UPDATE settings SET value = '11' WHERE name = 'schema_version'",
     ),
-    12: (  # indexes to prune SVID records that expired long ago
-        *(t for t in _SVID_INDEXES.split(";") if t.strip()),
+    12: (  # renewal budgets; indexes to prune SVID records that expired long ago
+        *(t for t in _RENEWAL_TABLES.split(";") if t.strip()),
         "UPDATE settings SET value = '12' WHERE name = 'schema_version'",
     ),
 }

@@ -7,7 +7,7 @@ quarantine a peer that keeps failing authentication or authorisation.
 `OncePerWindow` lets one event per key through per window and counts the
 rest: the control plane audits a refused management call with it, and lets
 a workload's reports change the addresses it advertises at that pace.
-`TokenBuckets` lets a burst through per key, then a steady rate: the control
+`TokenBucket` lets a burst through per key, then a steady rate: the control
 plane bounds how often one identity renews with it.
 """
 
@@ -97,40 +97,26 @@ class OncePerWindow:
         return 0 if seen is None else seen[1]
 
 
-@dataclass(slots=True)
-class TokenBuckets:
-    """A token bucket per key: `capacity` tokens, refilled at `capacity` per `period` seconds.
+@dataclass(frozen=True, slots=True)
+class TokenBucket:
+    """A token bucket's rules: `capacity` tokens, refilled at `capacity` per `period` seconds.
 
-    `take` spends one token when there is one; a refused try costs nothing.
-    At most `max_keys` buckets are held: past that, buckets full again are
-    dropped, then the one touched longest ago. A forgotten key starts again
-    with a full bucket, so forgetting only ever lets a key through sooner;
-    the memory stays bounded whatever the keys.
+    Pure: the caller keeps each key's (tokens, when) wherever it must be
+    shared (the control plane keeps them in its database, so every worker
+    and instance spends from one bucket) and passes the time in. A key with
+    no record holds a full bucket.
     """
 
     capacity: int
     period: float
-    max_keys: int = 10000
-    # key: (tokens it held at `at`, `at`), the one touched longest ago first
-    _buckets: dict[str, tuple[float, float]] = field(default_factory=dict)
 
-    def take(self, key: str, now: float) -> float:
-        """0 when a token was spent; else the seconds until the next one is there."""
-        rate = self.capacity / self.period
-        held = self._buckets.pop(key, None)
+    def level(self, held: tuple[float, float] | None, now: float) -> float:
+        """Tokens in a bucket that held `held` = (tokens, at), as of `now`."""
         if held is None:
-            if len(self._buckets) >= self.max_keys:
-                self._forget(now, rate)
-            tokens = float(self.capacity)
-        else:
-            tokens = min(float(self.capacity), held[0] + max(0.0, now - held[1]) * rate)
-        self._buckets[key] = (tokens - 1.0 if tokens >= 1.0 else tokens, now)
-        return 0.0 if tokens >= 1.0 else (1.0 - tokens) / rate
+            return float(self.capacity)
+        tokens, at = held
+        return min(float(self.capacity), tokens + max(0.0, now - at) * self.capacity / self.period)
 
-    def _forget(self, now: float, rate: float) -> None:
-        for key in [
-            k for k, (t, at) in self._buckets.items() if t + (now - at) * rate >= self.capacity
-        ]:
-            del self._buckets[key]
-        while len(self._buckets) >= self.max_keys:
-            del self._buckets[next(iter(self._buckets))]
+    def wait(self, tokens: float) -> float:
+        """Seconds until a bucket holding `tokens` has one to spend (0: it has one now)."""
+        return 0.0 if tokens >= 1.0 else (1.0 - tokens) * self.period / self.capacity

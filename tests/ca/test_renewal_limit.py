@@ -4,7 +4,8 @@ A workload holding a valid SVID could otherwise renew in a loop, each time
 with a fresh key, and grow the authority's tables and audit log at signing
 speed. Past its budget it gets `429 renewal_rate_limited` with Retry-After,
 and nothing is written; other identities are not touched; the budget comes
-back with time.
+back with time. The budget lives in the database: every worker and every
+instance spends from the same one.
 """
 
 from __future__ import annotations
@@ -16,11 +17,17 @@ from pathlib import Path
 import pytest
 import trio
 from ca_helpers import Clock, query
+from cryptography import x509
 from test_server import API, WEB, csr_pem, refused, write_identity
 from test_server_abuse import exchange, head_fields, post, serving
 
+from ca.api import ControlApi, Request
+from ca.authority import Authority
 from ca.plane import parse_limits
 from meshid.errors import InvalidInput
+from meshid.ratelimit import TokenBucket
+
+BACKENDS = ("sqlite", "postgresql")  # every test here runs on both engines
 
 
 def _rows(state: Path) -> tuple[int, int]:
@@ -91,3 +98,41 @@ def test_the_renewal_budget_is_a_limit_an_operator_sets() -> None:
     assert parse_limits(["renewals_per_identity=50"]) == {"renewals_per_identity": 50}
     with pytest.raises(InvalidInput, match="renewals_per_identity: must be a whole number"):
         parse_limits(["renewals_per_identity=0"])
+
+
+async def test_every_worker_spends_from_the_same_budget(
+    state: Path, clock: Clock, tmp_path: Path
+) -> None:
+    """Two serving processes on one state (workers, or instances on PostgreSQL)."""
+    async with (
+        serving(state, clock, renewals_per_identity=2) as one,
+        serving(state, clock, renewals_per_identity=2) as two,
+    ):
+        ident = write_identity(tmp_path / "web", one.authority, WEB)
+        with trio.fail_after(20):
+            await one.call("POST", "/v1/renew", {"csr": csr_pem()}, identity=ident)
+            await two.call("POST", "/v1/renew", {"csr": csr_pem()}, identity=ident)
+            for plane in (one, two):
+                err = await refused(plane, "POST", "/v1/renew", {"csr": csr_pem()}, identity=ident)
+                assert (err.status, err.reason) == (429, "renewal_rate_limited")
+
+
+def test_the_last_renewal_left_is_spent_once_when_two_are_signed_together(
+    state: Path, clock: Clock, tmp_path: Path
+) -> None:
+    """Both pass the look before signing; the transaction that records them lets one by."""
+    authority = Authority.open(state, clock=clock)
+    try:
+        write_identity(tmp_path / "web", authority, WEB)
+        cert = x509.load_pem_x509_certificates((tmp_path / "web" / "svid.pem").read_bytes())[0]
+        api = ControlApi(authority, clock, clock.monotonic, renewals=TokenBucket(1, 3600.0))
+        body = lambda: json.dumps({"csr": csr_pem()}).encode()  # noqa: E731
+        batch = [Request("POST", "/v1/renew", {}, body(), "127.0.0.1", cert) for _ in range(2)]
+        first, second = api.handle_batch(batch)
+        assert first.status == 200
+        assert (second.status, second.body["error"]) == (429, "renewal_rate_limited")
+        assert ("retry-after", "3600") in second.headers
+        serials = query(state, "SELECT COUNT(*) FROM svids WHERE how = 'renew'")
+        assert serials == [(1,)]
+    finally:
+        authority.close()

@@ -115,3 +115,17 @@ def test_a_version_11_database_gets_the_indexes_pruning_uses(
     names = {str(row[0]) for row in query(state, "SELECT name FROM sqlite_master")}
     assert {"svids_by_expiry", "svids_by_identity"} <= names
     assert query(state, "PRAGMA user_version") == [(SCHEMA_VERSION,)]
+
+
+def test_renewal_budgets_full_again_are_pruned_too(
+    authority: Authority, clock: Clock, state: Path
+) -> None:
+    now = clock().timestamp()
+    with authority.store.write() as conn:
+        conn.execute(
+            "INSERT INTO renewal_budgets (spiffe_id, tokens, at) VALUES (?, ?, ?), (?, ?, ?)",
+            (str(WEB), 0.0, now, str(API), 0.0, now + 60),
+        )
+    clock.advance(authority.svid_ttl)  # WEB's bucket has refilled; API's not quite
+    authority.prune_svids()
+    assert query(state, "SELECT spiffe_id FROM renewal_budgets") == [(str(API),)]
