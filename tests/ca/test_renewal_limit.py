@@ -79,6 +79,7 @@ async def test_renewing_in_a_loop_is_refused_past_the_budget_and_writes_nothing(
         clock.advance(timedelta(minutes=19))
         err = await refused(plane, "POST", "/v1/renew", {"csr": csr_pem()}, identity=ident)
         assert (err.status, err.reason) == (429, "renewal_rate_limited")
+        assert err.retry_after == pytest.approx(60, abs=1)  # as the sidecar's client reads it
         clock.advance(timedelta(minutes=1, seconds=1))
         with trio.fail_after(10):
             await plane.call("POST", "/v1/renew", {"csr": csr_pem()}, identity=ident)
