@@ -20,6 +20,7 @@ from ca.authority import Authority
 from ca.issuance import SVID_RETENTION
 from ca.schema import SCHEMA_VERSION
 from ca.store import DB_NAME
+from meshid.errors import PolicyError
 from meshid.spiffeid import SpiffeId
 from meshid.svid import generate_key
 
@@ -129,3 +130,15 @@ def test_renewal_budgets_full_again_are_pruned_too(
     clock.advance(authority.svid_ttl)  # WEB's bucket has refilled; API's not quite
     authority.prune_svids()
     assert query(state, "SELECT spiffe_id FROM renewal_budgets") == [(str(API),)]
+
+
+def test_revoking_a_pruned_serial_says_why_it_is_not_found(
+    authority: Authority, clock: Clock, state: Path
+) -> None:
+    old = _issue(authority, WEB)
+    clock.advance(timedelta(minutes=1))
+    _issue(authority, WEB)
+    clock.advance(SVID_RETENTION + 2 * HOUR)
+    assert authority.prune_svids() == 1
+    with pytest.raises(PolicyError, match="needs no revoking"):
+        authority.revoke_serial(old)
