@@ -272,8 +272,6 @@ class Issuance(Roots):
         with self.store.write() as conn:
             self._consume(conn, prepared)
             if prepared.caller_serial is not None:
-                if budget is not None:
-                    self._spend_renewal(conn, prepared.spiffe_id, budget)
                 known = conn.execute(
                     "SELECT 1 FROM svids WHERE serial = ?", (prepared.caller_serial,)
                 ).fetchone()
@@ -290,6 +288,8 @@ class Issuance(Roots):
                         f"{prepared.spiffe_id}: SVID {prepared.caller_serial} is revoked"
                     )
             self._check_not_revoked(conn, prepared.spiffe_id)
+            if prepared.caller_serial is not None and budget is not None:
+                self._spend_renewal(conn, prepared.spiffe_id, budget)  # a refusal spends none
             self._record(conn, prepared.generation, prepared.leaf, prepared.how)
         return IssuedSvid(prepared.spiffe_id, (prepared.leaf,), self.bundle())
 

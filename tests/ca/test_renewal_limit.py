@@ -85,14 +85,24 @@ async def test_renewing_in_a_loop_is_refused_past_the_budget_and_writes_nothing(
             await plane.call("POST", "/v1/renew", {"csr": csr_pem()}, identity=ident)
 
 
-async def test_a_refused_caller_spends_no_budget(state: Path, clock: Clock, tmp_path: Path) -> None:
-    """Only an authenticated caller of this identity spends its budget: nobody else can."""
+async def test_a_refused_renewal_spends_no_budget(
+    state: Path, clock: Clock, tmp_path: Path
+) -> None:
+    """Only a renewal that is granted spends: a refused one (here, a CSR for another
+    identity; or no client certificate at all) leaves the budget as it was."""
     async with serving(state, clock, renewals_per_identity=1) as plane:
         ident = write_identity(tmp_path / "web", plane.authority, WEB)
         with trio.fail_after(10):
-            err = await refused(plane, "POST", "/v1/renew", {"csr": csr_pem()})  # no certificate
+            err = await refused(plane, "POST", "/v1/renew", {"csr": csr_pem()})
             assert err.reason == "no_client_certificate"
+            for _ in range(3):
+                err = await refused(
+                    plane, "POST", "/v1/renew", {"csr": csr_pem(API)}, identity=ident
+                )
+                assert err.reason == "csr_identity_mismatch"
             await plane.call("POST", "/v1/renew", {"csr": csr_pem()}, identity=ident)
+            err = await refused(plane, "POST", "/v1/renew", {"csr": csr_pem()}, identity=ident)
+            assert err.reason == "renewal_rate_limited"
 
 
 def test_the_renewal_budget_is_a_limit_an_operator_sets() -> None:
