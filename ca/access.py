@@ -71,7 +71,10 @@ class Access(Roots):
         with self.store.write() as conn:
             row = conn.execute("SELECT spiffe_id FROM svids WHERE serial = ?", (text,)).fetchone()
             if row is None:
-                raise PolicyError(f"no SVID with serial {text} was issued here")
+                raise PolicyError(  # records of SVIDs expired over a day ago are pruned
+                    f"no SVID with serial {text} is on record here (nor one that expired "
+                    "in the last 24 h); an SVID expired longer ago needs no revoking"
+                )
             try:
                 conn.execute(
                     "INSERT INTO revoked_serials (serial, spiffe_id, revoked_at) VALUES (?, ?, ?)",

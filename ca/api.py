@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import fcntl
 import json
+import math
 import os
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -43,11 +44,12 @@ from meshid.errors import (
     InvalidInput,
     InvalidSvid,
     MeshIdError,
+    RateLimited,
     StateError,
     StorageUnavailable,
     TokenRejected,
 )
-from meshid.ratelimit import FailureLimiter, OncePerWindow
+from meshid.ratelimit import FailureLimiter, OncePerWindow, TokenBucket
 from meshid.reasons import Reason
 from meshid.report import TOO_LARGE, decode_report
 from meshid.skew import clock_offset
@@ -82,6 +84,13 @@ REFUSAL_AUDIT_WINDOW = 60.0
 # which wakes every watch of the fleet, and writes an audit row. The rest wait.
 ADVERTISE_CHANGE_INTERVAL = 30.0
 STORAGE_RETRY_AFTER = 5  # seconds a client waits after a full or read-only disk
+# Renewals allowed per SPIFFE ID per SVID lifetime, in a burst or spread out (a token
+# bucket in the database, shared by every worker and instance): replicas share an
+# identity, and each renews about twice per lifetime (at 40-60 % of it), once more when
+# a root rollover shortens its SVID, and again after a lost reply. 1,024 covers 256
+# replicas (the per-identity watch budget) at four renewals each; a workload renewing in
+# a loop is held to that pace.
+RENEWALS_PER_IDENTITY = 1024
 
 
 @dataclass(frozen=True, slots=True)
@@ -162,6 +171,10 @@ def error_for(exc: MeshIdError) -> Reply:
     """The reply for one of our errors; a storage fault says when to try again."""
     if isinstance(exc, StorageUnavailable):
         return error(503, exc.reason, exc.message, retry_after=str(STORAGE_RETRY_AFTER))
+    if isinstance(exc, RateLimited):
+        return error(
+            429, exc.reason, exc.message, retry_after=str(max(1, math.ceil(exc.retry_after)))
+        )
     reply = error(_status_for(exc), exc.reason, exc.message)
     if isinstance(exc, CallerRevoked):
         reply.body["revocation_version"] = exc.revocation_version
@@ -199,6 +212,8 @@ class ControlApi:
     advertising: OncePerWindow = field(
         default_factory=lambda: OncePerWindow(ADVERTISE_CHANGE_INTERVAL)
     )
+    # how often each identity may renew (see RENEWALS_PER_IDENTITY); None: no limit
+    renewals: TokenBucket | None = None
     _lock_fd: int | None = None
     _pem: tuple[TrustBundle, str] | None = None  # the bundle last encoded, and its PEM
     jwt_keys: JwtKeyring | None = None  # JWT-SVID signing keys, loaded on first use
@@ -302,7 +317,7 @@ class ControlApi:
         if prepared is None:
             return self.handle(req)
         try:
-            issued = self.authority.commit(prepared)
+            issued = self.authority.commit(prepared, self.renewals)
             return svid_reply(issued, held, self._bundle_pem(issued.bundle))
         except TokenRejected:
             if prepared.token_digest is not None or prepared.attested is not None:
@@ -338,9 +353,16 @@ class ControlApi:
 
     def _prepare_renew(self, req: Request) -> _Staged:
         # A revoked SVID must not renew into a fresh one (that would launder the
-        # revocation); the commit checks again, in the transaction that records it.
-        self._caller(req)
+        # revocation), nor one past its budget; the commit checks both again, in the
+        # transaction that records it (and spends the budget).
+        caller = self._caller(req)
         assert req.peer_cert is not None  # `_caller` refused a call without one
+        if self.renewals is not None:  # a caller past its budget costs a lookup, no signature
+            wait = self.authority.renewal_wait(caller, self.renewals)
+            if wait:
+                raise RateLimited(
+                    f"{caller} renewed too often; retry in {math.ceil(wait)}s", retry_after=wait
+                )
         body = RenewRequest.parse(decode(req.body, "request body"))
         try:
             prepared = self.authority.prepare_renew(req.peer_cert, body.csr.encode())

@@ -282,7 +282,8 @@ def bundle_cmd(state: Path, fmt: str) -> None:
     multiple=True,
     metavar="NAME=N",
     help="Size an admission cap to the mesh (repeatable): max_connections, max_per_source, "
-    "max_authenticated, max_watches, max_watches_per_identity. See the README's Limits.",
+    "max_authenticated, max_watches, max_watches_per_identity, renewals_per_identity. "
+    "See the README's Limits.",
 )
 @passphrase_option
 def serve_cmd(

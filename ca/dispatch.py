@@ -74,6 +74,7 @@ class Dispatcher(PlaneState):
                         await self._db_call(self.graph.refresh, self.authority)
                     await self._db_call(self.authority.advance_roots)
                     await self._refresh_credentials()
+                    await self._db_call(self.pruner.tick)  # logs its own failures
                 listening = self.listener is not None and self.listener.healthy
                 versions = (
                     await self._db_call(self.authority.versions)

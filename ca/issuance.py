@@ -5,6 +5,20 @@ outside any transaction, then committed: the commit checks again what may have
 changed meanwhile (token used, identity revoked, caller unknown) and records the
 SVID with its audit row in one transaction, so concurrent workers never hold the
 database's write lock while they compute a signature.
+
+How often an identity may renew is a token bucket per SPIFFE ID
+(`meshid.ratelimit.TokenBucket`) kept in the database, so that every worker
+and every instance spends from the same one: looked at before signing (a
+caller past its budget costs a lookup, no signature) and spent in the
+transaction that records the SVID (two workers cannot both spend the last
+token).
+
+Records of SVIDs that expired more than SVID_RETENTION ago are pruned by the
+serving authority (`prune_svids`, a bounded batch per transaction): nothing
+can use such a certificate, and revoking its serial would change nothing.
+Each identity's newest record is kept whatever its age, so the identities
+ever issued and their latest expiry stay listed. The audit log, an HMAC
+chain, keeps every issuance for good.
 """
 
 from __future__ import annotations
@@ -14,6 +28,7 @@ import json
 import secrets
 from collections.abc import Iterable, Sequence
 from datetime import UTC, datetime, timedelta
+from math import ceil
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes
@@ -36,8 +51,10 @@ from ca.values import (
 from meshid.errors import (
     CsrRejected,
     IdentityRevoked,
+    RateLimited,
     TokenRejected,
 )
+from meshid.ratelimit import TokenBucket
 from meshid.spiffeid import SpiffeId
 from meshid.svid import (
     IpAddress,
@@ -51,6 +68,10 @@ from meshid.svid import (
 # Certificates remembered as verified: one per live sidecar and some (a mesh of tens of
 # thousands fits; past it the memory is forgotten at once, about 200 bytes an entry).
 VERIFIED_CALLERS = 65536
+
+
+SVID_RETENTION = timedelta(hours=24)  # how long the record of an expired SVID is kept
+PRUNE_BATCH = 500  # records deleted in one transaction at most
 
 
 class Issuance(Roots):
@@ -241,11 +262,12 @@ class Issuance(Roots):
             )
         return str(row[0]), str(row[1]), str(row[2])
 
-    def commit(self, prepared: Prepared) -> IssuedSvid:
+    def commit(self, prepared: Prepared, budget: TokenBucket | None = None) -> IssuedSvid:
         """Record a prepared issuance, checking again what may have changed meanwhile.
 
         Signing happens before, outside the transaction, so that concurrent
         workers do not hold the database's one write lock while they compute.
+        A renewal spends one of its identity's `budget` here, if one is given.
         """
         with self.store.write() as conn:
             self._consume(conn, prepared)
@@ -266,8 +288,58 @@ class Issuance(Roots):
                         f"{prepared.spiffe_id}: SVID {prepared.caller_serial} is revoked"
                     )
             self._check_not_revoked(conn, prepared.spiffe_id)
+            if prepared.caller_serial is not None and budget is not None:
+                self._spend_renewal(conn, prepared.spiffe_id, budget)  # a refusal spends none
             self._record(conn, prepared.generation, prepared.leaf, prepared.how)
         return IssuedSvid(prepared.spiffe_id, (prepared.leaf,), self.bundle())
+
+    def prune_svids(self, limit: int = PRUNE_BATCH) -> int:
+        """Delete up to `limit` records of SVIDs expired more than SVID_RETENTION ago,
+        oldest first, never an identity's newest; how many went. One transaction.
+
+        Up to `limit` renewal budgets untouched for an SVID lifetime go too: they are
+        full again, as a missing one is.
+        """
+        now = self._now()
+        cutoff = (now - SVID_RETENTION).timestamp()
+        with self.store.write() as conn:
+            conn.execute(
+                "DELETE FROM renewal_budgets WHERE spiffe_id IN (SELECT spiffe_id "
+                "FROM renewal_budgets WHERE at <= ? LIMIT ?)",
+                ((now - self.svid_ttl).timestamp(), limit),
+            )
+            return conn.execute(
+                "DELETE FROM svids WHERE serial IN (SELECT s.serial FROM svids s "
+                "WHERE s.not_after < ? AND EXISTS (SELECT 1 FROM svids t "
+                "WHERE t.spiffe_id = s.spiffe_id AND t.not_after > s.not_after) "
+                "ORDER BY s.not_after LIMIT ?)",
+                (cutoff, limit),
+            ).rowcount
+
+    def renewal_wait(self, spiffe_id: SpiffeId, budget: TokenBucket) -> float:
+        """Seconds until `spiffe_id` may renew under `budget` (0: now). Reads only."""
+        with self.store.read() as conn:
+            return budget.wait(self._renewals_left(conn, spiffe_id, budget))
+
+    def _renewals_left(self, conn: Connection, spiffe_id: SpiffeId, budget: TokenBucket) -> float:
+        row = conn.execute(
+            "SELECT tokens, at FROM renewal_budgets WHERE spiffe_id = ?", (str(spiffe_id),)
+        ).fetchone()
+        held = None if row is None else (float(row[0]), float(row[1]))
+        return budget.level(held, self._now().timestamp())
+
+    def _spend_renewal(self, conn: Connection, spiffe_id: SpiffeId, budget: TokenBucket) -> None:
+        tokens = self._renewals_left(conn, spiffe_id, budget)
+        wait = budget.wait(tokens)
+        if wait:
+            raise RateLimited(
+                f"{spiffe_id} renewed too often; retry in {ceil(wait)}s", retry_after=wait
+            )
+        conn.execute(
+            "INSERT INTO renewal_budgets (spiffe_id, tokens, at) VALUES (?, ?, ?) "
+            "ON CONFLICT (spiffe_id) DO UPDATE SET tokens = excluded.tokens, at = excluded.at",
+            (str(spiffe_id), tokens - 1.0, self._now().timestamp()),
+        )
 
     def _consume(self, conn: Connection, prepared: Prepared) -> None:
         """Use up what the enrollment traded (a join token here; ca.attestors adds JWTs)."""

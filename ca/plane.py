@@ -21,16 +21,17 @@ import trio
 
 from ca import backend
 from ca.adminrun import MAX_RUNS, RunSlots
-from ca.api import ControlApi, Reply, Request, error
+from ca.api import RENEWALS_PER_IDENTITY, ControlApi, Reply, Request, error
 from ca.authority import Authority
 from ca.db import is_driver_error
 from ca.metrics import CaMetrics, Live
+from ca.retention import SvidPruner
 from ca.rootkeeper import RootKeeper
 from ca.ui import ServiceGraph
 from ca.values import propagation_default
 from meshid.clock import Clock
 from meshid.errors import InvalidInput, MeshIdError, StorageUnavailable
-from meshid.ratelimit import FailureLimiter
+from meshid.ratelimit import FailureLimiter, TokenBucket
 from meshid.spiffeid import SpiffeId
 from meshid.svid import IpAddress, certs_to_pem, generate_key, key_to_pem
 from meshid.wire import AUTHORITY_PATH
@@ -60,6 +61,7 @@ class ServerOptions:
     max_authenticated: int = 16384  # connections with a client certificate of ours
     max_watches: int = 16384  # long polls parked at once, in all
     max_watches_per_identity: int = 256  # parked by one SPIFFE ID (its replicas share it)
+    renewals_per_identity: int = RENEWALS_PER_IDENTITY  # per SVID lifetime (ca.api)
     auto_rotate: bool = True  # prepare and activate the next root by itself (ca.rootlife)
     metrics: tuple[str, int] | None = None  # HOST, PORT of the Prometheus listener (ca.metrics)
     ui: tuple[str, int] | None = None  # HOST, PORT of the service graph page (ca.ui)
@@ -73,6 +75,7 @@ LIMITS = (
     "max_per_source",
     "max_watches",
     "max_watches_per_identity",
+    "renewals_per_identity",
 )
 MAX_LIMIT = 1_000_000
 
@@ -137,6 +140,7 @@ class PlaneState:
     _feeds: _Queue = field(default_factory=lambda: _Queue())  # watches a change woke
     _runs: RunSlots = field(default_factory=lambda: RunSlots(MAX_RUNS))
     root_keeper: RootKeeper = field(init=False)
+    pruner: SvidPruner = field(init=False)
     metrics: CaMetrics = field(init=False)
     graph: ServiceGraph = field(init=False)
 
@@ -151,12 +155,16 @@ class PlaneState:
                 self.listener = ChangeListener.for_database(database)
         limiter = self.limiter if self.limiter is not None else FailureLimiter(max_failures=5)
         self.api = ControlApi(self.authority, self.clock.wall, self.clock.monotonic, limiter)
+        self.api.renewals = TokenBucket(
+            self.options.renewals_per_identity, self.authority.svid_ttl.total_seconds()
+        )
         self.root_keeper = RootKeeper(
             self.authority,
             self.log,
             propagation_default(self.authority.svid_ttl),
             auto=self.options.auto_rotate,
         )
+        self.pruner = SvidPruner(self.authority, self.log, self.clock.monotonic)
         pools = lambda: {"anonymous": len(self._anonymous), "authenticated": self._authenticated}  # noqa: E731
         self.metrics = CaMetrics(self.clock, Live(pools, lambda: self._watching))
         self.graph = ServiceGraph(self.clock)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-SCHEMA_VERSION = 11  # SQLite: PRAGMA user_version (0 is version 1); PostgreSQL: settings
+SCHEMA_VERSION = 12  # SQLite: PRAGMA user_version (0 is version 1); PostgreSQL: settings
 
 # Enrollment by platform identity (version 4): JWT attestors, and the JWTs used so far.
 # IF NOT EXISTS: a database whose version was set back still migrates.
@@ -109,6 +109,19 @@ CREATE TABLE IF NOT EXISTS jwt_keys (
 );
 """
 
+# Bounding renewals (version 12): each identity's renewal budget, a token bucket every
+# worker and instance spends from; and indexes to prune SVID records that expired long
+# ago, the oldest found by expiry, each identity's newest (kept) by identity (ca.issuance).
+_RENEWAL_TABLES = """
+CREATE TABLE IF NOT EXISTS renewal_budgets (
+    spiffe_id TEXT PRIMARY KEY,
+    tokens REAL NOT NULL,                      -- renewals left at `at` (meshid.ratelimit)
+    at REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS svids_by_expiry ON svids (not_after);
+CREATE INDEX IF NOT EXISTS svids_by_identity ON svids (spiffe_id, not_after);
+"""
+
 _SCHEMA = """
 CREATE TABLE settings (name TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE counters (name TEXT PRIMARY KEY, value INTEGER NOT NULL);
@@ -174,6 +187,7 @@ _SCHEMA += _SERVICE_TABLES
 _SCHEMA += _INSTANCE_TABLES
 _SCHEMA += _POLICY_HISTORY
 _SCHEMA += _JWT_KEY_TABLES
+_SCHEMA += _RENEWAL_TABLES
 
 # Each step takes a database from the version before it to its own version, in
 # the same transaction that records the new version.
@@ -230,6 +244,10 @@ _MIGRATIONS: dict[int, tuple[str, ...]] = {
     11: (  # every instance's public JWT-SVID keys, for each to serve all
         *(t for t in _JWT_KEY_TABLES.split(";") if t.strip()),
         "UPDATE settings SET value = '11' WHERE name = 'schema_version'",
+    ),
+    12: (  # renewal budgets; indexes to prune SVID records that expired long ago
+        *(t for t in _RENEWAL_TABLES.split(";") if t.strip()),
+        "UPDATE settings SET value = '12' WHERE name = 'schema_version'",
     ),
 }
 

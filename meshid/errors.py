@@ -16,6 +16,7 @@ never a secret.
         ├── IdentityRevoked
         ├── CsrRejected         a CSR that may not be signed
         ├── PolicyError         an allow-list change that makes no sense
+        ├── RateLimited         a caller past its budget; `retry_after` says when to come back
         └── StorageUnavailable  the database or a state file cannot be written (disk full,
                                 read-only filesystem): transient, retried, nothing half-written
 
@@ -86,6 +87,16 @@ class CsrRejected(AuthorityError):
 
 class PolicyError(AuthorityError):
     reason = Reason.POLICY_ERROR
+
+
+class RateLimited(AuthorityError):
+    """A caller used up its budget (say, of renewals); it may come back in `retry_after` s."""
+
+    reason = Reason.RENEWAL_RATE_LIMITED
+
+    def __init__(self, message: str, *, retry_after: float, reason: str | None = None) -> None:
+        super().__init__(message, reason=reason)
+        self.retry_after = retry_after
 
 
 class StorageUnavailable(AuthorityError):

@@ -7,6 +7,8 @@ quarantine a peer that keeps failing authentication or authorisation.
 `OncePerWindow` lets one event per key through per window and counts the
 rest: the control plane audits a refused management call with it, and lets
 a workload's reports change the addresses it advertises at that pace.
+`TokenBucket` lets a burst through per key, then a steady rate: the control
+plane bounds how often one identity renews with it.
 """
 
 from __future__ import annotations
@@ -93,3 +95,28 @@ class OncePerWindow:
         self._seen.pop(key, None)  # re-inserted last: the oldest stays first
         self._seen[key] = (now, 0)
         return 0 if seen is None else seen[1]
+
+
+@dataclass(frozen=True, slots=True)
+class TokenBucket:
+    """A token bucket's rules: `capacity` tokens, refilled at `capacity` per `period` seconds.
+
+    Pure: the caller keeps each key's (tokens, when) wherever it must be
+    shared (the control plane keeps them in its database, so every worker
+    and instance spends from one bucket) and passes the time in. A key with
+    no record holds a full bucket.
+    """
+
+    capacity: int
+    period: float
+
+    def level(self, held: tuple[float, float] | None, now: float) -> float:
+        """Tokens in a bucket that held `held` = (tokens, at), as of `now`."""
+        if held is None:
+            return float(self.capacity)
+        tokens, at = held
+        return min(float(self.capacity), tokens + max(0.0, now - at) * self.capacity / self.period)
+
+    def wait(self, tokens: float) -> float:
+        """Seconds until a bucket holding `tokens` has one to spend (0: it has one now)."""
+        return 0.0 if tokens >= 1.0 else (1.0 - tokens) * self.period / self.capacity

@@ -210,6 +210,10 @@ class Reason(enum.StrEnum):
     NOT_FOUND = "not_found", "no such endpoint"
     NOT_IMPLEMENTED = "not_implemented", "an HTTP feature the control plane does not implement"
     RATE_LIMITED = "rate_limited", "too many failed enrollments from this source; retry later"
+    RENEWAL_RATE_LIMITED = (
+        "renewal_rate_limited",
+        "this identity renewed more often than its renewal budget allows; retry later",
+    )
     TOO_MANY_WATCHES = "too_many_watches", "too many long polls are parked; retry later"
     TOO_MANY_CONNECTIONS_FROM_SOURCE = (
         "too_many_connections_from_source",

@@ -77,6 +77,7 @@ CONNECT_TIMEOUT = 3.0  # seconds to connect and finish TLS: a healthy authority 
 _X509_V_FLAG_NO_CHECK_TIME = 0x200000  # times are checked below, with skew allowance
 
 UNREACHABLE = "authority_unreachable"
+MAX_RETRY_AFTER = 86400  # seconds: a longer Retry-After is taken as a day
 _HEX_SERIAL = re.compile(r"[0-9a-f]{1,40}")  # a serial as the authority writes it
 
 
@@ -88,7 +89,8 @@ class ControlPlaneError(AuthorityError):
     `revocation_version` comes with an `identity_revoked` refusal of the
     caller itself: the feed that would carry it is refused to a revoked caller.
     `revoked_serial` comes with it when what is revoked is the SVID presented
-    (`ca revoke --serial`), not the identity.
+    (`ca revoke --serial`), not the identity. `retry_after` is the refusal's
+    Retry-After in seconds (say, a renewal past its identity's budget).
     """
 
     def __init__(
@@ -101,6 +103,7 @@ class ControlPlaneError(AuthorityError):
         brief: str | None = None,
         revocation_version: int | None = None,
         revoked_serial: int | None = None,
+        retry_after: float | None = None,
     ) -> None:
         super().__init__(message, reason=reason)
         self.status = status
@@ -108,6 +111,7 @@ class ControlPlaneError(AuthorityError):
         self.brief = brief or reason.replace("_", " ")
         self.revocation_version = revocation_version
         self.revoked_serial = revoked_serial
+        self.retry_after = retry_after
 
     @classmethod
     def judged(
@@ -116,6 +120,7 @@ class ControlPlaneError(AuthorityError):
         *,
         revocation_version: int | None = None,
         revoked_serial: int | None = None,
+        retry_after: float | None = None,
     ) -> ControlPlaneError:
         verdict: Verdict = failures.classify(failure)
         return cls(
@@ -126,6 +131,7 @@ class ControlPlaneError(AuthorityError):
             brief=verdict.brief,
             revocation_version=revocation_version,
             revoked_serial=revoked_serial,
+            retry_after=retry_after,
         )
 
     @property
@@ -462,6 +468,7 @@ class ControlClient:
             raise _Unsent(self._closed(exc)) from None
         heard = False  # a byte of the answer arrived
         status = 0
+        retry_after: float | None = None
         received = bytearray()
         try:
             while True:
@@ -479,6 +486,7 @@ class ControlClient:
                     conn.receive_data(bytes(chunk))
                 elif isinstance(event, h11.Response):
                     status = event.status_code
+                    retry_after = _retry_after(event.headers)
                 elif isinstance(event, h11.Data):
                     received += event.data
                     if len(received) > MAX_RESPONSE:
@@ -492,9 +500,11 @@ class ControlClient:
         if conn.our_state is h11.DONE and conn.their_state is h11.DONE:
             conn.start_next_cycle()
             kept.reusable = True
-        return self._judge(status, received)
+        return self._judge(status, received, retry_after)
 
-    def _judge(self, status: int, received: bytearray) -> dict[str, Any]:
+    def _judge(
+        self, status: int, received: bytearray, retry_after: float | None = None
+    ) -> dict[str, Any]:
         """The answer's document, or the refusal it carries as an error."""
         try:
             doc = json.loads(bytes(received))
@@ -517,8 +527,20 @@ class ControlClient:
                     version if isinstance(version, int) and not isinstance(version, bool) else None
                 ),
                 revoked_serial=_serial(doc.get("revoked_serial")),
+                retry_after=retry_after,
             )
         return doc
+
+
+def _retry_after(headers: Any) -> float | None:
+    """A Retry-After in whole seconds (at most a day), or None for anything else."""
+    for name, value in headers:
+        if name == b"retry-after":
+            text = bytes(value).strip()
+            if text.isdigit() and len(text) <= 6:
+                return float(min(int(text), MAX_RETRY_AFTER))
+            return None
+    return None
 
 
 def _serial(value: object) -> int | None:

@@ -99,6 +99,7 @@ async def renewal_loop(
     """
     failures = 0
     last_permanent = False
+    retry_after: float | None = None  # what the authority asked, with its last refusal
     while True:
         validity = current()
         if validity is None:
@@ -110,18 +111,19 @@ async def renewal_loop(
         elif last_permanent and slow is not None:
             delay = slow(rand())
         else:
-            delay = schedule.retry_delay(failures, left, rand())
+            delay = schedule.retry_delay(failures, left, rand(), retry_after)
         await trio.sleep(delay)
         try:
             await renew()
         except Exception as exc:  # one failed attempt, never the end of the renewer
             failures += 1
             last_permanent = permanent(exc)
+            retry_after = exc.retry_after if isinstance(exc, ControlPlaneError) else None
             left = (not_after - wall()).total_seconds()
             retry_in = (
                 slow(0.5)
                 if last_permanent and slow is not None
-                else schedule.retry_delay(failures, left, 0.5)
+                else schedule.retry_delay(failures, left, 0.5, retry_after)
             )
             on_failure(as_meshid(exc), failures, left, retry_in)
         else:

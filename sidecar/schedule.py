@@ -45,15 +45,22 @@ class Schedule:
         due = self.issued_at(not_before, not_after) + timedelta(seconds=lifetime * share)
         return max(0.0, (due - now).total_seconds())
 
-    def retry_delay(self, failures: int, seconds_left: float, rand: float) -> float:
+    def retry_delay(
+        self, failures: int, seconds_left: float, rand: float, retry_after: float | None = None
+    ) -> float:
         """Capped exponential backoff with jitter, tightened as expiry nears.
 
-        With little time left, waiting the full backoff could let the SVID
-        lapse between two attempts; so never wait more than a third of what
-        is left (but at least the initial backoff, to spare the authority).
+        `retry_after` is the authority's word (an HTTP Retry-After, say when
+        the identity used up its renewal budget): no sooner than that, unless
+        the backoff says later. With little time left, waiting the full
+        backoff, or that long, could let the SVID lapse between two attempts;
+        so never wait more than a third of what is left (but at least the
+        initial backoff, to spare the authority).
         """
         base = min(self.backoff_max, self.backoff_initial * 2.0 ** max(0, failures - 1))
         delay = base * (0.5 + 0.5 * rand)
+        if retry_after is not None:
+            delay = max(delay, retry_after)
         if seconds_left > 0:
             delay = min(delay, max(self.backoff_initial, seconds_left / 3.0))
         return delay

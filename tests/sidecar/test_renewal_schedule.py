@@ -178,3 +178,35 @@ async def test_outage_longer_than_the_lifetime_reports_expiry(
     # it kept trying while the certificate lived, without hammering: at most one per second
     attempts_before_expiry = [f for f in world.failures if f[2] > 0]
     assert 4 <= len(attempts_before_expiry) <= 15
+
+
+def test_retry_after_is_honoured_unless_it_would_let_the_svid_lapse() -> None:
+    s = Schedule()
+    assert s.retry_delay(1, 3600.0, 0.5, retry_after=20.0) == pytest.approx(20.0)
+    assert s.retry_delay(8, 3600.0, 0.5, retry_after=2.0) == pytest.approx(45.0)  # backoff later
+    assert s.retry_delay(1, 30.0, 0.5, retry_after=600.0) == pytest.approx(10.0)  # a third left
+
+
+async def test_a_rate_limited_renewal_comes_back_after_retry_after(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    world = World(ttl=3600.0)
+    refusals = [7.0, 7.0]
+
+    async def renew() -> None:
+        if refusals:
+            raise ControlPlaneError(
+                "renewed too often",
+                reason="renewal_rate_limited",
+                status=429,
+                retry_after=refusals.pop(),
+            )
+        await world.renew()
+
+    with trio.move_on_after(1900):
+        await renewal_loop(
+            Schedule(), world.current, renew, world.wall, world.on_failure, rand=lambda: 0.5
+        )
+    # due at 1800; refused, back after 7 s (not the 0.75 s backoff), refused again, 7 s more
+    assert [(f[0], f[3]) for f in world.failures] == [("renewal_rate_limited", 7.0)] * 2
+    assert world.renewed_at == pytest.approx([1800 + 7 + 7])
