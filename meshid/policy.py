@@ -18,7 +18,7 @@ bench/policy_decision.py).
 from __future__ import annotations
 
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from meshid.errors import InvalidIdentity
 from meshid.reasons import Reason
@@ -29,6 +29,9 @@ PREFIX_MARK = "/*"
 ALLOWED = Reason.ALLOWED
 NOT_ALLOWED = Reason.NOT_ALLOWED
 IDENTITY_REVOKED = Reason.IDENTITY_REVOKED
+# Decisions one policy remembers (see Policy.decide_remembered): a sidecar asks
+# about its few peers over and over; past this many the memory starts afresh.
+REMEMBERED_DECISIONS = 1024
 
 
 @dataclass(frozen=True, slots=True)
@@ -51,6 +54,11 @@ class Policy:
     # Rules with a prefix on either side, as text (`rule_end`): an exact end is
     # the ID, a prefix end the ID of the path above it followed by "/*".
     prefix_rules: frozenset[tuple[str, str]] = frozenset()
+    # Decisions already made under this policy (decide_remembered). Not part of its
+    # value: not compared, not hashed, and not carried over by dataclasses.replace.
+    _remembered: dict[tuple[SpiffeId, SpiffeId], Decision] = field(
+        default_factory=dict, init=False, repr=False, compare=False, hash=False
+    )
 
     @classmethod
     def build(
@@ -104,6 +112,23 @@ class Policy:
             f"{peer}'s SVID {serial:x} is revoked (revocation version "
             f"{self.revocation_version}, policy version {self.version})",
         )
+
+    def decide_remembered(self, source: SpiffeId, target: SpiffeId) -> Decision:
+        """`decide`, remembered per pair for the life of this (immutable) policy.
+
+        A sidecar decides the same few pairs on every connection, and a decision
+        (its explanation text above all) cost as much as a tenth of the Python
+        a resumed connection costs. A new allow-list or revocation is a new
+        Policy, which remembers nothing. `decide` stays a pure computation (the
+        decision bench times it).
+        """
+        key = (source, target)
+        decision = self._remembered.get(key)
+        if decision is None:
+            if len(self._remembered) >= REMEMBERED_DECISIONS:
+                self._remembered.clear()
+            decision = self._remembered[key] = self.decide(source, target)
+        return decision
 
     def decide(self, source: SpiffeId, target: SpiffeId) -> Decision:
         for who in (source, target):

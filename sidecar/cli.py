@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import signal
 import sys
 from pathlib import Path
@@ -17,6 +18,21 @@ from sidecar.app import Sidecar
 from sidecar.config import load_config
 from sidecar.events import EventLog
 from sidecar.redirect import redirect_cmd
+
+# Container objects allocated (net) before Python's cyclic collector runs a young
+# collection. The default, 700, ran one every few new connections, each walking
+# the state of every connection in flight: about 1.5 % of a sidecar's CPU under a
+# stream of new connections. At 5,000 the same garbage is found for about a third
+# of that, in pauses under a millisecond; unreachable cycles live a few thousand
+# allocations (some hundreds of KiB) longer. Most of a connection's garbage is
+# freed by reference counting at once and never waits for the collector.
+GC_YOUNG_THRESHOLD = 5000
+
+
+def tune_gc() -> None:
+    """Raise the young generation's threshold; the older generations keep theirs."""
+    _, older, oldest = gc.get_threshold()
+    gc.set_threshold(GC_YOUNG_THRESHOLD, older, oldest)
 
 
 @click.group("sidecar", cls=Group)
@@ -80,6 +96,7 @@ def run_cmd(config_path: Path) -> None:
         except OSError as exc:
             raise ConfigError(f"log.file: cannot open {config.log_file}: {exc.strerror}") from None
     sidecar = Sidecar(config, events=EventLog(stream), clock=Clock())
+    tune_gc()
     try:
         trio.run(_run, sidecar)
     except BaseExceptionGroup as group:

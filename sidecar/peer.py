@@ -58,8 +58,8 @@ def decide_pair(policy: Policy, direction: str, local_id: SpiffeId, peer: Spiffe
     open one to the peer (local -> peer).
     """
     if direction == INBOUND:
-        return policy.decide(peer, local_id)
-    return policy.decide(local_id, peer)
+        return policy.decide_remembered(peer, local_id)
+    return policy.decide_remembered(local_id, peer)
 
 
 @dataclass(frozen=True, slots=True)

@@ -11,6 +11,8 @@ from __future__ import annotations
 import errno
 import functools
 import ipaddress
+import math
+import select
 import socket
 
 import trio
@@ -116,25 +118,57 @@ async def linger(sock: socket.socket, seconds: float = 1.0, limit: int = 65536) 
             seen += len(data)
 
 
+def _settled(sock: socket.socket) -> bool:
+    """Whether a connect in progress has already ended (connected or failed), without waiting.
+
+    On loopback, and between network namespaces of one host, the kernel runs
+    the whole TCP handshake inside connect(): the "in progress" it answers is
+    over by the time it returns. One poll(0) says so; a trio wait (register
+    the socket, sleep, wake, switch tasks) would cost several times as much,
+    on every connection to the local app and to a local upstream.
+    """
+    poller = select.poll()
+    poller.register(sock, select.POLLOUT)
+    return bool(poller.poll(0))
+
+
 async def connect_one(
-    family: socket.AddressFamily, sockaddr: tuple[str, int], mark: int | None = None
+    family: socket.AddressFamily,
+    sockaddr: tuple[str, int],
+    mark: int | None = None,
+    deadline: float = math.inf,
 ) -> socket.socket:
-    """`mark`: SO_MARK set before the SYN, so that the capture rules skip the sidecar's own."""
+    """One TCP connection, by `deadline` (trio's clock). Raises OSError (ETIMEDOUT past it).
+
+    `mark`: SO_MARK set before the SYN, so that the capture rules skip the
+    sidecar's own. The timeout's cancel scope is entered only when the connect
+    is still in progress: a connect the kernel settled at once costs none.
+    """
     sock = socket.socket(family, socket.SOCK_STREAM)
     sock.setblocking(False)
+    timed_out = False
     try:
         if mark is not None:
             sock.setsockopt(socket.SOL_SOCKET, SO_MARK, mark)
         err = sock.connect_ex(sockaddr)
         if err == errno.EINPROGRESS:
-            await trio.lowlevel.wait_writable(sock)
-            err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+            if not _settled(sock):
+                with trio.move_on_at(deadline) as timer:
+                    await trio.lowlevel.wait_writable(sock)
+                timed_out = timer.cancelled_caught
+            err = (
+                errno.ETIMEDOUT
+                if timed_out
+                else sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+            )
     except BaseException:
         sock.close()
         raise
     if err:
         sock.close()
-        raise OSError(err, errno.errorcode.get(err, "connect failed"))
+        raise OSError(
+            err, "connect timed out" if timed_out else errno.errorcode.get(err, "connect failed")
+        )
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     return sock
 
@@ -150,20 +184,17 @@ async def send_plain(sock: socket.socket, data: bytes) -> None:
 
 async def connect(addr: Address, within: float, mark: int | None = None) -> socket.socket:
     """A non-blocking TCP connection to `addr`, within `within` seconds. Raises OSError."""
+    deadline = trio.current_time() + within
     if is_ip(addr.host):
         family = socket.AF_INET6 if ":" in addr.host else socket.AF_INET
-        targets: list[tuple[socket.AddressFamily, tuple[str, int]]] = [
-            (family, (addr.host, addr.port))
-        ]
-    else:
-        infos = await trio.socket.getaddrinfo(addr.host, addr.port, type=socket.SOCK_STREAM)
-        targets = [(info[0], info[4][:2]) for info in infos]  # type: ignore[misc]
+        return await connect_one(family, (addr.host, addr.port), mark, deadline)
+    infos = await trio.socket.getaddrinfo(addr.host, addr.port, type=socket.SOCK_STREAM)
     last: OSError = OSError(errno.EHOSTUNREACH, "no address")
-    with trio.move_on_after(within):
-        for family, sockaddr in targets:
-            try:
-                return await connect_one(family, sockaddr, mark)
-            except OSError as exc:
-                last = exc
-        raise last
-    raise OSError(errno.ETIMEDOUT, "connect timed out")
+    for info in infos:
+        if trio.current_time() >= deadline:
+            raise OSError(errno.ETIMEDOUT, "connect timed out")
+        try:
+            return await connect_one(info[0], info[4][:2], mark, deadline)  # type: ignore[arg-type]
+        except OSError as exc:
+            last = exc
+    raise last

@@ -38,6 +38,7 @@ try:
     from OpenSSL._util import lib as _lib
 
     _SSL_read = _lib.SSL_read
+    _SSL_do_handshake = _lib.SSL_do_handshake
     _SSL_write = _lib.SSL_write
     _SSL_get_error = _lib.SSL_get_error
     _SSL_session_reused = _lib.SSL_session_reused
@@ -144,14 +145,36 @@ class TlsStream:
         return bool(_SSL_session_reused(ssl))
 
     async def handshake(self) -> None:
+        """Drive the handshake to its end, waiting on the socket whenever OpenSSL would block.
+
+        Straight through the binding, like the copy loop: pyOpenSSL turns every
+        would-block into a raised exception (twice or more per handshake). Success
+        and failure still go through pyOpenSSL's own checks, so a problem its
+        verify-callback wrapper recorded is raised exactly as it would raise it.
+        """
+        ssl = self._ssl
+        if ssl is None:
+            while True:
+                try:
+                    self.conn.do_handshake()
+                    return
+                except SSL.WantReadError:
+                    await trio.lowlevel.wait_readable(self.fd)
+                except SSL.WantWriteError:
+                    await trio.lowlevel.wait_writable(self.fd)
         while True:
-            try:
-                self.conn.do_handshake()
+            result: int = _SSL_do_handshake(ssl)
+            if result == 1:
+                self.conn._raise_ssl_error(ssl, result)  # raises only what the callback left
                 return
-            except SSL.WantReadError:
+            error = _SSL_get_error(ssl, result)
+            if error == _WANT_READ:
                 await trio.lowlevel.wait_readable(self.fd)
-            except SSL.WantWriteError:
+            elif error == _WANT_WRITE:
                 await trio.lowlevel.wait_writable(self.fd)
+            else:
+                self.conn._raise_ssl_error(ssl, result)  # pyOpenSSL names the error
+                raise SSL.Error(f"SSL_do_handshake failed ({error})")
 
     def recv_into_nowait(self, view: memoryview) -> int:
         """Decrypt into `view`. -1 when it would block, 0 at close_notify."""

@@ -109,3 +109,47 @@ def test_revocation_wins_over_a_prefix_rule() -> None:
 def test_malformed_prefixes_are_refused(text: str) -> None:
     with pytest.raises(InvalidIdentity):
         rule_end(text, TD)
+
+
+# -- remembered decisions (what a sidecar asks on every connection) ----------------
+
+
+@pytest.mark.parametrize(
+    ("source", "target"), [(WEB, API), (API, WEB), (API, DB), (WEB, DB), (WEB, WEB)]
+)
+def test_a_remembered_decision_is_the_decision(source: SpiffeId, target: SpiffeId) -> None:
+    policy = Policy.build([(WEB, API), (API, DB)], version=4)
+    first = policy.decide_remembered(source, target)
+    assert first == policy.decide(source, target)
+    assert policy.decide_remembered(source, target) is first  # asked again: not recomputed
+
+
+def test_a_new_policy_remembers_nothing_of_the_old_one() -> None:
+    import dataclasses
+
+    allowing = Policy.build([(WEB, API)], version=1)
+    assert allowing.decide_remembered(WEB, API).allowed
+    revoked = dataclasses.replace(allowing, version=2, revoked=frozenset({WEB}))
+    decision = revoked.decide_remembered(WEB, API)
+    assert (decision.allowed, decision.reason, decision.version) == (False, IDENTITY_REVOKED, 2)
+    denying = Policy.build([], version=3)
+    assert not denying.decide_remembered(WEB, API).allowed
+
+
+def test_remembering_changes_neither_equality_nor_hash() -> None:
+    asked = Policy.build([(WEB, API)], version=1)
+    asked.decide_remembered(WEB, API)
+    fresh = Policy.build([(WEB, API)], version=1)
+    assert asked == fresh
+    assert hash(asked) == hash(fresh)
+
+
+def test_what_a_policy_remembers_is_bounded() -> None:
+    from meshid.policy import REMEMBERED_DECISIONS
+
+    policy = Policy.build([(WEB, API)], version=1)
+    peers = [SpiffeId.resolve(f"p{i}", TD) for i in range(REMEMBERED_DECISIONS + 10)]
+    for peer in peers:
+        assert not policy.decide_remembered(peer, API).allowed
+    assert policy.decide_remembered(WEB, API).allowed
+    assert len(policy._remembered) <= REMEMBERED_DECISIONS

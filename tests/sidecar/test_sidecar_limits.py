@@ -7,6 +7,7 @@ left alone.
 
 from __future__ import annotations
 
+import functools
 import struct
 
 import pytest
@@ -75,6 +76,43 @@ async def test_handshake_timeout_cuts_a_silent_client_only(mesh: Mesh, backend: 
     assert metric(api, "meshid_handshake_failures_total", reason="handshake_timeout") == 1
     assert metric(api, "meshid_connections_total", decision="allow") == 1
     assert not pair.api.log.find("close")  # the good one is still open
+
+
+async def test_handshake_timeout_cuts_a_silent_upstream_only(
+    mesh: Mesh, backend: Backend, nursery: trio.Nursery
+) -> None:
+    """Outbound: an upstream that accepts TCP and never answers the ClientHello is cut."""
+    held: list[trio.SocketStream] = []
+
+    async def silent(stream: trio.SocketStream) -> None:
+        held.append(stream)  # kept open, never read from: no TLS answer, no FIN
+        await trio.sleep_forever()
+
+    listeners = await nursery.start(functools.partial(trio.serve_tcp, silent, 0, host="127.0.0.1"))
+    upstream = listeners[0].socket.getsockname()[:2]
+    pair = await start_pair(mesh, backend, api_allows=[("web", "api"), ("web2", "api")])
+    web = await mesh.start(
+        "web2",
+        outbound=[("api", pair.api.inbound), ("api", upstream)],
+        allow=[("web2", "api")],
+        limits={"handshake_timeout": 0.3},
+    )
+    good_addr, silent_addr = web.outbound(0), web.outbound(1)
+    with trio.fail_after(20):
+        good = await connect(good_addr)
+        async with good:
+            await good.send_all(b"before")
+            assert await receive_exactly(good, 6) == b"before"
+            stuck = await connect(silent_addr)
+            async with stuck:
+                assert await wait_cut(stuck) == b""
+            [deny] = await web.log.wait_for("decision", decision="deny")
+            await good.send_all(b"after")
+            assert await receive_exactly(good, 5) == b"after"
+    assert deny["reason"] == "handshake_timeout"
+    assert deny["direction"] == "outbound"
+    assert metric(web.sidecar, "meshid_handshake_failures_total", reason="handshake_timeout") == 1
+    assert metric(web.sidecar, "meshid_connections_total", decision="allow") == 1
 
 
 async def test_idle_timeout_cuts_the_idle_connection_only(mesh: Mesh, backend: Backend) -> None:
