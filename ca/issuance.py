@@ -36,6 +36,7 @@ from cryptography.hazmat.primitives import hashes
 from ca.db import Connection
 from ca.issuer import check_csr_identity, csr_public_key, parse_csr
 from ca.roots import Roots
+from ca.store import Store
 from ca.values import (
     _SPKI,
     DEFAULT_TOKEN_TTL,
@@ -298,7 +299,9 @@ class Issuance(Roots):
         oldest first, never an identity's newest; how many went. One transaction.
 
         Up to `limit` renewal budgets untouched for an SVID lifetime go too: they are
-        full again, as a missing one is.
+        full again, as a missing one is. So do up to `limit` revocations of serials
+        whose SVID expired as long ago: every peer refuses that certificate for its
+        expiry alone, and each one kept would ride in every sidecar's feed for good.
         """
         now = self._now()
         cutoff = (now - SVID_RETENTION).timestamp()
@@ -308,6 +311,14 @@ class Issuance(Roots):
                 "FROM renewal_budgets WHERE at <= ? LIMIT ?)",
                 ((now - self.svid_ttl).timestamp(), limit),
             )
+            moot = conn.execute(
+                "DELETE FROM revoked_serials WHERE serial IN (SELECT r.serial "
+                "FROM revoked_serials r JOIN svids s ON s.serial = r.serial "
+                "WHERE s.not_after < ? LIMIT ?)",
+                (cutoff, limit),
+            ).rowcount
+            if moot:  # a new feed version, so that sidecars get the shorter list
+                Store.bump(conn, "revocation_version")
             return conn.execute(
                 "DELETE FROM svids WHERE serial IN (SELECT s.serial FROM svids s "
                 "WHERE s.not_after < ? AND EXISTS (SELECT 1 FROM svids t "

@@ -142,3 +142,24 @@ def test_revoking_a_pruned_serial_says_why_it_is_not_found(
     assert authority.prune_svids() == 1
     with pytest.raises(PolicyError, match="needs no revoking"):
         authority.revoke_serial(old)
+
+
+def test_revocations_of_serials_expired_long_ago_leave_the_feed(
+    authority: Authority, clock: Clock, state: Path
+) -> None:
+    old = _issue(authority, WEB)
+    authority.revoke_serial(old)
+    clock.advance(timedelta(minutes=30))
+    current = _issue(authority, WEB)  # expires half an hour after `old`
+    authority.revoke_serial(current)
+    assert authority.feed(WEB)["revoked_serials"] == sorted([old, current])
+    # `old` expired 24 h ago less a minute: its revocation stays
+    clock.advance(SVID_RETENTION + timedelta(minutes=29))
+    authority.prune_svids()
+    assert authority.feed(WEB)["revoked_serials"] == sorted([old, current])
+    version = authority.versions()[1]
+    clock.advance(timedelta(minutes=2))
+    authority.prune_svids()
+    # every peer refuses `old` for its expiry alone; `current`'s retention runs on
+    assert authority.feed(WEB)["revoked_serials"] == [current]
+    assert authority.versions()[1] == version + 1  # sidecars hear of the shorter list
