@@ -77,12 +77,18 @@ from sidecar.control import (
     ControlPlaneError,
     HeldIdentity,
 )
-from sidecar.controlpool import POOL_SIZE
+from sidecar.controlpool import POOL_SIZE, Kept
 from sidecar.renewal import WATCH_WAIT, Pacing, build_csr
 
 TD = TrustDomain("fanout.example")
 MESHID = str(Path(sys.executable).with_name("meshid"))
 ENROLL_CONCURRENCY = 64  # enrollments in flight at once (a fleet rolling out, not a stampede)
+# TLS handshakes the load generator runs at once. Each real sidecar has a CPU of its own and
+# starts its connect timeout when it starts connecting; N simulated ones share one event
+# loop, and with thousands of handshakes interleaved in it each would take seconds of the
+# generator's time and overrun the sidecar's connect timeout for reasons of the bench's own.
+# So a simulated sidecar starts connecting (and its timeout) when one of these is free.
+HANDSHAKES = 32
 MAX_POLLS = 10_000  # long polls one simulated sidecar makes in a run, at most
 MARKER = "<!-- fanout: written by python -m bench.fanout -->"
 RESULTS = Path("bench/fanout.json")
@@ -101,13 +107,25 @@ class SourcedClient(ControlClient):
     authority's, and the machine is shared between them.
     """
 
-    def __init__(self, host: str, port: int, source: str) -> None:
+    def __init__(self, host: str, port: int, source: str, gate: trio.CapacityLimiter) -> None:
         super().__init__(host, port, TD, timeout=60.0, pool_size=POOL_SIZE)
         self.source = source
+        self.gate = gate  # shared by the fleet: see HANDSHAKES
         self._held: tuple[tuple[bytes, object], ssl.SSLContext] | None = None
 
     async def _open_tcp(self) -> trio.SocketStream:
         return await trio.open_tcp_stream(self.host, self.port, local_address=self.source)
+
+    async def _connect(
+        self,
+        bundle_pem: bytes,
+        identity: ClientIdentity | HeldIdentity | None,
+        key: bytes | None,
+        now: datetime,
+        trust: str,
+    ) -> Kept:
+        async with self.gate:
+            return await super()._connect(bundle_pem, identity, key, now, trust)
 
     def _context(
         self, bundle_pem: bytes, identity: ClientIdentity | HeldIdentity | None
@@ -144,6 +162,9 @@ class Fleet:
     pacing: Pacing = field(default_factory=Pacing)
     rand: random.Random = field(default_factory=lambda: random.Random(7))
     errors: collections.Counter[str] = field(default_factory=collections.Counter)
+    by_phase: dict[str, collections.Counter[str]] = field(
+        default_factory=lambda: collections.defaultdict(collections.Counter)
+    )
     restarting: bool = False
     holding: collections.Counter[int] = field(default_factory=collections.Counter)  # version
     renewed: int = 0
@@ -164,6 +185,7 @@ class Fleet:
     def failed(self, exc: Exception) -> None:
         reason = exc.reason if isinstance(exc, ControlPlaneError) else type(exc).__name__
         self.errors[reason] += 1
+        self.by_phase[self.phase][reason] += 1
 
 
 async def enroll(sim: Sim, fleet: Fleet, limit: trio.CapacityLimiter) -> None:
@@ -379,12 +401,13 @@ class Run:
         finally:
             authority.close()
         self.port, self.metrics_port = free_ports(2)
+        gate = trio.CapacityLimiter(HANDSHAKES)
         return [
             Sim(
                 i,
                 sid,
                 token,
-                SourcedClient("127.0.0.1", self.port, source_address(i)),
+                SourcedClient("127.0.0.1", self.port, source_address(i), gate),
                 None,
                 bundle,
             )
@@ -420,6 +443,7 @@ async def measure(run: Run, sims: list[Sim], rounds: int, log: Any) -> None:
             log(f"N={n}: {result['incomplete']}; client errors {dict(fleet.errors)}")
         nursery.cancel_scope.cancel()
     result["client_errors"] = dict(fleet.errors)
+    result["client_errors_by_phase"] = {k: dict(v) for k, v in fleet.by_phase.items()}
 
 
 async def phases(
