@@ -97,6 +97,11 @@ ENROLL_CONCURRENCY = 64  # enrollments in flight at once (a fleet rolling out, n
 # generator's time and overrun the sidecar's connect timeout for reasons of the bench's own.
 # So a simulated sidecar starts connecting (and its timeout) when one of these is free.
 HANDSHAKES = 32
+# Waiting for one of those places is part of a request's deadline (the client's timer starts
+# first), so the simulated requests get this much room beyond the sidecar's own deadlines:
+# after a restart all N queue there at once, and a watch that gave up in the queue would
+# only join it again at the back.
+GATE_ALLOWANCE = 600.0
 MAX_POLLS = 10_000  # long polls one simulated sidecar makes in a run, at most
 # The generator's young generation is collected every GC_YOUNG allocations, not every 700:
 # with 10,000 sidecars' connections alive, the collector took half of the generator's CPU.
@@ -119,7 +124,7 @@ class SourcedClient(ControlClient):
     """
 
     def __init__(self, host: str, port: int, source: str, gate: trio.CapacityLimiter) -> None:
-        super().__init__(host, port, TD, timeout=60.0, pool_size=POOL_SIZE)
+        super().__init__(host, port, TD, timeout=60.0 + GATE_ALLOWANCE, pool_size=POOL_SIZE)
         self.source = source
         self.gate = gate  # shared by the fleet: see HANDSHAKES
         self._held: tuple[tuple[bytes, object], ssl.SSLContext] | None = None
@@ -285,13 +290,13 @@ async def watch(sim: Sim, fleet: Fleet) -> None:
                 bundle_pem=sim.bundle,
                 now=datetime.now(UTC),
                 identity=sim.held,
-                wait=WATCH_WAIT + 10,
+                wait=WATCH_WAIT + 10 + GATE_ALLOWANCE,
             )
             feed = Feed.parse(doc)
         except Exception as exc:  # one failed poll: back off as the sidecar does
             fleet.failed(exc)
             failures += 1
-            if fleet.restarting:
+            if fleet.restarting and sim.renewed_at is None:  # once after the restart
                 sim.renew_due = True
             delay = fleet.pacing.watch_retry(failures, fleet.rand.random())
             await trio.sleep(delay)
