@@ -211,6 +211,14 @@ class ControlApi:
         """Several reading requests (the feeds of watches woken together), one by one."""
         return [self.handle(req) for req in requests]
 
+    def watch_check_each(
+        self, requests: list[Request]
+    ) -> list[tuple[Reply | None, tuple[int, int, int]]]:
+        """Several watches parked again together (after a change), the versions read once:
+        a change committed meanwhile is the poller's to see, and it wakes them."""
+        current = self.authority.versions()
+        return [self.watch_check(req, current) for req in requests]
+
     def handle_batch(self, requests: list[Request]) -> list[Reply]:
         """Several writing requests, their writes in one database transaction.
 
@@ -423,17 +431,21 @@ class ControlApi:
             raise CallerRevoked(f"{caller} is revoked", revocation_version=revoked_at)
         return caller
 
-    def watch_check(self, req: Request) -> tuple[Reply | None, tuple[int, int, int]]:
+    def watch_check(
+        self, req: Request, current: tuple[int, int, int] | None = None
+    ) -> tuple[Reply | None, tuple[int, int, int]]:
         """Authenticate a watch; answer now (a Reply) if the caller is behind or wrong.
 
-        Returns the current versions so the shell can wait for them to move.
+        Returns the current versions (`current`, if the caller read them) so the
+        shell can wait for them to move.
         """
         try:
             self._caller(req)
             seen = WatchQuery.parse(req.query).versions
         except MeshIdError as exc:
             return error_for(exc), (0, 0, 0)
-        current = self.authority.versions()
+        if current is None:
+            current = self.authority.versions()
         if seen != current:
             return self.handle(req), current
         return None, current

@@ -187,13 +187,11 @@ class Dispatcher(PlaneState):
         await self._answer_queued(feeds, handle, MAX_FEEDS, "feeds_failed", _same)
 
     async def _watch_checker(self) -> None:
-        def check_each(requests: list[Request]) -> list[WatchCheck]:
-            return [self.api.watch_check(req) for req in requests]
-
         def lost(reply: Reply) -> WatchCheck:
             return reply, (0, 0, 0)
 
-        await self._answer_queued(self._checks, check_each, MAX_FEEDS, "checks_failed", lost)
+        checks, check = self._checks, self.api.watch_check_each
+        await self._answer_queued(checks, check, MAX_FEEDS, "checks_failed", lost)
 
     async def _answer_queued(
         self,
