@@ -554,6 +554,8 @@ async def phases(
             + await wait_parked(run.metrics_port, n, run.limit(120 + n * 0.05), fleet, log),
             2,
         ),
+        # the restarted authority after N renewals and N new connections: the churn's mark
+        "rss_parked_again_mib": round(rss_kib(run.server.pid) / 1024, 1) if run.server else None,
     }
     log(f"N={n}: restart {result['restart']}")
 
