@@ -208,16 +208,21 @@ class ControlApi:
             return error_for(exc)
 
     def handle_each(self, requests: list[Request]) -> list[Reply]:
-        """Several reading requests (the feeds of watches woken together), one by one."""
-        return [self.handle(req) for req in requests]
+        """Several reading requests (the feeds of watches woken together), one by one, in
+        one read transaction: each reads several things (the caller's revocation, the
+        versions, its pairs), and a transaction apiece was a tenth of the authority's CPU
+        when a change woke ten thousand watches."""
+        with self.authority.store.read():
+            return [self.handle(req) for req in requests]
 
     def watch_check_each(
         self, requests: list[Request]
     ) -> list[tuple[Reply | None, tuple[int, int, int]]]:
         """Several watches parked again together (after a change), the versions read once:
         a change committed meanwhile is the poller's to see, and it wakes them."""
-        current = self.authority.versions()
-        return [self.watch_check(req, current) for req in requests]
+        with self.authority.store.read():  # one snapshot, as `handle_each`
+            current = self.authority.versions()
+            return [self.watch_check(req, current) for req in requests]
 
     def handle_batch(self, requests: list[Request]) -> list[Reply]:
         """Several writing requests, their writes in one database transaction.

@@ -182,3 +182,33 @@ def test_watches_checked_together_read_the_versions_once(
     assert reply is not None and reply.status == 200 and seen == current
     reply, _ = checked[2]
     assert reply is not None and reply.body["error"] == "invalid_query"
+
+
+def test_a_batch_of_feeds_and_checks_is_read_in_one_transaction(
+    authority: Authority, clock: Clock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every feed and every check reads several things (the caller's revocation, the
+    versions, the pairs); a batch reads them all in one snapshot, not a transaction each."""
+    api = _api(authority, clock)
+    authority.allow(WEB, API)
+    behind = dict(q.split("=") for q in WatchQuery().to_query().split("&"))
+    reqs = [
+        Request("GET", "/v1/watch", behind, b"", "127.0.0.1", _cert(authority, sid))
+        for sid in (WEB, API, WEB)
+    ]
+    engine = authority.store._engine
+    begun = 0
+    begin_read = engine.begin_read
+
+    def counted() -> None:
+        nonlocal begun
+        begun += 1
+        begin_read()
+
+    monkeypatch.setattr(engine, "begin_read", counted)
+    feeds = api.handle_each(reqs)
+    assert begun == 1
+    assert [Feed.parse(f.body).pairs for f in feeds] == [((WEB, API),)] * 3
+    checked = api.watch_check_each(reqs)
+    assert begun == 2
+    assert all(reply is not None and reply.status == 200 for reply, _ in checked)
