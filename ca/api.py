@@ -244,8 +244,21 @@ class ControlApi:
             return error_for(exc)
 
     def handle_each(self, requests: list[Request]) -> list[Reply]:
-        """Several reading requests (the feeds of watches woken together), one by one."""
-        return [self.handle(req) for req in requests]
+        """Several reading requests (the feeds of watches woken together), one by one, in
+        one read transaction: each reads several things (the caller's revocation, the
+        versions, its pairs), and a transaction apiece was a tenth of the authority's CPU
+        when a change woke ten thousand watches."""
+        with self.authority.store.read():
+            return [self.handle(req) for req in requests]
+
+    def watch_check_each(
+        self, requests: list[Request]
+    ) -> list[tuple[Reply | None, tuple[int, int, int]]]:
+        """Several watches parked again together (after a change), the versions read once:
+        a change committed meanwhile is the poller's to see, and it wakes them."""
+        with self.authority.store.read():  # one snapshot, as `handle_each`
+            current = self.authority.versions()
+            return [self.watch_check(req, current) for req in requests]
 
     def handle_batch(self, requests: list[Request]) -> list[Reply]:
         """Several writing requests, their writes in one database transaction.
@@ -477,17 +490,21 @@ class ControlApi:
             serial=serial,
         )
 
-    def watch_check(self, req: Request) -> tuple[Reply | None, tuple[int, int, int]]:
+    def watch_check(
+        self, req: Request, current: tuple[int, int, int] | None = None
+    ) -> tuple[Reply | None, tuple[int, int, int]]:
         """Authenticate a watch; answer now (a Reply) if the caller is behind or wrong.
 
-        Returns the current versions so the shell can wait for them to move.
+        Returns the current versions (`current`, if the caller read them) so the
+        shell can wait for them to move.
         """
         try:
             self._caller(req)
             seen = WatchQuery.parse(req.query).versions
         except MeshIdError as exc:
             return error_for(exc), (0, 0, 0)
-        current = self.authority.versions()
+        if current is None:
+            current = self.authority.versions()
         if seen != current:
             return self.handle(req), current
         return None, current

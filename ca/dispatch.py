@@ -14,7 +14,11 @@ A change wakes every parked watch at once. Their feeds queue for the feed
 reader, which reads up to MAX_FEEDS of them in one call to the database
 thread: each call is a trip to another thread and back (and a wait for the
 GIL), which, taken once per watcher, made a change reach ten thousand
-sidecars in minutes rather than seconds.
+sidecars in minutes rather than seconds. Every sidecar that got its feed
+parks its next watch at once; those are checked (caller, versions) the same
+way, up to MAX_FEEDS in one call: checked one by one, the re-parking fleet
+took the database thread in turns and the feeds still to be read queued
+behind it.
 """
 
 from __future__ import annotations
@@ -29,10 +33,11 @@ from ca.adminrun import run_for_operator
 from ca.api import Reply, Request, error
 from ca.plane import (
     RETRY_AFTER,
+    A,
     PlaneState,
+    WatchCheck,
     _failure_fields,
     _Queue,
-    _retry_later,
     _unavailable,
 )
 from meshid.svid import leaf_spiffe_id
@@ -45,6 +50,10 @@ WATCH_EXPIRY_MARGIN = 1.0  # seconds: a long poll ends this long before the call
 
 
 HEARD_EVERY = 5  # seconds between two "this instance is alive" rows (ca.instances)
+
+
+def _same(reply: Reply) -> Reply:
+    return reply
 
 
 class Dispatcher(PlaneState):
@@ -116,7 +125,7 @@ class Dispatcher(PlaneState):
 
     async def _dispatch(self, req: Request) -> Reply:
         if req.method == "GET" and req.path == WATCH:
-            reply, seen = await self._db_call(self.api.watch_check, req)
+            reply, seen = await self._checks.ask(req)
             if reply is not None:
                 return reply
             self._observe(seen)  # the database may be ahead of the poller
@@ -178,19 +187,33 @@ class Dispatcher(PlaneState):
         return await self._signing.ask(req)
 
     async def _batcher(self) -> None:
-        await self._answer_queued(self._signing, self.api.handle_batch, MAX_BATCH, "batch_failed")
+        signing, handle = self._signing, self.api.handle_batch
+        await self._answer_queued(signing, handle, MAX_BATCH, "batch_failed", _same)
 
     async def _feed_reader(self) -> None:
-        await self._answer_queued(self._feeds, self.api.handle_each, MAX_FEEDS, "feeds_failed")
+        feeds, handle = self._feeds, self.api.handle_each
+        await self._answer_queued(feeds, handle, MAX_FEEDS, "feeds_failed", _same)
+
+    async def _watch_checker(self) -> None:
+        def lost(reply: Reply) -> WatchCheck:
+            return reply, (0, 0, 0)
+
+        checks, check = self._checks, self.api.watch_check_each
+        await self._answer_queued(checks, check, MAX_FEEDS, "checks_failed", lost)
 
     async def _answer_queued(
         self,
-        queue: _Queue,
-        answer: Callable[[list[Request]], list[Reply]],
+        queue: _Queue[A],
+        answer: Callable[[list[Request]], list[A]],
         most: int,
         failed: str,
+        lost: Callable[[Reply], A],
     ) -> None:
-        """Answer what `queue` holds, up to `most` requests in one database call."""
+        """Answer what `queue` holds, up to `most` requests in one database call.
+
+        When the call fails, every request of the batch is answered with
+        `lost` of a 503 (the caller's `_retry_later` keeps it one).
+        """
         while True:
             batch = await queue.wait_batch(most)
             with trio.CancelScope(shield=True):  # callers are waiting on every slot
@@ -199,8 +222,8 @@ class Dispatcher(PlaneState):
                 except Exception as exc:  # the batch is lost, not the server: retry later
                     fields = _failure_fields(exc)
                     self.log(failed, requests=len(batch), **fields)
-                    replies = [_unavailable(fields["reason"])] * len(batch)
+                    replies = [lost(_unavailable(fields["reason"]))] * len(batch)
             for slot, reply in zip(batch, replies, strict=True):
-                slot.reply = _retry_later(reply)
+                slot.reply = reply
                 slot.done.set()
             await trio.lowlevel.checkpoint()  # let the answered go before the next batch

@@ -15,7 +15,7 @@ import ssl
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 import trio
 
@@ -42,6 +42,8 @@ if TYPE_CHECKING:
 SERVER_DIR = "server"
 RETRY_AFTER = 5  # seconds a caller is asked to wait when the authority cannot answer
 T = TypeVar("T")
+A = TypeVar("A")  # what a queued request is answered with
+WatchCheck = tuple[Reply | None, tuple[int, int, int]]  # ca.api.ControlApi.watch_check
 
 
 @dataclass(frozen=True, slots=True)
@@ -136,8 +138,9 @@ class PlaneState:
     # `request` lines of refused or failed requests: a caller repeating a bad request
     # must not write the log at its own pace (a line says how many were left out)
     _refusal_lines: _Throttle = field(default_factory=lambda: _Throttle(per_second=20))
-    _signing: _Queue = field(default_factory=lambda: _Queue())  # enroll, renew, report
-    _feeds: _Queue = field(default_factory=lambda: _Queue())  # watches a change woke
+    _signing: _Queue[Reply] = field(default_factory=lambda: _Queue())  # enroll, renew, report
+    _feeds: _Queue[Reply] = field(default_factory=lambda: _Queue())  # watches a change woke
+    _checks: _Queue[WatchCheck] = field(default_factory=lambda: _Queue())  # watches to park
     _runs: RunSlots = field(default_factory=lambda: RunSlots(MAX_RUNS))
     root_keeper: RootKeeper = field(init=False)
     pruner: SvidPruner = field(init=False)
@@ -255,28 +258,28 @@ class _Throttle:
 
 
 @dataclass(eq=False, slots=True)
-class _Slot:
+class _Slot(Generic[A]):
     request: Request
-    reply: Reply | None = None
+    reply: A | None = None
     done: trio.Event = field(default_factory=trio.Event)
 
 
 @dataclass(eq=False, slots=True)
-class _Queue:
+class _Queue(Generic[A]):
     """Requests waiting for one call to the database thread that answers them all."""
 
-    slots: list[_Slot] = field(default_factory=list)
+    slots: list[_Slot[A]] = field(default_factory=list)
     queued: trio.Event = field(default_factory=trio.Event)
 
-    async def ask(self, req: Request) -> Reply:
-        slot = _Slot(req)
+    async def ask(self, req: Request) -> A:
+        slot: _Slot[A] = _Slot(req)
         self.slots.append(slot)
         self.queued.set()
         await slot.done.wait()
         assert slot.reply is not None
         return slot.reply
 
-    async def wait_batch(self, most: int) -> list[_Slot]:
+    async def wait_batch(self, most: int) -> list[_Slot[A]]:
         """The next `most` queued requests at most, waiting for one if none is queued."""
         while not self.slots:
             await self.queued.wait()

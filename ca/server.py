@@ -120,6 +120,7 @@ class ControlPlane(HttpShell):
                 nursery.start_soon(self._poll)
                 nursery.start_soon(self._batcher)
                 nursery.start_soon(self._feed_reader)
+                nursery.start_soon(self._watch_checker)
                 if self.listener is not None:
                     nursery.start_soon(self._listen)
                 self.log(

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import gc
 import ipaddress
 import os
 import resource
@@ -56,6 +57,7 @@ def _serve_one(
         with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
             async with trio.open_nursery() as nursery:
                 await nursery.start(plane.serve, sock)
+                tune_gc()
                 if metrics_sock is not None:
                     await nursery.start(serve_metrics, metrics_sock, plane.metrics, log)
                 if ui_sock is not None:
@@ -83,6 +85,26 @@ def _serve_one(
         raise first from None
     finally:
         authority.close()
+
+
+GC_YOUNG = 50_000  # allocations between two collections of the youngest generation
+
+
+def tune_gc() -> None:
+    """Make the cyclic garbage collector cheaper for a server holding thousands of connections.
+
+    Each connection keeps a few hundred objects the collector tracks (its task,
+    cancel scopes, HTTP state); at 10,000 sidecars it took about a fifth of the
+    authority's CPU (py-spy --native), most of it scanning the same live
+    objects again. What the server made before it answered anyone (modules,
+    the authority, its credentials) lives as long as the process: frozen out
+    of the collector's sight. The youngest generation is collected every
+    GC_YOUNG allocations rather than 700: fewer trips through the survivors.
+    Reference counting still frees everything that is not in a cycle at once.
+    """
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(GC_YOUNG, *gc.get_threshold()[1:])
 
 
 PR_SET_PDEATHSIG = 1  # linux/prctl.h

@@ -44,10 +44,13 @@ class Kept:
             fd = self.tcp.socket.fileno()
             if fd < 0:
                 return True
-            readable, _, _ = select.select([fd], [], [], 0)
+            # poll, not select: select's sets stop at descriptor 1,023, and a proxy holding
+            # many connections has its kept ones past it (each would look closed).
+            poller = select.poll()
+            poller.register(fd, select.POLLIN)
+            return bool(poller.poll(0))
         except (OSError, ValueError):
             return True
-        return bool(readable)
 
     def close(self) -> None:
         """Closed at once, without a TLS goodbye: synchronous, so no cancellation skips it."""

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import gc
 import ipaddress
 from pathlib import Path
 from typing import Any
 
-from bench.fanout import MARKER, percentiles, render, source_address, write_section
+from bench.fanout import MARKER, GcTime, percentiles, render, source_address, write_section
 
 
 def test_every_simulated_sidecar_has_a_loopback_address_of_its_own() -> None:
@@ -50,3 +51,15 @@ def test_the_section_lists_every_size_in_order_and_replaces_itself(tmp_path: Pat
     text = md.read_text()
     assert text.startswith("# Results\n\nthe other benchmarks\n")
     assert text.count(MARKER) == 1 and "| 10,000 |" in text
+
+
+def test_the_time_in_the_garbage_collector_is_counted() -> None:
+    spent = GcTime()
+    gc.callbacks.append(spent)
+    try:
+        gc.collect(0)
+        assert (spent.full, spent.seconds > 0) == (0, True)
+        gc.collect()
+    finally:
+        gc.callbacks.remove(spent)
+    assert spent.full == 1

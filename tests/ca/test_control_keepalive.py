@@ -6,7 +6,9 @@ connections it accepted and the client certificate each one carried.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+import os
+import resource
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -113,6 +115,38 @@ async def test_sequential_requests_share_one_connection(served: Served) -> None:
     ident = held(served.authority)
     with trio.fail_after(20):
         for _ in range(20):
+            assert "keys" in await served.get(ident)
+    assert served.server.serials == [serial(ident)]
+
+
+@pytest.fixture
+def many_descriptors() -> Iterator[None]:
+    """This process holds over 1,024 descriptors, as a sidecar proxying many connections
+    does: the next socket's number is past what select() can watch."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and hard < 1200:
+        pytest.skip("RLIMIT_NOFILE too low to hold 1,100 descriptors")
+    resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, 1200), hard))
+    fillers: list[int] = []
+    try:
+        while not fillers or fillers[-1] < 1100:
+            fillers.append(os.open(os.devnull, os.O_RDONLY))
+        yield
+    finally:
+        for fd in fillers:
+            os.close(fd)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+
+async def test_a_connection_numbered_past_1024_is_kept_too(
+    served: Served, many_descriptors: None
+) -> None:
+    """Whether the authority closed an idle connection is asked without select(), whose
+    sets stop at 1,024: past it every kept connection looked closed, and each request
+    paid a new handshake."""
+    ident = held(served.authority)
+    with trio.fail_after(20):
+        for _ in range(5):
             assert "keys" in await served.get(ident)
     assert served.server.serials == [serial(ident)]
 

@@ -7,6 +7,7 @@ request is well formed, and a raw TLS stream where it must not be.
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import ssl
 from collections.abc import AsyncIterator
@@ -553,6 +554,70 @@ def _db_calls(plane: Plane) -> float:
         for s in m.samples
         if s.name.endswith("_count")
     )
+
+
+async def test_watches_parked_again_after_a_change_are_checked_together(
+    plane: Plane, tmp_path: Path
+) -> None:
+    """After a change every sidecar parks its next watch at once; those watches are
+    checked (caller, versions) in a few database calls, not one each: with one per
+    watch, the re-parking fleet queued in front of the feeds still to be sent."""
+    watchers = 40
+    ids = [SpiffeId(TD, f"/r{i}") for i in range(watchers)]
+    for i, sid in enumerate(ids):
+        plane.authority.allow(sid, ids[(i + 1) % watchers])
+    idents = [write_identity(tmp_path / f"r{i}", plane.authority, sid) for i, sid in enumerate(ids)]
+    first = await plane.call("GET", "/v1/watch", identity=idents[0])
+    query = "/v1/watch?policy_version={}&revocation_version={}&bundle_sequence={}&wait=20"
+    parked_again = 0
+    woken = trio.Event()
+    calls_before = 0.0
+
+    async def watch(i: int) -> None:
+        nonlocal parked_again
+        client = ControlClient("127.0.0.1", plane.port, TD, pool_size=1)  # as a sidecar keeps it
+        feed = first
+        for _ in range(2):
+            target = query.format(
+                feed["policy_version"], feed["revocation_version"], feed["bundle_sequence"]
+            )
+            if feed is not first:
+                parked_again += 1
+            with contextlib.suppress(trio.TooSlowError):
+                feed = await client.request(
+                    "GET",
+                    target,
+                    None,
+                    bundle_pem=plane.bundle_pem,
+                    now=plane.clock(),
+                    identity=idents[i],
+                    wait=30,
+                )
+            if feed["policy_version"] > first["policy_version"]:
+                await woken.wait()  # every one got its feed: now all park again at once
+        client.drop()
+
+    async with trio.open_nursery() as nursery:
+        for i in range(watchers):
+            nursery.start_soon(watch, i)
+        with trio.fail_after(20):
+            while plane.server._watching < watchers:  # noqa: ASYNC110
+                await trio.sleep(0.01)
+        other = plane.other()
+        other.deny(ids[0], ids[1])
+        other.close()
+        with trio.fail_after(20):
+            while plane.server._watching > 0:  # noqa: ASYNC110
+                await trio.sleep(0.01)
+        calls_before = _db_calls(plane)
+        woken.set()
+        with trio.fail_after(20):
+            while plane.server._watching < watchers:  # noqa: ASYNC110
+                await trio.sleep(0.01)
+        calls = _db_calls(plane) - calls_before
+        nursery.cancel_scope.cancel()
+    assert parked_again == watchers
+    assert calls < watchers / 2, calls
 
 
 async def test_watchers_woken_together_are_answered_together(plane: Plane, tmp_path: Path) -> None:

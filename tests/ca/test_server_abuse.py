@@ -262,6 +262,28 @@ async def test_storage_failure_is_a_503_and_the_server_carries_on(
     assert status_and_body(raw)[0] == 200
 
 
+async def test_storage_failure_while_checking_a_watch_is_a_503(
+    plane: Plane, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """Watches are checked in batches: a batch that fails answers each of its watches
+    503 with Retry-After (not an unchanged feed, which would be re-asked at once)."""
+    ident = write_identity(tmp_path / "web", plane.authority, WEB)
+
+    def full(*_args: Any, **_kwargs: Any) -> Any:
+        raise sqlite3.OperationalError("database or disk is full")
+
+    with monkeypatch.context() as fault:
+        fault.setattr(type(plane.server.api), "watch_check", full)
+        raw = await exchange(plane, get("/v1/watch?wait=1"), identity=ident)
+        status, fields, body = head_fields(raw)
+        assert (status, fields["retry-after"]) == (503, "5")
+        assert json.loads(body)["error"] == "storage_unavailable"
+    failed = [e for e in plane.log if e["event"] == "checks_failed"]
+    assert [e["reason"] for e in failed] == ["storage_unavailable"]
+    status, _fields, body = head_fields(await exchange(plane, get("/v1/watch"), identity=ident))
+    assert status == 200 and "policy_version" in json.loads(body)
+
+
 async def test_storage_unavailable_from_within_a_batch_is_a_503(
     plane: Plane, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:

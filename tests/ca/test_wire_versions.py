@@ -148,3 +148,67 @@ def test_a_callers_chain_is_verified_once_and_its_expiry_every_time(
     clock.advance(cert.not_valid_after_utc - clock() + timedelta(seconds=1))
     reply = api.handle(Request("GET", "/v1/watch", query, b"", "127.0.0.1", cert))
     assert reply.status == 401 and reply.body["error"] == "expired", reply.body
+
+
+def test_watches_checked_together_read_the_versions_once(
+    authority: Authority, clock: Clock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A batch of watch checks reads the versions once (a read transaction and three
+    queries), not once per watch; each watch is still judged on its own."""
+    api = _api(authority, clock)
+    current = authority.versions()
+    up_to_date = dict(q.split("=") for q in WatchQuery(*current).to_query().split("&"))
+    behind = dict(q.split("=") for q in WatchQuery().to_query().split("&"))
+    reqs = [
+        Request("GET", "/v1/watch", up_to_date, b"", "127.0.0.1", _cert(authority, WEB)),
+        Request("GET", "/v1/watch", behind, b"", "127.0.0.1", _cert(authority, API)),
+        Request(
+            "GET", "/v1/watch", {"policy_version": "x"}, b"", "127.0.0.1", _cert(authority, WEB)
+        ),
+    ]
+    reads = 0
+    versions = authority.versions
+
+    def counted() -> tuple[int, int, int]:
+        nonlocal reads
+        reads += 1
+        return versions()
+
+    monkeypatch.setattr(authority, "versions", counted)
+    checked = api.watch_check_each(reqs)
+    assert reads == 1
+    assert checked[0] == (None, current)
+    reply, seen = checked[1]
+    assert reply is not None and reply.status == 200 and seen == current
+    reply, _ = checked[2]
+    assert reply is not None and reply.body["error"] == "invalid_query"
+
+
+def test_a_batch_of_feeds_and_checks_is_read_in_one_transaction(
+    authority: Authority, clock: Clock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every feed and every check reads several things (the caller's revocation, the
+    versions, the pairs); a batch reads them all in one snapshot, not a transaction each."""
+    api = _api(authority, clock)
+    authority.allow(WEB, API)
+    behind = dict(q.split("=") for q in WatchQuery().to_query().split("&"))
+    reqs = [
+        Request("GET", "/v1/watch", behind, b"", "127.0.0.1", _cert(authority, sid))
+        for sid in (WEB, API, WEB)
+    ]
+    engine = authority.store._engine
+    begun = 0
+    begin_read = engine.begin_read
+
+    def counted() -> None:
+        nonlocal begun
+        begun += 1
+        begin_read()
+
+    monkeypatch.setattr(engine, "begin_read", counted)
+    feeds = api.handle_each(reqs)
+    assert begun == 1
+    assert [Feed.parse(f.body).pairs for f in feeds] == [((WEB, API),)] * 3
+    checked = api.watch_check_each(reqs)
+    assert begun == 2
+    assert all(reply is not None and reply.status == 200 for reply, _ in checked)
