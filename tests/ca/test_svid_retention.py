@@ -163,3 +163,32 @@ def test_revocations_of_serials_expired_long_ago_leave_the_feed(
     # every peer refuses `old` for its expiry alone; `current`'s retention runs on
     assert authority.feed(WEB)["revoked_serials"] == [current]
     assert authority.versions()[1] == version + 1  # sidecars hear of the shorter list
+
+
+def test_no_revocation_outlives_the_record_it_is_pruned_by(
+    authority: Authority, clock: Clock, state: Path
+) -> None:
+    # A revocation is pruned by joining its SVID's record: were the record to go in
+    # an earlier batch than the revocation, nothing would ever prune it, and it would
+    # ride in every sidecar's feed for good.
+    # API's one record, revoked, is its newest: kept, while its revocation goes.
+    api_only = _issue(authority, API)
+    authority.revoke_serial(api_only)
+    clock.advance(timedelta(minutes=1))
+    old = []
+    for _ in range(4):
+        old.append(_issue(authority, WEB))
+        authority.revoke_serial(old[-1])
+        clock.advance(timedelta(minutes=1))
+    newest = _issue(authority, WEB)
+    clock.advance(SVID_RETENTION + 2 * HOUR)
+    for _ in range(6):  # 4 records and 5 revocations, one of each a batch at most
+        authority.prune_svids(limit=1)
+        orphans = query(
+            state,
+            "SELECT r.serial FROM revoked_serials r "
+            "WHERE NOT EXISTS (SELECT 1 FROM svids s WHERE s.serial = r.serial)",
+        )
+        assert orphans == []
+    assert _serials(state) == {api_only, newest}
+    assert authority.feed(WEB)["revoked_serials"] == []
