@@ -120,8 +120,12 @@ class HttpShell(Dispatcher):
         if refused or req.path in (ENROLL, RENEW):
             # one line per SVID issued, naming the instance that signed it (on a trust
             # domain of several), so an operator can see which one served a sidecar;
-            # refusals at most 20 a second (each is counted in the metrics regardless)
-            left_out = self._refusal_lines.allow(self.clock.monotonic()) if refused else 0
+            # refusals at most 20 a second, and the authority's own failures (5xx) 20 more
+            # (each is counted in the metrics regardless)
+            left_out: int | None = 0
+            if refused:
+                lines = self._fault_lines if reply.status >= 500 else self._refusal_lines
+                left_out = lines.allow(self.clock.monotonic())
             if left_out is None:
                 return reply
             instance = self.authority.instance

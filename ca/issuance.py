@@ -298,6 +298,9 @@ class Issuance(Roots):
         """Delete up to `limit` records of SVIDs expired more than SVID_RETENTION ago,
         oldest first, never an identity's newest; how many went. One transaction.
 
+        A record whose serial is still revoked waits for a later batch: the revocation
+        is pruned by joining it, and would otherwise stay for good.
+
         Up to `limit` renewal budgets untouched for an SVID lifetime go too: they are
         full again, as a missing one is. So do up to `limit` revocations of serials
         whose SVID expired as long ago: every peer refuses that certificate for its
@@ -323,6 +326,7 @@ class Issuance(Roots):
                 "DELETE FROM svids WHERE serial IN (SELECT s.serial FROM svids s "
                 "WHERE s.not_after < ? AND EXISTS (SELECT 1 FROM svids t "
                 "WHERE t.spiffe_id = s.spiffe_id AND t.not_after > s.not_after) "
+                "AND NOT EXISTS (SELECT 1 FROM revoked_serials r WHERE r.serial = s.serial) "
                 "ORDER BY s.not_after LIMIT ?)",
                 (cutoff, limit),
             ).rowcount

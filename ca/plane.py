@@ -135,9 +135,12 @@ class PlaneState:
     _watches: dict[SpiffeId, int] = field(default_factory=dict)
     _watching: int = 0
     _throttle: _Throttle = field(default_factory=lambda: _Throttle(per_second=10))
-    # `request` lines of refused or failed requests: a caller repeating a bad request
+    # `request` lines of refused requests (4xx): a caller repeating a bad request
     # must not write the log at its own pace (a line says how many were left out)
     _refusal_lines: _Throttle = field(default_factory=lambda: _Throttle(per_second=20))
+    # and of requests the authority failed (5xx), apart: a flood of a caller's refusals
+    # must not hide the authority's own faults (a bug caught in a batch logs no other line)
+    _fault_lines: _Throttle = field(default_factory=lambda: _Throttle(per_second=20))
     _signing: _Queue[Reply] = field(default_factory=lambda: _Queue())  # enroll, renew, report
     _feeds: _Queue[Reply] = field(default_factory=lambda: _Queue())  # watches a change woke
     _checks: _Queue[WatchCheck] = field(default_factory=lambda: _Queue())  # watches to park

@@ -704,3 +704,28 @@ async def test_refused_requests_log_a_bounded_number_of_lines_and_count_them_all
             "meshid_ca_refusals_total", {"reason": last["reason"]}
         )
         assert counted == 41
+
+
+async def test_a_flood_of_refusals_does_not_hide_a_server_fault(
+    state: Path, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    # A caller's refusals use up their own lines, not those of the authority failing:
+    # a bug caught in a batch is a 500 that no other line reports.
+    clock = ManualClock(datetime.now(UTC).replace(microsecond=0))
+    async with serving(state, clock) as plane:  # type: ignore[arg-type]
+        ident = write_identity(tmp_path / "web", plane.authority, WEB)
+        with trio.fail_after(30):
+            for _ in range(25):
+                assert status_and_body(await exchange(plane, get("/v1/nothing")))[0] == 404
+
+        def broken(*_args: Any, **_kwargs: Any) -> Any:
+            raise KeyError("a bug")
+
+        with monkeypatch.context() as fault, trio.fail_after(10):
+            fault.setattr(plane.server.authority, "record_report", broken)
+            report = json.dumps({"instance": "a"}).encode()
+            raw = await exchange(plane, post("/v1/report", report), identity=ident)
+            assert status_and_body(raw)[0] == 500
+        lines = [e for e in plane.log if e["event"] == "request"]
+        assert [e["status"] for e in lines].count(404) == 20
+        assert lines[-1]["status"] == 500 and lines[-1]["reason"] == "internal_error"

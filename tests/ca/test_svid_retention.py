@@ -9,18 +9,22 @@ forever. Each identity's newest record is kept whatever its age, so
 from __future__ import annotations
 
 import sqlite3
+import threading
 from datetime import timedelta
 from pathlib import Path
 
+import psycopg
 import pytest
 import trio
 from ca_helpers import Clock, query
 
+from ca import backend
 from ca.authority import Authority
 from ca.issuance import SVID_RETENTION
 from ca.schema import SCHEMA_VERSION
 from ca.store import DB_NAME
 from meshid.errors import PolicyError
+from meshid.ratelimit import TokenBucket
 from meshid.spiffeid import SpiffeId
 from meshid.svid import generate_key
 
@@ -163,3 +167,98 @@ def test_revocations_of_serials_expired_long_ago_leave_the_feed(
     # every peer refuses `old` for its expiry alone; `current`'s retention runs on
     assert authority.feed(WEB)["revoked_serials"] == [current]
     assert authority.versions()[1] == version + 1  # sidecars hear of the shorter list
+
+
+def test_no_revocation_outlives_the_record_it_is_pruned_by(
+    authority: Authority, clock: Clock, state: Path
+) -> None:
+    # A revocation is pruned by joining its SVID's record: were the record to go in
+    # an earlier batch than the revocation, nothing would ever prune it, and it would
+    # ride in every sidecar's feed for good.
+    # API's one record, revoked, is its newest: kept, while its revocation goes.
+    api_only = _issue(authority, API)
+    authority.revoke_serial(api_only)
+    clock.advance(timedelta(minutes=1))
+    old = []
+    for _ in range(4):
+        old.append(_issue(authority, WEB))
+        authority.revoke_serial(old[-1])
+        clock.advance(timedelta(minutes=1))
+    newest = _issue(authority, WEB)
+    clock.advance(SVID_RETENTION + 2 * HOUR)
+    for _ in range(6):  # 4 records and 5 revocations, one of each a batch at most
+        authority.prune_svids(limit=1)
+        orphans = query(
+            state,
+            "SELECT r.serial FROM revoked_serials r "
+            "WHERE NOT EXISTS (SELECT 1 FROM svids s WHERE s.serial = r.serial)",
+        )
+        assert orphans == []
+    assert _serials(state) == {api_only, newest}
+    assert authority.feed(WEB)["revoked_serials"] == []
+
+
+def _set_back_to_11(state: Path) -> None:
+    """The database as schema 11 left it: no renewal budgets, no pruning indexes."""
+    undo = (
+        "DROP TABLE renewal_budgets",
+        "DROP INDEX svids_by_expiry",
+        "DROP INDEX svids_by_identity",
+        "UPDATE settings SET value = '11' WHERE name = 'schema_version'",
+    )
+    database = backend.load(state)
+    if database is not None:
+        with psycopg.connect(database.url, password=database.password()) as pg:
+            for statement in undo:
+                pg.execute(statement)
+        return
+    conn = sqlite3.connect(state / DB_NAME)
+    try:
+        for statement in (*undo, "PRAGMA user_version = 11"):
+            conn.execute(statement)
+        conn.commit()
+    finally:
+        conn.close()
+
+
+def test_a_version_11_database_opened_by_two_processes_at_once_migrates_once(
+    state: Path, clock: Clock
+) -> None:
+    old = Authority.open(state, clock=clock)
+    try:
+        serial = _issue(old, WEB)
+    finally:
+        old.close()
+    _set_back_to_11(state)
+    opened: list[Authority] = []
+    failed: list[BaseException] = []
+
+    def open_one() -> None:
+        try:
+            opened.append(Authority.open(state, clock=clock))
+        except BaseException as exc:  # reported below, in the test's thread
+            failed.append(exc)
+
+    workers = [threading.Thread(target=open_one) for _ in range(2)]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join(timeout=30)
+    try:
+        assert failed == [] and len(opened) == 2
+        # both serve: each spends from the one budget the migration made, and prunes
+        budget = TokenBucket(2, 3600.0)
+        for authority in opened:
+            leaf = authority.issue(WEB, generate_key().public_key(), ttl=HOUR).leaf
+            with authority.store.write() as conn:
+                authority._spend_renewal(conn, WEB, budget)
+            assert leaf.serial_number
+        assert opened[0].renewal_wait(WEB, budget) > 0
+        assert opened[1].prune_svids() == 0
+        assert serial in _serials(state)
+    finally:
+        for authority in opened:
+            authority.close()
+    assert query(state, "SELECT value FROM settings WHERE name = 'schema_version'") == [
+        (str(SCHEMA_VERSION),)
+    ]
