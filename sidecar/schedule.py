@@ -51,8 +51,10 @@ class Schedule:
         """Capped exponential backoff with jitter, tightened as expiry nears.
 
         `retry_after` is the authority's word (an HTTP Retry-After, say when
-        the identity used up its renewal budget): no sooner than that, unless
-        the backoff says later. With little time left, waiting the full
+        the identity used up its renewal budget): no sooner than that, and up
+        to a tenth later by `rand`, so that replicas refused together do not
+        all come back in the same second; later still if the backoff says so.
+        With little time left, waiting the full
         backoff, or that long, could let the SVID lapse between two attempts;
         so never wait more than a third of what is left (but at least the
         initial backoff, to spare the authority).
@@ -60,7 +62,7 @@ class Schedule:
         base = min(self.backoff_max, self.backoff_initial * 2.0 ** max(0, failures - 1))
         delay = base * (0.5 + 0.5 * rand)
         if retry_after is not None:
-            delay = max(delay, retry_after)
+            delay = max(delay, retry_after * (1.0 + 0.1 * rand))
         if seconds_left > 0:
             delay = min(delay, max(self.backoff_initial, seconds_left / 3.0))
         return delay

@@ -182,7 +182,10 @@ async def test_outage_longer_than_the_lifetime_reports_expiry(
 
 def test_retry_after_is_honoured_unless_it_would_let_the_svid_lapse() -> None:
     s = Schedule()
-    assert s.retry_delay(1, 3600.0, 0.5, retry_after=20.0) == pytest.approx(20.0)
+    assert s.retry_delay(1, 3600.0, 0.0, retry_after=20.0) == pytest.approx(20.0)
+    # replicas refused together come back spread over a tenth of Retry-After
+    assert s.retry_delay(1, 3600.0, 0.5, retry_after=20.0) == pytest.approx(21.0)
+    assert s.retry_delay(1, 3600.0, 1.0, retry_after=20.0) == pytest.approx(22.0)
     assert s.retry_delay(8, 3600.0, 0.5, retry_after=2.0) == pytest.approx(45.0)  # backoff later
     assert s.retry_delay(1, 30.0, 0.5, retry_after=600.0) == pytest.approx(10.0)  # a third left
 
@@ -207,6 +210,8 @@ async def test_a_rate_limited_renewal_comes_back_after_retry_after(
         await renewal_loop(
             Schedule(), world.current, renew, world.wall, world.on_failure, rand=lambda: 0.5
         )
-    # due at 1800; refused, back after 7 s (not the 0.75 s backoff), refused again, 7 s more
-    assert [(f[0], f[3]) for f in world.failures] == [("renewal_rate_limited", 7.0)] * 2
-    assert world.renewed_at == pytest.approx([1800 + 7 + 7])
+    # due at 1800; refused, back after 7 s and a twentieth (not the 0.75 s backoff),
+    # refused again, as long again
+    assert [f[0] for f in world.failures] == ["renewal_rate_limited"] * 2
+    assert [f[3] for f in world.failures] == pytest.approx([7.35, 7.35])
+    assert world.renewed_at == pytest.approx([1800 + 7.35 + 7.35])
