@@ -61,6 +61,7 @@ class Supervisor:
 
     logdir: Path
     procs: list[Proc] = field(default_factory=list)
+    _on_term: object = None  # the SIGTERM handler before ours, put back on exit
 
     def start(
         self, name: str, argv: Sequence[str], *, cwd: Path | None = None, stdin_devnull: bool = True
@@ -91,10 +92,20 @@ class Supervisor:
             self.stop(self.procs[-1])
 
     def __enter__(self) -> Supervisor:
+        # A bench stopped with SIGTERM unwinds like one stopped with ^C: every `with`
+        # around it (this one, a throwaway PostgreSQL) stops what it started.
+        self._on_term = signal.signal(signal.SIGTERM, _exit_on_term)
         return self
 
     def __exit__(self, *exc: object) -> None:
-        self.stop_all()
+        try:
+            self.stop_all()
+        finally:
+            signal.signal(signal.SIGTERM, self._on_term)  # type: ignore[arg-type]
+
+
+def _exit_on_term(signum: int, _frame: object) -> None:
+    raise SystemExit(128 + signum)
 
 
 def stop_process(popen: subprocess.Popen[bytes], grace: float = 5.0) -> None:
