@@ -121,17 +121,24 @@ def authorise_run(api: ControlApi, req: Request) -> tuple[SpiffeId, RunCall] | R
         try:
             check_call(call.command, call.args, frozenset(f.at for f in call.files))
         except InvalidInput as exc:
-            audit_run(api, operator, call, refused=exc.reason, why=exc.message)
+            audit_run(api, req, operator, call, refused=exc.reason, why=exc.message)
             raise
     except MeshIdError as exc:
         return error_for(exc)
     return operator, call
 
 
-def audit_run(api: ControlApi, operator: SpiffeId, call: RunCall, **outcome: object) -> None:
+def audit_run(
+    api: ControlApi, req: Request, operator: SpiffeId, call: RunCall, **outcome: object
+) -> None:
     """The `operator_call` row of a run: admitted (no `outcome`: with its arguments),
-    refused (`refused=REASON`) or stopped (`stopped=REASON`)."""
+    refused (`refused=REASON`) or stopped (`stopped=REASON`).
+
+    Admitting checks the caller again (`_operator`: revoked, or off the operator
+    list, while its call waited for a slot), and refuses it with the same error.
+    """
     details: dict[str, object] = {"command": " ".join(call.command)[:128], **outcome}
     if not outcome:
+        _operator(api, req)
         details["args"] = list(call.args)
     api.authority.audit_call(operator, ADMIN_RUN, **details)

@@ -34,8 +34,9 @@ from pathlib import Path
 
 import trio
 
-from ca.api import Reply, error
+from ca.api import Reply, error, error_for
 from meshid.adminwire import MAX_ARG, MAX_FILES, MAX_OUTPUT, RunAnswer, RunCall
+from meshid.errors import MeshIdError
 from meshid.reasons import Reason
 from meshid.spiffeid import SpiffeId
 
@@ -121,8 +122,14 @@ async def run_for_operator(
     limit = RUN_TIMEOUT if time_limit is None else time_limit
     slots.busy.add(operator)
     try:
-        await audit()
-        reply = await _run(operator, call, state_dir, slots.limiter, entry, limit)
+        # The slot first, then the admission: an operator removed or revoked while its
+        # call waited for a slot is refused by the admitting `audit` (it checks again).
+        async with slots.limiter:
+            try:
+                await audit()
+            except MeshIdError as exc:
+                return error_for(exc)
+            reply = await _run(operator, call, state_dir, entry, limit)
         if reply.status == 504:
             await audit(stopped=Reason.REMOTE_CALL_TIMEOUT)
         return reply
@@ -134,7 +141,6 @@ async def _run(
     operator: SpiffeId,
     call: RunCall,
     state_dir: Path,
-    limiter: trio.CapacityLimiter,
     entry: str,
     time_limit: float,
 ) -> Reply:
@@ -159,9 +165,8 @@ async def _run(
             str(state_dir),
             *args,
         ]
-        async with limiter:
-            with trio.move_on_after(time_limit) as scope:
-                returncode, out, err = await _child(argv)
+        with trio.move_on_after(time_limit) as scope:
+            returncode, out, err = await _child(argv)
         if scope.cancelled_caught:
             return error(
                 504,

@@ -176,7 +176,7 @@ class Dispatcher(PlaneState):
         operator, call = authorised
 
         async def audit(**outcome: object) -> None:
-            await self._db_call(partial(audit_run, self.api, operator, call, **outcome))
+            await self._db_call(partial(audit_run, self.api, req, operator, call, **outcome))
 
         return await run_for_operator(
             operator, call, self.authority.state_dir, self._runs, audit=audit

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import trio
 from ca_helpers import TD, Clock
 from test_server import Plane, write_identity
 from test_server_abuse import serving
@@ -93,6 +94,35 @@ async def test_a_run_stopped_at_its_time_limit_is_audited_as_stopped(
     assert "refused" not in admitted and admitted["command"] == "policy list"
     assert stopped["command"] == "policy list" and stopped["stopped"] == "remote_call_timeout"
     assert not plane.server._runs.busy  # the slot is given back
+
+
+async def test_an_operator_removed_while_its_call_waits_for_a_slot_is_refused(
+    plane: Plane, tmp_path: Path
+) -> None:
+    plane.authority.operator_add(ALICE)
+    alice = write_identity(tmp_path / "alice", plane.authority, ALICE)
+    start = len(plane.authority.store.audit_entries())
+    limiter = plane.server._runs.limiter
+    holders = [object() for _ in range(int(limiter.total_tokens))]
+    for holder in holders:  # every slot taken: other operators' commands are running
+        limiter.acquire_on_behalf_of_nowait(holder)
+    refused: list[ControlPlaneError] = []
+
+    async def call() -> None:
+        refused.append(await _refusal(plane, "POST", "/v1/admin/run", RUN_LIST, identity=alice))
+
+    with trio.fail_after(20):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(call)
+            while not limiter.statistics().tasks_waiting:  # noqa: ASYNC110 - no event to wait on
+                await trio.sleep(0.01)
+            plane.authority.operator_remove(ALICE)
+            for holder in holders:
+                limiter.release_on_behalf_of(holder)
+    [err] = refused
+    assert (err.status, err.reason) == (403, "not_operator")
+    assert all("args" not in c for c in _calls(plane, start))  # never admitted, never run
+    assert not plane.server._runs.busy
 
 
 # -- a workload on the management routes: audited, but not once per call -------------
