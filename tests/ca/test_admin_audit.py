@@ -24,7 +24,7 @@ from test_server_abuse import serving
 from ca import adminrun
 from ca.api import ADVERTISE_CHANGE_INTERVAL, REFUSAL_AUDIT_WINDOW
 from meshid.spiffeid import SpiffeId
-from sidecar.control import ControlPlaneError
+from sidecar.control import ClientIdentity, ControlPlaneError
 
 WEB = SpiffeId(TD, "/web")
 ALICE = SpiffeId(TD, "/meshid/operator/alice")
@@ -57,15 +57,20 @@ def _refused_metric(plane: Plane, reason: str) -> float:
     return value or 0.0
 
 
+def _operator_alice(plane: Plane, tmp_path: Path) -> tuple[ClientIdentity, int]:
+    """Alice made an operator, her SVID, and how many audit rows there were before her call."""
+    plane.authority.operator_add(ALICE)
+    alice = write_identity(tmp_path / "alice", plane.authority, ALICE)
+    return alice, len(plane.authority.store.audit_entries())
+
+
 # -- an operator's run: admitted, refused as busy, stopped at its limit --------------
 
 
 async def test_a_run_refused_as_busy_is_audited_as_refused_not_as_run(
     plane: Plane, tmp_path: Path
 ) -> None:
-    plane.authority.operator_add(ALICE)
-    alice = write_identity(tmp_path / "alice", plane.authority, ALICE)
-    start = len(plane.authority.store.audit_entries())
+    alice, start = _operator_alice(plane, tmp_path)
     plane.server._runs.busy.add(ALICE)  # a command of alice's is running
     err = await _refusal(plane, "POST", "/v1/admin/run", RUN_LIST, identity=alice)
     assert (err.status, err.reason) == (429, "remote_call_busy")
@@ -85,9 +90,7 @@ async def test_a_run_stopped_at_its_time_limit_is_audited_as_stopped(
     plane: Plane, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr(adminrun, "RUN_TIMEOUT", 0.0)
-    plane.authority.operator_add(ALICE)
-    alice = write_identity(tmp_path / "alice", plane.authority, ALICE)
-    start = len(plane.authority.store.audit_entries())
+    alice, start = _operator_alice(plane, tmp_path)
     err = await _refusal(plane, "POST", "/v1/admin/run", RUN_LIST, identity=alice)
     assert (err.status, err.reason) == (504, "remote_call_timeout")
     admitted, stopped = _calls(plane, start)
@@ -99,9 +102,7 @@ async def test_a_run_stopped_at_its_time_limit_is_audited_as_stopped(
 async def test_an_operator_removed_while_its_call_waits_for_a_slot_is_refused(
     plane: Plane, tmp_path: Path
 ) -> None:
-    plane.authority.operator_add(ALICE)
-    alice = write_identity(tmp_path / "alice", plane.authority, ALICE)
-    start = len(plane.authority.store.audit_entries())
+    alice, start = _operator_alice(plane, tmp_path)
     limiter = plane.server._runs.limiter
     holders = [object() for _ in range(int(limiter.total_tokens))]
     for holder in holders:  # every slot taken: other operators' commands are running
