@@ -107,6 +107,7 @@ class Request:
     # The SPIFFE ID `peer_cert` names, read once per connection (None: no certificate,
     # or no ID in it); not yet verified: `ControlApi._caller` does that.
     peer_id: SpiffeId | None = None
+    peer_fingerprint: bytes | None = None  # SHA-256 of `peer_cert`, also once per connection
     # When the request began to arrive (wall clock): with the time it is handled, the
     # window a sidecar's clock reading is judged against (see `meshid.skew`).
     received: datetime | None = None
@@ -505,7 +506,9 @@ class ControlApi:
             )
         try:
             sequence = None if current is None else current[2]
-            caller = self.authority.verified_caller(req.peer_cert, sequence)
+            caller = self.authority.verified_caller(
+                req.peer_cert, sequence, fingerprint=req.peer_fingerprint
+            )
         except InvalidSvid as exc:
             raise TokenRejected(
                 f"client certificate refused: {exc.message}", reason=exc.reason

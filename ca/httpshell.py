@@ -11,6 +11,7 @@ from urllib.parse import parse_qsl, urlsplit
 import h11
 import trio
 from cryptography import x509
+from cryptography.hazmat.primitives import hashes
 
 from ca.api import MAX_BODY, Reply, Request, error
 from ca.dispatch import Dispatcher
@@ -45,6 +46,8 @@ ROUTES: dict[str, tuple[str, ...]] = {
     ADMIN_REVOKE: ("POST",),
     ADMIN_RUN: ("POST",),
 }
+# the client's certificate, the ID it names and its SHA-256: read once per connection
+_Peer = tuple[x509.Certificate | None, SpiffeId | None, bytes | None]
 # RFC 9110's methods: known to this server, so a path that does not take one says 405
 KNOWN_METHODS = frozenset(
     {"GET", "HEAD", "POST", "PUT", "DELETE", "CONNECT", "OPTIONS", "TRACE", "PATCH"}
@@ -72,7 +75,9 @@ class HttpShell(Dispatcher):
     ) -> None:
         conn = h11.Connection(h11.SERVER, max_incomplete_event_size=16 * 1024)
         options = self.options
-        peer_id = _peer_id(cert)  # once: every watch of a kept connection asks
+        # once: every watch of a kept connection asks who it is
+        fingerprint = None if cert is None else cert.fingerprint(hashes.SHA256())
+        peer: _Peer = (cert, _peer_id(cert), fingerprint)
         idle = options.idle_timeout if cert is not None else options.anonymous_idle_timeout
         while True:
             cycle = _Cycle()
@@ -87,7 +92,7 @@ class HttpShell(Dispatcher):
             else:
                 if cycle.request is None:
                     return  # the client closed between requests
-                reply = await self._reply(cycle, cycle.request, body, source, cert, peer_id)
+                reply = await self._reply(cycle, cycle.request, body, source, peer)
             # HEAD is answered without a body even when the request failed half-way
             await self._send(stream, conn, reply, head=cycle.method == "HEAD")
             if conn.our_state is h11.MUST_CLOSE or conn.their_state is not h11.DONE:
@@ -100,10 +105,10 @@ class HttpShell(Dispatcher):
         request: h11.Request,
         body: bytes,
         source: str,
-        cert: x509.Certificate | None,
-        peer_id: SpiffeId | None,
+        peer: _Peer,
     ) -> Reply:
         method = request.method.decode("ascii", "replace")
+        cert, peer_id, fingerprint = peer
         try:
             target = urlsplit(request.target.decode("ascii", "replace"))
         except ValueError:  # e.g. "//[": an IPv6 authority never closed
@@ -116,6 +121,7 @@ class HttpShell(Dispatcher):
             source=source,
             peer_cert=cert,
             peer_id=peer_id,
+            peer_fingerprint=fingerprint,
             received=cycle.started,
         )
         reply = _method_reply(method, req.path) or await self._answer(req)
