@@ -35,6 +35,7 @@ from cryptography import x509
 
 from ca import jwtmint
 from ca.authority import Authority, IssuedSvid, Prepared
+from ca.feedindex import encode_members
 from ca.jwtkeys import JwtKeyring, with_jwt_keys
 from meshid.bundle import TrustBundle
 from meshid.errors import (
@@ -91,6 +92,9 @@ STORAGE_RETRY_AFTER = 5  # seconds a client waits after a full or read-only disk
 # replicas (the per-identity watch budget) at four renewals each; a workload renewing in
 # a loop is held to that pace.
 RENEWALS_PER_IDENTITY = 1024
+# What a feed starts with, and those bytes (a reply is spliced: see `ca.feedindex`)
+FEED_HEAD: dict[str, object] = {"v": WIRE_VERSION}
+FEED_HEAD_JSON = encode_members(FEED_HEAD)
 # Callers remembered as not revoked at a revocation version (see `ControlApi._caller`):
 # one entry per sidecar certificate, forgotten all at once past this many.
 CLEAN_CALLERS = 65536
@@ -484,8 +488,9 @@ class ControlApi:
         # The rows straight into the reply: a `Feed` in between would hold a large
         # allow-list twice more (tests/ca/test_ca_feed_delta.py checks it parses).
         index, own = self.authority.feed_parts(caller, since=since, versions=current)
-        head: dict[str, object] = {"v": WIRE_VERSION}
-        return Reply(200, {**head, **index.shared, **own}, raw=index.encode(head, own))
+        return Reply(
+            200, {**FEED_HEAD, **index.shared, **own}, raw=index.encode(FEED_HEAD_JSON, own)
+        )
 
     # -- helpers the shell uses --
 

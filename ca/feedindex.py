@@ -66,11 +66,12 @@ class FeedIndex:
             "prefix_rules": [[src, dst] for src, dst in sorted(matched)],
         }
 
-    def encode(self, head: dict[str, object], own: dict[str, object]) -> bytes:
+    def encode(self, head: bytes, own: dict[str, object]) -> bytes:
         """``{**head, **self.shared, **own}`` as compact `json.dumps` writes it, the shared
-        part from the bytes made once. The three name different fields (a field named
-        twice would be written twice, where a dict keeps the last)."""
-        parts = (encode_members(head), self.shared_json, encode_members(own))
+        part from the bytes made once, `head` encoded already (`encode_members`). The
+        three name different fields (a field named twice would be written twice, where a
+        dict keeps the last)."""
+        parts = (head, self.shared_json, encode_members(own))
         return b"{" + b",".join(part for part in parts if part) + b"}"
 
 
