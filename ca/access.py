@@ -10,8 +10,8 @@ import json
 from collections.abc import Iterable
 
 from ca.db import Conflict, Connection
-from ca.feedindex import FeedIndex, Versions
-from ca.policyhistory import FLOOR, delta_since, remember
+from ca.feedindex import CACHED_BASES, FeedIndex, Versions
+from ca.policyhistory import FLOOR, Change, changes_between, net_delta, remember
 from ca.roots import Roots
 from ca.services import build_map, read_entries
 from ca.store import Store
@@ -357,8 +357,10 @@ class Access(Roots):
                 if index is None or index.versions != versions:
                     index = self._feed_index = self._read_feed_index(conn, versions, bundle)
             delta = None
-            if since is not None and Store.counter(conn, FLOOR) <= since <= versions[0]:
-                delta = delta_since(conn, since, set(rule_ends(spiffe_id)))
+            if since is not None and since <= versions[0]:
+                changes = _changes_since(conn, index, since)
+                if changes is not None:
+                    delta = net_delta(changes, set(rule_ends(spiffe_id)))
         if delta is None:
             return index, index.own(spiffe_id)
         return index, {
@@ -399,6 +401,18 @@ class Access(Roots):
             assert isinstance(pem, str)
             return pem
         return bundle.to_pem().decode()
+
+
+def _changes_since(conn: Connection, index: FeedIndex, since: int) -> list[Change] | None:
+    """The rule changes after `since` up to `index`'s policy version, None where the
+    history does not reach back to it; read once for every sidecar that holds `since`."""
+    if since in index.changes:
+        return index.changes[since]
+    covered = Store.counter(conn, FLOOR) <= since  # the floor moves with the version only
+    changes = changes_between(conn, since, index.versions[0]) if covered else None
+    if len(index.changes) < CACHED_BASES:
+        index.changes[since] = changes
+    return changes
 
 
 def _marks(values: list[str]) -> str:

@@ -27,6 +27,7 @@ from meshid.policy import is_prefix, rule_ends
 from meshid.spiffeid import SpiffeId
 
 Versions = tuple[int, int, int]  # policy, revocation, bundle sequence
+CACHED_BASES = 8  # versions held by sidecars whose changes since an index keeps (`changes`)
 
 
 @dataclass(frozen=True, slots=True)
@@ -36,6 +37,10 @@ class FeedIndex:
     pairs: dict[str, list[list[str]]]  # ID -> exact pairs naming it on either side, in order
     prefix_rules: dict[str, list[tuple[str, str]]]  # rule end -> the prefix rules naming it
     shared_json: bytes  # `shared`'s members, encoded (see `encode_members`)
+    # policy version a sidecar holds -> the rule changes since (source, target, added),
+    # None if the history does not reach back to it: read once for the sidecars holding
+    # it (a change wakes them all). Filled by `ca.access`, at most CACHED_BASES of them.
+    changes: dict[int, list[tuple[str, str, int]] | None]
 
     @classmethod
     def build(
@@ -51,7 +56,7 @@ class FeedIndex:
                 continue
             for end in {src, dst}:
                 pairs.setdefault(end, []).append([src, dst])
-        return cls(versions, shared, pairs, prefixed, encode_members(shared))
+        return cls(versions, shared, pairs, prefixed, encode_members(shared), {})
 
     def feed(self, spiffe_id: SpiffeId) -> dict[str, object]:
         """What `spiffe_id`'s sidecar enforces: its pairs, the prefix rules that can match

@@ -191,3 +191,40 @@ def test_a_revoked_serial_is_refused_when_it_parks_at_the_same_versions(
     [(reply, _)] = api.watch_check_each([_watch(cert, WatchQuery(*now))])
     assert feed.status == 200
     assert reply is not None and reply.status == 403 and "revoked_serial" in reply.body
+
+
+def test_the_changes_since_a_version_are_read_once_for_the_sidecars_holding_it(
+    authority: Authority, clock: Clock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A change wakes every sidecar holding the previous version: the history after it is
+    read once, and each still gets only the changes that concern it."""
+    import ca.access
+
+    authority.allow(WEB, API)
+    api = _api(authority, clock)
+    certs = {sid: _cert(authority, sid) for sid in (WEB, API, DB)}
+    held = {sid: Feed.parse(api.handle(_watch(c, WatchQuery())).body) for sid, c in certs.items()}
+    reads: list[tuple[int, int]] = []
+    real = ca.access.changes_between
+
+    def counted(conn: Any, since: int, upto: int) -> Any:
+        reads.append((since, upto))
+        return real(conn, since, upto)
+
+    monkeypatch.setattr(ca.access, "changes_between", counted)
+    authority.allow(API, DB)
+    reqs = [_watch(c, _at(held[sid], delta=True)) for sid, c in certs.items()]
+    replies = api.handle_each(reqs)
+    assert len(reads) == 1
+    feeds = {sid: Feed.parse(r.body) for sid, r in zip(certs, replies, strict=True)}
+    assert feeds[WEB].delta is not None and feeds[WEB].delta.size == 0
+    assert feeds[API].delta is not None and feeds[API].delta.pairs_added == ((API, DB),)
+    for sid, feed in feeds.items():
+        assert feed.applied_to(held[sid]) == Feed.parse(authority.feed(sid))
+    # the negative twin: a version the history no longer covers gets the whole list
+    monkeypatch.setattr(ca.access, "FLOOR", "policy_version")  # as if trimmed up to now
+    authority.deny(WEB, API)
+    [whole] = api.handle_each(
+        [_watch(certs[WEB], _at(feeds[WEB].applied_to(held[WEB]), delta=True))]
+    )
+    assert Feed.parse(whole.body).delta is None and Feed.parse(whole.body).pairs == ()
