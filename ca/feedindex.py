@@ -72,10 +72,10 @@ class FeedIndex:
         }
 
     def encode(self, head: bytes, own: dict[str, object]) -> bytes:
-        """``{**head, **self.shared, **own}`` as compact `json.dumps` writes it, the shared
-        part from the bytes made once, `head` encoded already (`encode_members`). The
-        three name different fields (a field named twice would be written twice, where a
-        dict keeps the last)."""
+        """The feed as compact `json.dumps` writes ``{**head, **self.shared, **own}``:
+        `head`'s members come encoded (`encode_members`), the shared part from the bytes
+        made once, `own` is encoded here. The three name different fields (a field named
+        twice would be written twice, where a dict keeps the last)."""
         parts = (head, self.shared_json, encode_members(own))
         return b"{" + b",".join(part for part in parts if part) + b"}"
 
