@@ -108,13 +108,13 @@ class Request:
     body: bytes
     source: str  # the client's IP address, for rate limiting and the audit
     peer_cert: x509.Certificate | None = None
+    # When the request began to arrive (wall clock): with the time it is handled, the
+    # window a sidecar's clock reading is judged against (see `meshid.skew`).
+    received: datetime | None = None
     # The SPIFFE ID `peer_cert` names, read once per connection (None: no certificate,
     # or no ID in it); not yet verified: `ControlApi._caller` does that.
     peer_id: SpiffeId | None = None
     peer_fingerprint: bytes | None = None  # SHA-256 of `peer_cert`, also once per connection
-    # When the request began to arrive (wall clock): with the time it is handled, the
-    # window a sidecar's clock reading is judged against (see `meshid.skew`).
-    received: datetime | None = None
 
 
 @dataclass(frozen=True, slots=True)
