@@ -52,6 +52,7 @@ import random
 import re
 import resource
 import shutil
+import socket
 import ssl
 import subprocess
 import sys
@@ -329,13 +330,18 @@ async def metric(port: int, name: str) -> float | None:
     return None
 
 
-async def wait_parked(port: int, n: int, limit_s: float, fleet: Fleet, log: Any) -> float:
+async def parked_watches(ports: list[int]) -> float:
+    """Watches parked on the authority: the sum over its workers (one metrics port each)."""
+    return sum([await metric(port, "meshid_ca_watches") or 0 for port in ports])
+
+
+async def wait_parked(ports: list[int], n: int, limit_s: float, fleet: Fleet, log: Any) -> float:
     """Wait until the authority holds `n` watches parked; how long that took."""
     started = time.monotonic()
     said = started
     with trio.fail_after(limit_s):
         # another process's gauge: nothing to wait on but the next sample
-        while (parked := await metric(port, "meshid_ca_watches") or 0) < n:
+        while (parked := await parked_watches(ports)) < n:
             if time.monotonic() - said > 10:
                 said = time.monotonic()
                 log(f"{parked:.0f} of {n} parked; client errors {dict(fleet.errors)}")
@@ -364,6 +370,50 @@ def _self_cpu() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
+def family(pid: int) -> list[int]:
+    """`pid` and its children (`ca serve --workers N` forks N workers and waits)."""
+    children: list[int] = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        with contextlib.suppress(OSError, ValueError, IndexError):  # gone meanwhile
+            stat = (entry / "stat").read_text(encoding="ascii", errors="replace")
+            if int(stat.rsplit(")", 1)[1].split()[1]) == pid:  # field 4: the parent
+                children.append(int(entry.name))
+    return [pid, *children]
+
+
+def family_cpu_seconds(pid: int) -> float:
+    """CPU seconds of the authority: the serving process and its workers, if any."""
+    return sum(cpu_seconds(p) for p in family(pid))
+
+
+def family_rss_kib(pid: int) -> int:
+    """RSS of the authority and its workers, summed (pages they share counted in each)."""
+    return sum(rss_kib(p) for p in family(pid))
+
+
+def free_port_run(count: int) -> int:
+    """The first of `count` consecutive free ports on 127.0.0.1 (worker i takes PORT+i)."""
+    for _ in range(100):
+        base = free_ports(1)[0]
+        if base + count > 65536:
+            continue
+        socks: list[socket.socket] = []
+        try:
+            for port in range(base, base + count):
+                s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+                socks.append(s)
+                s.bind(("127.0.0.1", port))
+            return base
+        except OSError:
+            continue
+        finally:
+            for s in socks:
+                s.close()
+    raise RuntimeError(f"no {count} consecutive free ports on 127.0.0.1")
+
+
 def percentiles(values: list[float]) -> dict[str, float]:
     ordered = sorted(values)
     if not ordered:
@@ -383,11 +433,17 @@ class Run:
     workdir: Path
     sup: Supervisor
     slack: float = 1.0  # a loaded machine needs longer deadlines (--slack)
+    workers: int = 1  # `ca serve --workers`: processes sharing the port (SO_REUSEPORT)
     port: int = 0
     metrics_port: int = 0
     server: Proc | None = None
     result: dict[str, Any] = field(default_factory=dict)
     ends: float = math.inf  # monotonic: past it, every phase gives up (--budget)
+
+    @property
+    def metrics_ports(self) -> list[int]:
+        """With --workers N, worker i serves its metrics on PORT+i."""
+        return [self.metrics_port + i for i in range(self.workers)]
 
     def limit(self, seconds: float) -> float:
         """A phase's deadline, scaled by `--slack` and cut to what the run's budget leaves."""
@@ -410,6 +466,7 @@ class Run:
                 f"127.0.0.1:{self.port}",
                 "--metrics",
                 f"127.0.0.1:{self.metrics_port}",
+                *(["--workers", str(self.workers)] if self.workers > 1 else []),
             ],
         )
         wait_listening([server], [self.port, self.metrics_port], timeout=60)
@@ -432,7 +489,8 @@ class Run:
             bundle = authority.bundle().to_pem()
         finally:
             authority.close()
-        self.port, self.metrics_port = free_ports(2)
+        self.port = free_ports(1)[0]
+        self.metrics_port = free_port_run(self.workers)
         gate = trio.CapacityLimiter(HANDSHAKES)
         return [
             Sim(
@@ -465,7 +523,8 @@ async def measure(run: Run, sims: list[Sim], rounds: int, log: Any) -> None:
     n = run.n
     result = run.result
     server = run.start_server()
-    result["rss_idle_mib"] = round(rss_kib(server.pid) / 1024, 1)
+    result["workers"] = run.workers
+    result["rss_idle_mib"] = round(family_rss_kib(server.pid) / 1024, 1)
     async with trio.open_nursery() as nursery:
         try:
             await phases(run, sims, fleet, rounds, nursery, log, server)
@@ -501,9 +560,9 @@ async def phases(
     log(f"N={n}: enrolled in {result['enroll_all_s']}s")
     fleet.phase = "parking"
     result["park_all_s"] = round(
-        await wait_parked(run.metrics_port, n, run.limit(60 + n * 0.05), fleet, log), 2
+        await wait_parked(run.metrics_ports, n, run.limit(60 + n * 0.05), fleet, log), 2
     )
-    rss = rss_kib(server.pid) / 1024
+    rss = family_rss_kib(server.pid) / 1024
     result["rss_connected_mib"] = round(rss, 1)
     result["rss_per_sidecar_kib"] = round((rss - result["rss_idle_mib"]) * 1024 / n, 1)
     log(f"N={n}: parked; RSS {rss:.0f} MiB")
@@ -512,7 +571,7 @@ async def phases(
     latencies: list[float] = []
     rounds_out = []
     for round_ in range(rounds):
-        cpu, own = cpu_seconds(server.pid), _self_cpu()
+        cpu, own = family_cpu_seconds(server.pid), _self_cpu()
         version = await run.deny_one(round_)
         returned = time.monotonic()
         with trio.fail_after(run.limit(60 + n * 0.03)):
@@ -520,7 +579,7 @@ async def phases(
         mine = [max(0.0, s.seen[version] - returned) for s in sims]
         latencies += mine
         # CPU the authority spent telling everyone: less at the mercy of the machine's load
-        spent = cpu_seconds(server.pid) - cpu
+        spent = family_cpu_seconds(server.pid) - cpu
         rounds_out.append(
             {
                 **percentiles(mine),
@@ -529,11 +588,11 @@ async def phases(
             }
         )
         log(f"N={n}: round {round_ + 1} propagation {rounds_out[-1]}")
-        await wait_parked(run.metrics_port, n, run.limit(60 + n * 0.05), fleet, log)
+        await wait_parked(run.metrics_ports, n, run.limit(60 + n * 0.05), fleet, log)
     result["propagation_s"] = percentiles(latencies)
     result["server_cpu_per_change_s"] = min(r["server_cpu_s"] for r in rounds_out)
     result["propagation_rounds"] = rounds_out
-    result["rss_after_rounds_mib"] = round(rss_kib(server.pid) / 1024, 1)
+    result["rss_after_rounds_mib"] = round(family_rss_kib(server.pid) / 1024, 1)
 
     # Restart: SIGTERM, start again; every sidecar renews and parks again.
     fleet.phase = "restart"
@@ -551,11 +610,13 @@ async def phases(
         "parked_again_s": round(
             time.monotonic()
             - up
-            + await wait_parked(run.metrics_port, n, run.limit(120 + n * 0.05), fleet, log),
+            + await wait_parked(run.metrics_ports, n, run.limit(120 + n * 0.05), fleet, log),
             2,
         ),
         # the restarted authority after N renewals and N new connections: the churn's mark
-        "rss_parked_again_mib": round(rss_kib(run.server.pid) / 1024, 1) if run.server else None,
+        "rss_parked_again_mib": (
+            round(family_rss_kib(run.server.pid) / 1024, 1) if run.server else None
+        ),
     }
     log(f"N={n}: restart {result['restart']}")
 
@@ -575,12 +636,18 @@ def server_refusals(log_path: Path) -> dict[str, int]:
 
 
 def run_size(
-    n: int, rounds: int, keep: Path | None, log: Any, budget: float, slack: float
+    n: int,
+    rounds: int,
+    keep: Path | None,
+    log: Any,
+    budget: float,
+    slack: float,
+    workers: int = 1,
 ) -> dict[str, Any]:
     workdir = Path(tempfile.mkdtemp(prefix=f"meshid-fanout-{n}-", dir=keep))
     try:
         with Supervisor(workdir) as sup:
-            run = Run(n, workdir, sup, slack, ends=time.monotonic() + budget)
+            run = Run(n, workdir, sup, slack, workers, ends=time.monotonic() + budget)
             started = time.monotonic()
             sims = run.prepare()
             run.result["setup_s"] = round(time.monotonic() - started, 1)
@@ -760,6 +827,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--slack", type=float, default=1.0, help="multiply every phase's deadline (busy machine)"
     )
+    parser.add_argument(
+        "--workers",
+        type=int,
+        default=1,
+        help="`ca serve --workers`: authority processes sharing the port (default 1)",
+    )
     parser.add_argument("--results", type=Path, default=RESULTS)
     parser.add_argument("--out", type=Path, default=Path("bench/RESULTS.md"))
     parser.add_argument("--workdir", type=Path, help="keep the state and logs here")
@@ -780,7 +853,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.results.exists():
         results = json.loads(args.results.read_text())
     for n in sizes:
-        results[str(n)] = run_size(n, args.rounds, args.workdir, log, args.budget, args.slack)
+        results[str(n)] = run_size(
+            n, args.rounds, args.workdir, log, args.budget, args.slack, args.workers
+        )
         args.results.write_text(json.dumps(results, indent=2, sort_keys=True) + "\n")
         log(f"N={n}: {json.dumps(results[str(n)])}")
     write_section(args.out, render(results))

@@ -10,8 +10,8 @@ import json
 from collections.abc import Iterable
 
 from ca.db import Conflict, Connection
-from ca.feedindex import FeedIndex, Versions
-from ca.policyhistory import FLOOR, delta_since, remember
+from ca.feedindex import CACHED_BASES, FeedIndex, Versions
+from ca.policyhistory import FLOOR, Change, changes_between, net_delta, remember
 from ca.roots import Roots
 from ca.services import build_map, read_entries
 from ca.store import Store
@@ -333,23 +333,37 @@ class Access(Roots):
         wakes every sidecar at once, and each asking the database for its
         own rows made that work grow with the square of the mesh.
         """
+        index, own = self.feed_parts(spiffe_id, since=since)
+        return {**index.shared, **own}
+
+    def feed_parts(
+        self, spiffe_id: SpiffeId, *, since: int | None = None, versions: Versions | None = None
+    ) -> tuple[FeedIndex, dict[str, object]]:
+        """`feed` as the index it shares with every sidecar and the fields of its own.
+
+        `versions`: the current ones, when the caller read them in this very
+        transaction (a batch of feeds reads them once); an index of those
+        versions is then taken without asking the database again.
+        """
         with self.store.read() as conn:
-            bundle = self.bundle()  # inside the snapshot: fresh, and consistent with the rest
-            versions = (
-                Store.counter(conn, "policy_version"),
-                Store.counter(conn, "revocation_version"),
-                bundle.sequence,
-            )
-            delta = None
-            if since is not None and Store.counter(conn, FLOOR) <= since <= versions[0]:
-                delta = delta_since(conn, since, set(rule_ends(spiffe_id)))
             index = self._feed_index
-            if index is None or index.versions != versions:
-                index = self._feed_index = self._read_feed_index(conn, versions, bundle)
+            if versions is None or index is None or index.versions != versions:
+                bundle = self.bundle()  # inside the snapshot: fresh, and consistent with the rest
+                versions = (
+                    Store.counter(conn, "policy_version"),
+                    Store.counter(conn, "revocation_version"),
+                    bundle.sequence,
+                )
+                if index is None or index.versions != versions:
+                    index = self._feed_index = self._read_feed_index(conn, versions, bundle)
+            delta = None
+            if since is not None and since <= versions[0]:
+                changes = _changes_since(conn, index, since)
+                if changes is not None:
+                    delta = net_delta(changes, set(rule_ends(spiffe_id)))
         if delta is None:
-            return index.feed(spiffe_id)
-        return {
-            **index.shared,
+            return index, index.own(spiffe_id)
+        return index, {
             "pairs": [],
             "prefix_rules": [],
             "delta": {"base_version": since, **delta},
@@ -371,12 +385,34 @@ class Access(Roots):
             "bundle_sequence": versions[2],
             "revoked": [r for (r,) in revoked],
             "revoked_serials": [n for (n,) in serials],
-            "bundle": bundle.to_pem().decode(),
+            "bundle": self._feed_bundle_pem(bundle),
             # each with its spiffe_sequence: a change bumps policy_version (ca.federation)
             "federated_bundles": {td: json.loads(doc) for td, doc in federated},
             "addresses": [[h, p, str(sid)] for (h, p), sid in sorted(addresses.items())],
         }
         return FeedIndex.build(versions, rules, shared)
+
+    def _feed_bundle_pem(self, bundle: TrustBundle) -> str:
+        """The bundle's PEM, made again only when its sequence moved (a policy change
+        reads a new index, with the same bundle)."""
+        index = self._feed_index
+        if index is not None and index.versions[2] == bundle.sequence:
+            pem = index.shared["bundle"]
+            assert isinstance(pem, str)
+            return pem
+        return bundle.to_pem().decode()
+
+
+def _changes_since(conn: Connection, index: FeedIndex, since: int) -> list[Change] | None:
+    """The rule changes after `since` up to `index`'s policy version, None where the
+    history does not reach back to it; read once for every sidecar that holds `since`."""
+    if since in index.changes:
+        return index.changes[since]
+    covered = Store.counter(conn, FLOOR) <= since  # the floor moves with the version only
+    changes = changes_between(conn, since, index.versions[0]) if covered else None
+    if len(index.changes) < CACHED_BASES:
+        index.changes[since] = changes
+    return changes
 
 
 def _marks(values: list[str]) -> str:

@@ -35,6 +35,7 @@ from cryptography import x509
 
 from ca import jwtmint
 from ca.authority import Authority, IssuedSvid, Prepared
+from ca.feedindex import encode_members
 from ca.jwtkeys import JwtKeyring, with_jwt_keys
 from meshid.bundle import TrustBundle
 from meshid.errors import (
@@ -91,6 +92,12 @@ STORAGE_RETRY_AFTER = 5  # seconds a client waits after a full or read-only disk
 # replicas (the per-identity watch budget) at four renewals each; a workload renewing in
 # a loop is held to that pace.
 RENEWALS_PER_IDENTITY = 1024
+# What a feed starts with, and those bytes (a reply is spliced: see `ca.feedindex`)
+FEED_HEAD: dict[str, object] = {"v": WIRE_VERSION}
+FEED_HEAD_JSON = encode_members(FEED_HEAD)
+# Callers remembered as not revoked at a revocation version (see `ControlApi._caller`):
+# one entry per sidecar certificate, forgotten all at once past this many.
+CLEAN_CALLERS = 65536
 
 
 @dataclass(frozen=True, slots=True)
@@ -104,6 +111,10 @@ class Request:
     # When the request began to arrive (wall clock): with the time it is handled, the
     # window a sidecar's clock reading is judged against (see `meshid.skew`).
     received: datetime | None = None
+    # The SPIFFE ID `peer_cert` names, read once per connection (None: no certificate,
+    # or no ID in it); not yet verified: `ControlApi._caller` does that.
+    peer_id: SpiffeId | None = None
+    peer_fingerprint: bytes | None = None  # SHA-256 of `peer_cert`, also once per connection
 
 
 @dataclass(frozen=True, slots=True)
@@ -111,8 +122,13 @@ class Reply:
     status: int
     body: dict[str, Any]
     headers: tuple[tuple[str, str], ...] = ()
+    # `body` already encoded, when it was spliced from parts encoded once (a feed: see
+    # `ca.feedindex`); `body` still says the same, for whatever looks into the reply.
+    raw: bytes | None = None
 
     def encode(self) -> bytes:
+        if self.raw is not None:
+            return self.raw + b"\n"
         return json.dumps(self.body, separators=(",", ":")).encode() + b"\n"
 
 
@@ -216,6 +232,9 @@ class ControlApi:
     renewals: TokenBucket | None = None
     _lock_fd: int | None = None
     _pem: tuple[TrustBundle, str] | None = None  # the bundle last encoded, and its PEM
+    # certificate serial -> (its identity, the revocation version at which neither was
+    # revoked): a watch parked right after its feed, at that version, needs no lookup
+    _clean: dict[int, tuple[SpiffeId, int]] = field(default_factory=dict)
     jwt_keys: JwtKeyring | None = None  # JWT-SVID signing keys, loaded on first use
 
     def handle(self, req: Request) -> Reply:
@@ -249,7 +268,17 @@ class ControlApi:
         versions, its pairs), and a transaction apiece was a tenth of the authority's CPU
         when a change woke ten thousand watches."""
         with self.authority.store.read():
-            return [self.handle(req) for req in requests]
+            current = self.authority.versions()  # before any caller is looked up
+            return [self._feed(req, current) for req in requests]
+
+    def _feed(self, req: Request, current: tuple[int, int, int]) -> Reply:
+        """`handle`, a watch's feed read against `current` (this transaction's versions)."""
+        if (req.method, req.path) != ("GET", WATCH):
+            return self.handle(req)
+        try:
+            return self._watch_now(req, current)
+        except MeshIdError as exc:
+            return error_for(exc)
 
     def watch_check_each(
         self, requests: list[Request]
@@ -448,27 +477,43 @@ class ControlApi:
             },
         )
 
-    def _watch_now(self, req: Request) -> Reply:
-        """The feed, answered at once (the shell waits first when nothing changed)."""
-        caller = self._caller(req)
+    def _watch_now(self, req: Request, current: tuple[int, int, int] | None = None) -> Reply:
+        """The feed, answered at once (the shell waits first when nothing changed).
+
+        `current`: the versions, read in this transaction before the caller is looked up.
+        """
+        caller = self._caller(req, current)
         query = WatchQuery.parse(req.query)
         since = query.policy_version if query.delta else None
         # The rows straight into the reply: a `Feed` in between would hold a large
         # allow-list twice more (tests/ca/test_ca_feed_delta.py checks it parses).
-        return Reply(200, {"v": WIRE_VERSION, **self.authority.feed(caller, since=since)})
+        index, own = self.authority.feed_parts(caller, since=since, versions=current)
+        return Reply(
+            200, {**FEED_HEAD, **index.shared, **own}, raw=index.encode(FEED_HEAD_JSON, own)
+        )
 
     # -- helpers the shell uses --
 
-    def _caller(self, req: Request) -> SpiffeId:
+    def _caller(self, req: Request, current: tuple[int, int, int] | None = None) -> SpiffeId:
         """The authenticated caller: a current SVID of ours, neither its identity nor this
-        very certificate (its serial) revoked."""
+        very certificate (its serial) revoked.
+
+        `current`: the versions, read in this transaction before the call. A caller
+        found not revoked at a revocation version is not looked up again at that
+        version: after a change every sidecar reads its feed and parks its next watch
+        at once, and each asked the database the same question twice. Every
+        revocation moves the version, so a revoked caller is always looked up.
+        """
         if req.peer_cert is None:
             raise TokenRejected(
                 "this endpoint needs a client certificate (the caller's SVID)",
                 reason=Reason.NO_CLIENT_CERTIFICATE,
             )
         try:
-            caller = self.authority.verified_caller(req.peer_cert)
+            sequence = None if current is None else current[2]
+            caller = self.authority.verified_caller(
+                req.peer_cert, sequence, fingerprint=req.peer_fingerprint
+            )
         except InvalidSvid as exc:
             raise TokenRejected(
                 f"client certificate refused: {exc.message}", reason=exc.reason
@@ -479,8 +524,14 @@ class ControlApi:
             )
         # One lookup, not the whole allow-list: every authenticated request asks.
         serial = req.peer_cert.serial_number
+        if current is not None and self._clean.get(serial) == (caller, current[1]):
+            return caller
         revoked_at = self.authority.revocation(caller, serial)
         if revoked_at is None:
+            if current is not None:
+                if len(self._clean) >= CLEAN_CALLERS:
+                    self._clean.clear()
+                self._clean[serial] = (caller, current[1])
             return caller
         if self.authority.revocation(caller) is not None:  # asked on a refusal only
             raise CallerRevoked(f"{caller} is revoked", revocation_version=revoked_at)
@@ -498,13 +549,13 @@ class ControlApi:
         Returns the current versions (`current`, if the caller read them) so the
         shell can wait for them to move.
         """
+        if current is None:
+            current = self.authority.versions()
         try:
-            self._caller(req)
+            self._caller(req, current)
             seen = WatchQuery.parse(req.query).versions
         except MeshIdError as exc:
             return error_for(exc), (0, 0, 0)
-        if current is None:
-            current = self.authority.versions()
         if seen != current:
-            return self.handle(req), current
+            return self._feed(req, current), current
         return None, current

@@ -130,7 +130,7 @@ class Dispatcher(PlaneState):
                 return reply
             self._observe(seen)  # the database may be ahead of the poller
             assert req.peer_cert is not None  # watch_check refused the anonymous
-            caller = leaf_spiffe_id(req.peer_cert)
+            caller = req.peer_id if req.peer_id is not None else leaf_spiffe_id(req.peer_cert)
             if (
                 self._watching >= self.options.max_watches
                 or self._watches.get(caller, 0) >= self.options.max_watches_per_identity

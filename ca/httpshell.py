@@ -11,11 +11,13 @@ from urllib.parse import parse_qsl, urlsplit
 import h11
 import trio
 from cryptography import x509
+from cryptography.hazmat.primitives import hashes
 
 from ca.api import MAX_BODY, Reply, Request, error
 from ca.dispatch import Dispatcher
 from ca.plane import _failure_fields, _retry_later, _unavailable
 from meshid.errors import MeshIdError
+from meshid.spiffeid import SpiffeId
 from meshid.svid import leaf_spiffe_id
 from meshid.version import SERVER_HEADER
 from meshid.wire import (
@@ -44,6 +46,8 @@ ROUTES: dict[str, tuple[str, ...]] = {
     ADMIN_REVOKE: ("POST",),
     ADMIN_RUN: ("POST",),
 }
+# the client's certificate, the ID it names and its SHA-256: read once per connection
+_Peer = tuple[x509.Certificate | None, SpiffeId | None, bytes | None]
 # RFC 9110's methods: known to this server, so a path that does not take one says 405
 KNOWN_METHODS = frozenset(
     {"GET", "HEAD", "POST", "PUT", "DELETE", "CONNECT", "OPTIONS", "TRACE", "PATCH"}
@@ -71,6 +75,9 @@ class HttpShell(Dispatcher):
     ) -> None:
         conn = h11.Connection(h11.SERVER, max_incomplete_event_size=16 * 1024)
         options = self.options
+        # once: every watch of a kept connection asks who it is
+        fingerprint = None if cert is None else cert.fingerprint(hashes.SHA256())
+        peer: _Peer = (cert, _peer_id(cert), fingerprint)
         idle = options.idle_timeout if cert is not None else options.anonymous_idle_timeout
         while True:
             cycle = _Cycle()
@@ -85,7 +92,7 @@ class HttpShell(Dispatcher):
             else:
                 if cycle.request is None:
                     return  # the client closed between requests
-                reply = await self._reply(cycle, cycle.request, body, source, cert)
+                reply = await self._reply(cycle, cycle.request, body, source, peer)
             # HEAD is answered without a body even when the request failed half-way
             await self._send(stream, conn, reply, head=cycle.method == "HEAD")
             if conn.our_state is h11.MUST_CLOSE or conn.their_state is not h11.DONE:
@@ -98,9 +105,10 @@ class HttpShell(Dispatcher):
         request: h11.Request,
         body: bytes,
         source: str,
-        cert: x509.Certificate | None,
+        peer: _Peer,
     ) -> Reply:
         method = request.method.decode("ascii", "replace")
+        cert, peer_id, fingerprint = peer
         try:
             target = urlsplit(request.target.decode("ascii", "replace"))
         except ValueError:  # e.g. "//[": an IPv6 authority never closed
@@ -112,6 +120,8 @@ class HttpShell(Dispatcher):
             body=body,
             source=source,
             peer_cert=cert,
+            peer_id=peer_id,
+            peer_fingerprint=fingerprint,
             received=cycle.started,
         )
         reply = _method_reply(method, req.path) or await self._answer(req)
@@ -136,7 +146,7 @@ class HttpShell(Dispatcher):
                 source=source,
                 status=reply.status,
                 reason=reply.body.get("error"),
-                spiffe_id=_who(reply, cert),
+                spiffe_id=_who(reply, peer_id),
                 serial=reply.body.get("serial"),
                 **({"instance": instance} if instance else {}),
                 **({"suppressed": left_out} if left_out else {}),
@@ -167,8 +177,11 @@ class HttpShell(Dispatcher):
         while True:
             event = conn.next_event()
             if event is h11.NEED_DATA:
-                with trio.fail_at(deadline):
+                # trio.fail_at, without its generator: once per request of every watch
+                with trio.CancelScope(deadline=deadline) as scope:
                     data = await stream.receive_some(16384)
+                if scope.cancelled_caught:
+                    raise trio.TooSlowError
                 conn.receive_data(bytes(data))
                 if cycle.started is None and data:
                     cycle.started = self.clock.wall()
@@ -215,8 +228,11 @@ class HttpShell(Dispatcher):
         if not head:  # HEAD: the headers GET would have, content-length included
             data += conn.send(h11.Data(data=payload)) or b""
         data += conn.send(h11.EndOfMessage()) or b""
-        with trio.fail_after(self.options.request_timeout):  # a peer that never reads
+        # trio.fail_after, without its generator; the timeout: a peer that never reads
+        with trio.CancelScope(relative_deadline=self.options.request_timeout) as scope:
             await stream.send_all(data)
+        if scope.cancelled_caught:
+            raise trio.TooSlowError
 
 
 @dataclass(slots=True)
@@ -235,7 +251,7 @@ class _BodyTooLarge(Exception):
     pass
 
 
-def _who(reply: Reply, cert: x509.Certificate | None) -> str | None:
+def _who(reply: Reply, peer_id: SpiffeId | None) -> str | None:
     """The identity a request was about, for its log line: the one issued, or the caller's.
 
     Never the token: a failed enrollment names no one.
@@ -243,10 +259,15 @@ def _who(reply: Reply, cert: x509.Certificate | None) -> str | None:
     issued = reply.body.get("spiffe_id")
     if isinstance(issued, str):
         return issued
+    return None if peer_id is None else str(peer_id)
+
+
+def _peer_id(cert: x509.Certificate | None) -> SpiffeId | None:
+    """The SPIFFE ID a client certificate names, unverified; None if it names none."""
     if cert is None:
         return None
     try:
-        return str(leaf_spiffe_id(cert))
+        return leaf_spiffe_id(cert)
     except MeshIdError:
         return None
 

@@ -424,17 +424,30 @@ class Issuance(Roots):
         generation, leaf = self._sign(sid, public_key, None, dns, ips)
         return Prepared(sid, generation, leaf, "renew", caller_serial=f"{caller.serial_number:x}")
 
-    def verified_caller(self, caller: x509.Certificate) -> SpiffeId:
+    def verified_caller(
+        self,
+        caller: x509.Certificate,
+        sequence: int | None = None,
+        *,
+        fingerprint: bytes | None = None,
+    ) -> SpiffeId:
         """verify_svid, remembered per certificate and bundle: a sidecar presents the same
         certificate to every watch and every report until it renews. Its times are checked
-        on every call."""
-        bundle = self.bundle()
+        on every call. `sequence`: the bundle's, when the caller read it in this very
+        transaction (then the bundle is read only if the certificate is not remembered).
+        `fingerprint`: `caller`'s SHA-256, when the connection computed it once already."""
         now = self._now()
-        fingerprint = caller.fingerprint(hashes.SHA256())
+        if fingerprint is None:
+            fingerprint = caller.fingerprint(hashes.SHA256())
         known = self._verified.get(fingerprint)
-        if known is not None and known[1] == bundle.sequence:
+        bundle = None
+        if known is None or sequence is None or known[1] != sequence:
+            bundle = self.bundle()
+            sequence = bundle.sequence
+        if known is not None and known[1] == sequence:
             check_validity(caller, now, f"{known[0]} certificate")
             return known[0]
+        assert bundle is not None  # read above: nothing remembered at `sequence`
         sid = verify_svid([caller], bundle.roots, now).spiffe_id
         if len(self._verified) >= VERIFIED_CALLERS:
             self._verified.clear()

@@ -12,11 +12,14 @@ leave no row: a delta across them is empty, as it should be.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 from ca.db import Connection
 from meshid.policy import is_prefix
 
 HISTORY_ROWS = 10_000  # rule changes the authority remembers for deltas
 FLOOR = "policy_history_floor"
+Change = tuple[str, str, int]  # source, target, 1 if added (0: removed)
 
 
 def remember(
@@ -56,18 +59,25 @@ def _set_floor(conn: Connection, version: int) -> None:
     )
 
 
-def delta_since(conn: Connection, since: int, mine: set[str]) -> dict[str, list[list[str]]]:
-    """The net changes after version `since` to the rules with an end in `mine`.
+def changes_between(conn: Connection, since: int, upto: int) -> list[Change]:
+    """The rule changes of the versions after `since` up to `upto`, oldest first."""
+    rows = conn.execute(
+        # one version's changes name distinct rules (a diff), so their order within it is moot
+        "SELECT source, target, added FROM policy_changes WHERE version > ? AND version <= ? "
+        "ORDER BY version",
+        (since, upto),
+    ).fetchall()
+    return [(src, dst, added) for src, dst, added in rows]
+
+
+def net_delta(changes: Iterable[Change], mine: set[str]) -> dict[str, list[list[str]]]:
+    """The net of `changes` to the rules with an end in `mine`.
 
     The last change to a rule wins: added then removed is removed (which the
     sidecar, not holding it, ignores), removed then added is added.
     """
     last: dict[tuple[str, str], int] = {}
-    for src, dst, added in conn.execute(
-        # one version's changes name distinct rules (a diff), so their order within it is moot
-        "SELECT source, target, added FROM policy_changes WHERE version > ? ORDER BY version",
-        (since,),
-    ):
+    for src, dst, added in changes:
         if src in mine or dst in mine:
             last[(src, dst)] = added
     out: dict[str, list[list[str]]] = {

@@ -4,10 +4,24 @@ from __future__ import annotations
 
 import gc
 import ipaddress
+import os
+import socket
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
-from bench.fanout import MARKER, GcTime, percentiles, render, source_address, write_section
+from bench.fanout import (
+    MARKER,
+    GcTime,
+    family,
+    family_cpu_seconds,
+    free_port_run,
+    percentiles,
+    render,
+    source_address,
+    write_section,
+)
 
 
 def test_every_simulated_sidecar_has_a_loopback_address_of_its_own() -> None:
@@ -63,3 +77,31 @@ def test_the_time_in_the_garbage_collector_is_counted() -> None:
     finally:
         gc.callbacks.remove(spent)
     assert spent.full == 1
+
+
+def test_the_authority_with_workers_is_counted_whole() -> None:
+    """`ca serve --workers N` forks; its CPU is its workers' too."""
+    child = subprocess.Popen(
+        [sys.executable, "-c", "import sys; sys.stdin.read()"], stdin=subprocess.PIPE
+    )
+    try:
+        assert family(os.getpid())[0] == os.getpid()
+        assert child.pid in family(os.getpid())
+        assert child.pid not in family(child.pid)[1:]  # not its own child
+        assert family_cpu_seconds(os.getpid()) > 0
+    finally:
+        assert child.stdin is not None
+        child.stdin.close()
+        child.wait(timeout=10)
+    assert child.pid not in family(os.getpid())
+
+
+def test_workers_get_consecutive_free_metrics_ports() -> None:
+    base = free_port_run(3)
+    socks = [socket.socket() for _ in range(3)]
+    try:
+        for i, s in enumerate(socks):
+            s.bind(("127.0.0.1", base + i))  # each of the three is free
+    finally:
+        for s in socks:
+            s.close()

@@ -17,6 +17,7 @@ import pytest
 import trio
 from ca_helpers import TD, Clock
 from cryptography import x509
+from cryptography.hazmat.primitives import hashes
 
 from ca.authority import Authority
 from ca.server import ControlPlane, ServerOptions
@@ -253,3 +254,46 @@ async def test_a_connection_idle_past_our_own_timeout_is_not_used(served: Served
         await served.get(ident)
         await served.wait_closed(1)  # closed by us, not left to the authority
     assert served.server.serials == [serial(ident)] * 2
+
+
+async def test_the_callers_id_is_read_once_per_kept_connection(
+    served: Served, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every watch on a kept connection carries the same certificate: the ID in it and its
+    fingerprint are read when the connection starts, not by each watch (a change wakes
+    them all at once)."""
+    import ca.dispatch
+    import ca.httpshell
+    import ca.issuance
+
+    read: list[object] = []
+
+    def counted(module: Any) -> None:
+        real = module.leaf_spiffe_id
+
+        def leaf_spiffe_id(cert: x509.Certificate) -> SpiffeId:
+            read.append(cert)
+            return real(cert)
+
+        monkeypatch.setattr(module, "leaf_spiffe_id", leaf_spiffe_id)
+
+    counted(ca.dispatch)
+    counted(ca.httpshell)
+    given: list[bytes | None] = []  # the fingerprint each check was handed
+    verified_caller = ca.issuance.Issuance.verified_caller
+
+    def handed(self: Any, cert: x509.Certificate, *args: Any, **kwargs: Any) -> SpiffeId:
+        given.append(kwargs.get("fingerprint"))
+        return verified_caller(self, cert, *args, **kwargs)
+
+    monkeypatch.setattr(ca.issuance.Issuance, "verified_caller", handed)
+    ident = held(served.authority)
+    target = WatchQuery(*served.authority.versions(), wait=0).target()
+    with trio.fail_after(20):
+        for _ in range(4):
+            feed = await served.get(ident, target)
+            assert feed["policy_version"] == served.authority.versions()[0]
+    assert served.server.serials == [serial(ident)]
+    assert len(read) == 1
+    cert = x509.load_pem_x509_certificate(ident.pem)
+    assert len(given) >= 4 and set(given) == {cert.fingerprint(hashes.SHA256())}
