@@ -72,6 +72,7 @@ class ControlPlaneJwt:
         self._keys: dict[str, PublicKey] = {}
         self._jwks = b""
         self._fetched_at = -float("inf")
+        self._fetching: trio.Event | None = None  # set when the fetch in flight ends
 
     async def mint(self, audience: tuple[str, ...]) -> str:
         try:
@@ -91,7 +92,22 @@ class ControlPlaneJwt:
         return {str(self.trust_domain.id): self._jwks} if self._jwks else {}
 
     async def fetch(self) -> None:
-        """Fetch the bundle's JWT keys; publish to the feed if they changed."""
+        """Fetch the bundle's JWT keys; publish to the feed if they changed.
+
+        One fetch at a time: a caller that finds one in flight (the first,
+        started with the sidecar, say) waits for it rather than asking again.
+        """
+        if self._fetching is not None:
+            await self._fetching.wait()
+            return
+        done = self._fetching = trio.Event()
+        try:
+            await self._fetch()
+        finally:
+            self._fetching = None
+            done.set()
+
+    async def _fetch(self) -> None:
         self._fetched_at = trio.current_time()
         doc = await self.call("GET", BUNDLE, None)
         keys = keys_from_jwks(doc)
@@ -114,7 +130,12 @@ class ControlPlaneJwt:
         try:
             return self._validate(token, audience)
         except InvalidJwtSvid as exc:
-            due = trio.current_time() - self._fetched_at >= self.min_refetch
+            # a kid we do not know is worth a fetch at most every `min_refetch`, or the
+            # end of the fetch in flight (a token minted as the sidecar starts)
+            due = (
+                trio.current_time() - self._fetched_at >= self.min_refetch
+                or self._fetching is not None
+            )
             if exc.reason != Reason.JWT_UNKNOWN_KEY or not due:
                 raise GrpcError(INVALID_ARGUMENT, exc.message, reason=exc.reason) from None
         with contextlib.suppress(MeshIdError):
