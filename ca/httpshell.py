@@ -229,7 +229,7 @@ class HttpShell(Dispatcher):
             data += conn.send(h11.Data(data=payload)) or b""
         data += conn.send(h11.EndOfMessage()) or b""
         # trio.fail_after, without its generator; the timeout: a peer that never reads
-        with trio.CancelScope(relative_deadline=self.options.request_timeout) as scope:
+        with trio.CancelScope(deadline=trio.current_time() + self.options.request_timeout) as scope:
             await stream.send_all(data)
         if scope.cancelled_caught:
             raise trio.TooSlowError
