@@ -27,6 +27,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
 from meshid.jwtattest import Attestor
+from meshid.jwtsvid import public_jwk
 from meshid.spiffeid import SpiffeId, TrustDomain
 from meshid.svid import build_root, build_svid, certs_to_pem, generate_key, key_to_pem
 
@@ -55,10 +56,15 @@ class Issuer:
         return kid
 
     def jwks(self) -> dict[str, Any]:
+        """The public keys, EC coordinates at full length as RFC 7518 requires.
+
+        Not PyJWT's `to_jwk`: before 2.9 it drops an EC coordinate's leading
+        zero bytes, which its own reader then refuses, about one key in 110.
+        """
         entries = []
         for kid, key in self.keys.items():
             alg = "ES256" if isinstance(key, ec.EllipticCurvePrivateKey) else "RS256"
-            jwk = json.loads(jwt.algorithms.get_default_algorithms()[alg].to_jwk(key.public_key()))
+            jwk = public_jwk(key.public_key(), kid)
             entries.append({**jwk, "use": "sig", "kid": kid, "alg": alg})
         return {"keys": entries}
 

@@ -116,3 +116,20 @@ def test_audience_limits() -> None:
     with pytest.raises(InvalidJwtSvid):
         check_audience(["a"] * 17)
     assert check_audience(["a", "b"]) == ("a", "b")
+
+
+def test_an_ec_key_whose_coordinate_starts_with_a_zero_byte_round_trips() -> None:
+    """RFC 7518 wants each coordinate at the curve's full length, leading zeros kept.
+
+    About one P-256 key in 128 has such an x; a shortened encoding is refused
+    by strict readers (PyJWT's among them), so the bundle must never write one.
+    """
+    for _ in range(5000):  # misses all 5000 with odds of about e**-39
+        key = ec.generate_private_key(ec.SECP256R1()).public_key()
+        if key.public_numbers().x < 1 << 248:
+            break
+    else:
+        pytest.fail("no key with a leading zero byte in x")
+    entry = public_jwk(key)
+    assert len(base64.urlsafe_b64decode(entry["x"] + "=")) == 32
+    assert keys_from_jwks({"keys": [entry]})[entry["kid"]].public_numbers() == key.public_numbers()
