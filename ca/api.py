@@ -24,7 +24,7 @@ import fcntl
 import json
 import math
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -125,6 +125,9 @@ class Reply:
     # `body` already encoded, when it was spliced from parts encoded once (a feed: see
     # `ca.feedindex`); `body` still says the same, for whatever looks into the reply.
     raw: bytes | None = None
+    # A streamed answer (a watch with stream=1, ca.dispatch): the shell sends the
+    # head, runs this with a function that sends one line, then ends the reply.
+    stream: Callable[[Callable[[bytes], Awaitable[None]]], Awaitable[None]] | None = None
 
     def encode(self) -> bytes:
         if self.raw is not None:

@@ -1,4 +1,4 @@
-"""What the control plane does with a request: long polls, group commit, and the poller.
+"""What the control plane does with a request: watches, group commit, and the poller.
 
 Theory of operation: one poller reads the database's version counters every
 `poll_interval` and wakes every parked watch when one moves; once a second it
@@ -10,7 +10,9 @@ connection, and at `poll_interval` again as soon as the LISTEN is down. Signing
 requests (enroll, renew, report) queue for the batcher, which answers up to
 MAX_BATCH of them in one database transaction: one fsync for many SVIDs.
 
-A change wakes every parked watch at once. Their feeds queue for the feed
+A watch is a long poll (one feed, once the versions move) or, with
+``stream=1``, a stream: a feed a line each time they move, until its wait is
+over. A change wakes every parked watch at once. Their feeds queue for the feed
 reader, which reads up to MAX_FEEDS of them in one call to the database
 thread: each call is a trip to another thread and back (and a wait for the
 GIL), which, taken once per watcher, made a change reach ten thousand
@@ -18,12 +20,15 @@ sidecars in minutes rather than seconds. Every sidecar that got its feed
 parks its next watch at once; those are checked (caller, versions) the same
 way, up to MAX_FEEDS in one call: checked one by one, the re-parking fleet
 took the database thread in turns and the feeds still to be read queued
-behind it.
+behind it. A stream asks nothing again: reading, checking and parking those
+requests cost about as much as the feeds, so the sidecar streams.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import replace
 from functools import partial
 
 import trio
@@ -40,6 +45,7 @@ from ca.plane import (
     _Queue,
     _unavailable,
 )
+from meshid.spiffeid import SpiffeId
 from meshid.svid import leaf_spiffe_id
 from meshid.wire import ADMIN_RUN, ENROLL, RENEW, REPORT, WATCH, WatchQuery
 
@@ -125,48 +131,92 @@ class Dispatcher(PlaneState):
 
     async def _dispatch(self, req: Request) -> Reply:
         if req.method == "GET" and req.path == WATCH:
-            reply, seen = await self._checks.ask(req)
-            if reply is not None:
-                return reply
-            self._observe(seen)  # the database may be ahead of the poller
-            assert req.peer_cert is not None  # watch_check refused the anonymous
-            caller = req.peer_id if req.peer_id is not None else leaf_spiffe_id(req.peer_cert)
-            if (
-                self._watching >= self.options.max_watches
-                or self._watches.get(caller, 0) >= self.options.max_watches_per_identity
-            ):
-                # Not an unchanged feed at once: the sidecar would ask again at once, in a loop.
-                return error(
-                    429,
-                    "too_many_watches",
-                    "too many long polls are parked; try again later",
-                    retry_after=str(RETRY_AFTER),
-                )
-            asked = WatchQuery.parse(req.query).wait  # watch_check read the versions already
-            wait = min(self.options.watch_timeout if asked is None else asked, 60.0)
-            # Answer while the caller's certificate is still good: the reply checks the
-            # caller again, and a watch parked past that expiry would end in an error
-            # the sidecar backs off from, missing changes meanwhile.
-            left = (req.peer_cert.not_valid_after_utc - self.clock.wall()).total_seconds()
-            wait = min(wait, max(0.0, left - WATCH_EXPIRY_MARGIN))
-            self._watching += 1
-            self._watches[caller] = self._watches.get(caller, 0) + 1
-            try:
-                with trio.move_on_after(wait):
-                    while self._versions == seen:
-                        await self._changed.wait()
-            finally:
-                self._watching -= 1
-                if self._watches[caller] <= 1:
-                    del self._watches[caller]
-                else:
-                    self._watches[caller] -= 1
-            return await self._feeds.ask(req)
+            return await self._watch(req)
         if req.method == "POST" and req.path in BATCHED_PATHS:
             return await self._signed(req)
         if req.method == "POST" and req.path == ADMIN_RUN:
             return await self._admin_run(req)
         return await self._db_call(self.api.handle, req)
+
+    async def _watch(self, req: Request) -> Reply:
+        """A long poll (the feed once the versions move), or with stream=1 a stream of them."""
+        streamed = req.query.get("stream") == "1"
+        reply, seen = await self._checks.ask(req)
+        if reply is not None and not (streamed and reply.status == 200):
+            return reply  # a refusal, or a long poll that is behind: its feed at once
+        self._observe(seen)  # the database may be ahead of the poller
+        assert req.peer_cert is not None  # watch_check refused the anonymous
+        caller = req.peer_id if req.peer_id is not None else leaf_spiffe_id(req.peer_cert)
+        if (
+            self._watching >= self.options.max_watches
+            or self._watches.get(caller, 0) >= self.options.max_watches_per_identity
+        ):
+            # Not an unchanged feed at once: the sidecar would ask again at once, in a loop.
+            return error(
+                429,
+                "too_many_watches",
+                "too many long polls are parked; try again later",
+                retry_after=str(RETRY_AFTER),
+            )
+        asked = WatchQuery.parse(req.query).wait  # watch_check read the versions already
+        wait = min(self.options.watch_timeout if asked is None else asked, 60.0)
+        # Answer while the caller's certificate is still good: the reply checks the
+        # caller again, and a watch parked past that expiry would end in an error
+        # the sidecar backs off from, missing changes meanwhile.
+        left = (req.peer_cert.not_valid_after_utc - self.clock.wall()).total_seconds()
+        deadline = trio.current_time() + min(wait, max(0.0, left - WATCH_EXPIRY_MARGIN))
+        if streamed:
+            return Reply(200, {}, stream=partial(self._stream, req, caller, reply, deadline))
+        with self._parked(caller), trio.CancelScope(deadline=deadline):
+            while self._versions == seen:
+                await self._changed.wait()
+        return await self._feeds.ask(req)
+
+    async def _stream(
+        self,
+        req: Request,
+        caller: SpiffeId,
+        first: Reply | None,
+        deadline: float,
+        send: Callable[[bytes], Awaitable[None]],
+    ) -> None:
+        """Send the caller's feed each time the versions move, until `deadline`.
+
+        Each feed is read as a watch from the versions sent last (so a delta
+        follows a delta), in the batches every woken watch shares, and the
+        caller is checked again with each: a refusal (revoked meanwhile) ends
+        the stream, and the sidecar's next request is refused with the reason.
+        """
+        # One deadline for the whole stream; `send` is shielded from it (a line cut
+        # half-way would break the stream) and ends at a change's boundary.
+        with self._parked(caller), trio.CancelScope(deadline=deadline):
+            seen = WatchQuery.parse(req.query).versions
+            if first is not None:
+                await send(first.encode())
+                req, seen = _after(req, first)
+            while True:
+                while self._versions == seen:
+                    await self._changed.wait()
+                reply = await self._feeds.ask(req)
+                if reply.status != 200:
+                    return
+                await send(reply.encode())
+                req, seen = _after(req, reply)
+                self._observe(seen)  # the database may be ahead of the poller
+
+    @contextmanager
+    def _parked(self, caller: SpiffeId) -> Iterator[None]:
+        """Count a parked watch, in all and for its caller (the admission caps)."""
+        self._watching += 1
+        self._watches[caller] = self._watches.get(caller, 0) + 1
+        try:
+            yield
+        finally:
+            self._watching -= 1
+            if self._watches[caller] <= 1:
+                del self._watches[caller]
+            else:
+                self._watches[caller] -= 1
 
     async def _admin_run(self, req: Request) -> Reply:
         """An operator's command: authorised and audited in the database thread, run outside it."""
@@ -227,3 +277,16 @@ class Dispatcher(PlaneState):
                 slot.reply = reply
                 slot.done.set()
             await trio.lowlevel.checkpoint()  # let the answered go before the next batch
+
+
+def _after(req: Request, sent: Reply) -> tuple[Request, tuple[int, int, int]]:
+    """The watch `req` as the caller makes it once it holds the feed `sent`; its versions."""
+    body = sent.body
+    held = (body["policy_version"], body["revocation_version"], body["bundle_sequence"])
+    query = {
+        **req.query,
+        "policy_version": str(held[0]),
+        "revocation_version": str(held[1]),
+        "bundle_sequence": str(held[2]),
+    }
+    return replace(req, query=query), held

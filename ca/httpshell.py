@@ -65,7 +65,13 @@ class HttpShell(Dispatcher):
     ) -> None:
         try:
             await self._http(stream, source, cert)
-        except (trio.BrokenResourceError, trio.ClosedResourceError, ssl.SSLError, OSError):
+        except (
+            trio.BrokenResourceError,
+            trio.ClosedResourceError,
+            trio.TooSlowError,  # it stopped reading what we send
+            ssl.SSLError,
+            OSError,
+        ):
             pass  # the peer went away
         finally:
             await trio.aclose_forcefully(stream)
@@ -113,10 +119,13 @@ class HttpShell(Dispatcher):
             target = urlsplit(request.target.decode("ascii", "replace"))
         except ValueError:  # e.g. "//[": an IPv6 authority never closed
             return error(400, "bad_request", "request target cannot be parsed")
+        query = dict(parse_qsl(target.query))
+        if method == "HEAD":
+            query.pop("stream", None)  # the head of one feed: nothing to stream
         req = Request(
             method="GET" if method == "HEAD" else method,
             path=target.path,
-            query=dict(parse_qsl(target.query)),
+            query=query,
             body=body,
             source=source,
             peer_cert=cert,
@@ -215,6 +224,9 @@ class HttpShell(Dispatcher):
         """Send `reply` (headers only, if the request was HEAD) within `request_timeout`."""
         if conn.our_state not in (h11.IDLE, h11.SEND_RESPONSE):
             return
+        if reply.stream is not None and not head:
+            await self._send_stream(stream, conn, reply)
+            return
         payload = reply.encode()
         headers = [
             ("content-type", "application/json"),
@@ -233,6 +245,43 @@ class HttpShell(Dispatcher):
             await stream.send_all(data)
         if scope.cancelled_caught:
             raise trio.TooSlowError
+
+    async def _send_stream(
+        self,
+        stream: trio.SSLStream[trio.SocketStream],
+        conn: h11.Connection,
+        reply: Reply,
+    ) -> None:
+        """A streamed reply: the head, each line as `reply.stream` makes it, the end.
+
+        Chunked, so the connection is kept for the next request once it ends;
+        each write has `request_timeout` (a peer that stops reading is dropped).
+        The head goes out with the first line (or the end): one write fewer, and
+        nothing awaited between the dispatcher admitting the watch and the
+        stream counting it as parked, so no other watch slips past the caps.
+        """
+        assert reply.stream is not None
+        headers = [
+            ("content-type", "application/x-ndjson"),
+            ("server", SERVER_HEADER),
+            *reply.headers,
+        ]
+        unsent = [conn.send(h11.Response(status_code=reply.status, headers=headers)) or b""]
+        timeout = self.options.request_timeout
+
+        async def send(event: h11.Data | h11.EndOfMessage) -> None:
+            data = conn.send(event) or b""
+            if unsent:
+                data = unsent.pop() + data
+            # shielded: the stream's own end (its deadline) never cuts a line half-way
+            deadline = trio.current_time() + timeout
+            with trio.CancelScope(deadline=deadline, shield=True) as scope:
+                await stream.send_all(data)
+            if scope.cancelled_caught:
+                raise trio.TooSlowError
+
+        await reply.stream(lambda line: send(h11.Data(data=line)))
+        await send(h11.EndOfMessage())
 
 
 @dataclass(slots=True)

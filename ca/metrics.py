@@ -97,7 +97,9 @@ class _LiveCollector(Collector):
             pools.add_metric([pool], count)
         yield pools
         yield GaugeMetricFamily(
-            "meshid_ca_watches", "Long-poll watches parked now", value=self._live.watches()
+            "meshid_ca_watches",
+            "Watches parked now (long polls and streams)",
+            value=self._live.watches(),
         )
         fleet = self._metrics.fleet
         if fleet is not None:

@@ -53,6 +53,7 @@ import json
 import os
 import re
 import ssl
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -307,12 +308,17 @@ class ControlClient:
         identity: ClientIdentity | HeldIdentity | None = None,
         wait: float | None = None,
         trust: str = "authority.bundle",
+        each: Each | None = None,
     ) -> dict[str, Any]:
         """One request; `wait` overrides the deadline (a long poll needs more).
 
         Every failure is a `ControlPlaneError` judged by `sidecar.failures`;
         `trust` names what the server's certificate is checked against, for
         the message when it does not chain.
+
+        `each`: the answer is a stream of JSON documents, one a line (a watch
+        with stream=1): each is handed to `each` as it arrives, and the last
+        one is returned ({} if none came). A refusal is judged whole as ever.
         """
         # Anonymous connections (enrollment) are rare and the authority keeps them
         # only briefly: they are not kept.
@@ -322,12 +328,12 @@ class ControlClient:
             kept = self._pool.take(key)
             if kept is not None:
                 try:
-                    return await self._on(kept, method, target, body)
+                    return await self._on(kept, method, target, body, each)
                 except _Unsent:
                     pass  # the authority closed it meanwhile: on a fresh one instead
             kept = await self._connect(bundle_pem, identity, key, now, trust)
             try:
-                return await self._on(kept, method, target, body)
+                return await self._on(kept, method, target, body, each)
             except _Unsent as unsent:
                 raise unsent.error from None
         assert scope.cancelled_caught
@@ -342,11 +348,16 @@ class ControlClient:
         return len(self._pool)
 
     async def _on(
-        self, kept: Kept, method: str, target: str, body: dict[str, Any] | None
+        self,
+        kept: Kept,
+        method: str,
+        target: str,
+        body: dict[str, Any] | None,
+        each: Each | None = None,
     ) -> dict[str, Any]:
         """The request on `kept`, which goes back to the pool if it may serve another."""
         try:
-            return await self._exchange(kept, method, target, body)
+            return await self._exchange(kept, method, target, body, each)
         finally:
             if not self._pool.put_back(kept, self.pool_size):
                 await trio.aclose_forcefully(kept.stream)
@@ -451,7 +462,12 @@ class ControlClient:
             ) from None
 
     async def _exchange(
-        self, kept: Kept, method: str, target: str, body: dict[str, Any] | None
+        self,
+        kept: Kept,
+        method: str,
+        target: str,
+        body: dict[str, Any] | None,
+        each: Each | None = None,
     ) -> dict[str, Any]:
         conn = kept.http
         payload = json.dumps(body).encode() if body is not None else b""
@@ -470,6 +486,7 @@ class ControlClient:
         status = 0
         retry_after: float | None = None
         received = bytearray()
+        lines = _Lines(each, self._where) if each is not None else None
         try:
             while True:
                 try:
@@ -489,6 +506,8 @@ class ControlClient:
                     retry_after = _retry_after(event.headers)
                 elif isinstance(event, h11.Data):
                     received += event.data
+                    if lines is not None and status == 200:
+                        await lines.take(received)  # what is left: a line still arriving
                     if len(received) > MAX_RESPONSE:
                         raise ControlPlaneError(
                             "control plane response too large", reason="authority_protocol"
@@ -500,6 +519,12 @@ class ControlClient:
         if conn.our_state is h11.DONE and conn.their_state is h11.DONE:
             conn.start_next_cycle()
             kept.reusable = True
+        if lines is not None and status == 200:
+            if received.strip():  # the stream ended inside a line
+                raise ControlPlaneError.judged(
+                    Failure(failures.PROTOCOL, self._where, detail="stream ended inside a line")
+                )
+            return lines.last
         return self._judge(status, received, retry_after)
 
     def _judge(
@@ -530,6 +555,36 @@ class ControlClient:
                 retry_after=retry_after,
             )
         return doc
+
+
+Each = Callable[[dict[str, Any]], Awaitable[None]]  # takes one document of a stream
+
+
+class _Lines:
+    """The documents of a streamed answer, one a line, handed on as each line completes."""
+
+    def __init__(self, each: Each, where: str) -> None:
+        self.each = each
+        self.where = where
+        self.last: dict[str, Any] = {}
+
+    async def take(self, received: bytearray) -> None:
+        """Hand on every whole line of `received`, leaving only the unfinished one in it."""
+        while (end := received.find(b"\n")) >= 0:
+            line = bytes(received[:end])
+            del received[: end + 1]
+            if not line.strip():
+                continue
+            try:
+                doc = json.loads(line)
+            except (UnicodeDecodeError, json.JSONDecodeError):
+                doc = None
+            if not isinstance(doc, dict):
+                raise ControlPlaneError.judged(
+                    Failure(failures.PROTOCOL, self.where, detail="a streamed line is not JSON")
+                )
+            await self.each(doc)
+            self.last = doc
 
 
 def _retry_after(headers: Any) -> float | None:

@@ -1,8 +1,10 @@
 """Following the feed: the allow-list, revocations and trust bundle, as the authority moves them.
 
-The watcher long-polls the feed with the versions it holds; the control
-plane answers when one moves. A new allow-list or revocation is installed at
-once (live connections it now denies are closed); a new bundle becomes a new
+The watcher streams the feed from the versions it holds: the control plane
+sends a new feed each time one moves, for the watch's wait (25 s), and the
+watcher asks again (an authority from before streams answers once). A new
+allow-list or revocation is installed at once (live connections it now
+denies are closed); a new bundle becomes a new
 credential generation with the same SVID, so rolled-in roots are trusted
 before anything is signed by them. Both are in force before they are written
 to the state directory. The authority refusing us as revoked revokes us here
@@ -34,7 +36,8 @@ import json
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from datetime import timedelta
-from typing import TYPE_CHECKING
+from functools import partial
+from typing import TYPE_CHECKING, Any
 
 import trio
 
@@ -173,15 +176,24 @@ class FeedFollower(ABC):
         return True
 
     async def _poll_feed(self, query: WatchQuery, wait: float) -> None:
-        pv, rv, _ = self.versions
-        doc = await self.link.ask("GET", query.target(), None, wait=wait)
+        """One watch: each feed of its answer installed as it arrives (a stream may bring
+        several: `meshid.wire.WatchQuery`)."""
         try:
-            feed = _whole(Feed.parse(doc), query, self._feed)
+            take = partial(self._take_feed, query)
+            await self.link.ask("GET", query.target(), None, wait=wait, each=take)
         except DeltaMismatch as exc:
             self.host.events.emit("feed_delta_refused", reason=exc.reason, detail=exc.message)
             # -1: a version no authority holds, so the whole list comes back at once.
-            await self._poll_feed(WatchQuery(-1, rv, query.bundle_sequence, wait=0), wait)
-            return
+            _, rv, bs = self.versions
+            await self._poll_feed(WatchQuery(-1, rv, bs, wait=0), wait)
+
+    async def _take_feed(self, query: WatchQuery, doc: dict[str, Any]) -> None:
+        """Install one feed of the answer to `query`: a delta applies to the feed we hold."""
+        pv, rv, _ = self.versions
+        try:
+            feed = _whole(Feed.parse(doc), query, self._feed)
+        except DeltaMismatch:
+            raise  # the whole list is asked for (`_poll_feed`)
         except WireError as exc:
             raise ControlPlaneError(
                 f"bad feed: {exc.message}", reason=Reason.AUTHORITY_PROTOCOL
@@ -198,12 +210,13 @@ class FeedFollower(ABC):
             self.state.request(BUNDLE, self._write_bundle)
         if changed:
             self.state.request(FEED, self._write_feed)
+        self._note(DUTY_WATCH, None)  # a stream may bring the next one 25 s from now
 
     def _watch_query(self) -> WatchQuery:
-        """The next long poll: deltas once the feed we hold is the version we enforce."""
+        """The next watch: deltas once the feed we hold is the version we enforce."""
         held = self._feed
         delta = held is not None and held.policy_version == self.versions[0]
-        return WatchQuery(*self.versions, wait=WATCH_WAIT, delta=delta)
+        return WatchQuery(*self.versions, wait=WATCH_WAIT, delta=delta, stream=True)
 
     async def watch(self) -> None:
         """Follow the allow-list, revocations and bundle; never returns."""

@@ -34,7 +34,13 @@ from meshid.events import EventLog
 from meshid.reasons import Reason
 from sidecar import failures
 from sidecar.config import Address, AuthoritySource
-from sidecar.control import ClientIdentity, ControlClient, ControlPlaneError, HeldIdentity
+from sidecar.control import (
+    ClientIdentity,
+    ControlClient,
+    ControlPlaneError,
+    Each,
+    HeldIdentity,
+)
 from sidecar.failover import Move, ServerChoice
 from sidecar.failures import Failure, another_server_may_answer
 from sidecar.state import Current
@@ -81,9 +87,11 @@ class AuthorityLink:
         *,
         as_client: bool = True,
         wait: float | None = None,
+        each: Each | None = None,
     ) -> dict[str, Any]:
         """One request, failing over between the servers; `as_client=False` presents no
-        certificate (enrollment).
+        certificate (enrollment); `each` takes a streamed answer's documents
+        (`ControlClient.request`).
 
         When every server failed, the failure raised is a transient one if
         any was (so that enrollment waits rather than ends), else the last.
@@ -102,7 +110,7 @@ class AuthorityLink:
                 raise transient[0] if transient else failed[-1]
             tried.add(index)
             try:
-                reply = await self._request(index, method, target, body, as_client, wait)
+                reply = await self._request(index, method, target, body, as_client, wait, each)
             except ControlPlaneError as exc:
                 if not another_server_may_answer(exc.status, exc.reason):
                     raise
@@ -122,6 +130,7 @@ class AuthorityLink:
         body: dict[str, Any] | None,
         as_client: bool,
         wait: float | None,
+        each: Each | None = None,
     ) -> dict[str, Any]:
         """One request to server `index`, abandoned if another request moves away from it.
 
@@ -142,6 +151,7 @@ class AuthorityLink:
                     trust=self.trust_name(),
                     identity=self.client_identity() if as_client else None,
                     wait=wait,
+                    each=each,
                 )
             finally:
                 in_flight.discard(scope)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import resource
 from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -99,17 +100,24 @@ async def open_plane(
     return server, port
 
 
-@pytest.fixture
-async def served(state: Path, clock: Clock) -> AsyncIterator[Served]:
+@asynccontextmanager
+async def serving(state: Path, clock: Clock, **options: Any) -> AsyncIterator[Served]:
+    """A control plane on a free port, and the authority beside it the test changes."""
     authority = Authority.open(state, clock=clock)
     async with trio.open_nursery() as own:
-        server, port = await open_plane(state, clock, own, idle_timeout=0.5, port=0)
+        server, port = await open_plane(state, clock, own, port=0, **options)
         served = Served(server, authority, port, authority.bundle().to_pem(), clock)
         yield served
         served.client.drop()
         own.cancel_scope.cancel()
     server.authority.close()
     authority.close()
+
+
+@pytest.fixture
+async def served(state: Path, clock: Clock) -> AsyncIterator[Served]:
+    async with serving(state, clock, idle_timeout=0.5) as served:
+        yield served
 
 
 async def test_sequential_requests_share_one_connection(served: Served) -> None:

@@ -111,17 +111,28 @@ async def world(
         with trio.fail_after(20):
             await own.start(sidecar.run)
         assert sidecar.dynamic is not None
-        link = sidecar.dynamic.link
+        dynamic = sidecar.dynamic
+        link = dynamic.link
         ask = link.ask
 
         async def recording(method: str, target: str, *args: Any, **kwargs: Any) -> Any:
-            reply = await ask(method, target, *args, **kwargs)
-            if "delta" in reply and feeds.spoil_base is not None:
-                reply = {**reply, "delta": {**reply["delta"], "base_version": feeds.spoil_base}}
-                feeds.spoil_base = None
-            if urlsplit(target).path == "/v1/watch":
-                feeds.seen.append((dict(parse_qsl(urlsplit(target).query)), reply))
-            return reply
+            """Each feed of a watch's answer (a stream brings several), with the query as
+            the sidecar would have made it then: the policy version it held."""
+            each = kwargs.pop("each", None)
+            query = dict(parse_qsl(urlsplit(target).query))
+
+            async def take(reply: dict[str, Any]) -> None:
+                if "delta" in reply and feeds.spoil_base is not None:
+                    delta = {**reply["delta"], "base_version": feeds.spoil_base}
+                    reply = {**reply, "delta": delta}
+                    feeds.spoil_base = None
+                held = {"policy_version": str(dynamic.versions[0])} if "stream" in query else {}
+                if urlsplit(target).path == "/v1/watch":
+                    feeds.seen.append(({**query, **held}, reply))
+                assert each is not None
+                await each(reply)
+
+            return await ask(method, target, *args, **kwargs, each=take if each else None)
 
         monkeypatch.setattr(link, "ask", recording)
         yield World(authority, sidecar, log, feeds)

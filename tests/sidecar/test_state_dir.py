@@ -357,9 +357,12 @@ async def test_an_enrollment_on_a_full_disk_serves_and_is_saved_later(world: Wor
 
 
 def _answering(doc: dict[str, Any]) -> Any:
-    """A control plane client that answers every request with `doc`."""
+    """A control plane client that answers every request with `doc` (a stream of it alone,
+    to a watch that takes a stream)."""
 
-    async def request(*args: Any, **kwargs: Any) -> dict[str, Any]:
+    async def request(*args: Any, each: Any = None, **kwargs: Any) -> dict[str, Any]:
+        if each is not None:
+            await each(doc)
         return doc
 
     return request
