@@ -52,7 +52,7 @@ class ServerOptions:
     port: int
     dns_names: tuple[str, ...] = ()
     ip_addresses: tuple[IpAddress, ...] = ()
-    poll_interval: float = 0.2
+    poll_interval: float = 0.1  # reading three counters: cheap, and a change waits for it
     watch_timeout: float = 25.0
     handshake_timeout: float = 10.0
     request_timeout: float = 10.0
