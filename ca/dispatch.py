@@ -194,6 +194,8 @@ class Dispatcher(PlaneState):
             if first is not None:
                 await send(first.encode())
                 req, seen = _after(req, first)
+            else:  # the head alone, now: read by the caller before a change, not with it
+                await send(b"")
             while True:
                 while self._versions == seen:
                     await self._changed.wait()

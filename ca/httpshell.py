@@ -256,9 +256,10 @@ class HttpShell(Dispatcher):
 
         Chunked, so the connection is kept for the next request once it ends;
         each write has `request_timeout` (a peer that stops reading is dropped).
-        The head goes out with the first line (or the end): one write fewer, and
-        nothing awaited between the dispatcher admitting the watch and the
-        stream counting it as parked, so no other watch slips past the caps.
+        The head waits for `reply.stream`'s first call (an empty line sends it
+        alone): nothing is awaited between the dispatcher admitting the watch
+        and the stream counting it as parked, so no other watch slips past the
+        caps.
         """
         assert reply.stream is not None
         headers = [
@@ -270,7 +271,9 @@ class HttpShell(Dispatcher):
         timeout = self.options.request_timeout
 
         async def send(event: h11.Data | h11.EndOfMessage) -> None:
-            data = conn.send(event) or b""
+            data = (
+                b"" if isinstance(event, h11.Data) and not event.data else conn.send(event) or b""
+            )
             if unsent:
                 data = unsent.pop() + data
             # shielded: the stream's own end (its deadline) never cuts a line half-way
