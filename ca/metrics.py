@@ -98,7 +98,7 @@ class _LiveCollector(Collector):
         yield pools
         yield GaugeMetricFamily(
             "meshid_ca_watches",
-            "Watches parked now (long polls and streams)",
+            "Watches open now (long polls parked, and streams)",
             value=self._live.watches(),
         )
         fleet = self._metrics.fleet
