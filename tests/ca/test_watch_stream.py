@@ -7,6 +7,7 @@ document as its line completes.
 
 from __future__ import annotations
 
+import json
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -16,6 +17,7 @@ import trio
 from ca_helpers import TD, Clock
 from test_control_keepalive import WEB, Served, held, serial, serving
 
+from ca.api import Reply
 from meshid.feedwire import Feed
 from meshid.spiffeid import SpiffeId
 from meshid.wire import WatchQuery
@@ -155,3 +157,20 @@ async def test_a_stream_is_a_parked_watch_for_the_admission_caps(served: Served)
                 await second.watch(query)
             nursery.cancel_scope.cancel()
     assert refused.value.status == 429 and refused.value.reason == "too_many_watches"
+
+
+async def test_one_feed_answered_whole_reads_as_a_stream_of_one(
+    served: Served, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """What an authority from before streams sends: one feed, and no newline after it."""
+
+    def unterminated(reply: Reply) -> bytes:
+        return reply.raw if reply.raw is not None else json.dumps(reply.body).encode()
+
+    monkeypatch.setattr(Reply, "encode", unterminated)
+    watcher = Watcher(served, held(served.authority))
+    with trio.fail_after(10):
+        last = await watcher.watch(WatchQuery(wait=0))  # behind: answered at once, whole
+    assert len(watcher.feeds) == 1
+    assert Feed.parse(last) == watcher.feeds[0]
+    assert watcher.feeds[0].policy_version == served.authority.versions()[0]
