@@ -187,9 +187,9 @@ class Dispatcher(PlaneState):
         caller is checked again with each: a refusal (revoked meanwhile) ends
         the stream, and the sidecar's next request is refused with the reason.
         """
-        # One deadline for the whole stream; `send` is shielded from it (a line cut
-        # half-way would break the stream) and ends at a change's boundary.
-        with self._parked(caller), trio.CancelScope(deadline=deadline):
+        # The deadline ends the waits for a change, never a line half-way: `send` has a
+        # timeout of its own, and the server stopping still cuts it at once.
+        with self._parked(caller):
             seen = WatchQuery.parse(req.query).versions
             if first is not None:
                 await send(first.encode())
@@ -197,10 +197,11 @@ class Dispatcher(PlaneState):
             else:  # the head alone, now: read by the caller before a change, not with it
                 await send(b"")
             while True:
-                while self._versions == seen:
-                    await self._changed.wait()
-                reply = await self._feeds.ask(req)
-                if reply.status != 200:
+                with trio.CancelScope(deadline=deadline) as waiting:
+                    while self._versions == seen:
+                        await self._changed.wait()
+                    reply = await self._feeds.ask(req)
+                if waiting.cancelled_caught or reply.status != 200:
                     return
                 await send(reply.encode())
                 req, seen = _after(req, reply)
