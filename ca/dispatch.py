@@ -127,6 +127,17 @@ class Dispatcher(PlaneState):
             self._changed.set()
             self._changed = trio.Event()
 
+    def _read_ahead(self, versions: tuple[int, int, int]) -> None:
+        """Versions a request read from the database: the poller's too if they are newer.
+
+        A request may read a change the poller has not seen yet. One that read its
+        versions before a change the poller has since seen (a stream's line then
+        took seconds to write) must not take them back: every parked watch would
+        wake and be sent the feed it already has.
+        """
+        if all(new >= old for new, old in zip(versions, self._versions, strict=True)):
+            self._observe(versions)
+
     # -- requests --
 
     async def _dispatch(self, req: Request) -> Reply:
@@ -144,7 +155,7 @@ class Dispatcher(PlaneState):
         reply, seen = await self._checks.ask(req)
         if reply is not None and not (streamed and reply.status == 200):
             return reply  # a refusal, or a long poll that is behind: its feed at once
-        self._observe(seen)  # the database may be ahead of the poller
+        self._read_ahead(seen)
         assert req.peer_cert is not None  # watch_check refused the anonymous
         caller = req.peer_id if req.peer_id is not None else leaf_spiffe_id(req.peer_cert)
         if (
@@ -203,9 +214,9 @@ class Dispatcher(PlaneState):
                     reply = await self._feeds.ask(req)
                 if waiting.cancelled_caught or reply.status != 200:
                     return
-                await send(reply.encode())
                 req, seen = _after(req, reply)
-                self._observe(seen)  # the database may be ahead of the poller
+                self._read_ahead(seen)
+                await send(reply.encode())
 
     @contextmanager
     def _parked(self, caller: SpiffeId) -> Iterator[None]:

@@ -21,7 +21,7 @@ import trio
 from ca_helpers import TD, Clock
 from cryptography import x509
 from test_control_keepalive import WEB, CountingPlane, Served, held, serial
-from test_watch_stream import API
+from test_watch_stream import API, Watcher
 
 from ca.authority import Authority
 from ca.server import ServerOptions
@@ -133,6 +133,35 @@ async def parked(served: Served, count: int) -> None:
 def large_allow_list(authority: Authority) -> None:
     """A whole feed of ~300 KiB for WEB: one line far larger than the slow link's buffers."""
     authority.apply_policy((str(SpiffeId(TD, f"/svc{i}")), str(WEB)) for i in range(3000))
+
+
+async def test_a_slow_stream_sends_no_other_watch_a_feed_twice(state: Path, clock: Clock) -> None:
+    """A stream that finished writing an older feed does not take the authority's versions
+    back to that feed's: every other watch would wake and be sent the feed it has."""
+    async with serving(state, clock) as (served, _stop):
+        authority = served.authority
+        large_allow_list(authority)
+        slow_ident = held(authority)
+        served.server.slow.add(serial(slow_ident))
+        watcher = Watcher(served, held(authority, API))
+        with trio.fail_after(30):
+            slow = await unread_stream(served, slow_ident, state.parent)
+            async with trio.open_nursery() as nursery:
+                query = WatchQuery(*authority.versions(), wait=30, delta=True, stream=True)
+                nursery.start_soon(watcher.watch, query)
+                await parked(served, 2)
+                first = authority.allow(API, WEB)  # the slow stream's line blocks on it
+                await watcher.until(1)
+                second = authority.allow(WEB, API)  # seen while that line is being written
+                await watcher.until(2)
+                docs = await slow.read_until(second)  # its write of `first` completes
+                assert [d["policy_version"] for d in docs] == [first, second]
+                third = authority.allow(API, SpiffeId(TD, "/db"))
+                while watcher.feeds[-1].policy_version != third:
+                    await watcher.arrived.wait()
+                nursery.cancel_scope.cancel()
+        await trio.aclose_forcefully(slow.stream)
+    assert [f.policy_version for f in watcher.feeds] == [first, second, third]
 
 
 async def test_the_authority_stops_at_once_while_writing_to_a_slow_stream(
