@@ -162,6 +162,8 @@ class Dispatcher(PlaneState):
             self._watching >= self.options.max_watches
             or self._watches.get(caller, 0) >= self.options.max_watches_per_identity
         ):
+            if reply is not None:  # a stream that is behind: its feed alone, as a long poll
+                return reply
             # Not an unchanged feed at once: the sidecar would ask again at once, in a loop.
             return error(
                 429,
