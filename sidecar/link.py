@@ -82,7 +82,7 @@ class AuthorityLink:
     async def ask(
         self,
         method: str,
-        target: str,
+        target: str | Callable[[], str],
         body: dict[str, Any] | None,
         *,
         as_client: bool = True,
@@ -91,7 +91,8 @@ class AuthorityLink:
     ) -> dict[str, Any]:
         """One request, failing over between the servers; `as_client=False` presents no
         certificate (enrollment); `each` takes a streamed answer's documents
-        (`ControlClient.request`).
+        (`ControlClient.request`); `target` may be a function, asked anew for each
+        server tried (what a stream brought changes what to ask the next one).
 
         When every server failed, the failure raised is a transient one if
         any was (so that enrollment waits rather than ends), else the last.
@@ -110,7 +111,8 @@ class AuthorityLink:
                 raise transient[0] if transient else failed[-1]
             tried.add(index)
             try:
-                reply = await self._request(index, method, target, body, as_client, wait, each)
+                path = target if isinstance(target, str) else target()
+                reply = await self._request(index, method, path, body, as_client, wait, each)
             except ControlPlaneError as exc:
                 if not another_server_may_answer(exc.status, exc.reason):
                     raise
