@@ -110,10 +110,12 @@ class Unread:
 
 async def unread_stream(served: Served, ident: HeldIdentity, tmp: Path) -> Unread:
     """A streamed watch from the versions held now, whose answer stays unread."""
-    (tmp / "svid.pem").write_bytes(ident.pem)
+    pem = tmp / "svid.pem"  # the key too: 0600, as every key file
+    pem.touch(mode=0o600)
+    pem.write_bytes(ident.pem)
     ctx = ssl.create_default_context(cadata=served.bundle_pem.decode())
     ctx.check_hostname = False
-    ctx.load_cert_chain(tmp / "svid.pem")
+    ctx.load_cert_chain(pem)
     sock = trio.socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, SMALL_BUFFER)
     await sock.connect(("127.0.0.1", served.port))
