@@ -127,6 +127,17 @@ class Dispatcher(PlaneState):
             self._changed.set()
             self._changed = trio.Event()
 
+    def _read_ahead(self, versions: tuple[int, int, int]) -> None:
+        """Versions a request read from the database: the poller's too if they are newer.
+
+        A request may read a change the poller has not seen yet. One that read its
+        versions before a change the poller has since seen (a stream's line then
+        took seconds to write) must not take them back: every parked watch would
+        wake and be sent the feed it already has.
+        """
+        if all(new >= old for new, old in zip(versions, self._versions, strict=True)):
+            self._observe(versions)
+
     # -- requests --
 
     async def _dispatch(self, req: Request) -> Reply:
@@ -144,13 +155,15 @@ class Dispatcher(PlaneState):
         reply, seen = await self._checks.ask(req)
         if reply is not None and not (streamed and reply.status == 200):
             return reply  # a refusal, or a long poll that is behind: its feed at once
-        self._observe(seen)  # the database may be ahead of the poller
+        self._read_ahead(seen)
         assert req.peer_cert is not None  # watch_check refused the anonymous
         caller = req.peer_id if req.peer_id is not None else leaf_spiffe_id(req.peer_cert)
         if (
             self._watching >= self.options.max_watches
             or self._watches.get(caller, 0) >= self.options.max_watches_per_identity
         ):
+            if reply is not None:  # a stream that is behind: its feed alone, as a long poll
+                return reply
             # Not an unchanged feed at once: the sidecar would ask again at once, in a loop.
             return error(
                 429,
@@ -187,9 +200,9 @@ class Dispatcher(PlaneState):
         caller is checked again with each: a refusal (revoked meanwhile) ends
         the stream, and the sidecar's next request is refused with the reason.
         """
-        # One deadline for the whole stream; `send` is shielded from it (a line cut
-        # half-way would break the stream) and ends at a change's boundary.
-        with self._parked(caller), trio.CancelScope(deadline=deadline):
+        # The deadline ends the waits for a change, never a line half-way: `send` has a
+        # timeout of its own, and the server stopping still cuts it at once.
+        with self._parked(caller):
             seen = WatchQuery.parse(req.query).versions
             if first is not None:
                 await send(first.encode())
@@ -197,14 +210,15 @@ class Dispatcher(PlaneState):
             else:  # the head alone, now: read by the caller before a change, not with it
                 await send(b"")
             while True:
-                while self._versions == seen:
-                    await self._changed.wait()
-                reply = await self._feeds.ask(req)
-                if reply.status != 200:
+                with trio.CancelScope(deadline=deadline) as waiting:
+                    while self._versions == seen:
+                        await self._changed.wait()
+                    reply = await self._feeds.ask(req)
+                if waiting.cancelled_caught or reply.status != 200:
                     return
-                await send(reply.encode())
                 req, seen = _after(req, reply)
-                self._observe(seen)  # the database may be ahead of the poller
+                self._read_ahead(seen)
+                await send(reply.encode())
 
     @contextmanager
     def _parked(self, caller: SpiffeId) -> Iterator[None]:

@@ -255,7 +255,9 @@ class HttpShell(Dispatcher):
         """A streamed reply: the head, each line as `reply.stream` makes it, the end.
 
         Chunked, so the connection is kept for the next request once it ends;
-        each write has `request_timeout` (a peer that stops reading is dropped).
+        each write has `request_timeout` (a peer that stops reading is dropped),
+        and nothing else but the server stopping ends it: not the stream's own
+        deadline, which would cut a line half-way.
         The head waits for `reply.stream`'s first call (an empty line sends it
         alone): nothing is awaited between the dispatcher admitting the watch
         and the stream counting it as parked, so no other watch slips past the
@@ -276,9 +278,7 @@ class HttpShell(Dispatcher):
             )
             if unsent:
                 data = unsent.pop() + data
-            # shielded: the stream's own end (its deadline) never cuts a line half-way
-            deadline = trio.current_time() + timeout
-            with trio.CancelScope(deadline=deadline, shield=True) as scope:
+            with trio.CancelScope(deadline=trio.current_time() + timeout) as scope:
                 await stream.send_all(data)
             if scope.cancelled_caught:
                 raise trio.TooSlowError

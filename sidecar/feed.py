@@ -35,8 +35,8 @@ from __future__ import annotations
 import json
 from abc import ABC, abstractmethod
 from collections.abc import Callable
+from dataclasses import replace
 from datetime import timedelta
-from functools import partial
 from typing import TYPE_CHECKING, Any
 
 import trio
@@ -177,10 +177,22 @@ class FeedFollower(ABC):
 
     async def _poll_feed(self, query: WatchQuery, wait: float) -> None:
         """One watch: each feed of its answer installed as it arrives (a stream may bring
-        several: `meshid.wire.WatchQuery`)."""
+        several: `meshid.wire.WatchQuery`).
+
+        Asked again of another server (failover) once a feed of the answer is in,
+        it asks from the versions that feed brought: from those `query` names,
+        a delta would come cut from a version no longer held, and be refused.
+        """
+        asked = query
+
+        async def take(doc: dict[str, Any]) -> None:
+            nonlocal asked
+            await self._take_feed(query, doc)
+            pv, rv, bs = self.versions
+            asked = replace(query, policy_version=pv, revocation_version=rv, bundle_sequence=bs)
+
         try:
-            take = partial(self._take_feed, query)
-            await self.link.ask("GET", query.target(), None, wait=wait, each=take)
+            await self.link.ask("GET", lambda: asked.target(), None, wait=wait, each=take)
         except DeltaMismatch as exc:
             self.host.events.emit("feed_delta_refused", reason=exc.reason, detail=exc.message)
             # -1: a version no authority holds, so the whole list comes back at once.

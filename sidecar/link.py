@@ -82,7 +82,7 @@ class AuthorityLink:
     async def ask(
         self,
         method: str,
-        target: str,
+        target: str | Callable[[], str],
         body: dict[str, Any] | None,
         *,
         as_client: bool = True,
@@ -91,13 +91,16 @@ class AuthorityLink:
     ) -> dict[str, Any]:
         """One request, failing over between the servers; `as_client=False` presents no
         certificate (enrollment); `each` takes a streamed answer's documents
-        (`ControlClient.request`).
+        (`ControlClient.request`), and a document it refuses fails the request
+        without failover; `target` may be a function, asked anew for each server
+        tried (what a stream brought changes what to ask the next one).
 
         When every server failed, the failure raised is a transient one if
         any was (so that enrollment waits rather than ends), else the last.
         """
         tried: set[int] = set()
         failed: list[ControlPlaneError] = []
+        taking = None if each is None else _Taking(each)
         while True:
             delay = self.choice.wait(trio.current_time())
             # The jittered wait after a move, for every request alike; none when every
@@ -110,7 +113,10 @@ class AuthorityLink:
                 raise transient[0] if transient else failed[-1]
             tried.add(index)
             try:
-                reply = await self._request(index, method, target, body, as_client, wait, each)
+                path = target if isinstance(target, str) else target()
+                reply = await self._request(index, method, path, body, as_client, wait, taking)
+            except _Untaken as exc:
+                raise exc.error from None
             except ControlPlaneError as exc:
                 if not another_server_may_answer(exc.status, exc.reason):
                     raise
@@ -210,3 +216,25 @@ class AuthorityLink:
         if self.current.svid() is not None:
             return "the trust bundle this sidecar holds (from the authority)"
         return f"authority.bundle ({self.source.bundle})"
+
+
+class _Untaken(Exception):
+    """A streamed document its taker refused: the answer failed, not the server."""
+
+    def __init__(self, error: ControlPlaneError) -> None:
+        super().__init__(error.message)
+        self.error = error
+
+
+class _Taking:
+    """`each`, its refusals told apart from the server's failures: the server answered,
+    and every one, sharing the state, would send the same (no failover for it)."""
+
+    def __init__(self, each: Each) -> None:
+        self.each = each
+
+    async def __call__(self, doc: dict[str, Any]) -> None:
+        try:
+            await self.each(doc)
+        except ControlPlaneError as exc:
+            raise _Untaken(exc) from None

@@ -145,6 +145,8 @@ async def test_a_caller_revoked_mid_stream_is_cut_off_and_told_why_next_time(
 
 
 async def test_a_stream_is_a_parked_watch_for_the_admission_caps(served: Served) -> None:
+    """Past the caps a stream is refused; one that is behind still gets its feed (one
+    line) at once, as a long poll does: it needs no parked watch to learn of the change."""
     authority = served.authority
     first, second = Watcher(served, held(authority)), Watcher(served, held(authority))
     query = WatchQuery(*authority.versions(), wait=20, stream=True)
@@ -155,8 +157,11 @@ async def test_a_stream_is_a_parked_watch_for_the_admission_caps(served: Served)
                 await trio.sleep(0.01)
             with pytest.raises(ControlPlaneError) as refused:  # one per identity here
                 await second.watch(query)
+            last = await second.watch(WatchQuery(wait=20, stream=True))  # behind: at once
             nursery.cancel_scope.cancel()
     assert refused.value.status == 429 and refused.value.reason == "too_many_watches"
+    assert [f.policy_version for f in second.feeds] == [authority.versions()[0]]
+    assert Feed.parse(last) == second.feeds[0]
 
 
 async def test_one_feed_answered_whole_reads_as_a_stream_of_one(

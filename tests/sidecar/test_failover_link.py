@@ -64,12 +64,16 @@ class Scripted(ControlClient):
     def drop(self) -> None:
         self.dropped += 1
 
-    async def request(self, method: str, target: str, body: Any, **_: Any) -> dict[str, Any]:
+    async def request(
+        self, method: str, target: str, body: Any, *, each: Any = None, **_: Any
+    ) -> dict[str, Any]:
         self.asked.append(trio.current_time())
         if self.holding:
             await self.hold.wait()
         step = self.script.pop(0) if self.script else {"ok": self.port}
         if isinstance(step, dict):
+            if each is not None:  # a stream of this one document
+                await each(step)
             return step
         raise step(f"127.0.0.1:{self.port}")
 
@@ -309,3 +313,21 @@ async def test_a_silent_host_costs_the_connect_deadline_before_the_next_server(
     assert await ask(link) == {"ok": second.port}
     assert second.asked == [pytest.approx(start + CONNECT_TIMEOUT + 0.5 * 2.0)]
     assert log.find("authority_failover")[0]["reason"] == "authority_unreachable"
+
+
+async def test_a_streamed_document_the_caller_cannot_take_moves_to_no_other_server(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    """The server answered; the document is what failed (a feed that does not parse), and
+    every server, sharing the state, would send the same: the request fails as the
+    document did, and nothing moves (a move would also cut the requests in flight there)."""
+    link, (first, second), log, counted = make_link(tmp_path, 2)
+
+    async def refuse(doc: dict[str, Any]) -> None:
+        raise ControlPlaneError("bad feed: spoiled", reason="authority_protocol")
+
+    with pytest.raises(ControlPlaneError) as failed:
+        await link.ask("GET", "/v1/watch", None, as_client=False, each=refuse)
+    assert failed.value.message == "bad feed: spoiled"
+    assert len(first.asked) == 1 and second.asked == []
+    assert not log.find("authority_failover") and counted == []

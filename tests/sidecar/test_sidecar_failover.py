@@ -458,3 +458,25 @@ async def test_the_sidecar_keeps_its_connections_to_the_authority(world: World) 
     # at most one more: a report that met the watch parked, before either was kept
     assert first.accepted - before <= 1, first.accepted - before
     assert world.second.accepted == 0
+
+
+async def test_a_stream_broken_after_a_change_resumes_on_the_other_server_from_it(
+    world: World,
+) -> None:
+    """The feed's stream brought a change, then its server went away: the watch on the
+    other server asks from the version the sidecar holds now, not from the one it held
+    when the stream began, so it is sent no delta cut from a version it no longer holds
+    (refused, then the whole list fetched: for every sidecar at once, on the server left)."""
+    log = world.log
+    assert world.sidecar.dynamic is not None
+    with trio.fail_after(30):
+        policies = len(log.find("policy"))
+        version = world.handle.allow(SpiffeId(TD, "/db"), API)
+        await log.wait_for("policy", count=policies + 1)  # a line of the stream on the first
+        assert world.sidecar.dynamic.versions[0] == version
+        await world.first.down()
+        await log.wait_for("authority_failover", left=world.first.name)
+        later = world.handle.deny(SpiffeId(TD, "/db"), API)
+        await log.wait_for("policy", count=policies + 2)  # through the second
+        assert world.sidecar.dynamic.versions[0] == later
+    assert not log.find("feed_delta_refused")

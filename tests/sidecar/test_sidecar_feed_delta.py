@@ -115,10 +115,11 @@ async def world(
         link = dynamic.link
         ask = link.ask
 
-        async def recording(method: str, target: str, *args: Any, **kwargs: Any) -> Any:
+        async def recording(method: str, asked: Any, *args: Any, **kwargs: Any) -> Any:
             """Each feed of a watch's answer (a stream brings several), with the query as
             the sidecar would have made it then: the policy version it held."""
             each = kwargs.pop("each", None)
+            target = asked if isinstance(asked, str) else asked()
             query = dict(parse_qsl(urlsplit(target).query))
 
             async def take(reply: dict[str, Any]) -> None:
@@ -132,7 +133,7 @@ async def world(
                 assert each is not None
                 await each(reply)
 
-            return await ask(method, target, *args, **kwargs, each=take if each else None)
+            return await ask(method, asked, *args, **kwargs, each=take if each else None)
 
         monkeypatch.setattr(link, "ask", recording)
         yield World(authority, sidecar, log, feeds)
