@@ -179,7 +179,8 @@ class Dispatcher(PlaneState):
         left = (req.peer_cert.not_valid_after_utc - self.clock.wall()).total_seconds()
         deadline = trio.current_time() + min(wait, max(0.0, left - WATCH_EXPIRY_MARGIN))
         if streamed:
-            return Reply(200, {}, stream=partial(self._stream, req, caller, reply, deadline))
+            stream = partial(self._stream, req, caller, reply, seen, deadline)
+            return Reply(200, {}, stream=stream)
         with self._parked(caller), trio.CancelScope(deadline=deadline):
             while self._versions == seen:
                 await self._changed.wait()
@@ -190,10 +191,14 @@ class Dispatcher(PlaneState):
         req: Request,
         caller: SpiffeId,
         first: Reply | None,
+        seen: tuple[int, int, int],
         deadline: float,
         send: Callable[[bytes], Awaitable[None]],
     ) -> None:
         """Send the caller's feed each time the versions move, until `deadline`.
+
+        `first`: the feed of a caller that is behind, sent at once; else the caller
+        holds `seen`, the current versions.
 
         Each feed is read as a watch from the versions sent last (so a delta
         follows a delta), in the batches every woken watch shares, and the
@@ -203,7 +208,6 @@ class Dispatcher(PlaneState):
         # The deadline ends the waits for a change, never a line half-way: `send` has a
         # timeout of its own, and the server stopping still cuts it at once.
         with self._parked(caller):
-            seen = WatchQuery.parse(req.query).versions
             if first is not None:
                 await send(first.encode())
                 req, seen = _after(req, first)

@@ -240,7 +240,13 @@ class HttpShell(Dispatcher):
         if not head:  # HEAD: the headers GET would have, content-length included
             data += conn.send(h11.Data(data=payload)) or b""
         data += conn.send(h11.EndOfMessage()) or b""
-        # trio.fail_after, without its generator; the timeout: a peer that never reads
+        await self._send_within(stream, data)
+
+    async def _send_within(self, stream: trio.SSLStream[trio.SocketStream], data: bytes) -> None:
+        """Send `data` within `request_timeout` (a peer that never reads), or TooSlowError.
+
+        trio.fail_after without its generator: this runs for every line of every stream.
+        """
         with trio.CancelScope(deadline=trio.current_time() + self.options.request_timeout) as scope:
             await stream.send_all(data)
         if scope.cancelled_caught:
@@ -270,18 +276,12 @@ class HttpShell(Dispatcher):
             *reply.headers,
         ]
         unsent = [conn.send(h11.Response(status_code=reply.status, headers=headers)) or b""]
-        timeout = self.options.request_timeout
 
         async def send(event: h11.Data | h11.EndOfMessage) -> None:
-            data = (
-                b"" if isinstance(event, h11.Data) and not event.data else conn.send(event) or b""
-            )
+            data = conn.send(event) or b""  # an empty line: no chunk at all
             if unsent:
                 data = unsent.pop() + data
-            with trio.CancelScope(deadline=trio.current_time() + timeout) as scope:
-                await stream.send_all(data)
-            if scope.cancelled_caught:
-                raise trio.TooSlowError
+            await self._send_within(stream, data)
 
         await reply.stream(lambda line: send(h11.Data(data=line)))
         await send(h11.EndOfMessage())
