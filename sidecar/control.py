@@ -1,7 +1,8 @@
 """The sidecar's client for the control plane (`meshid ca serve`): enroll, renew, watch.
 
 HTTPS with h11 over trio's SSLStream (stdlib ssl), on connections kept
-alive between requests. Theory of operation: every long poll (re-parked
+alive between requests; what an answer means (a document, a refusal, a
+stream of documents) is `sidecar.answer`'s. Theory of operation: every long poll (re-parked
 every ~25 s), report and renewal used to cost a TCP connection and a full
 TLS 1.3 handshake with a client certificate, and across a fleet those
 handshakes were most of the authority's work. So each `ControlClient` (one
@@ -51,9 +52,7 @@ import contextlib
 import hashlib
 import json
 import os
-import re
 import ssl
-from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -63,14 +62,16 @@ import h11
 import trio
 from cryptography import x509
 
-from meshid.errors import AuthorityError, MeshIdError
+from meshid.errors import MeshIdError
 from meshid.spiffeid import SpiffeId, TrustDomain
 from meshid.svid import leaf_spiffe_id
-from meshid.wire import AUTHORITY_PATH, ErrorBody
+from meshid.wire import AUTHORITY_PATH
 from sidecar import failures
+from sidecar.answer import ControlPlaneError as ControlPlaneError  # what callers catch
+from sidecar.answer import Each, Lines, judge, retry_after_header
 from sidecar.config import Address
 from sidecar.controlpool import POOL_IDLE, POOL_SIZE, Kept, KeptPool
-from sidecar.failures import Failure, Verdict
+from sidecar.failures import Failure
 from sidecar.sockets import connect
 
 MAX_RESPONSE = 1024 * 1024
@@ -78,67 +79,6 @@ CONNECT_TIMEOUT = 3.0  # seconds to connect and finish TLS: a healthy authority 
 _X509_V_FLAG_NO_CHECK_TIME = 0x200000  # times are checked below, with skew allowance
 
 UNREACHABLE = "authority_unreachable"
-MAX_RETRY_AFTER = 86400  # seconds: a longer Retry-After is taken as a day
-_HEX_SERIAL = re.compile(r"[0-9a-f]{1,40}")  # a serial as the authority writes it
-
-
-class ControlPlaneError(AuthorityError):
-    """The control plane could not be reached, or it refused; `status` is its HTTP status.
-
-    `permanent` (see `sidecar.failures`): retrying the same request cannot help
-    until an operator changes something; `brief` is a few words for /readyz.
-    `revocation_version` comes with an `identity_revoked` refusal of the
-    caller itself: the feed that would carry it is refused to a revoked caller.
-    `revoked_serial` comes with it when what is revoked is the SVID presented
-    (`ca revoke --serial`), not the identity. `retry_after` is the refusal's
-    Retry-After in seconds (say, a renewal past its identity's budget).
-    """
-
-    def __init__(
-        self,
-        message: str,
-        *,
-        reason: str,
-        status: int = 0,
-        permanent: bool = False,
-        brief: str | None = None,
-        revocation_version: int | None = None,
-        revoked_serial: int | None = None,
-        retry_after: float | None = None,
-    ) -> None:
-        super().__init__(message, reason=reason)
-        self.status = status
-        self.permanent = permanent
-        self.brief = brief or reason.replace("_", " ")
-        self.revocation_version = revocation_version
-        self.revoked_serial = revoked_serial
-        self.retry_after = retry_after
-
-    @classmethod
-    def judged(
-        cls,
-        failure: Failure,
-        *,
-        revocation_version: int | None = None,
-        revoked_serial: int | None = None,
-        retry_after: float | None = None,
-    ) -> ControlPlaneError:
-        verdict: Verdict = failures.classify(failure)
-        return cls(
-            verdict.message,
-            reason=verdict.reason,
-            status=failure.status,
-            permanent=verdict.permanent,
-            brief=verdict.brief,
-            revocation_version=revocation_version,
-            revoked_serial=revoked_serial,
-            retry_after=retry_after,
-        )
-
-    @property
-    def refused(self) -> bool:
-        """True when the control plane answered no (retrying the same request is futile)."""
-        return 400 <= self.status < 500 and self.status not in (408, 429)
 
 
 class _FirstBytes(trio.abc.Stream):
@@ -486,7 +426,7 @@ class ControlClient:
         status = 0
         retry_after: float | None = None
         received = bytearray()
-        lines = _Lines(each, self._where) if each is not None else None
+        lines = Lines(each, self._where) if each is not None else None
         try:
             while True:
                 try:
@@ -503,7 +443,7 @@ class ControlClient:
                     conn.receive_data(bytes(chunk))
                 elif isinstance(event, h11.Response):
                     status = event.status_code
-                    retry_after = _retry_after(event.headers)
+                    retry_after = retry_after_header(event.headers)
                 elif isinstance(event, h11.Data):
                     received += event.data
                     if lines is not None and status == 200:
@@ -524,84 +464,7 @@ class ControlClient:
                 received += b"\n"
                 await lines.take(received)
             return lines.last
-        return self._judge(status, received, retry_after)
-
-    def _judge(
-        self, status: int, received: bytearray, retry_after: float | None = None
-    ) -> dict[str, Any]:
-        """The answer's document, or the refusal it carries as an error."""
-        try:
-            doc = json.loads(bytes(received))
-        except (UnicodeDecodeError, json.JSONDecodeError):
-            doc = None
-        if not isinstance(doc, dict):
-            raise ControlPlaneError.judged(Failure(failures.HTTP, self._where, status=status))
-        if status != 200:
-            refusal = ErrorBody.parse(doc)
-            version = doc.get("revocation_version")
-            raise ControlPlaneError.judged(
-                Failure(
-                    failures.HTTP,
-                    self._where,
-                    status=status,
-                    reason=refusal.error[:64],
-                    detail=(refusal.message or f"HTTP {status}")[:300],
-                ),
-                revocation_version=(
-                    version if isinstance(version, int) and not isinstance(version, bool) else None
-                ),
-                revoked_serial=_serial(doc.get("revoked_serial")),
-                retry_after=retry_after,
-            )
-        return doc
-
-
-Each = Callable[[dict[str, Any]], Awaitable[None]]  # takes one document of a stream
-
-
-class _Lines:
-    """The documents of a streamed answer, one a line, handed on as each line completes."""
-
-    def __init__(self, each: Each, where: str) -> None:
-        self.each = each
-        self.where = where
-        self.last: dict[str, Any] = {}
-
-    async def take(self, received: bytearray) -> None:
-        """Hand on every whole line of `received`, leaving only the unfinished one in it."""
-        while (end := received.find(b"\n")) >= 0:
-            line = bytes(received[:end])
-            del received[: end + 1]
-            if not line.strip():
-                continue
-            try:
-                doc = json.loads(line)
-            except (UnicodeDecodeError, json.JSONDecodeError):
-                doc = None
-            if not isinstance(doc, dict):
-                raise ControlPlaneError.judged(
-                    Failure(failures.PROTOCOL, self.where, detail="a streamed line is not JSON")
-                )
-            await self.each(doc)
-            self.last = doc
-
-
-def _retry_after(headers: Any) -> float | None:
-    """A Retry-After in whole seconds (at most a day), or None for anything else."""
-    for name, value in headers:
-        if name == b"retry-after":
-            text = bytes(value).strip()
-            if text.isdigit() and len(text) <= 6:
-                return float(min(int(text), MAX_RETRY_AFTER))
-            return None
-    return None
-
-
-def _serial(value: object) -> int | None:
-    """A serial in hex as the authority writes it, or None for anything else."""
-    if not isinstance(value, str) or not _HEX_SERIAL.fullmatch(value):
-        return None
-    return int(value, 16)
+        return judge(self._where, status, received, retry_after)
 
 
 def _credentials_key(bundle_pem: bytes, identity: ClientIdentity | HeldIdentity) -> bytes:

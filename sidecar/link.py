@@ -33,14 +33,9 @@ from meshid.errors import ConfigError
 from meshid.events import EventLog
 from meshid.reasons import Reason
 from sidecar import failures
+from sidecar.answer import ControlPlaneError, Each
 from sidecar.config import Address, AuthoritySource
-from sidecar.control import (
-    ClientIdentity,
-    ControlClient,
-    ControlPlaneError,
-    Each,
-    HeldIdentity,
-)
+from sidecar.control import ClientIdentity, ControlClient, HeldIdentity
 from sidecar.failover import Move, ServerChoice
 from sidecar.failures import Failure, another_server_may_answer
 from sidecar.state import Current
